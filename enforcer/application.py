@@ -1,0 +1,57 @@
+"""Applications: a protected hostname, its session duration, cookie settings and policies."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from enforcer.policy import Policy
+
+COOKIE_NAME = "CF_Authorization"
+TOKEN_HEADER = "cf-access-jwt-assertion"
+SAME_SITE_VALUES = ("None", "Lax", "Strict")
+
+
+@dataclasses.dataclass(frozen=True)
+class CookieSettings:
+    """Attributes of the ``CF_Authorization`` cookie (SPEC A8)."""
+
+    path: str = "/"
+    domain: str | None = None
+    secure: bool = True
+    http_only: bool = True
+    same_site: str = "None"
+
+    def set_cookie(self, token: str, max_age: dt.timedelta) -> str:
+        """Return the Set-Cookie header value that carries ``token`` for ``max_age``."""
+        parts = [f"{COOKIE_NAME}={token}", f"Path={self.path}"]
+        if self.domain:
+            parts.append(f"Domain={self.domain}")
+        parts.append(f"Max-Age={int(max_age.total_seconds())}")
+        if self.secure:
+            parts.append("Secure")
+        if self.http_only:
+            parts.append("HttpOnly")
+        if self.same_site:
+            parts.append(f"SameSite={self.same_site}")
+        return "; ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Application:
+    """One protected hostname and how requests to it are admitted and forwarded."""
+
+    name: str
+    hostname: str
+    aud: str
+    session_duration: dt.timedelta
+    policies: tuple[Policy, ...]
+    origin: str
+    forward_client_certificate: bool = False
+    bind_token_to_certificate: bool = False
+    cookie: CookieSettings = dataclasses.field(default_factory=CookieSettings)
+
+    @property
+    def no_duration(self) -> bool:
+        """True for No Duration (``0s``): a full handshake for every request, no cookie."""
+        return self.session_duration <= dt.timedelta(0)

@@ -1,0 +1,266 @@
+"""Client certificate chain validation, with a SPEC reason code for every failure.
+
+Path validation itself is cryptography's ``x509.verification`` client verifier, run against
+only the roots associated with the request's hostname. That verifier says *whether* a chain is
+good; operators also need to know *why* one is not, so on failure we classify:
+
+1. Walk issuer names and signatures from the leaf through the presented and uploaded
+   intermediates. No associated root at the end means ``untrusted_issuer``, unless an
+   intermediate the enforcer knows (uploaded with any root) would complete the path, which
+   means ``missing_intermediate``.
+2. A path that reaches an associated root but has a certificate outside its validity window at
+   ``now`` is ``certificate_expired`` / ``certificate_not_yet_valid``, provided the verifier
+   accepts the same chain at a time inside every window (else something else is wrong too).
+3. Anything else the verifier refused (signature, basic constraints, key usage, EKU, depth,
+   malformed) is ``invalid_chain``, with the verifier's message as the detail.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from enforcer.reasons import Reason
+
+DEFAULT_MAX_CHAIN_DEPTH = 8
+
+# IoT device certificates commonly carry only a CN; the web PKI profile would demand a SAN.
+_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+)
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
+
+
+def sha256_hex(der: bytes) -> str:
+    """Return the lowercase hex SHA-256 of DER bytes (a certificate fingerprint)."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """Return a certificate's SHA-256 fingerprint as lowercase hex."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def common_name(cert: x509.Certificate) -> str | None:
+    """Return the subject's first CN, or None when it has none."""
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not attrs:
+        return None
+    value = attrs[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateFacts:
+    """What policies and tokens may know about a validated client certificate."""
+
+    sha256: str
+    common_name: str | None
+    serial: str
+    issuer_sha256: str
+    root_sha256: str
+    san_dns: tuple[str, ...]
+    san_uris: tuple[str, ...]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    # The window in which the whole chain is valid: a cached result holds only inside it.
+    chain_valid_from: dt.datetime
+    chain_valid_until: dt.datetime
+
+    @property
+    def x5t_s256(self) -> str:
+        """The RFC 8705 ``x5t#S256`` confirmation value (base64url SHA-256, no padding)."""
+        return base64.urlsafe_b64encode(bytes.fromhex(self.sha256)).rstrip(b"=").decode()
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainResult:
+    """A validation outcome: facts when valid, else a reason and a human-readable detail."""
+
+    facts: CertificateFacts | None
+    reason: Reason | None
+    detail: str = ""
+
+    @property
+    def valid(self) -> bool:
+        """True when the chain validated."""
+        return self.facts is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTrust:
+    """The trust for one hostname: the roots associated with it and their uploaded intermediates."""
+
+    roots: tuple[x509.Certificate, ...]
+    intermediates: tuple[x509.Certificate, ...]
+    max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
+    store: Store | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        roots: Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate],
+        max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+    ) -> HostTrust:
+        """Build the trust (and its verifier store, once) for one hostname."""
+        roots_t = tuple(roots)
+        return cls(
+            roots=roots_t,
+            intermediates=tuple(intermediates),
+            max_chain_depth=max_chain_depth,
+            store=Store(list(roots_t)) if roots_t else None,
+        )
+
+
+def _verify(
+    trust: HostTrust,
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    at: dt.datetime,
+) -> tuple[list[x509.Certificate] | None, str]:
+    if trust.store is None:
+        return None, "no root is associated with this hostname"
+    verifier = (
+        PolicyBuilder()
+        .store(trust.store)
+        .time(at)
+        .max_chain_depth(trust.max_chain_depth)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+    try:
+        verified = verifier.verify(leaf, list(intermediates))
+    except VerificationError as exc:
+        return None, str(exc)
+    return list(verified.chain), ""
+
+
+def _directly_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # InvalidSignature, ValueError, TypeError: all mean "not this one"
+        return False
+    return True
+
+
+def _issuer_path(
+    leaf: x509.Certificate,
+    pool: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    max_depth: int,
+) -> tuple[list[x509.Certificate], x509.Certificate | None]:
+    """Follow issuer names and signatures from the leaf; return the path and the root reached."""
+    path = [leaf]
+    current = leaf
+    for _ in range(max_depth + 1):
+        for root in roots:
+            if root.subject == current.issuer and _directly_issued(current, root):
+                return path, root
+        nxt = next(
+            (
+                c
+                for c in pool
+                if c.subject == current.issuer and c not in path and _directly_issued(current, c)
+            ),
+            None,
+        )
+        if nxt is None:
+            return path, None
+        path.append(nxt)
+        current = nxt
+    return path, None
+
+
+def _facts(chain: Sequence[x509.Certificate]) -> CertificateFacts:
+    leaf = chain[0]
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = tuple(san.get_values_for_type(x509.DNSName))
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        dns, uris = (), ()
+    return CertificateFacts(
+        sha256=fingerprint(leaf),
+        common_name=common_name(leaf),
+        serial=format(leaf.serial_number, "x"),
+        issuer_sha256=fingerprint(chain[1]) if len(chain) > 1 else fingerprint(leaf),
+        root_sha256=fingerprint(chain[-1]),
+        san_dns=dns,
+        san_uris=uris,
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        chain_valid_from=max(c.not_valid_before_utc for c in chain),
+        chain_valid_until=min(c.not_valid_after_utc for c in chain),
+    )
+
+
+def validate_chain(
+    leaf: x509.Certificate,
+    presented: Sequence[x509.Certificate],
+    trust: HostTrust,
+    known_intermediates: Sequence[x509.Certificate],
+    revoked: frozenset[str],
+    now: dt.datetime,
+) -> ChainResult:
+    """Validate a client chain for one hostname at ``now``; say why when it fails."""
+    intermediates = [*presented, *trust.intermediates]
+    chain, error = _verify(trust, leaf, intermediates, now)
+    if chain is not None:
+        facts = _facts(chain)
+        if facts.sha256 in revoked:
+            return ChainResult(None, Reason.REVOKED, "the certificate was revoked")
+        return ChainResult(facts, None)
+
+    path, root = _issuer_path(leaf, intermediates, trust.roots, trust.max_chain_depth)
+    if root is None:
+        extra = [c for c in known_intermediates if c not in intermediates]
+        _, completed = _issuer_path(
+            leaf, [*intermediates, *extra], trust.roots, trust.max_chain_depth
+        )
+        if completed is not None:
+            return ChainResult(
+                None,
+                Reason.MISSING_INTERMEDIATE,
+                f"issuer {path[-1].issuer.rfc4514_string()} was neither sent nor uploaded",
+            )
+        return ChainResult(
+            None,
+            Reason.UNTRUSTED_ISSUER,
+            f"no root associated with this hostname issued {path[-1].issuer.rfc4514_string()}",
+        )
+
+    full = [*path, root]
+    expired = [c for c in full if now > c.not_valid_after_utc]
+    early = [c for c in full if now < c.not_valid_before_utc]
+    if expired or early:
+        reason = Reason.CERTIFICATE_EXPIRED if expired else Reason.CERTIFICATE_NOT_YET_VALID
+        culprit = (expired or early)[0]
+        detail = (
+            f"{culprit.subject.rfc4514_string()} valid "
+            f"{culprit.not_valid_before_utc.isoformat()} to {culprit.not_valid_after_utc.isoformat()}"
+        )
+        start = max(c.not_valid_before_utc for c in full)
+        end = min(c.not_valid_after_utc for c in full)
+        if start <= end:
+            inside = start + (end - start) / 2
+            ok_inside, error_inside = _verify(trust, leaf, intermediates, inside)
+            if ok_inside is None:
+                return ChainResult(None, Reason.INVALID_CHAIN, error_inside)
+        return ChainResult(None, reason, detail)
+    return ChainResult(None, Reason.INVALID_CHAIN, error)
+

@@ -1,0 +1,219 @@
+"""Access tokens: RS256 JWTs minted after a certificate admits a request, and their checks.
+
+Signing keys live in a :class:`KeyRing`: one current key that signs, and previous keys that
+stay published in ``/cdn-cgi/access/certs`` and accepted until their grace period ends. Every
+check takes ``now``; pyjwt's own clock checks are switched off so that time stays injected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from jwt.algorithms import RSAAlgorithm
+
+ALGORITHM = "RS256"
+
+
+@dataclasses.dataclass(frozen=True)
+class SigningKey:
+    """An RSA signing key with its key id and the self-signed certificate that publishes it."""
+
+    kid: str
+    private_key: rsa.RSAPrivateKey = dataclasses.field(repr=False)
+    public_jwk: Mapping[str, Any]
+    public_cert_pem: str
+
+    @classmethod
+    def from_private_key(cls, key: rsa.RSAPrivateKey, created: dt.datetime) -> SigningKey:
+        """Wrap a key; its kid is the SHA-256 of its public key, so it is stable across restarts."""
+        public_der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        kid = hashlib.sha256(public_der).hexdigest()
+        jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+        jwk.update({"kid": kid, "alg": ALGORITHM, "use": "sig"})
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"access signing key {kid[:16]}")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(int(kid[:30], 16))
+            .not_valid_before(created - dt.timedelta(days=1))
+            .not_valid_after(created + dt.timedelta(days=3650))
+            .sign(key, hashes.SHA256())
+        )
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        return cls(kid=kid, private_key=key, public_jwk=jwk, public_cert_pem=pem)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetiredKey:
+    """A key that no longer signs but is accepted until ``accepted_until``."""
+
+    key: SigningKey
+    accepted_until: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRing:
+    """The current signing key and the retired keys still inside their grace period."""
+
+    current: SigningKey
+    retired: tuple[RetiredKey, ...] = ()
+    grace_period: dt.timedelta = dt.timedelta(hours=24)
+
+    def accepted(self, now: dt.datetime) -> list[SigningKey]:
+        """Return the keys whose signatures are accepted at ``now`` (current first)."""
+        return [self.current, *(r.key for r in self.retired if now <= r.accepted_until)]
+
+    def rotated(self, new_key: SigningKey, now: dt.datetime) -> KeyRing:
+        """Return a ring where ``new_key`` signs and the current key enters its grace period."""
+        keep = tuple(r for r in self.retired if now <= r.accepted_until)
+        return KeyRing(new_key, (RetiredKey(self.current, now + self.grace_period), *keep), self.grace_period)
+
+    def jwks(self, now: dt.datetime) -> dict[str, Any]:
+        """Return the ``/cdn-cgi/access/certs`` document: JWKs and the public certificates."""
+        keys = self.accepted(now)
+        return {
+            "keys": [dict(k.public_jwk) for k in keys],
+            "public_cert": {"kid": self.current.kid, "cert": self.current.public_cert_pem},
+            "public_certs": [{"kid": k.kid, "cert": k.public_cert_pem} for k in keys],
+        }
+
+
+def mint(ring: KeyRing, claims: Mapping[str, Any]) -> str:
+    """Sign ``claims`` with the ring's current key (RS256, ``kid`` in the header)."""
+    return jwt.encode(
+        dict(claims), ring.current.private_key, algorithm=ALGORITHM, headers={"kid": ring.current.kid}
+    )
+
+
+def access_claims(
+    *,
+    aud: str,
+    issuer: str,
+    now: dt.datetime,
+    lifetime: dt.timedelta,
+    common_name: str | None,
+    x5t_s256: str | None,
+    serial: str | None,
+) -> dict[str, Any]:
+    """Return the claims of an application token (SPEC A7)."""
+    iat = int(now.timestamp())
+    claims: dict[str, Any] = {
+        "aud": [aud],
+        "iss": issuer,
+        "iat": iat,
+        "nbf": iat,
+        "exp": iat + max(1, int(lifetime.total_seconds())),
+        "type": "app",
+        "sub": "",
+        "common_name": common_name or "",
+    }
+    if serial is not None:
+        claims["serial_number"] = serial
+    if x5t_s256 is not None:
+        claims["cnf"] = {"x5t#S256": x5t_s256}
+    return claims
+
+
+class TokenStatus(enum.Enum):
+    """The outcome of checking a presented token."""
+
+    VALID = "valid"
+    INVALID = "invalid"
+    EXPIRED = "expired"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCheck:
+    """A checked token: its status, the claims when valid, and why when not."""
+
+    status: TokenStatus
+    claims: Mapping[str, Any] | None = None
+    detail: str = ""
+
+
+def check(
+    token: str, ring: KeyRing, *, aud: str, issuer: str, now: dt.datetime
+) -> TokenCheck:
+    """Check a token's signature (by an accepted key), algorithm, audience, issuer and times."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        return TokenCheck(TokenStatus.INVALID, detail=f"malformed: {exc}")
+    if header.get("alg") != ALGORITHM:
+        return TokenCheck(TokenStatus.INVALID, detail=f"algorithm {header.get('alg')!r} refused")
+    key = next((k for k in ring.accepted(now) if k.kid == header.get("kid")), None)
+    if key is None:
+        return TokenCheck(TokenStatus.INVALID, detail=f"unknown kid {header.get('kid')!r}")
+    try:
+        claims = jwt.decode(
+            token,
+            key.private_key.public_key(),
+            algorithms=[ALGORITHM],
+            audience=aud,
+            issuer=issuer,
+            options={
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "require": ["exp", "nbf", "iat", "aud", "iss"],
+            },
+        )
+    except jwt.PyJWTError as exc:
+        return TokenCheck(TokenStatus.INVALID, detail=str(exc))
+    ts = now.timestamp()
+    try:
+        exp, nbf = float(claims["exp"]), float(claims["nbf"])
+    except (TypeError, ValueError):
+        return TokenCheck(TokenStatus.INVALID, detail="exp or nbf is not a number")
+    if ts >= exp:
+        return TokenCheck(TokenStatus.EXPIRED, detail="token expired")
+    if ts < nbf:
+        return TokenCheck(TokenStatus.INVALID, detail="token not valid yet")
+    return TokenCheck(TokenStatus.VALID, claims=claims)
+
+
+def load_or_create_key(path: str | None, now: dt.datetime) -> SigningKey:
+    """Load an RSA private key PEM from ``path``, creating it (mode 0600) when missing."""
+    if path is not None and os.path.exists(path):
+        with open(path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{path}: the signing key must be an RSA private key (RS256)")
+        return SigningKey.from_private_key(key, now)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if path is not None:
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+    return SigningKey.from_private_key(key, now)
+
+
+def parse_cookie_header(values: Sequence[str], name: str) -> str | None:
+    """Return the value of cookie ``name`` from Cookie header values, or None."""
+    for value in values:
+        for part in value.split(";"):
+            k, sep, v = part.strip().partition("=")
+            if sep and k == name:
+                return v.strip().strip('"')
+    return None
