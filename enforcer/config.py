@@ -1,0 +1,322 @@
+"""The enforcer's TOML configuration: parsed, checked and turned into a :class:`Snapshot`.
+
+Every error names the file, the field and the problem, and nothing listens until the whole
+file is good. Relative paths are resolved against the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from enforcer.application import SAME_SITE_VALUES, Application, CookieSettings
+from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, fingerprint
+from enforcer.durations import DurationError, parse_duration
+from enforcer.policy import PolicyError, parse_policy
+from enforcer.snapshot import RootCertificate, Snapshot
+from enforcer.tokens import KeyRing, load_or_create_key
+
+DEFAULT_ISSUER = "https://access.testbed.local"
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by file and field."""
+
+    def __init__(self, path: Path | str, field: str, problem: str) -> None:
+        self.path = str(path)
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{path}: {field}: {problem}" if field else f"{path}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeCertificate:
+    """A server certificate chain and key, served for its hostnames (chosen by SNI)."""
+
+    hostnames: tuple[str, ...]
+    chain_pem: bytes
+    key_pem: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """Listener and limit settings."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    access_log: str = "-"
+    handshake_timeout: float = 10.0
+    request_timeout: float = 30.0
+    max_header_bytes: int = 16 * 1024
+    max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
+
+
+@dataclasses.dataclass(frozen=True)
+class EnforcerConfig:
+    """A whole, checked configuration."""
+
+    path: Path
+    server: ServerSettings
+    edge_certificates: tuple[EdgeCertificate, ...]
+    roots: tuple[RootCertificate, ...]
+    applications: tuple[Application, ...]
+    signing_key_file: Path | None
+    issuer: str
+    grace_period: dt.timedelta
+    no_duration_token_lifetime: dt.timedelta
+    revoked: frozenset[str]
+
+    def snapshot(self, now: dt.datetime, generation: int = 1) -> Snapshot:
+        """Build the first snapshot, loading (or creating) the signing key."""
+        try:
+            key = load_or_create_key(
+                str(self.signing_key_file) if self.signing_key_file else None, now
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(self.path, "signing.key_file", str(exc)) from None
+        return Snapshot.build(
+            generation=generation,
+            applications=self.applications,
+            roots=self.roots,
+            keyring=KeyRing(key, grace_period=self.grace_period),
+            issuer=self.issuer,
+            no_duration_token_lifetime=self.no_duration_token_lifetime,
+            revoked=self.revoked,
+            max_chain_depth=self.server.max_chain_depth,
+        )
+
+
+class _Reader:
+    """Typed access to a TOML table that reports errors with the file and field path."""
+
+    def __init__(self, path: Path, table: Mapping[str, Any], where: str) -> None:
+        self.path, self.table, self.where = path, table, where
+
+    def field(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, self.field(name), problem)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, what: str = "") -> Any:
+        if name not in self.table:
+            if default is ...:
+                raise self.error(name, f"required field is missing ({what or _kind_name(kind)})")
+            return default
+        value = self.table[name]
+        if isinstance(value, bool) and kind in (int, float):
+            raise self.error(name, f"expected {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.error(name, f"expected {what or _kind_name(kind)}, got {value!r}")
+        return value
+
+    def duration(self, name: str, default: str | None = None) -> dt.timedelta:
+        raw = self.get(name, str, default, what="a Go duration such as 0s, 15m or 24h")
+        try:
+            return parse_duration(raw)
+        except DurationError as exc:
+            raise self.error(name, str(exc)) from None
+
+    def file(self, name: str) -> Path:
+        raw = self.get(name, str, what="a file path")
+        p = Path(raw)
+        return p if p.is_absolute() else self.path.parent / p
+
+    def read(self, name: str) -> tuple[Path, bytes]:
+        p = self.file(name)
+        try:
+            return p, p.read_bytes()
+        except OSError as exc:
+            raise self.error(name, f"cannot read {p}: {exc.strerror}") from None
+
+    def hostnames(self, name: str) -> tuple[str, ...]:
+        raw = self.get(name, list, what="a list of hostnames")
+        if not raw or not all(isinstance(h, str) and h for h in raw):
+            raise self.error(name, f"expected a non-empty list of hostnames, got {raw!r}")
+        return tuple(h.lower().rstrip(".") for h in raw)
+
+    def unknown(self, allowed: set[str]) -> None:
+        extra = set(self.table) - allowed
+        if extra:
+            name = sorted(extra)[0]
+            raise self.error(name, f"unknown field; expected one of {sorted(allowed)}")
+
+    def tables(self, name: str) -> list[_Reader]:
+        raw = self.table.get(name, [])
+        if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+            raise self.error(name, "expected an array of tables ([[" + name + "]])")
+        return [_Reader(self.path, t, f"{self.field(name)}[{i}]") for i, t in enumerate(raw)]
+
+    def sub(self, name: str) -> _Reader:
+        raw = self.table.get(name, {})
+        if not isinstance(raw, dict):
+            raise self.error(name, "expected a table")
+        return _Reader(self.path, raw, self.field(name))
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list", dict: "a table"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _certificates(reader: _Reader, name: str) -> list[x509.Certificate]:
+    path, data = reader.read(name)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise reader.error(name, f"{path} is not PEM certificates: {exc}") from None
+    return certs
+
+
+def _edge(reader: _Reader) -> EdgeCertificate:
+    reader.unknown({"hostnames", "certificate", "private_key"})
+    hostnames = reader.hostnames("hostnames")
+    certs = _certificates(reader, "certificate")
+    key_path, key_pem = reader.read("private_key")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise reader.error("private_key", f"{key_path} is not an unencrypted PEM private key: {exc}") from None
+    if key.public_key() != certs[0].public_key():
+        raise reader.error("private_key", f"{key_path} does not match the first certificate")
+    chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    return EdgeCertificate(hostnames, chain_pem, key_pem)
+
+
+def _root(reader: _Reader, index: int) -> RootCertificate:
+    reader.unknown({"id", "name", "certificate", "associated_hostnames"})
+    name = reader.get("name", str, what="a name for the root")
+    certs = _certificates(reader, "certificate")
+    roots = [c for c in certs if c.subject == c.issuer]
+    if len(roots) != 1 or certs[-1] is not roots[0]:
+        raise reader.error(
+            "certificate",
+            "expected PEM intermediates (optional) followed by exactly one self-signed root, "
+            f"found {len(roots)} self-signed certificate(s) among {len(certs)}",
+        )
+    root = roots[0]
+    return RootCertificate(
+        id=reader.get("id", str, fingerprint(root)[:32]),
+        name=name,
+        root=root,
+        intermediates=tuple(certs[:-1]),
+        associated_hostnames=reader.hostnames("associated_hostnames"),
+    )
+
+
+_COOKIE_FIELDS = {"path", "domain", "secure", "http_only", "same_site"}
+
+
+def _application(reader: _Reader) -> Application:
+    reader.unknown({"name", "hostname", "aud", "session_duration", "origin", "policies",
+                    "forward_client_certificate", "bind_token_to_certificate", "cookie"})
+    hostname = reader.get("hostname", str, what="the application's hostname").lower().rstrip(".")
+    origin = reader.get("origin", str, what="the origin URL, such as http://127.0.0.1:9000")
+    if not origin.startswith("http://"):
+        raise reader.error("origin", f"expected an http:// URL, got {origin!r}")
+    aud = reader.get("aud", str, hashlib.sha256(f"aud:{hostname}".encode()).hexdigest())
+    cookie_r = reader.sub("cookie")
+    cookie_r.unknown(_COOKIE_FIELDS)
+    same_site = cookie_r.get("same_site", str, "None")
+    if same_site not in SAME_SITE_VALUES:
+        raise cookie_r.error("same_site", f"{same_site!r} is not one of {list(SAME_SITE_VALUES)}")
+    cookie = CookieSettings(
+        path=cookie_r.get("path", str, "/"),
+        domain=cookie_r.get("domain", str, None),
+        secure=cookie_r.get("secure", bool, True),
+        http_only=cookie_r.get("http_only", bool, True),
+        same_site=same_site,
+    )
+    policies_raw = reader.get("policies", list, what="a list of policies ([[applications.policies]])")
+    try:
+        policies = tuple(
+            parse_policy(p, f"{reader.field('policies')}[{i}]") for i, p in enumerate(policies_raw)
+        )
+    except PolicyError as exc:
+        raise ConfigError(reader.path, "", str(exc)) from None
+    if not policies:
+        raise reader.error("policies", "at least one policy is required")
+    return Application(
+        name=reader.get("name", str, hostname),
+        hostname=hostname,
+        aud=aud,
+        session_duration=reader.duration("session_duration", "24h"),
+        policies=policies,
+        origin=origin.rstrip("/"),
+        forward_client_certificate=reader.get("forward_client_certificate", bool, False),
+        bind_token_to_certificate=reader.get("bind_token_to_certificate", bool, False),
+        cookie=cookie,
+    )
+
+
+def load_config(path: str | Path) -> EnforcerConfig:
+    """Read and check an enforcer TOML file; raise :class:`ConfigError` on the first problem."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(p, "", f"cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(p, "", f"not valid TOML: {exc}") from None
+    top = _Reader(p, data, "")
+    top.unknown({"server", "signing", "edge_certificates", "roots", "applications", "revoked"})
+
+    s = top.sub("server")
+    s.unknown({"host", "port", "access_log", "handshake_timeout", "request_timeout",
+               "max_header_bytes", "max_chain_depth"})
+    port = s.get("port", int, 8443)
+    if not 0 <= port <= 65535:
+        raise s.error("port", f"{port} is not a TCP port (0-65535)")
+    server = ServerSettings(
+        host=s.get("host", str, "127.0.0.1"),
+        port=port,
+        access_log=s.get("access_log", str, "-"),
+        handshake_timeout=s.duration("handshake_timeout", "10s").total_seconds(),
+        request_timeout=s.duration("request_timeout", "30s").total_seconds(),
+        max_header_bytes=s.get("max_header_bytes", int, 16 * 1024),
+        max_chain_depth=s.get("max_chain_depth", int, DEFAULT_MAX_CHAIN_DEPTH),
+    )
+
+    g = top.sub("signing")
+    g.unknown({"key_file", "issuer", "grace_period", "no_duration_token_lifetime"})
+    key_file = g.file("key_file") if "key_file" in g.table else None
+
+    edges = tuple(_edge(r) for r in top.tables("edge_certificates"))
+    if not edges:
+        raise top.error("edge_certificates", "at least one [[edge_certificates]] is required")
+    roots = tuple(_root(r, i) for i, r in enumerate(top.tables("roots")))
+    apps = tuple(_application(r) for r in top.tables("applications"))
+    seen: set[str] = set()
+    served = {h for e in edges for h in e.hostnames}
+    for i, app in enumerate(apps):
+        where = f"applications[{i}].hostname"
+        if app.hostname in seen:
+            raise ConfigError(p, where, f"{app.hostname} has two applications")
+        if app.hostname not in served:
+            raise ConfigError(p, where, f"no [[edge_certificates]] serves {app.hostname}")
+        seen.add(app.hostname)
+
+    revoked_raw = top.get("revoked", list, [], what="a list of SHA-256 fingerprints")
+    revoked = frozenset(str(r).lower().replace(":", "") for r in revoked_raw)
+    return EnforcerConfig(
+        path=p,
+        server=server,
+        edge_certificates=edges,
+        roots=roots,
+        applications=apps,
+        signing_key_file=key_file,
+        issuer=g.get("issuer", str, DEFAULT_ISSUER),
+        grace_period=g.duration("grace_period", "24h"),
+        no_duration_token_lifetime=g.duration("no_duration_token_lifetime", "5s"),
+        revoked=revoked,
+    )

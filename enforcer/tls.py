@@ -1,0 +1,284 @@
+"""Server-side TLS for the enforcer: pyOpenSSL over trio, one context per hostname.
+
+Theory of operation. trio's own ``SSLStream`` wraps stdlib ``ssl``, which cannot ask for a
+client certificate without aborting the handshake when that certificate is untrusted. SPEC A1
+needs the opposite: request a certificate, accept whatever comes (proof of possession is still
+enforced by TLS through CertificateVerify), and let the access decision turn a bad certificate
+into an HTTP 403. pyOpenSSL's verify callback does that. We run its ``Connection`` over memory
+BIOs: bytes from the socket go in with ``bio_write``, OpenSSL's output comes out with
+``bio_read`` and goes to the socket. Each OpenSSL call that wants more input raises
+``WantReadError``; we then flush, read from the socket and retry.
+
+Every TLS-level failure surfaces as :class:`TLSError` (chained with ``from``), the way trio
+turns them into one ``BrokenResourceError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from OpenSSL import SSL
+from OpenSSL._util import lib as _openssl_lib
+
+from enforcer.clienthello import NotClientHello, records_needed, server_name
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_RECEIVE_SIZE = 65536
+_SHA256 = hashes.SHA256()
+
+
+class TLSError(Exception):
+    """The TLS layer failed: a bad ClientHello, an alert, or the peer went away."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTLS:
+    """What the TLS layer needs to know about one hostname."""
+
+    hostname: str
+    chain_pem: bytes
+    key_pem: bytes
+    request_client_certificate: bool
+    allow_resumption: bool
+    client_ca_names: tuple[x509.Name, ...] = ()
+
+
+def _accept_any(conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    # The access decision judges the chain (SPEC A1, A5): never abort the handshake here.
+    return True
+
+
+def _select_alpn(conn: Any, offered: list[bytes]) -> Any:
+    return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def build_context(host: HostTLS) -> SSL.Context:
+    """Build the OpenSSL server context for one hostname (done once per configuration)."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    certs = x509.load_pem_x509_certificates(host.chain_pem)
+    key = serialization.load_pem_private_key(host.key_pem, password=None)
+    ctx.use_certificate(certs[0])
+    for extra in certs[1:]:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(key)  # type: ignore[arg-type]
+    ctx.check_privatekey()
+    ctx.set_alpn_select_callback(_select_alpn)
+    # A session made for one hostname must never resume on another.
+    ctx.set_session_id(host.hostname.encode()[:32])
+    if host.request_client_certificate:
+        ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+        if host.client_ca_names:
+            ctx.set_client_ca_list(list(host.client_ca_names))
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    if not host.allow_resumption:
+        # No Duration (SPEC A9): every request needs a new full handshake with a certificate.
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_options(SSL.OP_NO_TICKET)
+    return ctx
+
+
+class ContextsBySNI:
+    """The per-hostname contexts, with a default for unknown or missing SNI."""
+
+    def __init__(self, hosts: Iterable[HostTLS], default: HostTLS) -> None:
+        self._contexts = {h.hostname: build_context(h) for h in hosts}
+        self._default = build_context(dataclasses.replace(default, request_client_certificate=False))
+
+    def for_name(self, sni: str | None) -> SSL.Context:
+        """Return the context for an SNI name (the default one when unknown)."""
+        if sni is not None and sni in self._contexts:
+            return self._contexts[sni]
+        return self._default
+
+
+class IntermediatesMemo:
+    """Intermediates a leaf was presented with, for re-checking resumed sessions (SPEC A14).
+
+    A resumed handshake carries no certificates and OpenSSL keeps only the leaf in the session,
+    so we remember what the full handshake sent, bounded and least-recently-used first out.
+    """
+
+    def __init__(self, size: int = 65536) -> None:
+        self._size = size
+        self._data: OrderedDict[bytes, tuple[x509.Certificate, ...]] = OrderedDict()
+
+    def put(self, leaf: x509.Certificate, intermediates: Sequence[x509.Certificate]) -> None:
+        """Remember the intermediates sent with ``leaf``."""
+        key = leaf.fingerprint(_SHA256)
+        self._data[key] = tuple(intermediates)
+        self._data.move_to_end(key)
+        while len(self._data) > self._size:
+            self._data.popitem(last=False)
+
+    def get(self, leaf: x509.Certificate) -> tuple[x509.Certificate, ...]:
+        """Return the intermediates last sent with ``leaf`` (empty when unknown)."""
+        return self._data.get(leaf.fingerprint(_SHA256), ())
+
+
+class ServerTLSStream:
+    """A TLS server connection over a trio stream, driven through memory BIOs."""
+
+    def __init__(self, transport: trio.abc.Stream, contexts: ContextsBySNI) -> None:
+        self.transport = transport
+        self._contexts = contexts
+        self._conn: SSL.Connection | None = None
+        self._send_lock = trio.Lock()
+        self._eof = False
+        self.sni: str | None = None
+
+    @property
+    def connection(self) -> SSL.Connection:
+        """The pyOpenSSL connection (after :meth:`do_handshake` started)."""
+        assert self._conn is not None
+        return self._conn
+
+    async def do_handshake(self) -> None:
+        """Read the ClientHello, pick the hostname's context, and complete the handshake."""
+        hello = b""
+        while True:
+            try:
+                if records_needed(hello) is not None:
+                    break
+            except NotClientHello as exc:
+                raise TLSError(f"not a TLS ClientHello: {exc}") from exc
+            chunk = await self._receive_raw()
+            if not chunk:
+                raise TLSError("the client closed the connection before its ClientHello")
+            hello += chunk
+        try:
+            self.sni = server_name(hello)
+        except NotClientHello as exc:
+            raise TLSError(str(exc)) from exc
+        self._conn = SSL.Connection(self._contexts.for_name(self.sni), None)
+        self._conn.set_accept_state()
+        self._conn.bio_write(hello)
+        await self._retry(self._conn.do_handshake)
+
+    async def _receive_raw(self) -> bytes:
+        try:
+            return await self.transport.receive_some(_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise TLSError(f"connection lost: {exc}") from exc
+
+    async def _flush(self) -> None:
+        conn = self.connection
+        out = bytearray()
+        while True:
+            try:
+                out += conn.bio_read(_RECEIVE_SIZE)
+            except SSL.WantReadError:
+                break
+        if out:
+            async with self._send_lock:
+                try:
+                    await self.transport.send_all(bytes(out))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise TLSError(f"connection lost: {exc}") from exc
+
+    async def _retry(self, fn: Callable[[], T]) -> T:
+        conn = self.connection
+        while True:
+            try:
+                result = fn()
+            except SSL.WantReadError:
+                await self._flush()
+                if self._eof:
+                    raise TLSError("the peer closed the connection mid-message") from None
+                data = await self._receive_raw()
+                if data:
+                    conn.bio_write(data)
+                else:
+                    self._eof = True
+                    conn.bio_shutdown()
+                continue
+            except SSL.ZeroReturnError:
+                raise
+            except SSL.SysCallError as exc:
+                self._eof = True
+                raise TLSError(f"the peer closed the connection: {exc}") from exc
+            except SSL.Error as exc:
+                await self._flush_quietly()  # deliver our alert before giving up
+                raise TLSError(_describe(exc)) from exc
+            await self._flush()
+            return result
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except TLSError:
+            pass
+
+    async def receive_some(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
+        """Return decrypted bytes; ``b""`` at a clean or abrupt end of the stream."""
+        try:
+            return await self._retry(lambda: self.connection.recv(max_bytes))
+        except SSL.ZeroReturnError:
+            return b""
+        except TLSError:
+            if self._eof:
+                return b""
+            raise
+
+    async def send_all(self, data: bytes) -> None:
+        """Encrypt and send ``data``."""
+        conn = self.connection
+        view = memoryview(data)
+        while view:
+            try:
+                n = conn.send(bytes(view[:16384]))
+            except SSL.Error as exc:
+                raise TLSError(_describe(exc)) from exc
+            view = view[n:]
+        await self._flush()
+
+    async def aclose(self) -> None:
+        """Send close_notify when possible, then close the socket."""
+        try:
+            if self._conn is not None and not self._eof:
+                with trio.move_on_after(1):
+                    try:
+                        self._conn.shutdown()
+                    except SSL.Error:
+                        pass
+                    await self._flush()
+        except TLSError:
+            pass
+        finally:
+            await self.transport.aclose()
+
+    def peer_chain(self) -> list[x509.Certificate]:
+        """Return the client's leaf and the intermediates it sent (leaf first; [] when none)."""
+        conn = self.connection
+        leaf = conn.get_peer_certificate(as_cryptography=True)
+        if leaf is None:
+            return []
+        rest = conn.get_peer_cert_chain(as_cryptography=True) or []
+        # OpenSSL's server side does not list the leaf in the chain, but be robust either way.
+        return [leaf, *(c for c in rest if c != leaf)]
+
+    def session_reused(self) -> bool:
+        """True when this handshake resumed an earlier TLS session."""
+        return bool(_openssl_lib.SSL_session_reused(self.connection._ssl))
+
+    def protocol(self) -> str:
+        """The negotiated protocol version, such as ``TLSv1.3``."""
+        return str(self.connection.get_protocol_version_name())
+
+
+def _describe(exc: SSL.Error) -> str:
+    parts = []
+    for item in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
+        if isinstance(item, tuple) and len(item) == 3:
+            parts.append(str(item[2]))
+    return ", ".join(parts) or repr(exc)
+
