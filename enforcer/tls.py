@@ -48,7 +48,8 @@ class HostTLS:
     key_pem: bytes
     request_client_certificate: bool
     allow_resumption: bool
-    client_ca_names: tuple[x509.Name, ...] = ()
+    # Roots named in the CertificateRequest, so real devices can pick the right certificate.
+    client_cas: tuple[x509.Certificate, ...] = ()
 
 
 def _accept_any(conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
@@ -76,8 +77,8 @@ def build_context(host: HostTLS) -> SSL.Context:
     ctx.set_session_id(host.hostname.encode()[:32])
     if host.request_client_certificate:
         ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
-        if host.client_ca_names:
-            ctx.set_client_ca_list(list(host.client_ca_names))
+        for ca in host.client_cas:
+            ctx.add_client_ca(ca)
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
     if not host.allow_resumption:

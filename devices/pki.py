@@ -1,0 +1,160 @@
+"""Issuing certificates: CA hierarchies, device (client) certificates and server certificates.
+
+The devices' provisioning, and the demo's, use these building blocks; every validity window is
+given relative to an explicit ``now`` so that fleets can be made for any clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "ed25519")
+
+
+def generate_key(kind: str = "ec-p256") -> PrivateKey:
+    """Generate a private key of one of :data:`KEY_TYPES`."""
+    if kind == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "ec-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind == "rsa-2048":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"unknown key type {kind!r}; expected one of {KEY_TYPES}")
+
+
+def _name(cn: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
+    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+@dataclasses.dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key."""
+
+    certificate: x509.Certificate
+    key: PrivateKey
+
+    def cert_pem(self) -> bytes:
+        """The certificate as PEM."""
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM."""
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+def _key_usage(*, ca: bool, key: PrivateKey | None = None) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=not ca and isinstance(key, rsa.RSAPrivateKey),
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def issue_ca(
+    cn: str,
+    now: dt.datetime,
+    *,
+    issuer: Issued | None = None,
+    key_type: str = "ec-p256",
+    days: int = 3650,
+    not_before: dt.datetime | None = None,
+    path_length: int | None = None,
+) -> Issued:
+    """Issue a CA certificate: self-signed when ``issuer`` is None, else an intermediate."""
+    key = generate_key(key_type)
+    signer_key = issuer.key if issuer else key
+    start = not_before or now - dt.timedelta(days=1)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn, "mtls-testbed"))
+        .issuer_name(issuer.certificate.subject if issuer else _name(cn, "mtls-testbed"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
+            critical=False,
+        )
+    )
+    return Issued(builder.sign(signer_key, _hash_for(signer_key)), key)
+
+
+def issue_leaf(
+    cn: str,
+    issuer: Issued,
+    *,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    key: PrivateKey | None = None,
+    key_type: str = "ec-p256",
+    client: bool = True,
+    dns_names: Sequence[str] = (),
+    uris: Sequence[str] = (),
+    eku: Sequence[x509.ObjectIdentifier] | None = None,
+) -> Issued:
+    """Issue an end-entity certificate: a client certificate, or a server one with ``client=False``."""
+    key = key or generate_key(key_type)
+    usages = eku if eku is not None else [
+        ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    ]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(issuer.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(ca=False, key=key), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
+    )
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.UniformResourceIdentifier(u) for u in uris]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return Issued(builder.sign(issuer.key, _hash_for(issuer.key)), key)
+
+
+def write_pem(path: Path, *parts: bytes, private: bool = False) -> None:
+    """Write PEM blocks to ``path`` (mode 0600 for private keys), creating folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(parts))
+    if private:
+        path.chmod(0o600)

@@ -1,0 +1,114 @@
+"""Forwarding an admitted request to its origin over plain HTTP/1.1, streaming the response."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from enforcer.http import HOP_BY_HOP, next_event, send
+
+# Headers only the enforcer may set: a client sending them must not reach the origin with them.
+TRUSTED_HEADERS = frozenset(
+    {b"cf-access-jwt-assertion", b"cf-client-cert-der-base64", b"cf-client-cert-sha256"}
+)
+
+
+class OriginError(Exception):
+    """The origin could not be reached or broke the protocol."""
+
+
+@dataclasses.dataclass
+class OriginResponse:
+    """The origin's status line and headers, and an iterator over its body."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: AsyncIterator[bytes]
+
+
+def forwarded_headers(
+    client_headers: Sequence[tuple[bytes, bytes]],
+    *,
+    origin_host: str,
+    client_ip: str | None,
+    token: str | None,
+    client_cert_der: bytes | None,
+    client_cert_sha256: str | None,
+) -> list[tuple[bytes, bytes]]:
+    """Return the headers sent to the origin: the client's, cleaned, plus the access headers."""
+    out = [
+        (k, v)
+        for k, v in client_headers
+        if k.lower() not in HOP_BY_HOP and k.lower() not in TRUSTED_HEADERS and k.lower() != b"host"
+    ]
+    original_host = next((v for k, v in client_headers if k.lower() == b"host"), b"")
+    out.insert(0, (b"host", origin_host.encode()))
+    out.append((b"x-forwarded-host", original_host))
+    out.append((b"x-forwarded-proto", b"https"))
+    if client_ip:
+        out.append((b"x-forwarded-for", client_ip.encode()))
+    if token:
+        out.append((b"cf-access-jwt-assertion", token.encode()))
+    if client_cert_der is not None and client_cert_sha256 is not None:
+        out.append((b"cf-client-cert-der-base64", base64.b64encode(client_cert_der)))
+        out.append((b"cf-client-cert-sha256", client_cert_sha256.encode()))
+    out.append((b"connection", b"close"))
+    return out
+
+
+@asynccontextmanager
+async def origin_request(
+    origin: str,
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    timeout: float,
+) -> AsyncIterator[OriginResponse]:
+    """Send one request to ``origin`` (an http:// URL) and yield its streamed response."""
+    url = urlsplit(origin)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    prefix = url.path.rstrip("/").encode()
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise OriginError(f"cannot connect to origin {origin}: {exc}") from exc
+    conn = h11.Connection(h11.CLIENT)
+    try:
+        try:
+            with trio.fail_after(timeout):
+                hdrs = [*headers, (b"content-length", str(len(body)).encode())]
+                await send(conn, stream, h11.Request(method=method, target=prefix + target, headers=hdrs))
+                if body:
+                    await send(conn, stream, h11.Data(data=body))
+                await send(conn, stream, h11.EndOfMessage())
+                event = await next_event(conn, stream)
+                while isinstance(event, h11.InformationalResponse):
+                    event = await next_event(conn, stream)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+            raise OriginError(f"origin {origin} failed: {exc!r}") from exc
+        if not isinstance(event, h11.Response):
+            raise OriginError(f"origin {origin} sent {type(event).__name__} instead of a response")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                try:
+                    with trio.fail_after(timeout):
+                        ev = await next_event(conn, stream)
+                except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+                    raise OriginError(f"origin {origin} failed mid-body: {exc!r}") from exc
+                if isinstance(ev, h11.Data):
+                    yield bytes(ev.data)
+                elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+                    return
+
+        yield OriginResponse(event.status_code, list(event.headers), chunks())
+    finally:
+        await stream.aclose()

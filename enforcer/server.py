@@ -1,0 +1,394 @@
+"""The enforcer server: accept loop, TLS, HTTP and the access decision, wired together.
+
+Each connection is one task in the listener's nursery. It peeks the ClientHello, completes the
+handshake with the hostname's context, then serves requests one after the other: for every
+request it reads the current snapshot once, asks the clock once, validates the client chain
+(memoised per connection while the snapshot and the chain's validity window hold, which is
+what re-checks kept-alive and resumed connections, SPEC A14), calls the pure ``decide`` and
+acts on the decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ipaddress
+import itertools
+import json
+import logging
+import socket
+import time
+from collections.abc import Sequence
+
+import h11
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from enforcer.accesslog import AccessLog
+from enforcer.application import COOKIE_NAME, TOKEN_HEADER
+from enforcer.chain import ChainResult, common_name, fingerprint
+from enforcer.clock import Clock, WallClock
+from enforcer.config import EnforcerConfig, ServerSettings
+from enforcer.decision import (
+    AccessDecision,
+    AccessRequest,
+    check_chain,
+    decide,
+    normalise_hostname,
+    still_valid,
+)
+from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond, send
+from enforcer.proxy import OriginError, forwarded_headers, origin_request
+from enforcer.reasons import DENIAL_BODIES, Reason
+from enforcer.snapshot import Snapshot
+from enforcer.tls import ContextsBySNI, HostTLS, IntermediatesMemo, ServerTLSStream, TLSError
+from enforcer.tokens import parse_cookie_header
+
+log = logging.getLogger(__name__)
+JWKS_PATH = b"/cdn-cgi/access/certs"
+MAX_BODY = 8 * 1024 * 1024
+
+
+def tls_hosts(config: EnforcerConfig, snapshot: Snapshot) -> tuple[list[HostTLS], HostTLS]:
+    """Return the TLS settings of every served hostname, and the default for unknown SNI."""
+    hosts = []
+    for edge in config.edge_certificates:
+        for name in edge.hostnames:
+            app = snapshot.applications.get(name)
+            trust = snapshot.trust.get(name)
+            hosts.append(
+                HostTLS(
+                    hostname=name,
+                    chain_pem=edge.chain_pem,
+                    key_pem=edge.key_pem,
+                    request_client_certificate=app is not None,
+                    allow_resumption=app is None or not app.no_duration,
+                    client_cas=trust.roots if trust else (),
+                )
+            )
+    return hosts, hosts[0]
+
+
+@dataclasses.dataclass
+class Enforcer:
+    """The running enforcer's state: the current snapshot and what every connection shares."""
+
+    snapshot: Snapshot
+    settings: ServerSettings
+    contexts: ContextsBySNI
+    clock: Clock = dataclasses.field(default_factory=WallClock)
+    access_log: AccessLog = dataclasses.field(default_factory=AccessLog)
+    intermediates: IntermediatesMemo = dataclasses.field(default_factory=IntermediatesMemo)
+    _ids: itertools.count[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
+
+    @classmethod
+    def from_config(
+        cls, config: EnforcerConfig, clock: Clock | None = None, access_log: AccessLog | None = None
+    ) -> Enforcer:
+        """Build the enforcer's state from a checked configuration."""
+        clock = clock or WallClock()
+        snapshot = config.snapshot(clock.now())
+        hosts, default = tls_hosts(config, snapshot)
+        return cls(
+            snapshot=snapshot,
+            settings=config.server,
+            contexts=ContextsBySNI(hosts, default),
+            clock=clock,
+            access_log=access_log or AccessLog(config.server.access_log),
+        )
+
+    async def handle(self, transport: trio.SocketStream) -> None:
+        """Serve one client connection until it closes."""
+        conn_id = next(self._ids)
+        peer = _peer_ip(transport)
+        started = time.perf_counter()
+        tls = ServerTLSStream(transport, self.contexts)
+        try:
+            with trio.move_on_after(self.settings.handshake_timeout) as scope:
+                await tls.do_handshake()
+            if scope.cancelled_caught:
+                self._log_tls(conn_id, peer, tls.sni, "handshake timed out")
+                return
+            handshake_ms = (time.perf_counter() - started) * 1000
+            chain = self._client_chain(tls)
+            session = _Session(
+                self, tls, conn_id, peer, handshake_ms, chain, tls.session_reused(), tls.protocol()
+            )
+            await session.serve()
+        except TLSError as exc:
+            self._log_tls(conn_id, peer, tls.sni, str(exc))
+        finally:
+            with trio.CancelScope(shield=True):
+                await tls.aclose()
+
+    def _client_chain(self, tls: ServerTLSStream) -> list[x509.Certificate]:
+        chain = tls.peer_chain()
+        if not chain:
+            return []
+        if len(chain) > 1:
+            self.intermediates.put(chain[0], chain[1:])
+        elif tls.session_reused():
+            chain = [chain[0], *self.intermediates.get(chain[0])]
+        return chain
+
+    def _log_tls(self, conn_id: int, peer: str | None, sni: str | None, detail: str) -> None:
+        self.access_log.write(
+            {
+                "time": self.clock.now().isoformat(),
+                "event": "tls_error",
+                "connection": conn_id,
+                "client_ip": peer,
+                "sni": sni,
+                "detail": detail,
+            }
+        )
+
+
+class _Session:
+    """The HTTP side of one established TLS connection."""
+
+    def __init__(
+        self,
+        enforcer: Enforcer,
+        tls: ServerTLSStream,
+        conn_id: int,
+        peer: str | None,
+        handshake_ms: float,
+        chain: Sequence[x509.Certificate],
+        resumed: bool,
+        protocol: str,
+    ) -> None:
+        self.e = enforcer
+        self.tls = tls
+        self.conn_id = conn_id
+        self.peer = peer
+        self.handshake_ms = handshake_ms
+        self.chain = list(chain)
+        self.resumed = resumed
+        self.protocol = protocol
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=enforcer.settings.max_header_bytes
+        )
+        self._memo: tuple[int, str, ChainResult | None] | None = None
+        self.requests = 0
+
+    async def serve(self) -> None:
+        while True:
+            try:
+                with trio.move_on_after(self.e.settings.request_timeout) as scope:
+                    event = await next_event(self.h11, self.tls)
+                if scope.cancelled_caught:
+                    return
+            except h11.RemoteProtocolError as exc:
+                await self._protocol_error(exc)
+                return
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed or garbage after a response: nothing to answer
+            try:
+                body = await read_body(self.h11, self.tls, MAX_BODY)
+            except BodyTooLarge:
+                await self._plain(413, "Request body too large.\n", close=True)
+                return
+            except h11.RemoteProtocolError as exc:
+                await self._protocol_error(exc)
+                return
+            self.requests += 1
+            await self._request(event, body)
+            if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                self.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            status = exc.error_status_hint
+            text = "Request header too large.\n" if status == 431 else "Bad request.\n"
+            await self._plain(status, text, close=True)
+
+    async def _plain(self, status: int, text: str, *, close: bool, extra: Sequence[tuple[str, str]] = ()) -> None:
+        headers = [("content-type", "text/plain; charset=utf-8"), *extra]
+        if close:
+            headers.append(("connection", "close"))
+        try:
+            await respond(self.h11, self.tls, status, headers, text.encode())
+        except h11.LocalProtocolError:
+            pass
+
+    def _validate(self, snapshot: Snapshot, hostname: str, now: dt.datetime) -> ChainResult | None:
+        if self._memo is not None:
+            generation, host, result = self._memo
+            if generation == snapshot.generation and host == hostname and (
+                result is None or still_valid(result, snapshot, now)
+            ):
+                return result
+        result = check_chain(snapshot, hostname, self.chain, now)
+        if result is None or result.valid:
+            self._memo = (snapshot.generation, hostname, result)
+        return result
+
+    async def _request(self, request: h11.Request, body: bytes) -> None:
+        e = self.e
+        snapshot = e.snapshot  # one consistent snapshot for the whole request (SPEC A12)
+        now = e.clock.now()
+        t0 = time.perf_counter()
+        host_values = header_values(request.headers, b"host")
+        host = host_values[0] if len(host_values) == 1 else None
+        sni = self.tls.sni
+        path = request.target.split(b"?", 1)[0]
+
+        hostname = normalise_hostname(host)
+        if path == JWKS_PATH and request.method in (b"GET", b"HEAD") and hostname == sni and hostname in snapshot.applications:
+            doc = json.dumps(snapshot.keyring.jwks(now), indent=2).encode()
+            await respond(self.h11, self.tls, 200, [("content-type", "application/json")], doc)
+            self._log(request, now, t0, status=200, decision="jwks")
+            return
+
+        token = parse_cookie_header(header_values(request.headers, b"cookie"), COOKIE_NAME)
+        if token is None:
+            assertion = header_values(request.headers, TOKEN_HEADER.encode())
+            token = assertion[0] if assertion else None
+        chain_result = self._validate(snapshot, hostname, now) if hostname and hostname == sni else None
+        access = AccessRequest(sni=sni, host=host, client_ip=_ip(self.peer), token=token)
+        decision = decide(access, snapshot, chain_result, now)
+        decision_ms = (time.perf_counter() - t0) * 1000
+
+        if not decision.allowed:
+            reason = decision.reason or Reason.POLICY_DENIED
+            await self._plain(
+                decision.status,
+                DENIAL_BODIES.get(reason, "Forbidden.") + "\n",
+                close=decision.close_connection,
+                extra=[("x-access-denied-reason", reason.value)],
+            )
+            self._log(request, now, t0, decision=decision, decision_ms=decision_ms)
+            return
+        status = await self._forward(request, body, decision)
+        self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=status)
+
+    async def _forward(self, request: h11.Request, body: bytes, decision: AccessDecision) -> int:
+        app = decision.application
+        assert app is not None
+        leaf_der = (
+            self.chain[0].public_bytes(serialization.Encoding.DER)
+            if app.forward_client_certificate and self.chain
+            else None
+        )
+        headers = forwarded_headers(
+            list(request.headers),
+            origin_host=app.origin.split("://", 1)[1].split("/", 1)[0],
+            client_ip=self.peer,
+            token=decision.token,
+            client_cert_der=leaf_der,
+            client_cert_sha256=decision.certificate.sha256 if decision.certificate and leaf_der else None,
+        )
+        extra: list[tuple[bytes, bytes]] = []
+        if decision.set_cookie:
+            extra.append((b"set-cookie", decision.set_cookie.encode()))
+        if decision.close_connection:
+            extra.append((b"connection", b"close"))
+        try:
+            async with origin_request(
+                app.origin, request.method, request.target, headers, body, self.e.settings.request_timeout
+            ) as response:
+                out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
+                await send(self.h11, self.tls, h11.Response(status_code=response.status, headers=out + extra))
+                async for chunk in response.body:
+                    await send(self.h11, self.tls, h11.Data(data=chunk))
+                await send(self.h11, self.tls, h11.EndOfMessage())
+                return response.status
+        except OriginError as exc:
+            log.warning("connection %d: %s", self.conn_id, exc)
+            if self.h11.our_state is h11.SEND_RESPONSE:
+                await self._plain(502, "The origin is unreachable.\n", close=decision.close_connection)
+                return 502
+            raise TLSError(f"origin failed mid-response: {exc}") from exc
+
+    def _log(
+        self,
+        request: h11.Request,
+        now: dt.datetime,
+        t0: float,
+        *,
+        decision: AccessDecision | None = None,
+        decision_ms: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        cert = decision.certificate if decision else None
+        leaf = self.chain[0] if self.chain else None
+        record = {
+            "time": now.isoformat(),
+            "connection": self.conn_id,
+            "request": self.requests,
+            "client_ip": self.peer,
+            "sni": self.tls.sni,
+            "host": next(iter(header_values(request.headers, b"host")), None),
+            "method": request.method.decode(),
+            "path": request.target.decode("latin-1"),
+            "status": status if status is not None else (decision.status if decision else None),
+            "decision": "allowed" if decision and decision.allowed else ("denied" if decision else "served"),
+            "reason": decision.reason.value if decision and decision.reason else None,
+            "detail": decision.detail if decision and decision.detail else None,
+            "notes": [n.value for n in decision.notes] if decision else [],
+            "policy": decision.policy if decision else None,
+            "admitted_by": decision.admitted_by.value if decision and decision.admitted_by else None,
+            "certificate": {
+                "sha256": cert.sha256 if cert else fingerprint(leaf) if leaf else None,
+                "common_name": cert.common_name if cert else common_name(leaf) if leaf else None,
+                "serial": cert.serial if cert else format(leaf.serial_number, "x") if leaf else None,
+            }
+            if leaf
+            else None,
+            "tls": {"protocol": self.protocol, "resumed": self.resumed},
+            "handshake_ms": round(self.handshake_ms, 3),
+            "decision_ms": round(decision_ms, 3) if decision_ms is not None else None,
+            "total_ms": round((time.perf_counter() - t0) * 1000, 3),
+        }
+        self.e.access_log.write(record)
+
+
+_HOP_BY_HOP_RESPONSE = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade", b"trailer"}
+)
+
+
+def _peer_ip(transport: trio.SocketStream) -> str | None:
+    try:
+        return str(transport.socket.getpeername()[0])
+    except (OSError, AttributeError, IndexError):
+        return None
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text) if text else None
+    except ValueError:
+        return None
+
+
+async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> trio.SocketListener:
+    """Bind a TCP listener; with ``reuse_port`` several processes can share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    await sock.bind((host, port))
+    sock.listen(1024)
+    return trio.SocketListener(sock)
+
+
+async def serve(
+    enforcer: Enforcer,
+    listener: trio.SocketListener,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the enforcer on a bound listener until cancelled; report the bound port."""
+    bound = listener.socket.getsockname()[1]
+    log.info("enforcer listening on port %d", bound)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, enforcer.handle, [listener])
+        task_status.started(bound)

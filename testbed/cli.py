@@ -1,0 +1,161 @@
+"""The ``testbed`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import trio
+from rich.console import Console
+
+from enforcer.config import ConfigError, load_config
+from enforcer.origin import serve_echo_origin_on
+from enforcer.server import Enforcer, open_listener, serve
+from enforcer.workers import run_workers, serve_config
+from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
+
+EXIT_USAGE = 2
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"TESTBED_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser (every option has a TESTBED_* environment twin)."""
+    parser = argparse.ArgumentParser(prog="testbed", description="IoT fleet simulator and mTLS enforcement testbed")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    enf = sub.add_parser("enforcer", help="run the mTLS enforcer").add_subparsers(dest="action", required=True)
+    serve = enf.add_parser("serve", help="serve a configuration until Ctrl-C")
+    serve.add_argument("--config", default=_env("CONFIG"), required=_env("CONFIG") is None,
+                       help="enforcer TOML file (env TESTBED_CONFIG)")
+    serve.add_argument("--host", default=_env("HOST"), help="listen address (default: the config's server.host)")
+    serve.add_argument("--port", type=int, default=_env("PORT"), help="listen port (default: the config's server.port)")
+    serve.add_argument("--workers", type=int, default=int(_env("WORKERS", "1") or 1),
+                       help="worker processes sharing the port (env TESTBED_WORKERS)")
+
+    demo = enf.add_parser("demo", help="write a demo PKI and configuration into a folder and serve it")
+    demo.add_argument("--out", default=_env("DEMO_OUT", "demo"), help="folder to write (env TESTBED_DEMO_OUT)")
+    demo.add_argument("--port", type=int, default=int(_env("PORT", "8443") or 8443), help="enforcer port (default 8443)")
+    return parser
+
+
+def _fail(message: str) -> int:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return EXIT_USAGE
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run ``testbed enforcer serve``."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    host = args.host or config.server.host
+    port = int(args.port) if args.port is not None else config.server.port
+    if args.workers < 1:
+        return _fail("--workers: expected 1 or more")
+    try:
+        if args.workers > 1:
+            return run_workers(args.config, host, port, args.workers)
+
+        def listening(bound: int) -> None:
+            print(f"enforcer: listening on {host}:{bound} (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+        # Fail before listening: build the snapshot (and so check the signing key) first.
+        config.snapshot(dt.datetime.now(dt.UTC))
+        trio.run(lambda: serve_config(config, host, port, on_listening=listening))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        print("enforcer: stopped", file=sys.stderr)
+    return 0
+
+
+def demo_instructions(layout: DemoLayout) -> str:
+    """Return the curl commands that reproduce the seeds' test against the demo."""
+    def q(cmd: list[str]) -> str:
+        return shlex.join(cmd)
+
+    lines = [
+        f"Demo written to {layout.root}/ and served on 127.0.0.1:{layout.port}.",
+        "",
+        "# No client certificate: 403 with X-Access-Denied-Reason: no_certificate",
+        q(layout.curl(AUTH_HOST)),
+        "# A valid device: 200 and a CF_Authorization Set-Cookie (24h session)",
+        q(layout.curl(AUTH_HOST, "valid")),
+        "# The leaf alone: admitted, the intermediate was uploaded with the root",
+        q(layout.curl(AUTH_HOST, "leaf-only")),
+    ]
+    for device, reason in (("expired", "certificate_expired"), ("not-yet-valid", "certificate_not_yet_valid"),
+                           ("foreign-ca", "untrusted_issuer")):
+        lines += [f"# {device}: 403 {reason}", q(layout.curl(AUTH_HOST, device))]
+    lines += [
+        "# No Duration, Common Name device-001: 200, no cookie, Connection: close",
+        q(layout.curl(IOT_HOST, "valid")),
+        "# wrong-cn (device-999) on the Common Name application: 403 policy_denied",
+        q(layout.curl(IOT_HOST, "wrong-cn")),
+        "# The signing keys an origin verifies CF_Authorization with",
+        q(layout.curl(AUTH_HOST, path="/cdn-cgi/access/certs")),
+        "",
+        "Ctrl-C stops the demo. Access log lines follow.",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run ``testbed enforcer demo``."""
+    out = Path(args.out)
+
+    async def main() -> None:
+        # Bind the origin first: the configuration names its port.
+        origin_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        origin_port = origin_listeners[0].socket.getsockname()[1]
+        layout = write_demo(out, args.port, f"http://127.0.0.1:{origin_port}")
+        config = load_config(layout.config)
+        config.snapshot(dt.datetime.now(dt.UTC))  # creates the signing key before serving
+
+        def listening(bound: int) -> None:
+            Console().print(demo_instructions(DemoLayout(out, bound)), highlight=False, soft_wrap=True)
+
+        enforcer = Enforcer.from_config(config)
+        listener = await open_listener("127.0.0.1", args.port)
+        listening(listener.socket.getsockname()[1])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_echo_origin_on, origin_listeners)
+            nursery.start_soon(serve, enforcer, listener)
+
+    try:
+        trio.run(main)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot serve the demo on port {args.port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        print("demo: stopped", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``testbed`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "enforcer" and args.action == "serve":
+        return cmd_serve(args)
+    if args.command == "enforcer" and args.action == "demo":
+        return cmd_demo(args)
+    return _fail(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The enforcer demo: a PKI, demo devices and a configuration, written to a folder and served.
+
+Layout (users and tests rely on it)::
+
+    DIR/ca/edge-ca.pem          trust for the server certificates (curl --cacert)
+    DIR/ca/root.pem             the device root
+    DIR/ca/intermediate.pem     the device intermediate
+    DIR/ca/uploaded-chain.pem   intermediate + root, as uploaded to the enforcer
+    DIR/ca/foreign-root.pem     a root the enforcer does not trust
+    DIR/edge/cert.pem, key.pem  the server certificate for both demo hostnames
+    DIR/enforcer.toml           the enforcer configuration
+    DIR/devices/<name>/cert.pem + key.pem
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import secrets
+from pathlib import Path
+
+from devices.pki import Issued, issue_ca, issue_leaf, write_pem
+
+AUTH_HOST = "auth.example.test"
+IOT_HOST = "iot.example.test"
+DEVICES = ("valid", "leaf-only", "expired", "not-yet-valid", "foreign-ca", "wrong-cn")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoLayout:
+    """Paths of a written demo."""
+
+    root: Path
+    port: int
+
+    @property
+    def config(self) -> Path:
+        return self.root / "enforcer.toml"
+
+    @property
+    def edge_ca(self) -> Path:
+        return self.root / "ca" / "edge-ca.pem"
+
+    def device(self, name: str) -> tuple[Path, Path]:
+        """Return (cert.pem, key.pem) of a demo device."""
+        d = self.root / "devices" / name
+        return d / "cert.pem", d / "key.pem"
+
+    def curl(self, host: str, device: str | None = None, path: str = "/") -> list[str]:
+        """Return the curl command that reaches ``host`` as ``device`` (no certificate if None)."""
+        cmd = [
+            "curl", "-sv",
+            "--resolve", f"{host}:{self.port}:127.0.0.1",
+            "--cacert", str(self.edge_ca),
+            f"https://{host}:{self.port}{path}",
+        ]
+        if device:
+            cert, key = self.device(device)
+            cmd += ["--cert", str(cert), "--key", str(key)]
+        return cmd
+
+
+def write_demo(out: Path, port: int, origin: str, now: dt.datetime | None = None) -> DemoLayout:
+    """Write the demo PKI, devices and configuration into ``out``."""
+    now = now or dt.datetime.now(dt.UTC)
+    day = dt.timedelta(days=1)
+    edge_ca = issue_ca("mtls-testbed demo edge CA", now)
+    edge = issue_leaf(
+        AUTH_HOST, edge_ca, not_before=now - day, not_after=now + 365 * day, client=False,
+        dns_names=[AUTH_HOST, IOT_HOST],
+    )
+    root = issue_ca("mtls-testbed demo device root", now)
+    inter = issue_ca("mtls-testbed demo device intermediate", now, issuer=root, days=1825, path_length=0)
+    foreign_root = issue_ca("mtls-testbed foreign root", now)
+    foreign_inter = issue_ca("mtls-testbed foreign intermediate", now, issuer=foreign_root, path_length=0)
+
+    def leaf(cn: str, issuer: Issued, start: dt.datetime, end: dt.datetime) -> Issued:
+        return issue_leaf(cn, issuer, not_before=start, not_after=end)
+
+    devices = {
+        "valid": (leaf("device-001", inter, now - day, now + 365 * day), [inter]),
+        "leaf-only": (leaf("device-002", inter, now - day, now + 365 * day), []),
+        "expired": (leaf("device-003", inter, now - 30 * day, now - day), [inter]),
+        "not-yet-valid": (leaf("device-004", inter, now + day, now + 30 * day), [inter]),
+        "foreign-ca": (leaf("device-005", foreign_inter, now - day, now + 365 * day), [foreign_inter]),
+        "wrong-cn": (leaf("device-999", inter, now - day, now + 365 * day), [inter]),
+    }
+    write_pem(out / "ca" / "edge-ca.pem", edge_ca.cert_pem())
+    write_pem(out / "ca" / "root.pem", root.cert_pem())
+    write_pem(out / "ca" / "intermediate.pem", inter.cert_pem())
+    write_pem(out / "ca" / "uploaded-chain.pem", inter.cert_pem(), root.cert_pem())
+    write_pem(out / "ca" / "foreign-root.pem", foreign_root.cert_pem())
+    write_pem(out / "edge" / "cert.pem", edge.cert_pem(), edge_ca.cert_pem())
+    write_pem(out / "edge" / "key.pem", edge.key_pem(), private=True)
+    for name, (issued, chain) in devices.items():
+        write_pem(out / "devices" / name / "cert.pem", issued.cert_pem(), *(c.cert_pem() for c in chain))
+        write_pem(out / "devices" / name / "key.pem", issued.key_pem(), private=True)
+    (out / "signing-key.pem").unlink(missing_ok=True)  # a new demo, a new signing key
+    (out / "enforcer.toml").write_text(
+        DEMO_CONFIG.format(
+            port=port,
+            origin=origin,
+            auth=AUTH_HOST,
+            iot=IOT_HOST,
+            auth_aud=secrets.token_hex(32),
+            iot_aud=secrets.token_hex(32),
+        ),
+        encoding="utf-8",
+    )
+    return DemoLayout(out, port)
+
+
+DEMO_CONFIG = """\
+# The enforcer demo, written by `testbed enforcer demo`. Paths are relative to this file.
+
+[server]
+host = "127.0.0.1"
+port = {port}
+access_log = "-"
+
+[signing]
+key_file = "signing-key.pem"     # RSA key for RS256 tokens; created when missing
+issuer = "https://access.testbed.local"
+grace_period = "24h"
+
+[[edge_certificates]]
+hostnames = ["{auth}", "{iot}"]
+certificate = "edge/cert.pem"
+private_key = "edge/key.pem"
+
+[[roots]]
+name = "demo device root"
+certificate = "ca/uploaded-chain.pem"   # the intermediate, then the root
+associated_hostnames = ["{auth}", "{iot}"]
+
+[[applications]]
+name = "auth"
+hostname = "{auth}"
+aud = "{auth_aud}"
+session_duration = "24h"
+origin = "{origin}"
+forward_client_certificate = true
+
+[[applications.policies]]
+name = "valid certificate"
+decision = "non_identity"
+include = [{{ certificate = {{}} }}]
+
+[[applications]]
+name = "iot"
+hostname = "{iot}"
+aud = "{iot_aud}"
+session_duration = "0s"                  # No Duration: a full handshake for every request
+origin = "{origin}"
+
+[[applications.policies]]
+name = "device-001 only"
+decision = "non_identity"
+include = [{{ common_name = {{ common_name = "device-001" }} }}]
+"""
