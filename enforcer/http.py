@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from http import HTTPStatus
 from typing import Protocol
 
 import h11
@@ -83,10 +84,18 @@ async def respond(
     """Send a whole response with a Content-Length."""
     hdrs = [(k.encode(), v.encode()) for k, v in headers]
     hdrs.append((b"content-length", str(len(body)).encode()))
-    await send(conn, stream, h11.Response(status_code=status, headers=hdrs))
+    await send(conn, stream, h11.Response(status_code=status, headers=hdrs, reason=reason_phrase(status)))
     if body:
         await send(conn, stream, h11.Data(data=body))
     await send(conn, stream, h11.EndOfMessage())
+
+
+def reason_phrase(status: int) -> bytes:
+    """Return the standard reason phrase of a status code (empty when unknown)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:

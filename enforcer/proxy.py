@@ -28,6 +28,7 @@ class OriginResponse:
     """The origin's status line and headers, and an iterator over its body."""
 
     status: int
+    reason: bytes
     headers: list[tuple[bytes, bytes]]
     body: AsyncIterator[bytes]
 
@@ -109,6 +110,6 @@ async def origin_request(
                 elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
                     return
 
-        yield OriginResponse(event.status_code, list(event.headers), chunks())
+        yield OriginResponse(event.status_code, bytes(event.reason), list(event.headers), chunks())
     finally:
         await stream.aclose()

@@ -294,7 +294,7 @@ class _Session:
                 app.origin, request.method, request.target, headers, body, self.e.settings.request_timeout
             ) as response:
                 out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
-                await send(self.h11, self.tls, h11.Response(status_code=response.status, headers=out + extra))
+                await send(self.h11, self.tls, h11.Response(status_code=response.status, headers=out + extra, reason=response.reason))
                 async for chunk in response.body:
                     await send(self.h11, self.tls, h11.Data(data=chunk))
                 await send(self.h11, self.tls, h11.EndOfMessage())
