@@ -118,6 +118,10 @@ class Enforcer:
             await session.serve()
         except TLSError as exc:
             self._log_tls(conn_id, peer, tls.sni, str(exc))
+        except Exception:
+            # A bug must cost one connection, never the server: log it and keep serving.
+            log.exception("connection %d: unexpected error", conn_id)
+            self._log_tls(conn_id, peer, tls.sni, "internal error (see the server log)")
         finally:
             with trio.CancelScope(shield=True):
                 await tls.aclose()
@@ -243,7 +247,7 @@ class _Session:
         if path == JWKS_PATH and request.method in (b"GET", b"HEAD") and hostname == sni and hostname in snapshot.applications:
             doc = json.dumps(snapshot.keyring.jwks(now), indent=2).encode()
             await respond(self.h11, self.tls, 200, [("content-type", "application/json")], doc)
-            self._log(request, now, t0, status=200, decision="jwks")
+            self._log(request, now, t0, status=200)
             return
 
         token = parse_cookie_header(header_values(request.headers, b"cookie"), COOKIE_NAME)

@@ -1,0 +1,150 @@
+"""Test clients that speak real TLS over loopback: stdlib ssl in trio, and the real curl/openssl."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+
+
+@dataclasses.dataclass
+class Response:
+    """A response as a client saw it."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """Return the first value of a header (case-insensitive)."""
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def all(self, name: str) -> list[str]:
+        """Return every value of a header."""
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    @property
+    def reason(self) -> str | None:
+        """The X-Access-Denied-Reason header."""
+        return self.header("x-access-denied-reason")
+
+    def json(self) -> Any:
+        """Decode the body as JSON."""
+        return json.loads(self.body)
+
+
+def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A client TLS context trusting ``ca`` and presenting ``cert``/``key`` when given."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx
+
+
+class Connection:
+    """One TLS connection that can carry several HTTP/1.1 requests (keep-alive)."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(
+        cls,
+        port: int,
+        sni: str,
+        ctx: ssl.SSLContext,
+        session: ssl.SSLSession | None = None,
+    ) -> Connection:
+        """Connect to 127.0.0.1:port and complete the handshake for ``sni``."""
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = trio.SSLStream(tcp, ctx, server_hostname=sni)
+        if session is not None:
+            # trio.SSLStream has no session argument; the SSLObject takes one before handshaking.
+            stream._ssl_object.session = session
+        await stream.do_handshake()
+        return cls(stream)
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        return self.stream._ssl_object  # the session lives on the SSLObject
+
+    async def request(
+        self,
+        path: str = "/",
+        host: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+        method: str = "GET",
+        body: bytes = b"",
+    ) -> Response:
+        """Send one request and read the whole response."""
+        hdrs = [("host", host or self.stream.server_hostname or "")]  # type: ignore[list-item]
+        hdrs += list(headers)
+        if body:
+            hdrs.append(("content-length", str(len(body))))
+        data = self.h11.send(h11.Request(method=method, target=path, headers=hdrs))
+        if body:
+            data += self.h11.send(h11.Data(data=body))
+        data += self.h11.send(h11.EndOfMessage())
+        await self.stream.send_all(data)
+        status, resp_headers, chunks = 0, [], []
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    self.h11.receive_data(await self.stream.receive_some(65536))
+                except trio.BrokenResourceError:
+                    self.h11.receive_data(b"")
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                resp_headers = [(k.decode(), v.decode()) for k, v in event.headers]
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("the server closed the connection without a response")
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+        return Response(status, resp_headers, b"".join(chunks))
+
+    @property
+    def closed_by_server(self) -> bool:
+        """True when the server said it closes the connection after its response."""
+        return self.h11.their_state in (h11.MUST_CLOSE, h11.CLOSED)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+async def get(
+    port: int,
+    sni: str,
+    ctx: ssl.SSLContext,
+    path: str = "/",
+    host: str | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+) -> Response:
+    """One request on a new connection."""
+    conn = await Connection.open(port, sni, ctx)
+    try:
+        return await conn.request(path, host=host, headers=headers)
+    finally:
+        await conn.aclose()
+
+
+async def run(cmd: Sequence[str], stdin: bytes = b"", timeout: float = 30) -> trio.CompletedProcess[bytes]:
+    """Run a real program (curl, openssl) without blocking the served enforcer."""
+    with trio.fail_after(timeout):
+        return await trio.run_process(list(cmd), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
