@@ -52,6 +52,10 @@ class FixedClock:
         """Return the time this clock was set to."""
         return self._at
 
+    def set(self, at: dt.datetime) -> None:
+        """Set the clock to ``at``."""
+        self._at = at
+
     def advance(self, delta: dt.timedelta) -> None:
         """Move the clock forward by ``delta``."""
         self._at += delta
