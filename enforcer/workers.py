@@ -32,11 +32,20 @@ async def serve_config(
     listener = await open_listener(host, port, reuse_port=reuse_port)
     if on_listening:
         on_listening(listener.socket.getsockname()[1])
-    await serve(enforcer, listener)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+        await serve(enforcer, listener)
+
+
+async def stop_on_signal(scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` on SIGINT or SIGTERM: Ctrl-C stops the server cleanly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 def _worker(config_path: str, host: str, port: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us with SIGTERM
     config = load_config(config_path)
     trio.run(functools.partial(serve_config, config, host, port, reuse_port=True))
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from enforcer.config import ConfigError, load_config
 from enforcer.origin import serve_echo_origin_on
 from enforcer.server import Enforcer, open_listener, serve
-from enforcer.workers import run_workers, serve_config
+from enforcer.workers import run_workers, serve_config, stop_on_signal
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
 
 EXIT_USAGE = 2
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     return EXIT_USAGE
 
 
@@ -72,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Fail before listening: build the snapshot (and so check the signing key) first.
         config.snapshot(dt.datetime.now(dt.UTC))
         trio.run(lambda: serve_config(config, host, port, on_listening=listening))
+        print("enforcer: stopped", file=sys.stderr)
     except ConfigError as exc:
         return _fail(str(exc))
     except OSError as exc:
@@ -131,11 +132,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         listener = await open_listener("127.0.0.1", args.port)
         listening(listener.socket.getsockname()[1])
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
             nursery.start_soon(serve_echo_origin_on, origin_listeners)
             nursery.start_soon(serve, enforcer, listener)
 
     try:
         trio.run(main)
+        print("demo: stopped", file=sys.stderr)
     except ConfigError as exc:
         return _fail(str(exc))
     except OSError as exc:

@@ -1,0 +1,81 @@
+"""Configuration errors name the file, the field and the problem."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from enforcer.config import ConfigError, load_config
+from testbed.demo import DemoLayout
+
+
+def variant(demo: DemoLayout, tmp_path: Path, old: str, new: str) -> Path:
+    text = demo.config.read_text()
+    assert old in text
+    text = text.replace(old, new, 1)
+    # Keep the other relative paths working: point them at the demo folder.
+    text = text.replace('"ca/', f'"{demo.root}/ca/').replace('"edge/', f'"{demo.root}/edge/')
+    text = text.replace('"signing-key.pem"', f'"{demo.root}/signing-key.pem"')
+    out = tmp_path / "enforcer.toml"
+    out.write_text(text)
+    return out
+
+
+def test_the_demo_config_loads(demo: DemoLayout) -> None:
+    config = load_config(demo.config)
+    assert {a.hostname for a in config.applications} == {"auth.example.test", "iot.example.test"}
+    assert len(config.roots[0].intermediates) == 1
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "problem"),
+    [
+        ('hostname = "auth.example.test"\n', "", "applications[0].hostname", "required field is missing"),
+        ('session_duration = "24h"', 'session_duration = "a day"', "applications[0].session_duration", "not a Go duration"),
+        ('session_duration = "24h"', "session_duration = 24", "applications[0].session_duration", "expected a Go duration"),
+        ("port = 0", "port = 70000", "server.port", "not a TCP port"),
+        ('decision = "non_identity"', 'decision = "maybe"', "applications[0].policies[0].decision", "not one of"),
+        ("include = [{ certificate = {} }]", "include = [{ certificat = {} }]", "applications[0].policies[0].include[0]", "unknown rule 'certificat'"),
+        ('origin = "http', 'origin = "ftp', "applications[0].origin", "expected an http:// URL"),
+        ('[server]', '[server]\nlisten = 1', "server.listen", "unknown field"),
+    ],
+)
+def test_errors_name_file_field_and_problem(
+    demo: DemoLayout, tmp_path: Path, old: str, new: str, field: str, problem: str
+) -> None:
+    path = variant(demo, tmp_path, old, new)
+    with pytest.raises(ConfigError, match=re.escape(str(path))) as info:
+        load_config(path)
+    assert info.value.field == field or field in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_malformed_pem_is_named(demo: DemoLayout, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    path = variant(demo, tmp_path, '"ca/uploaded-chain.pem"', f'"{bad}"')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == "roots[0].certificate"
+    assert str(bad) in info.value.problem
+
+
+def test_missing_file_is_named(demo: DemoLayout, tmp_path: Path) -> None:
+    path = variant(demo, tmp_path, '"edge/key.pem"', '"edge/nope.pem"')
+    with pytest.raises(ConfigError, match=r"edge_certificates\[0\]\.private_key: cannot read"):
+        load_config(path)
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_root_bundle_must_end_with_one_root(demo: DemoLayout, tmp_path: Path) -> None:
+    path = variant(demo, tmp_path, '"ca/uploaded-chain.pem"', '"ca/intermediate.pem"')
+    with pytest.raises(ConfigError, match="exactly one self-signed root"):
+        load_config(path)
