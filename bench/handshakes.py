@@ -67,6 +67,7 @@ http {{
     server {{
         listen {host}:{port} ssl;
         server_name {server_name};
+        ssl_protocols TLSv1.2 TLSv1.3;  # 1.22's default stops at TLSv1.2
         ssl_certificate {demo}/edge/cert.pem;
         ssl_certificate_key {demo}/edge/key.pem;
         ssl_client_certificate {demo}/ca/root.pem;
@@ -81,19 +82,21 @@ http {{
 """
 
 
+Files = tuple[Path, Path, Path]  # device cert.pem (leaf + intermediate), key.pem, edge CA
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes] | mp.Process, what: str, timeout: float = 20.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
     """Poll ``port`` until it accepts; fail if ``proc`` exits or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
-        if not alive:
-            raise SystemExit(f"{what} exited before listening on {HOST}:{port}")
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited ({proc.returncode}) before listening on port {port}")
         try:
             socket.create_connection((HOST, port), timeout=1).close()
             return
@@ -102,65 +105,69 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | mp.Process, what: str, 
     raise SystemExit(f"{what} did not listen on {HOST}:{port} within {timeout:.0f} s")
 
 
-def stop(proc: subprocess.Popen[bytes], first: signal.Signals) -> None:
-    """Stop a process started in its own session: ``first``, then SIGTERM/SIGKILL its group."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((first, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process started with its own session, and its children: SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 3.0)):
         try:
-            if sig == first:
-                proc.send_signal(sig)
-            else:
-                os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, sig)  # the group is ours: start_new_session=True
         except ProcessLookupError:
-            return
+            break
         try:
             proc.wait(timeout=wait)
-            break
+            return
         except subprocess.TimeoutExpired:
             continue
-    try:  # children (enforcer workers, nginx workers) left in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
-def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+def cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of the live processes in one process group."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # not a process, or gone meanwhile
+        if int(fields[2]) == pgid:  # fields[0] is field 3 (state) of proc(5)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def client_context(files: Files) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_cert_chain(cert, key)
-    ctx.load_verify_locations(ca)
+    ctx.load_cert_chain(files[0], files[1])
+    ctx.load_verify_locations(files[2])
     return ctx
 
 
 def one_request(ctx: ssl.SSLContext, port: int) -> tuple[int, bytes, str]:
-    """One fresh connection + full handshake + request; return (status, body, TLS version/cipher)."""
+    """New connection, full handshake, one request; return (status, body, TLS version + cipher)."""
     with (
         socket.create_connection((HOST, port), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname=AUTH_HOST) as tls,
+        ctx.wrap_socket(raw, server_hostname=AUTH_HOST) as tls,  # no session=: no resumption
     ):
         tls.sendall(REQUEST)
-        data = bytearray()
-        for _ in range(10_000):  # bounded: responses here are a few hundred bytes
+        data = b""
+        for _ in range(1000):  # bounded: the responses here are a few hundred bytes
             chunk = tls.recv(65536)
             if not chunk:
                 break
             data += chunk
-            head, sep, body = bytes(data).partition(b"\r\n\r\n")
-            if sep:
-                lengths = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")]
-                if lengths and len(body) >= int(lengths[0].split(b":", 1)[1]):
-                    break
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = [h for h in head.lower().split(b"\r\n") if h.startswith(b"content-length:")]
+            if sep and length and len(body) >= int(length[0].split(b":", 1)[1]):
+                break
         info = f"{tls.version()} {(tls.cipher() or ('?',))[0]}"
-    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
     parts = head.split(b" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
-        raise ValueError(f"not an HTTP response: {bytes(data[:80])!r}")
+        raise ValueError(f"not an HTTP response: {data[:80]!r}")
     return int(parts[1]), body, info
 
 
-def client_loop(port: int, files: tuple[Path, Path, Path], duration: float, barrier: Any, out: Any) -> None:
-    """One client process: loop full handshakes until the deadline, report latencies and errors."""
-    ctx = client_context(*files)
+def client_loop(port: int, files: Files, duration: float, barrier: Any, out: Any) -> None:
+    """One client process: full handshakes until the deadline; report latencies and errors."""
+    ctx = client_context(files)
     barrier.wait(timeout=60)
     measure_from = time.monotonic() + WARMUP
     end = measure_from + duration
@@ -173,11 +180,12 @@ def client_loop(port: int, files: tuple[Path, Path, Path], duration: float, barr
             error = None if status == 200 else f"HTTP {status}"
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-        if t0 >= measure_from:
-            if error is None:
-                latencies.append((time.perf_counter() - p0) * 1000)
-            else:
-                errors[error] += 1
+        if t0 < measure_from:
+            continue
+        if error is None:
+            latencies.append((time.perf_counter() - p0) * 1000)
+        else:
+            errors[error] += 1
     out.put((latencies, dict(errors)))
 
 
@@ -185,14 +193,23 @@ def run_origin(port: int) -> None:
     trio.run(serve_echo_origin, HOST, port)
 
 
-def measure(port: int, files: tuple[Path, Path, Path], args: argparse.Namespace) -> dict[str, Any]:
+def measure(port: int, files: Files, args: argparse.Namespace, pgid: int) -> dict[str, Any]:
+    """Drive one target with ``args.clients`` processes; the server's CPU comes from ``pgid``."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(args.clients + 1), ctx.Queue()
-    procs = [ctx.Process(target=client_loop, args=(port, files, args.duration, barrier, out)) for _ in range(args.clients)]
+    procs = [
+        ctx.Process(target=client_loop, args=(port, files, args.duration, barrier, out))
+        for _ in range(args.clients)
+    ]
     for p in procs:
         p.start()
     barrier.wait(timeout=60)
-    results = [out.get(timeout=WARMUP + args.duration + 60) for _ in procs]
+    start = time.monotonic()
+    time.sleep(WARMUP)
+    cpu0 = cpu_seconds(pgid)
+    time.sleep(max(0.0, start + WARMUP + args.duration - time.monotonic()))
+    cpu = cpu_seconds(pgid) - cpu0
+    results = [out.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=10)
     lat = sorted(x for r in results for x in r[0])
@@ -204,16 +221,21 @@ def measure(port: int, files: tuple[Path, Path, Path], args: argparse.Namespace)
         return round(lat[min(len(lat) - 1, int(q * len(lat)))], 2) if lat else None
 
     return {
-        "handshakes_per_s": round(len(lat) / args.duration, 1), "ok": len(lat),
-        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "errors": sum(errors.values()),
+        "handshakes_per_s": round(len(lat) / args.duration, 1),
+        "ok": len(lat),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "errors": sum(errors.values()),
+        "server_cpu_s": round(cpu, 2),
+        "handshakes_per_cpu_s": round(len(lat) / cpu, 1) if cpu else None,
         "error_kinds": dict(errors.most_common(5)),
     }
 
 
-def check(port: int, files: tuple[Path, Path, Path], what: str) -> str:
-    """Fail loudly unless ``what`` answers 200 to the valid device; return the TLS version/cipher."""
+def check(port: int, files: Files, what: str) -> str:
+    """Fail loudly unless ``what`` answers 200 to the valid device; return the TLS version."""
     try:
-        status, body, info = one_request(client_context(*files), port)
+        status, body, info = one_request(client_context(files), port)
     except Exception as exc:
         raise SystemExit(f"{what}: the valid device's request failed: {exc!r}") from exc
     if status != 200:
@@ -221,133 +243,145 @@ def check(port: int, files: tuple[Path, Path, Path], what: str) -> str:
     return info
 
 
-def ensure_nginx() -> str | None:
-    """Return None when nginx is available (installing it if possible), else why not."""
+def start(cmd: list[str], port: int, what: str, err: Path, files: Files) -> tuple[Any, str]:
+    """Start a server in its own session; return it once it answers 200 to the valid device."""
+    with err.open("ab") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
+    try:
+        wait_port(port, proc, what)
+        return proc, check(port, files, what)
+    except BaseException:
+        stop(proc)
+        print(err.read_text(errors="replace"), file=sys.stderr)
+        raise
+
+
+def nginx_missing() -> str | None:
+    """Return None when nginx is available (installing it when possible), else why not."""
     if os.path.exists(NGINX):
         return None
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return f"{NGINX} missing and cannot apt-get install it (not root or no apt-get)"
+        return f"{NGINX} is missing and apt-get install needs root and apt-get"
+    cmd = ["apt-get", "install", "-y", "nginx"]
     try:
-        r = subprocess.run(["apt-get", "install", "-y", "nginx"], capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     except subprocess.TimeoutExpired:
         return "apt-get install -y nginx timed out"
-    return None if os.path.exists(NGINX) else f"apt-get install -y nginx failed: {r.stderr.strip()[-300:]}"
+    return None if os.path.exists(NGINX) else f"apt-get install failed: {r.stderr[-300:]}"
 
 
 def access_log_summary(path: Path) -> dict[str, int]:
-    """Count the enforcer's access-log records by status / TLS error detail."""
+    """Count the enforcer's access-log records by status, or TLS error detail."""
     kinds: collections.Counter[str] = collections.Counter()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                kinds["unparsable line"] += 1
-                continue
-            kinds[f"tls_error: {rec.get('detail')}" if rec.get("event") == "tls_error" else f"status {rec.get('status')}"] += 1
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            kinds["unparsable line"] += 1
+            continue
+        tls_error = rec.get("event") == "tls_error"
+        kinds[
+            f"tls_error: {rec.get('detail')}" if tls_error else f"status {rec.get('status')}"
+        ] += 1
     return dict(kinds.most_common(8))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per target (default 10)")
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    ap.add_argument("--duration", type=float, default=10.0, help="measured s per target")
     ap.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
-    ap.add_argument("--workers", type=int, default=1, help="enforcer workers = nginx worker_processes (default 1)")
+    ap.add_argument("--workers", type=int, default=1, help="enforcer and nginx workers")
     ap.add_argument("--skip-nginx", action="store_true", help="measure the enforcer only")
     args = ap.parse_args()
     if args.duration <= 0 or args.clients < 1 or args.workers < 1:
-        ap.error("--duration must be > 0, --clients and --workers >= 1")
-    console = Console()
+        ap.error("--duration must be > 0, --clients and --workers 1 or more")
+    console = Console(soft_wrap=True, highlight=False)
     tmp = Path(tempfile.mkdtemp(prefix="bench-handshakes-"))
     origin_port, enforcer_port, nginx_port = free_port(), free_port(), free_port()
     layout = write_demo(tmp / "demo", enforcer_port, origin=f"http://{HOST}:{origin_port}")
-    conf = layout.config.read_text(encoding="utf-8")
-    access_log = tmp / "enforcer-access.log"
-    assert 'access_log = "-"' in conf, "the demo config changed: no access_log line to rewrite"
-    layout.config.write_text(conf.replace('access_log = "-"', f'access_log = "{access_log}"'), encoding="utf-8")
+    conf, access_log = layout.config.read_text(encoding="utf-8"), tmp / "enforcer-access.log"
+    if 'access_log = "-"' not in conf:
+        raise SystemExit(f"{layout.config}: no 'access_log = \"-\"' line to rewrite")
+    conf = conf.replace('access_log = "-"', f'access_log = "{access_log}"')
+    layout.config.write_text(conf, encoding="utf-8")
     cert, key = layout.device("valid")
-    files = (cert, key, layout.edge_ca)
+    files: Files = (cert, key, layout.edge_ca)
     results: dict[str, dict[str, Any]] = {}
+    tls: dict[str, str] = {}
     notes: list[str] = []
     origin = mp.get_context("spawn").Process(target=run_origin, args=(origin_port,), daemon=True)
-    enforcer: subprocess.Popen[bytes] | None = None
-    nginx: subprocess.Popen[bytes] | None = None
-    enforcer_err = tmp / "enforcer.stderr"
+    servers: list[subprocess.Popen[bytes]] = []
     try:
         origin.start()
-        wait_port(origin_port, origin, "echo origin")
-        testbed = Path(sys.executable).with_name("testbed")
-        cmd = [str(testbed), "enforcer", "serve", "--config", str(layout.config), "--port", str(enforcer_port), "--workers", str(args.workers)]
-        with enforcer_err.open("wb") as err:
-            enforcer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        try:
-            wait_port(enforcer_port, enforcer, "enforcer")
-            tls_info = {"enforcer": check(enforcer_port, files, "enforcer")}
-        except SystemExit:
-            console.print(enforcer_err.read_text(errors="replace"))
-            raise
-        console.print(f"enforcer ready on {HOST}:{enforcer_port} ({tls_info['enforcer']}); measuring {args.duration:g} s...")
-        results["enforcer"] = measure(enforcer_port, files, args)
-        why = "--skip-nginx" if args.skip_nginx else ensure_nginx()
+        testbed = str(Path(sys.executable).with_name("testbed"))
+        cmd = [testbed, "enforcer", "serve", "--config", str(layout.config)]
+        cmd += ["--port", str(enforcer_port), "--workers", str(args.workers)]
+        proc, tls["enforcer"] = start(cmd, enforcer_port, "enforcer", tmp / "enforcer.err", files)
+        servers.append(proc)
+        console.print(f"enforcer: {tls['enforcer']}; measuring {args.duration:g} s...")
+        results["enforcer"] = measure(enforcer_port, files, args, proc.pid)
+        why = "--skip-nginx" if args.skip_nginx else nginx_missing()
         if why:
             notes.append(f"nginx not measured: {why}")
         else:
             ndir = tmp / "nginx"
             ndir.mkdir()
-            (ndir / "nginx.conf").write_text(NGINX_CONF.format(
-                workers=args.workers, tmp=ndir, host=HOST, port=nginx_port, server_name=AUTH_HOST, demo=layout.root,
-            ), encoding="utf-8")
-            nginx = subprocess.Popen(
-                [NGINX, "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(ndir / "nginx.conf")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            )
-            try:
-                wait_port(nginx_port, nginx, "nginx")
-                tls_info["nginx"] = check(nginx_port, files, "nginx")
-            except SystemExit:
-                console.print((ndir / "error.log").read_text(errors="replace"))
-                raise
-            console.print(f"nginx ready on {HOST}:{nginx_port} ({tls_info['nginx']}); measuring {args.duration:g} s...")
-            results["nginx"] = measure(nginx_port, files, args)
+            nconf = NGINX_CONF.format(
+                workers=args.workers, tmp=ndir, host=HOST, port=nginx_port,
+                server_name=AUTH_HOST, demo=layout.root,
+            )  # fmt: skip
+            (ndir / "nginx.conf").write_text(nconf, encoding="utf-8")
+            cmd = [NGINX, "-p", str(ndir), "-e", str(ndir / "error.log")]
+            cmd += ["-c", str(ndir / "nginx.conf")]
+            proc, tls["nginx"] = start(cmd, nginx_port, "nginx", ndir / "error.log", files)
+            servers.append(proc)
+            console.print(f"nginx: {tls['nginx']}; measuring {args.duration:g} s...")
+            results["nginx"] = measure(nginx_port, files, args, proc.pid)
     finally:
-        for proc, first in ((nginx, signal.SIGTERM), (enforcer, signal.SIGINT)):
-            if proc is not None:
-                stop(proc, first)
+        for proc in servers:
+            stop(proc)
         if origin.is_alive():
             origin.terminate()
-            origin.join(timeout=5)
+        origin.join(timeout=5)
 
-    table = Table(title=f"Full mTLS handshakes ({args.clients} clients, {args.workers} worker(s), {args.duration:g} s)")
-    for col in ("target", "handshakes/s", "p50 ms", "p99 ms", "errors"):
+    title = f"Full mTLS handshakes: {args.clients} clients, {args.workers} worker(s), "
+    table = Table(title=title + f"{args.duration:g} s")
+    for col in ("target", "handshakes/s", "p50 ms", "p99 ms", "errors", "handshakes/CPU-s"):
         table.add_column(col, justify="left" if col == "target" else "right")
     for name, r in results.items():
-        table.add_row(name, f"{r['handshakes_per_s']:.1f}", str(r["p50_ms"]), str(r["p99_ms"]), str(r["errors"]))
+        cells = ("handshakes_per_s", "p50_ms", "p99_ms", "errors", "handshakes_per_cpu_s")
+        table.add_row(name, *(str(r[c]) for c in cells))
     console.print(table)
-    ratio = None
+    ratio = cpu_ratio = None
     if "nginx" in results and results["nginx"]["handshakes_per_s"]:
-        ratio = round(results["enforcer"]["handshakes_per_s"] / results["nginx"]["handshakes_per_s"], 3)
-        console.print(f"ratio enforcer/nginx (handshakes/s): [bold]{ratio}[/bold]")
+        enf, ngx = results["enforcer"], results["nginx"]
+        ratio = round(enf["handshakes_per_s"] / ngx["handshakes_per_s"], 3)
+        if enf["handshakes_per_cpu_s"] and ngx["handshakes_per_cpu_s"]:
+            cpu_ratio = round(enf["handshakes_per_cpu_s"] / ngx["handshakes_per_cpu_s"], 3)
+        console.print(f"ratio enforcer/nginx, handshakes/s: [bold]{ratio}[/bold]")
+        console.print(f"ratio enforcer/nginx, handshakes per server CPU-second: {cpu_ratio}")
     for name, r in results.items():
         for kind, n in r["error_kinds"].items():
-            console.print(f"{name} client error x{n}: {kind}", markup=False)
-    log_kinds = access_log_summary(access_log)
-    stderr_lines = [ln for ln in enforcer_err.read_text(errors="replace").splitlines() if "listening" not in ln and "stopped" not in ln]
-    if results["enforcer"]["errors"] or any(not k.startswith("status 200") for k in log_kinds):
-        console.print(f"enforcer access log: {log_kinds}", markup=False)
-    if stderr_lines:
-        console.print("enforcer stderr:\n" + "\n".join(stderr_lines[-40:]), markup=False)
+            console.print(f"{name}: {n} x {kind}", markup=False)
+    log_kinds = access_log_summary(access_log)  # one tls_error is the readiness probe
+    console.print(f"enforcer access log: {log_kinds}", markup=False)
+    err = (tmp / "enforcer.err").read_text(errors="replace").splitlines()
+    err = [line for line in err if "listening on" not in line]
+    if err:
+        console.print("enforcer stderr:\n" + "\n".join(err[-60:]), markup=False)
     for note in notes:
         console.print(note, markup=False)
     record = {
         "bench": "handshakes", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(), "duration_s": args.duration, "warmup_s": WARMUP, "clients": args.clients,
-        "workers": args.workers, "tls": tls_info, "targets": results, "ratio_enforcer_nginx": ratio,
-        "enforcer_access_log": log_kinds, "notes": notes,
-    }
+        "cpus": os.cpu_count(), "duration_s": args.duration, "warmup_s": WARMUP,
+        "clients": args.clients, "workers": args.workers, "tls": tls, "targets": results,
+        "ratio_enforcer_nginx": ratio, "ratio_per_cpu_s": cpu_ratio,
+        "enforcer_access_log": log_kinds, "enforcer_stderr_lines": len(err), "notes": notes,
+    }  # fmt: skip
     print(json.dumps(record, separators=(",", ":")), flush=True)
     print(f"rerun: cd {shlex.quote(os.getcwd())} && {shlex.join(sys.orig_argv)}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    return 1 if any(r["errors"] for r in results.values()) else 0
+    return 1 if any(r["errors"] for r in results.values()) or err else 0
 
 
 if __name__ == "__main__":

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 
 import jwt
 import pytest
+import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from enforcer.config import load_config
+from enforcer.snapshot import RootCertificate
 
 from tests.conftest import Served
 from tests.wire import Connection, client_context, get
@@ -75,7 +81,7 @@ async def test_admitted_request_carries_a_verifiable_token(served: Served) -> No
     assert claims["common_name"] == "device-001"
     assert claims["exp"] - claims["iat"] == 86400
     leaf = x509.load_pem_x509_certificates(served.layout.device("valid")[0].read_bytes())[0]
-    digest = hashlib.sha256(leaf.public_bytes(__import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)).digest()
+    digest = hashlib.sha256(leaf.public_bytes(Encoding.DER)).digest()
     assert claims["cnf"]["x5t#S256"] == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     # The origin received the same kind of token, and the client certificate (forwarding on).
@@ -83,8 +89,7 @@ async def test_admitted_request_carries_a_verifiable_token(served: Served) -> No
     assert jwt.decode(echoed["cf-access-jwt-assertion"], key, algorithms=["RS256"], audience=app.aud,
                       options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})["common_name"] == "device-001"
     assert echoed["cf-client-cert-sha256"] == digest.hex()
-    assert base64.b64decode(echoed["cf-client-cert-der-base64"]) == leaf.public_bytes(
-        __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)
+    assert base64.b64decode(echoed["cf-client-cert-der-base64"]) == leaf.public_bytes(Encoding.DER)
 
 
 async def test_client_cannot_spoof_the_access_headers(served: Served) -> None:
@@ -162,5 +167,51 @@ async def test_keep_alive_serves_several_requests(served: Served) -> None:
         for _ in range(3):
             assert (await conn.request("/")).status == 200
         assert {r["connection"] for r in served.log()} == {served.last()["connection"]}
+    finally:
+        await conn.aclose()
+
+
+async def test_a_root_authorises_only_its_associated_hostnames(serve_config, demo) -> None:
+    config = load_config(demo.config)
+    demo_root = dataclasses.replace(config.roots[0], associated_hostnames=(AUTH_HOST,))
+    foreign = x509.load_pem_x509_certificates((demo.root / "ca" / "foreign-root.pem").read_bytes())[0]
+    foreign_root = RootCertificate("foreign", "foreign root", foreign, (), (IOT_HOST,))
+    served = await serve_config(dataclasses.replace(config, roots=(demo_root, foreign_root)))
+    cases = [
+        ("valid", AUTH_HOST, 200, None),
+        ("valid", IOT_HOST, 403, "untrusted_issuer"),
+        ("foreign-ca", AUTH_HOST, 403, "untrusted_issuer"),
+        ("foreign-ca", IOT_HOST, 403, "policy_denied"),  # its chain is good for iot; its CN is not
+    ]
+    for device, host, status, reason in cases:
+        response = await get(served.port, host, ctx_for(served, device))
+        assert (response.status, response.reason) == (status, reason), (device, host)
+
+
+async def test_a_hostname_without_application_is_404_and_asks_no_certificate(serve_config, demo) -> None:
+    config = load_config(demo.config)
+    edge = dataclasses.replace(config.edge_certificates[0], hostnames=(*config.edge_certificates[0].hostnames, "other.example.test"))
+    served = await serve_config(dataclasses.replace(config, edge_certificates=(edge,)))
+    ctx = ctx_for(served, "valid")
+    ctx.check_hostname = False  # the demo edge certificate does not name other.example.test
+    conn = await Connection.open(served.port, "other.example.test", ctx)
+    try:
+        response = await conn.request("/")
+        assert (response.status, response.reason) == (404, "no_application")
+        assert served.last()["certificate"] is None  # no CertificateRequest, so none was sent
+    finally:
+        await conn.aclose()
+
+
+async def test_no_sni_is_misdirected(served: Served) -> None:
+    ctx = ctx_for(served, "valid")
+    ctx.check_hostname = False
+    tcp = await trio.open_tcp_stream("127.0.0.1", served.port)
+    stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+    await stream.do_handshake()
+    conn = Connection(stream)
+    try:
+        response = await conn.request("/", host=AUTH_HOST)
+        assert (response.status, response.reason) == (421, "misdirected")
     finally:
         await conn.aclose()
