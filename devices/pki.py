@@ -124,11 +124,13 @@ def issue_leaf(
     uris: Sequence[str] = (),
     eku: Sequence[x509.ObjectIdentifier] | None = None,
 ) -> Issued:
-    """Issue an end-entity certificate: a client certificate, or a server one with ``client=False``."""
+    """Issue an end-entity certificate: for clients, or for servers with ``client=False``."""
     key = key or generate_key(key_type)
-    usages = eku if eku is not None else [
-        ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-    ]
+    usages = (
+        eku
+        if eku is not None
+        else [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+    )
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))

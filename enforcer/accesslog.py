@@ -14,7 +14,10 @@ class AccessLog:
         if isinstance(target, str):
             self._owned = target != "-"
             self._out: TextIO = (
-                open(target, "a", encoding="utf-8", buffering=1) if self._owned else sys.stdout
+                # Held open for the server's life and closed by close(): no context manager.
+                open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+                if self._owned
+                else sys.stdout
             )
         else:
             self._owned = False

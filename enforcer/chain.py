@@ -252,7 +252,8 @@ def validate_chain(
         culprit = (expired or early)[0]
         detail = (
             f"{culprit.subject.rfc4514_string()} valid "
-            f"{culprit.not_valid_before_utc.isoformat()} to {culprit.not_valid_after_utc.isoformat()}"
+            f"{culprit.not_valid_before_utc.isoformat()} "
+            f"to {culprit.not_valid_after_utc.isoformat()}"
         )
         start = max(c.not_valid_before_utc for c in full)
         end = min(c.not_valid_after_utc for c in full)
@@ -263,4 +264,3 @@ def validate_chain(
                 return ChainResult(None, Reason.INVALID_CHAIN, error_inside)
         return ChainResult(None, reason, detail)
     return ChainResult(None, Reason.INVALID_CHAIN, error)
-

@@ -106,7 +106,9 @@ class _Reader:
     def error(self, name: str, problem: str) -> ConfigError:
         return ConfigError(self.path, self.field(name), problem)
 
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, what: str = "") -> Any:
+    def get(
+        self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, what: str = ""
+    ) -> Any:
         if name not in self.table:
             if default is ...:
                 raise self.error(name, f"required field is missing ({what or _kind_name(kind)})")
@@ -163,8 +165,14 @@ class _Reader:
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             list: "a list", dict: "a table"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
@@ -186,7 +194,9 @@ def _edge(reader: _Reader) -> EdgeCertificate:
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise reader.error("private_key", f"{key_path} is not an unencrypted PEM private key: {exc}") from None
+        raise reader.error(
+            "private_key", f"{key_path} is not an unencrypted PEM private key: {exc}"
+        ) from None
     if key.public_key() != certs[0].public_key():
         raise reader.error("private_key", f"{key_path} does not match the first certificate")
     chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
@@ -218,8 +228,19 @@ _COOKIE_FIELDS = {"path", "domain", "secure", "http_only", "same_site"}
 
 
 def _application(reader: _Reader) -> Application:
-    reader.unknown({"name", "hostname", "aud", "session_duration", "origin", "policies",
-                    "forward_client_certificate", "bind_token_to_certificate", "cookie"})
+    reader.unknown(
+        {
+            "name",
+            "hostname",
+            "aud",
+            "session_duration",
+            "origin",
+            "policies",
+            "forward_client_certificate",
+            "bind_token_to_certificate",
+            "cookie",
+        }
+    )
     hostname = reader.get("hostname", str, what="the application's hostname").lower().rstrip(".")
     origin = reader.get("origin", str, what="the origin URL, such as http://127.0.0.1:9000")
     if not origin.startswith("http://"):
@@ -237,7 +258,9 @@ def _application(reader: _Reader) -> Application:
         http_only=cookie_r.get("http_only", bool, True),
         same_site=same_site,
     )
-    policies_raw = reader.get("policies", list, what="a list of policies ([[applications.policies]])")
+    policies_raw = reader.get(
+        "policies", list, what="a list of policies ([[applications.policies]])"
+    )
     try:
         policies = tuple(
             parse_policy(p, f"{reader.field('policies')}[{i}]") for i, p in enumerate(policies_raw)
@@ -272,8 +295,17 @@ def load_config(path: str | Path) -> EnforcerConfig:
     top.unknown({"server", "signing", "edge_certificates", "roots", "applications", "revoked"})
 
     s = top.sub("server")
-    s.unknown({"host", "port", "access_log", "handshake_timeout", "request_timeout",
-               "max_header_bytes", "max_chain_depth"})
+    s.unknown(
+        {
+            "host",
+            "port",
+            "access_log",
+            "handshake_timeout",
+            "request_timeout",
+            "max_header_bytes",
+            "max_chain_depth",
+        }
+    )
     port = s.get("port", int, 8443)
     if not 0 <= port <= 65535:
         raise s.error("port", f"{port} is not a TCP port (0-65535)")

@@ -103,7 +103,9 @@ def check_chain(
         return None
     trust = snapshot.trust.get(hostname)
     if trust is None:
-        return ChainResult(None, Reason.UNTRUSTED_ISSUER, "no root is associated with this hostname")
+        return ChainResult(
+            None, Reason.UNTRUSTED_ISSUER, "no root is associated with this hostname"
+        )
     return validate_chain(
         chain[0], chain[1:], trust, snapshot.known_intermediates, snapshot.revoked, now
     )
@@ -137,7 +139,9 @@ def decide(
         return AccessDecision(404, Reason.NO_APPLICATION, f"no application for {host}")
     close = app.no_duration
 
-    def deny(reason: Reason, detail: str, notes: Sequence[Reason], policy: str | None = None) -> AccessDecision:
+    def deny(
+        reason: Reason, detail: str, notes: Sequence[Reason], policy: str | None = None
+    ) -> AccessDecision:
         return AccessDecision(
             403,
             reason,
@@ -159,7 +163,9 @@ def decide(
         if app.no_duration:
             notes.append(Reason.TOKEN_INVALID)  # a No Duration application never honours one
         else:
-            checked = check(request.token, snapshot.keyring, aud=app.aud, issuer=snapshot.issuer, now=now)
+            checked = check(
+                request.token, snapshot.keyring, aud=app.aud, issuer=snapshot.issuer, now=now
+            )
             if checked.status is TokenStatus.EXPIRED:
                 notes.append(Reason.TOKEN_EXPIRED)
             elif checked.status is TokenStatus.INVALID:
@@ -186,7 +192,9 @@ def decide(
             return deny(Reason.NO_CERTIFICATE, "no client certificate and no valid token", notes)
         return deny(Reason.POLICY_DENIED, "no policy admits this certificate", notes)
     if policy.decision is Decision.DENY:
-        return deny(Reason.POLICY_DENIED, f"deny policy {policy.name!r} matched", notes, policy.name)
+        return deny(
+            Reason.POLICY_DENIED, f"deny policy {policy.name!r} matched", notes, policy.name
+        )
     if policy.decision is Decision.BYPASS:
         return AccessDecision(
             200,
@@ -198,7 +206,9 @@ def decide(
             close_connection=close,
         )
 
-    duration = policy.session_duration if policy.session_duration is not None else app.session_duration
+    duration = (
+        policy.session_duration if policy.session_duration is not None else app.session_duration
+    )
     no_duration = duration <= dt.timedelta(0)
     claims = access_claims(
         aud=app.aud,

@@ -84,7 +84,9 @@ async def respond(
     """Send a whole response with a Content-Length."""
     hdrs = [(k.encode(), v.encode()) for k, v in headers]
     hdrs.append((b"content-length", str(len(body)).encode()))
-    await send(conn, stream, h11.Response(status_code=status, headers=hdrs, reason=reason_phrase(status)))
+    await send(
+        conn, stream, h11.Response(status_code=status, headers=hdrs, reason=reason_phrase(status))
+    )
     if body:
         await send(conn, stream, h11.Data(data=body))
     await send(conn, stream, h11.EndOfMessage())

@@ -89,7 +89,7 @@ _RULE_KINDS: dict[str, tuple[str, Any] | None] = {
 
 
 def parse_rule(raw: object, where: str) -> Rule:
-    """Parse one rule such as ``{"common_name": {"common_name": "X"}}``; ``where`` names the field."""
+    """Parse one rule such as ``{"common_name": {"common_name": "X"}}`` found at ``where``."""
     if not isinstance(raw, Mapping) or len(raw) != 1:
         raise PolicyError(
             f"{where}: a rule is a table with exactly one key, one of {sorted(_RULE_KINDS)}"
@@ -151,7 +151,9 @@ def parse_policy(raw: object, where: str) -> Policy:
         items = raw.get(field, [])
         if not isinstance(items, Sequence) or isinstance(items, str):
             raise PolicyError(f"{where}.{field}: expected a list of rules")
-        lists[field] = tuple(parse_rule(item, f"{where}.{field}[{i}]") for i, item in enumerate(items))
+        lists[field] = tuple(
+            parse_rule(item, f"{where}.{field}[{i}]") for i, item in enumerate(items)
+        )
     if not lists["include"]:
         raise PolicyError(f"{where}.include: at least one rule is required")
     duration = None

@@ -86,7 +86,9 @@ async def origin_request(
         try:
             with trio.fail_after(timeout):
                 hdrs = [*headers, (b"content-length", str(len(body)).encode())]
-                await send(conn, stream, h11.Request(method=method, target=prefix + target, headers=hdrs))
+                await send(
+                    conn, stream, h11.Request(method=method, target=prefix + target, headers=hdrs)
+                )
                 if body:
                     await send(conn, stream, h11.Data(data=body))
                 await send(conn, stream, h11.EndOfMessage())
@@ -103,7 +105,12 @@ async def origin_request(
                 try:
                     with trio.fail_after(timeout):
                         ev = await next_event(conn, stream)
-                except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+                except (
+                    OSError,
+                    trio.BrokenResourceError,
+                    trio.TooSlowError,
+                    h11.ProtocolError,
+                ) as exc:
                     raise OriginError(f"origin {origin} failed mid-body: {exc!r}") from exc
                 if isinstance(ev, h11.Data):
                     yield bytes(ev.data)

@@ -10,6 +10,7 @@ acts on the decision.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import ipaddress
@@ -212,20 +213,22 @@ class _Session:
             text = "Request header too large.\n" if status == 431 else "Bad request.\n"
             await self._plain(status, text, close=True)
 
-    async def _plain(self, status: int, text: str, *, close: bool, extra: Sequence[tuple[str, str]] = ()) -> None:
+    async def _plain(
+        self, status: int, text: str, *, close: bool, extra: Sequence[tuple[str, str]] = ()
+    ) -> None:
         headers = [("content-type", "text/plain; charset=utf-8"), *extra]
         if close:
             headers.append(("connection", "close"))
-        try:
+        with contextlib.suppress(h11.LocalProtocolError):
             await respond(self.h11, self.tls, status, headers, text.encode())
-        except h11.LocalProtocolError:
-            pass
 
     def _validate(self, snapshot: Snapshot, hostname: str, now: dt.datetime) -> ChainResult | None:
         if self._memo is not None:
             generation, host, result = self._memo
-            if generation == snapshot.generation and host == hostname and (
-                result is None or still_valid(result, snapshot, now)
+            if (
+                generation == snapshot.generation
+                and host == hostname
+                and (result is None or still_valid(result, snapshot, now))
             ):
                 return result
         result = check_chain(snapshot, hostname, self.chain, now)
@@ -244,7 +247,12 @@ class _Session:
         path = request.target.split(b"?", 1)[0]
 
         hostname = normalise_hostname(host)
-        if path == JWKS_PATH and request.method in (b"GET", b"HEAD") and hostname == sni and hostname in snapshot.applications:
+        if (
+            path == JWKS_PATH
+            and request.method in (b"GET", b"HEAD")
+            and hostname == sni
+            and hostname in snapshot.applications
+        ):
             doc = json.dumps(snapshot.keyring.jwks(now), indent=2).encode()
             await respond(self.h11, self.tls, 200, [("content-type", "application/json")], doc)
             self._log(request, now, t0, status=200)
@@ -254,7 +262,9 @@ class _Session:
         if token is None:
             assertion = header_values(request.headers, TOKEN_HEADER.encode())
             token = assertion[0] if assertion else None
-        chain_result = self._validate(snapshot, hostname, now) if hostname and hostname == sni else None
+        chain_result = (
+            self._validate(snapshot, hostname, now) if hostname and hostname == sni else None
+        )
         access = AccessRequest(sni=sni, host=host, client_ip=_ip(self.peer), token=token)
         decision = decide(access, snapshot, chain_result, now)
         decision_ms = (time.perf_counter() - t0) * 1000
@@ -286,7 +296,9 @@ class _Session:
             client_ip=self.peer,
             token=decision.token,
             client_cert_der=leaf_der,
-            client_cert_sha256=decision.certificate.sha256 if decision.certificate and leaf_der else None,
+            client_cert_sha256=decision.certificate.sha256
+            if decision.certificate and leaf_der
+            else None,
         )
         extra: list[tuple[bytes, bytes]] = []
         if decision.set_cookie:
@@ -295,10 +307,21 @@ class _Session:
             extra.append((b"connection", b"close"))
         try:
             async with origin_request(
-                app.origin, request.method, request.target, headers, body, self.e.settings.request_timeout
+                app.origin,
+                request.method,
+                request.target,
+                headers,
+                body,
+                self.e.settings.request_timeout,
             ) as response:
                 out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
-                await send(self.h11, self.tls, h11.Response(status_code=response.status, headers=out + extra, reason=response.reason))
+                await send(
+                    self.h11,
+                    self.tls,
+                    h11.Response(
+                        status_code=response.status, headers=out + extra, reason=response.reason
+                    ),
+                )
                 async for chunk in response.body:
                     await send(self.h11, self.tls, h11.Data(data=chunk))
                 await send(self.h11, self.tls, h11.EndOfMessage())
@@ -306,7 +329,9 @@ class _Session:
         except OriginError as exc:
             log.warning("connection %d: %s", self.conn_id, exc)
             if self.h11.our_state is h11.SEND_RESPONSE:
-                await self._plain(502, "The origin is unreachable.\n", close=decision.close_connection)
+                await self._plain(
+                    502, "The origin is unreachable.\n", close=decision.close_connection
+                )
                 return 502
             raise TLSError(f"origin failed mid-response: {exc}") from exc
 
@@ -332,16 +357,24 @@ class _Session:
             "method": request.method.decode(),
             "path": request.target.decode("latin-1"),
             "status": status if status is not None else (decision.status if decision else None),
-            "decision": "allowed" if decision and decision.allowed else ("denied" if decision else "served"),
+            "decision": "allowed"
+            if decision and decision.allowed
+            else ("denied" if decision else "served"),
             "reason": decision.reason.value if decision and decision.reason else None,
             "detail": decision.detail if decision and decision.detail else None,
             "notes": [n.value for n in decision.notes] if decision else [],
             "policy": decision.policy if decision else None,
-            "admitted_by": decision.admitted_by.value if decision and decision.admitted_by else None,
+            "admitted_by": decision.admitted_by.value
+            if decision and decision.admitted_by
+            else None,
             "certificate": {
                 "sha256": cert.sha256 if cert else fingerprint(leaf) if leaf else None,
                 "common_name": cert.common_name if cert else common_name(leaf) if leaf else None,
-                "serial": cert.serial if cert else format(leaf.serial_number, "x") if leaf else None,
+                "serial": cert.serial
+                if cert
+                else format(leaf.serial_number, "x")
+                if leaf
+                else None,
             }
             if leaf
             else None,

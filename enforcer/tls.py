@@ -15,6 +15,7 @@ turns them into one ``BrokenResourceError``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
@@ -93,7 +94,9 @@ class ContextsBySNI:
 
     def __init__(self, hosts: Iterable[HostTLS], default: HostTLS) -> None:
         self._contexts = {h.hostname: build_context(h) for h in hosts}
-        self._default = build_context(dataclasses.replace(default, request_client_certificate=False))
+        self._default = build_context(
+            dataclasses.replace(default, request_client_certificate=False)
+        )
 
     def for_name(self, sni: str | None) -> SSL.Context:
         """Return the context for an SNI name (the default one when unknown)."""
@@ -167,7 +170,7 @@ class ServerTLSStream:
 
     async def _receive_raw(self) -> bytes:
         try:
-            return await self.transport.receive_some(_RECEIVE_SIZE)
+            return bytes(await self.transport.receive_some(_RECEIVE_SIZE))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise TLSError(f"connection lost: {exc}") from exc
 
@@ -176,7 +179,7 @@ class ServerTLSStream:
         out = bytearray()
         while True:
             try:
-                out += conn.bio_read(_RECEIVE_SIZE)
+                out += bytes(conn.bio_read(_RECEIVE_SIZE))
             except SSL.WantReadError:
                 break
         if out:
@@ -214,10 +217,8 @@ class ServerTLSStream:
             return result
 
     async def _flush_quietly(self) -> None:
-        try:
+        with contextlib.suppress(TLSError):
             await self._flush()
-        except TLSError:
-            pass
 
     async def receive_some(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
         """Return decrypted bytes; ``b""`` at a clean or abrupt end of the stream."""
@@ -247,10 +248,8 @@ class ServerTLSStream:
         try:
             if self._conn is not None and not self._eof:
                 with trio.move_on_after(1):
-                    try:
+                    with contextlib.suppress(SSL.Error):
                         self._conn.shutdown()
-                    except SSL.Error:
-                        pass
                     await self._flush()
         except TLSError:
             pass
@@ -282,4 +281,3 @@ def _describe(exc: SSL.Error) -> str:
         if isinstance(item, tuple) and len(item) == 3:
             parts.append(str(item[2]))
     return ", ".join(parts) or repr(exc)
-

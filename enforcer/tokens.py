@@ -44,7 +44,9 @@ class SigningKey:
         kid = hashlib.sha256(public_der).hexdigest()
         jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
         jwk.update({"kid": kid, "alg": ALGORITHM, "use": "sig"})
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"access signing key {kid[:16]}")])
+        name = x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, f"access signing key {kid[:16]}")]
+        )
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -82,7 +84,9 @@ class KeyRing:
     def rotated(self, new_key: SigningKey, now: dt.datetime) -> KeyRing:
         """Return a ring where ``new_key`` signs and the current key enters its grace period."""
         keep = tuple(r for r in self.retired if now <= r.accepted_until)
-        return KeyRing(new_key, (RetiredKey(self.current, now + self.grace_period), *keep), self.grace_period)
+        return KeyRing(
+            new_key, (RetiredKey(self.current, now + self.grace_period), *keep), self.grace_period
+        )
 
     def jwks(self, now: dt.datetime) -> dict[str, Any]:
         """Return the ``/cdn-cgi/access/certs`` document: JWKs and the public certificates."""
@@ -97,7 +101,10 @@ class KeyRing:
 def mint(ring: KeyRing, claims: Mapping[str, Any]) -> str:
     """Sign ``claims`` with the ring's current key (RS256, ``kid`` in the header)."""
     return jwt.encode(
-        dict(claims), ring.current.private_key, algorithm=ALGORITHM, headers={"kid": ring.current.kid}
+        dict(claims),
+        ring.current.private_key,
+        algorithm=ALGORITHM,
+        headers={"kid": ring.current.kid},
     )
 
 
@@ -147,9 +154,7 @@ class TokenCheck:
     detail: str = ""
 
 
-def check(
-    token: str, ring: KeyRing, *, aud: str, issuer: str, now: dt.datetime
-) -> TokenCheck:
+def check(token: str, ring: KeyRing, *, aud: str, issuer: str, now: dt.datetime) -> TokenCheck:
     """Check a token's signature (by an accepted key), algorithm, audience, issuer and times."""
     try:
         header = jwt.get_unverified_header(token)

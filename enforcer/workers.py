@@ -63,7 +63,10 @@ def run_workers(config_path: str, host: str, port: int, workers: int) -> int:
     if port == 0:
         raise ConfigError(config.path, "server.port", "--workers > 1 needs a fixed port, not 0")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(config_path, host, port), daemon=True) for _ in range(workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(config_path, host, port), daemon=True)
+        for _ in range(workers)
+    ]
     for p in procs:
         p.start()
     print(f"enforcer: {workers} workers listening on {host}:{port} (Ctrl-C stops)", file=sys.stderr)

@@ -28,22 +28,50 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (every option has a TESTBED_* environment twin)."""
-    parser = argparse.ArgumentParser(prog="testbed", description="IoT fleet simulator and mTLS enforcement testbed")
+    parser = argparse.ArgumentParser(
+        prog="testbed", description="IoT fleet simulator and mTLS enforcement testbed"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    enf = sub.add_parser("enforcer", help="run the mTLS enforcer").add_subparsers(dest="action", required=True)
+    enf = sub.add_parser("enforcer", help="run the mTLS enforcer").add_subparsers(
+        dest="action", required=True
+    )
     serve = enf.add_parser("serve", help="serve a configuration until Ctrl-C")
-    serve.add_argument("--config", default=_env("CONFIG"), required=_env("CONFIG") is None,
-                       help="enforcer TOML file (env TESTBED_CONFIG)")
-    serve.add_argument("--host", default=_env("HOST"), help="listen address (default: the config's server.host)")
-    serve.add_argument("--port", type=int, default=_env("PORT"), help="listen port (default: the config's server.port)")
-    serve.add_argument("--workers", type=int, default=int(_env("WORKERS", "1") or 1),
-                       help="worker processes sharing the port (env TESTBED_WORKERS)")
+    serve.add_argument(
+        "--config",
+        default=_env("CONFIG"),
+        required=_env("CONFIG") is None,
+        help="enforcer TOML file (env TESTBED_CONFIG)",
+    )
+    serve.add_argument(
+        "--host", default=_env("HOST"), help="listen address (default: the config's server.host)"
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=_env("PORT"),
+        help="listen port (default: the config's server.port)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("WORKERS", "1") or 1),
+        help="worker processes sharing the port (env TESTBED_WORKERS)",
+    )
 
-    demo = enf.add_parser("demo", help="write a demo PKI and configuration into a folder and serve it")
-    demo.add_argument("--out", default=_env("DEMO_OUT", "demo"), help="folder to write (env TESTBED_DEMO_OUT)")
-    demo.add_argument("--port", type=int, default=int(_env("PORT", "8443") or 8443), help="enforcer port (default 8443)")
+    demo = enf.add_parser(
+        "demo", help="write a demo PKI and configuration into a folder and serve it"
+    )
+    demo.add_argument(
+        "--out", default=_env("DEMO_OUT", "demo"), help="folder to write (env TESTBED_DEMO_OUT)"
+    )
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("PORT", "8443") or 8443),
+        help="enforcer port (default 8443)",
+    )
     return parser
 
 
@@ -67,7 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return run_workers(args.config, host, port, args.workers)
 
         def listening(bound: int) -> None:
-            print(f"enforcer: listening on {host}:{bound} (Ctrl-C stops)", file=sys.stderr, flush=True)
+            print(
+                f"enforcer: listening on {host}:{bound} (Ctrl-C stops)", file=sys.stderr, flush=True
+            )
 
         # Fail before listening: build the snapshot (and so check the signing key) first.
         config.snapshot(dt.datetime.now(dt.UTC))
@@ -84,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def demo_instructions(layout: DemoLayout) -> str:
     """Return the curl commands that reproduce the seeds' test against the demo."""
+
     def q(cmd: list[str]) -> str:
         return shlex.join(cmd)
 
@@ -97,8 +128,11 @@ def demo_instructions(layout: DemoLayout) -> str:
         "# The leaf alone: admitted, the intermediate was uploaded with the root",
         q(layout.curl(AUTH_HOST, "leaf-only")),
     ]
-    for device, reason in (("expired", "certificate_expired"), ("not-yet-valid", "certificate_not_yet_valid"),
-                           ("foreign-ca", "untrusted_issuer")):
+    for device, reason in (
+        ("expired", "certificate_expired"),
+        ("not-yet-valid", "certificate_not_yet_valid"),
+        ("foreign-ca", "untrusted_issuer"),
+    ):
         lines += [f"# {device}: 403 {reason}", q(layout.curl(AUTH_HOST, device))]
     lines += [
         "# No Duration, Common Name device-001: 200, no cookie, Connection: close",
@@ -126,7 +160,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config.snapshot(dt.datetime.now(dt.UTC))  # creates the signing key before serving
 
         def listening(bound: int) -> None:
-            Console().print(demo_instructions(DemoLayout(out, bound)), highlight=False, soft_wrap=True)
+            Console().print(
+                demo_instructions(DemoLayout(out, bound)), highlight=False, soft_wrap=True
+            )
 
         enforcer = Enforcer.from_config(config)
         listener = await open_listener("127.0.0.1", args.port)
@@ -151,8 +187,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``testbed`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     if args.command == "enforcer" and args.action == "serve":
         return cmd_serve(args)
     if args.command == "enforcer" and args.action == "demo":

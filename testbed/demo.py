@@ -49,9 +49,12 @@ class DemoLayout:
     def curl(self, host: str, device: str | None = None, path: str = "/") -> list[str]:
         """Return the curl command that reaches ``host`` as ``device`` (no certificate if None)."""
         cmd = [
-            "curl", "-sv",
-            "--resolve", f"{host}:{self.port}:127.0.0.1",
-            "--cacert", str(self.edge_ca),
+            "curl",
+            "-sv",
+            "--resolve",
+            f"{host}:{self.port}:127.0.0.1",
+            "--cacert",
+            str(self.edge_ca),
             f"https://{host}:{self.port}{path}",
         ]
         if device:
@@ -66,13 +69,21 @@ def write_demo(out: Path, port: int, origin: str, now: dt.datetime | None = None
     day = dt.timedelta(days=1)
     edge_ca = issue_ca("mtls-testbed demo edge CA", now)
     edge = issue_leaf(
-        AUTH_HOST, edge_ca, not_before=now - day, not_after=now + 365 * day, client=False,
+        AUTH_HOST,
+        edge_ca,
+        not_before=now - day,
+        not_after=now + 365 * day,
+        client=False,
         dns_names=[AUTH_HOST, IOT_HOST],
     )
     root = issue_ca("mtls-testbed demo device root", now)
-    inter = issue_ca("mtls-testbed demo device intermediate", now, issuer=root, days=1825, path_length=0)
+    inter = issue_ca(
+        "mtls-testbed demo device intermediate", now, issuer=root, days=1825, path_length=0
+    )
     foreign_root = issue_ca("mtls-testbed foreign root", now)
-    foreign_inter = issue_ca("mtls-testbed foreign intermediate", now, issuer=foreign_root, path_length=0)
+    foreign_inter = issue_ca(
+        "mtls-testbed foreign intermediate", now, issuer=foreign_root, path_length=0
+    )
 
     def leaf(cn: str, issuer: Issued, start: dt.datetime, end: dt.datetime) -> Issued:
         return issue_leaf(cn, issuer, not_before=start, not_after=end)
@@ -82,7 +93,10 @@ def write_demo(out: Path, port: int, origin: str, now: dt.datetime | None = None
         "leaf-only": (leaf("device-002", inter, now - day, now + 365 * day), []),
         "expired": (leaf("device-003", inter, now - 30 * day, now - day), [inter]),
         "not-yet-valid": (leaf("device-004", inter, now + day, now + 30 * day), [inter]),
-        "foreign-ca": (leaf("device-005", foreign_inter, now - day, now + 365 * day), [foreign_inter]),
+        "foreign-ca": (
+            leaf("device-005", foreign_inter, now - day, now + 365 * day),
+            [foreign_inter],
+        ),
         "wrong-cn": (leaf("device-999", inter, now - day, now + 365 * day), [inter]),
     }
     write_pem(out / "ca" / "edge-ca.pem", edge_ca.cert_pem())
@@ -93,7 +107,9 @@ def write_demo(out: Path, port: int, origin: str, now: dt.datetime | None = None
     write_pem(out / "edge" / "cert.pem", edge.cert_pem(), edge_ca.cert_pem())
     write_pem(out / "edge" / "key.pem", edge.key_pem(), private=True)
     for name, (issued, chain) in devices.items():
-        write_pem(out / "devices" / name / "cert.pem", issued.cert_pem(), *(c.cert_pem() for c in chain))
+        write_pem(
+            out / "devices" / name / "cert.pem", issued.cert_pem(), *(c.cert_pem() for c in chain)
+        )
         write_pem(out / "devices" / name / "key.pem", issued.key_pem(), private=True)
     (out / "signing-key.pem").unlink(missing_ok=True)  # a new demo, a new signing key
     (out / "enforcer.toml").write_text(

@@ -8,7 +8,6 @@ import io
 import json
 import os
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import pytest
 import trio
@@ -24,12 +23,14 @@ from testbed.demo import DemoLayout, write_demo
 settings.register_profile("default", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True)
 settings.register_profile("debug", max_examples=10, deadline=None, verbosity=Verbosity.verbose)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default")
+)
 
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoLayout:
-    """The demo PKI, devices and configuration, written once (the origin URL is replaced per test)."""
+    """The demo PKI, devices and configuration, written once (origins are replaced per test)."""
     return write_demo(tmp_path_factory.mktemp("demo"), 0, "http://127.0.0.1:9")
 
 
@@ -52,11 +53,9 @@ class Served:
         return [r for r in self.log() if "event" not in r][-1]
 
 
-
-
 @pytest.fixture
 async def serve_config(nursery: trio.Nursery, demo: DemoLayout) -> Callable[..., object]:
-    """Return an async function that serves a config (the demo's by default) and returns a Served."""
+    """Return an async function that serves a config (the demo's by default) on loopback."""
     origin_port = await nursery.start(serve_echo_origin, "127.0.0.1", 0)
     origin = f"http://127.0.0.1:{origin_port}"
 

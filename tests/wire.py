@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import ssl
@@ -122,10 +123,8 @@ class Connection:
 
     async def aclose(self) -> None:
         with trio.move_on_after(2):
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
 
 async def get(
@@ -144,7 +143,11 @@ async def get(
         await conn.aclose()
 
 
-async def run(cmd: Sequence[str], stdin: bytes = b"", timeout: float = 30) -> trio.CompletedProcess[bytes]:
+async def run(
+    cmd: Sequence[str], stdin: bytes = b"", timeout: float = 30
+) -> trio.CompletedProcess[bytes]:
     """Run a real program (curl, openssl) without blocking the served enforcer."""
     with trio.fail_after(timeout):
-        return await trio.run_process(list(cmd), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
+        return await trio.run_process(
+            list(cmd), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
+        )

@@ -15,10 +15,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from enforcer.config import load_config
 from enforcer.snapshot import RootCertificate
-
+from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
 from tests.wire import Connection, client_context, get
-from testbed.demo import AUTH_HOST, IOT_HOST
 
 DEVICE_OUTCOMES = [
     # device, hostname, status, reason
@@ -44,7 +43,9 @@ def ctx_for(served: Served, device: str | None):
 
 
 @pytest.mark.parametrize(("device", "host", "status", "reason"), DEVICE_OUTCOMES)
-async def test_each_demo_device(served: Served, device: str, host: str, status: int, reason: str | None) -> None:
+async def test_each_demo_device(
+    served: Served, device: str, host: str, status: int, reason: str | None
+) -> None:
     response = await get(served.port, host, ctx_for(served, device))
     assert (response.status, response.reason) == (status, reason)
     record = served.last()
@@ -69,13 +70,21 @@ async def test_admitted_request_carries_a_verifiable_token(served: Served) -> No
     token = attrs[0].split("=", 1)[1]
 
     # Verify it as an origin would: keys from /cdn-cgi/access/certs, signature, aud and iss.
-    jwks = (await get(served.port, AUTH_HOST, ctx_for(served, None), "/cdn-cgi/access/certs")).json()
+    jwks = (
+        await get(served.port, AUTH_HOST, ctx_for(served, None), "/cdn-cgi/access/certs")
+    ).json()
     assert {"keys", "public_cert", "public_certs"} <= set(jwks)
     kid = jwt.get_unverified_header(token)["kid"]
     key = jwt.PyJWKSet.from_dict(jwks)[kid].key
     app = served.enforcer.snapshot.applications[AUTH_HOST]
-    claims = jwt.decode(token, key, algorithms=["RS256"], audience=app.aud, issuer=served.enforcer.snapshot.issuer,
-                        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})
+    claims = jwt.decode(
+        token,
+        key,
+        algorithms=["RS256"],
+        audience=app.aud,
+        issuer=served.enforcer.snapshot.issuer,
+        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+    )
     assert claims["aud"] == [app.aud]
     assert claims["type"] == "app" and claims["sub"] == ""
     assert claims["common_name"] == "device-001"
@@ -86,8 +95,16 @@ async def test_admitted_request_carries_a_verifiable_token(served: Served) -> No
 
     # The origin received the same kind of token, and the client certificate (forwarding on).
     echoed = response.json()["headers"]
-    assert jwt.decode(echoed["cf-access-jwt-assertion"], key, algorithms=["RS256"], audience=app.aud,
-                      options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})["common_name"] == "device-001"
+    assert (
+        jwt.decode(
+            echoed["cf-access-jwt-assertion"],
+            key,
+            algorithms=["RS256"],
+            audience=app.aud,
+            options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+        )["common_name"]
+        == "device-001"
+    )
     assert echoed["cf-client-cert-sha256"] == digest.hex()
     assert base64.b64decode(echoed["cf-client-cert-der-base64"]) == leaf.public_bytes(Encoding.DER)
 
@@ -150,7 +167,11 @@ async def test_no_duration_refuses_session_resumption(served: Served) -> None:
 
 
 async def test_cookie_never_admits_on_no_duration(served: Served) -> None:
-    cookie = (await get(served.port, AUTH_HOST, ctx_for(served, "valid"))).header("set-cookie").split(";")[0]
+    cookie = (
+        (await get(served.port, AUTH_HOST, ctx_for(served, "valid")))
+        .header("set-cookie")
+        .split(";")[0]
+    )
     response = await get(served.port, IOT_HOST, ctx_for(served, None), headers=[("cookie", cookie)])
     assert (response.status, response.reason) == (403, "no_certificate")
     assert "token_invalid" in served.last()["notes"]
@@ -174,7 +195,9 @@ async def test_keep_alive_serves_several_requests(served: Served) -> None:
 async def test_a_root_authorises_only_its_associated_hostnames(serve_config, demo) -> None:
     config = load_config(demo.config)
     demo_root = dataclasses.replace(config.roots[0], associated_hostnames=(AUTH_HOST,))
-    foreign = x509.load_pem_x509_certificates((demo.root / "ca" / "foreign-root.pem").read_bytes())[0]
+    foreign = x509.load_pem_x509_certificates((demo.root / "ca" / "foreign-root.pem").read_bytes())[
+        0
+    ]
     foreign_root = RootCertificate("foreign", "foreign root", foreign, (), (IOT_HOST,))
     served = await serve_config(dataclasses.replace(config, roots=(demo_root, foreign_root)))
     cases = [
@@ -188,9 +211,14 @@ async def test_a_root_authorises_only_its_associated_hostnames(serve_config, dem
         assert (response.status, response.reason) == (status, reason), (device, host)
 
 
-async def test_a_hostname_without_application_is_404_and_asks_no_certificate(serve_config, demo) -> None:
+async def test_a_hostname_without_application_is_404_and_asks_no_certificate(
+    serve_config, demo
+) -> None:
     config = load_config(demo.config)
-    edge = dataclasses.replace(config.edge_certificates[0], hostnames=(*config.edge_certificates[0].hostnames, "other.example.test"))
+    edge = dataclasses.replace(
+        config.edge_certificates[0],
+        hostnames=(*config.edge_certificates[0].hostnames, "other.example.test"),
+    )
     served = await serve_config(dataclasses.replace(config, edge_certificates=(edge,)))
     ctx = ctx_for(served, "valid")
     ctx.check_hostname = False  # the demo edge certificate does not name other.example.test

@@ -12,9 +12,9 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from enforcer.tokens import SigningKey
+from testbed.demo import AUTH_HOST
 from tests.conftest import Served
 from tests.wire import Connection, client_context, get
-from testbed.demo import AUTH_HOST
 
 
 def ctx(served: Served, device: str | None = None):
@@ -124,7 +124,11 @@ def forged_tokens(served: Served, real: str) -> dict[str, str]:
         "foreign aud": signed({"aud": ["0" * 64]}),
         "another application's aud": signed({"aud": [other_app.aud]}),
         "foreign iss": signed({"iss": "https://evil.example"}),
-        "tampered payload": header + "." + _b64({**claims, "common_name": "device-999"}) + "." + signature,
+        "tampered payload": header
+        + "."
+        + _b64({**claims, "common_name": "device-999"})
+        + "."
+        + signature,
         "tampered signature": header + "." + payload + "." + flipped,
         "expired": signed({"exp": now - 1, "iat": now - 100, "nbf": now - 100}),
         "not yet valid": signed({"nbf": now + 100}),
@@ -141,14 +145,23 @@ async def test_forged_tokens_never_admit(served: Served, real_token: str) -> Non
             assert served.last()["notes"] == [expected], name
         await still_serves(served)
     # The control: the real token does admit, by cookie and by header.
-    for header in (("cookie", f"CF_Authorization={real_token}"), ("cf-access-jwt-assertion", real_token)):
+    for header in (
+        ("cookie", f"CF_Authorization={real_token}"),
+        ("cf-access-jwt-assertion", real_token),
+    ):
         assert (await get(served.port, AUTH_HOST, ctx(served), headers=[header])).status == 200
 
 
-async def test_a_token_is_checked_against_the_enforcer_clock(served: Served, real_token: str) -> None:
+async def test_a_token_is_checked_against_the_enforcer_clock(
+    served: Served, real_token: str
+) -> None:
     served.clock.advance(dt.timedelta(hours=23, minutes=59, seconds=59))
-    ok = await get(served.port, AUTH_HOST, ctx(served), headers=[("cookie", f"CF_Authorization={real_token}")])
+    ok = await get(
+        served.port, AUTH_HOST, ctx(served), headers=[("cookie", f"CF_Authorization={real_token}")]
+    )
     assert ok.status == 200
     served.clock.advance(dt.timedelta(seconds=2))
-    late = await get(served.port, AUTH_HOST, ctx(served), headers=[("cookie", f"CF_Authorization={real_token}")])
+    late = await get(
+        served.port, AUTH_HOST, ctx(served), headers=[("cookie", f"CF_Authorization={real_token}")]
+    )
     assert late.status == 403

@@ -32,7 +32,9 @@ def leaf(pki: dict[str, Issued], **kw: object) -> Issued:
     return issue_leaf("device-001", issuer, **args)  # type: ignore[arg-type]
 
 
-def check(pki, device: Issued, presented=("inter",), uploaded=(), known=(), revoked=frozenset(), at=NOW):
+def check(
+    pki, device: Issued, presented=("inter",), uploaded=(), known=(), revoked=frozenset(), at=NOW
+):
     trust = HostTrust.build([pki["root"].certificate], [pki[n].certificate for n in uploaded])
     return validate_chain(
         device.certificate,
@@ -68,7 +70,9 @@ def test_not_before_boundary(pki) -> None:
 
 
 def test_expired_intermediate_is_expired(pki) -> None:
-    short_inter = issue_ca("short intermediate", NOW, issuer=pki["root"], days=2, not_before=NOW - DAY)
+    short_inter = issue_ca(
+        "short intermediate", NOW, issuer=pki["root"], days=2, not_before=NOW - DAY
+    )
     pki = {**pki, "short": short_inter}
     device = leaf(pki, issuer=short_inter, not_after=NOW + 300 * DAY)
     assert check(pki, device, presented=("short",)).valid
@@ -105,7 +109,12 @@ def test_server_auth_only_eku_is_an_invalid_chain(pki) -> None:
 
 def test_a_ca_certificate_as_leaf_is_an_invalid_chain(pki) -> None:
     result = validate_chain(
-        pki["inter"].certificate, [], HostTrust.build([pki["root"].certificate], []), [], frozenset(), NOW
+        pki["inter"].certificate,
+        [],
+        HostTrust.build([pki["root"].certificate], []),
+        [],
+        frozenset(),
+        NOW,
     )
     assert result.reason is Reason.INVALID_CHAIN
 

@@ -32,14 +32,39 @@ def test_the_demo_config_loads(demo: DemoLayout) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "field", "problem"),
     [
-        ('hostname = "auth.example.test"\n', "", "applications[0].hostname", "required field is missing"),
-        ('session_duration = "24h"', 'session_duration = "a day"', "applications[0].session_duration", "not a Go duration"),
-        ('session_duration = "24h"', "session_duration = 24", "applications[0].session_duration", "expected a Go duration"),
+        (
+            'hostname = "auth.example.test"\n',
+            "",
+            "applications[0].hostname",
+            "required field is missing",
+        ),
+        (
+            'session_duration = "24h"',
+            'session_duration = "a day"',
+            "applications[0].session_duration",
+            "not a Go duration",
+        ),
+        (
+            'session_duration = "24h"',
+            "session_duration = 24",
+            "applications[0].session_duration",
+            "expected a Go duration",
+        ),
         ("port = 0", "port = 70000", "server.port", "not a TCP port"),
-        ('decision = "non_identity"', 'decision = "maybe"', "applications[0].policies[0].decision", "not one of"),
-        ("include = [{ certificate = {} }]", "include = [{ certificat = {} }]", "applications[0].policies[0].include[0]", "unknown rule 'certificat'"),
+        (
+            'decision = "non_identity"',
+            'decision = "maybe"',
+            "applications[0].policies[0].decision",
+            "not one of",
+        ),
+        (
+            "include = [{ certificate = {} }]",
+            "include = [{ certificat = {} }]",
+            "applications[0].policies[0].include[0]",
+            "unknown rule 'certificat'",
+        ),
         ('origin = "http', 'origin = "ftp', "applications[0].origin", "expected an http:// URL"),
-        ('[server]', '[server]\nlisten = 1', "server.listen", "unknown field"),
+        ("[server]", "[server]\nlisten = 1", "server.listen", "unknown field"),
     ],
 )
 def test_errors_name_file_field_and_problem(

@@ -8,9 +8,9 @@ import datetime as dt
 from cryptography import x509
 
 from enforcer.chain import fingerprint
+from testbed.demo import AUTH_HOST
 from tests.conftest import Served
 from tests.wire import Connection, client_context
-from testbed.demo import AUTH_HOST
 
 
 def valid_ctx(served: Served):
@@ -26,7 +26,9 @@ def revoke(served: Served, device: str) -> None:
     )
 
 
-async def test_revocation_applies_to_the_next_request_on_a_kept_alive_connection(served: Served) -> None:
+async def test_revocation_applies_to_the_next_request_on_a_kept_alive_connection(
+    served: Served,
+) -> None:
     conn = await Connection.open(served.port, AUTH_HOST, valid_ctx(served))
     try:
         assert (await conn.request("/")).status == 200
@@ -73,7 +75,9 @@ async def test_resumed_session_keeps_the_intermediates_it_was_sent(served: Serve
     # trust so that the resumed connection only validates if the enforcer remembered it.
     snap = served.enforcer.snapshot
     trust = {h: dataclasses.replace(t, intermediates=()) for h, t in snap.trust.items()}
-    served.enforcer.snapshot = dataclasses.replace(snap, generation=snap.generation + 1, trust=trust)
+    served.enforcer.snapshot = dataclasses.replace(
+        snap, generation=snap.generation + 1, trust=trust
+    )
     ctx = valid_ctx(served)
     first = await Connection.open(served.port, AUTH_HOST, ctx)
     assert (await first.request("/")).status == 200
@@ -95,7 +99,9 @@ async def test_a_request_in_flight_keeps_its_snapshot(served: Served) -> None:
         before = await conn.request("/")
         assert before.header("set-cookie") is not None
         snap = served.enforcer.snapshot
-        app = dataclasses.replace(snap.applications[AUTH_HOST], session_duration=dt.timedelta(minutes=15))
+        app = dataclasses.replace(
+            snap.applications[AUTH_HOST], session_duration=dt.timedelta(minutes=15)
+        )
         served.enforcer.snapshot = dataclasses.replace(
             snap, generation=snap.generation + 1, applications={**snap.applications, AUTH_HOST: app}
         )

@@ -6,12 +6,14 @@ import shutil
 
 import pytest
 
+from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
 from tests.wire import run
-from testbed.demo import AUTH_HOST, IOT_HOST
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None or shutil.which("openssl") is None,
-                                reason="curl and openssl are installed by .ci/run")
+pytestmark = pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("openssl") is None,
+    reason="curl and openssl are installed by .ci/run",
+)
 
 
 def headers_of(stderr: bytes) -> dict[str, str]:
@@ -29,7 +31,9 @@ async def test_seeds_curl_test(served: Served) -> None:
     assert no_cert.stdout == b"403", no_cert.stderr.decode()
     assert headers_of(no_cert.stderr)["x-access-denied-reason"] == "no_certificate"
 
-    with_cert = await run([*served.layout.curl(AUTH_HOST, "valid"), "-o", "/dev/null", "-w", "%{http_code}"])
+    with_cert = await run(
+        [*served.layout.curl(AUTH_HOST, "valid"), "-o", "/dev/null", "-w", "%{http_code}"]
+    )
     assert with_cert.stdout == b"200", with_cert.stderr.decode()
     assert headers_of(with_cert.stderr)["set-cookie"].startswith("CF_Authorization=")
 
@@ -45,7 +49,9 @@ async def test_seeds_curl_test(served: Served) -> None:
         ("valid", IOT_HOST, b"200", None),
     ],
 )
-async def test_curl_with_each_device(served: Served, device: str, host: str, status: bytes, reason: str | None) -> None:
+async def test_curl_with_each_device(
+    served: Served, device: str, host: str, status: bytes, reason: str | None
+) -> None:
     result = await run([*served.layout.curl(host, device), "-o", "/dev/null", "-w", "%{http_code}"])
     assert result.stdout == status, result.stderr.decode()
     headers = headers_of(result.stderr)
@@ -59,9 +65,22 @@ async def test_openssl_s_client_sees_a_certificate_request_and_a_403(served: Ser
     request = f"GET / HTTP/1.1\r\nHost: {AUTH_HOST}\r\nConnection: close\r\n\r\n".encode()
     cert, key = served.layout.device("expired")
     result = await run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{served.port}", "-servername", AUTH_HOST,
-         "-CAfile", str(served.layout.edge_ca), "-cert", str(cert), "-key", str(key), "-quiet",
-         "-verify_return_error"],
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{served.port}",
+            "-servername",
+            AUTH_HOST,
+            "-CAfile",
+            str(served.layout.edge_ca),
+            "-cert",
+            str(cert),
+            "-key",
+            str(key),
+            "-quiet",
+            "-verify_return_error",
+        ],
         stdin=request,
     )
     out = result.stdout.decode("latin-1")
@@ -69,11 +88,26 @@ async def test_openssl_s_client_sees_a_certificate_request_and_a_403(served: Ser
     assert "x-access-denied-reason: certificate_expired" in out
 
 
-async def test_openssl_s_client_no_duration_session_is_not_resumed(served: Served, tmp_path) -> None:
+async def test_openssl_s_client_no_duration_session_is_not_resumed(
+    served: Served, tmp_path
+) -> None:
     cert, key = served.layout.device("valid")
     sess = tmp_path / "iot.sess"
-    base = ["openssl", "s_client", "-connect", f"127.0.0.1:{served.port}", "-servername", IOT_HOST,
-            "-CAfile", str(served.layout.edge_ca), "-cert", str(cert), "-key", str(key), "-ign_eof"]
+    base = [
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{served.port}",
+        "-servername",
+        IOT_HOST,
+        "-CAfile",
+        str(served.layout.edge_ca),
+        "-cert",
+        str(cert),
+        "-key",
+        str(key),
+        "-ign_eof",
+    ]
     request = f"GET / HTTP/1.1\r\nHost: {IOT_HOST}\r\nConnection: close\r\n\r\n".encode()
     first = await run([*base, "-sess_out", str(sess)], stdin=request)
     assert b"HTTP/1.1 200" in first.stdout

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.wire import client_context, get, run
 from testbed.demo import AUTH_HOST, DemoLayout
+from tests.wire import client_context, get, run
 
 TESTBED = [sys.executable, "-m", "testbed.cli"]
 
@@ -48,8 +48,12 @@ def test_serve_exits_2_on_a_bad_config_before_listening(demo: DemoLayout) -> Non
     bad = demo.root / "missing-hostname.toml"  # beside the demo, so its relative paths resolve
     bad.write_text(demo.config.read_text().replace('hostname = "iot.example.test"\n', "", 1))
     port = free_port()
-    result = subprocess.run([*TESTBED, "enforcer", "serve", "--config", str(bad), "--port", str(port)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*TESTBED, "enforcer", "serve", "--config", str(bad), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert str(bad) in result.stderr
     assert "applications[1].hostname" in result.stderr
@@ -58,27 +62,39 @@ def test_serve_exits_2_on_a_bad_config_before_listening(demo: DemoLayout) -> Non
 
 
 def test_serve_exits_2_when_the_config_is_missing(tmp_path: Path) -> None:
-    result = subprocess.run([*TESTBED, "enforcer", "serve", "--config", str(tmp_path / "nope.toml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*TESTBED, "enforcer", "serve", "--config", str(tmp_path / "nope.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "nope.toml" in result.stderr and "cannot read" in result.stderr
 
 
 async def served_process(args: list[str], port: int, nursery: trio.Nursery) -> trio.Process:
-    proc = await trio.lowlevel.open_process([*TESTBED, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = await trio.lowlevel.open_process(
+        [*TESTBED, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     await wait_for_port(port, proc)
     return proc
 
 
-async def test_serve_answers_and_stops_cleanly_on_ctrl_c(demo: DemoLayout, nursery: trio.Nursery) -> None:
+async def test_serve_answers_and_stops_cleanly_on_ctrl_c(
+    demo: DemoLayout, nursery: trio.Nursery
+) -> None:
     port = free_port()
-    proc = await served_process(["enforcer", "serve", "--config", str(demo.config), "--port", str(port)], port, nursery)
+    proc = await served_process(
+        ["enforcer", "serve", "--config", str(demo.config), "--port", str(port)], port, nursery
+    )
     try:
         layout = DemoLayout(demo.root, port)
         ctx = client_context(layout.edge_ca, *layout.device("valid"))
         # The demo fixture's origin is not running: admitted requests get 502, denials still work.
         assert (await get(port, AUTH_HOST, ctx)).status == 502
-        assert (await get(port, AUTH_HOST, client_context(layout.edge_ca))).reason == "no_certificate"
+        assert (
+            await get(port, AUTH_HOST, client_context(layout.edge_ca))
+        ).reason == "no_certificate"
     finally:
         code = await stop(proc)
     assert code == 0
@@ -87,7 +103,9 @@ async def test_serve_answers_and_stops_cleanly_on_ctrl_c(demo: DemoLayout, nurse
 async def test_workers_share_the_port(demo: DemoLayout, nursery: trio.Nursery) -> None:
     port = free_port()
     proc = await served_process(
-        ["enforcer", "serve", "--config", str(demo.config), "--port", str(port), "--workers", "2"], port, nursery
+        ["enforcer", "serve", "--config", str(demo.config), "--port", str(port), "--workers", "2"],
+        port,
+        nursery,
     )
     try:
         layout = DemoLayout(demo.root, port)
@@ -105,7 +123,8 @@ async def test_demo_prints_curl_commands_that_work(tmp_path: Path, nursery: trio
     out = tmp_path / "demo"
     proc = await trio.lowlevel.open_process(
         [*TESTBED, "enforcer", "demo", "--out", str(out), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         await wait_for_port(port, proc)
