@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import datetime as dt
 import hashlib
+import ssl
 
 import jwt
 import pytest
@@ -13,6 +14,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from enforcer.clock import TrioClock
 from enforcer.config import load_config
 from enforcer.snapshot import RootCertificate
 from testbed.demo import AUTH_HOST, IOT_HOST
@@ -243,3 +245,62 @@ async def test_no_sni_is_misdirected(served: Served) -> None:
         assert (response.status, response.reason) == (421, "misdirected")
     finally:
         await conn.aclose()
+
+
+@pytest.mark.parametrize("host", [AUTH_HOST, IOT_HOST])
+async def test_tls_1_2_clients(served: Served, host: str) -> None:
+    for device, status in (("valid", 200), ("expired", 403), (None, 403)):
+        ctx = ctx_for(served, device)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        conn = await Connection.open(served.port, host, ctx)
+        try:
+            assert (await conn.request("/")).status == status
+            assert conn.stream.version() == "TLSv1.2"
+        finally:
+            await conn.aclose()
+    ctx = ctx_for(served, "valid")
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    first = await Connection.open(served.port, host, ctx)
+    await first.request("/")
+    session = first.ssl_object.session
+    await first.aclose()
+    second = await Connection.open(served.port, host, ctx, session=session)
+    try:
+        assert (await second.request("/")).status == 200
+        assert second.ssl_object.session_reused is (host == AUTH_HOST)
+    finally:
+        await second.aclose()
+
+
+async def test_certificate_bound_tokens(serve_config, demo) -> None:
+    config = load_config(demo.config)
+    apps = tuple(
+        dataclasses.replace(a, bind_token_to_certificate=True) if a.hostname == AUTH_HOST else a
+        for a in config.applications
+    )
+    served = await serve_config(dataclasses.replace(config, applications=apps))
+    first = await get(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    cookie = ("cookie", first.header("set-cookie").split(";")[0])
+    # A10: the token admits only beside the certificate it was bound to.
+    same = await get(served.port, AUTH_HOST, ctx_for(served, "valid"), headers=[cookie])
+    assert same.status == 200 and served.last()["admitted_by"] == "token"
+    other = await get(served.port, AUTH_HOST, ctx_for(served, "wrong-cn"), headers=[cookie])
+    assert other.status == 200 and served.last()["admitted_by"] == "certificate"
+    assert served.last()["notes"] == ["token_invalid"]
+    alone = await get(served.port, AUTH_HOST, ctx_for(served, None), headers=[cookie])
+    assert (alone.status, alone.reason) == (403, "no_certificate")
+
+
+async def test_runs_on_trio_mock_clock(serve_config, mock_clock) -> None:
+    # A13: the enforcer's clock can be trio's; jumping virtual time expires the session.
+    clock = TrioClock()
+    served = await serve_config(clock=clock)
+    first = await get(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    cookie = ("cookie", first.header("set-cookie").split(";")[0])
+    assert (
+        await get(served.port, AUTH_HOST, ctx_for(served, None), headers=[cookie])
+    ).status == 200
+    mock_clock.jump(24 * 3600)
+    late = await get(served.port, AUTH_HOST, ctx_for(served, None), headers=[cookie])
+    assert (late.status, late.reason) == (403, "no_certificate")
+    assert served.last()["notes"] == ["token_expired"]
