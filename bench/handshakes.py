@@ -15,8 +15,9 @@ Targets, both serving the demo PKI (``testbed.demo.write_demo``) on 127.0.0.1:
   403 unless ``$ssl_client_verify = SUCCESS``, else ``200 "ok"``.
 
 The absolute numbers mean little: the machine is small, shared and noisy. What matters is the
-ratio enforcer/nginx for handshakes/s, measured back to back by the same client in one run;
-compare ratios between runs, never absolute figures.
+ratio enforcer/nginx for handshakes/s, measured back to back by the same client in one run, and
+the ratio of handshakes per server CPU-second (from /proc, less sensitive to the client and to
+neighbours). Compare ratios between runs, never absolute figures.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,28 +54,18 @@ WARMUP = 1.0
 REQUEST = f"GET / HTTP/1.1\r\nHost: {AUTH_HOST}\r\nConnection: close\r\n\r\n".encode()
 NGINX = "/usr/sbin/nginx"
 NGINX_CONF = """\
-worker_processes {workers};
-daemon off;
-master_process on;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
+worker_processes {workers}; daemon off; master_process on;
+pid {tmp}/nginx.pid; error_log {tmp}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+    access_log {tmp}/access.log;  # the enforcer writes one too
+    client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
+    uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
     server {{
-        listen {host}:{port} ssl;
-        server_name {server_name};
-        ssl_protocols TLSv1.2 TLSv1.3;  # 1.22's default stops at TLSv1.2
-        ssl_certificate {demo}/edge/cert.pem;
-        ssl_certificate_key {demo}/edge/key.pem;
-        ssl_client_certificate {demo}/ca/root.pem;
-        ssl_verify_client optional;
-        ssl_verify_depth 2;
+        listen {host}:{port} ssl; server_name {server_name};
+        ssl_protocols TLSv1.2 TLSv1.3;  # nginx 1.22's default stops at TLSv1.2
+        ssl_certificate {demo}/edge/cert.pem; ssl_certificate_key {demo}/edge/key.pem;
+        ssl_client_certificate {demo}/ca/root.pem; ssl_verify_client optional; ssl_verify_depth 2;
         location / {{
             if ($ssl_client_verify != SUCCESS) {{ return 403; }}
             return 200 "ok";
@@ -81,8 +74,8 @@ http {{
 }}
 """
 
-
 Files = tuple[Path, Path, Path]  # device cert.pem (leaf + intermediate), key.pem, edge CA
+Result = dict[str, Any]
 
 
 def free_port() -> int:
@@ -91,12 +84,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
-    """Poll ``port`` until it accepts; fail if ``proc`` exits or ``timeout`` passes."""
+def wait_port(port: int, alive: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``port`` until it accepts; fail if ``alive()`` turns false or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited ({proc.returncode}) before listening on port {port}")
+        if not alive():
+            raise SystemExit(f"{what} exited before listening on {HOST}:{port}")
         try:
             socket.create_connection((HOST, port), timeout=1).close()
             return
@@ -119,8 +112,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of the live processes in one process group."""
+def cpu_seconds(pgid: int = -1, pid: int = -1) -> float:
+    """User + system CPU seconds of the live processes in group ``pgid``, or process ``pid``."""
     total = 0
     for entry in os.listdir("/proc"):
         try:
@@ -128,7 +121,7 @@ def cpu_seconds(pgid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # not a process, or gone meanwhile
-        if int(fields[2]) == pgid:  # fields[0] is field 3 (state) of proc(5)
+        if int(fields[2]) == pgid or entry == str(pid):  # fields[0] is field 3 (state) of proc(5)
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
 
@@ -173,7 +166,10 @@ def client_loop(port: int, files: Files, duration: float, barrier: Any, out: Any
     end = measure_from + duration
     latencies: list[float] = []
     errors: collections.Counter[str] = collections.Counter()
+    cpu: float | None = None
     while (t0 := time.monotonic()) < end:
+        if cpu is None and t0 >= measure_from:
+            cpu = time.process_time()
         p0 = time.perf_counter()
         try:
             status, _, _ = one_request(ctx, port)
@@ -186,15 +182,17 @@ def client_loop(port: int, files: Files, duration: float, barrier: Any, out: Any
             latencies.append((time.perf_counter() - p0) * 1000)
         else:
             errors[error] += 1
-    out.put((latencies, dict(errors)))
+    out.put((latencies, dict(errors), time.process_time() - (cpu or time.process_time())))
 
 
 def run_origin(port: int) -> None:
     trio.run(serve_echo_origin, HOST, port)
 
 
-def measure(port: int, files: Files, args: argparse.Namespace, pgid: int) -> dict[str, Any]:
-    """Drive one target with ``args.clients`` processes; the server's CPU comes from ``pgid``."""
+def measure(
+    port: int, files: Files, args: argparse.Namespace, pgid: int, origin: int = -1
+) -> Result:
+    """Drive one target with ``args.clients`` processes; the server's CPU is group ``pgid``'s."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(args.clients + 1), ctx.Queue()
     procs = [
@@ -206,9 +204,9 @@ def measure(port: int, files: Files, args: argparse.Namespace, pgid: int) -> dic
     barrier.wait(timeout=60)
     start = time.monotonic()
     time.sleep(WARMUP)
-    cpu0 = cpu_seconds(pgid)
+    cpu0, origin0 = cpu_seconds(pgid), cpu_seconds(pid=origin)
     time.sleep(max(0.0, start + WARMUP + args.duration - time.monotonic()))
-    cpu = cpu_seconds(pgid) - cpu0
+    cpu, origin_cpu = cpu_seconds(pgid) - cpu0, cpu_seconds(pid=origin) - origin0
     results = [out.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=10)
@@ -227,29 +225,25 @@ def measure(port: int, files: Files, args: argparse.Namespace, pgid: int) -> dic
         "p99_ms": pct(0.99),
         "errors": sum(errors.values()),
         "server_cpu_s": round(cpu, 2),
+        "origin_cpu_s": round(origin_cpu, 2) if origin > 0 else None,
+        "client_cpu_s": round(sum(r[2] for r in results), 2),
         "handshakes_per_cpu_s": round(len(lat) / cpu, 1) if cpu else None,
         "error_kinds": dict(errors.most_common(5)),
     }
 
 
-def check(port: int, files: Files, what: str) -> str:
-    """Fail loudly unless ``what`` answers 200 to the valid device; return the TLS version."""
-    try:
-        status, body, info = one_request(client_context(files), port)
-    except Exception as exc:
-        raise SystemExit(f"{what}: the valid device's request failed: {exc!r}") from exc
-    if status != 200:
-        raise SystemExit(f"{what}: expected 200 for the valid device, got {status}: {body[:200]!r}")
-    return info
-
-
-def start(cmd: list[str], port: int, what: str, err: Path, files: Files) -> tuple[Any, str]:
+def start(
+    cmd: list[str], port: int, what: str, err: Path, files: Files
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start a server in its own session; return it once it answers 200 to the valid device."""
     with err.open("ab") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
     try:
-        wait_port(port, proc, what)
-        return proc, check(port, files, what)
+        wait_port(port, lambda: proc.poll() is None, what)
+        status, body, info = one_request(client_context(files), port)
+        if status != 200:
+            raise SystemExit(f"{what}: the valid device got {status}, not 200: {body[:200]!r}")
+        return proc, info
     except BaseException:
         stop(proc)
         print(err.read_text(errors="replace"), file=sys.stderr)
@@ -270,20 +264,25 @@ def nginx_missing() -> str | None:
     return None if os.path.exists(NGINX) else f"apt-get install failed: {r.stderr[-300:]}"
 
 
-def access_log_summary(path: Path) -> dict[str, int]:
-    """Count the enforcer's access-log records by status, or TLS error detail."""
+def access_log_summary(path: Path) -> Result:
+    """The enforcer's access log: records by status (or TLS error), median phase timings."""
     kinds: collections.Counter[str] = collections.Counter()
+    ms: dict[str, list[float]] = {"handshake_ms": [], "decision_ms": [], "total_ms": []}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             kinds["unparsable line"] += 1
             continue
-        tls_error = rec.get("event") == "tls_error"
-        kinds[
-            f"tls_error: {rec.get('detail')}" if tls_error else f"status {rec.get('status')}"
-        ] += 1
-    return dict(kinds.most_common(8))
+        if rec.get("event") == "tls_error":
+            kinds[f"tls_error: {rec.get('detail')}"] += 1
+            continue
+        kinds[f"status {rec.get('status')}"] += 1
+        for key, values in ms.items():
+            if isinstance(rec.get(key), int | float):
+                values.append(rec[key])
+    medians = {f"median_{k}": round(statistics.median(v), 2) for k, v in ms.items() if v}
+    return {"records": dict(kinds.most_common(8)), **medians}
 
 
 def main() -> int:
@@ -313,13 +312,14 @@ def main() -> int:
     servers: list[subprocess.Popen[bytes]] = []
     try:
         origin.start()
+        wait_port(origin_port, origin.is_alive, "echo origin")
         testbed = str(Path(sys.executable).with_name("testbed"))
         cmd = [testbed, "enforcer", "serve", "--config", str(layout.config)]
         cmd += ["--port", str(enforcer_port), "--workers", str(args.workers)]
         proc, tls["enforcer"] = start(cmd, enforcer_port, "enforcer", tmp / "enforcer.err", files)
         servers.append(proc)
         console.print(f"enforcer: {tls['enforcer']}; measuring {args.duration:g} s...")
-        results["enforcer"] = measure(enforcer_port, files, args, proc.pid)
+        results["enforcer"] = measure(enforcer_port, files, args, proc.pid, origin.pid or -1)
         why = "--skip-nginx" if args.skip_nginx else nginx_missing()
         if why:
             notes.append(f"nginx not measured: {why}")
@@ -364,9 +364,9 @@ def main() -> int:
         for kind, n in r["error_kinds"].items():
             console.print(f"{name}: {n} x {kind}", markup=False)
     log_kinds = access_log_summary(access_log)  # one tls_error is the readiness probe
-    console.print(f"enforcer access log: {log_kinds}", markup=False)
+    console.print(f"enforcer access log (warm-up included): {log_kinds}", markup=False)
     err = (tmp / "enforcer.err").read_text(errors="replace").splitlines()
-    err = [line for line in err if "listening on" not in line]
+    err = [x for x in err if "listening on" not in x and x != "enforcer: stopped"]
     if err:
         console.print("enforcer stderr:\n" + "\n".join(err[-60:]), markup=False)
     for note in notes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -203,7 +204,7 @@ def _edge(reader: _Reader) -> EdgeCertificate:
     return EdgeCertificate(hostnames, chain_pem, key_pem)
 
 
-def _root(reader: _Reader, index: int) -> RootCertificate:
+def _root(reader: _Reader) -> RootCertificate:
     reader.unknown({"id", "name", "certificate", "associated_hostnames"})
     name = reader.get("name", str, what="a name for the root")
     certs = _certificates(reader, "certificate")
@@ -309,14 +310,20 @@ def load_config(path: str | Path) -> EnforcerConfig:
     port = s.get("port", int, 8443)
     if not 0 <= port <= 65535:
         raise s.error("port", f"{port} is not a TCP port (0-65535)")
+    depth = s.get("max_chain_depth", int, DEFAULT_MAX_CHAIN_DEPTH)
+    if not 1 <= depth <= 32:
+        raise s.error("max_chain_depth", f"{depth} is not between 1 and 32 intermediates")
+    header_bytes = s.get("max_header_bytes", int, 16 * 1024)
+    if not 1024 <= header_bytes <= 1024 * 1024:
+        raise s.error("max_header_bytes", f"{header_bytes} is not between 1024 and 1048576")
     server = ServerSettings(
         host=s.get("host", str, "127.0.0.1"),
         port=port,
         access_log=s.get("access_log", str, "-"),
         handshake_timeout=s.duration("handshake_timeout", "10s").total_seconds(),
         request_timeout=s.duration("request_timeout", "30s").total_seconds(),
-        max_header_bytes=s.get("max_header_bytes", int, 16 * 1024),
-        max_chain_depth=s.get("max_chain_depth", int, DEFAULT_MAX_CHAIN_DEPTH),
+        max_header_bytes=header_bytes,
+        max_chain_depth=depth,
     )
 
     g = top.sub("signing")
@@ -326,7 +333,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
     edges = tuple(_edge(r) for r in top.tables("edge_certificates"))
     if not edges:
         raise top.error("edge_certificates", "at least one [[edge_certificates]] is required")
-    roots = tuple(_root(r, i) for i, r in enumerate(top.tables("roots")))
+    roots = tuple(_root(r) for r in top.tables("roots"))
     apps = tuple(_application(r) for r in top.tables("applications"))
     seen: set[str] = set()
     served = {h for e in edges for h in e.hostnames}
@@ -339,7 +346,13 @@ def load_config(path: str | Path) -> EnforcerConfig:
         seen.add(app.hostname)
 
     revoked_raw = top.get("revoked", list, [], what="a list of SHA-256 fingerprints")
-    revoked = frozenset(str(r).lower().replace(":", "") for r in revoked_raw)
+    revoked_list = [str(r).lower().replace(":", "") for r in revoked_raw]
+    for i, fp in enumerate(revoked_list):
+        if not re.fullmatch(r"[0-9a-f]{64}", fp):
+            raise ConfigError(
+                p, f"revoked[{i}]", f"{revoked_raw[i]!r} is not a SHA-256 fingerprint"
+            )
+    revoked = frozenset(revoked_list)
     return EnforcerConfig(
         path=p,
         server=server,

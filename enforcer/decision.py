@@ -206,9 +206,12 @@ def decide(
             close_connection=close,
         )
 
-    duration = (
-        policy.session_duration if policy.session_duration is not None else app.session_duration
-    )
+    # An application's No Duration wins over a policy's duration: its TLS layer already refuses
+    # resumption and closes every connection, and a cookie must never reach its clients (A9).
+    if app.no_duration or policy.session_duration is None:
+        duration = app.session_duration
+    else:
+        duration = policy.session_duration
     no_duration = duration <= dt.timedelta(0)
     claims = access_claims(
         aud=app.aud,

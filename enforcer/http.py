@@ -80,14 +80,16 @@ async def respond(
     status: int,
     headers: Iterable[tuple[str, str]],
     body: bytes,
+    *,
+    head: bool = False,
 ) -> None:
-    """Send a whole response with a Content-Length."""
+    """Send a whole response with a Content-Length (headers only when answering HEAD)."""
     hdrs = [(k.encode(), v.encode()) for k, v in headers]
     hdrs.append((b"content-length", str(len(body)).encode()))
     await send(
         conn, stream, h11.Response(status_code=status, headers=hdrs, reason=reason_phrase(status))
     )
-    if body:
+    if body and not head:
         await send(conn, stream, h11.Data(data=body))
     await send(conn, stream, h11.EndOfMessage())
 

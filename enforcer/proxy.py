@@ -15,7 +15,14 @@ from enforcer.http import HOP_BY_HOP, next_event, send
 
 # Headers only the enforcer may set: a client sending them must not reach the origin with them.
 TRUSTED_HEADERS = frozenset(
-    {b"cf-access-jwt-assertion", b"cf-client-cert-der-base64", b"cf-client-cert-sha256"}
+    {
+        b"cf-access-jwt-assertion",
+        b"cf-client-cert-der-base64",
+        b"cf-client-cert-sha256",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+    }
 )
 
 

@@ -191,7 +191,11 @@ class _Session:
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed or garbage after a response: nothing to answer
             try:
-                body = await read_body(self.h11, self.tls, MAX_BODY)
+                with trio.fail_after(self.e.settings.request_timeout):
+                    body = await read_body(self.h11, self.tls, MAX_BODY)
+            except trio.TooSlowError:
+                await self._plain(408, "Request body timed out.\n", close=True)
+                return
             except BodyTooLarge:
                 await self._plain(413, "Request body too large.\n", close=True)
                 return
@@ -247,14 +251,14 @@ class _Session:
         path = request.target.split(b"?", 1)[0]
 
         hostname = normalise_hostname(host)
-        if (
-            path == JWKS_PATH
-            and request.method in (b"GET", b"HEAD")
-            and hostname == sni
-            and hostname in snapshot.applications
-        ):
+        jwks_app = snapshot.applications.get(hostname) if hostname and hostname == sni else None
+        if path == JWKS_PATH and request.method in (b"GET", b"HEAD") and jwks_app is not None:
+            # The signing keys are public: an origin fetches them to verify CF_Authorization.
             doc = json.dumps(snapshot.keyring.jwks(now), indent=2).encode()
-            await respond(self.h11, self.tls, 200, [("content-type", "application/json")], doc)
+            headers = [("content-type", "application/json")]
+            if jwks_app.no_duration:
+                headers.append(("connection", "close"))  # SPEC A9: every response closes
+            await respond(self.h11, self.tls, 200, headers, doc, head=request.method == b"HEAD")
             self._log(request, now, t0, status=200)
             return
 

@@ -186,6 +186,8 @@ def check(token: str, ring: KeyRing, *, aud: str, issuer: str, now: dt.datetime)
         exp, nbf = float(claims["exp"]), float(claims["nbf"])
     except (TypeError, ValueError):
         return TokenCheck(TokenStatus.INVALID, detail="exp or nbf is not a number")
+    if claims.get("type") != "app":
+        return TokenCheck(TokenStatus.INVALID, detail="not an application token")
     if ts >= exp:
         return TokenCheck(TokenStatus.EXPIRED, detail="token expired")
     if ts < nbf:

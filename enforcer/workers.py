@@ -67,6 +67,11 @@ def run_workers(config_path: str, host: str, port: int, workers: int) -> int:
         ctx.Process(target=_worker, args=(config_path, host, port), daemon=True)
         for _ in range(workers)
     ]
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the workers as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, terminate)
     for p in procs:
         p.start()
     print(f"enforcer: {workers} workers listening on {host}:{port} (Ctrl-C stops)", file=sys.stderr)

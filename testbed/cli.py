@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         type=int,
-        default=int(_env("WORKERS", "1") or 1),
+        default=_env("WORKERS", "1"),
         help="worker processes sharing the port (env TESTBED_WORKERS)",
     )
 
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--port",
         type=int,
-        default=int(_env("PORT", "8443") or 8443),
+        default=_env("PORT", "8443"),
         help="enforcer port (default 8443)",
     )
     return parser

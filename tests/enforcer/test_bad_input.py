@@ -165,3 +165,29 @@ async def test_a_token_is_checked_against_the_enforcer_clock(
         served.port, AUTH_HOST, ctx(served), headers=[("cookie", f"CF_Authorization={real_token}")]
     )
     assert late.status == 403
+
+
+async def test_head_of_the_signing_keys_has_no_body(served: Served) -> None:
+    conn = await Connection.open(served.port, AUTH_HOST, ctx(served))
+    try:
+        response = await conn.request("/cdn-cgi/access/certs", method="HEAD")
+        assert response.status == 200 and response.body == b""
+        assert int(response.header("content-length")) > 0
+        again = await conn.request("/cdn-cgi/access/certs")  # the connection is still good
+        assert "keys" in again.json()
+    finally:
+        await conn.aclose()
+
+
+async def test_a_client_that_stalls_mid_body_gets_408(serve_config) -> None:
+    served = await serve_config(request_timeout=0.3)
+    conn = await Connection.open(served.port, AUTH_HOST, ctx(served, "valid"))
+    try:
+        head = f"POST / HTTP/1.1\r\nHost: {AUTH_HOST}\r\nContent-Length: 100\r\n\r\nabc"
+        await conn.stream.send_all(head.encode())
+        with trio.fail_after(10):
+            data = await conn.stream.receive_some(65536)
+        assert data.startswith(b"HTTP/1.1 408")
+    finally:
+        await conn.aclose()
+    await still_serves(served)

@@ -184,3 +184,23 @@ def test_rotation_keeps_the_previous_key_for_the_grace_period(ring: KeyRing) -> 
         is TokenStatus.INVALID
     )
     assert [k["kid"] for k in rotated.jwks(after)["keys"]] == [new_key.kid]
+
+
+def test_no_duration_application_wins_over_a_policy_duration(ring: KeyRing) -> None:
+    from enforcer.application import Application
+    from enforcer.chain import ChainResult
+    from enforcer.decision import AccessRequest, decide
+    from enforcer.snapshot import Snapshot
+
+    long_policy = policy(include=[{"certificate": {}}], session_duration="24h")
+    app = Application(
+        "iot", "iot.test", "a" * 64, dt.timedelta(0), (long_policy,), "http://127.0.0.1:9"
+    )
+    snapshot = Snapshot.build(
+        generation=1, applications=[app], roots=[], keyring=ring, issuer="https://iss"
+    )
+    decision = decide(
+        AccessRequest("iot.test", "iot.test"), snapshot, ChainResult(facts(), None), NOW
+    )
+    assert decision.allowed and decision.set_cookie is None and decision.close_connection
+    assert decision.claims is not None and decision.claims["exp"] - decision.claims["iat"] <= 5
