@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -22,8 +23,8 @@ from enforcer.application import SAME_SITE_VALUES, Application, CookieSettings
 from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, fingerprint
 from enforcer.durations import DurationError, parse_duration
 from enforcer.policy import PolicyError, parse_policy
-from enforcer.snapshot import RootCertificate, Snapshot
-from enforcer.tokens import KeyRing, load_or_create_key
+from enforcer.snapshot import RootCertificate
+from enforcer.tokens import SigningKey, load_or_create_key
 
 DEFAULT_ISSUER = "https://access.testbed.local"
 
@@ -61,6 +62,33 @@ class ServerSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdminSettings:
+    """The admin API's listener and bearer token."""
+
+    host: str
+    port: int
+    token: str = dataclasses.field(repr=False)
+    account_id: str = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class ManagedCA:
+    """A zone whose managed CA the configuration creates, and the hostnames that trust it."""
+
+    zone: str
+    hostnames: tuple[str, ...]
+
+
+def default_state_path(config_path: Path) -> Path:
+    """Where state lives when the config does not say: a file per config under a state folder."""
+    base = os.environ.get("TESTBED_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "mtls-testbed"
+    )
+    digest = hashlib.sha256(str(config_path.resolve()).encode()).hexdigest()[:12]
+    return Path(base) / f"{config_path.stem}-{digest}.sqlite"
+
+
+@dataclasses.dataclass(frozen=True)
 class EnforcerConfig:
     """A whole, checked configuration."""
 
@@ -74,25 +102,24 @@ class EnforcerConfig:
     grace_period: dt.timedelta
     no_duration_token_lifetime: dt.timedelta
     revoked: frozenset[str]
+    state_path: Path = Path("state.sqlite")
+    admin: AdminSettings | None = None
+    managed_cas: tuple[ManagedCA, ...] = ()
+    account_id: str = "default"
 
-    def snapshot(self, now: dt.datetime, generation: int = 1) -> Snapshot:
-        """Build the first snapshot, loading (or creating) the signing key."""
+    def signing_key(self, now: dt.datetime) -> SigningKey:
+        """Load the configured signing key (creating its file when missing), or make one."""
         try:
-            key = load_or_create_key(
+            return load_or_create_key(
                 str(self.signing_key_file) if self.signing_key_file else None, now
             )
         except (OSError, ValueError) as exc:
             raise ConfigError(self.path, "signing.key_file", str(exc)) from None
-        return Snapshot.build(
-            generation=generation,
-            applications=self.applications,
-            roots=self.roots,
-            keyring=KeyRing(key, grace_period=self.grace_period),
-            issuer=self.issuer,
-            no_duration_token_lifetime=self.no_duration_token_lifetime,
-            revoked=self.revoked,
-            max_chain_depth=self.server.max_chain_depth,
-        )
+
+    @property
+    def served_hostnames(self) -> frozenset[str]:
+        """Every hostname an edge certificate serves."""
+        return frozenset(h for e in self.edge_certificates for h in e.hostnames)
 
 
 class _Reader:
@@ -293,7 +320,19 @@ def load_config(path: str | Path) -> EnforcerConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(p, "", f"not valid TOML: {exc}") from None
     top = _Reader(p, data, "")
-    top.unknown({"server", "signing", "edge_certificates", "roots", "applications", "revoked"})
+    top.unknown(
+        {
+            "server",
+            "signing",
+            "edge_certificates",
+            "roots",
+            "applications",
+            "revoked",
+            "state",
+            "admin",
+            "managed_ca",
+        }
+    )
 
     s = top.sub("server")
     s.unknown(
@@ -353,6 +392,28 @@ def load_config(path: str | Path) -> EnforcerConfig:
                 p, f"revoked[{i}]", f"{revoked_raw[i]!r} is not a SHA-256 fingerprint"
             )
     revoked = frozenset(revoked_list)
+
+    st = top.sub("state")
+    st.unknown({"path"})
+    state_path = st.file("path") if "path" in st.table else default_state_path(p)
+
+    admin = None
+    account_id = "default"
+    if "admin" in top.table:
+        a = top.sub("admin")
+        a.unknown({"host", "port", "token", "token_file", "token_env", "account_id"})
+        account_id = a.get("account_id", str, "default")
+        admin = AdminSettings(
+            host=a.get("host", str, "127.0.0.1"),
+            port=a.get("port", int, 8444),
+            token=_admin_token(a),
+            account_id=account_id,
+        )
+
+    managed = []
+    for r in top.tables("managed_ca"):
+        r.unknown({"zone", "hostnames"})
+        managed.append(ManagedCA(r.get("zone", str, what="the zone id"), r.hostnames("hostnames")))
     return EnforcerConfig(
         path=p,
         server=server,
@@ -364,4 +425,28 @@ def load_config(path: str | Path) -> EnforcerConfig:
         grace_period=g.duration("grace_period", "24h"),
         no_duration_token_lifetime=g.duration("no_duration_token_lifetime", "5s"),
         revoked=revoked,
+        state_path=state_path,
+        admin=admin,
+        managed_cas=tuple(managed),
+        account_id=account_id,
     )
+
+
+def _admin_token(a: _Reader) -> str:
+    """The admin bearer token: ``token``, else ``token_file``, else the ``token_env`` variable."""
+    token: str
+    if "token" in a.table:
+        token = a.get("token", str)
+    elif "token_file" in a.table:
+        _, data = a.read("token_file")
+        token = data.decode("utf-8", "replace").strip()
+    else:
+        env = a.get("token_env", str, "TESTBED_ADMIN_TOKEN")
+        token = os.environ.get(str(env), "")
+        if not token:
+            raise a.error(
+                "token", f"no token: set token, token_file, or the {env} environment variable"
+            )
+    if len(token) < 16:
+        raise a.error("token", "the admin token must be at least 16 characters")
+    return token

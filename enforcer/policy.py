@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from enforcer.chain import CertificateFacts
-from enforcer.durations import DurationError, parse_duration
+from enforcer.durations import DurationError, format_duration, parse_duration
 
 
 class PolicyError(ValueError):
@@ -112,6 +112,12 @@ def parse_rule(raw: object, where: str) -> Rule:
     return Rule(kind, value)
 
 
+def rule_to_dict(rule: Rule) -> dict[str, dict[str, str]]:
+    """Return a rule in its API form, the inverse of :func:`parse_rule`."""
+    spec = _RULE_KINDS[rule.kind]
+    return {rule.kind: {} if spec is None else {spec[0]: rule.value}}
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """A named policy: a decision and its include (any), require (all) and exclude (none) rules."""
@@ -122,6 +128,19 @@ class Policy:
     require: tuple[Rule, ...] = ()
     exclude: tuple[Rule, ...] = ()
     session_duration: dt.timedelta | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the policy in its API form, the inverse of :func:`parse_policy`."""
+        out: dict[str, object] = {
+            "name": self.name,
+            "decision": self.decision.value,
+            "include": [rule_to_dict(r) for r in self.include],
+            "require": [rule_to_dict(r) for r in self.require],
+            "exclude": [rule_to_dict(r) for r in self.exclude],
+        }
+        if self.session_duration is not None:
+            out["session_duration"] = format_duration(self.session_duration)
+        return out
 
     def matches(self, facts: RequestFacts) -> bool:
         """Tell whether include, require and exclude all hold."""

@@ -11,7 +11,6 @@ acts on the decision.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import ipaddress
 import itertools
@@ -20,6 +19,7 @@ import logging
 import socket
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import h11
 import trio
@@ -30,7 +30,8 @@ from enforcer.accesslog import AccessLog
 from enforcer.application import COOKIE_NAME, TOKEN_HEADER
 from enforcer.chain import ChainResult, common_name, fingerprint
 from enforcer.clock import Clock, WallClock
-from enforcer.config import EnforcerConfig, ServerSettings
+from enforcer.config import EdgeCertificate, EnforcerConfig
+from enforcer.controller import Controller, limits_of, open_state
 from enforcer.decision import (
     AccessDecision,
     AccessRequest,
@@ -51,10 +52,12 @@ JWKS_PATH = b"/cdn-cgi/access/certs"
 MAX_BODY = 8 * 1024 * 1024
 
 
-def tls_hosts(config: EnforcerConfig, snapshot: Snapshot) -> tuple[list[HostTLS], HostTLS]:
+def tls_hosts(
+    edges: Sequence[EdgeCertificate], snapshot: Snapshot
+) -> tuple[list[HostTLS], HostTLS]:
     """Return the TLS settings of every served hostname, and the default for unknown SNI."""
     hosts = []
-    for edge in config.edge_certificates:
+    for edge in edges:
         for name in edge.hostnames:
             app = snapshot.applications.get(name)
             trust = snapshot.trust.get(name)
@@ -71,39 +74,71 @@ def tls_hosts(config: EnforcerConfig, snapshot: Snapshot) -> tuple[list[HostTLS]
     return hosts, hosts[0]
 
 
-@dataclasses.dataclass
 class Enforcer:
-    """The running enforcer's state: the current snapshot and what every connection shares."""
+    """The running enforcer: the current snapshot, TLS contexts and what connections share.
 
-    snapshot: Snapshot
-    settings: ServerSettings
-    contexts: ContextsBySNI
-    clock: Clock = dataclasses.field(default_factory=WallClock)
-    access_log: AccessLog = dataclasses.field(default_factory=AccessLog)
-    intermediates: IntermediatesMemo = dataclasses.field(default_factory=IntermediatesMemo)
-    _ids: itertools.count[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
+    ``snapshot`` and ``contexts`` are replaced whole by :meth:`apply` when the control plane
+    changes something; a connection reads ``contexts`` once, a request reads ``snapshot`` once.
+    """
+
+    def __init__(
+        self,
+        config: EnforcerConfig,
+        clock: Clock | None = None,
+        access_log: AccessLog | None = None,
+        *,
+        state_path: Path | None = None,
+        follow_store: bool = False,
+    ) -> None:
+        self.config = config
+        self.settings = config.server
+        self.clock = clock or WallClock()
+        self.access_log = access_log or AccessLog(config.server.access_log)
+        self.intermediates = IntermediatesMemo()
+        self._ids = itertools.count(1)
+        self._tls_key: tuple[HostTLS, ...] | None = None
+        self.contexts: ContextsBySNI | None = None
+        store, generation, objects = open_state(config, self.clock.now(), state_path)
+        self.controller = Controller(
+            store, generation, objects, limits_of(config), self.clock, self.apply
+        )
+        # Worker processes share one database: each checks for others' commits per request.
+        self._follow = follow_store
+        self._data_version = store.data_version()
+        self.apply(self.controller.snapshot())
 
     @classmethod
     def from_config(
         cls, config: EnforcerConfig, clock: Clock | None = None, access_log: AccessLog | None = None
     ) -> Enforcer:
-        """Build the enforcer's state from a checked configuration."""
-        clock = clock or WallClock()
-        snapshot = config.snapshot(clock.now())
-        hosts, default = tls_hosts(config, snapshot)
-        return cls(
-            snapshot=snapshot,
-            settings=config.server,
-            contexts=ContextsBySNI(hosts, default),
-            clock=clock,
-            access_log=access_log or AccessLog(config.server.access_log),
-        )
+        """Build the enforcer from a checked configuration and its state database."""
+        return cls(config, clock, access_log)
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` the one requests read, rebuilding TLS contexts when they change."""
+        hosts, default = tls_hosts(self.config.edge_certificates, snapshot)
+        key = (*hosts, default)
+        if key != self._tls_key:
+            self.contexts = ContextsBySNI(hosts, default)
+            self._tls_key = key
+        self.snapshot = snapshot
+
+    def refresh(self) -> None:
+        """Pick up commits made by other processes (worker mode); cheap when nothing changed."""
+        if not self._follow:
+            return
+        version = self.controller.store.data_version()
+        if version != self._data_version:
+            self._data_version = version
+            self.controller.reload()
 
     async def handle(self, transport: trio.SocketStream) -> None:
         """Serve one client connection until it closes."""
         conn_id = next(self._ids)
         peer = _peer_ip(transport)
         started = time.perf_counter()
+        self.refresh()
+        assert self.contexts is not None
         tls = ServerTLSStream(transport, self.contexts)
         try:
             with trio.move_on_after(self.settings.handshake_timeout) as scope:
@@ -242,6 +277,7 @@ class _Session:
 
     async def _request(self, request: h11.Request, body: bytes) -> None:
         e = self.e
+        e.refresh()
         snapshot = e.snapshot  # one consistent snapshot for the whole request (SPEC A12)
         now = e.clock.now()
         t0 = time.perf_counter()

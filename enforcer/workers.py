@@ -7,34 +7,18 @@ import logging
 import multiprocessing
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from enforcer.accesslog import AccessLog
+from enforcer.admin import serve_admin
 from enforcer.clock import WallClock
 from enforcer.config import ConfigError, EnforcerConfig, load_config
+from enforcer.controller import open_state
 from enforcer.server import Enforcer, open_listener, serve
 
 log = logging.getLogger(__name__)
-
-
-async def serve_config(
-    config: EnforcerConfig,
-    host: str,
-    port: int,
-    *,
-    reuse_port: bool = False,
-    on_listening: Callable[[int], None] | None = None,
-) -> None:
-    """Serve one configuration on one trio loop until cancelled."""
-    enforcer = Enforcer.from_config(config, WallClock(), AccessLog(config.server.access_log))
-    listener = await open_listener(host, port, reuse_port=reuse_port)
-    if on_listening:
-        on_listening(listener.socket.getsockname()[1])
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(stop_on_signal, nursery.cancel_scope)
-        await serve(enforcer, listener)
 
 
 async def stop_on_signal(scope: trio.CancelScope) -> None:
@@ -45,27 +29,67 @@ async def stop_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
-def _worker(config_path: str, host: str, port: int) -> None:
+async def serve_config(
+    config: EnforcerConfig,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    follow_store: bool = False,
+    with_admin: bool = True,
+    on_listening: Callable[[int, int | None], None] | None = None,
+    also: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> None:
+    """Serve one configuration (and its admin API) on one trio loop until a signal stops it."""
+    enforcer = Enforcer(
+        config, WallClock(), AccessLog(config.server.access_log), follow_store=follow_store
+    )
+    listener = await open_listener(host, port, reuse_port=reuse_port)
+    admin_listener = None
+    if with_admin and config.admin is not None:
+        admin_listener = await open_listener(config.admin.host, config.admin.port)
+    if on_listening:
+        on_listening(
+            listener.socket.getsockname()[1],
+            admin_listener.socket.getsockname()[1] if admin_listener else None,
+        )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+        nursery.start_soon(serve, enforcer, listener)
+        if admin_listener is not None and config.admin is not None:
+            nursery.start_soon(serve_admin, enforcer.controller, config.admin, admin_listener)
+        for task in also:
+            nursery.start_soon(task)
+
+
+def _worker(config_path: str, host: str, port: int, index: int) -> None:
     config = load_config(config_path)
-    trio.run(functools.partial(serve_config, config, host, port, reuse_port=True))
+    # Every worker follows the shared state database; the first also serves the admin API.
+    trio.run(
+        functools.partial(
+            serve_config,
+            config,
+            host,
+            port,
+            reuse_port=True,
+            follow_store=True,
+            with_admin=index == 0,
+        )
+    )
 
 
 def run_workers(config_path: str, host: str, port: int, workers: int) -> int:
-    """Run ``workers`` processes on one port until Ctrl-C; return an exit code."""
+    """Run ``workers`` processes on one port until Ctrl-C or SIGTERM; return an exit code."""
     config = load_config(config_path)
-    if config.signing_key_file is None:
-        raise ConfigError(
-            config.path,
-            "signing.key_file",
-            "required with --workers > 1, so that every worker signs and accepts the same tokens",
-        )
-    config.snapshot(WallClock().now())  # creates the signing key once, before the workers start
     if port == 0:
         raise ConfigError(config.path, "server.port", "--workers > 1 needs a fixed port, not 0")
+    # Seed the state once, before the workers race to do it.
+    store, _, _ = open_state(config, WallClock().now())
+    store.close()
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(config_path, host, port), daemon=True)
-        for _ in range(workers)
+        ctx.Process(target=_worker, args=(config_path, host, port, i), daemon=True)
+        for i in range(workers)
     ]
 
     def terminate(signum: int, frame: object) -> None:

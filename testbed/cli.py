@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import os
 import shlex
@@ -15,8 +14,7 @@ from rich.console import Console
 
 from enforcer.config import ConfigError, load_config
 from enforcer.origin import serve_echo_origin_on
-from enforcer.server import Enforcer, open_listener, serve
-from enforcer.workers import run_workers, serve_config, stop_on_signal
+from enforcer.workers import run_workers, serve_config
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
 
 EXIT_USAGE = 2
@@ -67,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=_env("DEMO_OUT", "demo"), help="folder to write (env TESTBED_DEMO_OUT)"
     )
     demo.add_argument(
+        "--admin-port",
+        type=int,
+        default=_env("ADMIN_PORT"),
+        help="admin API port (default: the port + 1; env TESTBED_ADMIN_PORT)",
+    )
+    demo.add_argument(
         "--port",
         type=int,
         default=_env("PORT", "8443"),
@@ -94,13 +98,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.workers > 1:
             return run_workers(args.config, host, port, args.workers)
 
-        def listening(bound: int) -> None:
+        def listening(bound: int, admin: int | None) -> None:
+            extra = f", admin API on {config.admin.host}:{admin}" if config.admin else ""
             print(
-                f"enforcer: listening on {host}:{bound} (Ctrl-C stops)", file=sys.stderr, flush=True
+                f"enforcer: listening on {host}:{bound}{extra} (Ctrl-C stops)",
+                file=sys.stderr,
+                flush=True,
             )
 
-        # Fail before listening: build the snapshot (and so check the signing key) first.
-        config.snapshot(dt.datetime.now(dt.UTC))
+        # The state is opened and the snapshot built before anything listens, so a bad
+        # config or state fails with exit 2 first.
         trio.run(lambda: serve_config(config, host, port, on_listening=listening))
         print("enforcer: stopped", file=sys.stderr)
     except ConfigError as exc:
@@ -142,6 +149,11 @@ def demo_instructions(layout: DemoLayout) -> str:
         "# The signing keys an origin verifies CF_Authorization with",
         q(layout.curl(AUTH_HOST, path="/cdn-cgi/access/certs")),
         "",
+        f"Admin API on http://127.0.0.1:{layout.admin_port} (token in {layout.root}/admin.token,"
+        " account and zone id: demo), for example:",
+        f"testbed enforcer admin --url http://127.0.0.1:{layout.admin_port}"
+        f" --token-file {layout.root}/admin.token show",
+        "",
         "Ctrl-C stops the demo. Access log lines follow.",
     ]
     return "\n".join(lines)
@@ -155,22 +167,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # Bind the origin first: the configuration names its port.
         origin_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         origin_port = origin_listeners[0].socket.getsockname()[1]
-        layout = write_demo(out, args.port, f"http://127.0.0.1:{origin_port}")
+        admin_port = args.admin_port if args.admin_port is not None else args.port + 1
+        layout = write_demo(
+            out, args.port, f"http://127.0.0.1:{origin_port}", admin_port=admin_port
+        )
         config = load_config(layout.config)
-        config.snapshot(dt.datetime.now(dt.UTC))  # creates the signing key before serving
 
-        def listening(bound: int) -> None:
-            Console().print(
-                demo_instructions(DemoLayout(out, bound)), highlight=False, soft_wrap=True
-            )
+        def listening(bound: int, admin: int | None) -> None:
+            text = demo_instructions(DemoLayout(out, bound, admin or admin_port))
+            Console().print(text, highlight=False, soft_wrap=True)
 
-        enforcer = Enforcer.from_config(config)
-        listener = await open_listener("127.0.0.1", args.port)
-        listening(listener.socket.getsockname()[1])
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
-            nursery.start_soon(serve_echo_origin_on, origin_listeners)
-            nursery.start_soon(serve, enforcer, listener)
+        await serve_config(
+            config,
+            "127.0.0.1",
+            args.port,
+            on_listening=listening,
+            also=[lambda: serve_echo_origin_on(origin_listeners)],
+        )
 
     try:
         trio.run(main)

@@ -9,6 +9,8 @@ Layout (users and tests rely on it)::
     DIR/ca/foreign-root.pem     a root the enforcer does not trust
     DIR/edge/cert.pem, key.pem  the server certificate for both demo hostnames
     DIR/enforcer.toml           the enforcer configuration
+    DIR/admin.token             the admin API's bearer token
+    DIR/state.sqlite            the enforcer's state (made on first start; a new demo starts afresh)
     DIR/devices/<name>/cert.pem + key.pem
 """
 
@@ -32,6 +34,7 @@ class DemoLayout:
 
     root: Path
     port: int
+    admin_port: int = 0
 
     @property
     def config(self) -> Path:
@@ -63,7 +66,9 @@ class DemoLayout:
         return cmd
 
 
-def write_demo(out: Path, port: int, origin: str, now: dt.datetime | None = None) -> DemoLayout:
+def write_demo(
+    out: Path, port: int, origin: str, now: dt.datetime | None = None, *, admin_port: int = 0
+) -> DemoLayout:
     """Write the demo PKI, devices and configuration into ``out``."""
     now = now or dt.datetime.now(dt.UTC)
     day = dt.timedelta(days=1)
@@ -111,10 +116,16 @@ def write_demo(out: Path, port: int, origin: str, now: dt.datetime | None = None
             out / "devices" / name / "cert.pem", issued.cert_pem(), *(c.cert_pem() for c in chain)
         )
         write_pem(out / "devices" / name / "key.pem", issued.key_pem(), private=True)
-    (out / "signing-key.pem").unlink(missing_ok=True)  # a new demo, a new signing key
+    # A new demo starts afresh: new signing key, new state, new admin token.
+    for stale in ("signing-key.pem", "state.sqlite", "state.sqlite-wal", "state.sqlite-shm"):
+        (out / stale).unlink(missing_ok=True)
+    token = out / "admin.token"
+    token.write_text(secrets.token_urlsafe(32) + "\n")
+    token.chmod(0o600)
     (out / "enforcer.toml").write_text(
         DEMO_CONFIG.format(
             port=port,
+            admin_port=admin_port,
             origin=origin,
             auth=AUTH_HOST,
             iot=IOT_HOST,
@@ -123,7 +134,7 @@ def write_demo(out: Path, port: int, origin: str, now: dt.datetime | None = None
         ),
         encoding="utf-8",
     )
-    return DemoLayout(out, port)
+    return DemoLayout(out, port, admin_port)
 
 
 DEMO_CONFIG = """\
@@ -133,6 +144,19 @@ DEMO_CONFIG = """\
 host = "127.0.0.1"
 port = {port}
 access_log = "-"
+
+[state]
+path = "state.sqlite"            # admin changes live here; this file seeds it on first start
+
+[admin]
+host = "127.0.0.1"
+port = {admin_port}
+token_file = "admin.token"
+account_id = "demo"
+
+[[managed_ca]]                   # zone demo's managed CA, trusted on both demo hostnames
+zone = "demo"
+hostnames = ["{auth}", "{iot}"]
 
 [signing]
 key_file = "signing-key.pem"     # RSA key for RS256 tokens; created when missing

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import io
+import itertools
 import json
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -54,10 +56,13 @@ class Served:
 
 
 @pytest.fixture
-async def serve_config(nursery: trio.Nursery, demo: DemoLayout) -> Callable[..., object]:
+async def serve_config(
+    nursery: trio.Nursery, demo: DemoLayout, tmp_path: Path
+) -> Callable[..., object]:
     """Return an async function that serves a config (the demo's by default) on loopback."""
     origin_port = await nursery.start(serve_echo_origin, "127.0.0.1", 0)
     origin = f"http://127.0.0.1:{origin_port}"
+    counter = itertools.count()
 
     async def start(
         config: EnforcerConfig | None = None,
@@ -72,7 +77,9 @@ async def serve_config(nursery: trio.Nursery, demo: DemoLayout) -> Callable[...,
         )
         fixed = FixedClock(dt.datetime.now(dt.UTC))
         buffer = io.StringIO()
-        enforcer = Enforcer.from_config(cfg, clock or fixed, AccessLog(buffer))
+        # Each served enforcer gets its own state database: tests never see each other's changes.
+        state = tmp_path / f"state-{next(counter)}.sqlite"
+        enforcer = Enforcer(cfg, clock or fixed, AccessLog(buffer), state_path=state)
         listener = await open_listener("127.0.0.1", 0)
         port = await nursery.start(serve, enforcer, listener)
         return Served(port, enforcer, DemoLayout(demo.root, port), fixed, buffer)

@@ -1,0 +1,323 @@
+"""The admin API: Cloudflare-v4-style JSON over HTTP/1.1 on its own listener.
+
+Routes follow Cloudflare's paths (``/client/v4/accounts/{account}/access/...`` and
+``/client/v4/zones/{zone}/client_certificates...``), answers use its envelope (``success``,
+``errors``, ``messages``, ``result``). Every call needs ``Authorization: Bearer <token>``;
+without it the answer is 401 and nothing changes. Writes go through the
+:class:`~enforcer.controller.Controller`, which commits before the 2xx is sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+
+from enforcer import control
+from enforcer.config import AdminSettings
+from enforcer.control import ApiError, Outcome
+from enforcer.controller import Controller
+from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond
+
+log = logging.getLogger(__name__)
+MAX_ADMIN_BODY = 1024 * 1024
+_SEG = r"([A-Za-z0-9._:-]+)"
+
+Handler = Callable[["_Call"], Awaitable["Outcome | tuple[int, str, bytes]"]]
+
+
+class _Call:
+    """One admin request: path parameters, query and parsed JSON body."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        params: tuple[str, ...],
+        query: dict[str, list[str]],
+        body: bytes,
+    ) -> None:
+        self.controller = controller
+        self.params = params
+        self.query = query
+        self._raw = body
+
+    def json(self) -> Any:
+        if not self._raw.strip():
+            return {}
+        try:
+            return json.loads(self._raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+    def read(self, op: Callable[..., Outcome], *args: Any) -> Outcome:
+        return op(self.controller.objects, *args)
+
+    async def write(self, op: Callable[..., Outcome], *args: Any, now: bool = True) -> Outcome:
+        if now:
+            return await self.controller.write(lambda objects, t: op(objects, *args, t))
+        return await self.controller.write(lambda objects, t: op(objects, *args))
+
+
+def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
+    A = rf"/client/v4/accounts/{_SEG}/access"
+    Z = rf"/client/v4/zones/{_SEG}"
+    table: list[tuple[str, str, Handler]] = []
+
+    def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
+        def deco(fn: Handler) -> Handler:
+            table.append((method, pattern, fn))
+            return fn
+
+        return deco
+
+    @route("GET", rf"{A}/mtls")
+    async def mtls_get(c: _Call) -> Outcome:
+        return c.read(control.get_mtls, c.params[0])
+
+    @route("PUT", rf"{A}/mtls")
+    async def mtls_put(c: _Call) -> Outcome:
+        return await c.write(control.set_mtls, c.params[0], c.json())
+
+    @route("GET", rf"{A}/certificates")
+    async def roots_list(c: _Call) -> Outcome:
+        return c.read(control.list_roots, c.params[0])
+
+    @route("POST", rf"{A}/certificates")
+    async def roots_create(c: _Call) -> Outcome:
+        return await c.write(control.create_root, c.params[0], c.json())
+
+    @route("GET", rf"{A}/certificates/{_SEG}")
+    async def roots_get(c: _Call) -> Outcome:
+        return c.read(control.get_root, *c.params)
+
+    @route("PUT", rf"{A}/certificates/{_SEG}")
+    async def roots_update(c: _Call) -> Outcome:
+        return await c.write(control.update_root, *c.params, c.json())
+
+    @route("DELETE", rf"{A}/certificates/{_SEG}")
+    async def roots_delete(c: _Call) -> Outcome:
+        return await c.write(control.delete_root, *c.params, now=False)
+
+    @route("GET", rf"{A}/apps")
+    async def apps_list(c: _Call) -> Outcome:
+        return c.read(control.list_apps, c.params[0])
+
+    @route("POST", rf"{A}/apps")
+    async def apps_create(c: _Call) -> Outcome:
+        return await c.write(control.create_app, c.params[0], c.json(), c.controller.limits)
+
+    @route("GET", rf"{A}/apps/{_SEG}")
+    async def apps_get(c: _Call) -> Outcome:
+        return c.read(control.get_app, *c.params)
+
+    @route("PUT", rf"{A}/apps/{_SEG}")
+    async def apps_update(c: _Call) -> Outcome:
+        return await c.write(control.update_app, *c.params, c.json(), c.controller.limits)
+
+    @route("DELETE", rf"{A}/apps/{_SEG}")
+    async def apps_delete(c: _Call) -> Outcome:
+        return await c.write(control.delete_app, *c.params, now=False)
+
+    @route("GET", rf"{A}/apps/{_SEG}/policies")
+    async def policies_list(c: _Call) -> Outcome:
+        return c.read(control.list_policies, *c.params)
+
+    @route("POST", rf"{A}/apps/{_SEG}/policies")
+    async def policies_create(c: _Call) -> Outcome:
+        return await c.write(control.create_policy, *c.params, c.json())
+
+    @route("GET", rf"{A}/apps/{_SEG}/policies/{_SEG}")
+    async def policies_get(c: _Call) -> Outcome:
+        return c.read(control.get_policy, *c.params)
+
+    @route("PUT", rf"{A}/apps/{_SEG}/policies/{_SEG}")
+    async def policies_update(c: _Call) -> Outcome:
+        return await c.write(control.update_policy, *c.params, c.json())
+
+    @route("DELETE", rf"{A}/apps/{_SEG}/policies/{_SEG}")
+    async def policies_delete(c: _Call) -> Outcome:
+        return await c.write(control.delete_policy, *c.params)
+
+    @route("GET", rf"{A}/keys")
+    async def keys_get(c: _Call) -> Outcome:
+        controller = c.controller
+        return control.get_keys(controller.objects, controller.limits, controller.clock.now())
+
+    @route("POST", rf"{A}/keys/rotate")
+    async def keys_rotate(c: _Call) -> Outcome:
+        return await c.controller.write(
+            lambda objects, now: control.rotate_keys(objects, c.controller.limits, now)
+        )
+
+    @route("GET", rf"{Z}/certificate_authorities/hostname_associations")
+    async def ca_hostnames_get(c: _Call) -> Outcome:
+        ca = c.read(control.get_ca, c.params[0]).result
+        return Outcome({"hostnames": ca["hostnames"]})
+
+    @route("PUT", rf"{Z}/certificate_authorities/hostname_associations")
+    async def ca_hostnames_put(c: _Call) -> Outcome:
+        return await c.write(control.set_ca_hostnames, c.params[0], c.json())
+
+    @route("GET", rf"{Z}/client_certificates/ca")
+    async def ca_get(c: _Call) -> Outcome:
+        return c.read(control.get_ca, c.params[0])
+
+    @route("GET", rf"{Z}/client_certificates/crl")
+    async def crl_get(c: _Call) -> tuple[int, str, bytes]:
+        pem = c.controller.read(lambda objects, now: control.zone_crl(objects, c.params[0], now))
+        return 200, "application/x-pem-file", pem
+
+    @route("GET", rf"{Z}/client_certificates")
+    async def certs_list(c: _Call) -> Outcome:
+        status = c.query.get("status", [None])[0]
+        return c.read(control.list_client_certs, c.params[0], status)
+
+    @route("POST", rf"{Z}/client_certificates")
+    async def certs_create(c: _Call) -> Outcome:
+        return await c.write(control.create_client_cert, c.params[0], c.json())
+
+    @route("GET", rf"{Z}/client_certificates/{_SEG}")
+    async def certs_get(c: _Call) -> Outcome:
+        return c.read(control.get_client_cert, *c.params)
+
+    @route("DELETE", rf"{Z}/client_certificates/{_SEG}")
+    async def certs_revoke(c: _Call) -> Outcome:
+        return await c.write(control.revoke_client_cert, *c.params)
+
+    @route("PATCH", rf"{Z}/client_certificates/{_SEG}")
+    async def certs_reactivate(c: _Call) -> Outcome:
+        return await c.write(control.reactivate_client_cert, *c.params, c.json(), now=False)
+
+    return [(m, re.compile(p + r"/?\Z"), fn) for m, p, fn in table]
+
+
+ROUTES = _routes()
+
+
+def envelope(result: Any = None, errors: list[dict[str, Any]] | None = None) -> bytes:
+    """Encode a Cloudflare v4 envelope."""
+    body: dict[str, Any] = {
+        "success": not errors,
+        "errors": errors or [],
+        "messages": [],
+        "result": result,
+    }
+    if isinstance(result, list):
+        body["result_info"] = {
+            "page": 1,
+            "per_page": len(result),
+            "count": len(result),
+            "total_count": len(result),
+        }
+    return (json.dumps(body, indent=2) + "\n").encode()
+
+
+def _error(status: int, message: str, code: int | None = None) -> tuple[int, bytes]:
+    err = ApiError(status, message, code)
+    return status, envelope(None, [{"code": err.code, "message": message}])
+
+
+class AdminServer:
+    """Serves the admin API for one controller."""
+
+    def __init__(self, controller: Controller, settings: AdminSettings) -> None:
+        self.controller = controller
+        self._token = f"Bearer {settings.token}".encode()
+
+    def _authorised(self, request: h11.Request) -> bool:
+        values = header_values(request.headers, b"authorization")
+        # compare_digest: the token must not leak through timing.
+        return len(values) == 1 and hmac.compare_digest(values[0].encode("latin-1"), self._token)
+
+    async def dispatch(self, request: h11.Request, body: bytes) -> tuple[int, str, bytes]:
+        """Route one request; return (status, content type, body)."""
+        if not self._authorised(request):
+            status, data = _error(
+                401, "missing or wrong admin token: send Authorization: Bearer <token>", 10000
+            )
+            return status, "application/json", data
+        url = urlsplit(request.target.decode("latin-1"))
+        method = request.method.decode()
+        allowed = []
+        for route_method, pattern, handler in ROUTES:
+            match = pattern.match(url.path)
+            if match is None:
+                continue
+            if route_method != method:
+                allowed.append(route_method)
+                continue
+            call = _Call(self.controller, match.groups(), parse_qs(url.query), body)
+            try:
+                result = await handler(call)
+            except ApiError as exc:
+                status, data = _error(exc.status, exc.message, exc.code)
+                return status, "application/json", data
+            if isinstance(result, tuple):
+                return result
+            return result.status, "application/json", envelope(result.result)
+        if allowed:
+            status, data = _error(
+                405, f"{method} is not allowed on {url.path}; use {sorted(set(allowed))}"
+            )
+        else:
+            status, data = _error(404, f"no admin route {url.path}")
+        return status, "application/json", data
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve one admin connection (keep-alive) until it closes."""
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                with trio.move_on_after(60) as scope:
+                    event = await next_event(conn, stream)
+                if scope.cancelled_caught or not isinstance(event, h11.Request):
+                    return
+                try:
+                    body = await read_body(conn, stream, MAX_ADMIN_BODY)
+                except BodyTooLarge:
+                    status, data = _error(413, f"the request body is over {MAX_ADMIN_BODY} bytes")
+                    await respond(
+                        conn,
+                        stream,
+                        status,
+                        [("content-type", "application/json"), ("connection", "close")],
+                        data,
+                    )
+                    return
+                try:
+                    status, ctype, data = await self.dispatch(event, body)
+                except Exception:
+                    log.exception("admin: unexpected error on %s %s", event.method, event.target)
+                    status, data = _error(500, "internal error (see the server log)")
+                    ctype = "application/json"
+                await respond(conn, stream, status, [("content-type", ctype)], data)
+                if conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+async def serve_admin(
+    controller: Controller,
+    settings: AdminSettings,
+    listener: trio.SocketListener,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin API on a bound listener until cancelled."""
+    server = AdminServer(controller, settings)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(trio.serve_listeners, server.handle, [listener]))
+        task_status.started(listener.socket.getsockname()[1])
