@@ -112,6 +112,25 @@ def parse_rule(raw: object, where: str) -> Rule:
     return Rule(kind, value)
 
 
+RULE_KINDS = tuple(_RULE_KINDS)
+
+
+def rule_from_text(text: str) -> dict[str, dict[str, str]]:
+    """Turn ``kind`` or ``kind=value`` (as on a command line) into a rule's API form."""
+    kind, sep, value = text.partition("=")
+    kind = kind.strip()
+    if kind not in _RULE_KINDS:
+        raise PolicyError(f"{text!r}: unknown rule {kind!r}; expected one of {sorted(_RULE_KINDS)}")
+    spec = _RULE_KINDS[kind]
+    if spec is None:
+        if sep:
+            raise PolicyError(f"{text!r}: the {kind} rule takes no value")
+        return {kind: {}}
+    if not sep or not value:
+        raise PolicyError(f"{text!r}: the {kind} rule needs a value, as in {kind}=VALUE")
+    return {kind: {spec[0]: value}}
+
+
 def rule_to_dict(rule: Rule) -> dict[str, dict[str, str]]:
     """Return a rule in its API form, the inverse of :func:`parse_rule`."""
     spec = _RULE_KINDS[rule.kind]

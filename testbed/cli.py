@@ -15,6 +15,7 @@ from rich.console import Console
 from enforcer.config import ConfigError, load_config
 from enforcer.origin import serve_echo_origin_on
 from enforcer.workers import run_workers, serve_config
+from testbed.admin_cli import add_admin_parser, run_admin
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
 
 EXIT_USAGE = 2
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("WORKERS", "1"),
         help="worker processes sharing the port (env TESTBED_WORKERS)",
     )
+
+    add_admin_parser(enf)
 
     demo = enf.add_parser(
         "demo", help="write a demo PKI and configuration into a folder and serve it"
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "enforcer" and args.action == "demo":
         return cmd_demo(args)
+    if args.command == "enforcer" and args.action == "admin":
+        return run_admin(args)
     return _fail(f"unknown command {args.command}")
 
 

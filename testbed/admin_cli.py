@@ -1,0 +1,459 @@
+"""``testbed enforcer admin``: the admin API from the command line, as tables or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from enforcer.policy import RULE_KINDS, PolicyError, rule_from_text
+
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+
+
+class AdminError(Exception):
+    """The admin API refused a call or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AdminClient:
+    """A small client of the admin API (stdlib HTTP, Cloudflare v4 envelopes)."""
+
+    def __init__(self, url: str, token: str, account: str, zone: str, timeout: float = 30) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.account = account
+        self.zone = zone
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None, *, raw: bool = False) -> Any:
+        """Call the API; return the envelope's result (or the raw bytes)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            payload = exc.read()
+            try:
+                errors = json.loads(payload)["errors"]
+                message = "; ".join(e["message"] for e in errors)
+            except (ValueError, KeyError, TypeError):
+                message = payload.decode("utf-8", "replace")[:200]
+            raise AdminError(f"HTTP {exc.code}: {message}", exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AdminError(f"cannot reach the admin API at {self.url}: {reason}") from None
+        if raw:
+            return payload
+        return json.loads(payload)["result"]
+
+    def account_path(self, rest: str) -> str:
+        return f"/client/v4/accounts/{self.account}/access{rest}"
+
+    def zone_path(self, rest: str) -> str:
+        return f"/client/v4/zones/{self.zone}{rest}"
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(f"TESTBED_{name}")
+
+
+def add_admin_parser(enforcer_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``admin`` and its subcommands to the ``testbed enforcer`` parser."""
+    admin = enforcer_sub.add_parser("admin", help="manage a running enforcer through its admin API")
+    admin.add_argument(
+        "--url",
+        default=_env("ADMIN_URL") or "http://127.0.0.1:8444",
+        help="admin API URL (env TESTBED_ADMIN_URL; default http://127.0.0.1:8444)",
+    )
+    admin.add_argument(
+        "--token", default=_env("ADMIN_TOKEN"), help="bearer token (env TESTBED_ADMIN_TOKEN)"
+    )
+    admin.add_argument(
+        "--token-file",
+        default=_env("ADMIN_TOKEN_FILE"),
+        help="file holding the bearer token (env TESTBED_ADMIN_TOKEN_FILE)",
+    )
+    admin.add_argument(
+        "--account",
+        default=_env("ACCOUNT") or "demo",
+        help="account id (env TESTBED_ACCOUNT; default demo)",
+    )
+    admin.add_argument(
+        "--zone", default=_env("ZONE") or "demo", help="zone id (env TESTBED_ZONE; default demo)"
+    )
+    admin.add_argument(
+        "--json", action="store_true", help="print the API's JSON result instead of tables"
+    )
+    sub = admin.add_subparsers(dest="admin_command", required=True)
+
+    sub.add_parser("show", help="everything: mTLS switch, roots, applications, policies, CA, keys")
+
+    mtls = sub.add_parser("mtls", help="the account's mTLS switch").add_subparsers(
+        dest="op", required=True
+    )
+    mtls.add_parser("show")
+    mtls.add_parser("enable", help="enable mTLS (it cannot be disabled afterwards)")
+
+    roots = sub.add_parser("roots", help="mTLS root certificates").add_subparsers(
+        dest="op", required=True
+    )
+    roots.add_parser("list")
+    up = roots.add_parser(
+        "upload", help="upload a root (PEM: optional intermediates, then the root)"
+    )
+    up.add_argument("--name", required=True)
+    up.add_argument("--cert", required=True, type=Path, help="PEM file")
+    up.add_argument(
+        "--hostname", action="append", default=[], help="an associated hostname (repeat)"
+    )
+    for name in ("show", "delete"):
+        roots.add_parser(name).add_argument("id")
+    upd = roots.add_parser("update", help="replace the associated hostnames")
+    upd.add_argument("id")
+    upd.add_argument(
+        "--hostname",
+        action="append",
+        default=[],
+        help="an associated hostname (repeat; none clears)",
+    )
+
+    apps = sub.add_parser("apps", help="applications").add_subparsers(dest="op", required=True)
+    apps.add_parser("list")
+    create = apps.add_parser("create")
+    create.add_argument("--name")
+    create.add_argument("--hostname", required=True)
+    create.add_argument("--origin", required=True, help="http:// URL requests are forwarded to")
+    for p in (create,):
+        p.add_argument("--session-duration", default="24h", help="Go duration; 0s = No Duration")
+    create.add_argument("--forward-client-cert", action="store_true")
+    create.add_argument("--bind-token-to-cert", action="store_true")
+    for name in ("show", "delete"):
+        apps.add_parser(name).add_argument("id")
+    aupd = apps.add_parser("update")
+    aupd.add_argument("id")
+    aupd.add_argument("--session-duration")
+    aupd.add_argument("--origin")
+    aupd.add_argument("--name")
+
+    pol = sub.add_parser("policies", help="an application's policies").add_subparsers(
+        dest="op", required=True
+    )
+    pol.add_parser("list").add_argument("app")
+    pc = pol.add_parser(
+        "create", help=f"rules are KIND or KIND=VALUE, KIND one of {', '.join(RULE_KINDS)}"
+    )
+    pc.add_argument("app")
+    pc.add_argument("--name", required=True)
+    pc.add_argument(
+        "--decision", default="non_identity", choices=["non_identity", "allow", "deny", "bypass"]
+    )
+    pc.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="e.g. certificate, common_name=device-001",
+    )
+    pc.add_argument("--require", action="append", default=[], metavar="RULE")
+    pc.add_argument("--exclude", action="append", default=[], metavar="RULE")
+    pc.add_argument("--session-duration")
+    pd = pol.add_parser("delete")
+    pd.add_argument("app")
+    pd.add_argument("id")
+
+    certs = sub.add_parser(
+        "certs", help="the zone's managed CA and its client certificates"
+    ).add_subparsers(dest="op", required=True)
+    cl = certs.add_parser("list")
+    cl.add_argument("--status", choices=["active", "revoked"])
+    issue = certs.add_parser("issue", help="issue a client certificate from a CSR")
+    issue.add_argument("--csr", required=True, type=Path)
+    issue.add_argument("--validity-days", type=int, default=365)
+    issue.add_argument("--out", type=Path, help="write the certificate PEM here")
+    for name in ("show", "revoke", "reactivate"):
+        certs.add_parser(name).add_argument("id")
+    for name in ("ca", "crl"):
+        certs.add_parser(name).add_argument("--out", type=Path)
+    hn = certs.add_parser("hostnames", help="set the hostnames that trust the zone's managed CA")
+    hn.add_argument("--hostname", action="append", default=[])
+
+    keys = sub.add_parser("keys", help="token signing keys").add_subparsers(
+        dest="op", required=True
+    )
+    keys.add_parser("show")
+    keys.add_parser(
+        "rotate", help="new signing key; the previous one stays accepted for the grace period"
+    )
+
+
+def _table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(col)) for col in columns))
+    return table
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _rules(texts: Sequence[str]) -> list[dict[str, Any]]:
+    return [rule_from_text(t) for t in texts]
+
+
+def _policy_rows(policies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            **p,
+            "rules": "; ".join(
+                f"{k}: {_cell(p[k])}" for k in ("include", "require", "exclude") if p.get(k)
+            ),
+        }
+        for p in policies
+    ]
+
+
+def run_admin(args: argparse.Namespace, console: Console | None = None) -> int:
+    """Run one admin subcommand; return the exit code."""
+    console = console or Console(soft_wrap=True)
+    token = args.token
+    if not token and args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            console.print(f"error: --token-file {args.token_file}: {exc.strerror}", highlight=False)
+            return EXIT_USAGE
+    if not token:
+        console.print(
+            "error: no admin token: use --token, --token-file or TESTBED_ADMIN_TOKEN",
+            highlight=False,
+        )
+        return EXIT_USAGE
+    client = AdminClient(args.url, token, args.account, args.zone)
+    try:
+        result, render = _dispatch(args, client)
+    except AdminError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", highlight=False)
+        return EXIT_API_ERROR
+    except (PolicyError, OSError) as exc:
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", highlight=False)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        render(console)
+    return 0
+
+
+def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[Console], None]]:
+    cmd, op = args.admin_command, getattr(args, "op", None)
+    A, Z = c.account_path, c.zone_path
+    root_cols = ["id", "name", "associated_hostnames", "fingerprint", "expires_on"]
+    app_cols = ["id", "name", "hostname", "session_duration", "origin"]
+    cert_cols = ["id", "common_name", "status", "serial_number", "expires_on"]
+
+    def show_one(obj: dict[str, Any], title: str) -> Callable[[Console], None]:
+        return lambda con: con.print(
+            _table(
+                title, [{"field": k, "value": _cell(v)} for k, v in obj.items()], ["field", "value"]
+            )
+        )
+
+    if cmd == "show":
+        everything = {
+            "mtls": c.call("GET", A("/mtls")),
+            "roots": c.call("GET", A("/certificates")),
+            "apps": c.call("GET", A("/apps")),
+            "keys": c.call("GET", A("/keys")),
+        }
+        try:
+            everything["managed_ca"] = c.call("GET", Z("/client_certificates/ca"))
+            everything["client_certificates"] = c.call("GET", Z("/client_certificates"))
+        except AdminError as exc:
+            if exc.status != 404:
+                raise
+            everything["managed_ca"] = None
+            everything["client_certificates"] = []
+
+        def render(con: Console) -> None:
+            con.print(
+                f"account {c.account}: mTLS {'enabled' if everything['mtls']['enabled'] else 'not enabled'}"
+            )
+            con.print(_table("mTLS certificates", everything["roots"], root_cols))
+            con.print(_table("applications", everything["apps"], app_cols))
+            for app in everything["apps"]:
+                con.print(
+                    _table(
+                        f"policies of {app['hostname']}",
+                        _policy_rows(app["policies"]),
+                        ["id", "name", "decision", "rules"],
+                    )
+                )
+            ca = everything["managed_ca"]
+            con.print(
+                f"zone {c.zone} managed CA: "
+                + (f"trusted on {_cell(ca['hostnames']) or 'no hostname'}" if ca else "none yet")
+            )
+            con.print(_table("client certificates", everything["client_certificates"], cert_cols))
+            con.print(
+                _table(
+                    "signing keys",
+                    everything["keys"]["keys"],
+                    ["kid", "created_at", "accepted_until"],
+                )
+            )
+
+        return everything, render
+    if cmd == "mtls":
+        result = (
+            c.call("PUT", A("/mtls"), {"enabled": True})
+            if op == "enable"
+            else c.call("GET", A("/mtls"))
+        )
+        return result, lambda con: con.print(
+            f"account {c.account}: mTLS {'enabled' if result['enabled'] else 'not enabled'}"
+        )
+    if cmd == "roots":
+        if op == "list":
+            rows = c.call("GET", A("/certificates"))
+            return rows, lambda con: con.print(_table("mTLS certificates", rows, root_cols))
+        if op == "upload":
+            body = {
+                "name": args.name,
+                "certificate": args.cert.read_text(),
+                "associated_hostnames": args.hostname,
+            }
+            obj = c.call("POST", A("/certificates"), body)
+        elif op == "update":
+            obj = c.call(
+                "PUT", A(f"/certificates/{args.id}"), {"associated_hostnames": args.hostname}
+            )
+        elif op == "delete":
+            obj = c.call("DELETE", A(f"/certificates/{args.id}"))
+        else:
+            obj = c.call("GET", A(f"/certificates/{args.id}"))
+        return obj, show_one(
+            {k: v for k, v in obj.items() if k != "certificate"}, "mTLS certificate"
+        )
+    if cmd == "apps":
+        if op == "list":
+            rows = c.call("GET", A("/apps"))
+            return rows, lambda con: con.print(_table("applications", rows, app_cols))
+        if op == "create":
+            body = {
+                "name": args.name or args.hostname,
+                "domain": args.hostname,
+                "origin": args.origin,
+                "session_duration": args.session_duration,
+                "forward_client_certificate": args.forward_client_cert,
+                "bind_token_to_certificate": args.bind_token_to_cert,
+            }
+            obj = c.call("POST", A("/apps"), body)
+        elif op == "update":
+            body = {
+                k: v
+                for k, v in {
+                    "session_duration": args.session_duration,
+                    "origin": args.origin,
+                    "name": args.name,
+                }.items()
+                if v is not None
+            }
+            obj = c.call("PUT", A(f"/apps/{args.id}"), body)
+        elif op == "delete":
+            obj = c.call("DELETE", A(f"/apps/{args.id}"))
+        else:
+            obj = c.call("GET", A(f"/apps/{args.id}"))
+        return obj, show_one(obj, "application")
+    if cmd == "policies":
+        if op == "list":
+            rows = c.call("GET", A(f"/apps/{args.app}/policies"))
+            return rows, lambda con: con.print(
+                _table("policies", _policy_rows(rows), ["id", "name", "decision", "rules"])
+            )
+        if op == "create":
+            body: dict[str, Any] = {
+                "name": args.name,
+                "decision": args.decision,
+                "include": _rules(args.include),
+                "require": _rules(args.require),
+                "exclude": _rules(args.exclude),
+            }
+            if args.session_duration:
+                body["session_duration"] = args.session_duration
+            obj = c.call("POST", A(f"/apps/{args.app}/policies"), body)
+        else:
+            obj = c.call("DELETE", A(f"/apps/{args.app}/policies/{args.id}"))
+        return obj, show_one(obj, "policy")
+    if cmd == "certs":
+        if op == "list":
+            query = f"?status={args.status}" if args.status else ""
+            rows = c.call("GET", Z(f"/client_certificates{query}"))
+            return rows, lambda con: con.print(_table("client certificates", rows, cert_cols))
+        if op in ("ca", "crl"):
+            pem = (
+                c.call("GET", Z("/client_certificates/ca"))["certificate"]
+                if op == "ca"
+                else c.call("GET", Z("/client_certificates/crl"), raw=True).decode()
+            )
+            if args.out:
+                args.out.write_text(pem)
+            return {"pem": pem}, lambda con: con.print(
+                f"wrote {args.out}" if args.out else pem, highlight=False
+            )
+        if op == "hostnames":
+            obj = c.call(
+                "PUT",
+                Z("/certificate_authorities/hostname_associations"),
+                {"hostnames": args.hostname},
+            )
+            return obj, show_one(obj, f"zone {c.zone} managed CA")
+        if op == "issue":
+            obj = c.call(
+                "POST",
+                Z("/client_certificates"),
+                {"csr": args.csr.read_text(), "validity_days": args.validity_days},
+            )
+            if args.out:
+                args.out.write_text(obj["certificate"])
+        elif op == "revoke":
+            obj = c.call("DELETE", Z(f"/client_certificates/{args.id}"))
+        elif op == "reactivate":
+            obj = c.call("PATCH", Z(f"/client_certificates/{args.id}"), {"reactivate": True})
+        else:
+            obj = c.call("GET", Z(f"/client_certificates/{args.id}"))
+        view = {k: v for k, v in obj.items() if k not in ("certificate", "csr")}
+        return obj, show_one(view, "client certificate")
+    if cmd == "keys":
+        obj = c.call("POST", A("/keys/rotate")) if op == "rotate" else c.call("GET", A("/keys"))
+        if op == "rotate":
+            return obj, show_one(obj, "new signing key")
+        return obj, lambda con: con.print(
+            _table("signing keys", obj["keys"], ["kid", "created_at", "accepted_until"])
+        )
+    raise AdminError(f"unknown admin command {cmd}")
