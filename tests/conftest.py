@@ -17,10 +17,14 @@ from hypothesis import Verbosity, settings
 
 from enforcer.accesslog import AccessLog
 from enforcer.clock import Clock, FixedClock
-from enforcer.config import EnforcerConfig, load_config
+from enforcer.admin import serve_admin
+from enforcer.config import AdminSettings, EnforcerConfig, load_config
+from enforcer.controller import Controller
 from enforcer.origin import serve_echo_origin
 from enforcer.server import Enforcer, open_listener, serve
 from testbed.demo import DemoLayout, write_demo
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
 
 settings.register_profile("default", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True)
@@ -45,6 +49,12 @@ class Served:
     layout: DemoLayout
     clock: FixedClock
     log_buffer: io.StringIO
+    admin_port: int | None = None
+
+    @property
+    def controller(self) -> Controller:
+        """The control plane of this enforcer."""
+        return self.enforcer.controller
 
     def log(self) -> list[dict[str, object]]:
         """The access log records so far."""
@@ -67,6 +77,7 @@ async def serve_config(
     async def start(
         config: EnforcerConfig | None = None,
         clock: Clock | None = None,
+        admin: bool = False,
         **server: object,
     ) -> Served:
         cfg = config or load_config(demo.config)
@@ -82,7 +93,14 @@ async def serve_config(
         enforcer = Enforcer(cfg, clock or fixed, AccessLog(buffer), state_path=state)
         listener = await open_listener("127.0.0.1", 0)
         port = await nursery.start(serve, enforcer, listener)
-        return Served(port, enforcer, DemoLayout(demo.root, port), fixed, buffer)
+        admin_port = None
+        if admin:
+            settings = AdminSettings("127.0.0.1", 0, ADMIN_TOKEN, "demo")
+            admin_listener = await open_listener("127.0.0.1", 0)
+            admin_port = await nursery.start(
+                serve_admin, enforcer.controller, settings, admin_listener
+            )
+        return Served(port, enforcer, DemoLayout(demo.root, port), fixed, buffer, admin_port)
 
     return start
 

@@ -151,3 +151,48 @@ async def run(
         return await trio.run_process(
             list(cmd), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
         )
+
+
+async def admin_call(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    token: str | None = None,
+    raw_body: bytes | None = None,
+) -> tuple[int, Any]:
+    """Call the admin API over plain HTTP; return (status, decoded JSON envelope or bytes)."""
+    from tests.conftest import ADMIN_TOKEN
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = h11.Connection(h11.CLIENT)
+    data = (
+        raw_body if raw_body is not None else (b"" if body is None else json.dumps(body).encode())
+    )
+    headers = [("host", "admin"), ("content-length", str(len(data)))]
+    tok = ADMIN_TOKEN if token is None else token
+    if tok:
+        headers.append(("authorization", f"Bearer {tok}"))
+    try:
+        out = conn.send(h11.Request(method=method, target=path, headers=headers))
+        out += conn.send(h11.Data(data=data)) if data else b""
+        out += conn.send(h11.EndOfMessage())
+        await stream.send_all(out)
+        status, chunks = 0, []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+    finally:
+        await stream.aclose()
+    payload = b"".join(chunks)
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload
