@@ -301,9 +301,8 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
             everything["client_certificates"] = []
 
         def render(con: Console) -> None:
-            con.print(
-                f"account {c.account}: mTLS {'enabled' if everything['mtls']['enabled'] else 'not enabled'}"
-            )
+            enabled = everything["mtls"]["enabled"]
+            con.print(f"account {c.account}: mTLS {'enabled' if enabled else 'not enabled'}")
             con.print(_table("mTLS certificates", everything["roots"], root_cols))
             con.print(_table("applications", everything["apps"], app_cols))
             for app in everything["apps"]:

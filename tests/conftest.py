@@ -16,8 +16,8 @@ import trio
 from hypothesis import Verbosity, settings
 
 from enforcer.accesslog import AccessLog
-from enforcer.clock import Clock, FixedClock
 from enforcer.admin import serve_admin
+from enforcer.clock import Clock, FixedClock
 from enforcer.config import AdminSettings, EnforcerConfig, load_config
 from enforcer.controller import Controller
 from enforcer.origin import serve_echo_origin

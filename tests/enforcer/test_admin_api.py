@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
 from tests.wire import Connection, admin_call, client_context, get
-from testbed.demo import AUTH_HOST, IOT_HOST
 
 ACC = "/client/v4/accounts/demo/access"
 ZONE = "/client/v4/zones/demo"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import trio
 
+from testbed.demo import AUTH_HOST
 from tests.conftest import Served
 from tests.wire import Connection, admin_call, client_context
-from testbed.demo import AUTH_HOST
 
 ACC = "/client/v4/accounts/demo/access"
 # Two states that one PUT switches between: the session duration and the policy change together.

@@ -14,9 +14,9 @@ import pytest
 import trio
 
 from enforcer.origin import serve_echo_origin
+from testbed.demo import AUTH_HOST, DemoLayout
 from tests.testbed.test_cli import TESTBED, free_port, stop, wait_for_port
 from tests.wire import run
-from testbed.demo import AUTH_HOST, DemoLayout
 
 TOKEN = "cli-admin-token-0123456789abcdef"
 
