@@ -50,7 +50,7 @@ def test_changes_and_deletes(tmp_path: Path) -> None:
 def test_unopenable_database_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "not-a-db.sqlite"
     bad.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="not-a-db.sqlite"):
+    with pytest.raises(StoreError, match=r"not-a-db\.sqlite"):
         Store(bad)
 
 
