@@ -48,6 +48,7 @@ def forwarded_headers(
     token: str | None,
     client_cert_der: bytes | None,
     client_cert_sha256: str | None,
+    upgrade: bytes | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """Return the headers sent to the origin: the client's, cleaned, plus the access headers."""
     out = [
@@ -66,8 +67,64 @@ def forwarded_headers(
     if client_cert_der is not None and client_cert_sha256 is not None:
         out.append((b"cf-client-cert-der-base64", base64.b64encode(client_cert_der)))
         out.append((b"cf-client-cert-sha256", client_cert_sha256.encode()))
-    out.append((b"connection", b"close"))
+    if upgrade:
+        # A WebSocket handshake is forwarded as one: the origin answers 101 and we tunnel.
+        out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+    else:
+        out.append((b"connection", b"close"))
     return out
+
+
+@dataclasses.dataclass
+class Tunnel:
+    """An origin connection that switched protocols (101), and the bytes it sent after."""
+
+    stream: trio.SocketStream
+    response: h11.InformationalResponse
+    trailing: bytes
+
+
+async def open_upgrade(
+    origin: str,
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    timeout: float,
+) -> Tunnel | tuple[h11.Response, bytes]:
+    """Forward an Upgrade request; return a :class:`Tunnel` on 101, else the response and body."""
+    url = urlsplit(origin)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    prefix = url.path.rstrip("/").encode()
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise OriginError(f"cannot connect to origin {origin}: {exc}") from exc
+    conn = h11.Connection(h11.CLIENT)
+    try:
+        with trio.fail_after(timeout):
+            await send(
+                conn, stream, h11.Request(method=method, target=prefix + target, headers=headers)
+            )
+            await send(conn, stream, h11.EndOfMessage())
+            event = await next_event(conn, stream)
+            if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                data, _closed = conn.trailing_data
+                return Tunnel(stream, event, bytes(data))
+            if not isinstance(event, h11.Response):
+                raise OriginError(f"origin {origin} sent {type(event).__name__} to an upgrade")
+            body = bytearray()
+            while True:
+                ev = await next_event(conn, stream)
+                if isinstance(ev, h11.Data):
+                    body += ev.data
+                elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+        await stream.aclose()
+        return event, bytes(body)
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+        await stream.aclose()
+        raise OriginError(f"origin {origin} failed during an upgrade: {exc!r}") from exc
 
 
 @asynccontextmanager

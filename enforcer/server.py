@@ -18,8 +18,9 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import h11
 import trio
@@ -41,7 +42,7 @@ from enforcer.decision import (
     still_valid,
 )
 from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond, send
-from enforcer.proxy import OriginError, forwarded_headers, origin_request
+from enforcer.proxy import OriginError, Tunnel, forwarded_headers, open_upgrade, origin_request
 from enforcer.reasons import DENIAL_BODIES, Reason
 from enforcer.snapshot import Snapshot
 from enforcer.tls import ContextsBySNI, HostTLS, IntermediatesMemo, ServerTLSStream, TLSError
@@ -239,7 +240,9 @@ class _Session:
                 return
             self.requests += 1
             await self._request(event, body)
-            if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
+            if self.h11.our_state in (h11.MUST_CLOSE, h11.SWITCHED_PROTOCOL):
+                return
+            if self.h11.their_state is h11.MUST_CLOSE:
                 return
             try:
                 self.h11.start_next_cycle()
@@ -294,8 +297,9 @@ class _Session:
             headers = [("content-type", "application/json")]
             if jwks_app.no_duration:
                 headers.append(("connection", "close"))  # SPEC A9: every response closes
-            await respond(self.h11, self.tls, 200, headers, doc, head=request.method == b"HEAD")
+            # Log before answering: once a client has its answer, the line is in the log.
             self._log(request, now, t0, status=200)
+            await respond(self.h11, self.tls, 200, headers, doc, head=request.method == b"HEAD")
             return
 
         token = parse_cookie_header(header_values(request.headers, b"cookie"), COOKIE_NAME)
@@ -311,18 +315,107 @@ class _Session:
 
         if not decision.allowed:
             reason = decision.reason or Reason.POLICY_DENIED
+            self._log(request, now, t0, decision=decision, decision_ms=decision_ms)
             await self._plain(
                 decision.status,
                 DENIAL_BODIES.get(reason, "Forbidden.") + "\n",
                 close=decision.close_connection,
                 extra=[("x-access-denied-reason", reason.value)],
             )
-            self._log(request, now, t0, decision=decision, decision_ms=decision_ms)
             return
-        status = await self._forward(request, body, decision)
-        self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=status)
+        upgrade = _upgrade_protocol(request)
+        if upgrade is not None and hostname is not None:
+            self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=101)
+            await self._tunnel(request, decision, upgrade, hostname)
+            return
+        await self._forward(
+            request,
+            body,
+            decision,
+            lambda status: self._log(
+                request, now, t0, decision=decision, decision_ms=decision_ms, status=status
+            ),
+        )
 
-    async def _forward(self, request: h11.Request, body: bytes, decision: AccessDecision) -> int:
+    async def _tunnel(
+        self, request: h11.Request, decision: AccessDecision, upgrade: bytes, hostname: str
+    ) -> None:
+        """Forward a WebSocket (or other) upgrade to the origin and pipe bytes both ways."""
+        app = decision.application
+        assert app is not None
+        headers = self._origin_headers(request, decision, upgrade)
+        try:
+            result = await open_upgrade(
+                app.origin, request.method, request.target, headers, self.e.settings.request_timeout
+            )
+        except OriginError as exc:
+            log.warning("connection %d: %s", self.conn_id, exc)
+            await self._plain(502, "The origin is unreachable.\n", close=True)
+            return
+        if not isinstance(result, Tunnel):
+            response, body = result  # the origin declined the upgrade: relay its answer
+            out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
+            out += [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+            await send(
+                self.h11, self.tls, h11.Response(status_code=response.status_code, headers=out)
+            )
+            await send(self.h11, self.tls, h11.Data(data=body))
+            await send(self.h11, self.tls, h11.EndOfMessage())
+            return
+        out = list(result.response.headers)
+        if decision.set_cookie:
+            out.append((b"set-cookie", decision.set_cookie.encode()))
+        await send(
+            self.h11,
+            self.tls,
+            h11.InformationalResponse(status_code=101, headers=out, reason=b"Switching Protocols"),
+        )
+        client_bytes, _ = self.h11.trailing_data
+        origin = result.stream
+
+        async def pump(receive: Any, send_all: Any, done: trio.CancelScope) -> None:
+            try:
+                while data := await receive():
+                    await send_all(data)
+            except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            done.cancel()
+
+        async def recheck(done: trio.CancelScope) -> None:
+            # SPEC A14 for long-lived tunnels: a certificate revoked or expired since the
+            # upgrade ends the tunnel within a second.
+            while True:
+                await trio.sleep(1)
+                snapshot = self.e.snapshot
+                result = self._validate(snapshot, hostname, self.e.clock.now())
+                if result is not None and not result.valid:
+                    done.cancel()
+                    return
+
+        try:
+            if client_bytes:
+                await origin.send_all(bytes(client_bytes))
+            if result.trailing:
+                await self.tls.send_all(result.trailing)
+            async with trio.open_nursery() as nursery:
+                scope = nursery.cancel_scope
+                nursery.start_soon(
+                    pump, lambda: self.tls.receive_some(65536), origin.send_all, scope
+                )
+                nursery.start_soon(
+                    pump, lambda: origin.receive_some(65536), self.tls.send_all, scope
+                )
+                if self.chain:
+                    nursery.start_soon(recheck, scope)
+        except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await origin.aclose()
+
+    def _origin_headers(
+        self, request: h11.Request, decision: AccessDecision, upgrade: bytes | None = None
+    ) -> list[tuple[bytes, bytes]]:
         app = decision.application
         assert app is not None
         leaf_der = (
@@ -330,7 +423,7 @@ class _Session:
             if app.forward_client_certificate and self.chain
             else None
         )
-        headers = forwarded_headers(
+        return forwarded_headers(
             list(request.headers),
             origin_host=app.origin.split("://", 1)[1].split("/", 1)[0],
             client_ip=self.peer,
@@ -339,7 +432,20 @@ class _Session:
             client_cert_sha256=decision.certificate.sha256
             if decision.certificate and leaf_der
             else None,
+            upgrade=upgrade,
         )
+
+    async def _forward(
+        self,
+        request: h11.Request,
+        body: bytes,
+        decision: AccessDecision,
+        log_status: Callable[[int], None],
+    ) -> None:
+        """Forward to the origin and stream its answer back; log just before the last byte."""
+        app = decision.application
+        assert app is not None
+        headers = self._origin_headers(request, decision)
         extra: list[tuple[bytes, bytes]] = []
         if decision.set_cookie:
             extra.append((b"set-cookie", decision.set_cookie.encode()))
@@ -362,17 +468,24 @@ class _Session:
                         status_code=response.status, headers=out + extra, reason=response.reason
                     ),
                 )
+                # One chunk behind, so that the log line is written before the response ends.
+                pending = b""
                 async for chunk in response.body:
-                    await send(self.h11, self.tls, h11.Data(data=chunk))
+                    if pending:
+                        await send(self.h11, self.tls, h11.Data(data=pending))
+                    pending = chunk
+                log_status(response.status)
+                if pending:
+                    await send(self.h11, self.tls, h11.Data(data=pending))
                 await send(self.h11, self.tls, h11.EndOfMessage())
-                return response.status
         except OriginError as exc:
             log.warning("connection %d: %s", self.conn_id, exc)
             if self.h11.our_state is h11.SEND_RESPONSE:
+                log_status(502)
                 await self._plain(
                     502, "The origin is unreachable.\n", close=decision.close_connection
                 )
-                return 502
+                return
             raise TLSError(f"origin failed mid-response: {exc}") from exc
 
     def _log(
@@ -429,6 +542,15 @@ class _Session:
 _HOP_BY_HOP_RESPONSE = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade", b"trailer"}
 )
+
+
+def _upgrade_protocol(request: h11.Request) -> bytes | None:
+    """The protocol a request asks to upgrade to (``Connection: upgrade`` + ``Upgrade``)."""
+    connection = b",".join(v for k, v in request.headers if k.lower() == b"connection").lower()
+    if b"upgrade" not in [t.strip() for t in connection.split(b",")]:
+        return None
+    values = [v for k, v in request.headers if k.lower() == b"upgrade"]
+    return values[0] if values else None
 
 
 def _peer_ip(transport: trio.SocketStream) -> str | None:

@@ -175,15 +175,17 @@ class ServerTLSStream:
             raise TLSError(f"connection lost: {exc}") from exc
 
     async def _flush(self) -> None:
+        # Take OpenSSL's output under the lock: with a sender and a receiver task on one
+        # connection (a WebSocket tunnel), records must reach the socket in the order made.
         conn = self.connection
-        out = bytearray()
-        while True:
-            try:
-                out += bytes(conn.bio_read(_RECEIVE_SIZE))
-            except SSL.WantReadError:
-                break
-        if out:
-            async with self._send_lock:
+        async with self._send_lock:
+            out = bytearray()
+            while True:
+                try:
+                    out += bytes(conn.bio_read(_RECEIVE_SIZE))
+                except SSL.WantReadError:
+                    break
+            if out:
                 try:
                     await self.transport.send_all(bytes(out))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
