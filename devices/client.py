@@ -1,0 +1,412 @@
+"""A device's HTTP/1.1 client over mTLS on trio: every phase timed, every outcome classified.
+
+One :class:`DeviceClient` is one device talking to one target (our enforcer, nginx, or a real
+edge). It keeps what a real device keeps between requests, each switchable: a kept-alive
+connection, a TLS session to resume, and a ``CF_Authorization`` cookie. A request returns an
+:class:`Attempt` with the phase timings (connect, key store, TLS handshake, first byte, total)
+and the outcome in SPEC.md's words: ``allowed``, ``denied:<code>``, ``tls_error:<alert or eof>``,
+``http_<status>``, ``timeout`` or ``connect_error``.
+
+Timing uses ``trio.current_time()``, so on trio's MockClock the key store's simulated costs
+(PIN verify, touch, on-token signature) show up exactly while the network costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import errno
+import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import h11
+import trio
+import trio_websocket
+
+from devices.keystore import KeyStore, KeyStoreError
+
+COOKIE_NAME = "CF_Authorization"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a device connects: an address, and the name it asks for (SNI and Host)."""
+
+    host: str
+    port: int
+    server_name: str
+    ca_file: Path | None = None  # trust for the server certificate; None = system trust
+
+    def make_context(self) -> ssl.SSLContext:
+        """Return a fresh client TLS context that trusts this target's server certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientOptions:
+    """What a device keeps between requests, and how long it waits."""
+
+    keep_alive: bool = True
+    resume_sessions: bool = True
+    reuse_cookie: bool = True
+    always_new_handshake: bool = False  # a new connection and full handshake for every request
+    timeout: float = 10.0
+    # Seconds this device's clock is ahead (+) or behind (-). A skewed device judges the server
+    # certificate's validity by its own clock, as real devices do (a classic IoT failure).
+    clock_skew: float = 0.0
+
+
+@dataclasses.dataclass
+class Timings:
+    """Phase durations of one attempt, in seconds (0 for a phase that did not happen)."""
+
+    connect: float = 0.0
+    key_store: float = 0.0
+    handshake: float = 0.0
+    first_byte: float = 0.0
+    total: float = 0.0
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One request as the device saw it."""
+
+    outcome: str
+    status: int | None = None
+    reason: str | None = None
+    timings: Timings = dataclasses.field(default_factory=Timings)
+    new_connection: bool = False
+    resumed: bool = False
+    cookie_sent: bool = False
+    cookie_received: bool = False
+    error: str | None = None
+    body: bytes = b""
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def allowed(self) -> bool:
+        """True when the request got through."""
+        return self.outcome == "allowed"
+
+
+def classify(status: int, denied_reason: str | None) -> str:
+    """Name the outcome of an HTTP response the way SPEC.md does."""
+    if 200 <= status < 400:
+        return "allowed"
+    if status == 403 and denied_reason:
+        return f"denied:{denied_reason}"
+    return f"http_{status}"
+
+
+def tls_error_name(exc: BaseException) -> str:
+    """Name a TLS failure: the alert or library reason, or ``eof``."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLError):
+        reason = getattr(cause, "reason", None) or cause.__class__.__name__
+        if isinstance(cause, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
+            return "tls_error:eof"
+        return f"tls_error:{str(reason).lower()}"
+    return "tls_error:eof"
+
+
+class DeviceClient:
+    """A device's connection, TLS session and cookie for one target."""
+
+    def __init__(
+        self,
+        target: Target,
+        key_store: KeyStore | None,
+        options: ClientOptions | None = None,
+        now: Callable[[], dt.datetime] | None = None,
+    ) -> None:
+        self.target = target
+        self._now = now or (lambda: dt.datetime.now(dt.UTC))
+        self.key_store = key_store
+        self.options = options or ClientOptions()
+        self._stream: trio.SSLStream[trio.SocketStream] | None = None
+        self._h11: h11.Connection | None = None
+        self._session: ssl.SSLSession | None = None
+        self._cookie: str | None = None
+        self._cookie_expires: float | None = None
+
+    @property
+    def cookie(self) -> str | None:
+        """The ``CF_Authorization`` cookie this device holds and still believes valid."""
+        # Max-Age is relative, so it runs on trio's clock, which skew does not change.
+        if self._cookie_expires is not None and trio.current_time() >= self._cookie_expires:
+            self._cookie = self._cookie_expires = None
+        return self._cookie
+
+    def device_now(self) -> dt.datetime:
+        """This device's idea of the time: the injected clock plus its skew."""
+        return self._now() + dt.timedelta(seconds=self.options.clock_skew)
+
+    def _server_certificate_problem(self, stream: trio.SSLStream[trio.SocketStream]) -> str | None:
+        cert = stream.getpeercert()
+        if not cert or self.options.clock_skew == 0:
+            return None
+        now = self.device_now().timestamp()
+        if now < ssl.cert_time_to_seconds(str(cert["notBefore"])):
+            return "tls_error:server_certificate_not_yet_valid"
+        if now > ssl.cert_time_to_seconds(str(cert["notAfter"])):
+            return "tls_error:server_certificate_expired"
+        return None
+
+    def forget_cookie(self) -> None:
+        """Drop the cookie (as a device that restarts would)."""
+        self._cookie = self._cookie_expires = None
+
+    async def _connect(self, timings: Timings) -> trio.SSLStream[trio.SocketStream]:
+        start = trio.current_time()
+        tcp = await trio.open_tcp_stream(self.target.host, self.target.port)
+        timings.connect = trio.current_time() - start
+        try:
+            if self.key_store is not None:
+                start = trio.current_time()
+                ctx, cost = await self.key_store.handshake_context(self.target.make_context)
+                if cost > 0:
+                    await trio.sleep(cost)  # the token's work happens inside the handshake
+                timings.key_store = trio.current_time() - start
+            else:
+                ctx = self.target.make_context()
+            stream = trio.SSLStream(tcp, ctx, server_hostname=self.target.server_name)
+            if self.options.resume_sessions and self._session is not None:
+                # trio.SSLStream takes no session argument; its SSLObject takes one before the
+                # handshake starts.
+                stream._ssl_object.session = self._session
+            start = trio.current_time()
+            await stream.do_handshake()
+            timings.handshake = trio.current_time() - start + timings.key_store
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+        return stream
+
+    async def request(
+        self,
+        path: str = "/",
+        *,
+        method: str = "GET",
+        body: bytes = b"",
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> Attempt:
+        """Send one request (opening a connection if needed) and classify what happened."""
+        start = trio.current_time()
+        attempt = Attempt(outcome="timeout")
+        with trio.move_on_after(self.options.timeout):
+            stale = await self._request(attempt, path, method, body, headers)
+            if stale:
+                # A kept-alive connection the server had closed: retry once on a new one, as
+                # real clients do (the request was never answered).
+                attempt = Attempt(outcome="timeout")
+                await self._request(attempt, path, method, body, headers)
+        attempt.timings.total = trio.current_time() - start
+        if attempt.outcome == "timeout":
+            await self._drop()
+        return attempt
+
+    async def _request(
+        self,
+        attempt: Attempt,
+        path: str,
+        method: str,
+        body: bytes,
+        headers: Sequence[tuple[str, str]],
+    ) -> bool:
+        """Fill ``attempt``; return True when a reused connection turned out to be closed."""
+        if self._stream is None or self.options.always_new_handshake or not self.options.keep_alive:
+            await self._drop()
+            try:
+                self._stream = await self._connect(attempt.timings)
+            except OSError as exc:
+                attempt.outcome, attempt.error = "connect_error", _describe(exc)
+                return False
+            except trio.BrokenResourceError as exc:
+                attempt.outcome, attempt.error = tls_error_name(exc), _describe(exc)
+                return False
+            except KeyStoreError as exc:  # PIN, touch, a locked token: the device cannot sign
+                code = getattr(exc, "code", type(exc).__name__)
+                attempt.outcome, attempt.error = f"key_store_error:{code}", str(exc)
+                return False
+            problem = self._server_certificate_problem(self._stream)
+            if problem is not None:
+                attempt.outcome, attempt.error = problem, "judged by the device's skewed clock"
+                await self._drop()
+                return False
+            self._h11 = h11.Connection(h11.CLIENT)
+            attempt.new_connection = True
+            attempt.resumed = self._stream._ssl_object.session_reused
+        assert self._stream is not None and self._h11 is not None
+        stream, conn = self._stream, self._h11
+
+        hdrs = [("host", self.target.server_name), ("user-agent", "mtls-testbed-device")]
+        if not self.options.keep_alive or self.options.always_new_handshake:
+            hdrs.append(("connection", "close"))
+        cookie = self.cookie if self.options.reuse_cookie else None
+        if cookie:
+            hdrs.append(("cookie", f"{COOKIE_NAME}={cookie}"))
+            attempt.cookie_sent = True
+        hdrs += list(headers)
+        if body or method in ("POST", "PUT", "PATCH"):
+            hdrs.append(("content-length", str(len(body))))
+        sent_at = trio.current_time()
+        response: h11.Response | None = None
+        try:
+            data = conn.send(h11.Request(method=method, target=path, headers=hdrs))
+            if body:
+                data += conn.send(h11.Data(data=body))
+            data += conn.send(h11.EndOfMessage())
+            await stream.send_all(data)
+            chunks: list[bytes] = []
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    chunk = await stream.receive_some(65536)
+                    if chunk and response is None and not attempt.timings.first_byte:
+                        attempt.timings.first_byte = trio.current_time() - sent_at
+                    conn.receive_data(chunk)
+                    continue
+                if isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise trio.BrokenResourceError("the server closed the connection")
+        except (trio.BrokenResourceError, h11.ProtocolError) as exc:
+            await self._drop()
+            if not attempt.new_connection and response is None:
+                return True
+            attempt.outcome, attempt.error = tls_error_name(exc), _describe(exc)
+            return False
+        assert response is not None
+        attempt.status = response.status_code
+        attempt.headers = [(k.decode(), v.decode("latin-1")) for k, v in response.headers]
+        attempt.reason = next(
+            (v for k, v in attempt.headers if k == "x-access-denied-reason"), None
+        )
+        attempt.outcome = classify(response.status_code, attempt.reason)
+        attempt.body = b"".join(chunks)
+        self._take_cookie(attempt)
+        if self.options.resume_sessions:
+            # TLS 1.3 tickets arrive after the handshake: take the session after a response.
+            self._session = stream._ssl_object.session
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+            await self._drop()
+        else:
+            conn.start_next_cycle()
+        return False
+
+    def _take_cookie(self, attempt: Attempt) -> None:
+        for name, value in attempt.headers:
+            if name != "set-cookie" or not value.startswith(f"{COOKIE_NAME}="):
+                continue
+            parts = [p.strip() for p in value.split(";")]
+            self._cookie = parts[0].split("=", 1)[1]
+            max_age = next(
+                (p.split("=", 1)[1] for p in parts[1:] if p.lower().startswith("max-age=")), None
+            )
+            self._cookie_expires = trio.current_time() + int(max_age) if max_age else None
+            attempt.cookie_received = True
+
+    async def _drop(self) -> None:
+        stream, self._stream, self._h11 = self._stream, None, None
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+    async def aclose(self) -> None:
+        """Close the kept-alive connection, if any."""
+        await self._drop()
+
+    @asynccontextmanager
+    async def websocket(
+        self, path: str = "/telemetry"
+    ) -> AsyncIterator[tuple[Attempt, trio_websocket.WebSocketConnection | None]]:
+        """Open a WebSocket channel on a new mTLS connection: ``(attempt, ws or None)``."""
+        attempt = Attempt(outcome="timeout", new_connection=True)
+        start = trio.current_time()
+        stream = None
+        with trio.move_on_after(self.options.timeout):
+            try:
+                stream = await self._connect(attempt.timings)
+            except OSError as exc:
+                attempt.outcome, attempt.error = "connect_error", _describe(exc)
+            except trio.BrokenResourceError as exc:
+                attempt.outcome, attempt.error = tls_error_name(exc), _describe(exc)
+            except KeyStoreError as exc:
+                code = getattr(exc, "code", type(exc).__name__)
+                attempt.outcome, attempt.error = f"key_store_error:{code}", str(exc)
+        if stream is not None:
+            extra = []
+            if self.options.reuse_cookie and self.cookie:
+                extra.append((b"cookie", f"{COOKIE_NAME}={self.cookie}".encode()))
+                attempt.cookie_sent = True
+            try:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        with trio.fail_after(self.options.timeout):
+                            ws = await trio_websocket.wrap_client_stream(
+                                nursery, stream, self.target.server_name, path, extra_headers=extra
+                            )
+                    except _WS_FAILURES as exc:
+                        self._websocket_failed(attempt, exc)
+                        nursery.cancel_scope.cancel()
+                    else:
+                        attempt.status, attempt.outcome = 101, "allowed"
+                        attempt.timings.total = trio.current_time() - start
+                        try:
+                            yield attempt, ws
+                        finally:
+                            with trio.CancelScope(shield=True):
+                                await ws.aclose()
+                            nursery.cancel_scope.cancel()
+                        return
+            except* _WS_FAILURES as group:
+                # trio-websocket's reader task may raise the rejection before (or besides) the
+                # handshake call itself.
+                if attempt.status is None:
+                    first: BaseException = group
+                    while isinstance(first, BaseExceptionGroup):
+                        first = first.exceptions[0]
+                    self._websocket_failed(attempt, first)
+            finally:
+                await trio.aclose_forcefully(stream)
+        attempt.timings.total = trio.current_time() - start
+        yield attempt, None
+
+    @staticmethod
+    def _websocket_failed(attempt: Attempt, exc: BaseException) -> None:
+        if isinstance(exc, trio_websocket.ConnectionRejected):
+            headers = {k.decode().lower(): v.decode("latin-1") for k, v in exc.headers or []}
+            attempt.status = exc.status_code
+            attempt.reason = headers.get("x-access-denied-reason")
+            attempt.outcome = classify(exc.status_code or 0, attempt.reason)
+        elif isinstance(exc, trio.TooSlowError):
+            attempt.outcome = "timeout"
+        else:
+            attempt.outcome, attempt.error = tls_error_name(exc), _describe(exc)
+
+
+_WS_FAILURES = (
+    trio_websocket.ConnectionRejected,
+    trio_websocket.HandshakeError,
+    trio.BrokenResourceError,
+    trio.TooSlowError,
+)
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    text = f"{type(exc).__name__}: {exc}"
+    if cause is not None and str(cause) not in text:
+        text += f" ({type(cause).__name__}: {cause})"
+    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+        return "connection refused"
+    return text

@@ -1,0 +1,89 @@
+"""nginx on loopback for tests: a generated config, started and stopped by the test."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import trio
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+CONFIG = """
+worker_processes 1;
+daemon off;
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name {server_name};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_client_certificate {client_ca};
+        ssl_verify_client optional;
+        ssl_verify_depth 3;
+        location / {{
+            if ($ssl_client_verify != SUCCESS) {{
+                add_header X-Access-Denied-Reason no_certificate always;
+                return 403 "client certificate: $ssl_client_verify\\n";
+            }}
+            return 200 "ok $ssl_client_s_dn\\n";
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_nginx(
+    folder: Path, *, cert: Path, key: Path, client_ca: Path, server_name: str
+) -> tuple[trio.Process, int]:
+    """Start nginx with ``ssl_verify_client optional`` and a ``$ssl_client_verify`` check."""
+    assert NGINX is not None
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = folder / "nginx.conf"
+    conf.write_text(
+        CONFIG.format(
+            dir=folder, port=port, server_name=server_name, cert=cert, key=key, client_ca=client_ca
+        )
+    )
+    proc = await trio.lowlevel.open_process(
+        [NGINX, "-c", str(conf), "-p", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    with trio.fail_after(15):
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"nginx exited: {(folder / 'error.log').read_text()}")
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return proc, port
+
+
+async def stop_nginx(proc: trio.Process) -> None:
+    proc.terminate()
+    with trio.fail_after(10):
+        await proc.wait()
