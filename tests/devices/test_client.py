@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 import pytest
@@ -11,9 +10,9 @@ import trio_websocket
 
 from devices.client import ClientOptions, DeviceClient, Target
 from devices.keystore import SoftwareKeyStore
+from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
 from tests.nginx import NGINX, start_nginx, stop_nginx
-from testbed.demo import AUTH_HOST, IOT_HOST
 
 EXPECTED = {
     "valid": "allowed",
@@ -188,7 +187,7 @@ async def test_a_revoked_certificate_ends_its_websocket(
     from enforcer.chain import fingerprint
 
     leaf = x509.load_pem_x509_certificates(served.layout.device("valid")[0].read_bytes())[0]
-    async with device(served, "valid").websocket("/telemetry") as (attempt, ws):
+    async with device(served, "valid").websocket("/telemetry") as (_attempt, ws):
         assert ws is not None
         await ws.send_message("before")
         assert await ws.get_message() == "before"
