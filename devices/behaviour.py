@@ -33,7 +33,7 @@ class Requester(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Backoff:
-    """Waiting after failures: ``initial`` seconds, times ``factor`` each time, up to ``maximum``."""
+    """Waits after failures: ``initial`` seconds, times ``factor`` each time, up to ``maximum``."""
 
     initial: float = 1.0
     factor: float = 2.0

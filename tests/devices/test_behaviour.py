@@ -1,7 +1,8 @@
-"""Behaviours on trio's clock: exact virtual schedules, backoff, and a real device against the enforcer."""
+"""Behaviours on trio's clock: exact virtual schedules, backoff, a real device and enforcer."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -51,7 +52,7 @@ async def test_periodic_with_jitter_on_virtual_time(autojump_clock) -> None:
 
     times = await schedule(7)
     assert len(times) == 100
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(54 <= g <= 66 for g in gaps)
     assert min(gaps) != max(gaps)  # there is jitter
     assert await schedule(7) == pytest.approx(times)  # the same seed, the same schedule
@@ -68,7 +69,7 @@ async def test_bursts(autojump_clock) -> None:
         max_requests=10,
     )
     first, second = target.sent_at[:5], target.sent_at[5:]
-    assert [round(b - a, 6) for a, b in zip(first, first[1:], strict=False)] == [1.0] * 4
+    assert [round(b - a, 6) for a, b in itertools.pairwise(first)] == [1.0] * 4
     assert second[0] - first[0] == pytest.approx(300)
 
 
@@ -85,7 +86,7 @@ async def test_backoff_after_failures_then_reset(autojump_clock) -> None:
         on_attempt=lambda a, s: scheduled.append(s),
         max_requests=5,
     )
-    gaps = [b - a for a, b in zip(scheduled, scheduled[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(scheduled)]
     assert gaps == pytest.approx([10 + 5, 10 + 10, 10 + 20, 10])
 
 
@@ -114,7 +115,7 @@ def test_parse_behaviour_errors_name_the_field() -> None:
         ({"kind": "burst", "size": 0}, "size must be at least 1"),
         ({"kind": "burst", "backoff": {"initial": 1, "x": 2}}, "backoff.x"),
     ):
-        with pytest.raises(BehaviourError, match="cohorts.a.behaviour") as info:
+        with pytest.raises(BehaviourError, match=r"cohorts\.a\.behaviour") as info:
             parse_behaviour(raw, "cohorts.a.behaviour")
         assert message in str(info.value)
 
