@@ -265,7 +265,7 @@ class AdminServer:
             return result.status, "application/json", envelope(result.result)
         if allowed:
             status, data = _error(
-                405, f"{method} is not allowed on {url.path}; use {sorted(set(allowed))}"
+                405, f"{method} is not allowed on {url.path}; use {', '.join(sorted(set(allowed)))}"
             )
         else:
             status, data = _error(404, f"no admin route {url.path}")

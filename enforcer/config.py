@@ -68,7 +68,7 @@ class AdminSettings:
     host: str
     port: int
     token: str = dataclasses.field(repr=False)
-    account_id: str = "default"
+    account_id: str = "demo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,7 @@ class EnforcerConfig:
     state_path: Path = Path("state.sqlite")
     admin: AdminSettings | None = None
     managed_cas: tuple[ManagedCA, ...] = ()
-    account_id: str = "default"
+    account_id: str = "demo"
 
     def signing_key(self, now: dt.datetime) -> SigningKey:
         """Load the configured signing key (creating its file when missing), or make one."""
@@ -398,14 +398,17 @@ def load_config(path: str | Path) -> EnforcerConfig:
     state_path = st.file("path") if "path" in st.table else default_state_path(p)
 
     admin = None
-    account_id = "default"
+    account_id = "demo"
     if "admin" in top.table:
         a = top.sub("admin")
         a.unknown({"host", "port", "token", "token_file", "token_env", "account_id"})
-        account_id = a.get("account_id", str, "default")
+        account_id = _identifier(a, "account_id", "demo")
+        admin_port = a.get("port", int, 8444)
+        if not 0 <= admin_port <= 65535:
+            raise a.error("port", f"{admin_port} is not a TCP port (0-65535)")
         admin = AdminSettings(
             host=a.get("host", str, "127.0.0.1"),
-            port=a.get("port", int, 8444),
+            port=admin_port,
             token=_admin_token(a),
             account_id=account_id,
         )
@@ -413,7 +416,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
     managed = []
     for r in top.tables("managed_ca"):
         r.unknown({"zone", "hostnames"})
-        managed.append(ManagedCA(r.get("zone", str, what="the zone id"), r.hostnames("hostnames")))
+        managed.append(ManagedCA(_identifier(r, "zone", None), r.hostnames("hostnames")))
     return EnforcerConfig(
         path=p,
         server=server,
@@ -430,6 +433,14 @@ def load_config(path: str | Path) -> EnforcerConfig:
         managed_cas=tuple(managed),
         account_id=account_id,
     )
+
+
+def _identifier(r: _Reader, name: str, default: str | None) -> str:
+    """An account or zone id: the characters the admin API's paths accept."""
+    value = r.get(name, str, ... if default is None else default, what="an id such as demo")
+    if not re.fullmatch(r"[A-Za-z0-9._:-]+", value):
+        raise r.error(name, f"{value!r}: use letters, digits and . _ : - only")
+    return str(value)
 
 
 def _admin_token(a: _Reader) -> str:

@@ -393,12 +393,16 @@ def update_app(
     objects: Objects, account: str, oid: str, body: Body, limits: Limits, now: dt.datetime
 ) -> Outcome:
     """Change an application's settings (its aud never changes)."""
+    _only(body, _APP_FIELDS)
     obj = _owned(objects, "app", account, oid, "application")
     if "aud" in body and body["aud"] != obj["aud"]:
         raise ApiError(400, "aud: an application's aud is fixed for its life")
     _app_fields({k: v for k, v in body.items() if k != "aud"}, obj, limits, objects, creating=False)
     if "policies" in body:
         raw = _field(body, "policies", list, "a list of policies")
+        for i, p in enumerate(raw):
+            if not isinstance(p, Mapping):
+                raise ApiError(400, f"policies[{i}]: expected a policy object, got {p!r}")
         obj["policies"] = [
             _policy(p, f"policies[{i}]", str(p.get("id") or uuid.uuid4()), i + 1)
             for i, p in enumerate(raw)
@@ -448,8 +452,8 @@ def update_policy(
     """Replace a policy's fields."""
     app = _owned(objects, "app", account, app_id, "application")
     old = _find_policy(app, pid)
-    merged = {k: v for k, v in {**old, **body}.items() if k in _POLICY_FIELDS}
     _only(body, _POLICY_FIELDS | {"id"})
+    merged = {k: v for k, v in {**old, **body}.items() if k in _POLICY_FIELDS}
     policy = _policy(merged, "policy", pid, old["precedence"])
     app["policies"] = [policy if p["id"] == pid else p for p in app["policies"]]
     app["updated_at"] = _iso(now)
@@ -582,6 +586,8 @@ def revoke_client_cert(objects: Objects, zone: str, oid: str, now: dt.datetime) 
 def reactivate_client_cert(objects: Objects, zone: str, oid: str, body: Body) -> Outcome:
     """Reactivate a revoked client certificate."""
     _only(body, {"reactivate"})
+    if body.get("reactivate", True) is not True:
+        raise ApiError(400, "reactivate: send true (or no body) to reactivate the certificate")
     obj = _client_cert(objects, zone, oid)
     obj.update(status="active", revoked_at=None)
     return Outcome(_cert_view(obj), (Change("client_cert", oid, obj),))

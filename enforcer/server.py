@@ -567,6 +567,10 @@ def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return None
 
 
+class ListenError(OSError):
+    """A listener could not be bound; the message names the address."""
+
+
 async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> trio.SocketListener:
     """Bind a TCP listener; with ``reuse_port`` several processes can share the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -574,7 +578,12 @@ async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> tr
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    await sock.bind((host, port))
+    try:
+        await sock.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}") from exc
     sock.listen(1024)
     return trio.SocketListener(sock)
 

@@ -93,7 +93,7 @@ def add_admin_parser(enforcer_sub: argparse._SubParsersAction) -> None:  # type:
     admin.add_argument(
         "--account",
         default=_env("ACCOUNT") or "demo",
-        help="account id (env TESTBED_ACCOUNT; default demo)",
+        help="account id (env TESTBED_ACCOUNT; default demo, as in the config)",
     )
     admin.add_argument(
         "--zone", default=_env("ZONE") or "demo", help="zone id (env TESTBED_ZONE; default demo)"

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from enforcer.config import ConfigError, load_config
 from enforcer.origin import serve_echo_origin_on
+from enforcer.server import ListenError
 from enforcer.workers import run_workers, serve_config
 from testbed.admin_cli import add_admin_parser, run_admin
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
@@ -115,6 +116,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("enforcer: stopped", file=sys.stderr)
     except ConfigError as exc:
         return _fail(str(exc))
+    except ListenError as exc:
+        return _fail(str(exc))
     except OSError as exc:
         return _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     except KeyboardInterrupt:
@@ -155,7 +158,7 @@ def demo_instructions(layout: DemoLayout) -> str:
         f"Admin API on http://127.0.0.1:{layout.admin_port} (token in {layout.root}/admin.token,"
         " account and zone id: demo), for example:",
         f"testbed enforcer admin --url http://127.0.0.1:{layout.admin_port}"
-        f" --token-file {layout.root}/admin.token show",
+        f" --token-file {layout.root}/admin.token --account demo --zone demo show",
         "",
         "Ctrl-C stops the demo. Access log lines follow.",
     ]
@@ -193,8 +196,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("demo: stopped", file=sys.stderr)
     except ConfigError as exc:
         return _fail(str(exc))
+    except ListenError as exc:
+        return _fail(str(exc))
     except OSError as exc:
-        return _fail(f"cannot serve the demo on port {args.port}: {exc.strerror or exc}")
+        return _fail(f"cannot serve the demo: {exc.strerror or exc}")
     except KeyboardInterrupt:
         print("demo: stopped", file=sys.stderr)
     return 0

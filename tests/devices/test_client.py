@@ -232,3 +232,30 @@ async def test_devices_against_nginx(served: Served, tmp_path) -> None:
         "foreign-ca": "http_400",
         None: "denied:no_certificate",
     }
+
+
+async def test_token_costs_show_up_in_the_timings(served: Served) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from devices.piv import PivKeyStore, PivToken
+
+    cert_path, key_path = served.layout.device("valid")
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    token = PivToken()
+    token.import_key("9c", key, cert_path.read_bytes())  # 9c: PIN always, P-256 sign 72 ms
+    target = Target("127.0.0.1", served.port, AUTH_HOST, served.layout.edge_ca)
+    client = DeviceClient(
+        target, PivKeyStore(token, "9c", "123456"), ClientOptions(always_new_handshake=True)
+    )
+    try:
+        first = await client.request("/")
+        assert first.allowed
+        assert first.timings.key_store >= 0.072 + 0.009
+        assert first.timings.handshake >= first.timings.key_store
+        resumed = await client.request("/")
+        assert resumed.allowed and resumed.resumed and resumed.timings.key_store < 0.072
+    finally:
+        await client.aclose()
+    wrong = DeviceClient(target, PivKeyStore(token, "9c", "000000"))
+    assert (await wrong.request("/")).outcome == "key_store_error:CKR_PIN_INCORRECT"
+    await wrong.aclose()
