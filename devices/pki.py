@@ -160,3 +160,37 @@ def write_pem(path: Path, *parts: bytes, private: bool = False) -> None:
     path.write_bytes(b"".join(parts))
     if private:
         path.chmod(0o600)
+
+
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | None:
+    """Return the hash to sign with ``key``: SHA-256, or None for Ed25519 (it hashes itself)."""
+    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+def leaf_extensions(
+    issuer_key: PrivateKey,
+    key_type: str = "ec-p256",
+    eku: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+) -> list[x509.Extension[x509.ExtensionType]]:
+    """Return the extensions :func:`issue_leaf` gives a ``key_type`` leaf, built once for reuse."""
+    if key_type not in KEY_TYPES:
+        raise ValueError(f"unknown key type {key_type!r}; expected one of {KEY_TYPES}")
+    # Same profile as issue_leaf (minus SANs), so bulk-issued devices look like single ones.
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_type.startswith("rsa"),
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    values: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (usage, True),
+        (x509.ExtendedKeyUsage(list(eku)), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False),
+    ]
+    return [x509.Extension(value.oid, critical, value) for value, critical in values]

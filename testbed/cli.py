@@ -18,6 +18,7 @@ from enforcer.server import ListenError
 from enforcer.workers import run_workers, serve_config
 from testbed.admin_cli import add_admin_parser, run_admin
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
+from testbed.fleet_cli import add_fleet_parser, run_fleet
 
 EXIT_USAGE = 2
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("PORT", "8443"),
         help="enforcer port (default 8443)",
     )
+
+    add_fleet_parser(sub)
     return parser
 
 
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(args)
     if args.command == "enforcer" and args.action == "admin":
         return run_admin(args)
+    if args.command == "fleet":
+        return run_fleet(args)
     return _fail(f"unknown command {args.command}")
 
 

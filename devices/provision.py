@@ -1,0 +1,770 @@
+"""Provisioning a device fleet: a CA hierarchy, device certificates in bulk and an inventory.
+
+Theory of operation
+-------------------
+A fleet is a list of cohorts (:class:`Cohort`), each a number of devices with at most one
+deliberate defect (:data:`DEFECTS`). :func:`provision` makes the CAs in the parent process, then
+issues the devices in chunks on a pool of worker processes: each worker loads the CA keys once,
+prebuilds the issuer name and the extension list, and per device only generates a key, builds
+and signs one certificate and writes its files. Rows come back to the parent, which writes the
+inventory in one transaction at the end. Workers are forked when the caller runs no other
+thread, else started by forkserver (so a calling script needs the usual ``__main__`` guard).
+Chunks last about a quarter of a second, so Ctrl-C stops the pool promptly.
+
+Nothing is ever half written: everything goes into a hidden sibling folder
+``.<DIR>.partial-<random>`` that is renamed onto ``DIR`` once complete (and removed on any
+error). A process killed outright can leave that hidden folder behind, never a partial ``DIR``.
+
+Layout of ``DIR``::
+
+    ca/root.pem                 the fleet root
+    ca/intermediate.pem         the first intermediate, issued by the root
+    ca/intermediate-<k>.pem     k = 2..n, each issued by the one before; devices are issued
+                                by the last one (by the root itself with ``intermediates=0``)
+    ca/upload.pem               the intermediates (deepest first), then the root: what an
+                                operator uploads to the enforcer as the fleet's root
+    ca/foreign-root.pem         only with a foreign-ca cohort: a root the target must not trust
+    ca/known-intermediates.pem  only with a missing-intermediate cohort: see below
+    devices/<id>/cert.pem       the leaf, then its intermediates deepest first (leaf alone for
+                                missing-intermediate and self-signed)
+    devices/<id>/key.pem        the private key, PKCS#8 PEM, unencrypted, mode 0600
+    devices/<id>/device.p12     PKCS#12 of key, leaf and the same chain as cert.pem, mode 0600,
+                                password ``testbed`` unless told otherwise (skipped with p12=False)
+    inventory.sqlite            table ``devices`` (one row per device) and table ``fleet``
+
+The ``devices`` table: id, cohort, key_store (``software``), key_type, serial and sha256
+(lowercase hex; sha256 is the certificate's fingerprint), common_name, not_before and not_after
+(ISO 8601 UTC, ``Z``), defect (NULL when healthy), expected, and cert_path, key_path, p12_path
+relative to ``DIR`` (p12_path NULL without PKCS#12). The ``fleet`` table holds key/value facts:
+name, created (``now``), size, key_type, intermediates, root_sha256 and p12_password.
+
+Device ids are ``<cn-prefix><number>`` zero-padded to at least 3 digits (``device-001``); the
+healthy cohort takes the first numbers. Every device's subject CN is its id, except wrong-cn.
+
+Expected outcomes
+-----------------
+Each device records the outcome a correctly configured enforcer gives it (SPEC.md: ``allowed``
+or ``denied:<reason code>``) on a hostname that trusts ``ca/upload.pem`` and whose policy is
+**Valid Certificate**:
+
+* ``wrong-cn`` devices (CN ``rogue-<number>``) hold a valid chain, so they are recorded as
+  ``allowed``; under a Common Name policy matching the fleet's ids they are
+  ``denied:policy_denied`` (see :func:`expected_outcome`).
+* ``revoked`` devices hold a valid certificate; ``denied:revoked`` assumes the operator has
+  revoked every ``defect = 'revoked'`` row by its ``sha256`` (until then they are admitted).
+* ``missing-intermediate`` devices are issued by a second intermediate (a sibling of the
+  fleet's, also under the root) that is neither in their cert.pem nor in ``upload.pem``. It is
+  in ``known-intermediates.pem``: ``denied:missing_intermediate`` assumes the enforcer knows it
+  (e.g. ``known-intermediates.pem`` + ``root.pem`` uploaded as a root for another hostname);
+  otherwise the enforcer can only say ``denied:untrusted_issuer``. Uploading it with the
+  fleet's root instead would admit these devices.
+
+PKCS#12 files are expensive: ``BestAvailableEncryption`` (PBKDF2, 20,000 rounds) costs ~10 ms
+each. ``p12_kdf_rounds`` lowers that; the protection is moot here since key.pem is unencrypted
+beside it. RSA-2048 device keys take tens of milliseconds each to generate: keep such cohorts small.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime as dt
+import math
+import multiprocessing
+import os
+import re
+import secrets
+import shutil
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from devices.pki import (
+    KEY_TYPES,
+    Issued,
+    PrivateKey,
+    generate_key,
+    issue_ca,
+    leaf_extensions,
+    signature_hash,
+    write_pem,
+)
+
+HEALTHY = "healthy"
+DEFAULT_P12_PASSWORD = "testbed"
+KEY_STORE = "software"
+MAX_INTERMEDIATES = 6
+# The outcome each defect gets under a Valid Certificate policy (module docstring).
+DEFECTS: dict[str, str] = {
+    "expired": "denied:certificate_expired",
+    "not-yet-valid": "denied:certificate_not_yet_valid",
+    "foreign-ca": "denied:untrusted_issuer",
+    "wrong-cn": "allowed",
+    "missing-intermediate": "denied:missing_intermediate",
+    "wrong-eku": "denied:invalid_chain",
+    "self-signed": "denied:untrusted_issuer",
+    "revoked": "denied:revoked",
+}
+POLICIES = ("certificate", "common_name")
+_ISSUER_OF = {"foreign-ca": "foreign", "missing-intermediate": "missing"}
+_COHORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_COHORT_SPEC = re.compile(r"(?P<name>[^=]*)=(?P<count>[^:]*)(?::(?P<defect>.*))?")
+_DAY = dt.timedelta(days=1)
+_PEM = serialization.Encoding.PEM
+_SCHEMA = """
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    cohort TEXT NOT NULL,
+    key_store TEXT NOT NULL,
+    key_type TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
+    common_name TEXT NOT NULL,
+    not_before TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    defect TEXT,
+    expected TEXT NOT NULL,
+    cert_path TEXT NOT NULL,
+    key_path TEXT NOT NULL,
+    p12_path TEXT
+);
+CREATE INDEX devices_cohort ON devices (cohort);
+CREATE TABLE fleet (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_COLUMNS = (
+    "id, cohort, key_store, key_type, serial, sha256, common_name, not_before, not_after, "
+    "defect, expected, cert_path, key_path, p12_path"
+)
+
+Row = tuple[str, str, str, str, str, str, str, str, str, str | None, str, str, str, str | None]
+
+
+def expected_outcome(defect: str | None, policy: str = "certificate") -> str:
+    """Return the SPEC outcome for a defect under a Valid Certificate or Common Name policy."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    if defect is None:
+        return "allowed"
+    if defect not in DEFECTS:
+        raise ValueError(f"unknown defect {defect!r}; expected one of {', '.join(DEFECTS)}")
+    if defect == "wrong-cn" and policy == "common_name":
+        return "denied:policy_denied"
+    return DEFECTS[defect]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+    """A number of devices sharing one deliberate defect (None: healthy)."""
+
+    name: str
+    size: int
+    defect: str | None = None
+    key_type: str | None = None  # None: the fleet's key type
+
+    def __post_init__(self) -> None:
+        if not _COHORT_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"cohort name {self.name!r}: expected letters, digits, '.', '_' or '-'"
+            )
+        if self.size < 0:
+            raise ValueError(f"cohort {self.name}: size {self.size} is negative")
+        if self.defect is not None and self.defect not in DEFECTS:
+            raise ValueError(
+                f"cohort {self.name}: unknown defect {self.defect!r}; "
+                f"expected one of {', '.join(DEFECTS)}"
+            )
+        if self.key_type is not None and self.key_type not in KEY_TYPES:
+            raise ValueError(
+                f"cohort {self.name}: unknown key type {self.key_type!r}; "
+                f"expected one of {', '.join(KEY_TYPES)}"
+            )
+
+    @property
+    def expected(self) -> str:
+        """The outcome its devices record (under a Valid Certificate policy)."""
+        return expected_outcome(self.defect)
+
+
+def parse_cohort(text: str) -> Cohort:
+    """Parse ``NAME=COUNT`` or ``NAME=COUNT:defect`` into a :class:`Cohort`."""
+    match = _COHORT_SPEC.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r}: expected NAME=COUNT or NAME=COUNT:DEFECT")
+    count = match["count"]
+    if not (count.isascii() and count.isdigit()):
+        raise ValueError(f"{text!r}: COUNT {count!r} is not a whole number")
+    defect = match["defect"]
+    if defect == "":
+        raise ValueError(f"{text!r}: empty DEFECT; expected one of {', '.join(DEFECTS)}")
+    try:
+        return Cohort(match["name"], int(count), defect)
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+
+
+def plan_cohorts(size: int, cohorts: Sequence[Cohort]) -> list[Cohort]:
+    """Return the fleet's cohorts: ``healthy`` (the rest of ``size``) first, then ``cohorts``."""
+    if size < 1:
+        raise ValueError(f"size {size}: expected 1 or more")
+    names = [c.name for c in cohorts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"cohort {duplicates[0]!r} is given more than once")
+    carved = sum(c.size for c in cohorts)
+    if carved > size:
+        raise ValueError(f"the cohorts hold {carved} devices, more than the size {size}")
+    rest = size - carved
+    if rest and HEALTHY in names:
+        raise ValueError(
+            f"cohort {HEALTHY!r} is the rest of the fleet ({rest} devices here); "
+            "name yours differently or make the cohorts add up to the size"
+        )
+    return [Cohort(HEALTHY, rest), *cohorts] if rest else list(cohorts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One row of the inventory; paths are relative to the fleet folder."""
+
+    id: str
+    cohort: str
+    key_store: str
+    key_type: str
+    serial: str
+    sha256: str
+    common_name: str
+    not_before: str
+    not_after: str
+    defect: str | None
+    expected: str
+    cert_path: str
+    key_path: str
+    p12_path: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Fleet:
+    """A provisioned fleet: where it is, its cohorts and how long it took."""
+
+    root: Path
+    cohorts: tuple[Cohort, ...]
+    elapsed: float
+
+    @property
+    def size(self) -> int:
+        """The number of devices."""
+        return sum(c.size for c in self.cohorts)
+
+    @property
+    def inventory(self) -> Path:
+        """The inventory database."""
+        return self.root / "inventory.sqlite"
+
+    @property
+    def upload(self) -> Path:
+        """The bundle an operator uploads to the enforcer (intermediates, then the root)."""
+        return self.root / "ca" / "upload.pem"
+
+    def devices(self) -> list[Device]:
+        """Read the inventory's devices, ordered by id."""
+        return read_inventory(self.root)
+
+
+def read_inventory(root: Path) -> list[Device]:
+    """Read the devices of the fleet in ``root``, ordered by id."""
+    con = sqlite3.connect(f"file:{root / 'inventory.sqlite'}?mode=ro", uri=True)
+    try:
+        rows = con.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY id").fetchall()
+    finally:
+        con.close()
+    return [Device(*row) for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issuing (runs in the worker processes, or inline for one worker)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CA:
+    """A CA as pickled to the workers: its key, certificate and the chain devices send."""
+
+    key_pem: bytes
+    cert_pem: bytes
+    chain_pem: bytes  # what follows a leaf in cert.pem: this CA and its parents, not the root
+
+    @classmethod
+    def of(cls, issued: Issued, parents: Sequence[Issued]) -> _CA:
+        chain = b"" if _is_root(issued) else issued.cert_pem()
+        chain += b"".join(p.cert_pem() for p in parents if not _is_root(p))
+        return cls(issued.key_pem(), issued.cert_pem(), chain)
+
+
+def _is_root(issued: Issued) -> bool:
+    return issued.certificate.issuer == issued.certificate.subject
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Everything a worker needs, pickled once per worker."""
+
+    out: str
+    cas: dict[str, _CA]  # "fleet", and "missing" / "foreign" when a cohort needs them
+    now: dt.datetime
+    validity_days: int
+    cn_prefix: str
+    width: int
+    p12_password: bytes | None
+    p12_kdf_rounds: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """Consecutive devices of one cohort."""
+
+    cohort: str
+    defect: str | None
+    key_type: str
+    numbers: range
+
+
+class _Issuer:
+    """Issues and writes devices; built once per worker so the per-device work stays small."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.devices = f"{job.out}/devices"
+        self.signers: dict[str, tuple[x509.Name, PrivateKey, bytes, list[x509.Certificate]]] = {}
+        for label, ca in job.cas.items():
+            key = _load_key(ca.key_pem)
+            cert = x509.load_pem_x509_certificate(ca.cert_pem)
+            chain = x509.load_pem_x509_certificates(ca.chain_pem) if ca.chain_pem else []
+            self.signers[label] = (cert.subject, key, ca.chain_pem, chain)
+        self.extensions: dict[tuple[str, str, bool], list[x509.Extension[x509.ExtensionType]]] = {}
+        password = job.p12_password
+        self.encryption: serialization.KeySerializationEncryption | None = None
+        if password is not None and job.p12_kdf_rounds is None:
+            self.encryption = serialization.BestAvailableEncryption(password)
+        elif password is not None:
+            self.encryption = (
+                serialization.PrivateFormat.PKCS12.encryption_builder()
+                .kdf_rounds(job.p12_kdf_rounds or 1)
+                .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+                .hmac_hash(hashes.SHA256())
+                .build(password)
+            )
+        self.sha256 = hashes.SHA256()
+
+    def window(self, defect: str | None) -> tuple[dt.datetime, dt.datetime]:
+        """The validity window of a device with ``defect``."""
+        now, days = self.job.now, dt.timedelta(days=self.job.validity_days)
+        if defect == "expired":
+            return now - 30 * _DAY, now - _DAY
+        if defect == "not-yet-valid":
+            return now + _DAY, now + _DAY + days
+        # A day of slack before now, for devices whose clocks run a little behind.
+        return now - _DAY, now + days
+
+    def extensions_for(
+        self, label: str, key_type: str, server_only: bool
+    ) -> list[x509.Extension[x509.ExtensionType]]:
+        """The leaf extensions for one issuer, key type and EKU, built once per worker."""
+        cached = self.extensions.get((label, key_type, server_only))
+        if cached is None:
+            eku = [
+                ExtendedKeyUsageOID.SERVER_AUTH if server_only else ExtendedKeyUsageOID.CLIENT_AUTH
+            ]
+            cached = leaf_extensions(self.signers[label][1], key_type, eku)
+            self.extensions[(label, key_type, server_only)] = cached
+        return cached
+
+    def issue(self, chunk: _Chunk) -> list[Row]:
+        """Issue, write and describe the devices of one chunk."""
+        job, defect, key_type = self.job, chunk.defect, chunk.key_type
+        label = _ISSUER_OF.get(defect or "", "fleet")
+        issuer_name, issuer_key, chain_pem, chain = self.signers[label]
+        if defect in ("missing-intermediate", "self-signed"):
+            chain_pem, chain = b"", []  # the point of these cohorts: cert.pem holds the leaf alone
+        extensions = self.extensions_for(label, key_type, defect == "wrong-eku")
+        sign_hash = signature_hash(issuer_key)
+        start, end = self.window(defect)
+        # Certificates keep whole seconds, as _iso does: the chunk shares one validity window.
+        same = (chunk.cohort, KEY_STORE, key_type)
+        window = (_iso(start), _iso(end), defect, expected_outcome(defect))
+        rows: list[Row] = []
+        for number in chunk.numbers:
+            device_id = f"{job.cn_prefix}{number:0{job.width}d}"
+            cn = f"rogue-{number:0{job.width}d}" if defect == "wrong-cn" else device_id
+            key = generate_key(key_type)
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+            if defect == "self-signed":
+                issuer_name, issuer_key, sign_hash = subject, key, signature_hash(key)
+                extensions = leaf_extensions(key, key_type)
+            cert = x509.CertificateBuilder(
+                issuer_name,
+                subject,
+                key.public_key(),
+                x509.random_serial_number(),
+                start,
+                end,
+                extensions,
+            ).sign(issuer_key, sign_hash)
+            paths = self.write(device_id, key, cert, chain_pem, chain)
+            serial = format(cert.serial_number, "x")
+            sha256 = cert.fingerprint(self.sha256).hex()
+            rows.append((device_id, *same, serial, sha256, cn, *window, *paths))
+        return rows
+
+    def write(
+        self,
+        device_id: str,
+        key: PrivateKey,
+        cert: x509.Certificate,
+        chain_pem: bytes,
+        chain: list[x509.Certificate],
+    ) -> tuple[str, str, str | None]:
+        """Write one device's files; return their paths relative to the fleet folder."""
+        # Plain strings, not pathlib: at 100,000 devices its overhead shows.
+        folder = f"{self.devices}/{device_id}"
+        os.mkdir(folder)
+        rel = f"devices/{device_id}"
+        _write(f"{folder}/cert.pem", cert.public_bytes(_PEM) + chain_pem, 0o644)
+        _write(f"{folder}/key.pem", _key_pem(key), 0o600)
+        if self.encryption is None:
+            return f"{rel}/cert.pem", f"{rel}/key.pem", None
+        p12 = pkcs12.serialize_key_and_certificates(
+            device_id.encode(), key, cert, chain or None, self.encryption
+        )
+        _write(f"{folder}/device.p12", p12, 0o600)
+        return f"{rel}/cert.pem", f"{rel}/key.pem", f"{rel}/device.p12"
+
+
+_WORKER: _Issuer | None = None
+
+
+def _load_key(pem: bytes) -> PrivateKey:
+    key = serialization.load_pem_private_key(pem, None)
+    if not isinstance(key, PrivateKey):
+        raise ValueError(f"unsupported key type {type(key).__name__}; expected one of {KEY_TYPES}")
+    return key
+
+
+def _key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _write(path: str | Path, data: bytes, mode: int) -> None:
+    # os.open sets the mode at creation: a private key is never readable by others, even briefly.
+    # Raw os.write, not a file object: that saves three system calls per file at fleet scale.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _init_worker(job: _Job) -> None:
+    global _WORKER
+    # Ctrl-C reaches the whole process group: the parent stops the pool and cleans up; a
+    # worker finishes its (short) chunk rather than dying with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER = _Issuer(job)
+
+
+def _issue_chunk(chunk: _Chunk) -> list[Row]:
+    assert _WORKER is not None, "the pool's initializer sets the issuer"
+    return _WORKER.issue(chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fleet
+
+
+def _device_ms(job: _Job, key_type: str) -> float:
+    """Roughly what one device costs a worker, in milliseconds (measured on a small VM)."""
+    ms = 0.7 + (80.0 if key_type.startswith("rsa") else 0.0)
+    if job.p12_password is not None:
+        rounds = job.p12_kdf_rounds or 20_000  # BestAvailableEncryption's PBKDF2 rounds
+        ms += 1.0 + rounds / 2_000
+    return ms
+
+
+def _chunks(cohorts: Sequence[Cohort], job: _Job, key_type: str, workers: int) -> Iterator[_Chunk]:
+    total = sum(c.size for c in cohorts)
+    # Several chunks per worker keep every core and the progress bar busy to the end, and
+    # chunks of about a quarter of a second let Ctrl-C stop the pool promptly.
+    spread = math.ceil(total / (workers * 8))
+    first = 1
+    for cohort in cohorts:
+        kind = cohort.key_type or key_type
+        size = max(1, min(spread, 500, round(250 / _device_ms(job, kind))))
+        numbers = range(first, first + cohort.size)
+        for i in range(0, cohort.size, size):
+            yield _Chunk(cohort.name, cohort.defect, kind, numbers[i : i + size])
+        first += cohort.size
+
+
+def _make_cas(
+    out: Path, cohorts: Sequence[Cohort], now: dt.datetime, intermediates: int, name: str
+) -> tuple[dict[str, _CA], str]:
+    """Issue the CAs and write ``ca/``; return them as workers need them, and the root's SHA-256."""
+    # CAs start a year back so that expired devices' windows sit well inside their issuers'.
+    start = now - 365 * _DAY
+    ca_dir = out / "ca"
+    root = issue_ca(f"mtls-testbed fleet {name} root", now, not_before=start, days=21 * 365)
+    chain = [root]  # root first, deepest last
+    for k in range(1, intermediates + 1):
+        chain.append(
+            issue_ca(
+                f"mtls-testbed fleet {name} intermediate {k}",
+                now,
+                issuer=chain[-1],
+                not_before=start,
+                days=11 * 365,
+                path_length=intermediates - k,
+            )
+        )
+    write_pem(ca_dir / "root.pem", root.cert_pem())
+    for k, inter in enumerate(chain[1:], start=1):
+        write_pem(
+            ca_dir / ("intermediate.pem" if k == 1 else f"intermediate-{k}.pem"), inter.cert_pem()
+        )
+    write_pem(ca_dir / "upload.pem", *(c.cert_pem() for c in reversed(chain)))
+    cas = {"fleet": _CA.of(chain[-1], list(reversed(chain[:-1])))}
+    defects = {c.defect for c in cohorts if c.size}
+    if "missing-intermediate" in defects:
+        missing = issue_ca(
+            f"mtls-testbed fleet {name} unsent intermediate",
+            now,
+            issuer=root,
+            not_before=start,
+            days=11 * 365,
+            path_length=0,
+        )
+        write_pem(ca_dir / "known-intermediates.pem", missing.cert_pem())
+        cas["missing"] = _CA.of(missing, [])
+    if "foreign-ca" in defects:
+        foreign_root = issue_ca(f"mtls-testbed foreign {name} root", now, not_before=start)
+        foreign = issue_ca(
+            f"mtls-testbed foreign {name} intermediate",
+            now,
+            issuer=foreign_root,
+            not_before=start,
+            path_length=0,
+        )
+        write_pem(ca_dir / "foreign-root.pem", foreign_root.cert_pem())
+        cas["foreign"] = _CA.of(foreign, [])
+    return cas, root.certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def _write_inventory(path: Path, rows: list[Row], facts: dict[str, str]) -> None:
+    con = sqlite3.connect(path)
+    try:
+        with con:  # one transaction: the inventory holds every device or none
+            con.executescript(_SCHEMA)
+            con.executemany(
+                f"INSERT INTO devices ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", rows
+            )
+            con.executemany("INSERT INTO fleet (key, value) VALUES (?, ?)", facts.items())
+    finally:
+        con.close()
+
+
+def check_out_dir(out: Path, *, force: bool = False) -> None:
+    """Raise ValueError unless ``out`` is free: missing, empty, or (with force) a fleet."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    if not force:
+        raise ValueError(f"{out} is not empty (--force replaces a fleet written earlier)")
+    if not (out / "inventory.sqlite").is_file():
+        # --force replaces a fleet, never an arbitrary folder someone pointed us at.
+        raise ValueError(f"{out} is not empty and holds no fleet (no inventory.sqlite)")
+
+
+def provision(
+    out: Path,
+    cohorts: Sequence[Cohort],
+    now: dt.datetime,
+    *,
+    key_type: str = "ec-p256",
+    intermediates: int = 1,
+    p12: bool = True,
+    p12_password: str = DEFAULT_P12_PASSWORD,
+    p12_kdf_rounds: int | None = None,
+    workers: int | None = None,
+    cn_prefix: str = "device-",
+    validity_days: int = 365,
+    force: bool = False,
+    name: str | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Fleet:
+    """Provision ``cohorts`` (see :func:`plan_cohorts`) into ``out``, all or nothing."""
+    began = time.perf_counter()
+    if now.tzinfo is None:
+        raise ValueError(f"now {now.isoformat()} has no time zone; pass an aware datetime")
+    if key_type not in KEY_TYPES:
+        raise ValueError(f"unknown key type {key_type!r}; expected one of {', '.join(KEY_TYPES)}")
+    if not 0 <= intermediates <= MAX_INTERMEDIATES:
+        raise ValueError(f"intermediates {intermediates}: expected 0 to {MAX_INTERMEDIATES}")
+    if p12 and not p12_password:
+        raise ValueError("the PKCS#12 password must not be empty")
+    if p12_kdf_rounds is not None and p12_kdf_rounds < 1:
+        raise ValueError(f"PKCS#12 KDF rounds {p12_kdf_rounds}: expected 1 or more")
+    if validity_days < 1:
+        raise ValueError(f"validity {validity_days} days: expected 1 or more")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*", cn_prefix):
+        raise ValueError(f"CN prefix {cn_prefix!r}: expected letters, digits, '.', '_' or '-'")
+    total = sum(c.size for c in cohorts)
+    if total < 1:
+        raise ValueError("the fleet has no devices")
+    check_out_dir(out, force=force)
+    if workers is None:
+        workers = 1 if total < 200 else os.cpu_count() or 1
+    workers = max(1, workers)
+    name = name or secrets.token_hex(3)
+
+    out = out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    partial.mkdir()
+    try:
+        cas, root_sha256 = _make_cas(partial, cohorts, now, intermediates, name)
+        (partial / "devices").mkdir()
+        job = _Job(
+            out=str(partial),
+            cas=cas,
+            now=now,
+            validity_days=validity_days,
+            cn_prefix=cn_prefix,
+            width=max(3, len(str(total))),
+            p12_password=p12_password.encode() if p12 else None,
+            p12_kdf_rounds=p12_kdf_rounds,
+        )
+        chunks = list(_chunks(cohorts, job, key_type, workers))
+        rows = _issue_all(job, chunks, workers, on_progress)
+        rows.sort()
+        facts = {
+            "name": name,
+            "created": _iso(now),
+            "size": str(total),
+            "key_type": key_type,
+            "intermediates": str(intermediates),
+            "root_sha256": root_sha256,
+            # key.pem beside every device.p12 is unencrypted anyway: the password guards nothing.
+            "p12_password": p12_password if p12 else "",
+        }
+        _write_inventory(partial / "inventory.sqlite", rows, facts)
+        _replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return Fleet(out, tuple(cohorts), time.perf_counter() - began)
+
+
+def _issue_all(
+    job: _Job,
+    chunks: list[_Chunk],
+    workers: int,
+    on_progress: Callable[[int], None] | None,
+) -> list[Row]:
+    rows: list[Row] = []
+    if workers == 1:
+        issuer = _Issuer(job)
+        for chunk in chunks:
+            rows += issuer.issue(chunk)
+            if on_progress:
+                on_progress(len(chunk.numbers))
+        return rows
+    context = multiprocessing.get_context(_start_method())
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(job,)
+    )
+    try:
+        futures = [pool.submit(_issue_chunk, chunk) for chunk in chunks]
+        for future in concurrent.futures.as_completed(futures):
+            done = future.result()
+            rows += done
+            if on_progress:
+                on_progress(len(done))
+    finally:
+        # On error or Ctrl-C, drop the queued chunks rather than issuing the whole fleet.
+        pool.shutdown(wait=True, cancel_futures=True)
+    return rows
+
+
+def _start_method() -> str:
+    """Return fork when safe (it is fastest and needs no main-module guard), else forkserver."""
+    methods = multiprocessing.get_all_start_methods()
+    # Forking a process with other threads can copy a held lock into the child.
+    if "fork" in methods and threading.active_count() == 1:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _replace(partial: Path, out: Path) -> None:
+    """Move the finished fleet onto ``out`` (replacing an empty folder or an older fleet)."""
+    if out.exists() and any(out.iterdir()):
+        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        out.rename(old)
+        partial.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        # rename(2) replaces an empty folder in one step.
+        partial.rename(out)
+    # mkdir-like permissions: the fleet's CA files are meant to be read by servers and tools.
+    umask = os.umask(0)
+    os.umask(umask)
+    out.chmod(0o777 & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Onboarding through a managed CA: the key stays on the device, only a CSR leaves it
+
+
+def csr_for(key: PrivateKey, common_name: str) -> x509.CertificateSigningRequest:
+    """Return a CSR for ``key`` with subject CN ``common_name``."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return (
+        x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, signature_hash(key))
+    )
+
+
+def onboard(
+    device_dir: Path,
+    issue: Callable[[str], str],
+    *,
+    common_name: str | None = None,
+    key_type: str = "ec-p256",
+) -> x509.Certificate:
+    """Have ``issue`` (CSR PEM -> certificate PEM) certify the device's key; write cert.pem."""
+    key_path = device_dir / "key.pem"
+    if key_path.exists():
+        key = _load_key(key_path.read_bytes())
+    else:
+        key = generate_key(key_type)
+        device_dir.mkdir(parents=True, exist_ok=True)
+        _write(key_path, _key_pem(key), 0o600)
+    csr = csr_for(key, common_name or device_dir.name)
+    returned = x509.load_pem_x509_certificates(issue(csr.public_bytes(_PEM).decode()).encode())
+    if returned[0].public_key() != key.public_key():
+        # A certificate for another key would leave the device unable to prove possession.
+        raise ValueError(f"the CA returned a certificate for another key than {key_path}")
+    write_pem(device_dir / "cert.pem", *(c.public_bytes(_PEM) for c in returned))
+    return returned[0]

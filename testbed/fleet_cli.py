@@ -1,0 +1,319 @@
+"""``testbed fleet provision``: a device fleet's CAs, certificates, keys and inventory on disk."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from devices.pki import KEY_TYPES
+from devices.provision import (
+    DEFAULT_P12_PASSWORD,
+    DEFECTS,
+    MAX_INTERMEDIATES,
+    Cohort,
+    check_out_dir,
+    expected_outcome,
+    parse_cohort,
+    plan_cohorts,
+    provision,
+)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_NOTES = {
+    "wrong-cn": " (denied:policy_denied under a Common Name policy)",
+    "missing-intermediate": " (the enforcer must know ca/known-intermediates.pem)",
+    "revoked": " (once revoked by the inventory's sha256)",
+}
+EPILOG = f"""\
+cohorts: --cohort NAME=COUNT[:DEFECT] carves COUNT devices out of --size; the rest form the
+cohort 'healthy', which takes the first ids. Defects, and the outcome each device records
+(under a Valid Certificate policy):
+{chr(10).join(f"  {d:<21} {o}{_NOTES.get(d, '')}" for d, o in DEFECTS.items())}
+
+example:
+  testbed fleet provision --size 1000 --out fleet --cohort expired=50:expired \\
+      --cohort rogue=10:wrong-cn --cohort lost=5:missing-intermediate
+
+Upload DIR/ca/upload.pem to the enforcer. Each DIR/devices/<id>/ holds cert.pem, key.pem and
+device.p12 (password '{DEFAULT_P12_PASSWORD}' unless --p12-password). DIR/inventory.sqlite
+lists every device with its expected outcome.
+"""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"TESTBED_{name}", default)
+
+
+def add_fleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``fleet`` and its subcommands to the top-level ``testbed`` parser."""
+    fleet = sub.add_parser("fleet", help="provision device fleets")
+    actions = fleet.add_subparsers(dest="action", required=True)
+    p = actions.add_parser(
+        "provision",
+        help="issue a fleet's CAs and device certificates into a folder",
+        description="Issue a CA hierarchy and a fleet of device certificates, with deliberate "
+        "defects per cohort, into a folder, plus an inventory of expected outcomes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--size",
+        metavar="N",
+        type=int,
+        default=_env("FLEET_SIZE"),
+        required=_env("FLEET_SIZE") is None,
+        help="devices in the fleet, all cohorts included (env TESTBED_FLEET_SIZE)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=_env("FLEET_OUT"),
+        required=_env("FLEET_OUT") is None,
+        help="folder to write; must be missing or empty (env TESTBED_FLEET_OUT)",
+    )
+    p.add_argument(
+        "--cohort",
+        action="append",
+        default=None,
+        metavar="NAME=COUNT[:DEFECT]",
+        help="a cohort of COUNT devices, with a defect if given; repeatable "
+        "(env TESTBED_FLEET_COHORTS, whitespace-separated)",
+    )
+    p.add_argument(
+        "--key-type",
+        choices=KEY_TYPES,
+        default=_env("FLEET_KEY_TYPE", "ec-p256"),
+        help="device key type (default ec-p256; rsa-2048 keys take ~70 ms each to generate; "
+        "env TESTBED_FLEET_KEY_TYPE)",
+    )
+    p.add_argument(
+        "--intermediates",
+        metavar="N",
+        type=int,
+        default=_env("FLEET_INTERMEDIATES", "1"),
+        help=f"intermediate CAs below the root, 0 to {MAX_INTERMEDIATES} (default 1; "
+        "env TESTBED_FLEET_INTERMEDIATES)",
+    )
+    p.add_argument(
+        "--p12-password",
+        metavar="P",
+        default=_env("P12_PASSWORD", DEFAULT_P12_PASSWORD),
+        help=f"password of every device.p12 (default {DEFAULT_P12_PASSWORD!r}; "
+        "env TESTBED_P12_PASSWORD)",
+    )
+    p.add_argument(
+        "--p12-kdf-rounds",
+        metavar="N",
+        type=int,
+        default=_env("P12_KDF_ROUNDS"),
+        help="PBKDF2 rounds of device.p12 (default: cryptography's best available encryption, "
+        "20,000 rounds, ~10 ms a file; 2048, OpenSSL's default, is ~4x faster, and key.pem "
+        "beside it is unencrypted anyway; env TESTBED_P12_KDF_ROUNDS)",
+    )
+    p.add_argument(
+        "--no-p12",
+        action="store_true",
+        help="skip device.p12 (its encryption is most of the time spent)",
+    )
+    p.add_argument(
+        "--workers",
+        metavar="W",
+        type=int,
+        default=_env("FLEET_WORKERS"),
+        help="issuing processes (default: one per CPU for 200 devices or more; "
+        "env TESTBED_FLEET_WORKERS)",
+    )
+    p.add_argument(
+        "--cn-prefix",
+        metavar="PREFIX",
+        default=_env("FLEET_CN_PREFIX", "device-"),
+        help="device id and CN prefix (default 'device-'; env TESTBED_FLEET_CN_PREFIX)",
+    )
+    p.add_argument(
+        "--now",
+        metavar="TIME",
+        default=_env("FLEET_NOW"),
+        help="ISO 8601 time the validity windows are relative to (default: the current time; "
+        "env TESTBED_FLEET_NOW)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a fleet already in --out (never a folder holding anything else)",
+    )
+
+
+class UsageError(Exception):
+    """A bad option value: the message names the option."""
+
+
+def _cohorts(args: argparse.Namespace) -> list[Cohort]:
+    specs = args.cohort if args.cohort is not None else (_env("FLEET_COHORTS") or "").split()
+    if args.size < 1:
+        raise UsageError(f"--size: expected 1 or more, got {args.size}")
+    cohorts = []
+    for spec in specs:
+        try:
+            cohorts.append(parse_cohort(spec))
+        except ValueError as exc:
+            raise UsageError(f"--cohort: {exc}") from None
+    try:
+        return plan_cohorts(args.size, cohorts)
+    except ValueError as exc:
+        raise UsageError(f"--cohort: {exc} (--size {args.size})") from None
+
+
+def _now(text: str | None) -> dt.datetime:
+    if text is None:
+        return dt.datetime.now(dt.UTC)
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--now: {text!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise UsageError(f"--now: {text!r} has no time zone; add Z or +00:00")
+    return when.astimezone(dt.UTC)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 <= args.intermediates <= MAX_INTERMEDIATES:
+        raise UsageError(
+            f"--intermediates: expected 0 to {MAX_INTERMEDIATES}, got {args.intermediates}"
+        )
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers: expected 1 or more, got {args.workers}")
+    if not args.no_p12 and not args.p12_password:
+        raise UsageError("--p12-password: must not be empty (--no-p12 skips device.p12)")
+    if args.p12_kdf_rounds is not None and args.p12_kdf_rounds < 1:
+        raise UsageError(f"--p12-kdf-rounds: expected 1 or more, got {args.p12_kdf_rounds}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*", args.cn_prefix):
+        raise UsageError(
+            f"--cn-prefix: {args.cn_prefix!r}: expected letters, digits, '.', '_' or '-'"
+        )
+    try:
+        check_out_dir(Path(args.out), force=args.force)
+    except ValueError as exc:
+        raise UsageError(f"--out: {exc}") from None
+
+
+def summary(cohorts: list[Cohort]) -> Table:
+    """The cohorts as a table: name, devices, defect and expected outcome."""
+    table = Table(title="fleet", caption="expected outcomes under a Valid Certificate policy")
+    table.add_column("cohort")
+    table.add_column("devices", justify="right")
+    table.add_column("defect")
+    table.add_column("expected outcome")
+    for c in cohorts:
+        table.add_row(c.name, str(c.size), c.defect or "-", c.expected)
+    return table
+
+
+def _notes(out: Path, cohorts: list[Cohort], args: argparse.Namespace) -> list[str]:
+    defects = {c.defect for c in cohorts}
+    notes = [f"Upload {out}/ca/upload.pem (intermediates, then the root) to the enforcer."]
+    if "missing-intermediate" in defects:
+        notes.append(
+            f"missing-intermediate: {out}/ca/known-intermediates.pem must be known to the "
+            "enforcer but not uploaded with the fleet's root (else untrusted_issuer)."
+        )
+    if "revoked" in defects:
+        notes.append("revoked: revoke the inventory's defect='revoked' rows by their sha256.")
+    if "wrong-cn" in defects:
+        outcome = expected_outcome("wrong-cn", "common_name")
+        notes.append(f"wrong-cn: under a Common Name policy these are {outcome}.")
+    if not args.no_p12:
+        notes.append(f"device.p12 password: {args.p12_password!r}")
+    return notes
+
+
+def _fail(err: Console, message: str) -> int:
+    # Escaped: messages quote user input, which may hold [brackets] rich would eat as markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    return EXIT_USAGE
+
+
+def run_fleet(args: argparse.Namespace) -> int:
+    """Run ``testbed fleet ...``."""
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        cohorts = _cohorts(args)
+        now = _now(args.now)
+        _check(args)
+    except UsageError as exc:
+        return _fail(err, str(exc))
+    out = Path(args.out)
+    total = sum(c.size for c in cohorts)
+    # No auto-refresh: a refresh thread would keep provision() from forking its workers.
+    progress = Progress(
+        TextColumn("issuing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        auto_refresh=False,
+        transient=False,
+    )
+    task = progress.add_task("devices", total=total)
+
+    def advance(done: int) -> None:
+        progress.update(task, advance=done)
+        progress.refresh()
+
+    try:
+        with progress:
+            fleet = provision(
+                out,
+                cohorts,
+                now,
+                key_type=args.key_type,
+                intermediates=args.intermediates,
+                p12=not args.no_p12,
+                p12_password=args.p12_password,
+                p12_kdf_rounds=args.p12_kdf_rounds,
+                workers=args.workers,
+                cn_prefix=args.cn_prefix,
+                force=args.force,
+                on_progress=advance,
+            )
+    except KeyboardInterrupt:
+        err.print(f"fleet: interrupted; nothing was written to {out}", markup=False)
+        return 130
+    except ValueError as exc:  # what the checks above did not foresee, e.g. a racing writer
+        return _fail(err, str(exc))
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(
+            err, f"cannot write the fleet to {out}: {exc.strerror or exc}{where}; nothing written"
+        )
+        return EXIT_FAILED
+    console = Console(soft_wrap=True)
+    console.print(summary(cohorts))
+    console.print(
+        f"Provisioned {total} devices into {fleet.root} in {fleet.elapsed:.1f} s "
+        f"({total / fleet.elapsed:.0f} devices/s).",
+        markup=False,
+        highlight=False,
+    )
+    for note in _notes(out, cohorts, args):
+        console.print(note, markup=False, highlight=False)
+    return 0
