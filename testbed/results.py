@@ -1,0 +1,172 @@
+"""A run's results database: every attempt written as it happens, in one SQLite file.
+
+The runner appends; reports read. Each attempt is committed on its own (WAL, synchronous
+NORMAL), so a run interrupted by Ctrl-C or a crash keeps every attempt up to that point and
+``testbed report`` can still render it.
+
+Times: ``scheduled`` and ``started`` are seconds since the run began (on the run's clock, real
+or virtual). ``total_ms`` counts from the *scheduled* start, so a stalled target shows up as
+latency (no coordinated omission); ``service_ms`` counts from the actual start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    cohort TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    expected TEXT NOT NULL,
+    scheduled REAL NOT NULL,
+    started REAL NOT NULL,
+    connect_ms REAL NOT NULL,
+    key_store_ms REAL NOT NULL,
+    handshake_ms REAL NOT NULL,
+    first_byte_ms REAL NOT NULL,
+    service_ms REAL NOT NULL,
+    total_ms REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    status INTEGER,
+    reason TEXT,
+    new_connection INTEGER NOT NULL,
+    resumed INTEGER NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_cohort ON attempts (cohort);
+CREATE TABLE IF NOT EXISTS events (t REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dropped (t REAL NOT NULL, cohort TEXT NOT NULL, phase TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS thresholds (
+    position INTEGER PRIMARY KEY, expression TEXT NOT NULL, observed TEXT NOT NULL, ok INTEGER NOT NULL
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptRow:
+    """One attempt as stored."""
+
+    device: str
+    cohort: str
+    phase: str
+    expected: str
+    scheduled: float
+    started: float
+    connect_ms: float
+    key_store_ms: float
+    handshake_ms: float
+    first_byte_ms: float
+    service_ms: float
+    total_ms: float
+    outcome: str
+    status: int | None
+    reason: str | None
+    new_connection: bool
+    resumed: bool
+    error: str | None = None
+
+
+_FIELDS = [f.name for f in dataclasses.fields(AttemptRow)]
+
+
+class ResultsWriter:
+    """Appends a run's attempts, events and final thresholds to ``results.sqlite``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def set_meta(self, **values: Any) -> None:
+        """Record facts about the run (JSON-encoded values)."""
+        for key, value in values.items():
+            self._db.execute(
+                "INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    def attempt(self, row: AttemptRow) -> None:
+        """Append one attempt (committed at once)."""
+        values = [getattr(row, f) for f in _FIELDS]
+        self._db.execute(
+            f"INSERT INTO attempts ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",
+            values,
+        )
+
+    def event(self, t: float, kind: str, detail: str) -> None:
+        """Append a timed event (a revocation, a rotation, a phase start...)."""
+        self._db.execute("INSERT INTO events (t, kind, detail) VALUES (?, ?, ?)", (t, kind, detail))
+
+    def dropped(self, t: float, cohort: str, phase: str) -> None:
+        """Record an attempt that could not start on time (like k6's dropped_iterations)."""
+        self._db.execute(
+            "INSERT INTO dropped (t, cohort, phase) VALUES (?, ?, ?)", (t, cohort, phase)
+        )
+
+    def thresholds(self, results: list[tuple[str, str, bool]]) -> None:
+        """Record the thresholds' verdicts (expression, observed value, held)."""
+        self._db.execute("DELETE FROM thresholds")
+        for i, (expression, observed, ok) in enumerate(results):
+            self._db.execute(
+                "INSERT INTO thresholds (position, expression, observed, ok) VALUES (?, ?, ?, ?)",
+                (i, expression, observed, int(ok)),
+            )
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+class Results:
+    """Read access to a results database."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no results database here")
+        self.path = path
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def meta(self) -> dict[str, Any]:
+        """The run's recorded facts."""
+        return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM run")}
+
+    def attempts(self) -> Iterator[AttemptRow]:
+        """Every attempt, in the order written."""
+        for row in self._db.execute(f"SELECT {', '.join(_FIELDS)} FROM attempts ORDER BY id"):
+            values = dict(zip(_FIELDS, row, strict=True))
+            values["new_connection"] = bool(values["new_connection"])
+            values["resumed"] = bool(values["resumed"])
+            yield AttemptRow(**values)
+
+    def events(self) -> list[tuple[float, str, str]]:
+        """Timed events, in order."""
+        return list(self._db.execute("SELECT t, kind, detail FROM events ORDER BY t"))
+
+    def dropped(self) -> list[tuple[float, str, str]]:
+        """Attempts that could not start on time."""
+        return list(self._db.execute("SELECT t, cohort, phase FROM dropped ORDER BY t"))
+
+    def thresholds(self) -> list[tuple[str, str, bool]]:
+        """The thresholds' verdicts, in scenario order (empty if the run did not finish)."""
+        rows = self._db.execute("SELECT expression, observed, ok FROM thresholds ORDER BY position")
+        return [(e, o, bool(k)) for e, o, k in rows]
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+def meta_value(meta: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """A run fact, or ``default``."""
+    return meta.get(key, default)
