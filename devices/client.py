@@ -17,7 +17,7 @@ import dataclasses
 import datetime as dt
 import errno
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -38,6 +38,10 @@ class Target:
     port: int
     server_name: str
     ca_file: Path | None = None  # trust for the server certificate; None = system trust
+    # How to reach the target; None = TCP to host:port. A simulation passes in-memory streams.
+    connect: Callable[[], Awaitable[trio.abc.Stream]] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
 
     def make_context(self) -> ssl.SSLContext:
         """Return a fresh client TLS context that trusts this target's server certificate."""
@@ -164,7 +168,10 @@ class DeviceClient:
 
     async def _connect(self, timings: Timings) -> trio.SSLStream[trio.SocketStream]:
         start = trio.current_time()
-        tcp = await trio.open_tcp_stream(self.target.host, self.target.port)
+        if self.target.connect is not None:
+            tcp = await self.target.connect()
+        else:
+            tcp = await trio.open_tcp_stream(self.target.host, self.target.port)
         timings.connect = trio.current_time() - start
         try:
             cost = 0.0

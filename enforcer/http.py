@@ -27,11 +27,11 @@ HOP_BY_HOP = frozenset(
 class ByteStream(Protocol):
     """The two stream methods h11 glue needs."""
 
-    async def receive_some(self, max_bytes: int = ...) -> bytes:
+    async def receive_some(self, max_bytes: int | None = ...) -> bytes | bytearray:
         """Receive some bytes; b"" at the end."""
         ...
 
-    async def send_all(self, data: bytes) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data``."""
         ...
 
@@ -45,7 +45,7 @@ async def next_event(conn: h11.Connection, stream: ByteStream) -> h11.Event | ty
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
             continue
         return event  # type: ignore[return-value]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -24,6 +24,9 @@ TRUSTED_HEADERS = frozenset(
         b"x-forwarded-proto",
     }
 )
+
+
+OriginConnector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
 class OriginError(Exception):
@@ -79,7 +82,7 @@ def forwarded_headers(
 class Tunnel:
     """An origin connection that switched protocols (101), and the bytes it sent after."""
 
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
     response: h11.InformationalResponse
     trailing: bytes
 
@@ -90,6 +93,7 @@ async def open_upgrade(
     target: bytes,
     headers: list[tuple[bytes, bytes]],
     timeout: float,
+    connect: OriginConnector = trio.open_tcp_stream,
 ) -> Tunnel | tuple[h11.Response, bytes]:
     """Forward an Upgrade request; return a :class:`Tunnel` on 101, else the response and body."""
     url = urlsplit(origin)
@@ -97,7 +101,7 @@ async def open_upgrade(
     prefix = url.path.rstrip("/").encode()
     try:
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await connect(host, port)
     except (OSError, trio.TooSlowError) as exc:
         raise OriginError(f"cannot connect to origin {origin}: {exc}") from exc
     conn = h11.Connection(h11.CLIENT)
@@ -135,6 +139,7 @@ async def origin_request(
     headers: list[tuple[bytes, bytes]],
     body: bytes,
     timeout: float,
+    connect: OriginConnector = trio.open_tcp_stream,
 ) -> AsyncIterator[OriginResponse]:
     """Send one request to ``origin`` (an http:// URL) and yield its streamed response."""
     url = urlsplit(origin)
@@ -142,7 +147,7 @@ async def origin_request(
     prefix = url.path.rstrip("/").encode()
     try:
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await connect(host, port)
     except (OSError, trio.TooSlowError) as exc:
         raise OriginError(f"cannot connect to origin {origin}: {exc}") from exc
     conn = h11.Connection(h11.CLIENT)

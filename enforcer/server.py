@@ -42,7 +42,14 @@ from enforcer.decision import (
     still_valid,
 )
 from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond, send
-from enforcer.proxy import OriginError, Tunnel, forwarded_headers, open_upgrade, origin_request
+from enforcer.proxy import (
+    OriginConnector,
+    OriginError,
+    Tunnel,
+    forwarded_headers,
+    open_upgrade,
+    origin_request,
+)
 from enforcer.reasons import DENIAL_BODIES, Reason
 from enforcer.snapshot import Snapshot
 from enforcer.tls import ContextsBySNI, HostTLS, IntermediatesMemo, ServerTLSStream, TLSError
@@ -96,6 +103,8 @@ class Enforcer:
         self.clock = clock or WallClock()
         self.access_log = access_log or AccessLog(config.server.access_log)
         self.intermediates = IntermediatesMemo()
+        # How the enforcer reaches origins: TCP, or in-memory streams in a simulation.
+        self.open_origin: OriginConnector = trio.open_tcp_stream
         self._ids = itertools.count(1)
         self._tls_key: tuple[HostTLS, ...] | None = None
         self.contexts: ContextsBySNI | None = None
@@ -346,7 +355,12 @@ class _Session:
         headers = self._origin_headers(request, decision, upgrade)
         try:
             result = await open_upgrade(
-                app.origin, request.method, request.target, headers, self.e.settings.request_timeout
+                app.origin,
+                request.method,
+                request.target,
+                headers,
+                self.e.settings.request_timeout,
+                self.e.open_origin,
             )
         except OriginError as exc:
             log.warning("connection %d: %s", self.conn_id, exc)
@@ -459,6 +473,7 @@ class _Session:
                 headers,
                 body,
                 self.e.settings.request_timeout,
+                self.e.open_origin,
             ) as response:
                 out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
                 await send(

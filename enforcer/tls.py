@@ -222,10 +222,10 @@ class ServerTLSStream:
         with contextlib.suppress(TLSError):
             await self._flush()
 
-    async def receive_some(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
+    async def receive_some(self, max_bytes: int | None = _RECEIVE_SIZE) -> bytes:
         """Return decrypted bytes; ``b""`` at a clean or abrupt end of the stream."""
         try:
-            return await self._retry(lambda: self.connection.recv(max_bytes))
+            return await self._retry(lambda: self.connection.recv(max_bytes or _RECEIVE_SIZE))
         except SSL.ZeroReturnError:
             return b""
         except TLSError:
@@ -233,7 +233,7 @@ class ServerTLSStream:
                 return b""
             raise
 
-    async def send_all(self, data: bytes) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send ``data``."""
         conn = self.connection
         view = memoryview(data)

@@ -11,8 +11,8 @@ import trio_websocket
 from devices.client import ClientOptions, DeviceClient, Target
 from devices.keystore import SoftwareKeyStore
 from testbed.demo import AUTH_HOST, IOT_HOST
+from testbed.nginx import NGINX, start_nginx, stop_nginx
 from tests.conftest import Served
-from tests.nginx import NGINX, start_nginx, stop_nginx
 
 EXPECTED = {
     "valid": "allowed",

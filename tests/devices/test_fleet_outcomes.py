@@ -16,8 +16,8 @@ from devices.provision import DEFECTS, Cohort, Fleet, onboard, provision
 from enforcer.config import load_config
 from enforcer.snapshot import RootCertificate
 from testbed.demo import AUTH_HOST, IOT_HOST
+from testbed.nginx import NGINX, start_nginx, stop_nginx
 from tests.conftest import Served
-from tests.nginx import NGINX, start_nginx, stop_nginx
 from tests.wire import admin_call
 
 

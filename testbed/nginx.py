@@ -1,4 +1,5 @@
-"""nginx on loopback for tests: a generated config, started and stopped by the test."""
+"""nginx on loopback: a generated config (ssl_verify_client optional + a $ssl_client_verify
+check), started and stopped by a test or a run."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ http {{
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -84,6 +86,7 @@ async def start_nginx(
 
 
 async def stop_nginx(proc: trio.Process) -> None:
+    """Stop nginx and wait for it."""
     proc.terminate()
     with trio.fail_after(10):
         await proc.wait()
