@@ -373,6 +373,12 @@ def load_config(path: str | Path) -> EnforcerConfig:
     if not edges:
         raise top.error("edge_certificates", "at least one [[edge_certificates]] is required")
     roots = tuple(_root(r) for r in top.tables("roots"))
+    ids = [r.id for r in roots]
+    for i, rid in enumerate(ids):
+        if rid in ids[:i]:
+            raise ConfigError(
+                p, f"roots[{i}].id", f"{rid!r} is used twice: give each root its own id"
+            )
     apps = tuple(_application(r) for r in top.tables("applications"))
     seen: set[str] = set()
     served = {h for e in edges for h in e.hostnames}

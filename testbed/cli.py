@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_parser(enf)
 
+    run = sub.add_parser("run", help="run a scenario file and write its report")
+    run.add_argument("scenario", help="a scenario TOML file (see scenarios/)")
+    run.add_argument(
+        "--reports",
+        default=_env("REPORTS", "reports"),
+        help="where run folders go (env TESTBED_REPORTS)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no live display")
+
     demo = enf.add_parser(
         "demo", help="write a demo PKI and configuration into a folder and serve it"
     )
@@ -126,6 +135,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("enforcer: stopped", file=sys.stderr)
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run ``testbed run SCENARIO``."""
+    from testbed.runner import run_scenario
+    from testbed.scenario import ScenarioError, load_scenario
+
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        return _fail(str(exc))
+    console = Console(stderr=True)
+    outcome = run_scenario(
+        scenario, Path(args.reports), console=console, progress=not args.no_progress, render=_render
+    )
+    out = Console()
+    for text, observed, ok in outcome.thresholds:
+        mark = "[green]pass[/]" if ok else "[bold red]FAIL[/]"
+        out.print(f"{mark}  {text}  (observed {observed})", highlight=False)
+    if outcome.exit_code == 130:
+        out.print(
+            f"interrupted: results so far in {outcome.run_dir}; `testbed report {outcome.run_dir}`"
+        )
+    out.print(f"report: {outcome.run_dir / 'report.html'}", highlight=False)
+    return outcome.exit_code
+
+
+def _render(run_dir: Path) -> None:
+    try:
+        from testbed.report import print_summary, render
+    except ImportError:  # pragma: no cover - reports arrive with their module
+        return
+    render(run_dir)
+    print_summary(run_dir, Console())
 
 
 def demo_instructions(layout: DemoLayout) -> str:
@@ -215,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if args.command == "run":
+        return cmd_run(args)
     if args.command == "enforcer" and args.action == "serve":
         return cmd_serve(args)
     if args.command == "enforcer" and args.action == "demo":

@@ -45,7 +45,10 @@ CREATE INDEX IF NOT EXISTS attempts_cohort ON attempts (cohort);
 CREATE TABLE IF NOT EXISTS events (t REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dropped (t REAL NOT NULL, cohort TEXT NOT NULL, phase TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS thresholds (
-    position INTEGER PRIMARY KEY, expression TEXT NOT NULL, observed TEXT NOT NULL, ok INTEGER NOT NULL
+    position INTEGER PRIMARY KEY,
+    expression TEXT NOT NULL,
+    observed TEXT NOT NULL,
+    ok INTEGER NOT NULL
 );
 """
 
@@ -92,7 +95,8 @@ class ResultsWriter:
         """Record facts about the run (JSON-encoded values)."""
         for key, value in values.items():
             self._db.execute(
-                "INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                "INSERT INTO run (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, json.dumps(value)),
             )
 

@@ -1,0 +1,680 @@
+"""``testbed run``: a scenario's fleet against its target, every attempt recorded as it happens.
+
+Theory of operation. Before anything starts, the scenario is checked and the fleet provisioned
+(``RUN_DIR/fleet``). Then one trio nursery owns everything that runs: the target (the embedded
+enforcer and its echo origin, or nginx), the phases' schedulers, the timed events and the live
+display. Open-loop phases compute each attempt's scheduled time from the arrival rate and give
+the attempt to a free device; when no device is free the attempt is counted as dropped, as k6
+counts dropped iterations. Latency is measured from the scheduled time, so a target that
+stalls shows up as latency rather than as fewer attempts (no coordinated omission).
+
+With ``clock = "virtual"`` the same code runs on trio's MockClock with in-memory streams between
+devices, enforcer and origin: simulated time passes only while everything waits, so a week of
+telemetry takes as long as its CPU work, and a seed reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+from cryptography.hazmat.primitives import serialization
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from devices.behaviour import run_behaviour
+from devices.client import Attempt, ClientOptions, DeviceClient
+from devices.client import Target as DeviceTarget
+from devices.keystore import KeyStore, SoftwareKeyStore
+from devices.pki import issue_ca, issue_leaf, write_pem
+from devices.provision import Cohort, Fleet, provision
+from enforcer import control
+from enforcer.accesslog import AccessLog
+from enforcer.clock import Clock, TrioClock, WallClock
+from enforcer.config import load_config
+from enforcer.durations import parse_duration
+from enforcer.origin import _echo, serve_echo_origin_on
+from enforcer.server import Enforcer, open_listener, serve
+from enforcer.store import Change
+from testbed.results import AttemptRow, ResultsWriter
+from testbed.scenario import CohortSpec, Event, Phase, Scenario
+
+EXIT_OK, EXIT_THRESHOLDS, EXIT_INTERRUPTED = 0, 1, 130
+
+
+class OffsetClock:
+    """A clock that can be moved forward by events (``advance_clock``)."""
+
+    def __init__(self, base: Clock) -> None:
+        self.base = base
+        self.offset = dt.timedelta(0)
+
+    def now(self) -> dt.datetime:
+        """The base clock's time plus the offset."""
+        return self.base.now() + self.offset
+
+
+@dataclasses.dataclass
+class Device:
+    """One simulated device in a run."""
+
+    id: str
+    cohort: CohortSpec
+    sha256: str
+    client: DeviceClient
+    busy: bool = False
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """Where a run wrote, and how it ended."""
+
+    run_dir: Path
+    exit_code: int
+    thresholds: list[tuple[str, str, bool]]
+
+
+def run_dir_for(scenario: Scenario, reports: Path) -> Path:
+    """A new folder ``reports/<scenario>-<timestamp>``."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = reports / f"{scenario.name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = reports / f"{scenario.name}-{stamp}-{n}"
+    return path
+
+
+def _provision(scenario: Scenario, run_dir: Path, now: dt.datetime) -> Fleet:
+    cohorts = [Cohort(c.name, c.size, c.defect, c.key_type) for c in scenario.cohorts]
+    return provision(
+        run_dir / "fleet",
+        cohorts,
+        now,
+        key_type=scenario.key_type,
+        intermediates=scenario.intermediates,
+        p12=False,
+        workers=1 if scenario.size < 200 else None,
+    )
+
+
+_ENFORCER_TOML = """\
+# Written by `testbed run` for scenario {name}.
+revoked = {revoked}
+
+[server]
+host = "127.0.0.1"
+port = 0
+access_log = "{run}/access.log"
+
+[state]
+path = "{run}/state.sqlite"
+
+[signing]
+key_file = "{run}/signing-key.pem"
+
+[[edge_certificates]]
+hostnames = ["{host}"]
+certificate = "{run}/edge/cert.pem"
+private_key = "{run}/edge/key.pem"
+
+[[roots]]
+id = "fleet"
+name = "fleet root"
+certificate = "{fleet}/ca/upload.pem"
+associated_hostnames = ["{host}"]
+{known}
+[[applications]]
+name = "{name}"
+hostname = "{host}"
+session_duration = "{session}"
+origin = "{origin}"
+
+[[applications.policies]]
+name = "fleet"
+decision = "non_identity"
+include = [{rule}]
+"""
+
+
+def _rule(policy: str) -> str:
+    if policy.startswith("common_name:"):
+        return f'{{ common_name = {{ common_name = "{policy.split(":", 1)[1]}" }} }}'
+    return "{ certificate = {} }"
+
+
+def write_enforcer_config(
+    scenario: Scenario, run_dir: Path, fleet: Fleet, origin: str, now: dt.datetime
+) -> Path:
+    """Write the embedded enforcer's configuration (and its edge PKI) for a run."""
+    host = scenario.target.hostname
+    edge_ca = issue_ca("testbed run edge CA", now)
+    edge = issue_leaf(
+        host,
+        edge_ca,
+        not_before=now - dt.timedelta(days=1),
+        not_after=now + dt.timedelta(days=400),
+        client=False,
+        dns_names=[host],
+    )
+    write_pem(run_dir / "edge" / "ca.pem", edge_ca.cert_pem())
+    write_pem(run_dir / "edge" / "cert.pem", edge.cert_pem(), edge_ca.cert_pem())
+    write_pem(run_dir / "edge" / "key.pem", edge.key_pem(), private=True)
+    known = fleet.root / "ca" / "known-intermediates.pem"
+    known_block = ""
+    if known.exists():
+        # The enforcer knows this intermediate (uploaded for a hostname no device uses), so it
+        # can tell devices that did not send it: missing_intermediate.
+        bundle = run_dir / "edge" / "known-bundle.pem"
+        bundle.write_bytes(known.read_bytes() + (fleet.root / "ca" / "root.pem").read_bytes())
+        known_block = (
+            f'\n[[roots]]\nid = "known"\nname = "known intermediates"\ncertificate = "{bundle}"\n'
+            'associated_hostnames = ["known-intermediates.invalid"]\n'
+        )
+    revoked = [d.sha256 for d in fleet.devices() if d.defect == "revoked"]
+    path = run_dir / "enforcer.toml"
+    path.write_text(
+        _ENFORCER_TOML.format(
+            name=scenario.name,
+            run=run_dir,
+            host=host,
+            fleet=fleet.root,
+            known=known_block,
+            revoked="[" + ", ".join(f'"{fp}"' for fp in revoked) + "]",
+            session=scenario.target.session_duration,
+            origin=origin,
+            rule=_rule(scenario.target.policy),
+        )
+    )
+    return path
+
+
+def _key_store(device_dir: Path, cohort: CohortSpec) -> KeyStore:
+    cert, key = device_dir / "cert.pem", device_dir / "key.pem"
+    if cohort.key_store == "software":
+        return SoftwareKeyStore(cert, key)
+    from devices.piv import PivKeyStore, PivToken
+
+    piv = cohort.piv
+
+    async def touch() -> None:
+        await trio.sleep(piv.touch_delay)
+
+    token = PivToken(browser_pin_every_handshake=piv.browser_pin_every_handshake, touch=touch)
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    token.import_key(
+        piv.slot,
+        private,
+        cert.read_bytes(),
+        pin_policy=piv.pin_policy,
+        touch_policy=piv.touch_policy,
+    )
+    return PivKeyStore(token, piv.slot, piv.pin)
+
+
+def arrival_times(phase: Phase, start: float) -> list[float]:
+    """Scheduled times of a constant or ramping phase's attempts (open loop)."""
+    if phase.arrival == "constant":
+        n = int(phase.rate * phase.duration)
+        return [start + k / phase.rate for k in range(n)]
+    a, b, d = phase.start_rate, phase.end_rate, phase.duration
+    # The rate ramps linearly: attempts so far N(t) = a t + (b - a) t^2 / (2 d); solve N(t) = k.
+    total = int((a + b) / 2 * d)
+    times = []
+    for k in range(total):
+        if abs(b - a) < 1e-12:
+            t = k / a
+        else:
+            c2 = (b - a) / (2 * d)
+            t = (-a + math.sqrt(a * a + 4 * c2 * k)) / (2 * c2)
+        times.append(start + t)
+    return times
+
+
+class Run:
+    """One scenario run: its devices, its target and its records."""
+
+    def __init__(self, scenario: Scenario, run_dir: Path, console: Console) -> None:
+        self.scenario = scenario
+        self.run_dir = run_dir
+        self.console = console
+        self.rng = random.Random(scenario.seed)
+        self.writer = ResultsWriter(run_dir / "results.sqlite")
+        self.devices: list[Device] = []
+        self.counts: Counter[str] = Counter()
+        self.dropped = 0
+        self.start = 0.0
+        self.enforcer: Enforcer | None = None
+        self.clock: OffsetClock | None = None
+        self.origin_up = True
+        self._origin_scope: trio.CancelScope | None = None
+        self._origin_listeners: list[trio.SocketListener] = []
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def record(
+        self, device: Device, phase: str, attempt: Attempt, scheduled: float, started: float
+    ) -> None:
+        t = attempt.timings
+        end = trio.current_time()
+        self.writer.attempt(
+            AttemptRow(
+                device=device.id,
+                cohort=device.cohort.name,
+                phase=phase,
+                expected=device.cohort.expected,
+                scheduled=scheduled - self.start,
+                started=started - self.start,
+                connect_ms=t.connect * 1000,
+                key_store_ms=t.key_store * 1000,
+                handshake_ms=t.handshake * 1000,
+                first_byte_ms=t.first_byte * 1000,
+                service_ms=(end - started) * 1000,
+                total_ms=(end - scheduled) * 1000,
+                outcome=attempt.outcome,
+                status=attempt.status,
+                reason=attempt.reason,
+                new_connection=attempt.new_connection,
+                resumed=attempt.resumed,
+                error=attempt.error,
+            )
+        )
+        self.counts[attempt.outcome] += 1
+
+    # -- the target ----------------------------------------------------------------------------
+
+    async def _memory_connect_enforcer(self, nursery: trio.Nursery) -> trio.abc.Stream:
+        client, server = trio.testing.memory_stream_pair()
+        assert self.enforcer is not None
+        nursery.start_soon(self.enforcer.handle, server)  # type: ignore[arg-type]
+        return client
+
+    async def _memory_connect_origin(self, nursery: trio.Nursery) -> trio.abc.Stream:
+        if not self.origin_up:
+            raise OSError("connection refused (the origin is stopped)")
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(_echo, server)  # type: ignore[arg-type]
+        return client
+
+    async def start_target(
+        self, nursery: trio.Nursery, fleet: Fleet, now: dt.datetime
+    ) -> DeviceTarget:
+        s = self.scenario
+        if s.target.kind == "external":
+            from urllib.parse import urlsplit
+
+            url = urlsplit(s.target.url or "")
+            return DeviceTarget(
+                url.hostname or "",
+                url.port or 443,
+                s.target.hostname or url.hostname or "",
+                s.target.ca,
+            )
+        if s.target.kind == "nginx":
+            from testbed.nginx import start_nginx, stop_nginx
+
+            write_enforcer_config(s, self.run_dir, fleet, "http://127.0.0.1:9", now)
+            proc, port = await start_nginx(
+                self.run_dir / "nginx",
+                cert=self.run_dir / "edge" / "cert.pem",
+                key=self.run_dir / "edge" / "key.pem",
+                client_ca=fleet.upload,
+                server_name=s.target.hostname,
+            )
+
+            async def stopper() -> None:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await stop_nginx(proc)
+
+            nursery.start_soon(stopper)
+            return DeviceTarget(
+                "127.0.0.1", port, s.target.hostname, self.run_dir / "edge" / "ca.pem"
+            )
+        # The embedded enforcer.
+        virtual = s.clock == "virtual"
+        origin = "http://origin.invalid" if virtual else await self._start_origin(nursery)
+        config = load_config(write_enforcer_config(s, self.run_dir, fleet, origin, now))
+        self.clock = OffsetClock(TrioClock(now) if virtual else WallClock())
+        self.enforcer = Enforcer(config, self.clock, AccessLog(str(self.run_dir / "access.log")))
+        ca = self.run_dir / "edge" / "ca.pem"
+        if virtual:
+            self.enforcer.open_origin = lambda host, port: self._memory_connect_origin(nursery)
+            return DeviceTarget(
+                "memory",
+                0,
+                s.target.hostname,
+                ca,
+                connect=lambda: self._memory_connect_enforcer(nursery),
+            )
+        listener = await open_listener("127.0.0.1", 0)
+        nursery.start_soon(serve, self.enforcer, listener)
+        return DeviceTarget("127.0.0.1", listener.socket.getsockname()[1], s.target.hostname, ca)
+
+    async def _start_origin(self, nursery: trio.Nursery) -> str:
+        self._origin_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = self._origin_listeners[0].socket.getsockname()[1]
+        await self._run_origin(nursery)
+        return f"http://127.0.0.1:{port}"
+
+    async def _run_origin(self, nursery: trio.Nursery) -> None:
+        scope = trio.CancelScope()
+        self._origin_scope = scope
+        listeners = self._origin_listeners
+
+        async def origin() -> None:
+            with scope:
+                await serve_echo_origin_on(listeners)
+
+        nursery.start_soon(origin)
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def apply(self, event: Event, nursery: trio.Nursery) -> str:
+        """Carry out one timed event; return what was done."""
+        action = event.action
+        if action == "stop_origin":
+            self.origin_up = False
+            if self._origin_scope is not None:
+                self._origin_scope.cancel()
+                # Close the port too, so connections are refused rather than left waiting.
+                for listener in self._origin_listeners:
+                    await listener.aclose()
+            return "origin stopped"
+        if action == "start_origin":
+            self.origin_up = True
+            if self._origin_listeners:
+                port = self._origin_listeners[0].socket.getsockname()[1]
+                self._origin_listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+                await self._run_origin(nursery)
+            return "origin started"
+        assert self.enforcer is not None and self.clock is not None
+        controller = self.enforcer.controller
+        account = "demo"
+        if action == "advance_clock":
+            delta = parse_duration(event.value or "0s")
+            self.clock.offset += delta
+            return f"enforcer clock advanced {event.value}"
+        if action == "revoke":
+            members = [d for d in self.devices if d.cohort.name == event.cohort]
+            chosen = self.rng.sample(members, max(1, round(len(members) * event.share)))
+            changes = tuple(
+                Change("revocation", d.sha256, {"fingerprint": d.sha256}) for d in chosen
+            )
+            await controller.write(lambda objects, now: control.Outcome(None, changes))
+            for d in chosen:
+                # A revoked device is expected to be refused from now on.
+                d.cohort = dataclasses.replace(d.cohort, expected="denied:revoked")
+            return f"revoked {len(chosen)} of {len(members)} devices of cohort {event.cohort}"
+        roots = control.list_roots(controller.objects, account).result
+        fleet_root = next(r for r in roots if r["name"] == "fleet root")
+        if action == "remove_root":
+            await controller.write(
+                lambda objects, now: control.update_root(
+                    objects, account, fleet_root["id"], {"associated_hostnames": []}, now
+                )
+            )
+            return "fleet root removed from the hostname"
+        if action == "rotate_root":
+            new = issue_ca("rotated fleet root", self.clock.now())
+            pem = new.cert_pem().decode()
+            host = self.scenario.target.hostname
+
+            def rotate(objects: Any, now: dt.datetime) -> control.Outcome:
+                added = control.create_root(
+                    objects,
+                    account,
+                    {"name": "rotated root", "certificate": pem, "associated_hostnames": [host]},
+                    now,
+                )
+                removed = control.update_root(
+                    objects, account, fleet_root["id"], {"associated_hostnames": []}, now
+                )
+                return control.Outcome(None, added.changes + removed.changes)
+
+            await controller.write(rotate)
+            return "fleet root replaced by a new root: devices of the old one are no longer trusted"
+        app = control.list_apps(controller.objects, account).result[0]
+        if action == "set_session_duration":
+            await controller.write(
+                lambda objects, now: control.update_app(
+                    objects,
+                    account,
+                    app["id"],
+                    {"session_duration": event.value},
+                    controller.limits,
+                    now,
+                )
+            )
+            return f"session duration set to {event.value}"
+        if action == "set_policy":
+            value = event.value or "certificate"
+            rule: dict[str, Any] = (
+                {"common_name": {"common_name": value.split(":", 1)[1]}}
+                if value.startswith("common_name:")
+                else {"certificate": {}}
+            )
+            await controller.write(
+                lambda objects, now: control.update_app(
+                    objects,
+                    account,
+                    app["id"],
+                    {"policies": [{"name": "fleet", "include": [rule]}]},
+                    controller.limits,
+                    now,
+                )
+            )
+            return f"policy set to {value}"
+        raise AssertionError(action)
+
+    # -- phases --------------------------------------------------------------------------------
+
+    async def attempt(self, device: Device, phase: str, scheduled: float) -> None:
+        device.busy = True
+        try:
+            started = trio.current_time()
+            b = device.cohort.behaviour
+            result = await device.client.request(b.path, method=b.method, body=b"x" * b.body_bytes)
+            self.record(device, phase, result, scheduled, started)
+        finally:
+            device.busy = False
+
+    async def open_loop(self, phase: Phase, start: float) -> None:
+        async with trio.open_nursery() as nursery:
+            for scheduled in arrival_times(phase, start):
+                await trio.sleep_until(scheduled)
+                device = self._free_device()
+                if device is None:
+                    self.dropped += 1
+                    self.writer.dropped(scheduled - self.start, "-", phase.name)
+                    continue
+                nursery.start_soon(self.attempt, device, phase.name, scheduled)
+
+    def _free_device(self) -> Device | None:
+        n = len(self.devices)
+        first = self.rng.randrange(n)
+        for k in range(n):
+            device = self.devices[(first + k) % n]
+            if not device.busy:
+                return device
+        return None
+
+    async def active(self, phase: Phase, start: float) -> None:
+        chosen = self.rng.sample(self.devices, min(phase.devices, len(self.devices)))
+        until = start + phase.duration
+        async with trio.open_nursery() as nursery:
+            for device in chosen:
+                seed = self.rng.randrange(2**32)
+
+                async def drive(d: Device = device, s: int = seed) -> None:
+                    def on_attempt(a: Attempt, scheduled: float) -> None:
+                        self.record(d, phase.name, a, scheduled, scheduled)
+
+                    await run_behaviour(
+                        d.client,
+                        d.cohort.behaviour,
+                        rng=random.Random(s),
+                        on_attempt=on_attempt,
+                        until=until,
+                    )
+
+                nursery.start_soon(drive)
+
+    # -- the whole run ---------------------------------------------------------------------------
+
+    async def main(self, fleet: Fleet, now: dt.datetime, progress: bool) -> None:
+        s = self.scenario
+        async with trio.open_nursery() as nursery:
+            target = await self.start_target(nursery, fleet, now)
+            by_name = {c.name: c for c in s.cohorts}
+            for d in fleet.devices():
+                cohort = by_name[d.cohort]
+                options = ClientOptions(
+                    keep_alive=cohort.keep_alive,
+                    resume_sessions=cohort.resume_sessions,
+                    reuse_cookie=cohort.reuse_cookie,
+                    always_new_handshake=cohort.always_new_handshake,
+                    timeout=s.timeout,
+                    clock_skew=cohort.clock_skew,
+                )
+                store = _key_store(fleet.root / "devices" / d.id, cohort)
+                self.devices.append(
+                    Device(d.id, cohort, d.sha256, DeviceClient(target, store, options))
+                )
+            self.start = trio.current_time()
+            self.writer.set_meta(started_at=dt.datetime.now(dt.UTC).isoformat())
+
+            async def events() -> None:
+                for event in sorted(s.events, key=lambda e: e.at):
+                    await trio.sleep_until(self.start + event.at)
+                    detail = await self.apply(event, nursery)
+                    self.writer.event(event.at, event.action, detail)
+
+            nursery.start_soon(events)
+            if progress:
+                nursery.start_soon(self.display)
+            t = self.start
+            for phase in s.phases:
+                self.writer.event(t - self.start, "phase", phase.name)
+                if phase.arrival == "active":
+                    await self.active(phase, t)
+                else:
+                    await self.open_loop(phase, t)
+                t += phase.duration
+                await trio.sleep_until(t)
+            for d in self.devices:
+                await d.client.aclose()
+            nursery.cancel_scope.cancel()
+
+    async def display(self) -> None:
+        step = max(0.5, self.scenario.duration / 400)  # few wake-ups, even for a virtual week
+        with Live(
+            self._table(), console=self.console, refresh_per_second=2, transient=True
+        ) as live:
+            while True:
+                await trio.sleep(step)
+                live.update(self._table())
+
+    def _table(self) -> Table:
+        elapsed = trio.current_time() - self.start if self.start else 0.0
+        total = sum(self.counts.values())
+        table = Table(
+            title=f"{self.scenario.name}: {elapsed:,.1f} s of {self.scenario.duration:,.0f} s",
+            title_justify="left",
+        )
+        table.add_column("outcome")
+        table.add_column("attempts", justify="right")
+        for outcome, n in self.counts.most_common():
+            table.add_row(outcome, str(n))
+        table.add_row("[dim]dropped[/]", str(self.dropped))
+        table.add_row("[bold]total[/]", f"{total} ({total / elapsed if elapsed else 0:,.1f}/s)")
+        return table
+
+
+def run_scenario(
+    scenario: Scenario,
+    reports: Path,
+    *,
+    console: Console | None = None,
+    progress: bool = True,
+    render: Callable[[Path], Any] | None = None,
+) -> RunOutcome:
+    """Run a checked scenario; write its results and report; return the exit code to use."""
+    console = console or Console(stderr=True)
+    run_dir = run_dir_for(scenario, reports.resolve())
+    run_dir.mkdir(parents=True)
+    now = dt.datetime.now(dt.UTC)
+    began = time.perf_counter()
+    fleet = _provision(scenario, run_dir, now)
+    run = Run(scenario, run_dir, console)
+    run.writer.set_meta(
+        scenario=scenario.name,
+        scenario_path=str(scenario.path),
+        seed=scenario.seed,
+        clock=scenario.clock,
+        target=scenario.target.kind,
+        cohorts={
+            c.name: {"size": c.size, "expected": c.expected, "defect": c.defect}
+            for c in scenario.cohorts
+        },
+        phases=[
+            {
+                "name": p.name,
+                "start": sum(q.duration for q in scenario.phases[:i]),
+                "duration": p.duration,
+            }
+            for i, p in enumerate(scenario.phases)
+        ],
+        thresholds_declared=[t.text for t in scenario.thresholds],
+    )
+    interrupted = False
+    try:
+        if scenario.clock == "virtual":
+            trio.run(
+                run.main, fleet, now, progress, clock=trio.testing.MockClock(autojump_threshold=0)
+            )
+        else:
+            trio.run(run.main, fleet, now, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    if not interrupted:
+        run.writer.set_meta(
+            finished_at=dt.datetime.now(dt.UTC).isoformat(),
+            wall_seconds=time.perf_counter() - began,
+        )
+    verdicts = _judge(scenario, run_dir, run.writer) if not interrupted else []
+    run.writer.close()
+    if render is not None:
+        render(run_dir)
+    if interrupted:
+        return RunOutcome(run_dir, EXIT_INTERRUPTED, [])
+    return RunOutcome(
+        run_dir, EXIT_OK if all(ok for _, _, ok in verdicts) else EXIT_THRESHOLDS, verdicts
+    )
+
+
+def _judge(scenario: Scenario, run_dir: Path, writer: ResultsWriter) -> list[tuple[str, str, bool]]:
+    from testbed.results import Results
+    from testbed.summary import metric, summarize
+    from testbed.thresholds import evaluate
+
+    results = Results(run_dir / "results.sqlite")
+    try:
+        summary = summarize(results)
+    finally:
+        results.close()
+    verdicts = evaluate(scenario.thresholds, summary, metric)
+    writer.thresholds(verdicts)
+    return verdicts

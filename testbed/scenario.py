@@ -1,0 +1,445 @@
+"""Scenario files: what to run against which target, checked whole before anything starts.
+
+A scenario is a TOML file (see scenarios/*.toml and the README). Every problem is reported as
+a :class:`ScenarioError` naming the file, the field and what was expected; ``testbed run``
+turns it into exit code 2 before provisioning or listening.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from devices.behaviour import Behaviour, BehaviourError, Periodic, parse_behaviour
+from devices.pki import KEY_TYPES
+from devices.provision import DEFECTS, expected_outcome
+from enforcer.durations import DurationError, parse_duration
+from testbed.thresholds import Threshold, ThresholdError, parse_threshold
+
+CLOCKS = ("real", "virtual")
+TARGETS = ("embedded", "nginx", "external")
+ARRIVALS = ("constant", "ramping", "active")
+KEY_STORES = ("software", "piv")
+EVENTS = (
+    "revoke",
+    "rotate_root",
+    "remove_root",
+    "set_session_duration",
+    "set_policy",
+    "advance_clock",
+    "stop_origin",
+    "start_origin",
+)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class ScenarioError(Exception):
+    """A scenario problem, located by file and field."""
+
+    def __init__(self, path: Path | str, field: str, problem: str) -> None:
+        self.path, self.field, self.problem = str(path), field, problem
+        super().__init__(f"{path}: {field}: {problem}" if field else f"{path}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the fleet talks to."""
+
+    kind: str = "embedded"
+    hostname: str = "auth.example.test"
+    session_duration: str = "24h"
+    policy: str = "certificate"  # "certificate" or "common_name:<CN>"
+    url: str | None = None  # external: https://host:port
+    ca: Path | None = None  # external: the CA that signed the edge's server certificate
+    workers: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PivSettings:
+    """How a cohort's PIV tokens behave."""
+
+    slot: str = "9a"
+    pin: str = "123456"
+    pin_policy: str | None = None
+    touch_policy: str | None = None
+    touch_delay: float = 0.5
+    browser_pin_every_handshake: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortSpec:
+    """A group of devices: how many, what is wrong with them, how they behave."""
+
+    name: str
+    size: int
+    defect: str | None
+    expected: str
+    key_store: str = "software"
+    key_type: str | None = None
+    behaviour: Behaviour = dataclasses.field(default_factory=Periodic)
+    keep_alive: bool = True
+    resume_sessions: bool = True
+    reuse_cookie: bool = True
+    always_new_handshake: bool = False
+    clock_skew: float = 0.0
+    piv: PivSettings = dataclasses.field(default_factory=PivSettings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A stretch of the run with one arrival model."""
+
+    name: str
+    duration: float
+    arrival: str  # constant | ramping | active
+    rate: float = 0.0  # constant: attempts per second
+    start_rate: float = 0.0  # ramping
+    end_rate: float = 0.0
+    devices: int = 0  # active: devices running their behaviour at once
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A change made at a time in the run."""
+
+    at: float
+    action: str
+    cohort: str | None = None
+    share: float = 1.0
+    value: str | None = None  # a duration, a CN, a clock advance
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """A whole, checked scenario."""
+
+    path: Path
+    name: str
+    seed: int
+    clock: str
+    target: Target
+    cohorts: tuple[CohortSpec, ...]
+    phases: tuple[Phase, ...]
+    events: tuple[Event, ...]
+    thresholds: tuple[Threshold, ...]
+    intermediates: int = 1
+    key_type: str = "ec-p256"
+    timeout: float = 10.0
+
+    @property
+    def duration(self) -> float:
+        """The sum of the phases' durations, in seconds."""
+        return sum(p.duration for p in self.phases)
+
+    @property
+    def size(self) -> int:
+        """Devices in the fleet."""
+        return sum(c.size for c in self.cohorts)
+
+
+class _Reader:
+    def __init__(self, path: Path, table: Mapping[str, Any], where: str) -> None:
+        self.path, self.table, self.where = path, table, where
+
+    def field(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def error(self, name: str, problem: str) -> ScenarioError:
+        return ScenarioError(self.path, self.field(name), problem)
+
+    def get(
+        self, name: str, kind: type | tuple[type, ...], default: Any = ..., what: str = ""
+    ) -> Any:
+        if name not in self.table:
+            if default is ...:
+                raise self.error(name, f"required ({what})")
+            return default
+        value = self.table[name]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.error(name, f"expected {what}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.error(name, f"expected {what}, got {value!r}")
+        return value
+
+    def seconds(self, name: str, default: str | None = None) -> float:
+        raw = self.get(
+            name, (str, int, float), default, "a duration such as 30s, 10m, 2h or seconds"
+        )
+        if isinstance(raw, int | float):
+            if raw < 0:
+                raise self.error(name, f"{raw} is negative")
+            return float(raw)
+        try:
+            return parse_duration(raw).total_seconds()
+        except DurationError as exc:
+            raise self.error(name, str(exc)) from None
+
+    def number(self, name: str, default: float | None = None, *, minimum: float = 0.0) -> float:
+        value = self.get(name, (int, float), ... if default is None else default, "a number")
+        if value < minimum:
+            raise self.error(name, f"{value} is below {minimum}")
+        return float(value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        value = self.get(name, str, ... if default is None else default, f"one of {list(choices)}")
+        if value not in choices:
+            raise self.error(name, f"{value!r} is not one of {list(choices)}")
+        return str(value)
+
+    def only(self, allowed: set[str]) -> None:
+        extra = sorted(set(self.table) - allowed)
+        if extra:
+            raise self.error(extra[0], f"unknown field; expected one of {sorted(allowed)}")
+
+    def sub(self, name: str) -> _Reader:
+        raw = self.table.get(name, {})
+        if not isinstance(raw, dict):
+            raise self.error(name, "expected a table")
+        return _Reader(self.path, raw, self.field(name))
+
+    def tables(self, name: str) -> list[_Reader]:
+        raw = self.table.get(name, [])
+        if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+            raise self.error(name, f"expected an array of tables ([[{name}]])")
+        return [_Reader(self.path, t, f"{self.field(name)}[{i}]") for i, t in enumerate(raw)]
+
+
+def _target(r: _Reader, path: Path) -> Target:
+    r.only({"kind", "hostname", "session_duration", "policy", "url", "ca", "workers"})
+    kind = r.choice("kind", TARGETS, "embedded")
+    policy = r.get("policy", str, "certificate", "certificate or common_name:<CN>")
+    if policy != "certificate" and not (policy.startswith("common_name:") and len(policy) > 12):
+        raise r.error("policy", f"{policy!r}: expected certificate or common_name:<CN>")
+    duration = r.get("session_duration", str, "24h", "a Go duration such as 0s or 24h")
+    try:
+        parse_duration(duration)
+    except DurationError as exc:
+        raise r.error("session_duration", str(exc)) from None
+    url = r.get("url", str, None, "https://host:port")
+    ca = r.get("ca", str, None, "a PEM file")
+    if kind == "external":
+        if not url or not re.fullmatch(r"https://[^/:]+(:\d+)?/?", url):
+            raise r.error(
+                "url", f'an external target needs url = "https://host[:port]", got {url!r}'
+            )
+        if ca is None:
+            raise r.error("ca", "an external target needs the CA file that signed its certificate")
+    ca_path = None
+    if ca is not None:
+        ca_path = Path(ca) if Path(ca).is_absolute() else path.parent / ca
+        if not ca_path.exists():
+            raise r.error("ca", f"{ca_path} does not exist")
+    workers = int(r.number("workers", 1, minimum=1))
+    return Target(
+        kind,
+        r.get("hostname", str, "auth.example.test", "a hostname").lower(),
+        duration,
+        policy,
+        url,
+        ca_path,
+        workers,
+    )
+
+
+def _cohort(r: _Reader, target: Target) -> CohortSpec:
+    r.only(
+        {
+            "name",
+            "size",
+            "defect",
+            "expected",
+            "key_store",
+            "key_type",
+            "behaviour",
+            "client",
+            "piv",
+        }
+    )
+    name = r.get("name", str, what="a cohort name")
+    if not _NAME.fullmatch(name):
+        raise r.error("name", f"{name!r}: use letters, digits, '.', '_' and '-'")
+    size = int(r.number("size", minimum=1))
+    defect = r.get("defect", str, None, f"one of {list(DEFECTS)}")
+    if defect is not None and defect not in DEFECTS:
+        raise r.error("defect", f"{defect!r} is not one of {list(DEFECTS)}")
+    policy = "common_name" if target.policy.startswith("common_name:") else "certificate"
+    expected = r.get(
+        "expected", str, expected_outcome(defect, policy), "an outcome such as allowed"
+    )
+    key_type = r.get("key_type", str, None, f"one of {list(KEY_TYPES)}")
+    if key_type is not None and key_type not in KEY_TYPES:
+        raise r.error("key_type", f"{key_type!r} is not one of {list(KEY_TYPES)}")
+    behaviour_raw = r.get("behaviour", dict, {"kind": "periodic"}, "a behaviour table")
+    try:
+        behaviour = parse_behaviour(behaviour_raw, r.field("behaviour"))
+    except BehaviourError as exc:
+        raise ScenarioError(r.path, "", str(exc)) from None
+    client = r.sub("client")
+    client.only(
+        {"keep_alive", "resume_sessions", "reuse_cookie", "always_new_handshake", "clock_skew"}
+    )
+    piv = r.sub("piv")
+    piv.only(
+        {"slot", "pin", "pin_policy", "touch_policy", "touch_delay", "browser_pin_every_handshake"}
+    )
+    return CohortSpec(
+        name=name,
+        size=size,
+        defect=defect,
+        expected=expected,
+        key_store=r.choice("key_store", KEY_STORES, "software"),
+        key_type=key_type,
+        behaviour=behaviour,
+        keep_alive=client.get("keep_alive", bool, True, "true or false"),
+        resume_sessions=client.get("resume_sessions", bool, True, "true or false"),
+        reuse_cookie=client.get("reuse_cookie", bool, True, "true or false"),
+        always_new_handshake=client.get("always_new_handshake", bool, False, "true or false"),
+        clock_skew=client.seconds("clock_skew", "0s") if "clock_skew" in client.table else 0.0,
+        piv=PivSettings(
+            slot=piv.choice("slot", ("9a", "9c", "9d", "9e"), "9a"),
+            pin=piv.get("pin", str, "123456", "the PIN the device knows"),
+            pin_policy=piv.get("pin_policy", str, None, "never, once or always"),
+            touch_policy=piv.get("touch_policy", str, None, "never, always or cached"),
+            touch_delay=piv.seconds("touch_delay", "0.5s") if "touch_delay" in piv.table else 0.5,
+            browser_pin_every_handshake=piv.get(
+                "browser_pin_every_handshake", bool, False, "true or false"
+            ),
+        ),
+    )
+
+
+def _phase(r: _Reader) -> Phase:
+    r.only({"name", "duration", "arrival", "rate", "from", "to", "devices"})
+    arrival = r.choice("arrival", ARRIVALS)
+    phase = Phase(
+        name=r.get("name", str, what="a phase name"),
+        duration=r.seconds("duration"),
+        arrival=arrival,
+        rate=r.number("rate", 0.0) if arrival == "constant" else 0.0,
+        start_rate=r.number("from", 0.0) if arrival == "ramping" else 0.0,
+        end_rate=r.number("to", 0.0) if arrival == "ramping" else 0.0,
+        devices=int(r.number("devices", 0)) if arrival == "active" else 0,
+    )
+    if phase.duration <= 0:
+        raise r.error("duration", "must be above 0")
+    if arrival == "constant" and phase.rate <= 0:
+        raise r.error("rate", "a constant arrival needs rate > 0 (attempts per second)")
+    if arrival == "ramping" and "to" not in r.table:
+        raise r.error("to", "a ramping arrival needs from and to (attempts per second)")
+    if arrival == "active" and phase.devices < 1:
+        raise r.error("devices", "an active phase needs devices >= 1")
+    return phase
+
+
+def _event(r: _Reader, cohorts: set[str], clock: str) -> Event:
+    r.only({"at", "action", "cohort", "share", "value"})
+    action = r.choice("action", EVENTS)
+    event = Event(
+        at=r.seconds("at"),
+        action=action,
+        cohort=r.get("cohort", str, None, "a cohort name"),
+        share=r.number("share", 1.0),
+        value=r.get("value", str, None, "a value"),
+    )
+    if action == "revoke" and event.cohort not in cohorts:
+        raise r.error("cohort", f"revoke needs a cohort, one of {sorted(cohorts)}")
+    if not 0 < event.share <= 1:
+        raise r.error("share", f"{event.share} is not in (0, 1]")
+    if action == "set_session_duration":
+        try:
+            parse_duration(event.value or "")
+        except DurationError as exc:
+            raise r.error("value", str(exc)) from None
+    if action == "set_policy" and not (
+        event.value == "certificate" or (event.value or "").startswith("common_name:")
+    ):
+        raise r.error("value", 'set_policy needs value = "certificate" or "common_name:<CN>"')
+    if action == "advance_clock":
+        try:
+            parse_duration(event.value or "")
+        except DurationError as exc:
+            raise r.error("value", str(exc)) from None
+    return event
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and check a scenario file; raise :class:`ScenarioError` on the first problem."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScenarioError(p, "", f"cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ScenarioError(p, "", f"not valid TOML: {exc}") from None
+    top = _Reader(p, data, "")
+    top.only(
+        {
+            "name",
+            "seed",
+            "clock",
+            "timeout",
+            "target",
+            "fleet",
+            "cohorts",
+            "phases",
+            "events",
+            "thresholds",
+        }
+    )
+    name = top.get("name", str, p.stem, "a name")
+    if not _NAME.fullmatch(name):
+        raise top.error("name", f"{name!r}: use letters, digits, '.', '_' and '-'")
+    clock = top.choice("clock", CLOCKS, "real")
+    target = _target(top.sub("target"), p)
+    if clock == "virtual" and target.kind != "embedded":
+        raise top.error("clock", "virtual time needs the embedded target (in-memory streams)")
+    fleet = top.sub("fleet")
+    fleet.only({"intermediates", "key_type"})
+    key_type = fleet.choice("key_type", KEY_TYPES, "ec-p256")
+    cohorts = tuple(_cohort(r, target) for r in top.tables("cohorts"))
+    if not cohorts:
+        raise top.error("cohorts", "at least one [[cohorts]] is required")
+    names = [c.name for c in cohorts]
+    if len(set(names)) != len(names):
+        raise top.error("cohorts", f"cohort names repeat: {names}")
+    if target.kind != "embedded" and any(c.defect == "revoked" for c in cohorts):
+        raise top.error("cohorts", "a revoked cohort needs the embedded target (it revokes them)")
+    phases = tuple(_phase(r) for r in top.tables("phases"))
+    if not phases:
+        raise top.error("phases", "at least one [[phases]] is required")
+    events = tuple(_event(r, set(names), clock) for r in top.tables("events"))
+    if (
+        events
+        and target.kind != "embedded"
+        and any(e.action not in ("stop_origin", "start_origin") for e in events)
+    ):
+        raise top.error("events", "configuration events need the embedded target")
+    raw_thresholds = top.get(
+        "thresholds", list, [], 'a list of strings such as "false_accepts == 0"'
+    )
+    thresholds = []
+    for i, text in enumerate(raw_thresholds):
+        if not isinstance(text, str):
+            raise top.error(f"thresholds[{i}]", f"expected a string, got {text!r}")
+        try:
+            thresholds.append(parse_threshold(text, names))
+        except ThresholdError as exc:
+            raise top.error(f"thresholds[{i}]", str(exc)) from None
+    return Scenario(
+        path=p,
+        name=name,
+        seed=int(top.number("seed", 1)),
+        clock=clock,
+        target=target,
+        cohorts=cohorts,
+        phases=phases,
+        events=events,
+        thresholds=tuple(thresholds),
+        intermediates=int(fleet.number("intermediates", 1)),
+        key_type=key_type,
+        timeout=top.seconds("timeout", "10s"),
+    )

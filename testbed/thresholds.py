@@ -1,0 +1,113 @@
+"""Thresholds in the style of k6: ``handshake.p95 < 50ms``, ``false_accepts == 0``,
+``cohort.expired.share:denied:certificate_expired == 100%``. They decide a run's exit code."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+LATENCIES = ("total", "service", "handshake", "connect", "first_byte")
+STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
+COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "rate")
+OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+_EXPR = re.compile(
+    r"^\s*(?P<metric>\S+)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>[0-9.]+)\s*(?P<unit>ms|s|%)?\s*$"
+)
+
+
+class ThresholdError(ValueError):
+    """A threshold that cannot be understood."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """One check: a metric, an operator and a value (latencies in ms, shares in 0..1)."""
+
+    text: str
+    metric: str
+    op: str
+    value: float
+
+    def holds(self, observed: float) -> bool:
+        """Tell whether the observed value passes."""
+        if self.op == "==":
+            return abs(observed - self.value) < 1e-9
+        return OPERATORS[self.op](observed, self.value)
+
+
+def _check_metric(name: str, cohorts: Sequence[str]) -> None:
+    if name in COUNTS:
+        return
+    parts = name.split(".", 1)
+    if parts[0] in LATENCIES and len(parts) == 2 and parts[1] in STATS:
+        return
+    if name.startswith("cohort."):
+        rest = name[len("cohort.") :]
+        cohort, _, what = rest.partition(".")
+        if cohort not in cohorts:
+            raise ThresholdError(f"{name!r}: no cohort {cohort!r}; cohorts are {list(cohorts)}")
+        if what in ("allowed", "matched") or what.startswith("share:"):
+            return
+        sub = what.split(".", 1)
+        if sub[0] in LATENCIES and len(sub) == 2 and sub[1] in STATS:
+            return
+        raise ThresholdError(
+            f"{name!r}: after cohort.<name>. expected allowed, matched, share:<outcome> or a "
+            f"latency such as total.p99"
+        )
+    raise ThresholdError(
+        f"{name!r} is not a metric: use {', '.join(COUNTS)}, <latency>.<stat> with latency in "
+        f"{list(LATENCIES)} and stat in {list(STATS)}, or cohort.<name>.<...>"
+    )
+
+
+def parse_threshold(text: str, cohorts: Sequence[str]) -> Threshold:
+    """Parse ``METRIC OP VALUE[ms|s|%]``."""
+    match = _EXPR.match(text)
+    if match is None:
+        raise ThresholdError(f'{text!r}: expected METRIC OP VALUE, such as "handshake.p95 < 50ms"')
+    metric, op, unit = match["metric"], match["op"], match["unit"]
+    _check_metric(metric, cohorts)
+    try:
+        value = float(match["value"])
+    except ValueError:
+        raise ThresholdError(f"{text!r}: {match['value']!r} is not a number") from None
+    if unit == "s":
+        value *= 1000
+    elif unit == "%":
+        value /= 100
+    is_latency = metric.split(".")[-2] in LATENCIES if "." in metric else False
+    if unit in ("ms", "s") and not is_latency:
+        raise ThresholdError(f"{text!r}: a time unit on {metric}, which is not a latency")
+    return Threshold(text.strip(), metric, op, value)
+
+
+def evaluate(
+    thresholds: Sequence[Threshold],
+    summary: Mapping[str, Any],
+    metric: Callable[[Mapping[str, Any], str], float],
+) -> list[tuple[str, str, bool]]:
+    """Return (threshold, observed, held) for each threshold; a missing metric fails."""
+    out = []
+    for t in thresholds:
+        try:
+            observed = metric(summary, t.metric)
+        except KeyError as exc:
+            out.append((t.text, f"no data ({exc})", False))
+            continue
+        shown = f"{observed:.4g}"
+        if observed != observed:  # NaN: no data for this metric
+            out.append((t.text, "no data", False))
+            continue
+        out.append((t.text, shown, t.holds(observed)))
+    return out
