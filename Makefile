@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 PORT ?= 8443
 
-.PHONY: run test lint format bench clean
+.PHONY: run demo test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
+# The main job: the quickstart scenario against the embedded enforcer; prints its report.
 run: $(STAMP)
+	$(BIN)/testbed run scenarios/quickstart.toml
+
+# The enforcer demo: a PKI, demo devices and curl commands to try by hand.
+demo: $(STAMP)
 	$(BIN)/testbed enforcer demo --out $(DEMO_DIR) --port $(PORT)
 
 test: $(STAMP)

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import math
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -71,8 +72,13 @@ class Device:
     id: str
     cohort: CohortSpec
     sha256: str
+    common_name: str
     client: DeviceClient
     busy: bool = False
+
+    def expect(self, outcome: str) -> None:
+        """Change what this device should now observe (after an event)."""
+        self.cohort = dataclasses.replace(self.cohort, expected=outcome)
 
 
 @dataclasses.dataclass
@@ -259,6 +265,7 @@ class Run:
         self.origin_up = True
         self._origin_scope: trio.CancelScope | None = None
         self._origin_listeners: list[trio.SocketListener] = []
+        self.interrupted = False
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -415,8 +422,8 @@ class Run:
             )
             await controller.write(lambda objects, now: control.Outcome(None, changes))
             for d in chosen:
-                # A revoked device is expected to be refused from now on.
-                d.cohort = dataclasses.replace(d.cohort, expected="denied:revoked")
+                if d.cohort.expected == "allowed":  # a revoked device is refused from now on
+                    d.expect("denied:revoked")
             return f"revoked {len(chosen)} of {len(members)} devices of cohort {event.cohort}"
         roots = control.list_roots(controller.objects, account).result
         fleet_root = next(r for r in roots if r["name"] == "fleet root")
@@ -426,6 +433,7 @@ class Run:
                     objects, account, fleet_root["id"], {"associated_hostnames": []}, now
                 )
             )
+            self._untrust_all()
             return "fleet root removed from the hostname"
         if action == "rotate_root":
             new = issue_ca("rotated fleet root", self.clock.now())
@@ -445,6 +453,7 @@ class Run:
                 return control.Outcome(None, added.changes + removed.changes)
 
             await controller.write(rotate)
+            self._untrust_all()
             return "fleet root replaced by a new root: devices of the old one are no longer trusted"
         app = control.list_apps(controller.objects, account).result[0]
         if action == "set_session_duration":
@@ -476,8 +485,24 @@ class Run:
                     now,
                 )
             )
+            wanted = value.split(":", 1)[1] if value.startswith("common_name:") else None
+            for d in self.devices:
+                if (
+                    wanted is not None
+                    and d.cohort.expected == "allowed"
+                    and d.common_name != wanted
+                ):
+                    d.expect("denied:policy_denied")
+                elif wanted is None and d.cohort.expected == "denied:policy_denied":
+                    d.expect("allowed")
             return f"policy set to {value}"
         raise AssertionError(action)
+
+    def _untrust_all(self) -> None:
+        # No root is associated with the hostname any more: every chain is untrusted.
+        for d in self.devices:
+            if d.cohort.expected.startswith(("allowed", "denied:")):
+                d.expect("denied:untrusted_issuer")
 
     # -- phases --------------------------------------------------------------------------------
 
@@ -551,7 +576,9 @@ class Run:
                 )
                 store = _key_store(fleet.root / "devices" / d.id, cohort)
                 self.devices.append(
-                    Device(d.id, cohort, d.sha256, DeviceClient(target, store, options))
+                    Device(
+                        d.id, cohort, d.sha256, d.common_name, DeviceClient(target, store, options)
+                    )
                 )
             self.start = trio.current_time()
             self.writer.set_meta(started_at=dt.datetime.now(dt.UTC).isoformat())
@@ -563,6 +590,7 @@ class Run:
                     self.writer.event(event.at, event.action, detail)
 
             nursery.start_soon(events)
+            nursery.start_soon(self._stop_on_signal, nursery.cancel_scope)
             if progress:
                 nursery.start_soon(self.display)
             t = self.start
@@ -577,6 +605,14 @@ class Run:
             for d in self.devices:
                 await d.client.aclose()
             nursery.cancel_scope.cancel()
+
+    async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
+        # Ctrl-C ends the run cleanly: what was written stays, and the report still renders.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                self.interrupted = True
+                scope.cancel()
+                return
 
     async def display(self) -> None:
         step = max(0.5, self.scenario.duration / 400)  # few wake-ups, even for a virtual week
@@ -639,16 +675,11 @@ def run_scenario(
         ],
         thresholds_declared=[t.text for t in scenario.thresholds],
     )
-    interrupted = False
-    try:
-        if scenario.clock == "virtual":
-            trio.run(
-                run.main, fleet, now, progress, clock=trio.testing.MockClock(autojump_threshold=0)
-            )
-        else:
-            trio.run(run.main, fleet, now, progress)
-    except KeyboardInterrupt:
-        interrupted = True
+    if scenario.clock == "virtual":
+        trio.run(run.main, fleet, now, progress, clock=trio.testing.MockClock(autojump_threshold=0))
+    else:
+        trio.run(run.main, fleet, now, progress)
+    interrupted = run.interrupted
     if not interrupted:
         run.writer.set_meta(
             finished_at=dt.datetime.now(dt.UTC).isoformat(),

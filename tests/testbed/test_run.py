@@ -1,0 +1,180 @@
+"""`testbed run`: scenario validation, thresholds and exit codes, interrupted runs, virtual time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from testbed.runner import arrival_times
+from testbed.scenario import Phase, ScenarioError, load_scenario
+
+TESTBED = [sys.executable, "-m", "testbed.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+SMALL = """
+name = "{name}"
+seed = {seed}
+clock = "{clock}"
+thresholds = [{thresholds}]
+
+[target]
+kind = "embedded"
+
+[[cohorts]]
+name = "healthy"
+size = 6
+behaviour = {{ kind = "periodic", interval = {interval} }}
+
+[[cohorts]]
+name = "expired"
+size = 2
+defect = "expired"
+
+[[cohorts]]
+name = "revoked"
+size = 2
+defect = "revoked"
+
+[[phases]]
+name = "steady"
+duration = "{duration}"
+arrival = "{arrival}"
+{arrival_fields}
+"""
+
+
+def small(tmp_path: Path, *, name: str = "small", seed: int = 1, clock: str = "real",
+          thresholds: str = '"false_accepts == 0"', duration: str = "2s", arrival: str = "constant",
+          arrival_fields: str = "rate = 10", interval: float = 1.0) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(SMALL.format(name=name, seed=seed, clock=clock, thresholds=thresholds,
+                                 duration=duration, arrival=arrival, arrival_fields=arrival_fields,
+                                 interval=interval))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TESTBED, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        (('clock = "real"', 'clock = "sometimes"'), "clock", "is not one of"),
+        (('size = 6', 'size = 0'), "cohorts[0].size", "below"),
+        (('defect = "expired"', 'defect = "rusty"'), "cohorts[1].defect", "is not one of"),
+        (('duration = "2s"', 'duration = "two"'), "phases[0].duration", "not a Go duration"),
+        (('rate = 10', ''), "phases[0].rate", "needs rate"),
+        (('"false_accepts == 0"', '"latency < 5"'), "thresholds[0]", "is not a metric"),
+        (('"false_accepts == 0"', '"cohort.nobody.matched == 1"'), "thresholds[0]", "no cohort 'nobody'"),
+        (('kind = "periodic"', 'kind = "sometimes"'), "cohorts[0].behaviour.kind", "expected one of"),
+        (('[target]', '[target]\ncolour = "red"'), "target.colour", "unknown field"),
+    ],
+)
+def test_broken_scenarios_name_the_field(tmp_path: Path, change: tuple[str, str], field: str, problem: str) -> None:
+    path = small(tmp_path)
+    text = path.read_text()
+    assert change[0] in text
+    path.write_text(text.replace(change[0], change[1], 1))
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    assert str(path) in str(info.value) and field in str(info.value) and problem in str(info.value)
+
+
+def test_a_broken_scenario_exits_2_before_anything_starts(tmp_path: Path) -> None:
+    path = small(tmp_path)
+    path.write_text(path.read_text().replace('size = 6', 'size = "six"'))
+    result = run_cli("run", str(path), "--reports", str(tmp_path / "reports"), "--no-progress")
+    assert result.returncode == 2
+    assert "cohorts[0].size" in result.stderr
+    assert not (tmp_path / "reports").exists()
+
+
+def test_arrival_times_hold_the_rate() -> None:
+    constant = arrival_times(Phase("p", 10, "constant", rate=50), 100.0)
+    assert len(constant) == 500 and constant[0] == 100.0 and constant[-1] < 110
+    ramp = arrival_times(Phase("r", 10, "ramping", start_rate=0, end_rate=100), 0.0)
+    assert len(ramp) == 500
+    first_half = sum(1 for t in ramp if t < 5)
+    assert first_half == 125  # a linear ramp puts a quarter of its attempts in the first half
+
+
+def test_quickstart_passes_its_thresholds(tmp_path: Path) -> None:
+    result = run_cli("run", "scenarios/quickstart.toml", "--reports", str(tmp_path), "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("pass ") >= 7 and "FAIL" not in result.stdout
+    run_dir = next(tmp_path.glob("quickstart-*"))
+    for name in ("results.sqlite", "report.html", "summary.json", "junit.xml"):
+        assert (run_dir / name).exists(), name
+
+
+def test_an_impossible_threshold_exits_1(tmp_path: Path) -> None:
+    path = small(tmp_path, thresholds='"false_accepts == 0", "total.p50 < 0.001ms"', duration="1s")
+    result = run_cli("run", str(path), "--reports", str(tmp_path / "r"), "--no-progress")
+    assert result.returncode == 1, result.stderr
+    assert "FAIL  total.p50 < 0.001ms" in result.stdout
+    assert "pass  false_accepts == 0" in result.stdout
+
+
+def _attempts(db: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return int(con.execute("SELECT count(*) FROM attempts").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+async def test_a_run_killed_midway_still_renders_a_report(tmp_path: Path, how: str) -> None:
+    path = small(tmp_path, name=f"killed-{how.lower()}", duration="60s")
+    reports = tmp_path / "r"
+    proc = await trio.lowlevel.open_process(
+        [*TESTBED, "run", str(path), "--reports", str(reports), "--no-progress"], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(120):
+            while True:
+                dbs = list(reports.glob("*/results.sqlite"))
+                if dbs and _attempts(dbs[0]) >= 20:
+                    break
+                await trio.sleep(0.2)
+        os.kill(proc.pid, getattr(signal, how))
+        with trio.fail_after(30):
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert code == (130 if how == "SIGINT" else -signal.SIGKILL)
+    run_dir = dbs[0].parent
+    kept = _attempts(dbs[0])
+    assert kept >= 20
+    result = run_cli("report", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "report.html").exists()
+    assert "interrupted" in (run_dir / "report.html").read_text().lower()
+
+
+def test_virtual_time_is_reproducible_from_the_seed(tmp_path: Path) -> None:
+    counts = []
+    for attempt in range(2):
+        path = small(tmp_path, name=f"virtual-{attempt}", clock="virtual", seed=11, duration="6h",
+                     arrival="active", arrival_fields="devices = 10", interval=600.0)
+        result = run_cli("run", str(path), "--reports", str(tmp_path / "r"), "--no-progress")
+        assert result.returncode == 0, result.stdout + result.stderr
+        db = next((tmp_path / "r").glob(f"virtual-{attempt}-*/results.sqlite"))
+        con = sqlite3.connect(db)
+        counts.append(sorted(con.execute("SELECT cohort, outcome, count(*) FROM attempts GROUP BY 1, 2")))
+        con.close()
+    assert counts[0] == counts[1]
+    assert sum(n for _, _, n in counts[0]) > 100  # six virtual hours of 10-minute telemetry
