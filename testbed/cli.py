@@ -19,6 +19,7 @@ from enforcer.workers import run_workers, serve_config
 from testbed.admin_cli import add_admin_parser, run_admin
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
 from testbed.fleet_cli import add_fleet_parser, run_fleet
+from testbed.report_cli import add_report_parser, run_report_cli
 
 EXIT_USAGE = 2
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_fleet_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -151,9 +153,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         scenario, Path(args.reports), console=console, progress=not args.no_progress, render=_render
     )
     out = Console()
-    for text, observed, ok in outcome.thresholds:
-        mark = "[green]pass[/]" if ok else "[bold red]FAIL[/]"
-        out.print(f"{mark}  {text}  (observed {observed})", highlight=False)
     if outcome.exit_code == 130:
         out.print(
             f"interrupted: results so far in {outcome.run_dir}; `testbed report {outcome.run_dir}`"
@@ -268,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_admin(args)
     if args.command == "fleet":
         return run_fleet(args)
+    if args.command in ("report", "compare"):
+        return run_report_cli(args)
     return _fail(f"unknown command {args.command}")
 
 

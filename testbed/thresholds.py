@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-LATENCIES = ("total", "service", "handshake", "connect", "first_byte")
+LATENCIES = ("total", "service", "handshake", "connect", "first_byte", "key_store")
 STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
 COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "rate")
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -53,9 +53,12 @@ def _check_metric(name: str, cohorts: Sequence[str]) -> None:
         return
     if name.startswith("cohort."):
         rest = name[len("cohort.") :]
-        cohort, _, what = rest.partition(".")
-        if cohort not in cohorts:
+        # Cohort names may hold dots: take the longest cohort name the metric starts with.
+        known = sorted((c for c in cohorts if rest.startswith(c + ".")), key=len, reverse=True)
+        if not known:
+            cohort = rest.partition(".")[0]
             raise ThresholdError(f"{name!r}: no cohort {cohort!r}; cohorts are {list(cohorts)}")
+        what = rest[len(known[0]) + 1 :]
         if what in ("allowed", "matched") or what.startswith("share:"):
             return
         sub = what.split(".", 1)

@@ -1,0 +1,681 @@
+"""A run's report: ``summary.json``, figures, ``report.html``, ``junit.xml`` and a terminal table.
+
+Everything starts from :func:`testbed.summary.summarize`'s data; this module only renders it.
+``report.html`` is one self-contained file (inline CSS, figures as base64 data URIs, no
+external resources), so it can be mailed, attached to a CI run or opened offline. A small inline
+script records on ``<body>`` whether every figure decoded (``data-images-ok``) and how many
+script errors happened (``data-console-errors``): the headless browser test reads them.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from testbed import plots
+from testbed.results import Results
+from testbed.summary import LATENCIES, summarize
+
+RESULTS_FILE = "results.sqlite"
+SUMMARY_FILE = "summary.json"
+HTML_FILE = "report.html"
+JUNIT_FILE = "junit.xml"
+TABLE_STATS = ("p50", "p90", "p99", "p99.9", "max", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportPaths:
+    """Where a report's files were written."""
+
+    run_dir: Path
+    summary: Path
+    html: Path
+    junit: Path
+    plots: dict[str, Path]
+
+
+def load_summary(run_dir: Path) -> dict[str, Any]:
+    """Summarize ``run_dir/results.sqlite`` (FileNotFoundError when there is none)."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: not a directory")
+    path = run_dir / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {RESULTS_FILE} here (is it a run directory?)")
+    results = Results(path)
+    try:
+        return summarize(results)
+    finally:
+        results.close()
+
+
+def render(run_dir: Path) -> ReportPaths:
+    """Read a run directory's results and write every report file into it."""
+    return write_report(run_dir, load_summary(run_dir))
+
+
+def write_report(run_dir: Path, summary: Mapping[str, Any]) -> ReportPaths:
+    """Write ``summary.json``, the figures, ``report.html`` and ``junit.xml`` into ``run_dir``."""
+    summary_path = run_dir / SUMMARY_FILE
+    # allow_nan=False: the summary uses null for "no data", so strict JSON parsers accept it.
+    summary_path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    figures = plots.render_all(summary, run_dir)
+    images = {name: path.read_bytes() for name, path in figures.items()}
+    html_path = run_dir / HTML_FILE
+    html_path.write_text(render_html(summary, images), encoding="utf-8")
+    junit_path = run_dir / JUNIT_FILE
+    junit_path.write_text(render_junit(summary), encoding="utf-8")
+    return ReportPaths(run_dir, summary_path, html_path, junit_path, figures)
+
+
+# Formatting shared by the HTML and the terminal.
+
+
+def fmt_ms(value: float | None) -> str:
+    """Milliseconds for a table cell."""
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 10 else f"{value:,.1f}"
+
+
+def fmt_share(value: float | None) -> str:
+    """A 0..1 share as a percentage."""
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def fmt_seconds(value: float | None) -> str:
+    """A duration in seconds."""
+    return "-" if value is None else f"{value:,.1f} s"
+
+
+def fmt_target(target: Any) -> str:
+    """The run's target, whatever shape the runner recorded it in."""
+    if isinstance(target, Mapping):
+        parts = [str(target.get("kind", ""))]
+        parts += [str(target[k]) for k in ("url", "hostname") if target.get(k)]
+        return " ".join(p for p in parts if p) or "-"
+    return "-" if target is None else str(target)
+
+
+def false_accept_cohorts(summary: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Cohorts with false accepts, worst first."""
+    rows = [(n, c["false_accepts"]) for n, c in summary["cohorts"].items() if c["false_accepts"]]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def verdict(summary: Mapping[str, Any]) -> str:
+    """``passed``, ``failed`` (a threshold failed) or ``interrupted``."""
+    if not summary["complete"]:
+        return "interrupted"
+    return "failed" if any(not t["ok"] for t in summary["thresholds"]) else "passed"
+
+
+# HTML.
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
+  color: #1d1d1f; background: #f6f7f9; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px; }
+h1 { margin: 0 0 4px; font-size: 24px; }
+h2 { margin: 28px 0 8px; font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+table { border-collapse: collapse; background: #fff; margin: 8px 0; }
+th, td { padding: 4px 10px; border: 1px solid #e1e4e8; text-align: left; vertical-align: top; }
+th { background: #f0f2f5; font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.badge { display: inline-block; padding: 2px 10px; border-radius: 10px; font-weight: 600;
+  color: #fff; font-size: 13px; vertical-align: middle; }
+.passed, .ok { background: #2a8a3e; } .failed, .bad { background: #c62828; }
+.interrupted { background: #b26a00; }
+.banner { padding: 12px 16px; border-radius: 6px; margin: 16px 0; font-size: 16px; }
+.banner.bad { background: #c62828; color: #fff; font-weight: 600; }
+.banner.ok { background: #e6f4ea; color: #1e6b32; border: 1px solid #a8d5b5; }
+.banner.warn { background: #fff4e5; color: #7a4a00; border: 1px solid #f0c17a; }
+tr.fail td { background: #fdecea; }
+td.fa { background: #c62828; color: #fff; font-weight: 700; }
+figure { background: #fff; border: 1px solid #e1e4e8; margin: 12px 0; padding: 8px; }
+figure img { max-width: 100%; height: auto; display: block; }
+figcaption { color: #555; font-size: 13px; margin-top: 4px; }
+.meta td:first-child { color: #555; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 13px; }
+"""
+
+# Records, for headless checks, whether the figures decoded and how many errors occurred.
+_SELF_CHECK = """
+(function () {
+  var errors = 0;
+  function mark() {
+    if (document.body) document.body.setAttribute("data-console-errors", String(errors));
+  }
+  window.addEventListener("error", function () { errors += 1; mark(); }, true);
+  window.addEventListener("load", function () {
+    var images = document.images, ok = true;
+    for (var i = 0; i < images.length; i++) {
+      if (!(images[i].complete && images[i].naturalWidth > 0)) ok = false;
+    }
+    document.body.setAttribute("data-images-ok", String(ok));
+    document.body.setAttribute("data-images", String(images.length));
+    mark();
+  });
+})();
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("-" if value is None else str(value))
+
+
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] = ()
+) -> str:
+    """A table from already-escaped cells (a cell starting with "<td" is used as is)."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cells = "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in row)
+        cls = row_classes[i] if i < len(row_classes) else ""
+        body.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _num(text: str, extra: str = "") -> str:
+    return f'<td class="num{extra}">{text}</td>'
+
+
+def _header_html(summary: Mapping[str, Any]) -> str:
+    run, totals = summary["run"], summary["totals"]
+    state = verdict(summary)
+    rows = [
+        ("run", "complete" if summary["complete"] else "<strong>interrupted</strong>"),
+        ("seed", _e(run["seed"])),
+        ("clock", _e(run["clock"])),
+        ("target", _e(fmt_target(run["target"]))),
+        ("duration (run clock)", _e(fmt_seconds(totals["duration_s"]))),
+        ("wall time", _e(fmt_seconds(run["wall_s"]))),
+        ("started", _e(run["started_at"])),
+        ("finished", _e(run["finished_at"] if summary["complete"] else "-")),
+        ("attempts", f"{totals['attempts']:,}"),
+        (
+            "rate",
+            _e(f"{totals['rate']:.1f} attempts/s" if totals["rate"] is not None else None),
+        ),
+        ("dropped (could not start on time)", f"{totals['dropped']:,}"),
+    ]
+    meta = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+    parts = [
+        f"<h1>{_e(run['scenario'] or 'unnamed run')} "
+        f'<span class="badge {state}">{state}</span></h1>',
+        f'<table class="meta"><tbody>{meta}</tbody></table>',
+    ]
+    if not summary["complete"]:
+        parts.append(
+            '<div class="banner warn">This run was interrupted: the figures cover the '
+            "attempts written before it stopped, and no thresholds were judged.</div>"
+        )
+    return "".join(parts)
+
+
+def _false_accepts_html(summary: Mapping[str, Any]) -> str:
+    bad = false_accept_cohorts(summary)
+    total = summary["totals"]["false_accepts"]
+    if not bad:
+        return (
+            '<div class="banner ok" id="false-accepts">No false accepts: no device that should '
+            "have been denied got in.</div>"
+        )
+    where = ", ".join(f"{_e(n)} ({c:,})" for n, c in bad)
+    return (
+        f'<div class="banner bad" id="false-accepts">{total:,} FALSE ACCEPT'
+        f"{'S' if total != 1 else ''}: devices that should have been denied got in. "
+        f"Cohorts: {where}.</div>"
+    )
+
+
+def _thresholds_html(summary: Mapping[str, Any]) -> str:
+    thresholds = summary["thresholds"]
+    if not thresholds:
+        why = "the run did not finish" if not summary["complete"] else "the scenario set none"
+        return f"<p>No thresholds were judged ({why}).</p>"
+    rows = []
+    for t in thresholds:
+        result = "pass" if t["ok"] else "fail"
+        badge = f'<span class="badge {"ok" if t["ok"] else "bad"}">{result}</span>'
+        rows.append([f"<code>{_e(t['expression'])}</code>", _e(t["observed"]), badge])
+    # Failed rows are tinted too, so they stand out without relying on the badge alone.
+    classes = ["" if t["ok"] else "fail" for t in thresholds]
+    return _table(["threshold", "observed", "result"], rows, classes)
+
+
+def _outcomes_html(summary: Mapping[str, Any]) -> str:
+    rows = []
+    for name, c in summary["cohorts"].items():
+        observed = "<br>".join(f"{_e(o)}: {n:,}" for o, n in c["outcomes"].items()) or "-"
+        fa = c["false_accepts"]
+        rows.append(
+            [
+                _e(name),
+                _num(_e(c["size"])),
+                f"<code>{_e(c['expected'])}</code>",
+                _num(f"{c['attempts']:,}"),
+                observed,
+                _num(fmt_share(c["matched_share"])),
+                _num(f"{fa:,}", " fa" if fa else ""),
+                _num(f"{c['false_rejects']:,}"),
+                _num(f"{c['errors']:,}"),
+                _num(f"{c['dropped']:,}"),
+            ]
+        )
+    if not rows:
+        return "<p>No cohorts recorded.</p>"
+    headers = [
+        "cohort",
+        "size",
+        "expected",
+        "attempts",
+        "observed",
+        "matched",
+        "false accepts",
+        "false rejects",
+        "errors",
+        "dropped",
+    ]
+    return _table(headers, rows)
+
+
+def _matrix_html(summary: Mapping[str, Any]) -> str:
+    matrix = summary["matrix"]
+    if not matrix:
+        return ""
+    observed = sorted(
+        {o for row in matrix.values() for o in row}, key=lambda o: (o != "allowed", o)
+    )
+    rows = []
+    for expected, row in matrix.items():
+        cells = [f"<code>{_e(expected)}</code>"]
+        for o in observed:
+            n = row.get(o, 0)
+            fa = n and expected.startswith("denied") and o == "allowed"
+            cells.append(_num(f"{n:,}" if n else "", " fa" if fa else ""))
+        rows.append(cells)
+    headers = ["expected \\ observed", *(f"<code>{_e(o)}</code>" for o in observed)]
+    return _table(headers, rows)
+
+
+def _latency_html(summary: Mapping[str, Any]) -> str:
+    headers = ["latency", "samples", *TABLE_STATS]
+    rows = []
+    for name in LATENCIES:
+        s = summary["latency"][name]
+        rows.append([_e(name), _num(f"{s['count']:,}"), *(_num(fmt_ms(s[k])) for k in TABLE_STATS)])
+    overall = _table([*headers[:1], headers[1], *(f"{h} (ms)" for h in TABLE_STATS)], rows)
+    cohort_rows = []
+    for cname, c in summary["cohorts"].items():
+        for name in ("total", "handshake"):
+            s = c["latency"][name]
+            cohort_rows.append(
+                [
+                    _e(cname),
+                    _e(name),
+                    _num(f"{s['count']:,}"),
+                    *(_num(fmt_ms(s[k])) for k in TABLE_STATS),
+                ]
+            )
+    per_cohort = _table(
+        ["cohort", "latency", "samples", *(f"{h} (ms)" for h in TABLE_STATS)], cohort_rows
+    )
+    return (
+        "<p>All attempts; <code>total</code> counts from the scheduled start (waiting for a "
+        "stalled target counts), <code>service</code> from the actual start; "
+        "<code>handshake</code> and <code>key_store</code> count full handshakes only.</p>"
+        f"{overall}<h3>Per cohort</h3>{per_cohort}"
+    )
+
+
+def _phases_html(summary: Mapping[str, Any]) -> str:
+    rows = []
+    for p in summary["phases"]:
+        rows.append(
+            [
+                _e(p["name"]),
+                _num(_e(p["start"])),
+                _num(_e(p["duration"])),
+                _num(f"{p['attempts']:,}"),
+                _num(f"{p['dropped']:,}"),
+                _num(fmt_share(p["matched_share"])),
+                _num(f"{p['false_accepts']:,}", " fa" if p["false_accepts"] else ""),
+                _num(f"{p['false_rejects']:,}"),
+                _num(fmt_ms(p["total"]["p50"])),
+                _num(fmt_ms(p["total"]["p99"])),
+            ]
+        )
+    if not rows:
+        return "<p>No phases recorded.</p>"
+    headers = [
+        "phase",
+        "start (s)",
+        "duration (s)",
+        "attempts",
+        "dropped",
+        "matched",
+        "false accepts",
+        "false rejects",
+        "total p50 (ms)",
+        "total p99 (ms)",
+    ]
+    return _table(headers, rows)
+
+
+def _events_html(summary: Mapping[str, Any]) -> str:
+    rows = [[_num(f"{e['t']:.3f}"), _e(e["kind"]), _e(e["detail"])] for e in summary["events"]]
+    if not rows:
+        return "<p>No events.</p>"
+    return _table(["t (s)", "event", "detail"], rows)
+
+
+def _figures_html(images: Mapping[str, bytes]) -> str:
+    captions = {name: caption for name, caption, _ in plots.PLOTS}
+    parts = []
+    for name, data in images.items():
+        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        caption = _e(captions.get(name, name))
+        parts.append(
+            f'<figure id="{_e(name.removesuffix(".png"))}"><img src="{uri}" alt="{caption}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+    return "".join(parts)
+
+
+def render_html(summary: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
+    """The self-contained ``report.html`` for a summary and its PNG figures."""
+    # "<" escaped so no string in the data can close the script element.
+    data = json.dumps(summary, allow_nan=False).replace("<", "\\u003c")
+    title = _e(f"testbed report: {summary['run']['scenario'] or 'run'}")
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{title}</title><style>{_CSS}</style>"
+        f"<script>{_SELF_CHECK}</script></head>"
+        '<body data-images-ok="pending" data-console-errors="0"><main>'
+        f"{_header_html(summary)}"
+        f"{_false_accepts_html(summary)}"
+        f"<h2>Thresholds</h2>{_thresholds_html(summary)}"
+        f"<h2>Outcomes per cohort</h2>{_outcomes_html(summary)}"
+        f"<h3>Expected vs observed</h3>{_matrix_html(summary)}"
+        f"<h2>Latency</h2>{_latency_html(summary)}"
+        f"<h2>Phases</h2>{_phases_html(summary)}"
+        f"<h2>Figures</h2>{_figures_html(images)}"
+        f"<h2>Events</h2>{_events_html(summary)}"
+        f'<script type="application/json" id="summary-data">{data}</script>'
+        "</main></body></html>\n"
+    )
+
+
+# JUnit.
+
+
+def render_junit(summary: Mapping[str, Any]) -> str:
+    """``junit.xml``: one test case per threshold, or "run completed" when there are none."""
+    run = summary["run"]
+    scenario = str(run["scenario"] or "run")
+    suite_name = f"testbed.{scenario}"
+    cases: list[tuple[str, str | None, str]] = []  # (name, failure message or None, detail)
+    for t in summary["thresholds"]:
+        message = None if t["ok"] else f"{t['expression']}: observed {t['observed']}"
+        cases.append((t["expression"], message, f"observed {t['observed']}"))
+    if not cases:
+        message = None if summary["complete"] else "the run was interrupted before it finished"
+        cases.append(("run completed", message, f"{summary['totals']['attempts']} attempts"))
+    failures = sum(1 for _, m, _ in cases if m)
+    duration = summary["totals"]["duration_s"] or 0.0
+    root = ET.Element(
+        "testsuites", name="testbed", tests=str(len(cases)), failures=str(failures), errors="0"
+    )
+    suite = ET.SubElement(
+        root,
+        "testsuite",
+        name=suite_name,
+        tests=str(len(cases)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+        time=f"{duration:.3f}",
+    )
+    if isinstance(run["started_at"], str):
+        suite.set("timestamp", run["started_at"])
+    props = ET.SubElement(suite, "properties")
+    for key in ("scenario", "seed", "clock"):
+        ET.SubElement(props, "property", name=key, value=str(run[key]))
+    ET.SubElement(props, "property", name="target", value=fmt_target(run["target"]))
+    ET.SubElement(props, "property", name="complete", value=str(summary["complete"]).lower())
+    ET.SubElement(
+        props, "property", name="false_accepts", value=str(summary["totals"]["false_accepts"])
+    )
+    for name, message, detail in cases:
+        case = ET.SubElement(suite, "testcase", classname=suite_name, name=name, time="0")
+        if message:
+            failure = ET.SubElement(case, "failure", message=message, type="threshold")
+            failure.text = message
+        else:
+            ET.SubElement(case, "system-out").text = detail
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+# Terminal.
+
+
+def print_summary(summary: Mapping[str, Any] | Path, console: Console | None = None) -> None:
+    """Print the run's outcome, cohorts, latencies and thresholds as rich tables.
+
+    ``summary`` is a summary dict, or a run directory to summarize.
+    """
+    if isinstance(summary, Path):
+        summary = load_summary(summary)
+    console = console or Console()
+    run, totals = summary["run"], summary["totals"]
+    state = verdict(summary)
+    colour = {"passed": "green", "failed": "red", "interrupted": "yellow"}[state]
+    rate = f"{totals['rate']:.1f}/s" if totals["rate"] is not None else "-"
+    console.print(
+        f"[bold]{escape(str(run['scenario'] or 'run'))}[/] [bold {colour}]{state}[/]  "
+        f"seed {escape(str(run['seed']))}, {escape(str(run['clock']))} clock, "
+        f"{fmt_seconds(totals['duration_s'])}, {totals['attempts']:,} attempts ({rate}), "
+        f"{totals['dropped']:,} dropped",
+        highlight=False,
+    )
+    bad = false_accept_cohorts(summary)
+    if bad:
+        where = ", ".join(f"{escape(n)} ({c:,})" for n, c in bad)
+        console.print(
+            f"[bold white on red] {totals['false_accepts']:,} FALSE ACCEPTS [/] {where}",
+            highlight=False,
+        )
+    else:
+        console.print("[green]no false accepts[/]", highlight=False)
+
+    cohorts = Table(title="Outcomes per cohort", title_justify="left")
+    # Numbers never wrap; on a narrow terminal the outcome names fold instead.
+    cohorts.add_column("cohort", overflow="fold", min_width=8)
+    cohorts.add_column("expected", overflow="fold", min_width=12)
+    for col in ("attempts", "matched", "false\naccepts", "false\nrejects"):
+        cohorts.add_column(col, justify="right", no_wrap=True)
+    cohorts.add_column("other outcomes", overflow="fold", min_width=12)
+    for name, c in summary["cohorts"].items():
+        # The expected outcome's count is in "matched": list only the surprises.
+        others = [f"{o} {n:,}" for o, n in c["outcomes"].items() if o != c["expected"]]
+        fa = f"[bold red]{c['false_accepts']:,}[/]" if c["false_accepts"] else "0"
+        cohorts.add_row(
+            escape(name),
+            escape(str(c["expected"])),
+            f"{c['attempts']:,}",
+            fmt_share(c["matched_share"]),
+            fa,
+            f"{c['false_rejects']:,}",
+            escape("\n".join(others) or "-"),
+        )
+    console.print(cohorts)
+
+    latency = Table(title="Latency (ms)", title_justify="left")
+    latency.add_column("latency")
+    latency.add_column("samples", justify="right")
+    for stat in TABLE_STATS:
+        latency.add_column(stat, justify="right")
+    for name in LATENCIES:
+        s = summary["latency"][name]
+        latency.add_row(name, f"{s['count']:,}", *(fmt_ms(s[k]) for k in TABLE_STATS))
+    console.print(latency)
+
+    if summary["thresholds"]:
+        thresholds = Table(title="Thresholds", title_justify="left")
+        for col in ("threshold", "observed", "result"):
+            thresholds.add_column(col)
+        for t in summary["thresholds"]:
+            result = "[green]pass[/]" if t["ok"] else "[bold red]FAIL[/]"
+            thresholds.add_row(escape(t["expression"]), escape(t["observed"]), result)
+        console.print(thresholds)
+    elif not summary["complete"]:
+        console.print("[yellow]interrupted: no thresholds were judged[/]", highlight=False)
+
+
+# Comparison.
+
+COMPARE_STATS = ("p50", "p90", "p99", "p99.9", "max")
+COMPARE_TOTALS = ("attempts", "rate", "dropped", "false_accepts", "false_rejects", "errors")
+
+
+def _change(a: float | None, b: float | None) -> float | None:
+    """Relative change from a to b (None when it has no meaning)."""
+    if a is None or b is None or a == 0:
+        return None
+    return (b - a) / a
+
+
+def compare(run_a: Path, run_b: Path) -> dict[str, Any]:
+    """Side-by-side totals, latencies and per-cohort outcomes of two runs (B against A)."""
+    a, b = load_summary(run_a), load_summary(run_b)
+
+    def describe(path: Path, s: Mapping[str, Any]) -> dict[str, Any]:
+        run = s["run"]
+        return {
+            "dir": str(path),
+            "scenario": run["scenario"],
+            "seed": run["seed"],
+            "clock": run["clock"],
+            "complete": s["complete"],
+            "verdict": verdict(s),
+        }
+
+    totals = [
+        {
+            "name": name,
+            "a": a["totals"][name],
+            "b": b["totals"][name],
+            "change": _change(a["totals"][name], b["totals"][name]),
+        }
+        for name in COMPARE_TOTALS
+    ]
+    latency = []
+    for name in LATENCIES:
+        for stat in COMPARE_STATS:
+            va, vb = a["latency"][name][stat], b["latency"][name][stat]
+            latency.append(
+                {"metric": f"{name}.{stat}", "a": va, "b": vb, "change": _change(va, vb)}
+            )
+    outcomes = []
+    for cohort in list(dict.fromkeys([*a["cohorts"], *b["cohorts"]])):
+        ca, cb = a["cohorts"].get(cohort), b["cohorts"].get(cohort)
+        names = dict.fromkeys([*(ca or {}).get("outcomes", {}), *(cb or {}).get("outcomes", {})])
+        for outcome in names:
+            row: dict[str, Any] = {"cohort": cohort, "outcome": outcome}
+            for side, c in (("a", ca), ("b", cb)):
+                count = c["outcomes"].get(outcome, 0) if c else 0
+                attempts = c["attempts"] if c else 0
+                row[side] = count
+                row[f"{side}_share"] = count / attempts if attempts else None
+            outcomes.append(row)
+    return {
+        "a": describe(run_a, a),
+        "b": describe(run_b, b),
+        "totals": totals,
+        "latency": latency,
+        "outcomes": outcomes,
+    }
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return fmt_ms(value)
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _fmt_change(change: float | None, higher_is_worse: bool = True) -> str:
+    if change is None:
+        return "-"
+    text = f"{change * 100:+.1f}%"
+    if abs(change) < 0.05:
+        return text
+    worse = change > 0 if higher_is_worse else change < 0
+    return f"[red]{text}[/]" if worse else f"[green]{text}[/]"
+
+
+def print_comparison(data: Mapping[str, Any], console: Console | None = None) -> None:
+    """Print :func:`compare`'s data as rich tables."""
+    console = console or Console()
+    for side in ("a", "b"):
+        d = data[side]
+        console.print(
+            f"[bold]{side.upper()}[/] {escape(d['dir'])}: {escape(str(d['scenario']))}, seed "
+            f"{escape(str(d['seed']))}, {escape(str(d['clock']))} clock, {d['verdict']}",
+            highlight=False,
+        )
+    totals = Table(title="Totals", title_justify="left")
+    for col in ("", "A", "B", "change"):
+        totals.add_column(col, justify="left" if not col else "right")
+    for row in data["totals"]:
+        worse_up = row["name"] != "rate" and row["name"] != "attempts"
+        totals.add_row(
+            row["name"],
+            _fmt_value(row["a"]),
+            _fmt_value(row["b"]),
+            _fmt_change(row["change"], worse_up),
+        )
+    console.print(totals)
+    latency = Table(title="Latency (ms)", title_justify="left")
+    for col in ("", "A", "B", "change"):
+        latency.add_column(col, justify="left" if not col else "right")
+    for row in data["latency"]:
+        if row["a"] is None and row["b"] is None:
+            continue
+        latency.add_row(
+            row["metric"], fmt_ms(row["a"]), fmt_ms(row["b"]), _fmt_change(row["change"])
+        )
+    console.print(latency)
+    outcomes = Table(title="Outcomes per cohort", title_justify="left")
+    for col in ("cohort", "outcome", "A", "B", "A share", "B share"):
+        outcomes.add_column(
+            col, justify="right" if col in ("A", "B", "A share", "B share") else "left"
+        )
+    for row in data["outcomes"]:
+        changed = row["a_share"] != row["b_share"]
+        style = "bold" if changed else ""
+        outcomes.add_row(
+            escape(row["cohort"]),
+            escape(row["outcome"]),
+            f"{row['a']:,}",
+            f"{row['b']:,}",
+            fmt_share(row["a_share"]),
+            fmt_share(row["b_share"]),
+            style=style,
+        )
+    console.print(outcomes)

@@ -1,0 +1,440 @@
+"""A run's summary as plain data: what ``summary.json`` holds and thresholds are judged on.
+
+Theory of operation. :func:`summarize` reads a results database once, attempt by attempt, and
+records each latency into HDR histograms (microseconds, 3 significant digits, so every
+percentile is within 0.1% of the exact one, whatever the run's size). Percentiles follow HDR's
+nearest-rank definition (the per-second time series, for the plots, applies it exactly to
+each bucket's values). Nothing here renders: the report, the plots and the terminal table
+all start from the dict returned, and :func:`metric` answers threshold names from it alone.
+
+Which attempts each latency counts, so that zeros from phases that did not happen (a kept-alive
+request opens no connection) do not drag percentiles down:
+
+- ``total`` (from the *scheduled* start) and ``service`` (from the actual start): every attempt;
+- ``connect``: attempts that opened a connection (``new_connection``);
+- ``handshake`` and ``key_store``: full handshakes (a new connection, not resumed);
+- ``first_byte``: attempts that got an HTTP response (``status`` set).
+
+Latencies are in milliseconds, shares in 0..1; a statistic without samples is ``None``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+
+from testbed.results import AttemptRow, Results
+
+LATENCIES = ("total", "service", "handshake", "connect", "first_byte", "key_store")
+STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
+COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "rate")
+ERROR_PREFIXES = ("tls_error", "timeout", "connect_error", "http_5")
+# Percentiles kept for the CDF plots: dense where tails live.
+CDF_PERCENTILES = (
+    *(float(p) for p in range(0, 100)),
+    99.5,
+    99.9,
+    99.95,
+    99.99,
+    100.0,
+)
+_PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99.9": 99.9}
+_HIGHEST_US = 3_600_000_000  # one hour; anything slower is clamped (and is a timeout anyway)
+_MAX_BUCKETS = 600  # the time series grows its buckets beyond this, plots stay readable
+
+
+class _Latency:
+    """One latency's HDR histogram (microseconds) plus an exact sum for the mean."""
+
+    def __init__(self) -> None:
+        self.hist = HdrHistogram(1, _HIGHEST_US, 3)
+        self.total_ms = 0.0
+
+    def record(self, ms: float) -> None:
+        """Record one value in milliseconds (clamped into the histogram's range)."""
+        us = min(max(round(ms * 1000), 0), _HIGHEST_US)
+        self.hist.record_value(us)
+        self.total_ms += ms
+
+    def merge(self, other: _Latency) -> None:
+        """Add another histogram's values into this one."""
+        if other.hist.get_total_count():
+            self.hist.add(other.hist)
+            self.total_ms += other.total_ms
+
+    def stats(self) -> dict[str, Any]:
+        """Count, percentiles, max and mean (ms; ``None`` when empty)."""
+        count = self.hist.get_total_count()
+        out: dict[str, Any] = {"count": count}
+        if not count:
+            return out | {name: None for name in STATS}
+        values = self.hist.get_percentile_to_value_dict(list(_PERCENTILES.values()))
+        for name, p in _PERCENTILES.items():
+            out[name] = values[p] / 1000
+        out["max"] = self.hist.get_max_value() / 1000
+        out["mean"] = self.total_ms / count
+        return out
+
+    def cdf(self) -> list[list[float]]:
+        """``[percentile, ms]`` pairs at :data:`CDF_PERCENTILES` (empty when no samples)."""
+        if not self.hist.get_total_count():
+            return []
+        values = self.hist.get_percentile_to_value_dict(list(CDF_PERCENTILES))
+        return [[p, values[p] / 1000] for p in CDF_PERCENTILES if p in values]
+
+
+def _phase_values(row: AttemptRow) -> Iterable[tuple[str, float]]:
+    """The (latency, ms) pairs this attempt contributes (see the module docstring)."""
+    yield "total", row.total_ms
+    yield "service", row.service_ms
+    if row.new_connection:
+        yield "connect", row.connect_ms
+        if not row.resumed:
+            yield "handshake", row.handshake_ms
+            yield "key_store", row.key_store_ms
+    if row.status is not None:
+        yield "first_byte", row.first_byte_ms
+
+
+def is_false_accept(expected: str, outcome: str) -> bool:
+    """A device that should have been denied got in: the security failure."""
+    return expected.startswith("denied") and outcome == "allowed"
+
+
+def is_false_reject(expected: str, outcome: str) -> bool:
+    """A device that should have got in did not."""
+    return expected == "allowed" and outcome != "allowed"
+
+
+def is_error(outcome: str) -> bool:
+    """An outcome that is neither a decision nor a device-side problem: the edge failed."""
+    return outcome.startswith(ERROR_PREFIXES)
+
+
+class _Group:
+    """Counts shared by the whole run, a cohort and a phase."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self.expected: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self.matched = self.false_accepts = self.false_rejects = self.dropped = 0
+        self.latency: dict[str, _Latency] = defaultdict(_Latency)
+        self.new_connections = self.resumed = 0
+        # Sums over attempts that opened a connection, for the phase breakdown.
+        self.breakdown = {"connect": 0.0, "key_store": 0.0, "tls": 0.0, "first_byte": 0.0}
+
+    @property
+    def attempts(self) -> int:
+        return sum(self.outcomes.values())
+
+    def add(self, row: AttemptRow, latencies: bool = True) -> None:
+        self.outcomes[row.outcome] += 1
+        self.expected[row.expected] += 1
+        if row.outcome == row.expected:
+            self.matched += 1
+        if is_false_accept(row.expected, row.outcome):
+            self.false_accepts += 1
+        if is_false_reject(row.expected, row.outcome):
+            self.false_rejects += 1
+        if row.outcome != "allowed":
+            # The enforcer's reason header when it gave one, else how the attempt failed.
+            self.rejections[row.reason or row.outcome] += 1
+        if row.new_connection:
+            self.new_connections += 1
+            self.resumed += row.resumed
+            b = self.breakdown
+            b["connect"] += row.connect_ms
+            b["key_store"] += row.key_store_ms
+            # The handshake's time includes the key store's (PIN, touch, signature).
+            b["tls"] += max(row.handshake_ms - row.key_store_ms, 0.0)
+            b["first_byte"] += row.first_byte_ms
+        if latencies:
+            for name, ms in _phase_values(row):
+                self.latency[name].record(ms)
+
+    def counts(self) -> dict[str, Any]:
+        n = self.attempts
+        return {
+            "attempts": n,
+            "outcomes": dict(self.outcomes.most_common()),
+            "expected_outcomes": dict(self.expected.most_common()),
+            "matched": self.matched,
+            "matched_share": self.matched / n if n else None,
+            "allowed": self.outcomes["allowed"],
+            "false_accepts": self.false_accepts,
+            "false_rejects": self.false_rejects,
+            "errors": sum(c for o, c in self.outcomes.items() if is_error(o)),
+            "dropped": self.dropped,
+        }
+
+    def latency_stats(self) -> dict[str, dict[str, Any]]:
+        return {name: self.latency[name].stats() for name in LATENCIES}
+
+    def breakdown_means(self) -> dict[str, Any]:
+        n = self.new_connections
+        means = {k: (v / n if n else None) for k, v in self.breakdown.items()}
+        return means | {"samples": n}
+
+
+def _group(groups: dict[str, _Group], name: str) -> _Group:
+    """The group called ``name``, made on first use (in order of appearance)."""
+    group = groups.get(name)
+    if group is None:
+        group = groups[name] = _Group()
+    return group
+
+
+def _timestamp(value: Any) -> float | None:
+    """Seconds since the epoch from a number or an ISO 8601 string, else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.UTC)
+        return parsed.timestamp()
+    return None
+
+
+def _wall_seconds(
+    meta: Mapping[str, Any], started: float | None, finished: float | None
+) -> float | None:
+    """Wall-clock seconds the run took: as the runner measured it, else from its timestamps."""
+    if isinstance(meta.get("wall_seconds"), int | float):
+        return float(meta["wall_seconds"])
+    return finished - started if started is not None and finished is not None else None
+
+
+def _phases_meta(meta: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    phases = meta.get("phases") or []
+    return [p for p in phases if isinstance(p, Mapping) and "name" in p]
+
+
+def summarize(results: Results) -> dict[str, Any]:
+    """Read a run's results and return its summary (JSON-serialisable, nothing rendered)."""
+    meta = results.meta()
+    complete = "finished_at" in meta
+    cohorts_meta: Mapping[str, Any] = meta.get("cohorts") or {}
+    phases_meta = _phases_meta(meta)
+
+    run = _Group()
+    cohorts: dict[str, _Group] = {name: _Group() for name in cohorts_meta}
+    phases: dict[str, _Group] = {str(p["name"]): _Group() for p in phases_meta}
+    phase_total: dict[str, _Latency] = defaultdict(_Latency)
+    matrix: dict[str, Counter[str]] = defaultdict(Counter)
+    timeline: list[tuple[float, str, float]] = []  # (scheduled, outcome, total_ms)
+    span = 0.0
+    for row in results.attempts():
+        # The run's latencies are the cohorts' histograms merged, not recorded twice.
+        run.add(row, latencies=False)
+        _group(cohorts, row.cohort).add(row)
+        _group(phases, row.phase).add(row, latencies=False)
+        phase_total[row.phase].record(row.total_ms)
+        matrix[row.expected][row.outcome] += 1
+        timeline.append((row.scheduled, row.outcome, row.total_ms))
+        span = max(span, row.scheduled + row.total_ms / 1000)
+    for group in cohorts.values():
+        for latency, hist in group.latency.items():
+            run.latency[latency].merge(hist)
+    dropped = results.dropped()
+    for t, cohort, phase in dropped:
+        run.dropped += 1
+        _group(cohorts, cohort).dropped += 1
+        _group(phases, phase).dropped += 1
+        span = max(span, t)
+    events = [{"t": t, "kind": kind, "detail": detail} for t, kind, detail in results.events()]
+    thresholds = [{"expression": e, "observed": o, "ok": ok} for e, o, ok in results.thresholds()]
+
+    duration = _duration(meta, phases_meta, complete, span)
+    started = _timestamp(meta.get("started_at"))
+    finished = _timestamp(meta.get("finished_at"))
+    totals = run.counts() | {
+        "duration_s": duration,
+        "rate": run.attempts / duration if duration > 0 else None,
+        "new_connections": run.new_connections,
+        "resumed": run.resumed,
+    }
+    return {
+        "version": 1,
+        "run": {
+            "scenario": meta.get("scenario"),
+            "seed": meta.get("seed"),
+            "clock": meta.get("clock"),
+            "target": meta.get("target"),
+            "started_at": meta.get("started_at"),
+            "finished_at": meta.get("finished_at"),
+            "wall_s": _wall_seconds(meta, started, finished),
+            "meta": meta,
+        },
+        "complete": complete,
+        "totals": totals,
+        "latency": run.latency_stats(),
+        "cdf": run.latency["total"].cdf(),
+        "cohorts": {
+            name: _cohort_summary(name, group, cohorts_meta.get(name) or {})
+            for name, group in cohorts.items()
+        },
+        "phases": _phase_summaries(phases, phases_meta, phase_total),
+        "matrix": {e: dict(o.most_common()) for e, o in sorted(matrix.items())},
+        "series": _series(timeline, dropped, max(duration, span)),
+        "events": events,
+        "thresholds": thresholds,
+    }
+
+
+def _duration(
+    meta: Mapping[str, Any], phases: list[Mapping[str, Any]], complete: bool, span: float
+) -> float:
+    """The run's length on its own clock (virtual runs take little wall time)."""
+    if isinstance(meta.get("duration"), int | float):
+        return float(meta["duration"])
+    if complete and phases:
+        return max(float(p.get("start", 0)) + float(p.get("duration", 0)) for p in phases)
+    # Interrupted: as far as the attempts got.
+    return span
+
+
+def _cohort_summary(name: str, group: _Group, spec: Mapping[str, Any]) -> dict[str, Any]:
+    expected = spec.get("expected")
+    if expected is None and group.expected:
+        expected = group.expected.most_common(1)[0][0]
+    return {
+        "name": name,
+        "size": spec.get("size"),
+        "expected": expected,
+        **group.counts(),
+        "rejections": dict(group.rejections.most_common()),
+        "latency": group.latency_stats(),
+        "cdf": group.latency["total"].cdf(),
+        "breakdown": group.breakdown_means(),
+    }
+
+
+def _phase_summaries(
+    phases: dict[str, _Group],
+    phases_meta: list[Mapping[str, Any]],
+    phase_total: dict[str, _Latency],
+) -> list[dict[str, Any]]:
+    known = {str(p["name"]): p for p in phases_meta}
+    return [
+        {
+            "name": name,
+            "start": known.get(name, {}).get("start"),
+            "duration": known.get(name, {}).get("duration"),
+            **group.counts(),
+            "total": phase_total[name].stats(),
+        }
+        for name, group in phases.items()
+    ]
+
+
+def _series(
+    timeline: list[tuple[float, str, float]],
+    dropped: list[tuple[float, str, str]],
+    length: float,
+) -> dict[str, Any]:
+    """Attempts by outcome and total latency p50/p99 per time bucket (by scheduled start)."""
+    width = max(1, math.ceil(length / _MAX_BUCKETS))
+    rows: dict[int, list[tuple[str, float]]] = defaultdict(list)
+    for scheduled, outcome, total_ms in timeline:
+        rows[int(max(scheduled, 0) // width)].append((outcome, total_ms))
+    drops: Counter[int] = Counter(int(max(t, 0) // width) for t, _, _ in dropped)
+    last = max([*rows, *drops], default=-1)
+    buckets = []
+    for i in range(last + 1):
+        # Exact nearest-rank percentiles (HDR's definition): sorting a bucket is cheap, while
+        # walking a histogram per bucket would dominate the whole summary's cost.
+        latencies = sorted(ms for _, ms in rows[i])
+        buckets.append(
+            {
+                "t": i * width,
+                "attempts": len(latencies),
+                "outcomes": dict(Counter(o for o, _ in rows[i]).most_common()),
+                "dropped": drops[i],
+                "p50": nearest_rank(latencies, 50.0),
+                "p99": nearest_rank(latencies, 99.0),
+            }
+        )
+    return {"bucket_s": width, "buckets": buckets}
+
+
+def nearest_rank(ordered: list[float], percentile: float) -> float | None:
+    """The value at rank round(p/100 * n) (at least 1) of sorted values; ``None`` if empty."""
+    if not ordered:
+        return None
+    rank = max(int(percentile / 100 * len(ordered) + 0.5), 1)
+    return ordered[rank - 1]
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _latency_metric(latency: Mapping[str, Any], name: str, where: str) -> float:
+    metric_name, _, stat = name.partition(".")
+    if metric_name not in LATENCIES or stat not in STATS:
+        raise KeyError(
+            f"{where}{name!r} is not a latency statistic: use <latency>.<stat> with latency in "
+            f"{list(LATENCIES)} and stat in {list(STATS)}"
+        )
+    return _number(latency[metric_name][stat])
+
+
+def metric(summary: Mapping[str, Any], name: str) -> float:
+    """Resolve a threshold's metric name against a summary (NaN when there is no data).
+
+    Names: ``false_accepts``, ``false_rejects``, ``attempts``, ``dropped``, ``errors``,
+    ``rate``; ``<latency>.<stat>``; ``cohort.<name>.allowed`` (share), ``.matched`` (share),
+    ``.share:<outcome>`` or ``.<latency>.<stat>``. Unknown names raise :class:`KeyError`.
+    """
+    totals = summary["totals"]
+    if name in COUNTS:
+        return _number(totals[name])
+    if name.startswith("cohort."):
+        return _cohort_metric(summary, name)
+    if "." in name:
+        return _latency_metric(summary["latency"], name, "")
+    raise KeyError(
+        f"{name!r} is not a metric: use {', '.join(COUNTS)}, <latency>.<stat> with latency in "
+        f"{list(LATENCIES)} and stat in {list(STATS)}, or cohort.<name>.<...>"
+    )
+
+
+def _cohort_metric(summary: Mapping[str, Any], name: str) -> float:
+    rest = name[len("cohort.") :]
+    cohorts: Mapping[str, Any] = summary["cohorts"]
+    # Cohort names may contain dots: take the longest cohort name that prefixes the rest.
+    matches = [c for c in cohorts if rest.startswith(c + ".")]
+    if not matches:
+        raise KeyError(f"{name!r}: no such cohort; cohorts are {sorted(cohorts)}")
+    cohort_name = max(matches, key=len)
+    cohort = cohorts[cohort_name]
+    what = rest[len(cohort_name) + 1 :]
+    attempts = cohort["attempts"]
+    if what == "allowed":
+        return cohort["allowed"] / attempts if attempts else math.nan
+    if what == "matched":
+        return _number(cohort["matched_share"])
+    if what.startswith("share:"):
+        outcome = what[len("share:") :]
+        if not outcome:
+            raise KeyError(f"{name!r}: share: needs an outcome, such as share:allowed")
+        return cohort["outcomes"].get(outcome, 0) / attempts if attempts else math.nan
+    try:
+        return _latency_metric(cohort["latency"], what, f"{name!r}: ")
+    except KeyError:
+        raise KeyError(
+            f"{name!r}: after cohort.{cohort_name}. expected allowed, matched, share:<outcome> "
+            f"or <latency>.<stat> with latency in {list(LATENCIES)} and stat in {list(STATS)}"
+        ) from None
