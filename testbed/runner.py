@@ -266,6 +266,7 @@ class Run:
         self._origin_scope: trio.CancelScope | None = None
         self._origin_listeners: list[trio.SocketListener] = []
         self.interrupted = False
+        self._origin_port = 0
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -372,7 +373,7 @@ class Run:
 
     async def _start_origin(self, nursery: trio.Nursery) -> str:
         self._origin_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        port = self._origin_listeners[0].socket.getsockname()[1]
+        port = self._origin_port = self._origin_listeners[0].socket.getsockname()[1]
         await self._run_origin(nursery)
         return f"http://127.0.0.1:{port}"
 
@@ -402,9 +403,10 @@ class Run:
             return "origin stopped"
         if action == "start_origin":
             self.origin_up = True
-            if self._origin_listeners:
-                port = self._origin_listeners[0].socket.getsockname()[1]
-                self._origin_listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+            if self._origin_port:
+                self._origin_listeners = await trio.open_tcp_listeners(
+                    self._origin_port, host="127.0.0.1"
+                )
                 await self._run_origin(nursery)
             return "origin started"
         assert self.enforcer is not None and self.clock is not None

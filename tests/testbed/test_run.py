@@ -230,3 +230,65 @@ def test_virtual_time_is_reproducible_from_the_seed(tmp_path: Path) -> None:
         con.close()
     assert counts[0] == counts[1]
     assert sum(n for _, _, n in counts[0]) > 100  # six virtual hours of 10-minute telemetry
+
+
+async def test_an_external_target_and_origin_events(tmp_path: Path, served) -> None:
+    # The demo enforcer (served in this test) does not trust the run's own fleet: every device
+    # is refused, which is what the scenario expects of it.
+    path = tmp_path / "external.toml"
+    path.write_text(f"""
+name = "external"
+thresholds = ["false_accepts == 0", "cohort.fleet.share:denied:untrusted_issuer == 100%"]
+[target]
+kind = "external"
+url = "https://127.0.0.1:{served.port}"
+hostname = "auth.example.test"
+ca = "{served.layout.edge_ca}"
+[[cohorts]]
+name = "fleet"
+size = 4
+expected = "denied:untrusted_issuer"
+[[phases]]
+name = "p"
+duration = "1s"
+arrival = "constant"
+rate = 10
+""")
+    result = await trio.run_process(
+        [*TESTBED, "run", str(path), "--reports", str(tmp_path / "r"), "--no-progress"],
+        cwd=ROOT,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert {r["reason"] for r in served.log() if "event" not in r} == {"untrusted_issuer"}
+
+
+def test_stopping_the_origin_mid_run(tmp_path: Path) -> None:
+    path = small(tmp_path, name="origin", duration="3s", thresholds='"false_accepts == 0"')
+    path.write_text(
+        path.read_text()
+        + """
+[[events]]
+at = "1s"
+action = "stop_origin"
+
+[[events]]
+at = "2s"
+action = "start_origin"
+"""
+    )
+    result = run_cli("run", str(path), "--reports", str(tmp_path / "r"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    db = next((tmp_path / "r").glob("origin-*/results.sqlite"))
+    con = sqlite3.connect(db)
+    by_time = con.execute(
+        "SELECT scheduled >= 1.1 AND scheduled < 1.9, scheduled >= 2.2, outcome FROM attempts "
+        "WHERE cohort = 'healthy'"
+    ).fetchall()
+    events = [k for (k,) in con.execute("SELECT kind FROM events")]
+    con.close()
+    assert {"stop_origin", "start_origin"} <= set(events)
+    assert {o for stopped, _, o in by_time if stopped} == {"http_502"}
+    assert {o for _, after, o in by_time if after} == {"allowed"}
