@@ -87,6 +87,20 @@ class Tunnel:
     trailing: bytes
 
 
+async def _connect(
+    origin: str, timeout: float, connect: OriginConnector
+) -> tuple[trio.abc.Stream, bytes]:
+    """Connect to an origin URL; return the stream and the URL's path prefix."""
+    url = urlsplit(origin)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    try:
+        with trio.fail_after(timeout):
+            stream = await connect(host, port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise OriginError(f"cannot connect to origin {origin}: {exc}") from exc
+    return stream, url.path.rstrip("/").encode()
+
+
 async def open_upgrade(
     origin: str,
     method: bytes,
@@ -96,14 +110,7 @@ async def open_upgrade(
     connect: OriginConnector = trio.open_tcp_stream,
 ) -> Tunnel | tuple[h11.Response, bytes]:
     """Forward an Upgrade request; return a :class:`Tunnel` on 101, else the response and body."""
-    url = urlsplit(origin)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
-    prefix = url.path.rstrip("/").encode()
-    try:
-        with trio.fail_after(timeout):
-            stream = await connect(host, port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise OriginError(f"cannot connect to origin {origin}: {exc}") from exc
+    stream, prefix = await _connect(origin, timeout, connect)
     conn = h11.Connection(h11.CLIENT)
     try:
         with trio.fail_after(timeout):
@@ -142,14 +149,7 @@ async def origin_request(
     connect: OriginConnector = trio.open_tcp_stream,
 ) -> AsyncIterator[OriginResponse]:
     """Send one request to ``origin`` (an http:// URL) and yield its streamed response."""
-    url = urlsplit(origin)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
-    prefix = url.path.rstrip("/").encode()
-    try:
-        with trio.fail_after(timeout):
-            stream = await connect(host, port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise OriginError(f"cannot connect to origin {origin}: {exc}") from exc
+    stream, prefix = await _connect(origin, timeout, connect)
     conn = h11.Connection(h11.CLIENT)
     try:
         try:

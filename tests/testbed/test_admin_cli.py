@@ -89,6 +89,23 @@ async def curl(demo: DemoLayout, port: int, device: str | None) -> tuple[str, st
     return result.stdout.decode(), result.stderr.decode("latin-1")
 
 
+async def protect(demo: DemoLayout, admin_port: int, origin: str) -> dict:
+    """Enable mTLS, upload the demo root, and protect AUTH_HOST with a Valid Certificate policy."""
+    upload = str(demo.root / "ca" / "uploaded-chain.pem")
+    await admin(admin_port, "mtls", "enable")
+    await admin(
+        admin_port, "roots", "upload", "--name", "r", "--cert", upload, "--hostname", AUTH_HOST
+    )
+    made = await admin(
+        admin_port, "--json", "apps", "create", "--hostname", AUTH_HOST, "--origin", origin
+    )
+    app: dict = json.loads(made.stdout)
+    await admin(
+        admin_port, "policies", "create", app["id"], "--name", "any", "--include", "certificate"
+    )
+    return app
+
+
 async def test_empty_config_to_the_seeds_curl_test_with_admin_commands(
     demo: DemoLayout, tmp_path: Path, nursery
 ) -> None:
@@ -374,35 +391,7 @@ async def test_workers_follow_admin_changes_at_once(
     try:
         await wait_for_port(port, proc)
         await wait_for_port(admin_port, proc)
-        await admin(admin_port, "mtls", "enable")
-        await admin(
-            admin_port,
-            "roots",
-            "upload",
-            "--name",
-            "r",
-            "--cert",
-            str(demo.root / "ca" / "uploaded-chain.pem"),
-            "--hostname",
-            AUTH_HOST,
-        )
-        app = json.loads(
-            (
-                await admin(
-                    admin_port,
-                    "--json",
-                    "apps",
-                    "create",
-                    "--hostname",
-                    AUTH_HOST,
-                    "--origin",
-                    f"http://127.0.0.1:{origin}",
-                )
-            ).stdout
-        )
-        await admin(
-            admin_port, "policies", "create", app["id"], "--name", "any", "--include", "certificate"
-        )
+        app = await protect(demo, admin_port, f"http://127.0.0.1:{origin}")
         # New connections land on either worker: every one must see each change at once.
         for _ in range(6):
             assert (await curl(demo, port, "valid"))[0] == "200"
