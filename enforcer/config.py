@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives import serialization
 
 from enforcer.application import SAME_SITE_VALUES, Application, CookieSettings
 from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, fingerprint
-from enforcer.durations import DurationError, parse_duration
 from enforcer.policy import PolicyError, parse_policy
 from enforcer.snapshot import RootCertificate
 from enforcer.tokens import SigningKey, load_or_create_key
+from enforcer.tomltable import TableReader
 
 DEFAULT_ISSUER = "https://access.testbed.local"
 
@@ -122,90 +122,11 @@ class EnforcerConfig:
         return frozenset(h for e in self.edge_certificates for h in e.hostnames)
 
 
-class _Reader:
-    """Typed access to a TOML table that reports errors with the file and field path."""
-
-    def __init__(self, path: Path, table: Mapping[str, Any], where: str) -> None:
-        self.path, self.table, self.where = path, table, where
-
-    def field(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def error(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.path, self.field(name), problem)
-
-    def get(
-        self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, what: str = ""
-    ) -> Any:
-        if name not in self.table:
-            if default is ...:
-                raise self.error(name, f"required field is missing ({what or _kind_name(kind)})")
-            return default
-        value = self.table[name]
-        if isinstance(value, bool) and kind in (int, float):
-            raise self.error(name, f"expected {_kind_name(kind)}, got {value!r}")
-        if not isinstance(value, kind):
-            raise self.error(name, f"expected {what or _kind_name(kind)}, got {value!r}")
-        return value
-
-    def duration(self, name: str, default: str | None = None) -> dt.timedelta:
-        raw = self.get(name, str, default, what="a Go duration such as 0s, 15m or 24h")
-        try:
-            return parse_duration(raw)
-        except DurationError as exc:
-            raise self.error(name, str(exc)) from None
-
-    def file(self, name: str) -> Path:
-        raw = self.get(name, str, what="a file path")
-        p = Path(raw)
-        return p if p.is_absolute() else self.path.parent / p
-
-    def read(self, name: str) -> tuple[Path, bytes]:
-        p = self.file(name)
-        try:
-            return p, p.read_bytes()
-        except OSError as exc:
-            raise self.error(name, f"cannot read {p}: {exc.strerror}") from None
-
-    def hostnames(self, name: str) -> tuple[str, ...]:
-        raw = self.get(name, list, what="a list of hostnames")
-        if not raw or not all(isinstance(h, str) and h for h in raw):
-            raise self.error(name, f"expected a non-empty list of hostnames, got {raw!r}")
-        return tuple(h.lower().rstrip(".") for h in raw)
-
-    def unknown(self, allowed: set[str]) -> None:
-        extra = set(self.table) - allowed
-        if extra:
-            name = sorted(extra)[0]
-            raise self.error(name, f"unknown field; expected one of {sorted(allowed)}")
-
-    def tables(self, name: str) -> list[_Reader]:
-        raw = self.table.get(name, [])
-        if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-            raise self.error(name, "expected an array of tables ([[" + name + "]])")
-        return [_Reader(self.path, t, f"{self.field(name)}[{i}]") for i, t in enumerate(raw)]
-
-    def sub(self, name: str) -> _Reader:
-        raw = self.table.get(name, {})
-        if not isinstance(raw, dict):
-            raise self.error(name, "expected a table")
-        return _Reader(self.path, raw, self.field(name))
+def _reader(path: Path, data: Mapping[str, Any]) -> TableReader:
+    return TableReader(path, data, "", ConfigError)
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        list: "a list",
-        dict: "a table",
-    }
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _certificates(reader: _Reader, name: str) -> list[x509.Certificate]:
+def _certificates(reader: TableReader, name: str) -> list[x509.Certificate]:
     path, data = reader.read(name)
     try:
         certs = x509.load_pem_x509_certificates(data)
@@ -214,7 +135,7 @@ def _certificates(reader: _Reader, name: str) -> list[x509.Certificate]:
     return certs
 
 
-def _edge(reader: _Reader) -> EdgeCertificate:
+def _edge(reader: TableReader) -> EdgeCertificate:
     reader.unknown({"hostnames", "certificate", "private_key"})
     hostnames = reader.hostnames("hostnames")
     certs = _certificates(reader, "certificate")
@@ -231,7 +152,7 @@ def _edge(reader: _Reader) -> EdgeCertificate:
     return EdgeCertificate(hostnames, chain_pem, key_pem)
 
 
-def _root(reader: _Reader) -> RootCertificate:
+def _root(reader: TableReader) -> RootCertificate:
     reader.unknown({"id", "name", "certificate", "associated_hostnames"})
     name = reader.get("name", str, what="a name for the root")
     certs = _certificates(reader, "certificate")
@@ -255,7 +176,7 @@ def _root(reader: _Reader) -> RootCertificate:
 _COOKIE_FIELDS = {"path", "domain", "secure", "http_only", "same_site"}
 
 
-def _application(reader: _Reader) -> Application:
+def _application(reader: TableReader) -> Application:
     reader.unknown(
         {
             "name",
@@ -319,7 +240,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
         raise ConfigError(p, "", f"cannot read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(p, "", f"not valid TOML: {exc}") from None
-    top = _Reader(p, data, "")
+    top = _reader(p, data)
     top.unknown(
         {
             "server",
@@ -441,7 +362,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
     )
 
 
-def _identifier(r: _Reader, name: str, default: str | None) -> str:
+def _identifier(r: TableReader, name: str, default: str | None) -> str:
     """An account or zone id: the characters the admin API's paths accept."""
     value = r.get(name, str, ... if default is None else default, what="an id such as demo")
     if not re.fullmatch(r"[A-Za-z0-9._:-]+", value):
@@ -449,7 +370,7 @@ def _identifier(r: _Reader, name: str, default: str | None) -> str:
     return str(value)
 
 
-def _admin_token(a: _Reader) -> str:
+def _admin_token(a: TableReader) -> str:
     """The admin bearer token: ``token``, else ``token_file``, else the ``token_env`` variable."""
     token: str
     if "token" in a.table:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from devices.behaviour import Behaviour, BehaviourError, Periodic, parse_behaviour
 from devices.pki import KEY_TYPES
 from devices.provision import DEFECTS, expected_outcome
 from enforcer.durations import DurationError, parse_duration
+from enforcer.tomltable import TableReader
 from testbed.thresholds import Threshold, ThresholdError, parse_threshold
 
 CLOCKS = ("real", "virtual")
@@ -141,75 +140,8 @@ class Scenario:
         return sum(c.size for c in self.cohorts)
 
 
-class _Reader:
-    def __init__(self, path: Path, table: Mapping[str, Any], where: str) -> None:
-        self.path, self.table, self.where = path, table, where
-
-    def field(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def error(self, name: str, problem: str) -> ScenarioError:
-        return ScenarioError(self.path, self.field(name), problem)
-
-    def get(
-        self, name: str, kind: type | tuple[type, ...], default: Any = ..., what: str = ""
-    ) -> Any:
-        if name not in self.table:
-            if default is ...:
-                raise self.error(name, f"required ({what})")
-            return default
-        value = self.table[name]
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise self.error(name, f"expected {what}, got {value!r}")
-        if not isinstance(value, kind):
-            raise self.error(name, f"expected {what}, got {value!r}")
-        return value
-
-    def seconds(self, name: str, default: str | None = None) -> float:
-        raw = self.get(
-            name, (str, int, float), default, "a duration such as 30s, 10m, 2h or seconds"
-        )
-        if isinstance(raw, int | float):
-            if raw < 0:
-                raise self.error(name, f"{raw} is negative")
-            return float(raw)
-        try:
-            return parse_duration(raw).total_seconds()
-        except DurationError as exc:
-            raise self.error(name, str(exc)) from None
-
-    def number(self, name: str, default: float | None = None, *, minimum: float = 0.0) -> float:
-        value = self.get(name, (int, float), ... if default is None else default, "a number")
-        if value < minimum:
-            raise self.error(name, f"{value} is below {minimum}")
-        return float(value)
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str | None = None) -> str:
-        value = self.get(name, str, ... if default is None else default, f"one of {list(choices)}")
-        if value not in choices:
-            raise self.error(name, f"{value!r} is not one of {list(choices)}")
-        return str(value)
-
-    def only(self, allowed: set[str]) -> None:
-        extra = sorted(set(self.table) - allowed)
-        if extra:
-            raise self.error(extra[0], f"unknown field; expected one of {sorted(allowed)}")
-
-    def sub(self, name: str) -> _Reader:
-        raw = self.table.get(name, {})
-        if not isinstance(raw, dict):
-            raise self.error(name, "expected a table")
-        return _Reader(self.path, raw, self.field(name))
-
-    def tables(self, name: str) -> list[_Reader]:
-        raw = self.table.get(name, [])
-        if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-            raise self.error(name, f"expected an array of tables ([[{name}]])")
-        return [_Reader(self.path, t, f"{self.field(name)}[{i}]") for i, t in enumerate(raw)]
-
-
-def _target(r: _Reader, path: Path) -> Target:
-    r.only({"kind", "hostname", "session_duration", "policy", "url", "ca", "workers"})
+def _target(r: TableReader, path: Path) -> Target:
+    r.unknown({"kind", "hostname", "session_duration", "policy", "url", "ca", "workers"})
     kind = r.choice("kind", TARGETS, "embedded")
     policy = r.get("policy", str, "certificate", "certificate or common_name:<CN>")
     if policy != "certificate" and not (policy.startswith("common_name:") and len(policy) > 12):
@@ -245,8 +177,8 @@ def _target(r: _Reader, path: Path) -> Target:
     )
 
 
-def _cohort(r: _Reader, target: Target) -> CohortSpec:
-    r.only(
+def _cohort(r: TableReader, target: Target) -> CohortSpec:
+    r.unknown(
         {
             "name",
             "size",
@@ -279,11 +211,11 @@ def _cohort(r: _Reader, target: Target) -> CohortSpec:
     except BehaviourError as exc:
         raise ScenarioError(r.path, "", str(exc)) from None
     client = r.sub("client")
-    client.only(
+    client.unknown(
         {"keep_alive", "resume_sessions", "reuse_cookie", "always_new_handshake", "clock_skew"}
     )
     piv = r.sub("piv")
-    piv.only(
+    piv.unknown(
         {"slot", "pin", "pin_policy", "touch_policy", "touch_delay", "browser_pin_every_handshake"}
     )
     return CohortSpec(
@@ -312,8 +244,8 @@ def _cohort(r: _Reader, target: Target) -> CohortSpec:
     )
 
 
-def _phase(r: _Reader) -> Phase:
-    r.only({"name", "duration", "arrival", "rate", "from", "to", "devices"})
+def _phase(r: TableReader) -> Phase:
+    r.unknown({"name", "duration", "arrival", "rate", "from", "to", "devices"})
     arrival = r.choice("arrival", ARRIVALS)
     phase = Phase(
         name=r.get("name", str, what="a phase name"),
@@ -335,8 +267,8 @@ def _phase(r: _Reader) -> Phase:
     return phase
 
 
-def _event(r: _Reader, cohorts: set[str], clock: str) -> Event:
-    r.only({"at", "action", "cohort", "share", "value"})
+def _event(r: TableReader, cohorts: set[str], clock: str) -> Event:
+    r.unknown({"at", "action", "cohort", "share", "value"})
     action = r.choice("action", EVENTS)
     event = Event(
         at=r.seconds("at"),
@@ -375,8 +307,8 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(p, "", f"cannot read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ScenarioError(p, "", f"not valid TOML: {exc}") from None
-    top = _Reader(p, data, "")
-    top.only(
+    top = TableReader(p, data, "", ScenarioError)
+    top.unknown(
         {
             "name",
             "seed",
@@ -398,7 +330,7 @@ def load_scenario(path: str | Path) -> Scenario:
     if clock == "virtual" and target.kind != "embedded":
         raise top.error("clock", "virtual time needs the embedded target (in-memory streams)")
     fleet = top.sub("fleet")
-    fleet.only({"intermediates", "key_type"})
+    fleet.unknown({"intermediates", "key_type"})
     key_type = fleet.choice("key_type", KEY_TYPES, "ec-p256")
     cohorts = tuple(_cohort(r, target) for r in top.tables("cohorts"))
     if not cohorts:
