@@ -307,8 +307,9 @@ class DeviceClient:
         attempt.outcome = classify(response.status_code, attempt.reason)
         attempt.body = b"".join(chunks)
         self._take_cookie(attempt)
-        if self.options.resume_sessions:
-            # TLS 1.3 tickets arrive after the handshake: take the session after a response.
+        if self.options.resume_sessions and attempt.new_connection:
+            # TLS 1.3 tickets arrive after the handshake: take the session after the first
+            # response on a new connection (reading it is not free, so only then).
             self._session = stream._ssl_object.session
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
             await self._drop()

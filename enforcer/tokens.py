@@ -34,6 +34,11 @@ class SigningKey:
     private_key: rsa.RSAPrivateKey = dataclasses.field(repr=False)
     public_jwk: Mapping[str, Any]
     public_cert_pem: str
+    # Derived once: every token check verifies with it.
+    public_key: rsa.RSAPublicKey = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public_key", self.private_key.public_key())
 
     @classmethod
     def from_private_key(cls, key: rsa.RSAPrivateKey, created: dt.datetime) -> SigningKey:
@@ -168,7 +173,7 @@ def check(token: str, ring: KeyRing, *, aud: str, issuer: str, now: dt.datetime)
     try:
         claims = jwt.decode(
             token,
-            key.private_key.public_key(),
+            key.public_key,
             algorithms=[ALGORITHM],
             audience=aud,
             issuer=issuer,

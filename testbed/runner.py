@@ -122,6 +122,7 @@ revoked = {revoked}
 host = "127.0.0.1"
 port = 0
 access_log = "{run}/access.log"
+request_timeout = "{idle}"
 
 [state]
 path = "{run}/state.sqlite"
@@ -198,6 +199,7 @@ def write_enforcer_config(
             known=known_block,
             revoked="[" + ", ".join(f'"{fp}"' for fp in revoked) + "]",
             session=scenario.target.session_duration,
+            idle=scenario.target.idle_timeout,
             origin=origin,
             rule=_rule(scenario.target.policy),
         )

@@ -55,6 +55,7 @@ class Target:
     url: str | None = None  # external: https://host:port
     ca: Path | None = None  # external: the CA that signed the edge's server certificate
     workers: int = 1
+    idle_timeout: str = "30s"  # the embedded enforcer's keep-alive idle timeout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,9 @@ class Scenario:
 
 
 def _target(r: TableReader, path: Path) -> Target:
-    r.unknown({"kind", "hostname", "session_duration", "policy", "url", "ca", "workers"})
+    r.unknown(
+        {"kind", "hostname", "session_duration", "policy", "url", "ca", "workers", "idle_timeout"}
+    )
     kind = r.choice("kind", TARGETS, "embedded")
     policy = r.get("policy", str, "certificate", "certificate or common_name:<CN>")
     if policy != "certificate" and not (policy.startswith("common_name:") and len(policy) > 12):
@@ -166,6 +169,11 @@ def _target(r: TableReader, path: Path) -> Target:
         if not ca_path.exists():
             raise r.error("ca", f"{ca_path} does not exist")
     workers = int(r.number("workers", 1, minimum=1))
+    idle = r.get("idle_timeout", str, "30s", "a Go duration such as 30s or 12h")
+    try:
+        parse_duration(idle)
+    except DurationError as exc:
+        raise r.error("idle_timeout", str(exc)) from None
     return Target(
         kind,
         r.get("hostname", str, "auth.example.test", "a hostname").lower(),
@@ -174,6 +182,7 @@ def _target(r: TableReader, path: Path) -> Target:
         url,
         ca_path,
         workers,
+        idle,
     )
 
 
