@@ -57,14 +57,10 @@ async def test_every_cohort_gets_its_outcome_from_the_enforcer(
     config = load_config(demo.config)
     bundle = certs(fleet.upload)
     root = RootCertificate("fleet", "fleet root", bundle[-1], tuple(bundle[:-1]), (AUTH_HOST,))
-    roots = [root]
+    # Intermediates the enforcer knows of (uploaded for another hostname) but that devices on
+    # this hostname must send: what makes `missing_intermediate` distinguishable.
     known = fleet.root / "ca" / "known-intermediates.pem"
-    if known.exists():
-        # Intermediates the enforcer knows of (uploaded for another hostname) but that devices
-        # on this hostname must send: what makes `missing_intermediate` distinguishable.
-        roots.append(
-            RootCertificate("known", "known", bundle[-1], tuple(certs(known)), (IOT_HOST,))
-        )
+    roots = [root, RootCertificate("known", "known", bundle[-1], tuple(certs(known)), (IOT_HOST,))]
     revoked = frozenset(d.sha256 for d in fleet.devices() if d.defect == "revoked")
     served: Served = await serve_config(
         dataclasses.replace(config, roots=tuple(roots), revoked=revoked)
