@@ -73,8 +73,6 @@ def forwarded_headers(
     if upgrade:
         # A WebSocket handshake is forwarded as one: the origin answers 101 and we tunnel.
         out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-    else:
-        out.append((b"connection", b"close"))
     return out
 
 
@@ -138,6 +136,60 @@ async def open_upgrade(
         raise OriginError(f"origin {origin} failed during an upgrade: {exc!r}") from exc
 
 
+@dataclasses.dataclass
+class _OriginConnection:
+    """A kept-alive HTTP/1.1 connection to one origin."""
+
+    stream: trio.abc.Stream
+    h11: h11.Connection
+    prefix: bytes
+
+
+class OriginPool:
+    """Idle kept-alive connections to origins, reused by later requests.
+
+    Opening a connection per forwarded request was most of the cost of forwarding; HTTP/1.1
+    keep-alive to the origin is what reverse proxies do. A connection goes back to the pool
+    only when both sides finished their messages cleanly.
+    """
+
+    def __init__(self, connect: OriginConnector = trio.open_tcp_stream, max_idle: int = 64) -> None:
+        self.connect = connect
+        self.max_idle = max_idle
+        self._idle: dict[str, list[_OriginConnection]] = {}
+
+    async def acquire(self, origin: str, timeout: float) -> tuple[_OriginConnection, bool]:
+        """An idle connection to ``origin`` (reused: True) or a new one."""
+        idle = self._idle.get(origin)
+        if idle:
+            return idle.pop(), True
+        stream, prefix = await _connect(origin, timeout, self.connect)
+        return _OriginConnection(stream, h11.Connection(h11.CLIENT), prefix), False
+
+    async def release(self, origin: str, conn: _OriginConnection) -> None:
+        """Keep a connection for reuse if it can carry another request, else close it."""
+        idle = self._idle.setdefault(origin, [])
+        if (
+            conn.h11.our_state is h11.DONE
+            and conn.h11.their_state is h11.DONE
+            and len(idle) < self.max_idle
+        ):
+            conn.h11.start_next_cycle()
+            idle.append(conn)
+            return
+        await trio.aclose_forcefully(conn.stream)
+
+    async def aclose(self) -> None:
+        """Close every idle connection."""
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await trio.aclose_forcefully(conn.stream)
+
+
+_ORIGIN_FAILURES = (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError)
+
+
 @asynccontextmanager
 async def origin_request(
     origin: str,
@@ -146,46 +198,50 @@ async def origin_request(
     headers: list[tuple[bytes, bytes]],
     body: bytes,
     timeout: float,
-    connect: OriginConnector = trio.open_tcp_stream,
+    pool: OriginPool,
 ) -> AsyncIterator[OriginResponse]:
     """Send one request to ``origin`` (an http:// URL) and yield its streamed response."""
-    stream, prefix = await _connect(origin, timeout, connect)
-    conn = h11.Connection(h11.CLIENT)
-    try:
+    for attempt in (1, 2):
+        conn, reused = await pool.acquire(origin, timeout)
+        stream = conn.stream
         try:
             with trio.fail_after(timeout):
                 hdrs = [*headers, (b"content-length", str(len(body)).encode())]
-                await send(
-                    conn, stream, h11.Request(method=method, target=prefix + target, headers=hdrs)
-                )
+                request = h11.Request(method=method, target=conn.prefix + target, headers=hdrs)
+                await send(conn.h11, stream, request)
                 if body:
-                    await send(conn, stream, h11.Data(data=body))
-                await send(conn, stream, h11.EndOfMessage())
-                event = await next_event(conn, stream)
+                    await send(conn.h11, stream, h11.Data(data=body))
+                await send(conn.h11, stream, h11.EndOfMessage())
+                event = await next_event(conn.h11, stream)
                 while isinstance(event, h11.InformationalResponse):
-                    event = await next_event(conn, stream)
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+                    event = await next_event(conn.h11, stream)
+        except _ORIGIN_FAILURES as exc:
+            await trio.aclose_forcefully(stream)
+            if reused and attempt == 1:
+                continue  # the origin closed an idle kept-alive connection: retry on a new one
             raise OriginError(f"origin {origin} failed: {exc!r}") from exc
-        if not isinstance(event, h11.Response):
-            raise OriginError(f"origin {origin} sent {type(event).__name__} instead of a response")
+        if isinstance(event, h11.ConnectionClosed) and reused and attempt == 1:
+            await trio.aclose_forcefully(stream)
+            continue
+        break
+    if not isinstance(event, h11.Response):
+        await trio.aclose_forcefully(stream)
+        raise OriginError(f"origin {origin} sent {type(event).__name__} instead of a response")
 
-        async def chunks() -> AsyncIterator[bytes]:
-            while True:
-                try:
-                    with trio.fail_after(timeout):
-                        ev = await next_event(conn, stream)
-                except (
-                    OSError,
-                    trio.BrokenResourceError,
-                    trio.TooSlowError,
-                    h11.ProtocolError,
-                ) as exc:
-                    raise OriginError(f"origin {origin} failed mid-body: {exc!r}") from exc
-                if isinstance(ev, h11.Data):
-                    yield bytes(ev.data)
-                elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
-                    return
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            try:
+                with trio.fail_after(timeout):
+                    ev = await next_event(conn.h11, stream)
+            except _ORIGIN_FAILURES as exc:
+                raise OriginError(f"origin {origin} failed mid-body: {exc!r}") from exc
+            if isinstance(ev, h11.Data):
+                yield bytes(ev.data)
+            elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+                return
 
+    try:
         yield OriginResponse(event.status_code, bytes(event.reason), list(event.headers), chunks())
     finally:
-        await stream.aclose()
+        with trio.CancelScope(shield=True):
+            await pool.release(origin, conn)

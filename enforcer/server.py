@@ -43,8 +43,8 @@ from enforcer.decision import (
 )
 from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond, send
 from enforcer.proxy import (
-    OriginConnector,
     OriginError,
+    OriginPool,
     Tunnel,
     forwarded_headers,
     open_upgrade,
@@ -103,8 +103,9 @@ class Enforcer:
         self.clock = clock or WallClock()
         self.access_log = access_log or AccessLog(config.server.access_log)
         self.intermediates = IntermediatesMemo()
-        # How the enforcer reaches origins: TCP, or in-memory streams in a simulation.
-        self.open_origin: OriginConnector = trio.open_tcp_stream
+        # How the enforcer reaches origins (TCP, or in-memory streams in a simulation), and
+        # the kept-alive connections it reuses.
+        self.origins = OriginPool()
         self._ids = itertools.count(1)
         self._tls_key: tuple[HostTLS, ...] | None = None
         self.contexts: ContextsBySNI | None = None
@@ -360,7 +361,7 @@ class _Session:
                 request.target,
                 headers,
                 self.e.settings.request_timeout,
-                self.e.open_origin,
+                self.e.origins.connect,
             )
         except OriginError as exc:
             log.warning("connection %d: %s", self.conn_id, exc)
@@ -473,7 +474,7 @@ class _Session:
                 headers,
                 body,
                 self.e.settings.request_timeout,
-                self.e.open_origin,
+                self.e.origins,
             ) as response:
                 out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
                 await send(
@@ -612,6 +613,10 @@ async def serve(
     """Serve the enforcer on a bound listener until cancelled; report the bound port."""
     bound = listener.socket.getsockname()[1]
     log.info("enforcer listening on port %d", bound)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, enforcer.handle, [listener])
-        task_status.started(bound)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, enforcer.handle, [listener])
+            task_status.started(bound)
+    finally:
+        with trio.CancelScope(shield=True):
+            await enforcer.origins.aclose()

@@ -361,7 +361,7 @@ class Run:
         self.enforcer = Enforcer(config, self.clock, AccessLog(str(self.run_dir / "access.log")))
         ca = self.run_dir / "edge" / "ca.pem"
         if virtual:
-            self.enforcer.open_origin = lambda host, port: self._memory_connect_origin(nursery)
+            self.enforcer.origins.connect = lambda host, port: self._memory_connect_origin(nursery)
             return DeviceTarget(
                 "memory",
                 0,
