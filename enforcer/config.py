@@ -11,10 +11,7 @@ import datetime as dt
 import hashlib
 import os
 import re
-import tomllib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,7 +21,7 @@ from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, fingerprint
 from enforcer.policy import PolicyError, parse_policy
 from enforcer.snapshot import RootCertificate
 from enforcer.tokens import SigningKey, load_or_create_key
-from enforcer.tomltable import TableReader
+from enforcer.tomltable import TableReader, read_toml
 
 DEFAULT_ISSUER = "https://access.testbed.local"
 
@@ -120,10 +117,6 @@ class EnforcerConfig:
     def served_hostnames(self) -> frozenset[str]:
         """Every hostname an edge certificate serves."""
         return frozenset(h for e in self.edge_certificates for h in e.hostnames)
-
-
-def _reader(path: Path, data: Mapping[str, Any]) -> TableReader:
-    return TableReader(path, data, "", ConfigError)
 
 
 def _certificates(reader: TableReader, name: str) -> list[x509.Certificate]:
@@ -234,13 +227,7 @@ def _application(reader: TableReader) -> Application:
 def load_config(path: str | Path) -> EnforcerConfig:
     """Read and check an enforcer TOML file; raise :class:`ConfigError` on the first problem."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(p, "", f"cannot read: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(p, "", f"not valid TOML: {exc}") from None
-    top = _reader(p, data)
+    top = read_toml(p, ConfigError)
     top.unknown(
         {
             "server",

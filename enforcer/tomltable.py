@@ -6,6 +6,7 @@ passes its own error class, built as ``error(path, field, problem)``.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,17 @@ def kind_name(kind: type | tuple[type, ...]) -> str:
     """Say what a type (or types) means in a message: ``an integer or a number``."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def read_toml(path: Path, error: ErrorFactory) -> TableReader:
+    """Read a TOML file; an unreadable or malformed file raises ``error`` naming it."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(path, "", f"cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(path, "", f"not valid TOML: {exc}") from None
+    return TableReader(path, data, "", error)
 
 
 class TableReader:

@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run ``testbed run SCENARIO``."""
-    from testbed.runner import run_scenario
+    from testbed.runner import RunError, run_scenario
     from testbed.scenario import ScenarioError, load_scenario
 
     try:
@@ -149,9 +149,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         return _fail(str(exc))
     console = Console(stderr=True)
-    outcome = run_scenario(
-        scenario, Path(args.reports), console=console, progress=not args.no_progress, render=_render
-    )
+    try:
+        outcome = run_scenario(
+            scenario,
+            Path(args.reports),
+            console=console,
+            progress=not args.no_progress,
+            render=_render,
+        )
+    except RunError as exc:
+        return _fail(str(exc))
     out = Console()
     if outcome.exit_code == 130:
         out.print(

@@ -53,6 +53,10 @@ from testbed.scenario import CohortSpec, Event, Phase, Scenario
 EXIT_OK, EXIT_THRESHOLDS, EXIT_INTERRUPTED = 0, 1, 130
 
 
+class RunError(Exception):
+    """A run cannot start on this machine; the message says what is missing."""
+
+
 class OffsetClock:
     """A clock that can be moved forward by events (``advance_clock``)."""
 
@@ -652,6 +656,13 @@ def run_scenario(
     render: Callable[[Path], Any] | None = None,
 ) -> RunOutcome:
     """Run a checked scenario; write its results and report; return the exit code to use."""
+    from testbed.nginx import NGINX
+
+    if scenario.target.kind == "nginx" and NGINX is None:
+        # Checked before anything is written: a missing program is not worth a run folder.
+        raise RunError(
+            f"{scenario.path}: target.kind: nginx is not installed (apt-get install nginx)"
+        )
     console = console or Console(stderr=True)
     run_dir = run_dir_for(scenario, reports.resolve())
     run_dir.mkdir(parents=True)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from pathlib import Path
 
 from devices.behaviour import Behaviour, BehaviourError, Periodic, parse_behaviour
 from devices.pki import KEY_TYPES
 from devices.provision import DEFECTS, expected_outcome
 from enforcer.durations import DurationError, parse_duration
-from enforcer.tomltable import TableReader
+from enforcer.tomltable import TableReader, read_toml
 from testbed.thresholds import Threshold, ThresholdError, parse_threshold
 
 CLOCKS = ("real", "virtual")
@@ -310,13 +309,7 @@ def _event(r: TableReader, cohorts: set[str], clock: str) -> Event:
 def load_scenario(path: str | Path) -> Scenario:
     """Read and check a scenario file; raise :class:`ScenarioError` on the first problem."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ScenarioError(p, "", f"cannot read: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ScenarioError(p, "", f"not valid TOML: {exc}") from None
-    top = TableReader(p, data, "", ScenarioError)
+    top = read_toml(p, ScenarioError)
     top.unknown(
         {
             "name",

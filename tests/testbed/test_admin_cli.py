@@ -83,6 +83,12 @@ async def admin(admin_port: int, *args: str, check: bool = True) -> trio.Complet
     return result
 
 
+async def admin_json(admin_port: int, *args: str) -> dict:
+    """An admin command with --json; its parsed result."""
+    result = await admin(admin_port, "--json", *args)
+    return dict(json.loads(result.stdout))
+
+
 async def curl(demo: DemoLayout, port: int, device: str | None) -> tuple[str, str]:
     layout = DemoLayout(demo.root, port)
     result = await run([*layout.curl(AUTH_HOST, device), "-o", "/dev/null", "-w", "%{http_code}"])
@@ -96,10 +102,9 @@ async def protect(demo: DemoLayout, admin_port: int, origin: str) -> dict:
     await admin(
         admin_port, "roots", "upload", "--name", "r", "--cert", upload, "--hostname", AUTH_HOST
     )
-    made = await admin(
-        admin_port, "--json", "apps", "create", "--hostname", AUTH_HOST, "--origin", origin
+    app = await admin_json(
+        admin_port, "apps", "create", "--hostname", AUTH_HOST, "--origin", origin
     )
-    app: dict = json.loads(made.stdout)
     await admin(
         admin_port, "policies", "create", app["id"], "--name", "any", "--include", "certificate"
     )
@@ -142,21 +147,16 @@ async def test_empty_config_to_the_seeds_curl_test_with_admin_commands(
             "--hostname",
             AUTH_HOST,
         )
-        app = json.loads(
-            (
-                await admin(
-                    admin_port,
-                    "--json",
-                    "apps",
-                    "create",
-                    "--hostname",
-                    AUTH_HOST,
-                    "--origin",
-                    f"http://127.0.0.1:{origin}",
-                    "--session-duration",
-                    "24h",
-                )
-            ).stdout
+        app = await admin_json(
+            admin_port,
+            "apps",
+            "create",
+            "--hostname",
+            AUTH_HOST,
+            "--origin",
+            f"http://127.0.0.1:{origin}",
+            "--session-duration",
+            "24h",
         )
         await admin(
             admin_port,
@@ -176,10 +176,7 @@ async def test_empty_config_to_the_seeds_curl_test_with_admin_commands(
 
         shown = await admin(admin_port, "show")
         assert b"fleet root" in shown.stdout and AUTH_HOST.encode() in shown.stdout
-        assert (
-            json.loads((await admin(admin_port, "--json", "mtls", "show")).stdout)["enabled"]
-            is True
-        )
+        assert (await admin_json(admin_port, "mtls", "show"))["enabled"] is True
         bad = await admin(
             admin_port,
             "apps",
@@ -237,35 +234,25 @@ async def test_issue_revoke_and_keys_through_the_cli(
         )
         assert made.returncode == 0
         await admin(admin_port, "certs", "hostnames", "--hostname", AUTH_HOST)
-        issued = json.loads(
-            (
-                await admin(
-                    admin_port,
-                    "--json",
-                    "certs",
-                    "issue",
-                    "--csr",
-                    str(csr),
-                    "--validity-days",
-                    "7",
-                    "--out",
-                    str(cert),
-                )
-            ).stdout
+        issued = await admin_json(
+            admin_port,
+            "certs",
+            "issue",
+            "--csr",
+            str(csr),
+            "--validity-days",
+            "7",
+            "--out",
+            str(cert),
         )
-        app = json.loads(
-            (
-                await admin(
-                    admin_port,
-                    "--json",
-                    "apps",
-                    "create",
-                    "--hostname",
-                    AUTH_HOST,
-                    "--origin",
-                    f"http://127.0.0.1:{origin}",
-                )
-            ).stdout
+        app = await admin_json(
+            admin_port,
+            "apps",
+            "create",
+            "--hostname",
+            AUTH_HOST,
+            "--origin",
+            f"http://127.0.0.1:{origin}",
         )
         await admin(
             admin_port,
@@ -297,9 +284,9 @@ async def test_issue_revoke_and_keys_through_the_cli(
         assert crl.returncode == 0
         await admin(admin_port, "certs", "reactivate", issued["id"])
         assert (await run(base)).stdout == b"200"
-        before = json.loads((await admin(admin_port, "--json", "keys", "show")).stdout)
+        before = await admin_json(admin_port, "keys", "show")
         await admin(admin_port, "keys", "rotate")
-        after = json.loads((await admin(admin_port, "--json", "keys", "show")).stdout)
+        after = await admin_json(admin_port, "keys", "show")
         assert len(after["keys"]) == 2 and after["current_kid"] != before["current_kid"]
     finally:
         assert await stop(proc) == 0
@@ -339,30 +326,25 @@ async def test_state_survives_restarts_and_kill_9(demo: DemoLayout, tmp_path: Pa
         if made.returncode == 0:
             apps.append(json.loads(made.stdout)["id"])
             await admin(admin_port, "apps", "delete", apps[-1])
-    final = json.loads(
-        (
-            await admin(
-                admin_port,
-                "--json",
-                "apps",
-                "create",
-                "--hostname",
-                AUTH_HOST,
-                "--origin",
-                "http://127.0.0.1:9",
-                "--session-duration",
-                "42m",
-            )
-        ).stdout
+    final = await admin_json(
+        admin_port,
+        "apps",
+        "create",
+        "--hostname",
+        AUTH_HOST,
+        "--origin",
+        "http://127.0.0.1:9",
+        "--session-duration",
+        "42m",
     )
-    keys = json.loads((await admin(admin_port, "--json", "keys", "rotate")).stdout)
+    keys = await admin_json(admin_port, "keys", "rotate")
     os.kill(proc.pid, signal.SIGKILL)  # no chance to flush anything it had not committed
     with trio.fail_after(10):
         await proc.wait()
 
     proc = await start(config, port)
     try:
-        shown = json.loads((await admin(admin_port, "--json", "show")).stdout)
+        shown = await admin_json(admin_port, "show")
         assert shown["mtls"]["enabled"] is True
         assert [r["name"] for r in shown["roots"]] == ["r1"]
         assert [(a["id"], a["session_duration"]) for a in shown["apps"]] == [(final["id"], "42m")]
@@ -371,7 +353,7 @@ async def test_state_survives_restarts_and_kill_9(demo: DemoLayout, tmp_path: Pa
         assert await stop(proc) == 0
     proc = await start(config, port)  # and once more after a clean stop
     try:
-        shown = json.loads((await admin(admin_port, "--json", "show")).stdout)
+        shown = await admin_json(admin_port, "show")
         assert [a["id"] for a in shown["apps"]] == [final["id"]]
     finally:
         assert await stop(proc) == 0

@@ -292,3 +292,17 @@ action = "start_origin"
     assert {"stop_origin", "start_origin"} <= set(events)
     assert {o for stopped, _, o in by_time if stopped} == {"http_502"}
     assert {o for _, after, o in by_time if after} == {"allowed"}
+
+
+def test_a_missing_nginx_is_a_clear_error_before_anything_is_written(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import testbed.nginx
+    from testbed.runner import RunError, run_scenario
+
+    # The one thing this machine cannot show by itself: a host without nginx.
+    monkeypatch.setattr(testbed.nginx, "NGINX", None)
+    scenario = load_scenario(ROOT / "scenarios" / "nginx.toml")
+    with pytest.raises(RunError, match=r"target\.kind: nginx is not installed"):
+        run_scenario(scenario, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
