@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where run folders go (env TESTBED_REPORTS)",
     )
     run.add_argument("--no-progress", action="store_true", help="no live display")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="virtual clock: split the fleet between N processes, each with its own embedded"
+        " enforcer (the same seed gives the same outcomes for active phases whatever N)",
+    )
 
     demo = enf.add_parser(
         "demo", help="write a demo PKI and configuration into a folder and serve it"
@@ -144,6 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from testbed.runner import RunError, run_scenario
     from testbed.scenario import ScenarioError, load_scenario
 
+    if args.workers < 1:
+        return _fail(f"--workers: expected 1 or more, got {args.workers}")
     try:
         scenario = load_scenario(args.scenario)
     except ScenarioError as exc:
@@ -156,6 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             console=console,
             progress=not args.no_progress,
             render=_render,
+            workers=args.workers,
         )
     except RunError as exc:
         return _fail(str(exc))

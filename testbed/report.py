@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from testbed import plots
-from testbed.results import Results
+from testbed.results import Results, merge_shards
 from testbed.summary import LATENCIES, summarize
 
 RESULTS_FILE = "results.sqlite"
@@ -51,6 +51,8 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {RESULTS_FILE} here (is it a run directory?)")
+    # A run split between processes whose parent died before merging: merge what was written.
+    merge_shards(run_dir)
     results = Results(path)
     try:
         return summarize(results)

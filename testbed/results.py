@@ -132,6 +132,55 @@ class ResultsWriter:
         self._db.close()
 
 
+def shard_results(run_dir: Path, shard: int) -> Path:
+    """Where shard ``shard`` of a run split between processes writes its attempts."""
+    return run_dir / "shards" / f"{shard}-results.sqlite"
+
+
+def merge_shards(run_dir: Path) -> int:
+    """Fold the shards' databases into the run's ``results.sqlite``; return how many were new.
+
+    Each shard is folded in one transaction that also records its name, so a merge cut short
+    (a crash, a kill) is redone from where it stopped and never counts a shard twice. The
+    shards' own files stay: they are what the parent process was told was written.
+    """
+    files = sorted(
+        (run_dir / "shards").glob("*-results.sqlite"), key=lambda f: int(f.name.split("-")[0])
+    )
+    if not files:
+        return 0
+    db = sqlite3.connect(str(run_dir / "results.sqlite"), isolation_level=None)
+    try:
+        db.executescript(SCHEMA + "CREATE TABLE IF NOT EXISTS merged (name TEXT PRIMARY KEY);")
+        done = {name for (name,) in db.execute("SELECT name FROM merged")}
+        fields = ", ".join(_FIELDS)
+        merged = 0
+        for i, f in enumerate(files):
+            if f.name in done:
+                continue
+            db.execute("ATTACH DATABASE ? AS shard", (str(f),))
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    f"INSERT INTO attempts ({fields}) SELECT {fields} FROM shard.attempts"
+                    " ORDER BY id"
+                )
+                db.execute("INSERT INTO dropped SELECT * FROM shard.dropped")
+                if i == 0:  # every shard lives through the same timeline: keep one copy
+                    db.execute("INSERT INTO events SELECT * FROM shard.events")
+                db.execute("INSERT INTO merged (name) VALUES (?)", (f.name,))
+                db.execute("COMMIT")
+                merged += 1
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            finally:
+                db.execute("DETACH DATABASE shard")
+        return merged
+    finally:
+        db.close()
+
+
 class Results:
     """Read access to a results database."""
 

@@ -39,6 +39,7 @@ from devices.client import Target as DeviceTarget
 from devices.keystore import KeyStore, SoftwareKeyStore
 from devices.pki import issue_ca, issue_leaf, write_pem
 from devices.provision import Cohort, Fleet, provision
+from devices.provision import Device as FleetDevice
 from enforcer import control
 from enforcer.accesslog import AccessLog
 from enforcer.clock import Clock, TrioClock, WallClock
@@ -47,7 +48,7 @@ from enforcer.durations import parse_duration
 from enforcer.origin import _echo, serve_echo_origin_on
 from enforcer.server import Enforcer, open_listener, serve
 from enforcer.store import Change
-from testbed.results import AttemptRow, ResultsWriter
+from testbed.results import AttemptRow, ResultsWriter, shard_results
 from testbed.scenario import CohortSpec, Event, Phase, Scenario
 
 EXIT_OK, EXIT_THRESHOLDS, EXIT_INTERRUPTED = 0, 1, 130
@@ -125,14 +126,14 @@ revoked = {revoked}
 [server]
 host = "127.0.0.1"
 port = 0
-access_log = "{run}/access.log"
+access_log = "{run}/{prefix}access.log"
 request_timeout = "{idle}"
 
 [state]
-path = "{run}/state.sqlite"
+path = "{run}/{prefix}state.sqlite"
 
 [signing]
-key_file = "{run}/signing-key.pem"
+key_file = "{run}/{prefix}signing-key.pem"
 
 [[edge_certificates]]
 hostnames = ["{host}"]
@@ -164,10 +165,10 @@ def _rule(policy: str) -> str:
     return "{ certificate = {} }"
 
 
-def write_enforcer_config(
-    scenario: Scenario, run_dir: Path, fleet: Fleet, origin: str, now: dt.datetime
-) -> Path:
-    """Write the embedded enforcer's configuration (and its edge PKI) for a run."""
+def write_edge(scenario: Scenario, run_dir: Path, now: dt.datetime) -> None:
+    """Write the edge's server PKI for a run, once (shards share it)."""
+    if (run_dir / "edge" / "key.pem").exists():
+        return
     host = scenario.target.hostname
     edge_ca = issue_ca("testbed run edge CA", now)
     edge = issue_leaf(
@@ -181,6 +182,20 @@ def write_enforcer_config(
     write_pem(run_dir / "edge" / "ca.pem", edge_ca.cert_pem())
     write_pem(run_dir / "edge" / "cert.pem", edge.cert_pem(), edge_ca.cert_pem())
     write_pem(run_dir / "edge" / "key.pem", edge.key_pem(), private=True)
+
+
+def write_enforcer_config(
+    scenario: Scenario,
+    run_dir: Path,
+    fleet: Fleet,
+    origin: str,
+    now: dt.datetime,
+    *,
+    shard: int | None = None,
+) -> Path:
+    """Write the embedded enforcer's configuration (and its edge PKI) for a run or a shard."""
+    write_edge(scenario, run_dir, now)
+    host = scenario.target.hostname
     known = fleet.root / "ca" / "known-intermediates.pem"
     known_block = ""
     if known.exists():
@@ -193,11 +208,15 @@ def write_enforcer_config(
             'associated_hostnames = ["known-intermediates.invalid"]\n'
         )
     revoked = [d.sha256 for d in fleet.devices() if d.defect == "revoked"]
-    path = run_dir / "enforcer.toml"
+    # Each shard of a virtual run has its own enforcer, hence its own state and access log.
+    prefix = "" if shard is None else f"shards/{shard}-"
+    path = run_dir / f"{prefix}enforcer.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         _ENFORCER_TOML.format(
             name=scenario.name,
             run=run_dir,
+            prefix=prefix,
             host=host,
             fleet=fleet.root,
             known=known_block,
@@ -256,13 +275,33 @@ def arrival_times(phase: Phase, start: float) -> list[float]:
 class Run:
     """One scenario run: its devices, its target and its records."""
 
-    def __init__(self, scenario: Scenario, run_dir: Path, console: Console) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        run_dir: Path,
+        console: Console,
+        *,
+        shard: int = 0,
+        shards: int = 1,
+        target: DeviceTarget | None = None,
+        start_at: float | None = None,
+        writer: ResultsWriter | None = None,
+    ) -> None:
         self.scenario = scenario
         self.run_dir = run_dir
         self.console = console
-        self.rng = random.Random(scenario.seed)
-        self.writer = ResultsWriter(run_dir / "results.sqlite")
-        self.devices: list[Device] = []
+        self.shard, self.shards = shard, shards
+        self.target = target  # a target the parent process started (shards of `testbed load`)
+        self.start_at = start_at  # the wall-clock moment all shards start together
+        # Separate random streams, so that what one shard draws does not change another's:
+        # revocations and active devices are the same whatever the number of shards.
+        self.rng = random.Random(f"{scenario.seed}:pick:{shard}")
+        self.events_rng = random.Random(f"{scenario.seed}:events")
+        self.writer = writer or ResultsWriter(
+            run_dir / "results.sqlite" if shards == 1 else shard_results(run_dir, shard)
+        )
+        self.devices: list[Device] = []  # this shard's devices
+        self.fleet: list[FleetDevice] = []  # every device of the fleet, in every shard
         self.counts: Counter[str] = Counter()
         self.dropped = 0
         self.start = 0.0
@@ -360,9 +399,12 @@ class Run:
         # The embedded enforcer.
         virtual = s.clock == "virtual"
         origin = "http://origin.invalid" if virtual else await self._start_origin(nursery)
-        config = load_config(write_enforcer_config(s, self.run_dir, fleet, origin, now))
+        shard = self.shard if self.shards > 1 else None
+        config = load_config(
+            write_enforcer_config(s, self.run_dir, fleet, origin, now, shard=shard)
+        )
         self.clock = OffsetClock(TrioClock(now) if virtual else WallClock())
-        self.enforcer = Enforcer(config, self.clock, AccessLog(str(self.run_dir / "access.log")))
+        self.enforcer = Enforcer(config, self.clock, AccessLog(config.server.access_log))
         ca = self.run_dir / "edge" / "ca.pem"
         if virtual:
             self.enforcer.origins.connect = lambda host, port: self._memory_connect_origin(nursery)
@@ -423,15 +465,17 @@ class Run:
             self.clock.offset += delta
             return f"enforcer clock advanced {event.value}"
         if action == "revoke":
-            members = [d for d in self.devices if d.cohort.name == event.cohort]
-            chosen = self.rng.sample(members, max(1, round(len(members) * event.share)))
+            members = [d for d in self.fleet if d.cohort == event.cohort]
+            chosen = self.events_rng.sample(members, max(1, round(len(members) * event.share)))
             changes = tuple(
                 Change("revocation", d.sha256, {"fingerprint": d.sha256}) for d in chosen
             )
             await controller.write(lambda objects, now: control.Outcome(None, changes))
-            for d in chosen:
-                if d.cohort.expected == "allowed":  # a revoked device is refused from now on
-                    d.expect("denied:revoked")
+            revoked = {d.id for d in chosen}
+            for mine in self.devices:
+                # A revoked device is refused from now on.
+                if mine.id in revoked and mine.cohort.expected == "allowed":
+                    mine.expect("denied:revoked")
             return f"revoked {len(chosen)} of {len(members)} devices of cohort {event.cohort}"
         roots = control.list_roots(controller.objects, account).result
         fleet_root = next(r for r in roots if r["name"] == "fleet root")
@@ -526,7 +570,9 @@ class Run:
 
     async def open_loop(self, phase: Phase, start: float) -> None:
         async with trio.open_nursery() as nursery:
-            for scheduled in arrival_times(phase, start):
+            for k, scheduled in enumerate(arrival_times(phase, start)):
+                if k % self.shards != self.shard:
+                    continue  # another shard's arrival
                 await trio.sleep_until(scheduled)
                 device = self._free_device()
                 if device is None:
@@ -537,6 +583,8 @@ class Run:
 
     def _free_device(self) -> Device | None:
         n = len(self.devices)
+        if n == 0:
+            return None
         first = self.rng.randrange(n)
         for k in range(n):
             device = self.devices[(first + k) % n]
@@ -545,11 +593,15 @@ class Run:
         return None
 
     async def active(self, phase: Phase, start: float) -> None:
-        chosen = self.rng.sample(self.devices, min(phase.devices, len(self.devices)))
+        # Drawn from the whole fleet, so the same devices run whatever the number of shards.
+        rng = random.Random(f"{self.scenario.seed}:active:{phase.name}")
+        chosen = rng.sample(self.fleet, min(phase.devices, len(self.fleet)))
+        seeds = {d.id: rng.randrange(2**32) for d in chosen}
+        mine = [d for d in self.devices if d.id in seeds]
         until = start + phase.duration
         async with trio.open_nursery() as nursery:
-            for device in chosen:
-                seed = self.rng.randrange(2**32)
+            for device in mine:
+                seed = seeds[device.id]
 
                 async def drive(d: Device = device, s: int = seed) -> None:
                     def on_attempt(a: Attempt, scheduled: float) -> None:
@@ -570,9 +622,12 @@ class Run:
     async def main(self, fleet: Fleet, now: dt.datetime, progress: bool) -> None:
         s = self.scenario
         async with trio.open_nursery() as nursery:
-            target = await self.start_target(nursery, fleet, now)
+            target = self.target or await self.start_target(nursery, fleet, now)
             by_name = {c.name: c for c in s.cohorts}
-            for d in fleet.devices():
+            self.fleet = fleet.devices()
+            for i, d in enumerate(self.fleet):
+                if i % self.shards != self.shard:
+                    continue  # another shard's device
                 cohort = by_name[d.cohort]
                 options = ClientOptions(
                     keep_alive=cohort.keep_alive,
@@ -588,8 +643,12 @@ class Run:
                         d.id, cohort, d.sha256, d.common_name, DeviceClient(target, store, options)
                     )
                 )
+            if self.start_at is not None:
+                # Shards on the real clock start together, so their schedules add up to one.
+                await trio.sleep(max(0.0, self.start_at - time.time()))
             self.start = trio.current_time()
-            self.writer.set_meta(started_at=dt.datetime.now(dt.UTC).isoformat())
+            if self.shards == 1:
+                self.writer.set_meta(started_at=dt.datetime.now(dt.UTC).isoformat())
 
             async def events() -> None:
                 for event in sorted(s.events, key=lambda e: e.at):
@@ -633,18 +692,21 @@ class Run:
 
     def _table(self) -> Table:
         elapsed = trio.current_time() - self.start if self.start else 0.0
-        total = sum(self.counts.values())
-        table = Table(
-            title=f"{self.scenario.name}: {elapsed:,.1f} s of {self.scenario.duration:,.0f} s",
-            title_justify="left",
-        )
-        table.add_column("outcome")
-        table.add_column("attempts", justify="right")
-        for outcome, n in self.counts.most_common():
-            table.add_row(outcome, str(n))
-        table.add_row("[dim]dropped[/]", str(self.dropped))
-        table.add_row("[bold]total[/]", f"{total} ({total / elapsed if elapsed else 0:,.1f}/s)")
-        return table
+        title = f"{self.scenario.name}: {elapsed:,.1f} s of {self.scenario.duration:,.0f} s"
+        return progress_table(title, self.counts, self.dropped, elapsed)
+
+
+def progress_table(title: str, counts: Counter[str], dropped: int, elapsed: float) -> Table:
+    """The live display: outcomes so far, dropped attempts and the rate."""
+    total = sum(counts.values())
+    table = Table(title=title, title_justify="left")
+    table.add_column("outcome")
+    table.add_column("attempts", justify="right")
+    for outcome, n in counts.most_common():
+        table.add_row(outcome, str(n))
+    table.add_row("[dim]dropped[/]", str(dropped))
+    table.add_row("[bold]total[/]", f"{total} ({total / elapsed if elapsed else 0:,.1f}/s)")
+    return table
 
 
 def run_scenario(
@@ -654,6 +716,7 @@ def run_scenario(
     console: Console | None = None,
     progress: bool = True,
     render: Callable[[Path], Any] | None = None,
+    workers: int = 1,
 ) -> RunOutcome:
     """Run a checked scenario; write its results and report; return the exit code to use."""
     from testbed.nginx import NGINX
@@ -663,24 +726,69 @@ def run_scenario(
         raise RunError(
             f"{scenario.path}: target.kind: nginx is not installed (apt-get install nginx)"
         )
+    if workers > 1 and scenario.clock != "virtual":
+        # On the real clock, shards of one run would each start their own target: a different
+        # system under test. `testbed load` shares one target between processes.
+        raise RunError(
+            f"--workers {workers}: a run is split between processes on the virtual clock only"
+            f" ({scenario.path} has clock = {scenario.clock!r}); use `testbed load` for"
+            " multi-process load on the real clock"
+        )
     console = console or Console(stderr=True)
     run_dir = run_dir_for(scenario, reports.resolve())
     run_dir.mkdir(parents=True)
     now = dt.datetime.now(dt.UTC)
     began = time.perf_counter()
     fleet = _provision(scenario, run_dir, now)
-    run = Run(scenario, run_dir, console)
-    run.writer.set_meta(
-        scenario=scenario.name,
-        scenario_path=str(scenario.path),
-        seed=scenario.seed,
-        clock=scenario.clock,
-        target=scenario.target.kind,
-        cohorts={
+    writer = ResultsWriter(run_dir / "results.sqlite")
+    writer.set_meta(**run_meta(scenario), workers=workers)
+    if workers > 1:
+        from testbed.shards import jobs_for, run_shards
+
+        write_edge(scenario, run_dir, now)
+        writer.set_meta(started_at=dt.datetime.now(dt.UTC).isoformat())
+        ended = run_shards(
+            jobs_for(scenario, run_dir, fleet, now, workers),
+            console=console,
+            progress=progress,
+            title=lambda t: (
+                f"{scenario.name}: {t:,.1f} s of {scenario.duration:,.0f} s ({workers} shards)"
+            ),
+        )
+        if ended.failed:
+            # Not a verdict on the target: the run is incomplete, like an interrupted one.
+            writer.set_meta(failed_shards=[k for k, _ in ended.failed])
+            finish_run(scenario, run_dir, writer, began, True, render)
+            raise RunError(
+                "shard "
+                + ", ".join(f"{k} (exit code {code})" for k, code in ended.failed)
+                + f" failed, see the messages above; what the shards wrote is in {run_dir}"
+            )
+        interrupted = ended.interrupted
+    else:
+        run = Run(scenario, run_dir, console, writer=writer)
+        if scenario.clock == "virtual":
+            clock = trio.testing.MockClock(autojump_threshold=0)
+            trio.run(run.main, fleet, now, progress, clock=clock)
+        else:
+            trio.run(run.main, fleet, now, progress)
+        interrupted = run.interrupted
+    return finish_run(scenario, run_dir, writer, began, interrupted, render)
+
+
+def run_meta(scenario: Scenario) -> dict[str, Any]:
+    """The facts about a scenario that a run records before it starts."""
+    return {
+        "scenario": scenario.name,
+        "scenario_path": str(scenario.path),
+        "seed": scenario.seed,
+        "clock": scenario.clock,
+        "target": scenario.target.kind,
+        "cohorts": {
             c.name: {"size": c.size, "expected": c.expected, "defect": c.defect}
             for c in scenario.cohorts
         },
-        phases=[
+        "phases": [
             {
                 "name": p.name,
                 "start": sum(q.duration for q in scenario.phases[:i]),
@@ -688,20 +796,26 @@ def run_scenario(
             }
             for i, p in enumerate(scenario.phases)
         ],
-        thresholds_declared=[t.text for t in scenario.thresholds],
-    )
-    if scenario.clock == "virtual":
-        trio.run(run.main, fleet, now, progress, clock=trio.testing.MockClock(autojump_threshold=0))
-    else:
-        trio.run(run.main, fleet, now, progress)
-    interrupted = run.interrupted
+        "thresholds_declared": [t.text for t in scenario.thresholds],
+    }
+
+
+def finish_run(
+    scenario: Scenario,
+    run_dir: Path,
+    writer: ResultsWriter,
+    began: float,
+    interrupted: bool,
+    render: Callable[[Path], Any] | None,
+) -> RunOutcome:
+    """Record how a run ended, judge its thresholds and render its report."""
     if not interrupted:
-        run.writer.set_meta(
+        writer.set_meta(
             finished_at=dt.datetime.now(dt.UTC).isoformat(),
             wall_seconds=time.perf_counter() - began,
         )
-    verdicts = _judge(scenario, run_dir, run.writer) if not interrupted else []
-    run.writer.close()
+    verdicts = _judge(scenario, run_dir, writer) if not interrupted else []
+    writer.close()
     if render is not None:
         render(run_dir)
     if interrupted:

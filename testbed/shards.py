@@ -1,0 +1,225 @@
+"""A run split between processes: each shard drives its share of the fleet, one trio loop each.
+
+Theory of operation. Device ``i`` of the fleet and arrival ``k`` of an open-loop phase belong
+to shard ``i % N`` and ``k % N``, so the shards' schedules add up to the scenario's. Each shard
+writes its own results database (``RUN_DIR/shards/<k>-results.sqlite``) as it goes; when the
+shards have finished, or stopped, the parent folds them into ``results.sqlite`` (see
+:func:`testbed.results.merge_shards`), and ``testbed report`` does the same for a run whose
+parent died first. Nothing a shard wrote is lost to a crash of another process.
+
+Who owns the target: on the virtual clock every shard runs its own embedded enforcer and
+applies the scenario's events to it (the timeline is the same in every shard). On the real
+clock the parent starts the target once (``testbed load``) and the shards only connect to it.
+
+Stopping: Ctrl-C reaches the parent, which asks every shard to stop with SIGTERM; each shard
+ends like a single-process run on Ctrl-C. A shard whose parent dies (even by SIGKILL) is sent
+SIGTERM by the kernel (``PR_SET_PDEATHSIG``), so no shard outlives its run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import datetime as dt
+import multiprocessing
+import signal
+import sqlite3
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+import trio
+import trio.testing
+from rich.console import Console
+from rich.live import Live
+
+from devices.client import Target as DeviceTarget
+from devices.provision import Fleet
+from testbed.results import merge_shards, shard_results
+from testbed.runner import Run, progress_table
+from testbed.scenario import Scenario
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """What one shard process needs (pickled to it)."""
+
+    scenario: Scenario
+    run_dir: Path
+    fleet: Fleet
+    now: dt.datetime
+    shard: int
+    shards: int
+    target: DeviceTarget | None = None  # started by the parent; None: the shard embeds one
+    start_at: float | None = None  # wall-clock time at which the shards start together
+
+
+@dataclasses.dataclass
+class ShardsOutcome:
+    """How the shards ended."""
+
+    interrupted: bool
+    failed: list[tuple[int, int | None]]  # (shard, exit code) of shards that crashed
+
+
+def _die_with_parent() -> None:
+    # Linux only: elsewhere an orphaned shard runs to the end of its schedule and stops.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def shard_main(job: ShardJob) -> None:
+    """Run one shard to its end (the body of a shard process)."""
+    _die_with_parent()
+    # Until the run's own signal handling is in place, a Ctrl-C (which reaches the whole
+    # process group) must not kill the shard with a traceback: the parent forwards SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run = Run(
+        job.scenario,
+        job.run_dir,
+        Console(stderr=True),
+        shard=job.shard,
+        shards=job.shards,
+        target=job.target,
+        start_at=job.start_at,
+    )
+    try:
+        if job.scenario.clock == "virtual":
+            clock = trio.testing.MockClock(autojump_threshold=0)
+            trio.run(run.main, job.fleet, job.now, False, clock=clock)
+        else:
+            trio.run(run.main, job.fleet, job.now, False)
+        run.writer.set_meta(interrupted=run.interrupted)
+    finally:
+        run.writer.close()
+
+
+class _Progress:
+    """The shards' counts so far, read from their databases as they grow."""
+
+    def __init__(self, run_dir: Path, shards: int) -> None:
+        self.paths = [shard_results(run_dir, k) for k in range(shards)]
+        self.last = [0] * shards
+        self.counts: Counter[str] = Counter()
+        self.dropped = 0
+        self.elapsed = 0.0
+
+    def poll(self) -> None:
+        """Add what the shards wrote since the last poll."""
+        dropped = 0
+        for k, path in enumerate(self.paths):
+            if not path.exists():
+                continue
+            try:
+                db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
+                try:
+                    for outcome, n, last, started in db.execute(
+                        "SELECT outcome, count(*), max(id), max(started) FROM attempts"
+                        " WHERE id > ? GROUP BY outcome",
+                        (self.last[k],),
+                    ):
+                        self.counts[outcome] += n
+                        self.last[k] = max(self.last[k], last)
+                        self.elapsed = max(self.elapsed, started)
+                    dropped += db.execute("SELECT count(*) FROM dropped").fetchone()[0]
+                finally:
+                    db.close()
+            except sqlite3.Error:
+                continue  # a shard still creating its file: read it next time
+        self.dropped = max(self.dropped, dropped)
+
+
+@contextlib.contextmanager
+def _forward_stop(procs: list[multiprocessing.process.BaseProcess]) -> Iterator[list[bool]]:
+    stopped = [False]
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        stopped[0] = True
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()  # SIGTERM: the shard stops cleanly
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stopped
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_shards(
+    jobs: list[ShardJob],
+    *,
+    console: Console,
+    progress: bool,
+    title: Callable[[float], str],
+) -> ShardsOutcome:
+    """Run the shards as processes, show their progress, and merge their results."""
+    ctx = multiprocessing.get_context("spawn")  # no trio loop or SQLite handle is inherited
+    procs = [ctx.Process(target=shard_main, args=(job,), name=f"shard-{job.shard}") for job in jobs]
+    run_dir = jobs[0].run_dir
+    watch = _Progress(run_dir, len(jobs))
+    with _forward_stop(procs) as stopped:
+        for p in procs:
+            p.start()
+        live = (
+            Live(console=console, refresh_per_second=2, transient=True)
+            if progress
+            else contextlib.nullcontext()
+        )
+        with live as display:
+            while any(p.is_alive() for p in procs):
+                for p in procs:
+                    p.join(timeout=0.5 / len(procs))
+                if display is not None:
+                    watch.poll()
+                    display.update(
+                        progress_table(
+                            title(watch.elapsed), watch.counts, watch.dropped, watch.elapsed
+                        )
+                    )
+    failed = [(job.shard, p.exitcode) for job, p in zip(jobs, procs, strict=True) if p.exitcode]
+    interrupted = stopped[0] or any(_interrupted(shard_results(run_dir, j.shard)) for j in jobs)
+    merge_shards(run_dir)
+    for shard, code in failed:
+        print(f"testbed: shard {shard} ended with exit code {code}", file=sys.stderr)
+    return ShardsOutcome(interrupted, failed)
+
+
+def _interrupted(path: Path) -> bool:
+    if not path.exists():
+        return False
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM run WHERE key = 'interrupted'").fetchone()
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+    # A shard with no verdict did not reach its end: it was stopped or it crashed.
+    return row is None or row[0] == "true"
+
+
+def jobs_for(
+    scenario: Scenario,
+    run_dir: Path,
+    fleet: Fleet,
+    now: dt.datetime,
+    shards: int,
+    *,
+    target: DeviceTarget | None = None,
+    start_delay: float = 0.0,
+) -> list[ShardJob]:
+    """One job per shard of a run."""
+    start_at = time.time() + start_delay if scenario.clock == "real" else None
+    return [
+        ShardJob(scenario, run_dir, fleet, now, k, shards, target, start_at) for k in range(shards)
+    ]

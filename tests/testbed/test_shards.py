@@ -1,0 +1,165 @@
+"""Runs split between processes: shards' results merged into one database, same outcomes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import trio
+
+from testbed.results import AttemptRow, Results, ResultsWriter, merge_shards, shard_results
+from tests.testbed.test_run import ROOT, TESTBED, run_cli, small
+
+
+def _row(device: str, outcome: str, t: float) -> AttemptRow:
+    return AttemptRow(
+        device=device,
+        cohort="healthy",
+        phase="steady",
+        expected="allowed",
+        scheduled=t,
+        started=t,
+        connect_ms=1.0,
+        key_store_ms=0.0,
+        handshake_ms=2.0,
+        first_byte_ms=3.0,
+        service_ms=4.0,
+        total_ms=4.0,
+        outcome=outcome,
+        status=200 if outcome == "allowed" else 403,
+        reason=None if outcome == "allowed" else "revoked",
+        new_connection=True,
+        resumed=False,
+    )
+
+
+def test_merged_shards_equal_the_sum_of_their_parts(tmp_path: Path) -> None:
+    parts = {0: (5, 2), 1: (7, 0), 2: (0, 3)}  # shard: (attempts, dropped)
+    for shard, (attempts, dropped) in parts.items():
+        writer = ResultsWriter(shard_results(tmp_path, shard))
+        writer.event(0.0, "phase", "steady")
+        for i in range(attempts):
+            writer.attempt(_row(f"s{shard}-d{i}", "allowed" if i % 3 else "denied:revoked", i))
+        for i in range(dropped):
+            writer.dropped(float(i), "-", "steady")
+        writer.close()
+
+    assert merge_shards(tmp_path) == 3
+    assert merge_shards(tmp_path) == 0  # merged once: a second merge adds nothing
+
+    results = Results(tmp_path / "results.sqlite")
+    try:
+        rows = list(results.attempts())
+        assert len(rows) == sum(a for a, _ in parts.values())
+        assert sorted(r.device for r in rows) == sorted(
+            f"s{s}-d{i}" for s, (a, _) in parts.items() for i in range(a)
+        )
+        assert len(results.dropped()) == sum(d for _, d in parts.values())
+        assert results.events() == [(0.0, "phase", "steady")]  # the shared timeline, once
+    finally:
+        results.close()
+
+
+def _per_device(run_dir: Path) -> list[tuple[str, str, int]]:
+    con = sqlite3.connect(run_dir / "results.sqlite")
+    try:
+        return sorted(con.execute("SELECT device, outcome, count(*) FROM attempts GROUP BY 1, 2"))
+    finally:
+        con.close()
+
+
+def test_a_virtual_run_split_between_processes_has_the_same_outcomes(tmp_path: Path) -> None:
+    # Active devices and revocations are drawn from the whole fleet, so splitting it between
+    # processes changes nothing a device sees, event included.
+    path = small(
+        tmp_path,
+        name="split",
+        clock="virtual",
+        seed=5,
+        duration="6h",
+        arrival="active",
+        arrival_fields="devices = 9",
+        interval=600.0,
+    )
+    path.write_text(
+        path.read_text()
+        + '\n[[events]]\nat = "3h"\naction = "revoke"\ncohort = "healthy"\nshare = 0.5\n'
+    )
+    outcomes = {}
+    for workers in (1, 2):
+        reports = tmp_path / f"r{workers}"
+        result = run_cli(
+            "run", str(path), "--reports", str(reports), "--no-progress", "--workers", str(workers)
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        outcomes[workers] = _per_device(next(reports.glob("split-*")))
+    assert outcomes[1] == outcomes[2]
+    revoked = {d for d, outcome, _ in outcomes[2] if outcome == "denied:revoked"}
+    assert len(revoked) == 2 + 3  # the revoked cohort, and half of the six healthy devices
+    assert len({d for d, _, _ in outcomes[2]}) == 9
+
+
+def test_more_workers_than_one_on_the_real_clock_is_refused(tmp_path: Path) -> None:
+    result = run_cli(
+        "run", str(small(tmp_path)), "--reports", str(tmp_path / "r"), "--workers", "2"
+    )
+    assert result.returncode == 2
+    assert "virtual clock only" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def _count(db: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return int(con.execute("SELECT count(*) FROM attempts").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+async def test_a_split_run_whose_parent_is_killed_is_still_reported(tmp_path: Path) -> None:
+    path = small(
+        tmp_path,
+        name="orphans",
+        clock="virtual",
+        duration="2000h",  # far longer than the test waits
+        arrival="active",
+        arrival_fields="devices = 10",
+        interval=60.0,
+    )
+    reports = tmp_path / "r"
+    proc = await trio.lowlevel.open_process(
+        [*TESTBED, "run", str(path), "--reports", str(reports), "--no-progress", "--workers", "2"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(120):
+            while True:
+                shards = sorted(reports.glob("*/shards/*-results.sqlite"))
+                if len(shards) == 2 and all(_count(db) >= 20 for db in shards):
+                    break
+                await trio.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    # The shards die with their parent: what they wrote stops growing.
+    with trio.fail_after(30):
+        while True:
+            before = [_count(db) for db in shards]
+            await trio.sleep(1.0)
+            if [_count(db) for db in shards] == before:
+                break
+    run_dir = shards[0].parents[1]
+    result = run_cli("report", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert _count(run_dir / "results.sqlite") == sum(before)
+    assert "interrupted" in (run_dir / "report.html").read_text().lower()
