@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import math
 import random
 import signal
@@ -747,13 +748,16 @@ def run_scenario(
 
         write_edge(scenario, run_dir, now)
         writer.set_meta(started_at=dt.datetime.now(dt.UTC).isoformat())
-        ended = run_shards(
-            jobs_for(scenario, run_dir, fleet, now, workers),
-            console=console,
-            progress=progress,
-            title=lambda t: (
-                f"{scenario.name}: {t:,.1f} s of {scenario.duration:,.0f} s ({workers} shards)"
-            ),
+        ended = trio.run(
+            functools.partial(
+                run_shards,
+                jobs_for(scenario, run_dir, fleet, now, workers),
+                console=console,
+                progress=progress,
+                title=lambda t: (
+                    f"{scenario.name}: {t:,.1f} s of {scenario.duration:,.0f} s ({workers} shards)"
+                ),
+            )
         )
         if ended.failed:
             # Not a verdict on the target: the run is incomplete, like an interrupted one.

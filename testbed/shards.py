@@ -28,9 +28,8 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 
 import trio
 import trio.testing
@@ -101,7 +100,7 @@ def shard_main(job: ShardJob) -> None:
         run.writer.close()
 
 
-class _Progress:
+class ShardProgress:
     """The shards' counts so far, read from their databases as they grow."""
 
     def __init__(self, run_dir: Path, shards: int) -> None:
@@ -136,58 +135,63 @@ class _Progress:
         self.dropped = max(self.dropped, dropped)
 
 
-@contextlib.contextmanager
-def _forward_stop(procs: list[multiprocessing.process.BaseProcess]) -> Iterator[list[bool]]:
-    stopped = [False]
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        stopped[0] = True
-        for p in procs:
-            if p.pid is not None and p.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    p.terminate()  # SIGTERM: the shard stops cleanly
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stopped
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def run_shards(
+async def run_shards(
     jobs: list[ShardJob],
     *,
     console: Console,
     progress: bool,
     title: Callable[[float], str],
+    watch: Callable[[ShardProgress], bool] | None = None,
 ) -> ShardsOutcome:
-    """Run the shards as processes, show their progress, and merge their results."""
+    """Run the shards as processes, show their progress, and merge their results.
+
+    ``watch`` sees the progress every half second; when it returns True the shards are asked
+    to stop (``testbed load --step`` stops at the first step that does not hold).
+    """
     ctx = multiprocessing.get_context("spawn")  # no trio loop or SQLite handle is inherited
     procs = [ctx.Process(target=shard_main, args=(job,), name=f"shard-{job.shard}") for job in jobs]
     run_dir = jobs[0].run_dir
-    watch = _Progress(run_dir, len(jobs))
-    with _forward_stop(procs) as stopped:
+    seen = ShardProgress(run_dir, len(jobs))
+    stopped = False  # by a signal: the run is interrupted
+    ended = False  # by ``watch``: the run is over
+
+    def stop() -> None:
+        for p in procs:
+            if p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()  # SIGTERM: the shard stops like a run on Ctrl-C
+
+    live = (
+        Live(console=console, refresh_per_second=2, transient=True)
+        if progress
+        else contextlib.nullcontext()
+    )
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, live as display:
         for p in procs:
             p.start()
-        live = (
-            Live(console=console, refresh_per_second=2, transient=True)
-            if progress
-            else contextlib.nullcontext()
-        )
-        with live as display:
+        try:
             while any(p.is_alive() for p in procs):
-                for p in procs:
-                    p.join(timeout=0.5 / len(procs))
+                with trio.move_on_after(0.5):
+                    async for _ in signals:
+                        stopped = True
+                        stop()
+                        break
+                seen.poll()
+                if watch is not None and not (stopped or ended) and watch(seen):
+                    ended = True
+                    stop()
                 if display is not None:
-                    watch.poll()
                     display.update(
-                        progress_table(
-                            title(watch.elapsed), watch.counts, watch.dropped, watch.elapsed
-                        )
+                        progress_table(title(seen.elapsed), seen.counts, seen.dropped, seen.elapsed)
                     )
+        finally:
+            stop()
+            for p in procs:
+                await trio.to_thread.run_sync(p.join)
     failed = [(job.shard, p.exitcode) for job, p in zip(jobs, procs, strict=True) if p.exitcode]
-    interrupted = stopped[0] or any(_interrupted(shard_results(run_dir, j.shard)) for j in jobs)
+    interrupted = stopped or (
+        not ended and any(_interrupted(shard_results(run_dir, j.shard)) for j in jobs)
+    )
     merge_shards(run_dir)
     for shard, code in failed:
         print(f"testbed: shard {shard} ended with exit code {code}", file=sys.stderr)

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 
 from testbed.results import AttemptRow, Results, ResultsWriter, merge_shards, shard_results
@@ -122,10 +123,11 @@ def _count(db: Path) -> int:
         return 0
 
 
-async def test_a_split_run_whose_parent_is_killed_is_still_reported(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+async def test_a_split_run_stopped_midway_is_still_reported(tmp_path: Path, how: str) -> None:
     path = small(
         tmp_path,
-        name="orphans",
+        name=f"stopped-{how.lower()}",
         clock="virtual",
         duration="2000h",  # far longer than the test waits
         arrival="active",
@@ -146,12 +148,15 @@ async def test_a_split_run_whose_parent_is_killed_is_still_reported(tmp_path: Pa
                 if len(shards) == 2 and all(_count(db) >= 20 for db in shards):
                     break
                 await trio.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        os.kill(proc.pid, getattr(signal, how))
+        with trio.fail_after(60):
+            code = await proc.wait()
     finally:
         if proc.returncode is None:
             proc.kill()
-    # The shards die with their parent: what they wrote stops growing.
+    # Ctrl-C stops the shards; SIGKILL kills the parent and the kernel stops its shards. Either
+    # way, what they wrote stops growing.
+    assert code == (130 if how == "SIGINT" else -signal.SIGKILL)
     with trio.fail_after(30):
         while True:
             before = [_count(db) for db in shards]
