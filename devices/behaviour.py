@@ -87,8 +87,28 @@ class Burst:
             yield max(0.0, self.every - self.spacing * (self.size - 1))  # the next burst
 
 
-Behaviour = Periodic | Burst
-KINDS: dict[str, type[Periodic] | type[Burst]] = {"periodic": Periodic, "burst": Burst}
+@dataclasses.dataclass(frozen=True)
+class Closed:
+    """A closed loop: the next request as soon as the previous one ends (load tests)."""
+
+    path: str = "/"
+    method: str = "GET"
+    body_bytes: int = 0
+    # No backoff: a load test measures what the target does with the load it is given.
+    backoff: Backoff = dataclasses.field(default_factory=lambda: Backoff(initial=0.0))
+
+    def gaps(self, rng: random.Random) -> Any:
+        """Yield the waits before each request: none."""
+        while True:
+            yield 0.0
+
+
+Behaviour = Periodic | Burst | Closed
+KINDS: dict[str, type[Periodic] | type[Burst] | type[Closed]] = {
+    "periodic": Periodic,
+    "burst": Burst,
+    "closed": Closed,
+}
 
 
 def parse_behaviour(raw: Mapping[str, Any], where: str = "behaviour") -> Behaviour:
@@ -147,6 +167,10 @@ async def run_behaviour(
     sent = 0
     scheduled = trio.current_time()
     for gap in behaviour.gaps(rng):
+        if isinstance(behaviour, Closed):
+            # Scheduled when the previous request ends: a closed loop has no schedule to
+            # fall behind (and so, unlike an open loop, hides a target's stalls).
+            scheduled = max(scheduled, trio.current_time())
         scheduled += gap + behaviour.backoff.delay(failures, rng)
         if until is not None and scheduled > until:
             break

@@ -19,6 +19,7 @@ from enforcer.workers import run_workers, serve_config
 from testbed.admin_cli import add_admin_parser, run_admin
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
 from testbed.fleet_cli import add_fleet_parser, run_fleet
+from testbed.load_cli import add_load_parser, run_load_cli
 from testbed.report_cli import add_report_parser, run_report_cli
 
 EXIT_USAGE = 2
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_fleet_parser(sub)
+    add_load_parser(sub)
     add_report_parser(sub)
     return parser
 
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "load":
+        return run_load_cli(args, _render)
     if args.command == "enforcer" and args.action == "serve":
         return cmd_serve(args)
     if args.command == "enforcer" and args.action == "demo":

@@ -53,6 +53,7 @@ from testbed.results import AttemptRow, ResultsWriter, shard_results
 from testbed.scenario import CohortSpec, Event, Phase, Scenario
 
 EXIT_OK, EXIT_THRESHOLDS, EXIT_INTERRUPTED = 0, 1, 130
+START_TIMEOUT = 300.0  # seconds shards wait for each other to be ready
 
 
 class RunError(Exception):
@@ -285,7 +286,7 @@ class Run:
         shard: int = 0,
         shards: int = 1,
         target: DeviceTarget | None = None,
-        start_at: float | None = None,
+        ready: Any = None,
         writer: ResultsWriter | None = None,
     ) -> None:
         self.scenario = scenario
@@ -293,7 +294,9 @@ class Run:
         self.console = console
         self.shard, self.shards = shard, shards
         self.target = target  # a target the parent process started (shards of `testbed load`)
-        self.start_at = start_at  # the wall-clock moment all shards start together
+        # A multiprocessing barrier: shards on the real clock start together once all are
+        # ready, so their schedules add up to the scenario's.
+        self.ready = ready
         # Separate random streams, so that what one shard draws does not change another's:
         # revocations and active devices are the same whatever the number of shards.
         self.rng = random.Random(f"{scenario.seed}:pick:{shard}")
@@ -639,15 +642,21 @@ class Run:
                     clock_skew=cohort.clock_skew,
                 )
                 store = _key_store(fleet.root / "devices" / d.id, cohort)
+                if isinstance(store, SoftwareKeyStore):
+                    # Load the key and chain now, as a device does when it boots, so that no
+                    # attempt's latency includes reading the fleet's files.
+                    await store.handshake_context(target.make_context)
                 self.devices.append(
                     Device(
                         d.id, cohort, d.sha256, d.common_name, DeviceClient(target, store, options)
                     )
                 )
-            if self.start_at is not None:
-                # Shards on the real clock start together, so their schedules add up to one.
-                await trio.sleep(max(0.0, self.start_at - time.time()))
+            if self.ready is not None:
+                await trio.to_thread.run_sync(
+                    self.ready.wait, START_TIMEOUT, abandon_on_cancel=True
+                )
             self.start = trio.current_time()
+            self.writer.set_meta(start_epoch=time.time())
             if self.shards == 1:
                 self.writer.set_meta(started_at=dt.datetime.now(dt.UTC).isoformat())
 

@@ -26,10 +26,10 @@ import multiprocessing
 import signal
 import sqlite3
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
@@ -38,11 +38,12 @@ from rich.live import Live
 
 from devices.client import Target as DeviceTarget
 from devices.provision import Fleet
-from testbed.results import merge_shards, shard_results
+from testbed.results import ResultsWriter, merge_shards, shard_results
 from testbed.runner import Run, progress_table
 from testbed.scenario import Scenario
 
 _PR_SET_PDEATHSIG = 1
+_CTX = multiprocessing.get_context("spawn")  # no trio loop or SQLite handle is inherited
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class ShardJob:
     shard: int
     shards: int
     target: DeviceTarget | None = None  # started by the parent; None: the shard embeds one
-    start_at: float | None = None  # wall-clock time at which the shards start together
+    ready: Any = None  # real clock: a barrier the shards pass together to start
 
 
 @dataclasses.dataclass
@@ -87,7 +88,9 @@ def shard_main(job: ShardJob) -> None:
         shard=job.shard,
         shards=job.shards,
         target=job.target,
-        start_at=job.start_at,
+        ready=job.ready,
+        # Even a single shard writes its own file: the parent merges, and watches as it goes.
+        writer=ResultsWriter(shard_results(job.run_dir, job.shard)),
     )
     try:
         if job.scenario.clock == "virtual":
@@ -148,8 +151,9 @@ async def run_shards(
     ``watch`` sees the progress every half second; when it returns True the shards are asked
     to stop (``testbed load --step`` stops at the first step that does not hold).
     """
-    ctx = multiprocessing.get_context("spawn")  # no trio loop or SQLite handle is inherited
-    procs = [ctx.Process(target=shard_main, args=(job,), name=f"shard-{job.shard}") for job in jobs]
+    procs = [
+        _CTX.Process(target=shard_main, args=(job,), name=f"shard-{job.shard}") for job in jobs
+    ]
     run_dir = jobs[0].run_dir
     seen = ShardProgress(run_dir, len(jobs))
     stopped = False  # by a signal: the run is interrupted
@@ -177,6 +181,10 @@ async def run_shards(
                         stop()
                         break
                 seen.poll()
+                if any(p.exitcode for p in procs):
+                    for job in jobs:
+                        if job.ready is not None:
+                            job.ready.abort()  # the others stop waiting for a dead shard
                 if watch is not None and not (stopped or ended) and watch(seen):
                     ended = True
                     stop()
@@ -220,10 +228,24 @@ def jobs_for(
     shards: int,
     *,
     target: DeviceTarget | None = None,
-    start_delay: float = 0.0,
 ) -> list[ShardJob]:
     """One job per shard of a run."""
-    start_at = time.time() + start_delay if scenario.clock == "real" else None
+    ready = _CTX.Barrier(shards) if scenario.clock == "real" else None
     return [
-        ShardJob(scenario, run_dir, fleet, now, k, shards, target, start_at) for k in range(shards)
+        ShardJob(scenario, run_dir, fleet, now, k, shards, target, ready) for k in range(shards)
     ]
+
+
+def start_epoch(run_dir: Path) -> float | None:
+    """The wall-clock time at which shard 0 started its schedule, once it has."""
+    path = shard_results(run_dir, 0)
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
+    try:
+        row = db.execute("SELECT value FROM run WHERE key = 'start_epoch'").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    return float(row[0]) if row else None

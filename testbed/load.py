@@ -1,0 +1,505 @@
+"""``testbed load``: handshakes per second against any mTLS endpoint, one certificate per device.
+
+Theory of operation. A load run is a scenario made on the spot: the fleet's cohorts (from a
+provisioned fleet folder or a scenario file), one open-loop phase at a constant or ramping
+rate (or a closed loop of N devices, or a staircase of steps), on the real clock. The parent
+process starts the target once (the embedded enforcer as ``testbed enforcer serve`` in its
+own processes, or nginx, or nothing for a URL), then splits the fleet and the arrivals between
+``--workers`` shard processes (see :mod:`testbed.shards`) that start together on the wall
+clock. Their results are merged into one ``results.sqlite`` and rendered as the same report
+as ``testbed run``.
+
+Modes say what each attempt costs the target:
+
+- ``new-handshake``: a new connection and a full handshake with the client certificate for
+  every request, no resumption, no cookie;
+- ``resume``: a new connection per request, resuming the device's TLS session;
+- ``keepalive``: one connection per device, kept alive, the certificate checked per request;
+- ``cookie``: one kept-alive connection per device, with the ``CF_Authorization`` cookie.
+
+Step mode (``--step START:STEP[:MAX]``) runs constant-rate steps of ``--duration`` each and
+stops after the first step whose p99 latency (from the scheduled start) exceeds ``--p99`` or
+whose share of errors (attempts whose outcome is not the one expected, plus dropped
+attempts) exceeds ``--max-errors``; the highest step that held is the sustainable rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+from rich.console import Console
+
+from devices.behaviour import Closed
+from devices.client import Target as DeviceTarget
+from devices.provision import Cohort, Fleet, read_inventory
+from enforcer.origin import serve_echo_origin_on
+from testbed.results import ResultsWriter, shard_results
+from testbed.runner import (
+    RunOutcome,
+    _provision,
+    finish_run,
+    run_dir_for,
+    run_meta,
+    write_edge,
+    write_enforcer_config,
+)
+from testbed.scenario import CohortSpec, Phase, Scenario, ScenarioError, load_scenario
+from testbed.scenario import Target as ScenarioTarget
+from testbed.shards import ShardProgress, jobs_for, run_shards, start_epoch
+from testbed.thresholds import ThresholdError, parse_threshold
+
+MODES: dict[str, dict[str, bool]] = {
+    "new-handshake": {
+        "keep_alive": False,
+        "resume_sessions": False,
+        "reuse_cookie": False,
+        "always_new_handshake": True,
+    },
+    "resume": {
+        "keep_alive": False,
+        "resume_sessions": True,
+        "reuse_cookie": False,
+        "always_new_handshake": False,
+    },
+    "keepalive": {
+        "keep_alive": True,
+        "resume_sessions": False,
+        "reuse_cookie": False,
+        "always_new_handshake": False,
+    },
+    "cookie": {
+        "keep_alive": True,
+        "resume_sessions": False,
+        "reuse_cookie": True,
+        "always_new_handshake": False,
+    },
+}
+
+
+class LoadError(Exception):
+    """A load run that cannot start: the message names the option and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPlan:
+    """What ``testbed load`` was asked for (checked by :func:`check_plan`)."""
+
+    target: str  # "embedded", "nginx" or an https:// URL
+    duration: float
+    fleet: Path | None = None
+    scenario: Path | None = None
+    rate: float | None = None
+    ramp: tuple[float, float] | None = None
+    step: tuple[float, float, float | None] | None = None  # start, increment, maximum
+    closed: int | None = None  # closed loop: this many devices, back to back
+    workers: int = 1
+    mode: str = "new-handshake"
+    ca: Path | None = None
+    hostname: str | None = None
+    path: str = "/"
+    p99_ms: float = 100.0
+    max_errors: float = 0.01
+    enforcer_workers: int = 1
+    thresholds: tuple[str, ...] = ()
+    timeout: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """One step of a step run: its rate, and whether it held."""
+
+    phase: str
+    rate: float
+    attempts: int
+    errors: int
+    dropped: int
+    p99_ms: float | None
+    held: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy."""
+        return dataclasses.asdict(self)
+
+
+def parse_rate_pair(text: str, option: str) -> tuple[float, float]:
+    """Parse ``A:B`` (two rates per second) for ``option``."""
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise LoadError(f"{option}: expected A:B (attempts per second), got {text!r}") from None
+    if a < 0 or b < 0 or a == b == 0:
+        raise LoadError(f"{option}: rates must be positive, got {text!r}")
+    return a, b
+
+
+def parse_step(text: str) -> tuple[float, float, float | None]:
+    """Parse ``START:STEP[:MAX]`` for ``--step``."""
+    parts = text.split(":")
+    try:
+        numbers = [float(x) for x in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3) or any(n <= 0 for n in numbers):
+        raise LoadError(f"--step: expected START:STEP[:MAX] (positive rates), got {text!r}")
+    return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None
+
+
+def check_plan(plan: LoadPlan) -> None:
+    """Refuse a plan that cannot run, naming the option."""
+    if (plan.fleet is None) == (plan.scenario is None):
+        raise LoadError("--fleet or --scenario: give exactly one")
+    shapes = [plan.rate is not None, plan.ramp is not None, plan.step, plan.closed is not None]
+    if sum(bool(s) for s in shapes) != 1:
+        raise LoadError("--rate, --ramp, --step or --closed: give exactly one")
+    if plan.rate is not None and plan.rate <= 0:
+        raise LoadError(f"--rate: expected attempts per second above 0, got {plan.rate}")
+    if plan.closed is not None and plan.closed < 1:
+        raise LoadError(f"--closed: expected 1 or more devices, got {plan.closed}")
+    if plan.duration <= 0:
+        raise LoadError(f"--duration: expected a positive duration, got {plan.duration} s")
+    if plan.workers < 1 or plan.enforcer_workers < 1:
+        raise LoadError("--workers and --enforcer-workers: expected 1 or more")
+    if plan.mode not in MODES:
+        raise LoadError(f"--mode: expected one of {', '.join(MODES)}, got {plan.mode!r}")
+    if plan.target not in ("embedded", "nginx"):
+        url = urlsplit(plan.target)
+        if url.scheme != "https" or not url.hostname:
+            raise LoadError(
+                f"--target: expected embedded, nginx or an https:// URL, got {plan.target!r}"
+            )
+    for option, path in (("--ca", plan.ca), ("--fleet", plan.fleet), ("--scenario", plan.scenario)):
+        if path is not None and not path.exists():
+            raise LoadError(f"{option}: {path} does not exist")
+    if plan.fleet is not None and not (plan.fleet / "inventory.sqlite").exists():
+        raise LoadError(
+            f"--fleet: {plan.fleet} has no inventory.sqlite (make one with testbed fleet provision)"
+        )
+    if not 0 <= plan.max_errors <= 1:
+        raise LoadError(f"--max-errors: expected a share between 0 and 1, got {plan.max_errors}")
+
+
+def _phases(plan: LoadPlan) -> tuple[Phase, ...]:
+    if plan.rate is not None:
+        return (Phase("load", plan.duration, "constant", rate=plan.rate),)
+    if plan.ramp is not None:
+        a, b = plan.ramp
+        return (Phase("ramp", plan.duration, "ramping", start_rate=a, end_rate=b),)
+    if plan.closed is not None:
+        return (Phase("closed", plan.duration, "active", devices=plan.closed),)
+    assert plan.step is not None
+    start, increment, maximum = plan.step
+    top = maximum if maximum is not None else start + 49 * increment
+    phases, rate = [], start
+    while rate <= top + 1e-9:
+        phases.append(Phase(f"step-{len(phases) + 1}", plan.duration, "constant", rate=rate))
+        rate += increment
+    return tuple(phases)
+
+
+def _cohorts_of_fleet(fleet_dir: Path) -> tuple[Fleet, list[CohortSpec]]:
+    devices = read_inventory(fleet_dir)
+    if not devices:
+        raise LoadError(f"--fleet: {fleet_dir} has no devices")
+    sizes: dict[str, list[Any]] = {}
+    for d in devices:
+        sizes.setdefault(d.cohort, [0, d.defect, d.expected, d.key_type])[0] += 1
+    cohorts = tuple(Cohort(name, n, defect, key) for name, (n, defect, _, key) in sizes.items())
+    specs = [
+        CohortSpec(name, n, defect, expected) for name, (n, defect, expected, _) in sizes.items()
+    ]
+    return Fleet(fleet_dir.resolve(), cohorts, 0.0), specs
+
+
+def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario | None) -> Scenario:
+    """The scenario a load run amounts to (real clock, the plan's phases and mode)."""
+    # Open-loop phases take only the request from the behaviour; the closed loop runs it.
+    behaviour = Closed(path=plan.path, method="GET", body_bytes=0)
+    cohorts = tuple(
+        dataclasses.replace(c, behaviour=behaviour, clock_skew=0.0, **MODES[plan.mode])
+        for c in specs
+    )
+    if plan.target in ("embedded", "nginx"):
+        target = dataclasses.replace(
+            base.target if base else ScenarioTarget(),
+            kind=plan.target,
+            url=None,
+            ca=None,
+            workers=plan.enforcer_workers,
+        )
+        if plan.hostname:
+            target = dataclasses.replace(target, hostname=plan.hostname)
+    else:
+        url = urlsplit(plan.target)
+        target = ScenarioTarget(
+            kind="external",
+            hostname=plan.hostname or url.hostname or "",
+            url=plan.target,
+            ca=plan.ca,
+        )
+    names = [c.name for c in cohorts]
+    try:
+        thresholds = tuple(parse_threshold(t, names) for t in plan.thresholds)
+    except ThresholdError as exc:
+        raise LoadError(f"--threshold: {exc}") from None
+    return Scenario(
+        path=plan.scenario or plan.fleet or Path("."),
+        name=f"load-{plan.mode}",
+        seed=base.seed if base else 1,
+        clock="real",
+        target=target,
+        cohorts=cohorts,
+        phases=_phases(plan),
+        events=(),
+        thresholds=thresholds,
+        intermediates=base.intermediates if base else 1,
+        key_type=base.key_type if base else "ec-p256",
+        timeout=plan.timeout,
+    )
+
+
+def phase_results(dbs: Sequence[Path], phase: Phase) -> StepResult:
+    """Attempts, errors, dropped attempts and p99 latency of one phase, read from databases."""
+    latencies: list[float] = []
+    errors = dropped = 0
+    for path in dbs:
+        if not path.exists():
+            continue
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            for total, outcome, expected in db.execute(
+                "SELECT total_ms, outcome, expected FROM attempts WHERE phase = ?", (phase.name,)
+            ):
+                latencies.append(total)
+                errors += outcome != expected
+            dropped += db.execute(
+                "SELECT count(*) FROM dropped WHERE phase = ?", (phase.name,)
+            ).fetchone()[0]
+        except sqlite3.Error:
+            continue
+        finally:
+            db.close()
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None
+    return StepResult(phase.name, phase.rate, len(latencies), errors, dropped, p99, held=False)
+
+
+def judge_step(result: StepResult, p99_ms: float, max_errors: float) -> StepResult:
+    """Whether a step held: p99 within the bound and errors (and drops) within the share."""
+    scheduled = result.attempts + result.dropped
+    held = (
+        result.attempts > 0
+        and result.p99_ms is not None
+        and result.p99_ms <= p99_ms
+        and (result.errors + result.dropped) <= max_errors * scheduled
+    )
+    return dataclasses.replace(result, held=held)
+
+
+class _StepWatch:
+    """Ends a step run after the first step that does not hold."""
+
+    def __init__(self, scenario: Scenario, run_dir: Path, shards: int, plan: LoadPlan) -> None:
+        self.phases = scenario.phases
+        self.dbs = [shard_results(run_dir, k) for k in range(shards)]
+        self.plan = plan
+        self.run_dir = run_dir
+        self.start_at: float | None = None
+        self.judged: list[StepResult] = []
+
+    def __call__(self, progress: ShardProgress) -> bool:
+        k = len(self.judged)
+        if k >= len(self.phases):
+            return False
+        if self.start_at is None:
+            self.start_at = start_epoch(self.run_dir)
+            if self.start_at is None:
+                return False  # the shards have not started yet
+        phase = self.phases[k]
+        ends = self.start_at + sum(p.duration for p in self.phases[: k + 1])
+        if time.time() < ends:
+            return False
+        # Judged once every scheduled attempt is written (or dropped), or once the slowest
+        # could have timed out: the slow ones are not left out of the p99.
+        result = phase_results(self.dbs, phase)
+        scheduled = int(phase.rate * phase.duration)
+        if result.attempts + result.dropped < scheduled and time.time() < ends + self.plan.timeout:
+            return False
+        missing = max(0, scheduled - result.attempts - result.dropped)
+        result = dataclasses.replace(result, errors=result.errors + missing)
+        result = judge_step(result, self.plan.p99_ms, self.plan.max_errors)
+        self.judged.append(result)
+        return not result.held
+
+
+def sustained_rate(steps: Sequence[StepResult]) -> float | None:
+    """The highest rate of the steps that held before the first that did not."""
+    best = None
+    for s in steps:
+        if not s.held:
+            break
+        best = s.rate
+    return best
+
+
+async def _wait_for_port(port: int, proc: trio.Process, what: str) -> None:
+    with trio.fail_after(30):
+        while True:
+            if proc.returncode is not None:
+                raise LoadError(f"{what} exited with code {proc.returncode} before listening")
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+async def _supervise(
+    plan: LoadPlan,
+    scenario: Scenario,
+    run_dir: Path,
+    fleet: Fleet,
+    now: dt.datetime,
+    console: Console,
+    progress: bool,
+    watch: _StepWatch | None,
+) -> Any:
+    """Start the target, run the shards against it, stop the target."""
+    from testbed.nginx import free_port, start_nginx, stop_nginx
+
+    host = scenario.target.hostname
+    async with trio.open_nursery() as nursery:
+        proc: trio.Process | None = None
+        if plan.target == "embedded":
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            origin_port = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(serve_echo_origin_on, listeners)
+            config = write_enforcer_config(
+                scenario, run_dir, fleet, f"http://127.0.0.1:{origin_port}", now
+            )
+            port = free_port()
+            proc = await trio.lowlevel.open_process(
+                [
+                    *(sys.executable, "-m", "testbed.cli", "enforcer", "serve"),
+                    *("--config", str(config), "--host", "127.0.0.1", "--port", str(port)),
+                    *("--workers", str(scenario.target.workers)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=(run_dir / "enforcer.log").open("wb"),
+            )
+            await _wait_for_port(port, proc, f"the enforcer (see {run_dir / 'enforcer.log'})")
+            target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
+        elif plan.target == "nginx":
+            write_edge(scenario, run_dir, now)
+            proc, port = await start_nginx(
+                run_dir / "nginx",
+                cert=run_dir / "edge" / "cert.pem",
+                key=run_dir / "edge" / "key.pem",
+                client_ca=fleet.upload,
+                server_name=host,
+            )
+            target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
+        else:
+            url = urlsplit(plan.target)
+            target = DeviceTarget(url.hostname or "", url.port or 443, host, plan.ca)
+        try:
+            jobs = jobs_for(scenario, run_dir, fleet, now, plan.workers, target=target)
+            return await run_shards(
+                jobs,
+                console=console,
+                progress=progress,
+                title=lambda t: (
+                    f"{scenario.name} against {plan.target}: {t:,.1f} s of"
+                    f" {scenario.duration:,.0f} s ({plan.workers} workers)"
+                ),
+                watch=watch,
+            )
+        finally:
+            with trio.CancelScope(shield=True):
+                if proc is not None and plan.target == "nginx":
+                    await stop_nginx(proc)
+                elif proc is not None:
+                    proc.terminate()
+                    with trio.move_on_after(10):
+                        await proc.wait()
+                    if proc.returncode is None:
+                        proc.kill()
+            nursery.cancel_scope.cancel()
+
+
+def run_load(
+    plan: LoadPlan,
+    reports: Path,
+    *,
+    console: Console | None = None,
+    progress: bool = True,
+    render: Callable[[Path], Any] | None = None,
+) -> tuple[RunOutcome, list[StepResult]]:
+    """Run a load test; write its results and report; return the outcome and any steps."""
+    from testbed.nginx import NGINX
+
+    check_plan(plan)
+    if plan.target == "nginx" and NGINX is None:
+        raise LoadError("--target nginx: nginx is not installed (apt-get install nginx)")
+    base = None
+    if plan.scenario is not None:
+        try:
+            base = load_scenario(plan.scenario)
+        except ScenarioError as exc:
+            raise LoadError(str(exc)) from None
+        specs = list(base.cohorts)
+    else:
+        assert plan.fleet is not None
+        fleet, specs = _cohorts_of_fleet(plan.fleet)
+    scenario = build_scenario(plan, specs, base)
+    console = console or Console(stderr=True)
+    run_dir = run_dir_for(scenario, reports.resolve())
+    run_dir.mkdir(parents=True)
+    now = dt.datetime.now(dt.UTC)
+    began = time.perf_counter()
+    if base is not None:
+        fleet = _provision(scenario, run_dir, now)
+    writer = ResultsWriter(run_dir / "results.sqlite")
+    writer.set_meta(
+        **run_meta(scenario),
+        load={
+            "target": plan.target,
+            "mode": plan.mode,
+            "workers": plan.workers,
+            "fleet": str(fleet.root),
+            "rate": plan.rate,
+            "ramp": plan.ramp,
+            "step": plan.step,
+            "closed": plan.closed,
+        },
+        started_at=dt.datetime.now(dt.UTC).isoformat(),
+    )
+    watch = _StepWatch(scenario, run_dir, plan.workers, plan) if plan.step else None
+    ended = trio.run(_supervise, plan, scenario, run_dir, fleet, now, console, progress, watch)
+    steps: list[StepResult] = []
+    if watch is not None:
+        # Judge from the merged results: the steps the watcher saw, and any it did not reach.
+        merged = [run_dir / "results.sqlite"]
+        for phase in scenario.phases[: max(1, len(watch.judged))]:
+            steps.append(judge_step(phase_results(merged, phase), plan.p99_ms, plan.max_errors))
+        writer.set_meta(
+            steps=[s.as_dict() for s in steps],
+            sustained_rate=sustained_rate(steps),
+            step_bounds={"p99_ms": plan.p99_ms, "max_errors": plan.max_errors},
+        )
+    if ended.failed:
+        writer.set_meta(failed_shards=[k for k, _ in ended.failed])
+        finish_run(scenario, run_dir, writer, began, True, render)
+        raise LoadError(f"a load worker failed; what the others wrote is in {run_dir}")
+    return finish_run(scenario, run_dir, writer, began, ended.interrupted, render), steps
