@@ -498,6 +498,7 @@ def run_load(
             sustained_rate=sustained_rate(steps),
             step_bounds={"p99_ms": plan.p99_ms, "max_errors": plan.max_errors},
         )
+    writer.set_meta(generator_cpu_seconds=ended.cpu_seconds)
     if ended.failed:
         writer.set_meta(failed_shards=[k for k, _ in ended.failed])
         finish_run(scenario, run_dir, writer, began, True, render)

@@ -176,6 +176,8 @@ def run_load_cli(args: argparse.Namespace, render: Callable[[Path], Any] | None)
         from testbed.report import load_summary
 
         summary = load_summary(outcome.run_dir)
+        meta = summary["run"]["meta"]
+        cpu = meta.get("generator_cpu_seconds") or 0.0
         print(
             json.dumps(
                 {
@@ -186,6 +188,11 @@ def run_load_cli(args: argparse.Namespace, render: Callable[[Path], Any] | None)
                     "rate": summary["totals"].get("rate"),
                     "latency": summary["latency"].get("total"),
                     "sustained_rate": sustained_rate(steps) if steps else None,
+                    # Attempts per second of the generator's own CPU: its per-core capacity.
+                    "generator_cpu_s": cpu,
+                    "attempts_per_generator_cpu_s": (
+                        summary["totals"].get("attempts", 0) / cpu if cpu else None
+                    ),
                 }
             )
         )

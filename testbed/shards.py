@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime as dt
+import json
 import multiprocessing
 import signal
 import sqlite3
@@ -66,6 +67,7 @@ class ShardsOutcome:
 
     interrupted: bool
     failed: list[tuple[int, int | None]]  # (shard, exit code) of shards that crashed
+    cpu_seconds: float = 0.0  # what the shards spent from their start, all together
 
 
 def _die_with_parent() -> None:
@@ -197,27 +199,26 @@ async def run_shards(
             for p in procs:
                 await trio.to_thread.run_sync(p.join)
     failed = [(job.shard, p.exitcode) for job, p in zip(jobs, procs, strict=True) if p.exitcode]
-    interrupted = stopped or (
-        not ended and any(_interrupted(shard_results(run_dir, j.shard)) for j in jobs)
-    )
+    metas = [_meta(shard_results(run_dir, j.shard)) for j in jobs]
+    # A shard with no verdict did not reach its end: it was stopped or it crashed.
+    interrupted = stopped or (not ended and any(m.get("interrupted", True) for m in metas))
     merge_shards(run_dir)
     for shard, code in failed:
         print(f"testbed: shard {shard} ended with exit code {code}", file=sys.stderr)
-    return ShardsOutcome(interrupted, failed)
+    cpu = sum(float(m.get("cpu_seconds", 0.0)) for m in metas)
+    return ShardsOutcome(interrupted, failed, cpu)
 
 
-def _interrupted(path: Path) -> bool:
+def _meta(path: Path) -> dict[str, Any]:
     if not path.exists():
-        return False
+        return {}
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        row = db.execute("SELECT value FROM run WHERE key = 'interrupted'").fetchone()
+        return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM run")}
     except sqlite3.Error:
-        return False
+        return {}
     finally:
         db.close()
-    # A shard with no verdict did not reach its end: it was stopped or it crashed.
-    return row is None or row[0] == "true"
 
 
 def jobs_for(
@@ -238,14 +239,5 @@ def jobs_for(
 
 def start_epoch(run_dir: Path) -> float | None:
     """The wall-clock time at which shard 0 started its schedule, once it has."""
-    path = shard_results(run_dir, 0)
-    if not path.exists():
-        return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
-    try:
-        row = db.execute("SELECT value FROM run WHERE key = 'start_epoch'").fetchone()
-    except sqlite3.Error:
-        return None
-    finally:
-        db.close()
-    return float(row[0]) if row else None
+    value = _meta(shard_results(run_dir, 0)).get("start_epoch")
+    return float(value) if value is not None else None

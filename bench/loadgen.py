@@ -1,0 +1,201 @@
+"""The load generator's full mTLS handshakes per core, beside ``openssl s_time -new``.
+
+Both clients make a new connection and a full TLS handshake with an EC P-256 device
+certificate (leaf + one intermediate) per request, then ``GET /``, against the same nginx
+(``ssl_verify_client optional``) on 127.0.0.1, one after the other in one run:
+
+* ``testbed load --mode new-handshake --closed N`` with one worker process: a different
+  device certificate for each of N devices, back to back; its CPU is what its shard process
+  spent from the start of the schedule (``generator_cpu_seconds``);
+* ``openssl s_time -new -www /`` with one device's certificate: one connection at a time, in
+  C; its CPU is the process's user + system time (``RUSAGE_CHILDREN``).
+
+The per-core figure is handshakes per CPU-second of the client itself, which the noise of a
+shared machine disturbs far less than handshakes per wall second. The ratio
+generator/s_time is the number to compare between runs.
+
+    .venv/bin/python bench/loadgen.py [--duration 10] [--devices 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from devices.provision import Cohort, provision, read_inventory
+from testbed.nginx import NGINX, start_nginx, stop_nginx
+from testbed.runner import write_edge
+
+HOST = "auth.example.test"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_generator(url: str, ca: Path, fleet: Path, devices: int, duration: int) -> dict[str, Any]:
+    """``testbed load`` against ``url``; its figures from the --json line."""
+    with tempfile.TemporaryDirectory() as reports:
+        out = subprocess.run(
+            [
+                *(sys.executable, "-m", "testbed.cli", "load", "--target", url),
+                *("--ca", str(ca), "--hostname", HOST, "--fleet", str(fleet)),
+                *("--closed", str(devices), "--duration", f"{duration}s", "--workers", "1"),
+                *("--mode", "new-handshake", "--no-progress", "--json", "--reports", reports),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        )
+    line = next(x for x in out.stdout.splitlines() if x.startswith("{"))
+    figures = json.loads(line)
+    latency = figures["latency"]
+    return {
+        "handshakes": figures["attempts"],
+        "per_s": figures["rate"],
+        "cpu_s": figures["generator_cpu_s"],
+        "per_cpu_s": figures["attempts_per_generator_cpu_s"],
+        "p50_ms": latency["p50"],
+        "p99_ms": latency["p99"],
+    }
+
+
+def run_s_time(port: int, ca: Path, cert: Path, key: Path, duration: int) -> dict[str, Any]:
+    """``openssl s_time -new`` against the port; connections per wall and CPU second."""
+    before = _children_cpu()
+    started = time.perf_counter()
+    out = subprocess.run(
+        [
+            *("openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-www", "/"),
+            *("-time", str(duration), "-cert", str(cert), "-key", str(key), "-CAfile", str(ca)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    wall = time.perf_counter() - started
+    cpu = _children_cpu() - before
+    # "N connections in U s; ... connections/user sec": U is user CPU, not wall time.
+    match = re.search(r"(\d+) connections in [\d.]+s", out.stdout)
+    if match is None:
+        raise RuntimeError(f"openssl s_time printed no figures: {out.stdout}{out.stderr}")
+    n = int(match.group(1))
+    return {
+        "handshakes": n,
+        "per_s": n / wall,
+        "cpu_s": cpu,
+        "per_cpu_s": n / cpu if cpu else None,
+        "wall_s": wall,
+    }
+
+
+async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Provision the fleet, start nginx, run both clients against it."""
+    now = dt.datetime.now(dt.UTC)
+    fleet = work / "fleet"
+    provision(fleet, [Cohort("healthy", args.devices)], now, p12=False, workers=1)
+    edge = work / "run"
+
+    class _Target:  # write_edge reads only the hostname
+        hostname = HOST
+
+    class _Scenario:
+        target = _Target()
+
+    write_edge(_Scenario(), edge, now)  # type: ignore[arg-type]
+    proc, port = await start_nginx(
+        work / "nginx",
+        cert=edge / "edge" / "cert.pem",
+        key=edge / "edge" / "key.pem",
+        client_ca=fleet / "ca" / "upload.pem",
+        server_name=HOST,
+    )
+    try:
+        ca = edge / "edge" / "ca.pem"
+        device = read_inventory(fleet)[0]
+        gen = await trio.to_thread.run_sync(
+            run_generator, f"https://127.0.0.1:{port}", ca, fleet, args.devices, args.duration
+        )
+        s_time = await trio.to_thread.run_sync(
+            run_s_time,
+            port,
+            ca,
+            fleet / device.cert_path,
+            fleet / device.key_path,
+            args.duration,
+        )
+    finally:
+        await stop_nginx(proc)
+    return {"generator": gen, "s_time": s_time}
+
+
+def main() -> None:
+    """Measure and print a table and one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per client")
+    parser.add_argument("--devices", type=int, default=16, help="generator devices (closed loop)")
+    args = parser.parse_args()
+    if NGINX is None:
+        sys.exit("bench/loadgen.py needs nginx (apt-get install nginx)")
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = trio.run(measure, args, Path(tmp))
+    gen, s_time = figures["generator"], figures["s_time"]
+    ratio_cpu = gen["per_cpu_s"] / s_time["per_cpu_s"] if s_time["per_cpu_s"] else None
+    ratio_wall = gen["per_s"] / s_time["per_s"] if s_time["per_s"] else None
+    table = Table(title="Full mTLS handshakes against nginx, new connection per request")
+    for column in ("client", "handshakes", "per wall s", "client CPU s", "per CPU s (per core)"):
+        table.add_column(column, justify="left" if column == "client" else "right")
+    table.add_row(
+        f"testbed load ({args.devices} devices, 1 worker)",
+        str(gen["handshakes"]),
+        f"{gen['per_s']:.1f}",
+        f"{gen['cpu_s']:.2f}",
+        f"{gen['per_cpu_s']:.1f}",
+    )
+    table.add_row(
+        "openssl s_time -new (1 certificate)",
+        str(s_time["handshakes"]),
+        f"{s_time['per_s']:.1f}",
+        f"{s_time['cpu_s']:.2f}",
+        f"{s_time['per_cpu_s']:.1f}" if s_time["per_cpu_s"] else "-",
+    )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"generator/s_time per core: [bold]{ratio_cpu:.2f}[/]; per wall second: {ratio_wall:.2f}"
+        f" (generator p50 {gen['p50_ms']:.1f} ms, p99 {gen['p99_ms']:.1f} ms)"
+    )
+    console.print(f"rerun: .venv/bin/python bench/loadgen.py --duration {args.duration}")
+    print(
+        json.dumps(
+            {
+                "bench": "loadgen",
+                "duration_s": args.duration,
+                "devices": args.devices,
+                **{f"generator_{k}": v for k, v in gen.items()},
+                **{f"s_time_{k}": v for k, v in s_time.items()},
+                "ratio_per_core": ratio_cpu,
+                "ratio_per_wall_s": ratio_wall,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
