@@ -10,6 +10,7 @@ random generator (so runs are reproducible).
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -42,9 +43,15 @@ class Backoff:
 
     def delay(self, failures: int, rng: random.Random) -> float:
         """The wait after ``failures`` consecutive failures (0 when there were none)."""
-        if failures <= 0:
+        if failures <= 0 or self.initial <= 0:
             return 0.0
-        base = min(self.maximum, self.initial * self.factor ** (failures - 1))
+        exponent = failures - 1
+        if self.factor > 1:
+            # Past this many failures the wait is at its maximum anyway; stopping the exponent
+            # there keeps factor ** exponent finite for a device that fails for days.
+            ceiling = math.log(max(self.maximum, self.initial) / self.initial, self.factor)
+            exponent = min(exponent, math.ceil(ceiling))
+        base = min(self.maximum, self.initial * self.factor**exponent)
         return base * (1 + rng.uniform(-self.jitter, self.jitter))
 
 

@@ -41,12 +41,11 @@ from rich.console import Console
 
 from devices.behaviour import Closed
 from devices.client import Target as DeviceTarget
-from devices.provision import Cohort, Fleet, read_inventory
 from enforcer.origin import serve_echo_origin_on
+from testbed.pkis import RunFleet, open_fleet, provision_pkis
 from testbed.results import ResultsWriter, shard_results
 from testbed.runner import (
     RunOutcome,
-    _provision,
     finish_run,
     run_dir_for,
     run_meta,
@@ -206,18 +205,13 @@ def _phases(plan: LoadPlan) -> tuple[Phase, ...]:
     return tuple(phases)
 
 
-def _cohorts_of_fleet(fleet_dir: Path) -> tuple[Fleet, list[CohortSpec]]:
-    devices = read_inventory(fleet_dir)
-    if not devices:
+def _cohorts_of_fleet(fleet_dir: Path) -> tuple[RunFleet, list[CohortSpec]]:
+    fleet, first = open_fleet(fleet_dir)
+    if not first:
         raise LoadError(f"--fleet: {fleet_dir} has no devices")
-    sizes: dict[str, list[Any]] = {}
-    for d in devices:
-        sizes.setdefault(d.cohort, [0, d.defect, d.expected, d.key_type])[0] += 1
-    cohorts = tuple(Cohort(name, n, defect, key) for name, (n, defect, _, key) in sizes.items())
-    specs = [
-        CohortSpec(name, n, defect, expected) for name, (n, defect, expected, _) in sizes.items()
-    ]
-    return Fleet(fleet_dir.resolve(), cohorts, 0.0), specs
+    _, only = fleet.fleets[0]
+    specs = [CohortSpec(c.name, c.size, c.defect, first[c.name].expected) for c in only.cohorts]
+    return fleet, specs
 
 
 def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario | None) -> Scenario:
@@ -369,7 +363,7 @@ async def _supervise(
     plan: LoadPlan,
     scenario: Scenario,
     run_dir: Path,
-    fleet: Fleet,
+    fleet: RunFleet,
     now: dt.datetime,
     console: Console,
     progress: bool,
@@ -406,7 +400,7 @@ async def _supervise(
                 run_dir / "nginx",
                 cert=run_dir / "edge" / "cert.pem",
                 key=run_dir / "edge" / "key.pem",
-                client_ca=fleet.upload,
+                client_ca=fleet.client_ca(run_dir / "edge" / "client-ca.pem"),
                 server_name=host,
             )
             target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
@@ -469,7 +463,7 @@ def run_load(
     now = dt.datetime.now(dt.UTC)
     began = time.perf_counter()
     if base is not None:
-        fleet = _provision(scenario, run_dir, now)
+        fleet = provision_pkis(scenario, run_dir, now)
     writer = ResultsWriter(run_dir / "results.sqlite")
     writer.set_meta(
         **run_meta(scenario),
@@ -477,7 +471,7 @@ def run_load(
             "target": plan.target,
             "mode": plan.mode,
             "workers": plan.workers,
-            "fleet": str(fleet.root),
+            "fleet": str(plan.fleet or run_dir / "fleet"),
             "rate": plan.rate,
             "ramp": plan.ramp,
             "step": plan.step,

@@ -1,7 +1,8 @@
 """``testbed run``: a scenario's fleet against its target, every attempt recorded as it happens.
 
 Theory of operation. Before anything starts, the scenario is checked and the fleet provisioned
-(``RUN_DIR/fleet``). Then one trio nursery owns everything that runs: the target (the embedded
+(``RUN_DIR/fleet``, or ``RUN_DIR/fleets/<pki>`` for several PKIs: see :mod:`testbed.pkis`).
+Then one trio nursery owns everything that runs: the target (the embedded
 enforcer and its echo origin, or nginx), the phases' schedulers, the timed events and the live
 display. Open-loop phases compute each attempt's scheduled time from the arrival rate and give
 the attempt to a free device; when no device is free the attempt is counted as dropped, as k6
@@ -39,8 +40,6 @@ from devices.client import Attempt, ClientOptions, DeviceClient
 from devices.client import Target as DeviceTarget
 from devices.keystore import KeyStore, SoftwareKeyStore
 from devices.pki import issue_ca, issue_leaf, write_pem
-from devices.provision import Cohort, Fleet, provision
-from devices.provision import Device as FleetDevice
 from enforcer import control
 from enforcer.accesslog import AccessLog
 from enforcer.clock import Clock, TrioClock, WallClock
@@ -49,6 +48,7 @@ from enforcer.durations import parse_duration
 from enforcer.origin import _echo, serve_echo_origin_on
 from enforcer.server import Enforcer, open_listener, serve
 from enforcer.store import Change
+from testbed.pkis import Member, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
 from testbed.scenario import CohortSpec, Event, Phase, Scenario
 
@@ -108,19 +108,6 @@ def run_dir_for(scenario: Scenario, reports: Path) -> Path:
     return path
 
 
-def _provision(scenario: Scenario, run_dir: Path, now: dt.datetime) -> Fleet:
-    cohorts = [Cohort(c.name, c.size, c.defect, c.key_type) for c in scenario.cohorts]
-    return provision(
-        run_dir / "fleet",
-        cohorts,
-        now,
-        key_type=scenario.key_type,
-        intermediates=scenario.intermediates,
-        p12=False,
-        workers=1 if scenario.size < 200 else None,
-    )
-
-
 _ENFORCER_TOML = """\
 # Written by `testbed run` for scenario {name}.
 revoked = {revoked}
@@ -142,12 +129,7 @@ hostnames = ["{host}"]
 certificate = "{run}/edge/cert.pem"
 private_key = "{run}/edge/key.pem"
 
-[[roots]]
-id = "fleet"
-name = "fleet root"
-certificate = "{fleet}/ca/upload.pem"
-associated_hostnames = ["{host}"]
-{known}
+{roots}
 [[applications]]
 name = "{name}"
 hostname = "{host}"
@@ -189,7 +171,7 @@ def write_edge(scenario: Scenario, run_dir: Path, now: dt.datetime) -> None:
 def write_enforcer_config(
     scenario: Scenario,
     run_dir: Path,
-    fleet: Fleet,
+    fleet: RunFleet,
     origin: str,
     now: dt.datetime,
     *,
@@ -198,18 +180,27 @@ def write_enforcer_config(
     """Write the embedded enforcer's configuration (and its edge PKI) for a run or a shard."""
     write_edge(scenario, run_dir, now)
     host = scenario.target.hostname
-    known = fleet.root / "ca" / "known-intermediates.pem"
-    known_block = ""
-    if known.exists():
-        # The enforcer knows this intermediate (uploaded for a hostname no device uses), so it
-        # can tell devices that did not send it: missing_intermediate.
-        bundle = run_dir / "edge" / "known-bundle.pem"
-        bundle.write_bytes(known.read_bytes() + (fleet.root / "ca" / "root.pem").read_bytes())
-        known_block = (
-            f'\n[[roots]]\nid = "known"\nname = "known intermediates"\ncertificate = "{bundle}"\n'
-            'associated_hostnames = ["known-intermediates.invalid"]\n'
+    roots = []
+    for pki, pki_fleet in fleet.fleets:
+        # An untrusted PKI's root is known, but bound to another hostname (SPEC A5).
+        bound = host if pki.trusted else f"{pki.name}.elsewhere.invalid"
+        roots.append(
+            f'[[roots]]\nid = "{pki.name}"\nname = "{pki.name} root"\n'
+            f'certificate = "{pki_fleet.upload}"\nassociated_hostnames = ["{bound}"]\n'
         )
-    revoked = [d.sha256 for d in fleet.devices() if d.defect == "revoked"]
+        known = pki_fleet.root / "ca" / "known-intermediates.pem"
+        if pki.trusted and known.exists():
+            # The enforcer knows this intermediate (uploaded for a hostname no device uses), so
+            # it can tell devices that did not send it: missing_intermediate.
+            bundle = run_dir / "edge" / f"known-{pki.name}.pem"
+            root = (pki_fleet.root / "ca" / "root.pem").read_bytes()
+            bundle.write_bytes(known.read_bytes() + root)
+            roots.append(
+                f'[[roots]]\nid = "known-{pki.name}"\n'
+                f'name = "known intermediates of {pki.name}"\ncertificate = "{bundle}"\n'
+                'associated_hostnames = ["known-intermediates.invalid"]\n'
+            )
+    revoked = [m.sha256 for m in fleet.members() if m.device.defect == "revoked"]
     # Each shard of a virtual run has its own enforcer, hence its own state and access log.
     prefix = "" if shard is None else f"shards/{shard}-"
     path = run_dir / f"{prefix}enforcer.toml"
@@ -220,8 +211,7 @@ def write_enforcer_config(
             run=run_dir,
             prefix=prefix,
             host=host,
-            fleet=fleet.root,
-            known=known_block,
+            roots="\n".join(roots),
             revoked="[" + ", ".join(f'"{fp}"' for fp in revoked) + "]",
             session=scenario.target.session_duration,
             idle=scenario.target.idle_timeout,
@@ -305,7 +295,7 @@ class Run:
             run_dir / "results.sqlite" if shards == 1 else shard_results(run_dir, shard)
         )
         self.devices: list[Device] = []  # this shard's devices
-        self.fleet: list[FleetDevice] = []  # every device of the fleet, in every shard
+        self.fleet: list[Member] = []  # every device of the fleet, in every shard
         self.counts: Counter[str] = Counter()
         self.dropped = 0
         self.start = 0.0
@@ -365,7 +355,7 @@ class Run:
         return client
 
     async def start_target(
-        self, nursery: trio.Nursery, fleet: Fleet, now: dt.datetime
+        self, nursery: trio.Nursery, fleet: RunFleet, now: dt.datetime
     ) -> DeviceTarget:
         s = self.scenario
         if s.target.kind == "external":
@@ -386,7 +376,7 @@ class Run:
                 self.run_dir / "nginx",
                 cert=self.run_dir / "edge" / "cert.pem",
                 key=self.run_dir / "edge" / "key.pem",
-                client_ca=fleet.upload,
+                client_ca=fleet.client_ca(self.run_dir / "edge" / "client-ca.pem"),
                 server_name=s.target.hostname,
             )
 
@@ -483,17 +473,18 @@ class Run:
                     mine.expect("denied:revoked")
             return f"revoked {len(chosen)} of {len(members)} devices of cohort {event.cohort}"
         roots = control.list_roots(controller.objects, account).result
-        fleet_root = next(r for r in roots if r["name"] == "fleet root")
+        pki = event.pki or next(p.name for p in self.scenario.pkis if p.trusted)
+        fleet_root = next(r for r in roots if r["name"] == f"{pki} root")
         if action == "remove_root":
             await controller.write(
                 lambda objects, now: control.update_root(
                     objects, account, fleet_root["id"], {"associated_hostnames": []}, now
                 )
             )
-            self._untrust_all()
-            return "fleet root removed from the hostname"
+            self._untrust(pki)
+            return f"{pki} root removed from the hostname"
         if action == "rotate_root":
-            new = issue_ca("rotated fleet root", self.clock.now())
+            new = issue_ca(f"rotated {pki} root", self.clock.now())
             pem = new.cert_pem().decode()
             host = self.scenario.target.hostname
 
@@ -501,7 +492,11 @@ class Run:
                 added = control.create_root(
                     objects,
                     account,
-                    {"name": "rotated root", "certificate": pem, "associated_hostnames": [host]},
+                    {
+                        "name": f"rotated {pki} root",
+                        "certificate": pem,
+                        "associated_hostnames": [host],
+                    },
                     now,
                 )
                 removed = control.update_root(
@@ -510,8 +505,8 @@ class Run:
                 return control.Outcome(None, added.changes + removed.changes)
 
             await controller.write(rotate)
-            self._untrust_all()
-            return "fleet root replaced by a new root: devices of the old one are no longer trusted"
+            self._untrust(pki)
+            return f"{pki} root replaced by a new root: its devices are no longer trusted"
         app = control.list_apps(controller.objects, account).result[0]
         if action == "set_session_duration":
             await controller.write(
@@ -555,10 +550,10 @@ class Run:
             return f"policy set to {value}"
         raise AssertionError(action)
 
-    def _untrust_all(self) -> None:
-        # No root is associated with the hostname any more: every chain is untrusted.
+    def _untrust(self, pki: str) -> None:
+        # The PKI's root is no longer associated with the hostname: its chains are untrusted.
         for d in self.devices:
-            if d.cohort.expected.startswith(("allowed", "denied:")):
+            if d.cohort.pki == pki and d.cohort.expected.startswith(("allowed", "denied:")):
                 d.expect("denied:untrusted_issuer")
 
     # -- phases --------------------------------------------------------------------------------
@@ -624,7 +619,7 @@ class Run:
 
     # -- the whole run ---------------------------------------------------------------------------
 
-    async def main(self, fleet: Fleet, now: dt.datetime, progress: bool) -> None:
+    async def main(self, fleet: RunFleet, now: dt.datetime, progress: bool) -> None:
         """Start the target and the devices, run the phases and events, then stop everything."""
         try:
             await self._main(fleet, now, progress)
@@ -634,12 +629,12 @@ class Run:
                 # is measuring itself, not its target.
                 self.writer.set_meta(cpu_seconds=time.process_time() - self._cpu0)
 
-    async def _main(self, fleet: Fleet, now: dt.datetime, progress: bool) -> None:
+    async def _main(self, fleet: RunFleet, now: dt.datetime, progress: bool) -> None:
         s = self.scenario
         async with trio.open_nursery() as nursery:
             target = self.target or await self.start_target(nursery, fleet, now)
             by_name = {c.name: c for c in s.cohorts}
-            self.fleet = fleet.devices()
+            self.fleet = fleet.members()
             for i, d in enumerate(self.fleet):
                 if i % self.shards != self.shard:
                     continue  # another shard's device
@@ -652,14 +647,18 @@ class Run:
                     timeout=s.timeout,
                     clock_skew=cohort.clock_skew,
                 )
-                store = _key_store(fleet.root / "devices" / d.id, cohort)
+                store = _key_store(d.fleet / "devices" / d.id, cohort)
                 if isinstance(store, SoftwareKeyStore):
                     # Load the key and chain now, as a device does when it boots, so that no
                     # attempt's latency includes reading the fleet's files.
                     await store.handshake_context(target.make_context)
                 self.devices.append(
                     Device(
-                        d.id, cohort, d.sha256, d.common_name, DeviceClient(target, store, options)
+                        d.id,
+                        cohort,
+                        d.sha256,
+                        d.device.common_name,
+                        DeviceClient(target, store, options),
                     )
                 )
             if self.ready is not None:
@@ -761,7 +760,7 @@ def run_scenario(
     run_dir.mkdir(parents=True)
     now = dt.datetime.now(dt.UTC)
     began = time.perf_counter()
-    fleet = _provision(scenario, run_dir, now)
+    fleet = provision_pkis(scenario, run_dir, now)
     writer = ResultsWriter(run_dir / "results.sqlite")
     writer.set_meta(**run_meta(scenario), workers=workers)
     if workers > 1:

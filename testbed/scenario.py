@@ -70,6 +70,16 @@ class PivSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class PkiSpec:
+    """A CA hierarchy that issues some cohorts' certificates."""
+
+    name: str
+    key_type: str = "ec-p256"
+    intermediates: int = 1
+    trusted: bool = True  # its root is associated with the target's hostname
+
+
+@dataclasses.dataclass(frozen=True)
 class CohortSpec:
     """A group of devices: how many, what is wrong with them, how they behave."""
 
@@ -86,6 +96,7 @@ class CohortSpec:
     always_new_handshake: bool = False
     clock_skew: float = 0.0
     piv: PivSettings = dataclasses.field(default_factory=PivSettings)
+    pki: str = "fleet"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +121,7 @@ class Event:
     cohort: str | None = None
     share: float = 1.0
     value: str | None = None  # a duration, a CN, a clock advance
+    pki: str | None = None  # rotate_root, remove_root: whose root (default: the first trusted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +140,7 @@ class Scenario:
     intermediates: int = 1
     key_type: str = "ec-p256"
     timeout: float = 10.0
+    pkis: tuple[PkiSpec, ...] = (PkiSpec("fleet"),)
 
     @property
     def duration(self) -> float:
@@ -185,9 +198,26 @@ def _target(r: TableReader, path: Path) -> Target:
     )
 
 
-def _cohort(r: TableReader, target: Target) -> CohortSpec:
+def _pki(r: TableReader, key_type: str, intermediates: int) -> PkiSpec:
+    r.unknown({"name", "key_type", "intermediates", "trusted"})
+    name = r.get("name", str, what="a PKI name")
+    if not _NAME.fullmatch(name):
+        raise r.error("name", f"{name!r}: use letters, digits, '.', '_' and '-'")
+    n = int(r.number("intermediates", intermediates))
+    if not 0 <= n <= 3:
+        raise r.error("intermediates", f"{n} is not between 0 and 3")
+    return PkiSpec(
+        name=name,
+        key_type=r.choice("key_type", KEY_TYPES, key_type),
+        intermediates=n,
+        trusted=r.get("trusted", bool, True, "true or false"),
+    )
+
+
+def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortSpec:
     r.unknown(
         {
+            "pki",
             "name",
             "size",
             "defect",
@@ -206,10 +236,13 @@ def _cohort(r: TableReader, target: Target) -> CohortSpec:
     defect = r.get("defect", str, None, f"one of {list(DEFECTS)}")
     if defect is not None and defect not in DEFECTS:
         raise r.error("defect", f"{defect!r} is not one of {list(DEFECTS)}")
+    pki = r.get("pki", str, next(iter(pkis)), "a PKI name")
+    if pki not in pkis:
+        raise r.error("pki", f"{pki!r} is not one of the [[pkis]]: {sorted(pkis)}")
     policy = "common_name" if target.policy.startswith("common_name:") else "certificate"
-    expected = r.get(
-        "expected", str, expected_outcome(defect, policy), "an outcome such as allowed"
-    )
+    # A root bound to another hostname authorises nothing here, whatever else is wrong.
+    default = expected_outcome(defect, policy) if pkis[pki].trusted else "denied:untrusted_issuer"
+    expected = r.get("expected", str, default, "an outcome such as allowed")
     key_type = r.get("key_type", str, None, f"one of {list(KEY_TYPES)}")
     if key_type is not None and key_type not in KEY_TYPES:
         raise r.error("key_type", f"{key_type!r} is not one of {list(KEY_TYPES)}")
@@ -227,6 +260,7 @@ def _cohort(r: TableReader, target: Target) -> CohortSpec:
         {"slot", "pin", "pin_policy", "touch_policy", "touch_delay", "browser_pin_every_handshake"}
     )
     return CohortSpec(
+        pki=pki,
         name=name,
         size=size,
         defect=defect,
@@ -275,8 +309,8 @@ def _phase(r: TableReader) -> Phase:
     return phase
 
 
-def _event(r: TableReader, cohorts: set[str], clock: str) -> Event:
-    r.unknown({"at", "action", "cohort", "share", "value"})
+def _event(r: TableReader, cohorts: set[str], pkis: dict[str, PkiSpec]) -> Event:
+    r.unknown({"at", "action", "cohort", "share", "value", "pki"})
     action = r.choice("action", EVENTS)
     event = Event(
         at=r.seconds("at"),
@@ -284,7 +318,15 @@ def _event(r: TableReader, cohorts: set[str], clock: str) -> Event:
         cohort=r.get("cohort", str, None, "a cohort name"),
         share=r.number("share", 1.0),
         value=r.get("value", str, None, "a value"),
+        pki=r.get("pki", str, None, "a PKI name"),
     )
+    trusted = [name for name, spec in pkis.items() if spec.trusted]
+    if event.pki is not None and (
+        action not in ("rotate_root", "remove_root") or event.pki not in trusted
+    ):
+        raise r.error("pki", f"only rotate_root and remove_root take a pki, one of {trusted}")
+    if action in ("rotate_root", "remove_root") and not trusted:
+        raise r.error("action", f"{action} needs a trusted PKI, and none is")
     if action == "revoke" and event.cohort not in cohorts:
         raise r.error("cohort", f"revoke needs a cohort, one of {sorted(cohorts)}")
     if not 0 < event.share <= 1:
@@ -318,6 +360,7 @@ def load_scenario(path: str | Path) -> Scenario:
             "timeout",
             "target",
             "fleet",
+            "pkis",
             "cohorts",
             "phases",
             "events",
@@ -334,7 +377,14 @@ def load_scenario(path: str | Path) -> Scenario:
     fleet = top.sub("fleet")
     fleet.unknown({"intermediates", "key_type"})
     key_type = fleet.choice("key_type", KEY_TYPES, "ec-p256")
-    cohorts = tuple(_cohort(r, target) for r in top.tables("cohorts"))
+    intermediates = int(fleet.number("intermediates", 1))
+    pki_list = [_pki(r, key_type, intermediates) for r in top.tables("pkis")] or [
+        PkiSpec("fleet", key_type, intermediates)
+    ]
+    pkis = {p.name: p for p in pki_list}
+    if len(pkis) != len(pki_list):
+        raise top.error("pkis", f"PKI names repeat: {[p.name for p in pki_list]}")
+    cohorts = tuple(_cohort(r, target, pkis) for r in top.tables("cohorts"))
     if not cohorts:
         raise top.error("cohorts", "at least one [[cohorts]] is required")
     names = [c.name for c in cohorts]
@@ -345,7 +395,7 @@ def load_scenario(path: str | Path) -> Scenario:
     phases = tuple(_phase(r) for r in top.tables("phases"))
     if not phases:
         raise top.error("phases", "at least one [[phases]] is required")
-    events = tuple(_event(r, set(names), clock) for r in top.tables("events"))
+    events = tuple(_event(r, set(names), pkis) for r in top.tables("events"))
     if (
         events
         and target.kind != "embedded"
@@ -373,7 +423,8 @@ def load_scenario(path: str | Path) -> Scenario:
         phases=phases,
         events=events,
         thresholds=tuple(thresholds),
-        intermediates=int(fleet.number("intermediates", 1)),
+        intermediates=intermediates,
         key_type=key_type,
         timeout=top.seconds("timeout", "10s"),
+        pkis=tuple(pki_list),
     )

@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.live import Live
 
 from devices.client import Target as DeviceTarget
-from devices.provision import Fleet
+from testbed.pkis import RunFleet
 from testbed.results import ResultsWriter, merge_shards, shard_results
 from testbed.runner import Run, progress_table
 from testbed.scenario import Scenario
@@ -53,7 +53,7 @@ class ShardJob:
 
     scenario: Scenario
     run_dir: Path
-    fleet: Fleet
+    fleet: RunFleet
     now: dt.datetime
     shard: int
     shards: int
@@ -224,7 +224,7 @@ def _meta(path: Path) -> dict[str, Any]:
 def jobs_for(
     scenario: Scenario,
     run_dir: Path,
-    fleet: Fleet,
+    fleet: RunFleet,
     now: dt.datetime,
     shards: int,
     *,

@@ -137,3 +137,14 @@ async def test_a_real_device_sends_telemetry_to_the_enforcer(served) -> None:
     assert outcomes == ["allowed"] * 5
     posts = [r for r in served.log() if r["method"] == "POST"]
     assert len(posts) == 5 and {r["path"] for r in posts} == {"/telemetry"}
+
+
+def test_backoff_stays_at_its_maximum_however_long_a_device_fails() -> None:
+    # A device with an expired certificate fails every attempt for a virtual week: the
+    # thousandth failure waits the maximum, it does not overflow 2.0 ** 1023.
+    rng = random.Random(1)
+    backoff = Backoff(initial=1, factor=2, maximum=60, jitter=0)
+    assert [backoff.delay(n, rng) for n in (1, 2, 3, 7, 8)] == [1, 2, 4, 60, 60]
+    assert backoff.delay(5000, rng) == 60
+    assert Backoff(initial=0.5, factor=3, maximum=0.1, jitter=0).delay(10**6, rng) == 0.1
+    assert Backoff(initial=0, factor=2).delay(10**6, rng) == 0

@@ -168,3 +168,63 @@ async def test_a_split_run_stopped_midway_is_still_reported(tmp_path: Path, how:
     assert result.returncode == 0, result.stderr
     assert _count(run_dir / "results.sqlite") == sum(before)
     assert "interrupted" in (run_dir / "report.html").read_text().lower()
+
+
+def _run_in_terminal(args: list[str], timeout: float = 180) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal, as a user does, and return its exit code and screen."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*TESTBED, *args], cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, close_fds=True
+    )
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_live_display_shows_outcomes_as_they_come(tmp_path: Path, workers: int) -> None:
+    if workers == 1:
+        path = small(tmp_path, name="live", duration="4s")
+    else:
+        path = small(
+            tmp_path,
+            name="live",
+            clock="virtual",
+            duration="40h",  # about 2,400 attempts: a few seconds of wall time
+            arrival="active",
+            arrival_fields="devices = 10",
+            interval=600.0,
+        )
+    code, screen = _run_in_terminal(
+        ["run", str(path), "--reports", str(tmp_path / "r"), "--workers", str(workers)]
+    )
+    assert code == 0, screen
+    # The live table's title and rows, drawn while the run went on (the final summary has
+    # neither the "s of" title nor the dropped row).
+    assert "live: " in screen and " s of " in screen
+    assert "dropped" in screen and "allowed" in screen
+    assert "denied:certificate_expired" in screen
+    if workers == 2:
+        assert "(2 shards)" in screen
