@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 
 from enforcer.accesslog import AccessLog
 from enforcer.application import COOKIE_NAME, TOKEN_HEADER
-from enforcer.chain import ChainResult, common_name, fingerprint
+from enforcer.chain import ChainResult, ValidationCache, common_name, fingerprint
 from enforcer.clock import Clock, WallClock
 from enforcer.config import EdgeCertificate, EnforcerConfig
 from enforcer.controller import Controller, limits_of, open_state
@@ -53,7 +53,7 @@ from enforcer.proxy import (
 from enforcer.reasons import DENIAL_BODIES, Reason
 from enforcer.snapshot import Snapshot
 from enforcer.tls import ContextsBySNI, HostTLS, IntermediatesMemo, ServerTLSStream, TLSError
-from enforcer.tokens import parse_cookie_header
+from enforcer.tokens import TokenMemo, parse_cookie_header
 
 log = logging.getLogger(__name__)
 JWKS_PATH = b"/cdn-cgi/access/certs"
@@ -103,6 +103,10 @@ class Enforcer:
         self.clock = clock or WallClock()
         self.access_log = access_log or AccessLog(config.server.access_log)
         self.intermediates = IntermediatesMemo()
+        # Memos of the pure checks, shared by all connections: a returning device skips the
+        # path build and a returning cookie skips pyjwt; each hit is re-checked at ``now``.
+        self.validations = ValidationCache()
+        self.token_memo = TokenMemo()
         # How the enforcer reaches origins (TCP, or in-memory streams in a simulation), and
         # the kept-alive connections it reuses.
         self.origins = OriginPool()
@@ -283,7 +287,7 @@ class _Session:
                 and (result is None or still_valid(result, snapshot, now))
             ):
                 return result
-        result = check_chain(snapshot, hostname, self.chain, now)
+        result = check_chain(snapshot, hostname, self.chain, now, self.e.validations)
         if result is None or result.valid:
             self._memo = (snapshot.generation, hostname, result)
         return result
@@ -320,7 +324,7 @@ class _Session:
             self._validate(snapshot, hostname, now) if hostname and hostname == sni else None
         )
         access = AccessRequest(sni=sni, host=host, client_ip=_ip(self.peer), token=token)
-        decision = decide(access, snapshot, chain_result, now)
+        decision = decide(access, snapshot, chain_result, now, self.e.token_memo)
         decision_ms = (time.perf_counter() - t0) * 1000
 
         if not decision.allowed:
