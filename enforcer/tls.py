@@ -139,6 +139,9 @@ class ServerTLSStream:
         self._send_lock = trio.Lock()
         self._eof = False
         self.sni: str | None = None
+        # Set when the next write is the connection's last: it then leaves with close_notify in
+        # one segment at aclose(). Any read that must wait flushes first, so nothing is stuck.
+        self.hold_output = False
 
     @property
     def connection(self) -> SSL.Connection:
@@ -243,16 +246,22 @@ class ServerTLSStream:
             except SSL.Error as exc:
                 raise TLSError(_describe(exc)) from exc
             view = view[n:]
+        if not self.hold_output:
+            await self._flush()
+
+    async def flush(self) -> None:
+        """Send whatever OpenSSL has produced and not yet sent."""
         await self._flush()
 
     async def aclose(self) -> None:
         """Send close_notify when possible, then close the socket."""
         try:
-            if self._conn is not None and not self._eof:
+            if self._conn is not None:
                 with trio.move_on_after(1):
-                    with contextlib.suppress(SSL.Error):
-                        self._conn.shutdown()
-                    await self._flush()
+                    if not self._eof:
+                        with contextlib.suppress(SSL.Error):
+                            self._conn.shutdown()
+                    await self._flush()  # a held response, then close_notify
         except TLSError:
             pass
         finally:
