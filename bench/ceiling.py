@@ -21,7 +21,8 @@ left out, so the ceiling is an upper bound no server reaches. It is computed per
 ``openssl speed`` (the system OpenSSL, which nginx and the client use) and, as a cross-check,
 from the same operations timed through ``cryptography`` (the OpenSSL bundled with it, which the
 enforcer uses). The measured figures are handshakes per server CPU-second (per core), from
-``bench/handshakes.py`` run with 1 worker (or from ``--from-json``).
+``bench/handshakes.py``'s 1-worker run (which this script runs and prints first, unless
+``--from-json`` names a file holding its output).
 """
 
 from __future__ import annotations
@@ -126,9 +127,10 @@ def measured(args: argparse.Namespace) -> dict[str, Any]:
         lines = Path(args.from_json).read_text(encoding="utf-8").splitlines()
     else:
         bench = Path(__file__).with_name("handshakes.py")
-        cmd = [sys.executable, str(bench), "--workers", "1", *args.handshakes_args.split()]
+        cmd = [sys.executable, str(bench), *shlex.split(args.handshakes_args)]
         print(f"running {shlex.join(cmd)} ...", flush=True)
-        run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        run = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+        print(run.stdout, end="", flush=True)  # its table, JSON line and rerun command
         lines = run.stdout.splitlines()
     for line in lines:
         if line.startswith('{"bench":"handshakes"'):
