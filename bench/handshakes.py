@@ -107,7 +107,8 @@ def measure_workers(
             for name in names if r % 2 == 0 else names[::-1]:  # ABBA: drift hits both alike
                 proc, port = servers[name]
                 console.print(f"  {workers} worker(s), round {r + 1}: {name} ...")
-                window = Window(name, port, "handshake", time.monotonic() + 0.2,
+                # A fresh server per worker count: the clients count first uses per server.
+                window = Window(f"{name}/{workers}", port, "handshake", time.monotonic() + 0.2,
                                 args.warmup, args.duration, REQUEST)  # fmt: skip
                 windows[name].append(pool.run(window, lambda p=proc: cpu_seconds(p.pid)))
     finally:
