@@ -78,6 +78,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured s per window (0.5)")
     ap.add_argument("--clients", type=int, default=3, help="client processes (3)")
     ap.add_argument("--workers", type=int, default=1, help="workers of each server (1)")
+    ap.add_argument(
+        "--baseline",
+        help="another build's testbed executable: its enforcer is measured in the same windows",
+    )
     args = ap.parse_args()
     if args.duration <= 0 or args.clients < 1 or args.workers < 1 or args.rounds < 1:
         ap.error("--duration must be > 0; --clients, --workers and --rounds 1 or more")
@@ -91,10 +95,14 @@ def main() -> int:
     origin = start_origin(origin_port)
     pool = ClientPool(args.clients, [], bed.edge_ca)
     servers: dict[str, Any] = {}
-    windows: dict[str, list[Result]] = {"enforcer": [], "nginx": []}
+    windows: dict[str, list[Result]] = {}
     try:
         servers["enforcer"] = (start_enforcer(bed, port := free_port(), args.workers), port)
+        if args.baseline:
+            baseline = start_enforcer(bed, port := free_port(), args.workers, args.baseline)
+            servers["baseline"] = (baseline, port)
         servers["nginx"] = (start_nginx(bed, port := free_port(), args.workers), port)
+        windows.update({name: [] for name in servers})
         cookie = get_cookie(bed, servers["enforcer"][1])
         request = f"GET /cookie HTTP/1.1\r\nHost: {AUTH_HOST}\r\nCookie: {cookie}\r\n\r\n"
         names = list(servers)
@@ -124,6 +132,17 @@ def main() -> int:
         round(len(e["latencies"]) / len(n["latencies"]), 3) if n["latencies"] else None
         for e, n in zip(windows["enforcer"], windows["nginx"], strict=True)
     ]
+    to_baseline = None
+    if "baseline" in results and results["baseline"]["per_s"]:
+        base = results["baseline"]
+        to_baseline = {
+            "requests_per_s": round(enf["per_s"] / base["per_s"], 3),
+            "per_server_cpu_s": round(enf["per_server_cpu_s"] / base["per_server_cpu_s"], 3),
+            "per_window": [
+                round(len(e["latencies"]) / len(b["latencies"]), 3) if b["latencies"] else None
+                for e, b in zip(windows["enforcer"], windows["baseline"], strict=True)
+            ],
+        }
     table = Table(
         title=f"Cookie-reuse requests on kept-alive connections: {args.clients} clients, "
         f"{args.workers} worker(s), {args.rounds} x {args.duration:g} s per target"
@@ -142,6 +161,8 @@ def main() -> int:
         f"ratio enforcer/nginx, requests/s: [bold]{ratio}[/bold] (per window {per_window}); "
         f"per server CPU-second: {cpu_ratio}"
     )
+    if to_baseline:
+        console.print(f"ratio enforcer/baseline: {to_baseline}", markup=False)
     for name, r in results.items():
         r.pop("returning_share", None)
         r.pop("window_rates", None)
@@ -152,12 +173,12 @@ def main() -> int:
         "cpus": os.cpu_count(), "duration_s": args.duration, "rounds": args.rounds,
         "clients": args.clients, "workers": args.workers, "targets": results,
         "ratio_enforcer_nginx": ratio, "ratio_per_window": per_window,
-        "ratio_per_server_cpu_s": cpu_ratio,
+        "ratio_per_server_cpu_s": cpu_ratio, "ratio_to_baseline": to_baseline,
     }  # fmt: skip
     print(json.dumps(record, separators=(",", ":")), flush=True)
     print(f"rerun: cd {shlex.quote(os.getcwd())} && {shlex.join(sys.orig_argv)}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    return 1 if enf["errors"] or ngx["errors"] else 0
+    return 1 if any(r["errors"] for r in results.values()) else 0
 
 
 if __name__ == "__main__":

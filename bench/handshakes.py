@@ -94,6 +94,9 @@ def measure_workers(
     servers = {}
     try:
         servers["enforcer"] = (start_enforcer(bed, port := free_port(), workers), port)
+        if args.baseline:
+            baseline = start_enforcer(bed, port := free_port(), workers, args.baseline)
+            servers["baseline"] = (baseline, port)
         if not args.skip_nginx:
             servers["nginx"] = (start_nginx(bed, port := free_port(), workers), port)
         probe = client_context(*bed.devices[0], bed.edge_ca)
@@ -115,15 +118,16 @@ def measure_workers(
         for proc, _ in servers.values():
             stop(proc)
     out: dict[str, Any] = {n: summarise(w, args.duration, workers) for n, w in windows.items()}
-    if "nginx" in out:
-        enf, ngx = out["enforcer"], out["nginx"]
-        per_round = [
+    for peer, key in (("nginx", "ratio"), ("baseline", "ratio_to_baseline")):
+        if peer not in out:
+            continue
+        enf, other = out["enforcer"], out[peer]
+        out[key] = ratio(enf["per_s"], other["per_s"])
+        out[f"{key}_per_round"] = [
             ratio(len(e["latencies"]), len(n["latencies"]))
-            for e, n in zip(windows["enforcer"], windows["nginx"], strict=True)
+            for e, n in zip(windows["enforcer"], windows[peer], strict=True)
         ]
-        out["ratio"] = ratio(enf["per_s"], ngx["per_s"])
-        out["ratio_per_round"] = per_round
-        out["ratio_per_server_cpu_s"] = ratio(enf["per_server_cpu_s"], ngx["per_server_cpu_s"])
+        out[f"{key}_per_server_cpu_s"] = ratio(enf["per_server_cpu_s"], other["per_server_cpu_s"])
     return out
 
 
@@ -137,6 +141,11 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2", help="worker counts to measure (1,2)")
     ap.add_argument("--fleet", type=int, default=500, help="distinct devices (500)")
     ap.add_argument("--skip-nginx", action="store_true", help="measure the enforcer only")
+    ap.add_argument(
+        "--baseline",
+        help="another build's testbed executable (e.g. a main checkout's .venv/bin/testbed): "
+        "its enforcer is measured in the same windows, and the ratio to it printed",
+    )
     args = ap.parse_args()
     worker_counts = [int(w) for w in args.workers.split(",")]
     if args.duration <= 0 or args.clients < 1 or min(worker_counts) < 1 or args.fleet < 1:
@@ -168,7 +177,7 @@ def main() -> int:
     for col in cols:
         table.add_column(col, justify="left" if col == "target" else "right")
     for workers, res in results.items():
-        for name in ("enforcer", "nginx"):
+        for name in ("enforcer", "baseline", "nginx"):
             if name not in res:
                 continue
             r = res[name]
@@ -180,13 +189,14 @@ def main() -> int:
             )  # fmt: skip
     console.print(table)
     for workers, res in results.items():
-        if "ratio" in res:
-            console.print(
-                f"{workers} worker(s): ratio enforcer/nginx [bold]{res['ratio']}[/bold] "
-                f"(per window {res['ratio_per_round']}), per server CPU-second "
-                f"{res['ratio_per_server_cpu_s']}"
-            )
-        for name in ("enforcer", "nginx"):
+        for key, peer in (("ratio", "nginx"), ("ratio_to_baseline", "baseline")):
+            if key in res:
+                console.print(
+                    f"{workers} worker(s): ratio enforcer/{peer} [bold]{res[key]}[/bold] "
+                    f"(per window {res[f'{key}_per_round']}), per server CPU-second "
+                    f"{res[f'{key}_per_server_cpu_s']}"
+                )
+        for name in ("enforcer", "baseline", "nginx"):
             for kind, n in res.get(name, {}).get("error_kinds", {}).items():
                 console.print(f"{workers} worker(s), {name}: {n} x {kind}", markup=False)
     log_kinds = access_log_summary(bed.access_log)  # readiness probes show up as tls_error
@@ -198,7 +208,7 @@ def main() -> int:
     for note in notes:
         console.print(note, markup=False)
     for res in results.values():
-        for r in (res.get("enforcer"), res.get("nginx")):
+        for r in (res.get("enforcer"), res.get("baseline"), res.get("nginx")):
             if r:
                 r.pop("window_rates", None)
     record = {
@@ -211,9 +221,8 @@ def main() -> int:
     print(json.dumps(record, separators=(",", ":")), flush=True)
     print(f"rerun: cd {shlex.quote(os.getcwd())} && {shlex.join(sys.orig_argv)}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    failed = any(
-        res[n]["errors"] for res in results.values() for n in ("enforcer", "nginx") if n in res
-    )
+    names = ("enforcer", "baseline", "nginx")
+    failed = any(res[n]["errors"] for res in results.values() for n in names if n in res)
     return 1 if failed or err else 0
 
 

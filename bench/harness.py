@@ -206,12 +206,16 @@ def start_server(cmd: list[str], port: int, what: str, err: Path) -> subprocess.
     return proc
 
 
-def start_enforcer(bed: Testbed, port: int, workers: int) -> subprocess.Popen[bytes]:
-    """Start ``testbed enforcer serve`` with ``workers`` processes."""
-    testbed = str(Path(sys.executable).with_name("testbed"))
-    cmd = [testbed, "enforcer", "serve", "--config", str(bed.layout.config)]
+def start_enforcer(
+    bed: Testbed, port: int, workers: int, testbed: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``testbed enforcer serve`` with ``workers`` processes (another build's ``testbed``
+    executable when given: a baseline, e.g. main's, to measure against in the same run)."""
+    err = bed.tmp / ("enforcer.err" if testbed is None else "baseline.err")
+    exe = testbed or str(Path(sys.executable).with_name("testbed"))
+    cmd = [exe, "enforcer", "serve", "--config", str(bed.layout.config)]
     cmd += ["--port", str(port), "--workers", str(workers)]
-    return start_server(cmd, port, "enforcer", bed.tmp / "enforcer.err")
+    return start_server(cmd, port, "enforcer" if testbed is None else "baseline", err)
 
 
 def start_nginx(bed: Testbed, port: int, workers: int) -> subprocess.Popen[bytes]:
