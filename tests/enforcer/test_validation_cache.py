@@ -23,8 +23,11 @@ from cryptography.hazmat.primitives import serialization
 from devices.pki import issue_ca, issue_leaf, write_pem
 from devices.provision import csr_for
 from enforcer import control
+from enforcer.chain import HostTrust, ValidationCache, validate_chain
 from enforcer.config import load_config
+from enforcer.lru import BoundedLRU
 from enforcer.snapshot import RootCertificate
+from enforcer.tokens import KeyRing, SigningKey, TokenMemo, TokenStatus, access_claims, check, mint
 from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
 from tests.wire import client_context, get
@@ -222,3 +225,52 @@ async def test_the_token_memo_never_admits_a_token_for_another_application(
     response = await get(served.port, IOT_HOST, no_cert_ctx(served), headers=headers)
     assert (response.status, response.reason) == (403, "no_certificate")
     assert served.last()["notes"] == ["token_invalid"]
+
+
+# ---- the pure pieces -------------------------------------------------------------------------
+
+
+def test_the_lru_is_bounded_and_forgets_the_least_recently_used() -> None:
+    lru: BoundedLRU[str, int] = BoundedLRU(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1  # "b" is now the least recently used
+    lru.put("c", 3)
+    assert (lru.get("b"), lru.get("a"), lru.get("c"), len(lru)) == (None, 1, 3, 2)
+
+
+def test_only_successes_are_cached_and_a_failure_is_never_returned(demo: Any) -> None:
+    cfg = load_config(demo.config)
+    trust = HostTrust.build([cfg.roots[0].root], cfg.roots[0].intermediates)
+    cache = ValidationCache()
+    now = dt.datetime.now(dt.UTC)
+    for device, valid in (("valid", True), ("expired", False), ("foreign-ca", False)):
+        chain = x509.load_pem_x509_certificates(demo.device(device)[0].read_bytes())
+        result = validate_chain(chain[0], chain[1:], trust, (), frozenset(), now)
+        assert result.valid is valid
+        key = cache.key(trust, chain)
+        cache.store(key, result)
+        assert (cache.lookup(key, frozenset(), now) is not None) is valid
+    assert len(cache) == 1
+
+
+def test_the_token_memo_keeps_only_tokens_whose_signature_verified() -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    now = dt.datetime.now(dt.UTC)
+    ring = KeyRing(SigningKey.from_private_key(rsa.generate_private_key(65537, 2048), now))
+    claims = access_claims(aud="a" * 64, issuer="https://iss", now=now, lifetime=DAY,
+                           common_name="d", x5t_s256=None, serial=None)  # fmt: skip
+    token = mint(ring, claims)
+    head, payload, signature = token.split(".")
+    tampered = f"{head}.{payload}.{signature[:-4]}AAAA"
+    memo = TokenMemo()
+    for t in (tampered, tampered):
+        assert check(t, ring, aud="a" * 64, issuer="https://iss", now=now, memo=memo).status is (
+            TokenStatus.INVALID
+        )
+    assert len(memo) == 0
+    for _ in range(2):
+        result = check(token, ring, aud="a" * 64, issuer="https://iss", now=now, memo=memo)
+        assert result.status is TokenStatus.VALID
+    assert (len(memo), memo.hits) == (1, 1)
