@@ -4,7 +4,10 @@ Every request is a NEW TCP connection and a full TLS handshake (no session resum
 which a device presents its EC P-256 certificate with its chain (leaf + one intermediate), then
 sends ``GET /`` with ``Connection: close`` and reads the whole response. The devices come from
 a fleet of ``--fleet`` distinct certificates; each client process cycles through its own slice,
-so most handshakes are by returning devices (the share is printed), as in a real fleet.
+and before measuring every device connects once to each server (``--no-warm-fleet`` skips
+that), so the measured handshakes are by returning devices (the share is printed), as in a
+fleet in its steady state. With N workers each worker has its own caches and the kernel spreads
+connections over them (SO_REUSEPORT), so a returning device may be new to the worker it reaches.
 
 Targets, both on 127.0.0.1, both up for the whole run and measured in alternating windows by
 the same client processes (see ``harness.py``), for each worker count in ``--workers``:
@@ -106,6 +109,10 @@ def measure_workers(
                 raise SystemExit(f"{name}: the first fleet device got {status}, not 200")
         windows: dict[str, list[Result]] = {name: [] for name in servers}
         names = list(servers)
+        if args.warm_fleet:
+            for name in names:
+                console.print(f"  {workers} worker(s): one pass of the fleet through {name} ...")
+                pool.warm(f"{name}/{workers}", servers[name][1], REQUEST)
         for r in range(args.rounds):
             for name in names if r % 2 == 0 else names[::-1]:  # ABBA: drift hits both alike
                 proc, port = servers[name]
@@ -141,6 +148,12 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2", help="worker counts to measure (1,2)")
     ap.add_argument("--fleet", type=int, default=500, help="distinct devices (500)")
     ap.add_argument("--skip-nginx", action="store_true", help="measure the enforcer only")
+    ap.add_argument(
+        "--no-warm-fleet",
+        dest="warm_fleet",
+        action="store_false",
+        help="skip the unmeasured first pass of every device through each server",
+    )
     ap.add_argument(
         "--baseline",
         help="another build's testbed executable (e.g. a main checkout's .venv/bin/testbed): "

@@ -315,6 +315,9 @@ class Window:
     warmup: float
     duration: float
     request: bytes
+    # One handshake per device of each client's slice, then stop (warms a server's caches the
+    # way a fleet that already connected once would have); nothing is measured.
+    one_pass: bool = False
 
 
 def _client_main(index: int, devices: Sequence[tuple[Path, Path]], edge_ca: Path, cmds: Any,
@@ -335,7 +338,11 @@ def _client_main(index: int, devices: Sequence[tuple[Path, Path]], edge_ca: Path
         cpu: float | None = None
         keep: ssl.SSLSocket | None = None
         leftover = b""
+        passes = 0
         while (t0 := time.monotonic()) < end:
+            if w.one_pass and passes >= len(contexts):
+                break
+            passes += 1
             if cpu is None and t0 >= measure_from:
                 cpu = time.process_time()
             p0 = time.perf_counter()
@@ -391,6 +398,16 @@ class ClientPool:
             p.start()
         for _ in self._procs:
             self._out.get(timeout=300)  # "ready": every context is built
+
+    def warm(self, target: str, port: int, request: bytes) -> None:
+        """One handshake per fleet device against ``port`` (see :attr:`Window.one_pass`)."""
+        window = Window(target, port, "handshake", time.monotonic(), 0.0, 600.0, request, True)
+        for q in self._cmds:
+            q.put(window)
+        done = [self._out.get(timeout=660) for _ in self._procs]
+        errors = sum(sum(d[3].values()) for d in done)
+        if errors:
+            raise SystemExit(f"{target}: {errors} errors while warming: {done[0][3]}")
 
     def run(self, window: Window, server: Callable[[], float]) -> Result:
         """Run one window on every client; ``server()`` reads the server's CPU seconds."""
