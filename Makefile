@@ -36,8 +36,11 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Enforcer vs nginx, same clients, same run: full handshakes (1 and 2 workers) with the crypto
+# ceiling beside them, then cookie reuse on kept-alive connections.
 bench: $(STAMP)
-	$(BIN)/python bench/handshakes.py
+	$(BIN)/python bench/ceiling.py
+	$(BIN)/python bench/cookies.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/

@@ -34,6 +34,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from enforcer.lru import BoundedLRU
 from enforcer.reasons import Reason
 
 DEFAULT_MAX_CHAIN_DEPTH = 8
@@ -43,6 +44,7 @@ _EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
     x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
 )
 _CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
+_SHA256 = hashes.SHA256()
 
 
 def sha256_hex(der: bytes) -> str:
@@ -109,6 +111,17 @@ class HostTrust:
     intermediates: tuple[x509.Certificate, ...]
     max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
     store: Store | None = dataclasses.field(default=None, compare=False, repr=False)
+    # What the trust is, as bytes: two hostnames with the same digest judge every chain alike,
+    # so a cached validation may be shared between them and never reaches any other hostname.
+    digest: bytes = dataclasses.field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        h = hashlib.sha256(b"depth %d;" % self.max_chain_depth)
+        for label, certs in ((b"roots", self.roots), (b"intermediates", self.intermediates)):
+            h.update(b"%s %d;" % (label, len(certs)))
+            for cert in certs:
+                h.update(cert.fingerprint(_SHA256))
+        object.__setattr__(self, "digest", h.digest())
 
     @classmethod
     def build(
@@ -264,3 +277,65 @@ def validate_chain(
                 return ChainResult(None, Reason.INVALID_CHAIN, error_inside)
         return ChainResult(None, reason, detail)
     return ChainResult(None, Reason.INVALID_CHAIN, error)
+
+
+class ValidationCache:
+    """Successful validations by (hostname trust, presented chain), reused while they hold.
+
+    A full path build costs a few hundred microseconds of Python and Rust per handshake; a
+    returning device presents the same leaf and intermediates, and the trust of its hostname
+    rarely changes. So a success is remembered under the SHA-256 of the trust's digest and the
+    presented certificates' fingerprints, and a hit is reused only after the checks that can
+    change without the key changing: ``now`` must lie inside every certificate's validity
+    window on the verified path (notBefore and notAfter, the earliest notAfter bounds the
+    entry), and the leaf must not be revoked in the request's snapshot. Failures are never
+    cached: their reason can change with the clock and with the known intermediates.
+
+    This is a memo of the pure :func:`validate_chain`; it reads no clock and does no I/O.
+    Proof of possession is not cached: OpenSSL verifies every handshake's CertificateVerify.
+    """
+
+    def __init__(self, size: int = 50_000) -> None:
+        self._entries: BoundedLRU[bytes, ChainResult] = BoundedLRU(size)
+
+    @property
+    def hits(self) -> int:
+        """Lookups answered from the cache."""
+        return self._entries.hits
+
+    @property
+    def misses(self) -> int:
+        """Lookups that found nothing (an expired or revoked hit counts as a hit then a drop)."""
+        return self._entries.misses
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def key(trust: HostTrust, chain: Sequence[x509.Certificate]) -> bytes:
+        """The cache key of a presented chain (leaf first) under one hostname's trust."""
+        h = hashlib.sha256(trust.digest)
+        for cert in chain:
+            h.update(cert.fingerprint(_SHA256))
+        return h.digest()
+
+    def lookup(self, key: bytes, revoked: frozenset[str], now: dt.datetime) -> ChainResult | None:
+        """Return the cached success for ``key`` if it still holds at ``now``, else None."""
+        result = self._entries.get(key)
+        if result is None:
+            return None
+        facts = result.facts
+        if (
+            facts is not None
+            and facts.chain_valid_from <= now <= facts.chain_valid_until
+            and facts.sha256 not in revoked
+        ):
+            return result
+        # Past its window or revoked: the full validation must say which reason applies.
+        self._entries.discard(key)
+        return None
+
+    def store(self, key: bytes, result: ChainResult) -> None:
+        """Remember a successful validation (failures are ignored)."""
+        if result.valid:
+            self._entries.put(key, result)

@@ -31,11 +31,11 @@ from typing import Any
 from cryptography import x509
 
 from enforcer.application import Application
-from enforcer.chain import CertificateFacts, ChainResult, validate_chain
+from enforcer.chain import CertificateFacts, ChainResult, ValidationCache, validate_chain
 from enforcer.policy import Decision, RequestFacts, first_match
 from enforcer.reasons import Reason
 from enforcer.snapshot import Snapshot
-from enforcer.tokens import TokenStatus, access_claims, check, mint
+from enforcer.tokens import TokenMemo, TokenStatus, access_claims, check, mint
 
 
 class AdmittedBy(enum.StrEnum):
@@ -97,8 +97,13 @@ def check_chain(
     hostname: str,
     chain: Sequence[x509.Certificate],
     now: dt.datetime,
+    cache: ValidationCache | None = None,
 ) -> ChainResult | None:
-    """Validate a presented chain (leaf first) for ``hostname``; None when none was presented."""
+    """Validate a presented chain (leaf first) for ``hostname``; None when none was presented.
+
+    ``cache``, owned by the caller, memoises successes (see :class:`ValidationCache`): a hit is
+    re-checked against ``now`` and the snapshot's revocations before it is returned.
+    """
     if not chain:
         return None
     trust = snapshot.trust.get(hostname)
@@ -106,9 +111,18 @@ def check_chain(
         return ChainResult(
             None, Reason.UNTRUSTED_ISSUER, "no root is associated with this hostname"
         )
-    return validate_chain(
+    key = b""
+    if cache is not None:
+        key = cache.key(trust, chain)
+        hit = cache.lookup(key, snapshot.revoked, now)
+        if hit is not None:
+            return hit
+    result = validate_chain(
         chain[0], chain[1:], trust, snapshot.known_intermediates, snapshot.revoked, now
     )
+    if cache is not None:
+        cache.store(key, result)
+    return result
 
 
 def still_valid(result: ChainResult, snapshot: Snapshot, now: dt.datetime) -> bool:
@@ -126,8 +140,12 @@ def decide(
     snapshot: Snapshot,
     chain: ChainResult | None,
     now: dt.datetime,
+    tokens: TokenMemo | None = None,
 ) -> AccessDecision:
-    """Decide one request (SPEC A2-A9); ``chain`` is the presented chain's validation, if any."""
+    """Decide one request (SPEC A2-A9); ``chain`` is the presented chain's validation, if any.
+
+    ``tokens``, owned by the caller, memoises token signature checks (see :class:`TokenMemo`).
+    """
     sni = normalise_hostname(request.sni)
     host = normalise_hostname(request.host)
     if sni is None or host != sni:
@@ -164,7 +182,12 @@ def decide(
             notes.append(Reason.TOKEN_INVALID)  # a No Duration application never honours one
         else:
             checked = check(
-                request.token, snapshot.keyring, aud=app.aud, issuer=snapshot.issuer, now=now
+                request.token,
+                snapshot.keyring,
+                aud=app.aud,
+                issuer=snapshot.issuer,
+                now=now,
+                memo=tokens,
             )
             if checked.status is TokenStatus.EXPIRED:
                 notes.append(Reason.TOKEN_EXPIRED)

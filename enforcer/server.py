@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 
 from enforcer.accesslog import AccessLog
 from enforcer.application import COOKIE_NAME, TOKEN_HEADER
-from enforcer.chain import ChainResult, common_name, fingerprint
+from enforcer.chain import ChainResult, ValidationCache, common_name, fingerprint
 from enforcer.clock import Clock, WallClock
 from enforcer.config import EdgeCertificate, EnforcerConfig
 from enforcer.controller import Controller, limits_of, open_state
@@ -53,7 +53,7 @@ from enforcer.proxy import (
 from enforcer.reasons import DENIAL_BODIES, Reason
 from enforcer.snapshot import Snapshot
 from enforcer.tls import ContextsBySNI, HostTLS, IntermediatesMemo, ServerTLSStream, TLSError
-from enforcer.tokens import parse_cookie_header
+from enforcer.tokens import TokenMemo, parse_cookie_header
 
 log = logging.getLogger(__name__)
 JWKS_PATH = b"/cdn-cgi/access/certs"
@@ -103,6 +103,10 @@ class Enforcer:
         self.clock = clock or WallClock()
         self.access_log = access_log or AccessLog(config.server.access_log)
         self.intermediates = IntermediatesMemo()
+        # Memos of the pure checks, shared by all connections: a returning device skips the
+        # path build and a returning cookie skips pyjwt; each hit is re-checked at ``now``.
+        self.validations = ValidationCache()
+        self.token_memo = TokenMemo()
         # How the enforcer reaches origins (TCP, or in-memory streams in a simulation), and
         # the kept-alive connections it reuses.
         self.origins = OriginPool()
@@ -251,9 +255,11 @@ class _Session:
             self.requests += 1
             await self._request(event, body)
             if self.h11.our_state in (h11.MUST_CLOSE, h11.SWITCHED_PROTOCOL):
-                return
+                return  # aclose() sends what is held
             if self.h11.their_state is h11.MUST_CLOSE:
                 return
+            self.tls.hold_output = False
+            await self.tls.flush()  # the connection stays: the response must not wait
             try:
                 self.h11.start_next_cycle()
             except h11.LocalProtocolError:
@@ -271,8 +277,13 @@ class _Session:
         headers = [("content-type", "text/plain; charset=utf-8"), *extra]
         if close:
             headers.append(("connection", "close"))
+        self._hold_if_last(close)
         with contextlib.suppress(h11.LocalProtocolError):
             await respond(self.h11, self.tls, status, headers, text.encode())
+
+    def _hold_if_last(self, closing: bool) -> None:
+        """Let the response about to be sent leave with close_notify when it is the last."""
+        self.tls.hold_output = closing or self.h11.their_state is h11.MUST_CLOSE
 
     def _validate(self, snapshot: Snapshot, hostname: str, now: dt.datetime) -> ChainResult | None:
         if self._memo is not None:
@@ -283,7 +294,7 @@ class _Session:
                 and (result is None or still_valid(result, snapshot, now))
             ):
                 return result
-        result = check_chain(snapshot, hostname, self.chain, now)
+        result = check_chain(snapshot, hostname, self.chain, now, self.e.validations)
         if result is None or result.valid:
             self._memo = (snapshot.generation, hostname, result)
         return result
@@ -309,6 +320,7 @@ class _Session:
                 headers.append(("connection", "close"))  # SPEC A9: every response closes
             # Log before answering: once a client has its answer, the line is in the log.
             self._log(request, now, t0, status=200)
+            self._hold_if_last(jwks_app.no_duration)
             await respond(self.h11, self.tls, 200, headers, doc, head=request.method == b"HEAD")
             return
 
@@ -320,7 +332,7 @@ class _Session:
             self._validate(snapshot, hostname, now) if hostname and hostname == sni else None
         )
         access = AccessRequest(sni=sni, host=host, client_ip=_ip(self.peer), token=token)
-        decision = decide(access, snapshot, chain_result, now)
+        decision = decide(access, snapshot, chain_result, now, self.e.token_memo)
         decision_ms = (time.perf_counter() - t0) * 1000
 
         if not decision.allowed:
@@ -477,23 +489,35 @@ class _Session:
                 self.e.origins,
             ) as response:
                 out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
-                await send(
-                    self.h11,
-                    self.tls,
-                    h11.Response(
-                        status_code=response.status, headers=out + extra, reason=response.reason
-                    ),
+                head = (
+                    self.h11.send(
+                        h11.Response(
+                            status_code=response.status, headers=out + extra, reason=response.reason
+                        )
+                    )
+                    or b""
                 )
-                # One chunk behind, so that the log line is written before the response ends.
+                if not _small_body(response.headers):
+                    # Possibly a stream (chunked, or large): the client gets the head at once.
+                    await self.tls.send_all(head)
+                    head = b""
+                # One chunk behind, so that the log line is written before the response ends;
+                # a small response leaves in one write (head, body and end together).
                 pending = b""
                 async for chunk in response.body:
                     if pending:
-                        await send(self.h11, self.tls, h11.Data(data=pending))
+                        await self.tls.send_all(
+                            head + (self.h11.send(h11.Data(data=pending)) or b"")
+                        )
+                        head = b""
                     pending = chunk
                 log_status(response.status)
+                tail = head
                 if pending:
-                    await send(self.h11, self.tls, h11.Data(data=pending))
-                await send(self.h11, self.tls, h11.EndOfMessage())
+                    tail += self.h11.send(h11.Data(data=pending)) or b""
+                tail += self.h11.send(h11.EndOfMessage()) or b""
+                self._hold_if_last(decision.close_connection)
+                await self.tls.send_all(tail)
         except OriginError as exc:
             log.warning("connection %d: %s", self.conn_id, exc)
             if self.h11.our_state is h11.SEND_RESPONSE:
@@ -558,6 +582,15 @@ class _Session:
 _HOP_BY_HOP_RESPONSE = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade", b"trailer"}
 )
+
+
+_SMALL_BODY = 65536
+
+
+def _small_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """True when a response declares a Content-Length small enough to send in one write."""
+    lengths = [v for k, v in headers if k.lower() == b"content-length"]
+    return len(lengths) == 1 and lengths[0].strip().isdigit() and int(lengths[0]) <= _SMALL_BODY
 
 
 def _upgrade_protocol(request: h11.Request) -> bytes | None:

@@ -139,6 +139,9 @@ class ServerTLSStream:
         self._send_lock = trio.Lock()
         self._eof = False
         self.sni: str | None = None
+        # Set when the next write is the connection's last: it then leaves with close_notify in
+        # one segment at aclose(). Any read that must wait flushes first, so nothing is stuck.
+        self.hold_output = False
 
     @property
     def connection(self) -> SSL.Connection:
@@ -166,7 +169,10 @@ class ServerTLSStream:
         self._conn = SSL.Connection(self._contexts.for_name(self.sni), None)
         self._conn.set_accept_state()
         self._conn.bio_write(hello)
-        await self._retry(self._conn.do_handshake)
+        # What the last step produces (TLS 1.3 session tickets) waits for our next write or
+        # our next wait for input: usually the request is already here, so the tickets leave
+        # with the response in one segment instead of one of their own.
+        await self._retry(self._conn.do_handshake, flush_after=False)
 
     async def _receive_raw(self) -> bytes:
         try:
@@ -191,7 +197,10 @@ class ServerTLSStream:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise TLSError(f"connection lost: {exc}") from exc
 
-    async def _retry(self, fn: Callable[[], T]) -> T:
+    async def _retry(self, fn: Callable[[], T], *, flush_after: bool = True) -> T:
+        # Whatever OpenSSL writes is flushed before we wait for the peer (WantReadError), so a
+        # peer waiting for our bytes is never stuck; ``flush_after=False`` leaves the output of
+        # a successful call for the next flush (our next write, next wait, or aclose).
         conn = self.connection
         while True:
             try:
@@ -215,7 +224,8 @@ class ServerTLSStream:
             except SSL.Error as exc:
                 await self._flush_quietly()  # deliver our alert before giving up
                 raise TLSError(_describe(exc)) from exc
-            await self._flush()
+            if flush_after:
+                await self._flush()
             return result
 
     async def _flush_quietly(self) -> None:
@@ -225,7 +235,9 @@ class ServerTLSStream:
     async def receive_some(self, max_bytes: int | None = _RECEIVE_SIZE) -> bytes:
         """Return decrypted bytes; ``b""`` at a clean or abrupt end of the stream."""
         try:
-            return await self._retry(lambda: self.connection.recv(max_bytes or _RECEIVE_SIZE))
+            return await self._retry(
+                lambda: self.connection.recv(max_bytes or _RECEIVE_SIZE), flush_after=False
+            )
         except SSL.ZeroReturnError:
             return b""
         except TLSError:
@@ -243,16 +255,22 @@ class ServerTLSStream:
             except SSL.Error as exc:
                 raise TLSError(_describe(exc)) from exc
             view = view[n:]
+        if not self.hold_output:
+            await self._flush()
+
+    async def flush(self) -> None:
+        """Send whatever OpenSSL has produced and not yet sent."""
         await self._flush()
 
     async def aclose(self) -> None:
         """Send close_notify when possible, then close the socket."""
         try:
-            if self._conn is not None and not self._eof:
+            if self._conn is not None:
                 with trio.move_on_after(1):
-                    with contextlib.suppress(SSL.Error):
-                        self._conn.shutdown()
-                    await self._flush()
+                    if not self._eof:
+                        with contextlib.suppress(SSL.Error):
+                            self._conn.shutdown()
+                    await self._flush()  # a held response, then close_notify
         except TLSError:
             pass
         finally:

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import RSAAlgorithm
 
+from enforcer.lru import BoundedLRU
+
 ALGORITHM = "RS256"
 
 
@@ -159,8 +161,50 @@ class TokenCheck:
     detail: str = ""
 
 
-def check(token: str, ring: KeyRing, *, aud: str, issuer: str, now: dt.datetime) -> TokenCheck:
-    """Check a token's signature (by an accepted key), algorithm, audience, issuer and times."""
+@dataclasses.dataclass(frozen=True)
+class _Verified:
+    """A token whose RS256 signature verified under the key ``kid`` with public JWK ``jwk``."""
+
+    kid: str
+    jwk: Mapping[str, Any]
+    claims: Mapping[str, Any]
+
+
+class TokenMemo:
+    """Tokens whose signature already verified, by token string (bounded, least recently used).
+
+    pyjwt spends about half a millisecond per token, most of it in Python (base64 alphabet
+    checks, JSON) around one RSA verification. A cookie comes back on every request of a
+    session, so :func:`check` remembers what verified. Only the signature and the claims'
+    decoding are memoised, which are pure functions of the token and the key: every hit is
+    checked again for what depends on ``now`` and on the request (the key still accepted by the
+    ring at ``now``, audience, issuer, type, ``exp`` and ``nbf``).
+    """
+
+    def __init__(self, size: int = 20_000) -> None:
+        self._entries: BoundedLRU[str, _Verified] = BoundedLRU(size)
+
+    @property
+    def hits(self) -> int:
+        """Checks answered without verifying a signature."""
+        return self._entries.hits
+
+    def get(self, token: str) -> _Verified | None:
+        """Return what is known about ``token``'s signature, or None."""
+        return self._entries.get(token)
+
+    def put(self, token: str, verified: _Verified) -> None:
+        """Remember that ``token`` verified."""
+        self._entries.put(token, verified)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _verify_signature(
+    token: str, ring: KeyRing, aud: str, issuer: str, now: dt.datetime
+) -> _Verified | TokenCheck:
+    """Verify a token's header, signature, audience and issuer with pyjwt."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
@@ -186,6 +230,54 @@ def check(token: str, ring: KeyRing, *, aud: str, issuer: str, now: dt.datetime)
         )
     except jwt.PyJWTError as exc:
         return TokenCheck(TokenStatus.INVALID, detail=str(exc))
+    return _Verified(key.kid, key.public_jwk, claims)
+
+
+def _recheck_memoised(
+    verified: _Verified, ring: KeyRing, aud: str, issuer: str, now: dt.datetime
+) -> TokenCheck | None:
+    """Re-run, for a memoised token, the checks pyjwt made that depend on the request or ring."""
+    key = next((k for k in ring.accepted(now) if k.kid == verified.kid), None)
+    if key is None or key.public_jwk != verified.jwk:
+        # Rotated out (grace period over) or replaced: its signatures no longer count.
+        return TokenCheck(TokenStatus.INVALID, detail=f"unknown kid {verified.kid!r}")
+    audiences = verified.claims.get("aud")
+    if isinstance(audiences, str):
+        audiences = [audiences]
+    if not isinstance(audiences, list) or aud not in audiences:
+        return TokenCheck(TokenStatus.INVALID, detail="Audience doesn't match")
+    if verified.claims.get("iss") != issuer:
+        return TokenCheck(TokenStatus.INVALID, detail="Invalid issuer")
+    return None
+
+
+def check(
+    token: str,
+    ring: KeyRing,
+    *,
+    aud: str,
+    issuer: str,
+    now: dt.datetime,
+    memo: TokenMemo | None = None,
+) -> TokenCheck:
+    """Check a token's signature (by an accepted key), algorithm, audience, issuer and times.
+
+    With ``memo``, a token whose signature verified before skips pyjwt; everything else is
+    checked again at ``now`` (see :class:`TokenMemo`).
+    """
+    verified = memo.get(token) if memo is not None else None
+    if verified is not None:
+        refused = _recheck_memoised(verified, ring, aud, issuer, now)
+        if refused is not None:
+            return refused
+    else:
+        outcome = _verify_signature(token, ring, aud, issuer, now)
+        if isinstance(outcome, TokenCheck):
+            return outcome
+        verified = outcome
+        if memo is not None:
+            memo.put(token, verified)
+    claims = verified.claims
     ts = now.timestamp()
     try:
         exp, nbf = float(claims["exp"]), float(claims["nbf"])
@@ -197,7 +289,7 @@ def check(token: str, ring: KeyRing, *, aud: str, issuer: str, now: dt.datetime)
         return TokenCheck(TokenStatus.EXPIRED, detail="token expired")
     if ts < nbf:
         return TokenCheck(TokenStatus.INVALID, detail="token not valid yet")
-    return TokenCheck(TokenStatus.VALID, claims=claims)
+    return TokenCheck(TokenStatus.VALID, claims=dict(claims))
 
 
 def load_or_create_key(path: str | None, now: dt.datetime) -> SigningKey:

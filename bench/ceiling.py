@@ -1,0 +1,205 @@
+"""The crypto ceiling of full mTLS handshakes on this machine, beside what is measured.
+
+What one full TLS 1.3 mTLS handshake costs the SERVER in public-key operations, as the
+benchmark's handshakes run (EC P-256 edge certificate, X25519 key exchange, EC P-256 device
+certificate with one intermediate, client certificate requested):
+
+* X25519: one key generation and one shared-secret derivation (``openssl speed`` measures the
+  derivation; a key generation is one scalar multiplication too, so it is counted as one more
+  derivation);
+* ECDSA P-256: one signature (the server's CertificateVerify with the edge key);
+* ECDSA P-256 verifications: the client's CertificateVerify (proof of possession), then the
+  chain: nginx verifies leaf-by-intermediate and intermediate-by-root (2). The enforcer's
+  OpenSSL has no trust store (the access decision judges the chain), so in the handshake it
+  can only check the leaf against the intermediate the client sent (1); then on a validation
+  cache MISS cryptography's verifier checks the two chain signatures again (2), on a HIT none;
+* RSA-2048 (enforcer only): one PKCS#1 v1.5 signature, the RS256 token minted per admitted
+  request (SPEC A7).
+
+Symmetric crypto, hashing, certificate parsing, the kernel's TCP work and everything else is
+left out, so the ceiling is an upper bound no server reaches. It is computed per core from
+``openssl speed`` (the system OpenSSL, which nginx and the client use) and, as a cross-check,
+from the same operations timed through ``cryptography`` (the OpenSSL bundled with it, which the
+enforcer uses). The measured figures are handshakes per server CPU-second (per core), from
+``bench/handshakes.py``'s 1-worker run (which this script runs and prints first, unless
+``--from-json`` names a file holding its output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
+from rich.console import Console
+from rich.table import Table
+
+# Operations per handshake, by kind: x25519 (keygen + derive), ecdsa_sign, ecdsa_verify, rsa_sign.
+PROFILES: dict[str, dict[str, int]] = {
+    "nginx": {"x25519": 2, "ecdsa_sign": 1, "ecdsa_verify": 3, "rsa_sign": 0},
+    "enforcer, validation cache hit": {
+        "x25519": 2, "ecdsa_sign": 1, "ecdsa_verify": 2, "rsa_sign": 1,
+    },
+    "enforcer, validation cache miss": {
+        "x25519": 2, "ecdsa_sign": 1, "ecdsa_verify": 4, "rsa_sign": 1,
+    },
+}  # fmt: skip
+
+
+def openssl_speed(seconds: int) -> dict[str, float]:
+    """Operations per second from ``openssl speed -mr`` (one process, one core)."""
+    cmd = [
+        "openssl",
+        "speed",
+        "-mr",
+        "-seconds",
+        str(seconds),
+        "ecdsap256",
+        "ecdhx25519",
+        "rsa2048",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    rates: dict[str, float] = {}
+    for line in out.splitlines():
+        f = line.split(":")
+        if f[0] == "+F2" and f[2] == "2048":  # RSA: bits, sign/s, verify/s
+            rates["rsa_sign"] = float(f[3])
+        elif f[0] == "+F4" and f[2] == "256":  # ECDSA: bits, sign/s, verify/s
+            rates["ecdsa_sign"], rates["ecdsa_verify"] = float(f[3]), float(f[4])
+        elif f[0] == "+F5" and f[2] == "253":  # ECDH X25519: bits, op/s
+            rates["x25519"] = float(f[3])
+    missing = {"rsa_sign", "ecdsa_sign", "ecdsa_verify", "x25519"} - rates.keys()
+    if missing:
+        raise SystemExit(f"openssl speed gave no figure for {sorted(missing)}:\n{out}")
+    return rates
+
+
+def _rate(op: Callable[[], object], seconds: float) -> float:
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(20):
+            op()
+        n += 20
+    return n / elapsed
+
+
+def cryptography_speed(seconds: float) -> dict[str, float]:
+    """The same operations through ``cryptography`` (the enforcer's OpenSSL)."""
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    sig = ec_key.sign(b"x" * 32, ec.ECDSA(hashes.SHA256()))
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    peer = x25519.X25519PrivateKey.generate().public_key()
+    mine = x25519.X25519PrivateKey.generate()
+
+    def verify() -> None:
+        ec_key.public_key().verify(sig, b"x" * 32, ec.ECDSA(hashes.SHA256()))
+
+    keygen_and_derive = _rate(lambda: x25519.X25519PrivateKey.generate().exchange(peer), seconds)
+    return {
+        "x25519": 2 * keygen_and_derive,  # per operation, to compare with openssl speed
+        "x25519_derive_only": _rate(lambda: mine.exchange(peer), seconds),
+        "ecdsa_sign": _rate(lambda: ec_key.sign(b"x" * 32, ec.ECDSA(hashes.SHA256())), seconds),
+        "ecdsa_verify": _rate(verify, seconds),
+        "rsa_sign": _rate(
+            lambda: rsa_key.sign(b"x" * 32, padding.PKCS1v15(), hashes.SHA256()), seconds
+        ),
+    }
+
+
+def ceiling(rates: dict[str, float], profile: dict[str, int]) -> float:
+    """Handshakes per core-second if the listed public-key operations were the only cost."""
+    return 1.0 / sum(count / rates[op] for op, count in profile.items() if count)
+
+
+def measured(args: argparse.Namespace) -> dict[str, Any]:
+    """The handshakes bench's JSON record: read from ``--from-json`` or run it now."""
+    if args.from_json:
+        lines = Path(args.from_json).read_text(encoding="utf-8").splitlines()
+    else:
+        bench = Path(__file__).with_name("handshakes.py")
+        cmd = [sys.executable, str(bench), *shlex.split(args.handshakes_args)]
+        print(f"running {shlex.join(cmd)} ...", flush=True)
+        run = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+        print(run.stdout, end="", flush=True)  # its table, JSON line and rerun command
+        lines = run.stdout.splitlines()
+    for line in lines:
+        if line.startswith('{"bench":"handshakes"'):
+            return dict(json.loads(line))
+    raise SystemExit("no handshakes JSON line found")
+
+
+def main() -> int:
+    """Print the ceiling beside the measured figures, one JSON line and the rerun command."""
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    ap.add_argument("--seconds", type=int, default=2, help="openssl speed s per test (2)")
+    ap.add_argument("--from-json", help="a file holding bench/handshakes.py's output")
+    ap.add_argument("--handshakes-args", default="", help="extra arguments for bench/handshakes.py")
+    args = ap.parse_args()
+    console = Console(soft_wrap=True, highlight=False, width=170)
+    speed = openssl_speed(args.seconds)
+    lib = cryptography_speed(min(1.0, args.seconds / 2))
+    bench = measured(args)
+    one = bench["workers"].get("1", {})
+
+    ops = Table(title="Public-key operations per second, one core")
+    for col in ("operation", "openssl speed (system OpenSSL)", "cryptography (enforcer's)"):
+        ops.add_column(col, justify="left" if col == "operation" else "right")
+    for op in ("x25519", "ecdsa_sign", "ecdsa_verify", "rsa_sign"):
+        ops.add_row(op, f"{speed[op]:.0f}", f"{lib[op]:.0f}")
+    console.print(ops)
+
+    table = Table(title="Full mTLS handshakes per core-second: crypto ceiling vs measured")
+    cols = ("server", "ops per handshake", "ceiling (openssl speed)", "ceiling (cryptography)",
+            "measured per server CPU-s", "share of ceiling")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="left" if col == "server" else "right")
+    rows: dict[str, Any] = {}
+    for name, profile in PROFILES.items():
+        target = "nginx" if name == "nginx" else "enforcer"
+        got = one.get(target, {}).get("per_server_cpu_s")
+        # The bench's fleet mostly returns: its enforcer figure belongs beside the hit profile.
+        show = got if name != "enforcer, validation cache miss" else None
+        top = ceiling(speed, profile)
+        rows[name] = {"ops": profile, "ceiling_openssl_speed": round(top),
+                      "ceiling_cryptography": round(ceiling(lib, profile)),
+                      "measured_per_server_cpu_s": show,
+                      "share": round(show / top, 3) if show else None}  # fmt: skip
+        table.add_row(
+            name,
+            ", ".join(f"{v} {k}" for k, v in profile.items() if v),
+            str(rows[name]["ceiling_openssl_speed"]),
+            str(rows[name]["ceiling_cryptography"]),
+            str(show) if show else "-",
+            f"{rows[name]['share']:.1%}" if show else "-",
+        )
+    console.print(table)
+    enf, ngx = one.get("enforcer", {}), one.get("nginx", {})
+    console.print(
+        f"measured (1 worker): enforcer {enf.get('per_s')} handshakes/s, nginx {ngx.get('per_s')}"
+        f" handshakes/s, ratio {one.get('ratio')}; enforcer returning share "
+        f"{enf.get('returning_share')}",
+        markup=False,
+    )
+    record = {
+        "bench": "ceiling", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "openssl_speed": {k: round(v) for k, v in speed.items()},
+        "cryptography": {k: round(v) for k, v in lib.items()}, "profiles": rows,
+        "handshakes": {"enforcer": enf, "nginx": ngx, "ratio": one.get("ratio")},
+    }  # fmt: skip
+    print(json.dumps(record, separators=(",", ":")), flush=True)
+    print(f"rerun: cd {shlex.quote(os.getcwd())} && {shlex.join(sys.orig_argv)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
