@@ -41,6 +41,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/cookies.py
+	$(BIN)/python bench/loadgen.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/

@@ -12,7 +12,11 @@ certificate (leaf + one intermediate) per request, then ``GET /``, against the s
 
 The per-core figure is handshakes per CPU-second of the client itself, which the noise of a
 shared machine disturbs far less than handshakes per wall second. The ratio
-generator/s_time is the number to compare between runs.
+generator/s_time is the number to compare between runs. Both are printed beside the client's
+crypto ceiling from ``openssl speed`` (see bench/ceiling.py): per full handshake a client does
+one X25519 key generation and one derivation, one ECDSA P-256 signature (its CertificateVerify)
+and two ECDSA P-256 verifications (the server's CertificateVerify, and the edge certificate
+against the edge CA it trusts).
 
     .venv/bin/python bench/loadgen.py [--duration 10] [--devices 16]
 """
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from ceiling import ceiling, openssl_speed  # bench/ceiling.py, beside this script
 from rich.console import Console
 from rich.table import Table
 
@@ -40,6 +45,7 @@ from testbed.nginx import NGINX, start_nginx, stop_nginx
 from testbed.runner import write_edge
 
 HOST = "auth.example.test"
+CLIENT_PROFILE = {"x25519": 2, "ecdsa_sign": 1, "ecdsa_verify": 2, "rsa_sign": 0}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -150,12 +156,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per client")
     parser.add_argument("--devices", type=int, default=16, help="generator devices (closed loop)")
+    parser.add_argument("--speed-seconds", type=int, default=2, help="per openssl speed test")
     args = parser.parse_args()
     if NGINX is None:
         sys.exit("bench/loadgen.py needs nginx (apt-get install nginx)")
     with tempfile.TemporaryDirectory() as tmp:
         figures = trio.run(measure, args, Path(tmp))
     gen, s_time = figures["generator"], figures["s_time"]
+    top = ceiling(openssl_speed(args.speed_seconds), CLIENT_PROFILE)
     ratio_cpu = gen["per_cpu_s"] / s_time["per_cpu_s"] if s_time["per_cpu_s"] else None
     ratio_wall = gen["per_s"] / s_time["per_s"] if s_time["per_s"] else None
     table = Table(title="Full mTLS handshakes against nginx, new connection per request")
@@ -175,6 +183,7 @@ def main() -> None:
         f"{s_time['cpu_s']:.2f}",
         f"{s_time['per_cpu_s']:.1f}" if s_time["per_cpu_s"] else "-",
     )
+    table.add_row("ceiling (openssl speed, public-key work only)", "", "", "", f"{top:.0f}")
     console = Console()
     console.print(table)
     console.print(
@@ -191,6 +200,8 @@ def main() -> None:
                 **{f"generator_{k}": v for k, v in gen.items()},
                 **{f"s_time_{k}": v for k, v in s_time.items()},
                 "ratio_per_core": ratio_cpu,
+                "client_ceiling_per_core": top,
+                "generator_share_of_ceiling": gen["per_cpu_s"] / top,
                 "ratio_per_wall_s": ratio_wall,
             }
         )
