@@ -55,6 +55,27 @@ async def _websocket_echo(stream: trio.abc.Stream) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _describe(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> bytes:
+    payload = {
+        "origin": "echo",
+        "method": method.decode(),
+        "path": target.decode("latin-1"),
+        "headers": {k.decode().lower(): v.decode("latin-1") for k, v in headers},
+        "body_bytes": len(body),
+    }
+    return (json.dumps(payload, indent=2) + "\n").encode()
+
+
+async def echo_app(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The echo origin answered in-process (``OriginPool.app``): the same JSON, no HTTP."""
+    await trio.lowlevel.checkpoint()
+    return 200, [(b"content-type", b"application/json")], _describe(method, target, headers, body)
+
+
 async def _echo(stream: trio.SocketStream) -> None:
     try:
         head = b""
@@ -73,14 +94,7 @@ async def _echo(stream: trio.SocketStream) -> None:
             if not isinstance(event, h11.Request):
                 return
             body = await read_body(conn, stream, 8 * 1024 * 1024)
-            payload = {
-                "origin": "echo",
-                "method": event.method.decode(),
-                "path": event.target.decode("latin-1"),
-                "headers": {k.decode(): v.decode("latin-1") for k, v in event.headers},
-                "body_bytes": len(body),
-            }
-            data = (json.dumps(payload, indent=2) + "\n").encode()
+            data = _describe(event.method, event.target, list(event.headers), body)
             await respond(conn, stream, 200, [("content-type", "application/json")], data)
             if conn.our_state is h11.MUST_CLOSE:
                 return

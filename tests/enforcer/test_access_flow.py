@@ -304,3 +304,29 @@ async def test_runs_on_trio_mock_clock(serve_config, mock_clock) -> None:
     late = await get(served.port, AUTH_HOST, ctx_for(served, None), headers=[cookie])
     assert (late.status, late.reason) == (403, "no_certificate")
     assert served.last()["notes"] == ["token_expired"]
+
+
+async def test_an_in_process_origin_answers_as_the_http_one_does(served: Served) -> None:
+    # Simulations mount the echo origin in-process (OriginPool.app): same answer, no HTTP hop.
+    import json
+
+    from enforcer.origin import echo_app
+
+    over_http = await get(served.port, AUTH_HOST, ctx_for(served, "valid"), path="/a?b=1")
+    served.enforcer.origins.app = echo_app
+    in_process = await get(served.port, AUTH_HOST, ctx_for(served, "valid"), path="/a?b=1")
+    assert in_process.status == over_http.status == 200
+    sent = json.loads(over_http.body)
+    got = json.loads(in_process.body)
+    assert got["path"] == sent["path"] == "/a?b=1"
+    # The same forwarded headers reach it: the token and the client certificate among them.
+    assert set(got["headers"]) == set(sent["headers"])
+    assert got["headers"]["cf-access-jwt-assertion"].count(".") == 2
+
+    async def refused(*args: object) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        raise OSError("connection refused")
+
+    served.enforcer.origins.app = refused
+    down = await get(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    assert down.status == 502
+    assert served.last()["status"] == 502
