@@ -1,0 +1,103 @@
+"""The suite: hypothesis drives cases (and the stateful machine) against one target.
+
+Every property runs in the calling thread with blocking I/O; the caller keeps the trio loop
+that serves the target alive (see :func:`testbed.conformance.cli.run`). A divergence is
+shrunk by hypothesis to a small case and reported with the seed that reproduces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis.errors import Flaky
+
+from testbed.conformance.runner import Divergence, Target, run_case
+from testbed.conformance.strategies import CaseSpec, case_specs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PropertyResult:
+    """The outcome of one property: how many cases ran, and each divergence found."""
+
+    name: str
+    description: str
+    examples: int = 0
+    divergences: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """True when nothing diverged and nothing broke."""
+        return not self.divergences and self.error is None
+
+
+def hypothesis_settings(examples: int, shrink: bool = True) -> settings:
+    """Settings for a conformance run: no deadline (TLS is slow), no example database."""
+    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=phases,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=True,
+        print_blob=False,
+    )
+
+
+def _collect(exc: BaseException, out: list[str]) -> None:
+    if isinstance(exc, Divergence):
+        out.append(str(exc))
+    elif isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            _collect(inner, out)
+    else:
+        raise exc
+
+
+def run_property(
+    name: str,
+    description: str,
+    body: Callable[[], None],
+) -> PropertyResult:
+    """Run a hypothesis-decorated ``body``; turn its divergences into a result."""
+    result = PropertyResult(name, description)
+    try:
+        body()
+    except Flaky as exc:
+        result.error = f"the target answered the same case differently on a rerun: {exc}"
+    except (Divergence, BaseExceptionGroup) as exc:
+        try:
+            _collect(exc, result.divergences)
+        except Exception as other:  # a crash inside a group: report it, don't hide it
+            result.error = f"{type(other).__name__}: {other}"
+    return result
+
+
+def check_cases(
+    target: Target, examples: int, rng_seed: int, *, shrink: bool = True
+) -> PropertyResult:
+    """Property: for every generated case, every answer of the target equals the model's."""
+    counter = [0]
+
+    @hypothesis_settings(examples, shrink)
+    @seed(rng_seed)
+    @given(case_specs(target.caps))
+    def cases(spec: CaseSpec) -> None:
+        counter[0] += 1
+        run = run_case(target, spec)
+        if run.divergent:
+            raise Divergence(run.report(target.name))
+
+    result = run_property(
+        "cases",
+        "fresh, kept-alive and resumed connections and token replays agree with the model",
+        cases,
+    )
+    result.examples = counter[0]
+    return result
