@@ -7,9 +7,10 @@ shrunk by hypothesis to a small case and reported with the seed that reproduces 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis.errors import Flaky
@@ -60,15 +61,37 @@ def _collect(exc: BaseException, out: list[str]) -> None:
         raise exc
 
 
+@contextlib.contextmanager
+def shrink_budget(seconds: float | None) -> Iterator[None]:
+    """Bound the time hypothesis spends shrinking a failure (its own default is 5 minutes).
+
+    Hypothesis has no public setting for this; it reads a module constant, which we set for
+    the duration of a run. Should a future hypothesis rename it, the budget is just not applied.
+    """
+    from hypothesis.internal.conjecture import engine
+
+    if seconds is None or not hasattr(engine, "MAX_SHRINKING_SECONDS"):
+        yield
+        return
+    saved = engine.MAX_SHRINKING_SECONDS
+    engine.MAX_SHRINKING_SECONDS = seconds  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        engine.MAX_SHRINKING_SECONDS = saved
+
+
 def run_property(
     name: str,
     description: str,
     body: Callable[[], None],
+    shrink_seconds: float | None = None,
 ) -> PropertyResult:
     """Run a hypothesis-decorated ``body``; turn its divergences into a result."""
     result = PropertyResult(name, description)
     try:
-        body()
+        with shrink_budget(shrink_seconds):
+            body()
     except Flaky as exc:
         result.error = f"the target answered the same case differently on a rerun: {exc}"
     except (Divergence, BaseExceptionGroup) as exc:
@@ -80,7 +103,12 @@ def run_property(
 
 
 def check_cases(
-    target: Target, examples: int, rng_seed: int, *, shrink: bool = True
+    target: Target,
+    examples: int,
+    rng_seed: int,
+    *,
+    shrink: bool = True,
+    shrink_seconds: float | None = None,
 ) -> PropertyResult:
     """Property: for every generated case, every answer of the target equals the model's."""
     counter = [0]
@@ -98,6 +126,46 @@ def check_cases(
         "cases",
         "fresh, kept-alive and resumed connections and token replays agree with the model",
         cases,
+        shrink_seconds,
+    )
+    result.examples = counter[0]
+    return result
+
+
+def check_stateful(
+    target: Target,
+    examples: int,
+    rng_seed: int,
+    *,
+    steps: int = 20,
+    shrink_seconds: float | None = None,
+) -> PropertyResult:
+    """Stateful property: devices, clock, revocations, rotations, durations vs the model."""
+    from hypothesis.stateful import get_state_machine_test
+
+    from testbed.conformance.machine import machine_for
+    from testbed.conformance.targets import AdminTarget
+
+    if not isinstance(target, AdminTarget) or target.clock is None:
+        return PropertyResult(
+            "stateful",
+            "skipped: the stateful test needs the built-in target (an injectable clock)",
+        )
+    counter = [0]
+    machine = machine_for(target)
+
+    class Counted(machine):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            counter[0] += 1
+            super().__init__()
+
+    run_settings = settings(hypothesis_settings(examples), stateful_step_count=steps)
+    test = seed(rng_seed)(get_state_machine_test(Counted, settings=run_settings))
+    result = run_property(
+        "stateful",
+        "connections, cookies, clock, revocation, rotation and durations agree with the model",
+        test,
+        shrink_seconds,
     )
     result.examples = counter[0]
     return result
