@@ -253,7 +253,10 @@ def a5_reach_root(
         return None
     known = [i for r in world.roots for i in r.intermediates]
     # A leaf whose claimed issuer exists but did not sign it has a bad signature.
-    forged = any(c.subject == leaf.issuer for c in [*presented, *known, *roots])
+    everything = [*presented, *known, *roots, *(r.certificate for r in world.roots)]
+    forged = any(c.subject == leaf.issuer for c in everything) and not any(
+        _issued_by(leaf, c) for c in everything
+    )
     reasons = {"untrusted_issuer"}
     if forged:
         reasons.add("invalid_chain")

@@ -82,6 +82,7 @@ class Capabilities:
 KNOWN_FAMILIES = {
     "ed25519": "Ed25519 keys anywhere in the chain",
     "leaf-key-usage": "client leaves whose key usage lacks digitalSignature",
+    "mixed-chain": "an uploaded intermediate below one that is not uploaded",
 }
 
 
@@ -275,12 +276,22 @@ def pki_specs(draw: st.DrawFn, caps: Capabilities) -> PkiSpec:
             validity_days=draw(st.sampled_from([1, 30])),
             revoked=draw(st.booleans()),
         )
+    intermediates = draw(st.lists(intermediate_specs(caps), max_size=3))
+    if "mixed-chain" in caps.skip:
+        # Uploaded intermediates form a root-side run: once one is not uploaded (with the
+        # root or the decoy), none below is. OpenSSL (nginx) stops building at the first
+        # certificate of its trust store, so it needs this.
+        gap = False
+        for i, inter in enumerate(intermediates):
+            gap = gap or not (inter.uploaded or inter.known_elsewhere)
+            if gap:
+                intermediates[i] = dataclasses.replace(inter, uploaded=False, known_elsewhere=False)
     return PkiSpec(
         root_key_type=draw(st.sampled_from(caps.draws_key_types())),
         root_not_before=nb,
         root_not_after=na,
         root_hostnames=draw(st.sampled_from(_HOSTNAME_SETS)),
-        intermediates=tuple(draw(st.lists(intermediate_specs(caps), max_size=3))),
+        intermediates=tuple(intermediates),
         leaf=draw(leaf_specs(caps)),
         decoy_hostnames=draw(st.sampled_from([None, None, (APP_HOST,), (OTHER_HOST,), ()])),
         managed=managed,
