@@ -206,7 +206,7 @@ async def _run_target(opts: Options, folder: Path) -> list[Any]:
     """Start the target, run the properties in a worker thread, stop the target."""
     from testbed.conformance.mutants import applied
     from testbed.conformance.suite import check_cases, check_stateful
-    from testbed.conformance.targets import NginxTarget, serve_builtin, url_target
+    from testbed.conformance.targets import NginxTarget, TargetError, serve_builtin, url_target
 
     def properties(target: Any) -> list[Any]:
         target.caps = dataclasses.replace(target.caps, skip=opts.skip)
@@ -221,21 +221,29 @@ async def _run_target(opts: Options, folder: Path) -> list[Any]:
             )
         return results
 
+    results: list[Any] = []
+    failure: Exception | None = None
     with applied(opts.mutant):
         async with trio.open_nursery() as nursery:
-            if opts.target == "builtin":
-                target: Any = await serve_builtin(nursery, folder)
-            elif opts.target == "nginx":
-                target = NginxTarget(folder)
-            else:
-                target = await trio.to_thread.run_sync(url_target, opts.url, folder)
+            target: Any = None
             try:
-                return await trio.to_thread.run_sync(properties, target)
+                if opts.target == "builtin":
+                    target = await serve_builtin(nursery, folder)
+                elif opts.target == "nginx":
+                    target = NginxTarget(folder)
+                else:
+                    target = await trio.to_thread.run_sync(url_target, opts.url, folder)
+                results = await trio.to_thread.run_sync(properties, target)
+            except (TargetError, RuntimeError) as exc:
+                # Raised outside the nursery, so the caller sees it, not an exception group.
+                failure = exc
             finally:
                 if isinstance(target, NginxTarget):
                     await target.aclose()
                 nursery.cancel_scope.cancel()
-    raise AssertionError("unreachable")  # pragma: no cover
+    if failure is not None:
+        raise failure
+    return results
 
 
 def write_junit(path: Path, opts: Options, results: list[Any], seconds: float) -> None:

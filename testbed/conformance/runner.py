@@ -30,7 +30,6 @@ from cryptography import x509
 from testbed.conformance import model
 from testbed.conformance.strategies import (
     APP_HOST,
-    NOAPP_HOST,
     OTHER_HOST,
     Capabilities,
     CaseSpec,
@@ -409,6 +408,3 @@ def describe_pki(
 def digest(text: str) -> str:
     """A short stable tag for grouping identical reports."""
     return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-__all__ = ["NOAPP_HOST", "CaseRun", "Divergence", "Provisioned", "Target", "run_case"]

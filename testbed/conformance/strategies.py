@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import strategies as st
 
@@ -71,16 +71,16 @@ class Capabilities:
     # while a divergence already reported stays unfixed.
     skip: frozenset[str] = frozenset()
 
-    def draws_key_types(self) -> tuple[str, ...]:
-        """The key types cases may use."""
-        if "ed25519" in self.skip:
+    def draws_key_types(self, ca: bool = True) -> tuple[str, ...]:
+        """The key types cases may use for CAs (or, with ``ca=False``, for leaves)."""
+        if ca and "ed25519-ca" in self.skip:
             return tuple(k for k in self.key_types if k != "ed25519")
         return self.key_types
 
 
 # Families of cases that can be skipped with --skip (each names one kind of certificate).
 KNOWN_FAMILIES = {
-    "ed25519": "Ed25519 keys anywhere in the chain",
+    "ed25519-ca": "roots and intermediates with Ed25519 keys (certificates signed with Ed25519)",
     "leaf-key-usage": "client leaves whose key usage lacks digitalSignature",
     "mixed-chain": "an uploaded intermediate below one that is not uploaded",
 }
@@ -205,7 +205,7 @@ _COARSE_NOT_AFTER = (-DAY, DAY, 30 * DAY, 365 * DAY)
 @st.composite
 def windows(draw: st.DrawFn, caps: Capabilities, valid_bias: bool = True) -> tuple[int, int]:
     """A validity window around now (offsets in seconds); mostly valid, sometimes not."""
-    if valid_bias and draw(st.integers(0, 3)) > 0:
+    if valid_bias and draw(st.integers(0, 5)) != 5:
         return (-DAY, 365 * DAY)
     starts, ends = (
         (_NOT_BEFORE, _NOT_AFTER) if caps.clock else (_COARSE_NOT_BEFORE, _COARSE_NOT_AFTER)
@@ -219,7 +219,7 @@ def windows(draw: st.DrawFn, caps: Capabilities, valid_bias: bool = True) -> tup
 def intermediate_specs(draw: st.DrawFn, caps: Capabilities) -> IntermediateSpec:
     """One intermediate: usually sound, sometimes defective or not sent."""
     nb, na = draw(windows(caps))
-    sound = draw(st.integers(0, 4)) > 0
+    sound = draw(st.integers(0, 4)) != 4
     return IntermediateSpec(
         key_type=draw(st.sampled_from(caps.draws_key_types())),
         not_before=nb,
@@ -227,9 +227,9 @@ def intermediate_specs(draw: st.DrawFn, caps: Capabilities) -> IntermediateSpec:
         is_ca=sound or draw(st.booleans()),
         path_length=None if sound else draw(st.sampled_from([None, 0, 1])),
         key_cert_sign=sound or draw(st.booleans()),
-        presented=draw(st.integers(0, 3)) > 0,
+        presented=draw(st.integers(0, 5)) != 5,
         uploaded=draw(st.booleans()),
-        known_elsewhere=draw(st.integers(0, 3)) == 0,
+        known_elsewhere=draw(st.integers(0, 3)) == 3,
     )
 
 
@@ -240,25 +240,24 @@ _CNS = ("device-1", "device-2", "sensor-7")
 def leaf_specs(draw: st.DrawFn, caps: Capabilities) -> LeafSpec:
     """A client leaf: usually sound, sometimes with a wrong EKU, key usage or signature."""
     nb, na = draw(windows(caps))
-    sound = draw(st.integers(0, 4)) > 0
+    sound = draw(st.integers(0, 4)) != 4
     dns = draw(st.sampled_from([(), ("d1.fleet.test",), ("d1.fleet.test", "alt.example.test")]))
     uris = draw(st.sampled_from([(), ("spiffe://fleet.test/device/1",)]))
     return LeafSpec(
         cn=draw(st.sampled_from(_CNS)),
-        key_type=draw(st.sampled_from(caps.draws_key_types())),
+        key_type=draw(st.sampled_from(caps.draws_key_types(ca=False))),
         not_before=nb,
         not_after=na,
         eku="client" if sound else draw(st.sampled_from(["client", "server", "both", "none"])),
         digital_signature=sound or "leaf-key-usage" in caps.skip or draw(st.booleans()),
         san_dns=dns,
         san_uris=uris,
-        forged=not sound and draw(st.integers(0, 3)) == 0,
+        forged=not sound and draw(st.integers(0, 3)) == 3,
     )
 
 
 _HOSTNAME_SETS: tuple[tuple[str, ...], ...] = (
-    (APP_HOST,),
-    (APP_HOST,),
+    *([(APP_HOST,)] * 6),
     (APP_HOST, OTHER_HOST),
     (OTHER_HOST,),
     (),
@@ -270,7 +269,7 @@ def pki_specs(draw: st.DrawFn, caps: Capabilities) -> PkiSpec:
     """A PKI tree with 0 to 3 intermediates, a leaf and the roots' hostnames."""
     nb, na = draw(windows(caps))
     managed = None
-    if caps.managed_ca and draw(st.integers(0, 4)) == 0:
+    if caps.managed_ca and draw(st.integers(0, 9)) == 9:
         managed = ManagedSpec(
             hostnames=draw(st.sampled_from(_HOSTNAME_SETS)),
             validity_days=draw(st.sampled_from([1, 30])),
@@ -313,7 +312,7 @@ _CERT_RULES = (
 def rule_specs(draw: st.DrawFn) -> RuleSpec:
     """A rule of any kind, made to match the leaf or not."""
     kind = draw(st.sampled_from([*_CERT_RULES, "common_name", "everyone", "ip"]))
-    return RuleSpec(kind, draw(st.integers(0, 2)) > 0)
+    return RuleSpec(kind, draw(st.integers(0, 2)) != 2)
 
 
 @st.composite
@@ -321,6 +320,10 @@ def policy_specs(draw: st.DrawFn, caps: Capabilities) -> PolicySpec:
     """A policy of any decision with include/require/exclude rules."""
     if not caps.policies:
         return PolicySpec()
+    if draw(st.booleans()):
+        # The seeds' two policies, Valid Certificate and Common Name, half of the time.
+        kind = draw(st.sampled_from(["certificate", "common_name"]))
+        return PolicySpec(include=(RuleSpec(kind, draw(st.integers(0, 2)) != 2),))
     return PolicySpec(
         decision=draw(st.sampled_from(["non_identity", "non_identity", "allow", "deny", "bypass"])),
         include=tuple(draw(st.lists(rule_specs(), min_size=1, max_size=2))),
@@ -337,9 +340,9 @@ def request_specs(draw: st.DrawFn, caps: Capabilities) -> RequestSpec:
     """The first request's SNI, Host, certificate and junk token."""
     return RequestSpec(
         sni=draw(st.sampled_from([APP_HOST] * 6 + [OTHER_HOST, NOAPP_HOST])),
-        host_differs=caps.misdirected and draw(st.integers(0, 9)) == 0,
-        present_certificate=draw(st.integers(0, 5)) > 0,
-        junk_token=caps.tokens and draw(st.integers(0, 5)) == 0,
+        host_differs=caps.misdirected and draw(st.integers(0, 9)) == 9,
+        present_certificate=draw(st.integers(0, 5)) != 5,
+        junk_token=caps.tokens and draw(st.integers(0, 5)) == 5,
     )
 
 
@@ -617,17 +620,3 @@ def csr_pem(key: PrivateKey, cn: str) -> str:
         .sign(key, _sign_hash(key))  # type: ignore[arg-type]
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
-__all__ = [
-    "APP_HOST",
-    "NOAPP_HOST",
-    "OTHER_HOST",
-    "BuiltPki",
-    "Capabilities",
-    "CaseSpec",
-    "build_pki",
-    "case_specs",
-    "ec",
-    "pooled_key",
-]

@@ -24,10 +24,11 @@ VALID = model.Policy("valid", "non_identity", (model.Rule("certificate"),))
 
 
 def world(
-    spec: PkiSpec = PkiSpec(),
+    spec: PkiSpec | None = None,
     duration: dt.timedelta = dt.timedelta(hours=24),
     policies: tuple[model.Policy, ...] = (VALID,),
 ) -> tuple[model.World, tuple]:
+    spec = spec or PkiSpec()
     pki = build_pki(spec, T0)
     roots = [model.Root(pki.root, pki.uploaded, frozenset(spec.root_hostnames))]
     if pki.decoy is not None:
@@ -138,7 +139,7 @@ def test_no_duration_sends_no_cookie_closes_and_ignores_tokens() -> None:
 
 
 def test_tokens_admit_only_their_application_until_expiry_untampered() -> None:
-    w, chain = world()
+    w, _ = world()
     token = model.Token(APP_HOST, T0 + dt.timedelta(hours=1))
     assert ask(w, (), token=token).admitted_by == "token"
     other = model.expect(w, model.Request(OTHER_HOST, OTHER_HOST, (), token), T0)
