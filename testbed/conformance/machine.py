@@ -100,10 +100,10 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.t0 = t.base
         t.set_time(self.t0)
         fixture = getattr(t, "_machine_fixture", None)
-        if fixture is None or fixture[0] is not t._roots:
+        if fixture is None or fixture[0] is not t.roots:
             self._build()
             t._machine_fixture = (
-                t._roots,
+                t.roots,
                 dict(self.roots),
                 self.devices,
                 self.root_a,
@@ -124,7 +124,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.duration = "24h"
         a.call(
             "PUT",
-            a.account_path(f"/apps/{t._app_ids[APP_HOST]}"),
+            a.account_path(f"/apps/{t.app_ids[APP_HOST]}"),
             {"session_duration": self.duration, "policies": [POLICY]},
         )
         self.revoked: set[str] = set()
@@ -142,11 +142,9 @@ class ConformanceMachine(RuleBasedStateMachine):
             self.t0,
         )
         pki_b = build_pki(PkiSpec(intermediates=(), leaf=LeafSpec(cn="device-b")), self.t0)
-        t._clear_roots()
-        t._upload([pki_a.root], (APP_HOST,))
-        self.root_a = t._roots[-1]
-        t._upload([pki_b.root], ())
-        self.root_b = t._roots[-1]
+        t.clear_roots()
+        self.root_a = t.upload_root([pki_a.root], (APP_HOST,))
+        self.root_b = t.upload_root([pki_b.root], ())
         a.call(
             "PUT",
             a.zone_path("/certificate_authorities/hostname_associations"),
@@ -163,8 +161,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             "b": model.Root(pki_b.root, (), frozenset()),
             "managed": model.Root(ca, (), frozenset({APP_HOST})),
         }
-        t._upload([pki_a_short.root], (APP_HOST,))
-        self.root_a_short = t._roots[-1]
+        self.root_a_short = t.upload_root([pki_a_short.root], (APP_HOST,))
         self.devices: dict[str, Device] = {}
         key = pooled_key("ec-p256", "leaf")
         chains = {
@@ -305,7 +302,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     def set_session_duration(self, duration: str) -> None:
         """The operator changes the application's session duration."""
         a = self.target.admin
-        path = a.account_path(f"/apps/{self.target._app_ids[APP_HOST]}")
+        path = a.account_path(f"/apps/{self.target.app_ids[APP_HOST]}")
         a.call("PUT", path, {"session_duration": duration})
         self.duration = duration
         self.log.append(f"session duration -> {duration}")

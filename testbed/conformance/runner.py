@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import ssl
 from collections.abc import Sequence
@@ -403,8 +402,3 @@ def describe_pki(
         lines.append(f"revoked leaves: {sorted(f[:16] + '...' for f in world.revoked)}")
     lines.append(apps_text)
     return "\n".join(lines)
-
-
-def digest(text: str) -> str:
-    """A short stable tag for grouping identical reports."""
-    return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -19,7 +19,7 @@ import datetime as dt
 import io
 import secrets
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +140,8 @@ class AdminTarget:
         self.folder = folder
         self.clock = clock
         self.base = base
-        self._roots: list[str] = []
-        self._app_ids: dict[str, str] = {}
+        self.roots: list[str] = []  # ids of the roots uploaded so far
+        self.app_ids: dict[str, str] = {}
         self._ca_cert: x509.Certificate | None = None
 
     # ---- set-up ----
@@ -160,7 +160,7 @@ class AdminTarget:
                     "POST", a.account_path("/apps"), {"domain": host, "origin": origin, **body}
                 )
                 apps[host] = created["id"]
-        self._app_ids = {h: apps[h] for h in (APP_HOST, OTHER_HOST)}
+        self.app_ids = {h: apps[h] for h in (APP_HOST, OTHER_HOST)}
 
     def now(self) -> dt.datetime:
         """The target's time."""
@@ -173,22 +173,26 @@ class AdminTarget:
 
     # ---- per case ----
 
-    def _upload(self, certs: list[x509.Certificate], hostnames: tuple[str, ...]) -> None:
+    def upload_root(self, certs: list[x509.Certificate], hostnames: tuple[str, ...]) -> str:
+        """Upload a root (intermediates first, root last) for the hostnames; return its id."""
         a = self.admin
         body = {
             "name": f"conformance {secrets.token_hex(3)}",
             "certificate": pem(*certs).decode(),
             "associated_hostnames": list(hostnames),
         }
-        self._roots.append(a.call("POST", a.account_path("/certificates"), body)["id"])
+        rid: str = a.call("POST", a.account_path("/certificates"), body)["id"]
+        self.roots.append(rid)
+        return rid
 
-    def _clear_roots(self) -> None:
+    def clear_roots(self) -> None:
+        """Detach and delete every root this target uploaded."""
         a = self.admin
-        for rid in self._roots:
+        for rid in self.roots:
             path = a.account_path(f"/certificates/{rid}")
             a.call("PUT", path, {"associated_hostnames": []})
             a.call("DELETE", path)
-        self._roots = []
+        self.roots = []
 
     def provision(self, spec: CaseSpec) -> Provisioned:
         """Upload the case's roots, issue its managed leaf, set the application's policies."""
@@ -197,12 +201,12 @@ class AdminTarget:
         pki = build_pki(spec.pki, t0)
         a = self.admin
         try:
-            self._clear_roots()
-            self._upload([*pki.uploaded, pki.root], spec.pki.root_hostnames)
+            self.clear_roots()
+            self.upload_root([*pki.uploaded, pki.root], spec.pki.root_hostnames)
             roots = [model.Root(pki.root, pki.uploaded, frozenset(spec.pki.root_hostnames))]
             if pki.decoy is not None:
                 hosts = spec.pki.decoy_hostnames or ()
-                self._upload([*pki.decoy_uploaded, pki.decoy], hosts)
+                self.upload_root([*pki.decoy_uploaded, pki.decoy], hosts)
                 roots.append(model.Root(pki.decoy, pki.decoy_uploaded, frozenset(hosts)))
             managed = spec.pki.managed
             ca_hosts = managed.hostnames if managed else ()
@@ -239,7 +243,7 @@ class AdminTarget:
             bodies = [policy_body(p, i, chain[0], issuer) for i, p in enumerate(spec.policies)]
             a.call(
                 "PUT",
-                a.account_path(f"/apps/{self._app_ids[APP_HOST]}"),
+                a.account_path(f"/apps/{self.app_ids[APP_HOST]}"),
                 {"session_duration": spec.session_duration, "policies": bodies},
             )
         except AdminError as exc:
@@ -366,9 +370,7 @@ private_key = "edge-key.pem"
 """
 
 
-async def serve_builtin(
-    nursery: trio.Nursery, folder: Path, *, on_enforcer: Callable[[Any], None] | None = None
-) -> AdminTarget:
+async def serve_builtin(nursery: trio.Nursery, folder: Path) -> AdminTarget:
     """Serve our enforcer, its admin API and an echo origin on loopback; return the target."""
     import json
 
@@ -390,8 +392,6 @@ async def serve_builtin(
     clock = FixedClock(base)
     origin_port = await nursery.start(serve_echo_origin, "127.0.0.1", 0)
     enforcer = Enforcer(config, clock, AccessLog(io.StringIO()), state_path=config.state_path)
-    if on_enforcer is not None:
-        on_enforcer(enforcer)
     port = await nursery.start(serve, enforcer, await open_listener("127.0.0.1", 0))
     assert config.admin is not None
     admin_port = await nursery.start(
@@ -401,7 +401,6 @@ async def serve_builtin(
     target = AdminTarget(
         "builtin", Capabilities(), ("127.0.0.1", port), edge_ca, admin, folder, clock, base
     )
-    target.enforcer = enforcer  # type: ignore[attr-defined]  # for the stateful test
     await trio.to_thread.run_sync(target.prepare, f"http://127.0.0.1:{origin_port}")
     return target
 
