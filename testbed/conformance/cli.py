@@ -312,6 +312,8 @@ def run_conformance(args: argparse.Namespace) -> int:
     seconds = time.monotonic() - started
     for r in results:
         state = "ok" if r.passed else ("ERROR" if r.error else "DIVERGED")
+        if r.passed and r.examples == 0:
+            state = "skipped"
         print(f"[{state}] {r.name}: {r.description} ({r.examples} runs)", file=out)
         for i, text in enumerate(r.divergences, start=1):
             print(f"\n--- divergence {i} in {r.name} ---\n{text}", file=out)

@@ -88,6 +88,9 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.problems: list[str] = []
         self.log: list[str] = []
         self.open: list[Conn] = []
+        self.roots: dict[str, model.Root] = {}
+        self.devices: dict[str, Device] = {}
+        self.root_a = self.root_b = ""
 
     # ---- set-up ----
 
@@ -99,16 +102,10 @@ class ConformanceMachine(RuleBasedStateMachine):
         assert t.clock is not None and t.base is not None
         self.t0 = t.base
         t.set_time(self.t0)
-        fixture = getattr(t, "_machine_fixture", None)
+        fixture = t.machine_fixture
         if fixture is None or fixture[0] is not t.roots:
             self._build()
-            t._machine_fixture = (
-                t.roots,
-                dict(self.roots),
-                self.devices,
-                self.root_a,
-                self.root_b,
-            )  # type: ignore[attr-defined]
+            t.machine_fixture = (t.roots, dict(self.roots), self.devices, self.root_a, self.root_b)
         else:
             _, roots, self.devices, self.root_a, self.root_b = fixture
             # The roots as first built: A (and the short-lived one) on the hostname, B off.
@@ -162,7 +159,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             "managed": model.Root(ca, (), frozenset({APP_HOST})),
         }
         self.root_a_short = t.upload_root([pki_a_short.root], (APP_HOST,))
-        self.devices: dict[str, Device] = {}
+        self.devices = {}
         key = pooled_key("ec-p256", "leaf")
         chains = {
             "a-long": ((pki_a.leaf, *pki_a.presented), pki_a.leaf_key),

@@ -26,7 +26,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -356,7 +356,7 @@ def a5_rule_matches(rule: Rule, path: Sequence[x509.Certificate], client_ip: str
     leaf = path[0]
     dns, uris = san_values(leaf)
     value = rule.value.lower().replace(":", "")
-    checks = {
+    checks: dict[str, Callable[[], bool]] = {
         "certificate": lambda: True,
         "common_name": lambda: common_name_of(leaf) == rule.value,
         "certificate_fingerprint": lambda: sha256_hex(leaf) == value,

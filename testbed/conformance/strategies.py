@@ -429,7 +429,7 @@ def _ca_cert(
         x509.CertificateBuilder()
         .subject_name(_name(cn))
         .issuer_name(issuer_name or _name(cn))
-        .public_key(key.public_key())  # type: ignore[arg-type]
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(t0 + dt.timedelta(seconds=nb))
         .not_valid_after(t0 + dt.timedelta(seconds=na))
@@ -440,13 +440,13 @@ def _ca_cert(
         .add_extension(
             _usage(digital_signature=True, cert_sign=cert_sign, encipher=False), critical=True
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)  # type: ignore[arg-type]
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
             critical=False,
         )
     )
-    return builder.sign(issuer_key, _sign_hash(issuer_key))  # type: ignore[arg-type]
+    return builder.sign(issuer_key, _sign_hash(issuer_key))
 
 
 _EKUS = {
@@ -469,7 +469,7 @@ def _leaf_cert(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec.cn)]))
         .issuer_name(issuer.subject)
-        .public_key(key.public_key())  # type: ignore[arg-type]
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(t0 + dt.timedelta(seconds=spec.not_before))
         .not_valid_after(t0 + dt.timedelta(seconds=spec.not_after))
@@ -484,7 +484,7 @@ def _leaf_cert(
             critical=True,
         )
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
             critical=False,
         )
     )
@@ -495,7 +495,7 @@ def _leaf_cert(
     sans += [x509.UniformResourceIdentifier(u) for u in spec.san_uris]
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(signer, _sign_hash(signer))  # type: ignore[arg-type]
+    return builder.sign(signer, _sign_hash(signer))
 
 
 def build_pki(spec: PkiSpec, t0: dt.datetime) -> BuiltPki:
@@ -617,6 +617,6 @@ def csr_pem(key: PrivateKey, cn: str) -> str:
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .sign(key, _sign_hash(key))  # type: ignore[arg-type]
+        .sign(key, _sign_hash(key))
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import traceback
 from collections.abc import Callable, Iterator
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -98,8 +99,17 @@ def run_property(
         try:
             _collect(exc, result.divergences)
         except Exception as other:  # a crash inside a group: report it, don't hide it
-            result.error = f"{type(other).__name__}: {other}"
+            result.error = _crash(other)
+    except Exception as exc:
+        # A crash of the suite or of a target (an admin call refused, a socket error) is an
+        # error of this property, reported with its traceback; the other properties still run.
+        result.error = _crash(exc)
     return result
+
+
+def _crash(exc: BaseException) -> str:
+    trace = "".join(traceback.format_exception(exc))
+    return f"{type(exc).__name__}: {exc}\n{trace}"
 
 
 def check_cases(

@@ -143,6 +143,8 @@ class AdminTarget:
         self.roots: list[str] = []  # ids of the roots uploaded so far
         self.app_ids: dict[str, str] = {}
         self._ca_cert: x509.Certificate | None = None
+        # The stateful machine's roots and devices, built once per target and reset per run.
+        self.machine_fixture: Any = None
 
     # ---- set-up ----
 

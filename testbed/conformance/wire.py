@@ -106,7 +106,7 @@ class Connection:
     @property
     def resumed(self) -> bool:
         """True when the handshake resumed a session."""
-        return self.sock.session_reused
+        return bool(self.sock.session_reused)
 
     @property
     def session(self) -> ssl.SSLSession | None:
