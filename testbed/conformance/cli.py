@@ -322,10 +322,12 @@ def run_conformance(args: argparse.Namespace) -> int:
     failed = any(not r.passed for r in results)
     if failed:
         print(f"\nreproduce: {reproduce_command(opts)}", file=out)
-    print(
-        f"conformance: {'divergences found' if failed else 'no divergence'} in {seconds:.1f}s",
-        file=out,
-    )
+    verdict = "no divergence"
+    if any(r.divergences for r in results):
+        verdict = "divergences found"
+    elif failed:
+        verdict = "errors (no divergence found)"
+    print(f"conformance: {verdict} in {seconds:.1f}s", file=out)
     if opts.junit is not None:
         write_junit(opts.junit, opts, results, seconds)
     return EXIT_DIVERGENCE if failed else EXIT_OK
