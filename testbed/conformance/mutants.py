@@ -23,10 +23,12 @@ def ignore_expiry(setattr: Setattr) -> None:
 
     original = server.check_chain
 
-    def check_chain(snapshot: Any, hostname: str, chain: Sequence[Any], now: dt.datetime) -> Any:
+    def check_chain(
+        snapshot: Any, hostname: str, chain: Sequence[Any], now: dt.datetime, *rest: Any
+    ) -> Any:
         if chain and now > chain[0].not_valid_after_utc:
             now = chain[0].not_valid_after_utc
-        return original(snapshot, hostname, chain, now)
+        return original(snapshot, hostname, chain, now, *rest)
 
     setattr(server, "check_chain", check_chain)
 
@@ -38,17 +40,17 @@ def cookie_under_no_duration(setattr: Setattr) -> None:
 
     original = server.decide
 
-    def decide(request: Any, snapshot: Any, chain: Any, now: dt.datetime) -> Any:
+    def decide(request: Any, snapshot: Any, chain: Any, now: dt.datetime, *rest: Any) -> Any:
         app = snapshot.applications.get(normalise_hostname(request.host))
         if request.token is not None and app is not None and app.no_duration:
             lenient = dataclasses.replace(app, session_duration=dt.timedelta(hours=1))
             apps = {**snapshot.applications, app.hostname: lenient}
             decision = original(
-                request, dataclasses.replace(snapshot, applications=apps), chain, now
+                request, dataclasses.replace(snapshot, applications=apps), chain, now, *rest
             )
             if decision.admitted_by is AdmittedBy.TOKEN:
                 return decision
-        return original(request, snapshot, chain, now)
+        return original(request, snapshot, chain, now, *rest)
 
     setattr(server, "decide", decide)
 
@@ -60,12 +62,14 @@ def foreign_root(setattr: Setattr) -> None:
 
     original = server.check_chain
 
-    def check_chain(snapshot: Any, hostname: str, chain: Sequence[Any], now: dt.datetime) -> Any:
+    def check_chain(
+        snapshot: Any, hostname: str, chain: Sequence[Any], now: dt.datetime, *rest: Any
+    ) -> Any:
         everything = HostTrust.build(
             [r.root for r in snapshot.roots], [i for r in snapshot.roots for i in r.intermediates]
         )
         trust = {**snapshot.trust, hostname: everything}
-        return original(dataclasses.replace(snapshot, trust=trust), hostname, chain, now)
+        return original(dataclasses.replace(snapshot, trust=trust), hostname, chain, now, *rest)
 
     setattr(server, "check_chain", check_chain)
 

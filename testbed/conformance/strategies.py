@@ -277,14 +277,14 @@ def pki_specs(draw: st.DrawFn, caps: Capabilities) -> PkiSpec:
         )
     intermediates = draw(st.lists(intermediate_specs(caps), max_size=3))
     if "mixed-chain" in caps.skip:
-        # Uploaded intermediates form a root-side run: once one is not uploaded (with the
-        # root or the decoy), none below is. OpenSSL (nginx) stops building at the first
+        # Uploaded intermediates form a root-side run: below the first one not uploaded with
+        # the root, none is uploaded anywhere. OpenSSL (nginx) stops building at the first
         # certificate of its trust store, so it needs this.
         gap = False
         for i, inter in enumerate(intermediates):
-            gap = gap or not (inter.uploaded or inter.known_elsewhere)
             if gap:
                 intermediates[i] = dataclasses.replace(inter, uploaded=False, known_elsewhere=False)
+            gap = gap or not inter.uploaded
     return PkiSpec(
         root_key_type=draw(st.sampled_from(caps.draws_key_types())),
         root_not_before=nb,
