@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 PORT ?= 8443
 
-.PHONY: run demo test lint format bench clean
+.PHONY: run demo test lint format bench clean conformance
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The conformance suite at full size against the built-in enforcer (make test runs a small one).
+CONFORMANCE_ARGS ?= --target builtin --examples 1000
+conformance: $(STAMP)
+	$(BIN)/testbed conformance $(CONFORMANCE_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

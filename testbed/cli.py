@@ -17,6 +17,7 @@ from enforcer.origin import serve_echo_origin_on
 from enforcer.server import ListenError
 from enforcer.workers import run_workers, serve_config
 from testbed.admin_cli import add_admin_parser, run_admin
+from testbed.conformance.cli import add_conformance_parser, run_conformance
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
 from testbed.fleet_cli import add_fleet_parser, run_fleet
 from testbed.load_cli import add_load_parser, run_load_cli
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet_parser(sub)
     add_load_parser(sub)
     add_report_parser(sub)
+    add_conformance_parser(sub)
     return parser
 
 
@@ -290,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_fleet(args)
     if args.command in ("report", "compare"):
         return run_report_cli(args)
+    if args.command == "conformance":
+        return run_conformance(args)
     return _fail(f"unknown command {args.command}")
 
 

@@ -90,3 +90,93 @@ async def stop_nginx(proc: trio.Process) -> None:
     proc.terminate()
     with trio.fail_after(10):
         await proc.wait()
+
+
+SERVER_BLOCK = """
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name {server_name};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+{verify}
+        location / {{
+{body}
+        }}
+    }}
+"""
+
+VERIFY = """        ssl_client_certificate {client_ca};
+        ssl_verify_client optional;
+        ssl_verify_depth {depth};"""
+
+CHECKED_BODY = """            if ($ssl_client_verify != SUCCESS) {
+                add_header X-Access-Denied-Reason no_certificate always;
+                return 403 "client certificate: $ssl_client_verify\\n";
+            }
+            return 200 "ok $ssl_client_s_dn\\n";"""
+
+NO_APPLICATION_BODY = """            add_header X-Access-Denied-Reason no_application always;
+            return 404 "no application\\n";"""
+
+
+def render_servers(
+    folder: Path,
+    port: int,
+    *,
+    cert: Path,
+    key: Path,
+    client_cas: dict[str, Path | None],
+    depth: int = 5,
+) -> str:
+    """An nginx configuration with one server per hostname (``None``: served, no application).
+
+    A hostname with a CA file checks client certificates against it (``ssl_verify_client
+    optional`` and a ``$ssl_client_verify`` check); one without answers 404.
+    """
+    blocks = []
+    for name, client_ca in client_cas.items():
+        verify = VERIFY.format(client_ca=client_ca, depth=depth) if client_ca else ""
+        body = CHECKED_BODY if client_ca else NO_APPLICATION_BODY
+        blocks.append(
+            SERVER_BLOCK.format(
+                port=port, server_name=name, cert=cert, key=key, verify=verify, body=body
+            )
+        )
+    head, _, _ = CONFIG.partition("    server {{")
+    return head.format(dir=folder) + "".join(blocks) + "}\n"
+
+
+async def start_nginx_servers(
+    folder: Path,
+    *,
+    cert: Path,
+    key: Path,
+    client_cas: dict[str, Path | None],
+    depth: int = 5,
+) -> tuple[trio.Process, int]:
+    """Start nginx with one server per hostname (see :func:`render_servers`)."""
+    if NGINX is None:
+        raise RuntimeError("nginx is not installed: install it (apt-get install nginx)")
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = folder / "nginx.conf"
+    conf.write_text(
+        render_servers(folder, port, cert=cert, key=key, client_cas=client_cas, depth=depth)
+    )
+    proc = await trio.lowlevel.open_process(
+        [NGINX, "-c", str(conf), "-p", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    with trio.fail_after(15):
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"nginx exited: {(folder / 'error.log').read_text()}")
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return proc, port

@@ -1,0 +1,472 @@
+"""A reference model of SPEC.md: what an enforcer must answer to one request.
+
+Written from SPEC.md alone, never from ``enforcer/``: each ``aN_...`` function restates one
+requirement, and :func:`expect` composes them in the order the flow needs (A2, A3, A5's chain,
+A4's token, A5's policies, A6-A9). Everything is pure: the caller passes ``now``.
+
+Where SPEC.md is silent the model says what it chose:
+
+- Several reasons can apply at once (an expired intermediate *and* a wrong EKU). SPEC.md gives
+  no precedence, so :class:`Expected` holds the *set* of acceptable reason codes.
+- A bad signature on the way to a root leaves no path at all, so both ``invalid_chain`` (the
+  table's "bad signature") and ``untrusted_issuer`` (no associated root reached) are accepted.
+- A presented certificate that fails validation denies the request even when a valid token
+  would admit (fail closed; the brief's safety property demands it).
+- A client leaf with a key usage extension must allow ``digitalSignature`` (it signs the TLS
+  CertificateVerify); an intermediate must be a CA (basic constraints) whose key usage, when
+  present, allows ``keyCertSign``, and whose ``pathLenConstraint`` holds.
+- When a request carries both a valid token and a valid certificate, either may admit it, so
+  whether a new cookie is set is not checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ZERO = dt.timedelta(0)
+DECISIONS = ("non_identity", "allow", "deny", "bypass")
+RULE_KINDS = (
+    "everyone",
+    "certificate",
+    "common_name",
+    "certificate_fingerprint",
+    "serial",
+    "issuer_fingerprint",
+    "san_dns",
+    "san_uri",
+    "ip",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A policy rule: its kind and the value it compares (empty for valueless kinds)."""
+
+    kind: str
+    value: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A policy: decision, include (any), require (all), exclude (none), optional duration."""
+
+    name: str
+    decision: str
+    include: tuple[Rule, ...]
+    require: tuple[Rule, ...] = ()
+    exclude: tuple[Rule, ...] = ()
+    session_duration: dt.timedelta | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class App:
+    """An application: its hostname, session duration and ordered policies."""
+
+    hostname: str
+    session_duration: dt.timedelta
+    policies: tuple[Policy, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Root:
+    """An uploaded root, the intermediates uploaded with it, and its associated hostnames."""
+
+    certificate: x509.Certificate
+    intermediates: tuple[x509.Certificate, ...]
+    hostnames: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """Everything the enforcer is configured with, as the model sees it."""
+
+    roots: tuple[Root, ...]
+    apps: Mapping[str, App]
+    revoked: frozenset[str] = frozenset()  # SHA-256 hex of revoked leaves
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """A token presented by a client, as the model knows it: whose, until when, untouched?"""
+
+    app_host: str
+    exp: dt.datetime
+    genuine: bool = True  # signed by this enforcer and not tampered with
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One request: the connection's SNI, the Host header, the chain presented, a token."""
+
+    sni: str | None
+    host: str
+    chain: tuple[x509.Certificate, ...] = ()  # leaf first; empty: no certificate
+    token: Token | None = None
+    client_ip: str = "127.0.0.1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """What must happen: a status, the acceptable reason codes, cookie and connection facts.
+
+    ``reasons`` is empty for an admitted request. ``cookie`` and ``close`` are None when the
+    spec leaves them open. ``token_exp`` is the ``exp`` a minted token must carry.
+    """
+
+    status: int
+    reasons: frozenset[str] = frozenset()
+    cookie: bool | None = False
+    close: bool | None = None
+    admitted_by: str | None = None
+    cookie_max_age: int | None = None
+    token_exp: dt.datetime | None = None
+
+    @property
+    def admitted(self) -> bool:
+        """True when the request must reach the origin (or be answered 200 by it)."""
+        return self.admitted_by is not None
+
+    def describe(self) -> str:
+        """A one-line human form, for divergence reports."""
+        parts = [str(self.status)]
+        if self.reasons:
+            parts.append(" or ".join(sorted(self.reasons)))
+        if self.admitted_by:
+            parts.append(f"admitted by {self.admitted_by}")
+        if self.cookie is not None:
+            parts.append("with cookie" if self.cookie else "no cookie")
+        if self.cookie_max_age is not None:
+            parts.append(f"Max-Age={self.cookie_max_age}")
+        if self.close:
+            parts.append("Connection: close")
+        return ", ".join(parts)
+
+
+def deny(status: int, *reasons: str, close: bool | None = None) -> Expected:
+    """An expected refusal with the reasons that may explain it."""
+    return Expected(status, frozenset(reasons), cookie=False, close=close)
+
+
+# ---- certificate facts, read straight from the certificates ---------------------------------
+
+
+def sha256_hex(cert: x509.Certificate) -> str:
+    """The certificate's SHA-256 fingerprint, lower-case hex of the DER."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
+def common_name_of(cert: x509.Certificate) -> str | None:
+    """The subject's CN, or None."""
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else None
+
+
+def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def san_values(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """The leaf's SAN DNS names and URIs."""
+    san = _extension(cert, x509.SubjectAlternativeName)
+    if not isinstance(san, x509.SubjectAlternativeName):
+        return [], []
+    return (
+        list(san.get_values_for_type(x509.DNSName)),
+        list(san.get_values_for_type(x509.UniformResourceIdentifier)),
+    )
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # wrong signature, wrong key type: not this issuer
+        return False
+    return True
+
+
+# ---- A2, A3 -----------------------------------------------------------------------------------
+
+
+def a2_host_matches_sni(request: Request) -> Expected | None:
+    """A2: a Host that differs from the connection's SNI is 421 ``misdirected``."""
+    host = request.host.lower().rstrip(".")
+    if request.sni is None or host != request.sni.lower().rstrip("."):
+        return deny(421, "misdirected")
+    return None
+
+
+def a3_application_exists(world: World, hostname: str) -> Expected | None:
+    """A3: no application for the hostname is 404 ``no_application``."""
+    return None if hostname in world.apps else deny(404, "no_application")
+
+
+# ---- A5: the chain ----------------------------------------------------------------------------
+
+
+def a5_trust_for(
+    world: World, hostname: str
+) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
+    """A5: only roots associated with the hostname, with the intermediates uploaded with them."""
+    mine = [r for r in world.roots if hostname in r.hostnames]
+    return [r.certificate for r in mine], [i for r in mine for i in r.intermediates]
+
+
+def a5_build_path(
+    leaf: x509.Certificate, pool: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]
+) -> list[x509.Certificate] | None:
+    """A5: the path leaf -> intermediates -> associated root, by names and signatures."""
+    path = [leaf]
+    for _ in range(16):
+        current = path[-1]
+        root = next((r for r in roots if _issued_by(current, r)), None)
+        if root is not None:
+            return [*path, root]
+        nxt = next((c for c in pool if c not in path and _issued_by(current, c)), None)
+        if nxt is None:
+            return None
+        path.append(nxt)
+    return None
+
+
+def a5_reach_root(
+    world: World, hostname: str, chain: Sequence[x509.Certificate]
+) -> Expected | None:
+    """A5: no path to an associated root is ``untrusted_issuer`` (or ``missing_intermediate``)."""
+    roots, uploaded = a5_trust_for(world, hostname)
+    leaf, presented = chain[0], list(chain[1:])
+    if a5_build_path(leaf, [*presented, *uploaded], roots) is not None:
+        return None
+    known = [i for r in world.roots for i in r.intermediates]
+    # A leaf whose claimed issuer exists but did not sign it has a bad signature.
+    everything = [*presented, *known, *roots, *(r.certificate for r in world.roots)]
+    forged = any(c.subject == leaf.issuer for c in everything) and not any(
+        _issued_by(leaf, c) for c in everything
+    )
+    reasons = {"untrusted_issuer"}
+    if forged:
+        reasons.add("invalid_chain")
+    if a5_build_path(leaf, [*presented, *uploaded, *known], roots) is not None:
+        reasons = {"missing_intermediate"} | ({"invalid_chain"} if forged else set())
+    return deny(403, *reasons)
+
+
+def a5_validity(path: Sequence[x509.Certificate], now: dt.datetime) -> set[str]:
+    """A5: every certificate in the path must be inside its validity window at ``now``."""
+    reasons = set()
+    for cert in path:
+        if now > cert.not_valid_after_utc:
+            reasons.add("certificate_expired")
+        if now < cert.not_valid_before_utc:
+            reasons.add("certificate_not_yet_valid")
+    return reasons
+
+
+def a5_leaf_usage(leaf: x509.Certificate) -> bool:
+    """A5: EKU must allow clientAuth when present; key usage must allow digitalSignature."""
+    eku = _extension(leaf, x509.ExtendedKeyUsage)
+    if isinstance(eku, x509.ExtendedKeyUsage) and ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        return False
+    ku = _extension(leaf, x509.KeyUsage)
+    return not (isinstance(ku, x509.KeyUsage) and not ku.digital_signature)
+
+
+def a5_ca_constraints(path: Sequence[x509.Certificate]) -> bool:
+    """A5: intermediates are CAs that may sign certificates, within their path length."""
+    for depth, cert in enumerate(path[1:-1], start=1):
+        bc = _extension(cert, x509.BasicConstraints)
+        if not isinstance(bc, x509.BasicConstraints) or not bc.ca:
+            return False
+        below = depth - 1  # intermediates between this one and the leaf
+        if bc.path_length is not None and below > bc.path_length:
+            return False
+        ku = _extension(cert, x509.KeyUsage)
+        if isinstance(ku, x509.KeyUsage) and not ku.key_cert_sign:
+            return False
+    return True
+
+
+def a5_revocation(world: World, leaf: x509.Certificate) -> bool:
+    """A5: a revoked leaf is refused."""
+    return sha256_hex(leaf) not in world.revoked
+
+
+def a5_chain(
+    world: World, hostname: str, chain: Sequence[x509.Certificate], now: dt.datetime
+) -> tuple[Expected | None, list[x509.Certificate]]:
+    """A5: validate a presented chain; a refusal, or None and the validated path."""
+    refused = a5_reach_root(world, hostname, chain)
+    if refused is not None:
+        return refused, []
+    roots, uploaded = a5_trust_for(world, hostname)
+    path = a5_build_path(chain[0], [*chain[1:], *uploaded], roots)
+    assert path is not None
+    reasons = a5_validity(path, now)
+    if not a5_leaf_usage(path[0]) or not a5_ca_constraints(path):
+        reasons.add("invalid_chain")
+    if not a5_revocation(world, path[0]):
+        reasons.add("revoked")
+    return (deny(403, *reasons) if reasons else None), path
+
+
+# ---- A4: tokens -------------------------------------------------------------------------------
+
+
+def a4_token_admits(app: App, token: Token | None, now: dt.datetime) -> bool:
+    """A4/A9: a genuine, unexpired token for this application admits while its duration > 0."""
+    return (
+        token is not None
+        and token.genuine
+        and token.app_host == app.hostname
+        and app.session_duration > ZERO
+        and now < token.exp
+    )
+
+
+# ---- A5: policies -----------------------------------------------------------------------------
+
+
+def _glob(pattern: str, text: str) -> bool:
+    regex = "".join(".*" if ch == "*" else re.escape(ch) for ch in pattern)
+    return re.fullmatch(regex, text) is not None
+
+
+def a5_rule_matches(rule: Rule, path: Sequence[x509.Certificate], client_ip: str) -> bool:
+    """A5: one rule against the validated path (empty: no certificate) and the client address."""
+    if rule.kind == "everyone":
+        return True
+    if rule.kind == "ip":
+        return ipaddress.ip_address(client_ip) in ipaddress.ip_network(rule.value, strict=False)
+    if not path:
+        return False  # every other rule needs a valid certificate
+    leaf = path[0]
+    dns, uris = san_values(leaf)
+    value = rule.value.lower().replace(":", "")
+    checks: dict[str, Callable[[], bool]] = {
+        "certificate": lambda: True,
+        "common_name": lambda: common_name_of(leaf) == rule.value,
+        "certificate_fingerprint": lambda: sha256_hex(leaf) == value,
+        "serial": lambda: int(value or "0", 16) == leaf.serial_number,
+        "issuer_fingerprint": lambda: sha256_hex(path[1]) == value,
+        "san_dns": lambda: any(_glob(rule.value, n) for n in dns),
+        "san_uri": lambda: any(_glob(rule.value, u) for u in uris),
+    }
+    return checks[rule.kind]()
+
+
+def a5_policy_holds(policy: Policy, path: Sequence[x509.Certificate], client_ip: str) -> bool:
+    """Policy: any include, all require, no exclude."""
+    return (
+        any(a5_rule_matches(r, path, client_ip) for r in policy.include)
+        and all(a5_rule_matches(r, path, client_ip) for r in policy.require)
+        and not any(a5_rule_matches(r, path, client_ip) for r in policy.exclude)
+    )
+
+
+def a5_first_policy(app: App, path: Sequence[x509.Certificate], client_ip: str) -> Policy | None:
+    """Policies in order: the first that holds decides."""
+    return next((p for p in app.policies if a5_policy_holds(p, path, client_ip)), None)
+
+
+# ---- A6-A9: the answer ------------------------------------------------------------------------
+
+
+def a9_effective_duration(app: App, policy: Policy) -> dt.timedelta:
+    """A8/A9: the policy's duration overrides the application's, except under No Duration."""
+    if app.session_duration <= ZERO or policy.session_duration is None:
+        return app.session_duration
+    return policy.session_duration
+
+
+def a7_admit(app: App, policy: Policy, certificate: bool, now: dt.datetime) -> Expected:
+    """A7-A9: admitted by a policy; a cookie exactly when the duration is above zero."""
+    if policy.decision == "bypass":
+        return Expected(200, cookie=False, admitted_by="bypass", close=_app_close(app))
+    duration = a9_effective_duration(app, policy)
+    whole_now = now.replace(microsecond=0)
+    if duration <= ZERO:
+        return Expected(200, cookie=False, close=True, admitted_by=_by(certificate))
+    seconds = int(duration.total_seconds())
+    return Expected(
+        200,
+        cookie=True,
+        admitted_by=_by(certificate),
+        cookie_max_age=seconds,
+        token_exp=whole_now + dt.timedelta(seconds=seconds),
+    )
+
+
+def _by(certificate: bool) -> str:
+    return "certificate" if certificate else "policy"
+
+
+def _app_close(app: App) -> bool | None:
+    # A9: every response for a No Duration application closes the connection.
+    return True if app.session_duration <= ZERO else None
+
+
+def expect(world: World, request: Request, now: dt.datetime) -> Expected:
+    """What the enforcer must answer to ``request`` at ``now`` (SPEC A2-A9)."""
+    misdirected = a2_host_matches_sni(request)
+    if misdirected is not None:
+        return misdirected
+    hostname = request.host.lower().rstrip(".")
+    missing = a3_application_exists(world, hostname)
+    if missing is not None:
+        return missing
+    app = world.apps[hostname]
+    close = _app_close(app)
+    path: list[x509.Certificate] = []
+    if request.chain:
+        refused, path = a5_chain(world, hostname, request.chain, now)
+        if refused is not None:
+            return dataclasses.replace(refused, close=close)
+    if a4_token_admits(app, request.token, now):
+        return Expected(200, cookie=None if path else False, admitted_by="token", close=close)
+    policy = a5_first_policy(app, path, request.client_ip)
+    if policy is None:
+        return deny(403, "policy_denied" if path else "no_certificate", close=close)
+    if policy.decision == "deny":
+        return deny(403, "policy_denied", close=close)
+    return a7_admit(app, policy, bool(path), now)
+
+
+def forbidden_admission(world: World, request: Request, now: dt.datetime) -> str | None:
+    """The safety property: why admitting this request would be a security failure, or None.
+
+    Nothing may be admitted with a presented certificate that is expired, not yet valid,
+    revoked, or from a root not associated with the hostname, whatever else holds (A5, A14).
+    """
+    if not request.chain or a2_host_matches_sni(request) is not None:
+        return None
+    hostname = request.host.lower().rstrip(".")
+    if hostname not in world.apps:
+        return None
+    leaf = request.chain[0]
+    roots, uploaded = a5_trust_for(world, hostname)
+    known = [i for r in world.roots for i in r.intermediates]
+    path = a5_build_path(leaf, [*request.chain[1:], *uploaded, *known], roots)
+    if path is None:
+        return "the certificate does not chain to a root associated with this hostname"
+    bad = a5_validity(path, now)
+    if "certificate_expired" in bad:
+        return "a certificate in the chain is expired"
+    if "certificate_not_yet_valid" in bad:
+        return "a certificate in the chain is not yet valid"
+    if not a5_revocation(world, leaf):
+        return "the certificate is revoked"
+    return None

@@ -1,0 +1,124 @@
+"""Deliberately broken enforcers, to show that the suite catches what it claims to catch.
+
+Each mutant patches one function of the real enforcer (never its source files) through a
+``setattr``-like callable: pytest's ``monkeypatch.setattr`` in tests, :func:`applied` (which
+restores everything on exit) for the CLI's hidden ``--mutant`` option. The patched enforcer
+is then served over real TLS like the real one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+Setattr = Callable[[Any, str, Any], None]
+
+
+def ignore_expiry(setattr: Setattr) -> None:
+    """Judge an expired leaf at its last valid second: expiry is ignored."""
+    import enforcer.server as server
+
+    original = server.check_chain
+
+    def check_chain(
+        snapshot: Any, hostname: str, chain: Sequence[Any], now: dt.datetime, *rest: Any
+    ) -> Any:
+        if chain and now > chain[0].not_valid_after_utc:
+            now = chain[0].not_valid_after_utc
+        return original(snapshot, hostname, chain, now, *rest)
+
+    setattr(server, "check_chain", check_chain)
+
+
+def cookie_under_no_duration(setattr: Setattr) -> None:
+    """Honour a presented token even when the application has No Duration."""
+    import enforcer.server as server
+    from enforcer.decision import AdmittedBy, normalise_hostname
+
+    original = server.decide
+
+    def decide(request: Any, snapshot: Any, chain: Any, now: dt.datetime, *rest: Any) -> Any:
+        app = snapshot.applications.get(normalise_hostname(request.host))
+        if request.token is not None and app is not None and app.no_duration:
+            lenient = dataclasses.replace(app, session_duration=dt.timedelta(hours=1))
+            apps = {**snapshot.applications, app.hostname: lenient}
+            decision = original(
+                request, dataclasses.replace(snapshot, applications=apps), chain, now, *rest
+            )
+            if decision.admitted_by is AdmittedBy.TOKEN:
+                return decision
+        return original(request, snapshot, chain, now, *rest)
+
+    setattr(server, "decide", decide)
+
+
+def foreign_root(setattr: Setattr) -> None:
+    """Validate against every uploaded root, whatever hostnames they are associated with."""
+    import enforcer.server as server
+    from enforcer.chain import HostTrust
+
+    original = server.check_chain
+
+    def check_chain(
+        snapshot: Any, hostname: str, chain: Sequence[Any], now: dt.datetime, *rest: Any
+    ) -> Any:
+        everything = HostTrust.build(
+            [r.root for r in snapshot.roots], [i for r in snapshot.roots for i in r.intermediates]
+        )
+        trust = {**snapshot.trust, hostname: everything}
+        return original(dataclasses.replace(snapshot, trust=trust), hostname, chain, now, *rest)
+
+    setattr(server, "check_chain", check_chain)
+
+
+def skip_common_name(setattr: Setattr) -> None:
+    """Let a Common Name rule match any valid certificate."""
+    from enforcer.policy import Rule
+
+    original = Rule.matches
+
+    def matches(self: Any, facts: Any) -> bool:
+        if self.kind == "common_name":
+            return facts.certificate is not None
+        return bool(original(self, facts))
+
+    setattr(Rule, "matches", matches)
+
+
+def no_recheck(setattr: Setattr) -> None:
+    """Trust a connection's first validation forever (no A14 re-check on kept-alive/resumed)."""
+    import enforcer.server as server
+
+    setattr(server, "still_valid", lambda result, snapshot, now: result.facts is not None)
+
+
+MUTANTS: dict[str, tuple[str, Callable[[Setattr], None]]] = {
+    "ignore-expiry": ("ignores certificate expiry", ignore_expiry),
+    "cookie-under-no-duration": ("honours cookies under No Duration", cookie_under_no_duration),
+    "foreign-root": ("accepts a root associated with another hostname", foreign_root),
+    "skip-common-name": ("skips the Common Name check", skip_common_name),
+    "no-recheck": ("never re-checks kept-alive or resumed connections", no_recheck),
+}
+
+
+@contextlib.contextmanager
+def applied(name: str | None) -> Iterator[None]:
+    """Apply a mutant for the duration of the block (no-op for None), then restore."""
+    if name is None:
+        yield
+        return
+    saved: list[tuple[Any, str, Any]] = []
+
+    def setattr_(obj: Any, attr: str, value: Any) -> None:
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    MUTANTS[name][1](setattr_)
+    try:
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
