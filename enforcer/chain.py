@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (
     Criticality,
     ExtensionPolicy,
+    Policy,
     PolicyBuilder,
     Store,
     VerificationError,
@@ -39,9 +40,23 @@ from enforcer.reasons import Reason
 
 DEFAULT_MAX_CHAIN_DEPTH = 8
 
+
+def _client_key_usage(policy: Policy, cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
+    """A client leaf's key usage, when present, must allow the signature TLS asks of it."""
+    if usage is None:
+        return
+    if usage.key_cert_sign:  # the web PKI profile's own check, which this one replaces
+        raise ValueError("an end-entity certificate must not assert keyCertSign")
+    if not usage.digital_signature:
+        # The client signs its CertificateVerify: a key restricted to other uses may not.
+        raise ValueError("the client certificate's key usage does not allow digitalSignature")
+
+
 # IoT device certificates commonly carry only a CN; the web PKI profile would demand a SAN.
-_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+_EE_POLICY = (
+    ExtensionPolicy.webpki_defaults_ee()
+    .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _client_key_usage)
 )
 _CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
 _SHA256 = hashes.SHA256()
