@@ -52,7 +52,7 @@ from testbed.runner import (
     write_edge,
     write_enforcer_config,
 )
-from testbed.scenario import CohortSpec, Phase, Scenario, ScenarioError, load_scenario
+from testbed.scenario import CohortSpec, Phase, PkiSpec, Scenario, ScenarioError, load_scenario
 from testbed.scenario import Target as ScenarioTarget
 from testbed.shards import ShardProgress, jobs_for, run_shards, start_epoch
 from testbed.thresholds import ThresholdError, parse_threshold
@@ -258,6 +258,7 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
         intermediates=base.intermediates if base else 1,
         key_type=base.key_type if base else "ec-p256",
         timeout=plan.timeout,
+        pkis=base.pkis if base else (PkiSpec("fleet"),),
     )
 
 

@@ -230,3 +230,21 @@ def test_a_missing_fleet_is_named(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--fleet:" in result.stderr and "does not exist" in result.stderr
+
+
+def test_a_scenario_with_several_pkis_as_the_fleet(tmp_path: Path) -> None:
+    scenario = ROOT / "scenarios" / "multi-pki.toml"
+    result = run_cli(
+        *("load", "--scenario", str(scenario), "--target", "embedded", "--rate", "10"),
+        *("--duration", "2s", "--workers", "2", "--reports", str(tmp_path), "--no-progress"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = next(tmp_path.glob("load-*"))
+    assert {p.name for p in (run_dir / "fleets").iterdir()} == {
+        "factory-a",
+        "factory-b",
+        "acquired",
+    }
+    mismatched = rows(run_dir, "SELECT count(*) FROM attempts WHERE outcome != expected")
+    assert rows(run_dir, "SELECT count(*) FROM attempts")[0][0] == 20
+    assert mismatched[0][0] == 0
