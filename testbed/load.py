@@ -288,6 +288,15 @@ def phase_results(dbs: Sequence[Path], phase: Phase) -> StepResult:
     return StepResult(phase.name, phase.rate, len(latencies), errors, dropped, p99, held=False)
 
 
+def judge_phase(dbs: Sequence[Path], phase: Phase, p99_ms: float, max_errors: float) -> StepResult:
+    """A step's figures and verdict; a scheduled attempt never written counts as an error."""
+    result = phase_results(dbs, phase)
+    missing = max(0, int(phase.rate * phase.duration) - result.attempts - result.dropped)
+    return judge_step(
+        dataclasses.replace(result, errors=result.errors + missing), p99_ms, max_errors
+    )
+
+
 def judge_step(result: StepResult, p99_ms: float, max_errors: float) -> StepResult:
     """Whether a step held: p99 within the bound and errors (and drops) within the share."""
     scheduled = result.attempts + result.dropped
@@ -325,13 +334,11 @@ class _StepWatch:
             return False
         # Judged once every scheduled attempt is written (or dropped), or once the slowest
         # could have timed out: the slow ones are not left out of the p99.
-        result = phase_results(self.dbs, phase)
-        scheduled = int(phase.rate * phase.duration)
-        if result.attempts + result.dropped < scheduled and time.time() < ends + self.plan.timeout:
+        seen = phase_results(self.dbs, phase)
+        complete = seen.attempts + seen.dropped >= int(phase.rate * phase.duration)
+        if not complete and time.time() < ends + self.plan.timeout:
             return False
-        missing = max(0, scheduled - result.attempts - result.dropped)
-        result = dataclasses.replace(result, errors=result.errors + missing)
-        result = judge_step(result, self.plan.p99_ms, self.plan.max_errors)
+        result = judge_phase(self.dbs, phase, self.plan.p99_ms, self.plan.max_errors)
         self.judged.append(result)
         return not result.held
 
@@ -484,10 +491,16 @@ def run_load(
     ended = trio.run(_supervise, plan, scenario, run_dir, fleet, now, console, progress, watch)
     steps: list[StepResult] = []
     if watch is not None:
-        # Judge from the merged results: the steps the watcher saw, and any it did not reach.
+        # Judged again from the merged results, up to the step that failed; every step when
+        # none did (the last ends with the run, before the watcher sees it complete). An
+        # interrupted run keeps only the steps judged before the interruption.
         merged = [run_dir / "results.sqlite"]
-        for phase in scenario.phases[: max(1, len(watch.judged))]:
-            steps.append(judge_step(phase_results(merged, phase), plan.p99_ms, plan.max_errors))
+        failed = bool(watch.judged) and not watch.judged[-1].held
+        reached = len(watch.judged) if failed or ended.interrupted else len(scenario.phases)
+        steps = [
+            judge_phase(merged, phase, plan.p99_ms, plan.max_errors)
+            for phase in scenario.phases[:reached]
+        ]
         writer.set_meta(
             steps=[s.as_dict() for s in steps],
             sustained_rate=sustained_rate(steps),

@@ -295,7 +295,7 @@ class Run:
             run_dir / "results.sqlite" if shards == 1 else shard_results(run_dir, shard)
         )
         self.devices: list[Device] = []  # this shard's devices
-        self.fleet: list[Member] = []  # every device of the fleet, in every shard
+        self.members: list[Member] = []  # every device of the fleet, in every shard
         self.counts: Counter[str] = Counter()
         self.dropped = 0
         self.start = 0.0
@@ -469,7 +469,7 @@ class Run:
             self.clock.offset += delta
             return f"enforcer clock advanced {event.value}"
         if action == "revoke":
-            members = [d for d in self.fleet if d.cohort == event.cohort]
+            members = [d for d in self.members if d.cohort == event.cohort]
             chosen = self.events_rng.sample(members, max(1, round(len(members) * event.share)))
             changes = tuple(
                 Change("revocation", d.sha256, {"fingerprint": d.sha256}) for d in chosen
@@ -604,7 +604,7 @@ class Run:
     async def active(self, phase: Phase, start: float) -> None:
         # Drawn from the whole fleet, so the same devices run whatever the number of shards.
         rng = random.Random(f"{self.scenario.seed}:active:{phase.name}")
-        chosen = rng.sample(self.fleet, min(phase.devices, len(self.fleet)))
+        chosen = rng.sample(self.members, min(phase.devices, len(self.members)))
         seeds = {d.id: rng.randrange(2**32) for d in chosen}
         mine = [d for d in self.devices if d.id in seeds]
         until = start + phase.duration
@@ -643,8 +643,8 @@ class Run:
         async with trio.open_nursery() as nursery:
             target = self.target or await self.start_target(nursery, fleet, now)
             by_name = {c.name: c for c in s.cohorts}
-            self.fleet = fleet.members()
-            for i, d in enumerate(self.fleet):
+            self.members = fleet.members()
+            for i, d in enumerate(self.members):
                 if i % self.shards != self.shard:
                     continue  # another shard's device
                 cohort = by_name[d.cohort]

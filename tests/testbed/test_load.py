@@ -135,6 +135,25 @@ def test_step_mode_stops_at_the_first_step_that_does_not_hold(fleet: Path, tmp_p
     assert json.loads(meta["sustained_rate"]) is None
 
 
+def test_when_every_step_holds_the_last_is_the_sustainable_rate(
+    fleet: Path, tmp_path: Path
+) -> None:
+    result, run_dir = load(
+        fleet,
+        tmp_path,
+        *("--target", "embedded", "--step", "4:4:8", "--duration", "2s", "--p99", "30s"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    meta = dict(rows(run_dir, "SELECT key, value FROM run"))
+    steps = json.loads(meta["steps"])
+    assert [(s["phase"], s["attempts"], s["held"]) for s in steps] == [
+        ("step-1", 8, True),
+        ("step-2", 16, True),
+    ]
+    assert json.loads(meta["sustained_rate"]) == 8
+    assert "sustainable rate (new-handshake, p99 <= 30000 ms, errors <= 1.0%): 8/s" in result.stdout
+
+
 def test_steps_are_judged_on_latency_errors_and_drops() -> None:
     ok = StepResult("step-1", 10, attempts=100, errors=1, dropped=0, p99_ms=40.0, held=False)
     assert judge_step(ok, p99_ms=50, max_errors=0.01).held
