@@ -90,6 +90,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+# Each peer the enforcer is compared with, and the key of the ratio. nginx answers verified
+# requests itself; nginx-proxy forwards them to the same echo origin as the enforcer does.
+PEERS = (
+    ("nginx", "ratio"),
+    ("nginx-proxy", "ratio_to_nginx_proxy"),
+    ("baseline", "ratio_to_baseline"),
+)
+TARGETS = ("enforcer", "baseline", "nginx", "nginx-proxy")
+
+
 def measure_workers(
     args: argparse.Namespace, bed: Any, pool: ClientPool, workers: int, console: Console
 ) -> dict[str, Any]:
@@ -102,6 +112,8 @@ def measure_workers(
             servers["baseline"] = (baseline, port)
         if not args.skip_nginx:
             servers["nginx"] = (start_nginx(bed, port := free_port(), workers), port)
+            proxy = start_nginx(bed, port := free_port(), workers, proxy=True)
+            servers["nginx-proxy"] = (proxy, port)
         probe = client_context(*bed.devices[0], bed.edge_ca)
         for name, (_, port) in servers.items():
             status = full_handshake_request(probe, port, REQUEST)
@@ -125,7 +137,7 @@ def measure_workers(
         for proc, _ in servers.values():
             stop(proc)
     out: dict[str, Any] = {n: summarise(w, args.duration, workers) for n, w in windows.items()}
-    for peer, key in (("nginx", "ratio"), ("baseline", "ratio_to_baseline")):
+    for peer, key in PEERS:
         if peer not in out:
             continue
         enf, other = out["enforcer"], out[peer]
@@ -190,7 +202,7 @@ def main() -> int:
     for col in cols:
         table.add_column(col, justify="left" if col == "target" else "right")
     for workers, res in results.items():
-        for name in ("enforcer", "baseline", "nginx"):
+        for name in TARGETS:
             if name not in res:
                 continue
             r = res[name]
@@ -202,14 +214,14 @@ def main() -> int:
             )  # fmt: skip
     console.print(table)
     for workers, res in results.items():
-        for key, peer in (("ratio", "nginx"), ("ratio_to_baseline", "baseline")):
+        for peer, key in PEERS:
             if key in res:
                 console.print(
                     f"{workers} worker(s): ratio enforcer/{peer} [bold]{res[key]}[/bold] "
                     f"(per window {res[f'{key}_per_round']}), per server CPU-second "
                     f"{res[f'{key}_per_server_cpu_s']}"
                 )
-        for name in ("enforcer", "baseline", "nginx"):
+        for name in TARGETS:
             for kind, n in res.get(name, {}).get("error_kinds", {}).items():
                 console.print(f"{workers} worker(s), {name}: {n} x {kind}", markup=False)
     log_kinds = access_log_summary(bed.access_log)  # readiness probes show up as tls_error
@@ -221,7 +233,7 @@ def main() -> int:
     for note in notes:
         console.print(note, markup=False)
     for res in results.values():
-        for r in (res.get("enforcer"), res.get("baseline"), res.get("nginx")):
+        for r in (res.get(name) for name in TARGETS):
             if r:
                 r.pop("window_rates", None)
     record = {
@@ -234,8 +246,7 @@ def main() -> int:
     print(json.dumps(record, separators=(",", ":")), flush=True)
     print(f"rerun: cd {shlex.quote(os.getcwd())} && {shlex.join(sys.orig_argv)}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    names = ("enforcer", "baseline", "nginx")
-    failed = any(res[n]["errors"] for res in results.values() for n in names if n in res)
+    failed = any(res[n]["errors"] for res in results.values() for n in TARGETS if n in res)
     return 1 if failed or err else 0
 
 

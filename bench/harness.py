@@ -52,6 +52,7 @@ http {{
     keepalive_requests 100000000; keepalive_timeout 60s;  # the cookie bench keeps one connection
     client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
     uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+    upstream origin {{ server {host}:{origin_port}; keepalive 32; }}
     server {{
         listen {host}:{port} ssl; server_name {server_name};
         ssl_protocols TLSv1.2 TLSv1.3;  # nginx 1.22's default stops at TLSv1.2
@@ -59,7 +60,7 @@ http {{
         ssl_client_certificate {client_ca}; ssl_verify_client optional; ssl_verify_depth 2;
         location / {{
             if ($ssl_client_verify != SUCCESS) {{ return 403; }}
-            return 200 "ok";
+{answer}
         }}
         location /cookie {{  # the cookie bench: nginx can only check that the cookie is there
             if ($http_cookie !~ "CF_Authorization=") {{ return 403; }}
@@ -68,6 +69,14 @@ http {{
     }}
 }}
 """
+
+# What nginx does with a verified request: answer itself, or (``nginx-proxy``) forward to the
+# enforcer's echo origin over kept-alive connections, as an mTLS edge in front of an app does.
+ANSWER = '            return 200 "ok";'
+PROXY = """\
+            proxy_pass http://origin; proxy_http_version 1.1;
+            proxy_set_header Connection ""; proxy_set_header Host $host;
+            proxy_set_header X-Client-Cert-Sha256 $ssl_client_fingerprint;"""
 
 Result = dict[str, Any]
 
@@ -155,6 +164,7 @@ class Testbed:
     devices: list[tuple[Path, Path]]  # (cert.pem with the intermediate, key.pem)
     fleet_root: Path
     access_log: Path
+    origin_port: int
 
     @property
     def edge_ca(self) -> Path:
@@ -178,7 +188,7 @@ def make_testbed(tmp: Path, fleet: int, enforcer_port: int, origin_port: int) ->
         f'associated_hostnames = ["{AUTH_HOST}"]\n'
     )
     layout.config.write_text(conf, encoding="utf-8")
-    return Testbed(tmp, layout, devices, made.root / "ca" / "root.pem", access_log)
+    return Testbed(tmp, layout, devices, made.root / "ca" / "root.pem", access_log, origin_port)
 
 
 def _run_origin(port: int) -> None:
@@ -218,13 +228,17 @@ def start_enforcer(
     return start_server(cmd, port, "enforcer" if testbed is None else "baseline", err)
 
 
-def start_nginx(bed: Testbed, port: int, workers: int) -> subprocess.Popen[bytes]:
-    """Start nginx with ``workers`` worker processes, trusting the fleet root."""
-    ndir = bed.tmp / f"nginx-{workers}"
+def start_nginx(
+    bed: Testbed, port: int, workers: int, proxy: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start nginx with ``workers`` worker processes, trusting the fleet root; with ``proxy``
+    it forwards verified requests to the echo origin instead of answering them itself."""
+    ndir = bed.tmp / f"nginx-{workers}{'-proxy' if proxy else ''}"
     ndir.mkdir(exist_ok=True)
     conf = NGINX_CONF.format(
         workers=workers, tmp=ndir, host=HOST, port=port, server_name=AUTH_HOST,
         edge=bed.layout.root / "edge", client_ca=bed.fleet_root,
+        origin_port=bed.origin_port, answer=PROXY if proxy else ANSWER,
     )  # fmt: skip
     (ndir / "nginx.conf").write_text(conf, encoding="utf-8")
     cmd = [NGINX, "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(ndir / "nginx.conf")]
