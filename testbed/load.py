@@ -353,20 +353,6 @@ def sustained_rate(steps: Sequence[StepResult]) -> float | None:
     return best
 
 
-async def _wait_for_port(port: int, proc: trio.Process, what: str) -> None:
-    with trio.fail_after(30):
-        while True:
-            if proc.returncode is not None:
-                raise LoadError(f"{what} exited with code {proc.returncode} before listening")
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
-
-
 async def _supervise(
     plan: LoadPlan,
     scenario: Scenario,
@@ -378,7 +364,7 @@ async def _supervise(
     watch: _StepWatch | None,
 ) -> Any:
     """Start the target, run the shards against it, stop the target."""
-    from testbed.nginx import free_port, start_nginx, stop_nginx
+    from testbed.nginx import free_port, start_nginx, stop_nginx, wait_listening
 
     host = scenario.target.hostname
     async with trio.open_nursery() as nursery:
@@ -400,7 +386,10 @@ async def _supervise(
                 stdout=subprocess.DEVNULL,
                 stderr=(run_dir / "enforcer.log").open("wb"),
             )
-            await _wait_for_port(port, proc, f"the enforcer (see {run_dir / 'enforcer.log'})")
+            try:
+                await wait_listening(port, proc, "the enforcer", timeout=30)
+            except RuntimeError as exc:
+                raise LoadError(f"{exc} (see {run_dir / 'enforcer.log'})") from None
             target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
         elif plan.target == "nginx":
             write_edge(scenario, run_dir, now)

@@ -58,31 +58,24 @@ async def start_nginx(
     folder: Path, *, cert: Path, key: Path, client_ca: Path, server_name: str
 ) -> tuple[trio.Process, int]:
     """Start nginx with ``ssl_verify_client optional`` and a ``$ssl_client_verify`` check."""
-    assert NGINX is not None
-    port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
-    conf = folder / "nginx.conf"
-    conf.write_text(
-        CONFIG.format(
-            dir=folder, port=port, server_name=server_name, cert=cert, key=key, client_ca=client_ca
-        )
+    return await start_nginx_servers(
+        folder, cert=cert, key=key, client_cas={server_name: client_ca}, depth=3
     )
-    proc = await trio.lowlevel.open_process(
-        [NGINX, "-c", str(conf), "-p", str(folder)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    with trio.fail_after(15):
+
+
+async def wait_listening(port: int, proc: trio.Process, what: str, timeout: float = 15) -> None:
+    """Wait until a process we started accepts connections on 127.0.0.1:``port``."""
+    with trio.fail_after(timeout):
         while True:
             if proc.returncode is not None:
-                raise RuntimeError(f"nginx exited: {(folder / 'error.log').read_text()}")
+                raise RuntimeError(f"{what} exited with code {proc.returncode} before listening")
             try:
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
             except OSError:
                 await trio.sleep(0.05)
                 continue
             await stream.aclose()
-            return proc, port
+            return
 
 
 async def stop_nginx(proc: trio.Process) -> None:
@@ -169,14 +162,8 @@ async def start_nginx_servers(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    with trio.fail_after(15):
-        while True:
-            if proc.returncode is not None:
-                raise RuntimeError(f"nginx exited: {(folder / 'error.log').read_text()}")
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return proc, port
+    try:
+        await wait_listening(port, proc, "nginx")
+    except RuntimeError:
+        raise RuntimeError(f"nginx exited: {(folder / 'error.log').read_text()}") from None
+    return proc, port

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from testbed.results import AttemptRow, Results, ResultsWriter, merge_shards, shard_results
-from tests.testbed.test_run import ROOT, TESTBED, run_cli, small
+from tests.testbed.test_run import ROOT, TESTBED, _attempts, run_cli, small
 
 
 def _row(device: str, outcome: str, t: float) -> AttemptRow:
@@ -112,17 +112,6 @@ def test_more_workers_than_one_on_the_real_clock_is_refused(tmp_path: Path) -> N
     assert not (tmp_path / "r").exists()
 
 
-def _count(db: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            return int(con.execute("SELECT count(*) FROM attempts").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 async def test_a_split_run_stopped_midway_is_still_reported(tmp_path: Path, how: str) -> None:
     path = small(
@@ -145,7 +134,7 @@ async def test_a_split_run_stopped_midway_is_still_reported(tmp_path: Path, how:
         with trio.fail_after(120):
             while True:
                 shards = sorted(reports.glob("*/shards/*-results.sqlite"))
-                if len(shards) == 2 and all(_count(db) >= 20 for db in shards):
+                if len(shards) == 2 and all(_attempts(db) >= 20 for db in shards):
                     break
                 await trio.sleep(0.2)
         os.kill(proc.pid, getattr(signal, how))
@@ -159,14 +148,14 @@ async def test_a_split_run_stopped_midway_is_still_reported(tmp_path: Path, how:
     assert code == (130 if how == "SIGINT" else -signal.SIGKILL)
     with trio.fail_after(30):
         while True:
-            before = [_count(db) for db in shards]
+            before = [_attempts(db) for db in shards]
             await trio.sleep(1.0)
-            if [_count(db) for db in shards] == before:
+            if [_attempts(db) for db in shards] == before:
                 break
     run_dir = shards[0].parents[1]
     result = run_cli("report", str(run_dir))
     assert result.returncode == 0, result.stderr
-    assert _count(run_dir / "results.sqlite") == sum(before)
+    assert _attempts(run_dir / "results.sqlite") == sum(before)
     assert "interrupted" in (run_dir / "report.html").read_text().lower()
 
 
