@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -174,30 +175,36 @@ def _attempts(db: Path) -> int:
         return 0
 
 
+async def signal_when(args: list[str], ready: Callable[[], bool], how: str) -> int:
+    """Run the CLI, send it SIGINT or SIGKILL once ``ready()`` holds; return its exit code."""
+    proc = await trio.lowlevel.open_process(
+        [*TESTBED, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        with trio.fail_after(120):
+            while not ready():
+                await trio.sleep(0.2)
+        os.kill(proc.pid, getattr(signal, how))
+        with trio.fail_after(60):
+            return await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+
+
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 async def test_a_run_killed_midway_still_renders_a_report(tmp_path: Path, how: str) -> None:
     path = small(tmp_path, name=f"killed-{how.lower()}", duration="60s")
     reports = tmp_path / "r"
-    proc = await trio.lowlevel.open_process(
-        [*TESTBED, "run", str(path), "--reports", str(reports), "--no-progress"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        with trio.fail_after(120):
-            while True:
-                dbs = list(reports.glob("*/results.sqlite"))
-                if dbs and _attempts(dbs[0]) >= 20:
-                    break
-                await trio.sleep(0.2)
-        os.kill(proc.pid, getattr(signal, how))
-        with trio.fail_after(30):
-            code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
+
+    def ready() -> bool:
+        dbs = list(reports.glob("*/results.sqlite"))
+        return bool(dbs) and _attempts(dbs[0]) >= 20
+
+    args = ["run", str(path), "--reports", str(reports), "--no-progress"]
+    code = await signal_when(args, ready, how)
     assert code == (130 if how == "SIGINT" else -signal.SIGKILL)
+    dbs = list(reports.glob("*/results.sqlite"))
     run_dir = dbs[0].parent
     kept = _attempts(dbs[0])
     assert kept >= 20

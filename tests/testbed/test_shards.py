@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from testbed.results import AttemptRow, Results, ResultsWriter, merge_shards, shard_results
-from tests.testbed.test_run import ROOT, TESTBED, _attempts, run_cli, small
+from tests.testbed.test_run import ROOT, TESTBED, _attempts, run_cli, signal_when, small
 
 
 def _row(device: str, outcome: str, t: float) -> AttemptRow:
@@ -124,25 +124,14 @@ async def test_a_split_run_stopped_midway_is_still_reported(tmp_path: Path, how:
         interval=60.0,
     )
     reports = tmp_path / "r"
-    proc = await trio.lowlevel.open_process(
-        [*TESTBED, "run", str(path), "--reports", str(reports), "--no-progress", "--workers", "2"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        with trio.fail_after(120):
-            while True:
-                shards = sorted(reports.glob("*/shards/*-results.sqlite"))
-                if len(shards) == 2 and all(_attempts(db) >= 20 for db in shards):
-                    break
-                await trio.sleep(0.2)
-        os.kill(proc.pid, getattr(signal, how))
-        with trio.fail_after(60):
-            code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
+
+    def ready() -> bool:
+        shards = list(reports.glob("*/shards/*-results.sqlite"))
+        return len(shards) == 2 and all(_attempts(db) >= 20 for db in shards)
+
+    args = ["run", str(path), "--reports", str(reports), "--no-progress", "--workers", "2"]
+    code = await signal_when(args, ready, how)
+    shards = sorted(reports.glob("*/shards/*-results.sqlite"))
     # Ctrl-C stops the shards; SIGKILL kills the parent and the kernel stops its shards. Either
     # way, what they wrote stops growing.
     assert code == (130 if how == "SIGINT" else -signal.SIGKILL)
