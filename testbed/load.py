@@ -377,29 +377,38 @@ async def _supervise(
                 scenario, run_dir, fleet, f"http://127.0.0.1:{origin_port}", now
             )
             port = free_port()
-            proc = await trio.lowlevel.open_process(
-                [
-                    *(sys.executable, "-m", "testbed.cli", "enforcer", "serve"),
-                    *("--config", str(config), "--host", "127.0.0.1", "--port", str(port)),
-                    *("--workers", str(scenario.target.workers)),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=(run_dir / "enforcer.log").open("wb"),
-            )
+            # The enforcer writes to its own copy of the descriptor: ours closes at once.
+            with (run_dir / "enforcer.log").open("wb") as log:
+                proc = await trio.lowlevel.open_process(
+                    [
+                        *(sys.executable, "-m", "testbed.cli", "enforcer", "serve"),
+                        *("--config", str(config), "--host", "127.0.0.1", "--port", str(port)),
+                        *("--workers", str(scenario.target.workers)),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
             try:
                 await wait_listening(port, proc, "the enforcer", timeout=30)
-            except RuntimeError as exc:
-                raise LoadError(f"{exc} (see {run_dir / 'enforcer.log'})") from None
+            except (RuntimeError, trio.TooSlowError) as exc:
+                proc.kill()
+                raise LoadError(
+                    f"--target embedded: {exc or 'not listening after 30 s'}"
+                    f" (see {run_dir / 'enforcer.log'})"
+                ) from None
             target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
         elif plan.target == "nginx":
             write_edge(scenario, run_dir, now)
-            proc, port = await start_nginx(
-                run_dir / "nginx",
-                cert=run_dir / "edge" / "cert.pem",
-                key=run_dir / "edge" / "key.pem",
-                client_ca=fleet.client_ca(run_dir / "edge" / "client-ca.pem"),
-                server_name=host,
-            )
+            try:
+                proc, port = await start_nginx(
+                    run_dir / "nginx",
+                    cert=run_dir / "edge" / "cert.pem",
+                    key=run_dir / "edge" / "key.pem",
+                    client_ca=fleet.client_ca(run_dir / "edge" / "client-ca.pem"),
+                    server_name=host,
+                )
+            except (RuntimeError, trio.TooSlowError) as exc:
+                raise LoadError(f"--target nginx: nginx did not start: {exc}") from None
             target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
         else:
             url = urlsplit(plan.target)
@@ -427,6 +436,11 @@ async def _supervise(
                     if proc.returncode is None:
                         proc.kill()
             nursery.cancel_scope.cancel()
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def run_load(
@@ -477,7 +491,15 @@ def run_load(
         started_at=dt.datetime.now(dt.UTC).isoformat(),
     )
     watch = _StepWatch(scenario, run_dir, plan.workers, plan) if plan.step else None
-    ended = trio.run(_supervise, plan, scenario, run_dir, fleet, now, console, progress, watch)
+    try:
+        ended = trio.run(_supervise, plan, scenario, run_dir, fleet, now, console, progress, watch)
+    except BaseExceptionGroup as group:
+        # The target is started inside a nursery, which wraps what it raises: a target that
+        # cannot start is a LoadError (exit 2), not a traceback.
+        matched, _ = group.split(LoadError)
+        if matched is None:
+            raise
+        raise _first_leaf(matched) from None
     steps: list[StepResult] = []
     if watch is not None:
         # Judged again from the merged results, up to the step that failed; every step when

@@ -30,7 +30,15 @@ def _seconds(text: str) -> float:
 
 
 def _ms(text: str) -> float:
-    return _seconds(text) * 1000 if not text.replace(".", "", 1).isdigit() else float(text)
+    """Milliseconds from ``100`` (a bare number is milliseconds) or a duration (``0.1s``)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return parse_duration(text).total_seconds() * 1000
+    except DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _share(text: str) -> float:

@@ -267,3 +267,25 @@ def test_a_scenario_with_several_pkis_as_the_fleet(tmp_path: Path) -> None:
     mismatched = rows(run_dir, "SELECT count(*) FROM attempts WHERE outcome != expected")
     assert rows(run_dir, "SELECT count(*) FROM attempts")[0][0] == 20
     assert mismatched[0][0] == 0
+
+
+def test_a_target_that_cannot_start_is_a_clear_error(
+    fleet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The embedded target is a process of its own; one that exits before it listens (here a
+    # broken interpreter path in its command line) must end the run with LoadError, not with
+    # a traceback out of the nursery that started it.
+    import testbed.load as load_module
+    from testbed.load import LoadError, LoadPlan, run_load
+
+    monkeypatch.setattr(load_module.sys, "executable", "/bin/false")
+    plan = LoadPlan(target="embedded", duration=1.0, fleet=fleet, rate=1.0)
+    with pytest.raises(LoadError, match="--target embedded: the enforcer exited with code 1"):
+        run_load(plan, tmp_path, progress=False)
+
+
+def test_p99_bounds_read_as_milliseconds_or_durations() -> None:
+    from testbed.load_cli import _ms
+
+    assert _ms("100") == _ms("100ms") == _ms("0.1s") == 100.0
+    assert _ms("1e2") == 100.0
