@@ -47,6 +47,7 @@ from testbed.results import ResultsWriter, shard_results
 from testbed.runner import (
     RunOutcome,
     finish_run,
+    reraise_first,
     run_dir_for,
     run_meta,
     write_edge,
@@ -438,11 +439,6 @@ async def _supervise(
             nursery.cancel_scope.cancel()
 
 
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
 def run_load(
     plan: LoadPlan,
     reports: Path,
@@ -496,10 +492,7 @@ def run_load(
     except BaseExceptionGroup as group:
         # The target is started inside a nursery, which wraps what it raises: a target that
         # cannot start is a LoadError (exit 2), not a traceback.
-        matched, _ = group.split(LoadError)
-        if matched is None:
-            raise
-        raise _first_leaf(matched) from None
+        reraise_first(group, LoadError)
     steps: list[StepResult] = []
     if watch is not None:
         # Judged again from the merged results, up to the step that failed; every step when

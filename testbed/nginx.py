@@ -164,6 +164,8 @@ async def start_nginx_servers(
     )
     try:
         await wait_listening(port, proc, "nginx")
-    except RuntimeError:
-        raise RuntimeError(f"nginx exited: {(folder / 'error.log').read_text()}") from None
+    except RuntimeError as exc:
+        log = folder / "error.log"
+        said = log.read_text(errors="replace").strip() if log.exists() else ""
+        raise RuntimeError(f"{exc}: {said}" if said else str(exc)) from None
     return proc, port

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 import trio.testing
@@ -379,13 +379,19 @@ class Run:
             from testbed.nginx import start_nginx, stop_nginx
 
             write_enforcer_config(s, self.run_dir, fleet, "http://127.0.0.1:9", now)
-            proc, port = await start_nginx(
-                self.run_dir / "nginx",
-                cert=self.run_dir / "edge" / "cert.pem",
-                key=self.run_dir / "edge" / "key.pem",
-                client_ca=fleet.client_ca(self.run_dir / "edge" / "client-ca.pem"),
-                server_name=s.target.hostname,
-            )
+            try:
+                proc, port = await start_nginx(
+                    self.run_dir / "nginx",
+                    cert=self.run_dir / "edge" / "cert.pem",
+                    key=self.run_dir / "edge" / "key.pem",
+                    client_ca=fleet.client_ca(self.run_dir / "edge" / "client-ca.pem"),
+                    server_name=s.target.hostname,
+                )
+            except (RuntimeError, trio.TooSlowError) as exc:
+                raise RunError(
+                    f"{s.path}: target.kind: nginx did not start: {exc or 'not listening'}"
+                    f" (its files are in {self.run_dir / 'nginx'})"
+                ) from None
 
             async def stopper() -> None:
                 try:
@@ -800,13 +806,26 @@ def run_scenario(
         interrupted = ended.interrupted
     else:
         run = Run(scenario, run_dir, console, writer=writer)
-        if scenario.clock == "virtual":
-            clock = trio.testing.MockClock(autojump_threshold=0)
+        clock = trio.testing.MockClock(autojump_threshold=0) if scenario.clock == "virtual" else None
+        try:
             trio.run(run.main, fleet, now, progress, clock=clock)
-        else:
-            trio.run(run.main, fleet, now, progress)
+        except BaseExceptionGroup as group:
+            writer.close()
+            # A target that cannot start fails inside the run's nursery: RunError, exit 2.
+            reraise_first(group, RunError)
         interrupted = run.interrupted
     return finish_run(scenario, run_dir, writer, began, interrupted, render)
+
+
+def reraise_first(group: BaseExceptionGroup[Any], kind: type[Exception]) -> NoReturn:
+    """Raise the first ``kind`` error found in a nursery's exception group, else the group."""
+    matched, _ = group.split(kind)
+    if matched is None:
+        raise group
+    first: BaseException = matched
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    raise first from None
 
 
 def run_meta(scenario: Scenario) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from testbed.nginx import NGINX
 from testbed.runner import arrival_times
 from testbed.scenario import Phase, ScenarioError, load_scenario
 
@@ -313,3 +315,20 @@ def test_a_missing_nginx_is_a_clear_error_before_anything_is_written(
     with pytest.raises(RunError, match=r"target\.kind: nginx is not installed"):
         run_scenario(scenario, tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_an_nginx_that_cannot_start_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import testbed.nginx
+    from testbed.runner import RunError, run_scenario
+
+    # A real start failure: its port is bound by another socket (not listening, so nothing
+    # answers there), and nginx exits before listening, the same path as a broken nginx.conf.
+    # The run must end with RunError (exit 2) naming nginx and what it said, not a traceback
+    # out of the nursery.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(testbed.nginx, "free_port", lambda: taken.getsockname()[1])
+        scenario = load_scenario(ROOT / "scenarios" / "nginx.toml")
+        with pytest.raises(RunError, match=r"target\.kind: nginx did not start: .*in use"):
+            run_scenario(scenario, tmp_path / "r", progress=False)
