@@ -806,7 +806,8 @@ def run_scenario(
         interrupted = ended.interrupted
     else:
         run = Run(scenario, run_dir, console, writer=writer)
-        clock = trio.testing.MockClock(autojump_threshold=0) if scenario.clock == "virtual" else None
+        virtual = scenario.clock == "virtual"
+        clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
             trio.run(run.main, fleet, now, progress, clock=clock)
         except BaseExceptionGroup as group:
