@@ -17,7 +17,16 @@ certificate with one intermediate, client certificate requested):
   request (SPEC A7).
 
 Symmetric crypto, hashing, certificate parsing, the kernel's TCP work and everything else is
-left out, so the ceiling is an upper bound no server reaches. It is computed per core from
+left out, so the ceiling is an upper bound no server reaches.
+
+Then the enforcer's measured CPU per handshake is split, with two loops run in the same process
+on this machine: OpenSSL's server side of the same full handshake (pyOpenSSL over memory BIOs,
+the enforcer's own ``build_context``, a stdlib ``ssl`` client like the bench's; only the
+server's calls are timed) and one RS256 token signature (``cryptography``, RSA-2048 PKCS#1
+v1.5, as ``pyjwt`` signs). What is left is Python (trio, h11 on both sides, the origin hop, the
+access log) and the kernel. Last, the **attainable ratio**: a server that did everything nginx
+does at nginx's own cost and then signed the RS256 token SPEC A7 requires per admitted request
+would reach ``nginx / (nginx + RS256)`` of nginx per CPU-second, and no more. It is computed per core from
 ``openssl speed`` (the system OpenSSL, which nginx and the client use) and, as a cross-check,
 from the same operations timed through ``cryptography`` (the OpenSSL bundled with it, which the
 enforcer uses). The measured figures are handshakes per server CPU-second (per core), from
@@ -37,6 +46,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+import ssl
+import tempfile
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -116,9 +127,102 @@ def cryptography_speed(seconds: float) -> dict[str, float]:
     }
 
 
+def server_handshake_ms(seconds: float) -> float:
+    """CPU ms of OpenSSL's server side of one full mTLS handshake, as the enforcer runs it."""
+    from harness import free_port, make_testbed  # bench/harness.py, beside this script
+    from OpenSSL import SSL
+
+    from enforcer.tls import HostTLS, build_context
+    from testbed.demo import AUTH_HOST
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bed = make_testbed(Path(tmp), 1, free_port(), free_port())
+        edge = bed.layout.root / "edge"
+        host = HostTLS(
+            AUTH_HOST,
+            (edge / "cert.pem").read_bytes(),
+            (edge / "key.pem").read_bytes(),
+            request_client_certificate=True,
+            allow_resumption=True,  # as the bench's application: tickets are issued
+        )
+        server_ctx = build_context(host)
+        client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_ctx.load_cert_chain(*bed.devices[0])
+        client_ctx.load_verify_locations(bed.edge_ca)
+
+    spent, n, start = 0.0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        server = SSL.Connection(server_ctx, None)
+        server.set_accept_state()
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = client_ctx.wrap_bio(incoming, outgoing, server_hostname=AUTH_HOST)
+        client_done = False
+        while True:
+            if not client_done:
+                try:
+                    client.do_handshake()
+                    client_done = True
+                except ssl.SSLWantReadError:
+                    pass
+            server.bio_write(outgoing.read())
+            t = time.process_time()
+            try:
+                server.do_handshake()
+                done = True
+            except SSL.WantReadError:
+                done = False
+            spent += time.process_time() - t
+            try:
+                incoming.write(server.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+            if done and client_done:
+                break
+        n += 1
+    return spent / n * 1000
+
+
 def ceiling(rates: dict[str, float], profile: dict[str, int]) -> float:
     """Handshakes per core-second if the listed public-key operations were the only cost."""
     return 1.0 / sum(count / rates[op] for op, count in profile.items() if count)
+
+
+def attribution(
+    enf: dict[str, Any], ngx: dict[str, Any], handshake_ms: float, lib: dict[str, float]
+) -> dict[str, Any] | None:
+    """The enforcer's CPU per handshake split into OpenSSL, RS256 and the rest; the bound."""
+    if not enf.get("per_server_cpu_s") or not ngx.get("per_server_cpu_s"):
+        return None
+    total, nginx = 1000 / enf["per_server_cpu_s"], 1000 / ngx["per_server_cpu_s"]
+    rs256 = 1000 / lib["rsa_sign"]
+    return {
+        "enforcer_ms": round(total, 3),
+        "openssl_handshake_ms": round(handshake_ms, 3),
+        "rs256_ms": round(rs256, 3),
+        "rest_ms": round(total - handshake_ms - rs256, 3),
+        "nginx_ms": round(nginx, 3),
+        "measured_ratio": round(nginx / total, 3),
+        "attainable_ratio": round(nginx / (nginx + rs256), 3),
+    }
+
+
+def split_table(split: dict[str, Any]) -> Table:
+    """CPU per full handshake, where it goes (1 worker)."""
+    table = Table(title="CPU per full mTLS handshake, 1 worker (ms)")
+    table.add_column("part")
+    table.add_column("ms", justify="right")
+    table.add_column("share of the enforcer's", justify="right")
+    total = split["enforcer_ms"]
+    for label, key in (
+        ("enforcer, measured (1 / handshakes per server CPU-s)", "enforcer_ms"),
+        ("  OpenSSL server handshake (pyOpenSSL loop, same context)", "openssl_handshake_ms"),
+        ("  RS256 token signature (cryptography loop; SPEC A7)", "rs256_ms"),
+        ("  the rest: Python (trio, h11 twice, origin hop, access log) and the kernel", "rest_ms"),
+        ("nginx, measured (its whole handshake and request)", "nginx_ms"),
+    ):
+        share = f"{split[key] / total:.0%}" if key != "nginx_ms" else "-"
+        table.add_row(label, f"{split[key]:.2f}", share)
+    return table
 
 
 def measured(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,11 +294,21 @@ def main() -> int:
         f"{enf.get('returning_share')}",
         markup=False,
     )
+    split = attribution(enf, ngx, server_handshake_ms(min(3.0, args.seconds * 1.5)), lib)
+    if split:
+        console.print(split_table(split))
+        console.print(
+            f"attainable ratio with the RS256 token per admitted request (SPEC A7): nginx "
+            f"{split['nginx_ms']:.2f} ms / (nginx + RS256 {split['rs256_ms']:.2f} ms) = "
+            f"[bold]{split['attainable_ratio']:.2f}[/] per CPU-second; measured "
+            f"{split['measured_ratio']:.2f}"
+        )
     record = {
         "bench": "ceiling", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(), "openssl_speed": {k: round(v) for k, v in speed.items()},
         "cryptography": {k: round(v) for k, v in lib.items()}, "profiles": rows,
         "handshakes": {"enforcer": enf, "nginx": ngx, "ratio": one.get("ratio")},
+        "split": split,
     }  # fmt: skip
     print(json.dumps(record, separators=(",", ":")), flush=True)
     print(f"rerun: cd {shlex.quote(os.getcwd())} && {shlex.join(sys.orig_argv)}", flush=True)
