@@ -26,28 +26,30 @@ server's calls are timed) and one RS256 token signature (``cryptography``, RSA-2
 v1.5, as ``pyjwt`` signs). What is left is Python (trio, h11 on both sides, the origin hop, the
 access log) and the kernel. Last, the **attainable ratio**: a server that did everything nginx
 does at nginx's own cost and then signed the RS256 token SPEC A7 requires per admitted request
-would reach ``nginx / (nginx + RS256)`` of nginx per CPU-second, and no more. It is computed per core from
-``openssl speed`` (the system OpenSSL, which nginx and the client use) and, as a cross-check,
-from the same operations timed through ``cryptography`` (the OpenSSL bundled with it, which the
-enforcer uses). The measured figures are handshakes per server CPU-second (per core), from
-``bench/handshakes.py``'s 1-worker run (which this script runs and prints first, unless
-``--from-json`` names a file holding its output).
+would reach ``nginx / (nginx + RS256)`` of nginx per CPU-second, and no more.
+
+The ceiling is computed per core from ``openssl speed`` (the system OpenSSL, which nginx and
+the client use) and, as a cross-check, from the same operations timed through
+``cryptography`` (the OpenSSL bundled with it, which the enforcer uses). The measured figures
+are handshakes per server CPU-second (per core), from ``bench/handshakes.py``'s 1-worker run
+(which this script runs and prints first, unless ``--from-json`` names a file holding it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import shlex
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-import ssl
-import tempfile
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -172,10 +174,8 @@ def server_handshake_ms(seconds: float) -> float:
             except SSL.WantReadError:
                 done = False
             spent += time.process_time() - t
-            try:
+            with contextlib.suppress(SSL.WantReadError):
                 incoming.write(server.bio_read(65536))
-            except SSL.WantReadError:
-                pass
             if done and client_done:
                 break
         n += 1

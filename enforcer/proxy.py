@@ -12,6 +12,7 @@ import h11
 import trio
 
 from enforcer.http import HOP_BY_HOP, next_event, send
+from enforcer.sockets import open_tcp
 
 # Headers only the enforcer may set: a client sending them must not reach the origin with them.
 TRUSTED_HEADERS = frozenset(
@@ -110,7 +111,7 @@ async def open_upgrade(
     target: bytes,
     headers: list[tuple[bytes, bytes]],
     timeout: float,
-    connect: OriginConnector = trio.open_tcp_stream,
+    connect: OriginConnector = open_tcp,
 ) -> Tunnel | tuple[h11.Response, bytes]:
     """Forward an Upgrade request; return a :class:`Tunnel` on 101, else the response and body."""
     stream, prefix = await _connect(origin, timeout, connect)
@@ -158,7 +159,7 @@ class OriginPool:
     only when both sides finished their messages cleanly.
     """
 
-    def __init__(self, connect: OriginConnector = trio.open_tcp_stream, max_idle: int = 64) -> None:
+    def __init__(self, connect: OriginConnector = open_tcp, max_idle: int = 64) -> None:
         self.connect = connect
         # Set by a simulation: requests go to this callable instead of over HTTP (the way
         # httpx mounts an ASGI app), which spares the simulated origin's protocol work.

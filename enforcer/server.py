@@ -52,6 +52,7 @@ from enforcer.proxy import (
 )
 from enforcer.reasons import DENIAL_BODIES, Reason
 from enforcer.snapshot import Snapshot
+from enforcer.sockets import serve_tcp
 from enforcer.tls import ContextsBySNI, HostTLS, IntermediatesMemo, ServerTLSStream, TLSError
 from enforcer.tokens import TokenMemo, parse_cookie_header
 
@@ -147,7 +148,7 @@ class Enforcer:
             self._data_version = version
             self.controller.reload()
 
-    async def handle(self, transport: trio.SocketStream) -> None:
+    async def handle(self, transport: trio.abc.Stream) -> None:
         """Serve one client connection until it closes."""
         conn_id = next(self._ids)
         peer = _peer_ip(transport)
@@ -602,9 +603,9 @@ def _upgrade_protocol(request: h11.Request) -> bytes | None:
     return values[0] if values else None
 
 
-def _peer_ip(transport: trio.SocketStream) -> str | None:
+def _peer_ip(transport: trio.abc.Stream) -> str | None:
     try:
-        return str(transport.socket.getpeername()[0])
+        return str(transport.socket.getpeername()[0])  # type: ignore[attr-defined]
     except (OSError, AttributeError, IndexError):
         return None
 
@@ -646,10 +647,14 @@ async def serve(
     """Serve the enforcer on a bound listener until cancelled; report the bound port."""
     bound = listener.socket.getsockname()[1]
     log.info("enforcer listening on port %d", bound)
+    # The listening socket leaves trio's wrapper for ours (see enforcer/sockets.py).
+    sock = socket.socket(fileno=listener.socket.detach())
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, enforcer.handle, [listener])
+            nursery.start_soon(serve_tcp, sock, enforcer.handle, nursery)
             task_status.started(bound)
     finally:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
         with trio.CancelScope(shield=True):
             await enforcer.origins.aclose()

@@ -1,0 +1,170 @@
+"""The enforcer's own TCP stream and accept loop (enforcer/sockets.py), over real loopback.
+
+They skip trio's checkpoint on calls that do not block, so what must still hold is checked
+where it would break: a send larger than the socket buffers waits for a slow reader and
+delivers every byte in order; a wait is still cancellable; a closed or reset connection is a
+trio error, not a crash; and the accept loop survives running out of file descriptors.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+
+from enforcer.sockets import TCPStream, open_tcp, serve_tcp
+
+BIG = 8 * 1024 * 1024
+
+
+async def _listening() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+async def test_a_send_larger_than_the_buffers_waits_for_a_slow_reader() -> None:
+    payload = bytes(range(256)) * (BIG // 256)
+    listener, port = await _listening()
+
+    async def handler(stream: TCPStream) -> None:
+        await stream.send_all(payload)  # far more than loopback buffers hold: it must wait
+        await stream.aclose()
+
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_tcp, listener, handler, nursery)
+        client = await open_tcp("127.0.0.1", port)
+        while chunk := await client.receive_some(65536):
+            received += chunk
+            if len(received) < 1024 * 1024:
+                await trio.sleep(0.001)  # slow at first, so the server's sends block
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    assert received == payload
+
+
+async def test_a_wait_for_data_is_cancellable_and_close_wakes_it() -> None:
+    listener, port = await _listening()
+    accepted: list[TCPStream] = []
+
+    async def handler(stream: TCPStream) -> None:
+        accepted.append(stream)
+        try:
+            await trio.sleep_forever()
+        finally:
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_tcp, listener, handler, nursery)
+        client = await open_tcp("127.0.0.1", port)
+        with trio.move_on_after(0.2) as scope:
+            await client.receive_some()  # the server never sends
+        assert scope.cancelled_caught
+
+        async def reader() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await client.receive_some()
+
+        nursery.start_soon(reader)
+        await trio.sleep(0.05)
+        await client.aclose()  # wakes the reader with ClosedResourceError
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"x")
+        nursery.cancel_scope.cancel()
+    listener.close()
+
+
+async def test_a_reset_connection_is_a_broken_resource() -> None:
+    listener, port = await _listening()
+    done = trio.Event()
+    errors: list[BaseException] = []
+
+    async def handler(stream: TCPStream) -> None:
+        try:
+            while await stream.receive_some():
+                pass
+            while True:  # the peer reset: sends fail with a trio error
+                await stream.send_all(b"x" * 65536)
+        except trio.BrokenResourceError as exc:
+            errors.append(exc)
+        finally:
+            await stream.aclose()
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_tcp, listener, handler, nursery)
+        client = socket.create_connection(("127.0.0.1", port))
+        # SO_LINGER 0: close() sends RST instead of FIN.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()
+        with trio.fail_after(10):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    assert errors and "connection lost" in str(errors[0])
+
+
+def test_the_accept_loop_survives_running_out_of_descriptors() -> None:
+    # In a process of its own, with a low descriptor limit: clients exhaust it (EMFILE on
+    # accept), the loop pauses instead of crashing, and once they leave it serves again.
+    script = textwrap.dedent(
+        """
+        import resource, socket, trio
+        from enforcer.sockets import TCPStream, serve_tcp
+
+        async def handler(stream: TCPStream) -> None:
+            try:
+                await stream.send_all(b"hi")
+                await stream.receive_some()
+            except trio.BrokenResourceError:
+                pass  # a client that left while the server could not accept it
+            finally:
+                await stream.aclose()
+
+        async def main() -> None:
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(256)
+            port = listener.getsockname()[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_tcp, listener, handler, nursery)
+                clients = []
+                for _ in range(20):  # the client sockets count against the limit too
+                    clients.append(socket.create_connection(("127.0.0.1", port)))
+                with trio.move_on_after(1):
+                    while True:  # keep connecting until the server cannot accept
+                        try:
+                            clients.append(socket.create_connection(("127.0.0.1", port)))
+                        except OSError:
+                            break
+                        await trio.sleep(0)
+                await trio.sleep(0.5)  # the loop hit EMFILE and paused
+                for c in clients:
+                    c.close()
+                await trio.sleep(0.3)
+                def fresh_client() -> bytes:
+                    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                        return c.recv(2)
+
+                # In a thread: a blocking call here would stop the server's loop too.
+                assert await trio.to_thread.run_sync(fresh_client) == b"hi", "not serving"
+                nursery.cancel_scope.cancel()
+            print("served after EMFILE")
+
+        trio.run(main)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert "served after EMFILE" in out.stdout
+    assert "accept failed" in out.stderr  # it did run out, and said so
