@@ -42,9 +42,12 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 # Enforcer vs nginx, same clients, same run: full handshakes (1 and 2 workers) with the crypto
-# ceiling beside them, then cookie reuse on kept-alive connections.
+# ceiling and the split of the enforcer's CPU beside them, the same handshakes counted in
+# instructions (callgrind: a figure the machine's noise does not move), then cookie reuse on
+# kept-alive connections and the load generator against openssl s_time.
 bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py
+	$(BIN)/python bench/instructions.py
 	$(BIN)/python bench/cookies.py
 	$(BIN)/python bench/loadgen.py
 

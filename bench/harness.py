@@ -138,18 +138,24 @@ def machine_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def nginx_missing() -> str | None:
-    """Return None when nginx is available (installing it when possible), else why not."""
-    if os.path.exists(NGINX):
+def program_missing(path: str, package: str) -> str | None:
+    """Return None when ``path`` exists (apt-get installing ``package`` when possible), else why
+    not."""
+    if os.path.exists(path):
         return None
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return f"{NGINX} is missing and apt-get install needs root and apt-get"
-    cmd = ["apt-get", "install", "-y", "nginx"]
+        return f"{path} is missing and apt-get install {package} needs root and apt-get"
+    cmd = ["apt-get", "install", "-y", package]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     except subprocess.TimeoutExpired:
-        return "apt-get install -y nginx timed out"
-    return None if os.path.exists(NGINX) else f"apt-get install failed: {r.stderr[-300:]}"
+        return f"apt-get install -y {package} timed out"
+    return None if os.path.exists(path) else f"apt-get install failed: {r.stderr[-300:]}"
+
+
+def nginx_missing() -> str | None:
+    """Return None when nginx is available (installing it when possible), else why not."""
+    return program_missing(NGINX, "nginx")
 
 
 # ---- the fleet and the servers ---------------------------------------------------------------

@@ -46,6 +46,7 @@ from harness import (
     full_handshake_request,
     make_testbed,
     nginx_missing,
+    program_missing,
     start_origin,
     stop,
     wait_port,
@@ -123,8 +124,8 @@ def main() -> int:
     ap.add_argument("--skip-nginx", action="store_true", help="count the enforcer(s) only")
     ap.add_argument("--keep", help="copy the callgrind dumps here (for callgrind_annotate)")
     args = ap.parse_args()
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    if missing := program_missing("/usr/bin/callgrind_control", "valgrind"):
+        raise SystemExit(missing)
     if not args.skip_nginx and (missing := nginx_missing()):
         raise SystemExit(missing)
     console = Console(soft_wrap=True, highlight=False)
