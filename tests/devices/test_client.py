@@ -259,3 +259,38 @@ async def test_token_costs_show_up_in_the_timings(served: Served) -> None:
     wrong = DeviceClient(target, PivKeyStore(token, "9c", "000000"))
     assert (await wrong.request("/")).outcome == "key_store_error:CKR_PIN_INCORRECT"
     await wrong.aclose()
+
+
+async def test_addresses_connect_directly_and_names_through_happy_eyeballs(
+    served: Served,
+) -> None:
+    # An IP address (v4, v6) skips happy eyeballs; a name still resolves. All three reach the
+    # served enforcer and are admitted; a refused address reads as "connection refused".
+    from devices.client import open_tcp
+
+    port = served.port
+    hosts = ["127.0.0.1", "localhost"]
+    v6 = trio.socket.socket(trio.socket.AF_INET6)
+    try:
+        await v6.bind(("::1", 0))
+        hosts.append("::1")  # only when this machine has IPv6 loopback; the enforcer
+    except OSError:  # listens on 127.0.0.1, so ::1 is expected to be refused
+        pass
+    finally:
+        v6.close()
+    cert, key = served.layout.device("valid")
+    for host in hosts:
+        target = Target(host, port, AUTH_HOST, served.layout.edge_ca)
+        client = DeviceClient(target, SoftwareKeyStore(cert, key))
+        try:
+            attempt = await client.request("/")
+        finally:
+            await client.aclose()
+        if host == "::1":
+            assert attempt.outcome == "connect_error"
+            assert attempt.error == "connection refused"
+        else:
+            assert attempt.outcome == "allowed", (host, attempt)
+    stream = await open_tcp("127.0.0.1", port)
+    assert isinstance(stream, trio.SocketStream)
+    await stream.aclose()
