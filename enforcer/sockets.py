@@ -7,7 +7,8 @@ origin hop, the response), and profiles of ``bench/handshakes.py`` showed trio's
 the largest share of the enforcer's Python time. Here a call that succeeds returns at once;
 one that would block waits in ``trio.lowlevel.wait_readable`` / ``wait_writable``, which are
 checkpoints, so timeouts and cancellation work as before wherever a connection waits for its
-peer, and a connection that never waits still yields once per accept batch.
+peer. Every connection waits for its peer at least once per request (the handshake's second
+flight, the next request), and the accept loop at every batch, so no task keeps the loop long.
 """
 
 from __future__ import annotations
