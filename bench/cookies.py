@@ -36,6 +36,7 @@ from harness import (
     ClientPool,
     Result,
     Window,
+    add_window_options,
     client_context,
     cpu_seconds,
     free_port,
@@ -73,10 +74,7 @@ def get_cookie(bed: Any, port: int) -> str:
 def main() -> int:
     """Run the benchmark; print its table, ratio, JSON line and rerun command."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
-    ap.add_argument("--duration", type=float, default=4.0, help="measured s per window (4)")
-    ap.add_argument("--rounds", type=int, default=3, help="windows per target (3)")
-    ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured s per window (0.5)")
-    ap.add_argument("--clients", type=int, default=3, help="client processes (3)")
+    add_window_options(ap)
     ap.add_argument("--workers", type=int, default=1, help="workers of each server (1)")
     ap.add_argument(
         "--baseline",

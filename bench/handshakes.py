@@ -42,6 +42,7 @@ from harness import (
     ClientPool,
     Result,
     Window,
+    add_window_options,
     client_context,
     cpu_seconds,
     free_port,
@@ -153,10 +154,7 @@ def measure_workers(
 def main() -> int:
     """Run the benchmark; print its table, ratios, JSON line and rerun command."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
-    ap.add_argument("--duration", type=float, default=4.0, help="measured s per window (4)")
-    ap.add_argument("--rounds", type=int, default=3, help="windows per target (3)")
-    ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured s per window (0.5)")
-    ap.add_argument("--clients", type=int, default=3, help="client processes (3)")
+    add_window_options(ap)
     ap.add_argument("--workers", default="1,2", help="worker counts to measure (1,2)")
     ap.add_argument("--fleet", type=int, default=500, help="distinct devices (500)")
     ap.add_argument("--skip-nginx", action="store_true", help="measure the enforcer only")

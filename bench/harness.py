@@ -19,6 +19,7 @@ handshakes were a device's first against that target.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import datetime as dt
@@ -338,6 +339,14 @@ class Window:
     # One handshake per device of each client's slice, then stop (warms a server's caches the
     # way a fleet that already connected once would have); nothing is measured.
     one_pass: bool = False
+
+
+def add_window_options(ap: argparse.ArgumentParser) -> None:
+    """The options every alternating-window bench takes: window length, rounds, clients."""
+    ap.add_argument("--duration", type=float, default=4.0, help="measured s per window (4)")
+    ap.add_argument("--rounds", type=int, default=3, help="windows per target (3)")
+    ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured s per window (0.5)")
+    ap.add_argument("--clients", type=int, default=3, help="client processes (3)")
 
 
 def _client_main(index: int, devices: Sequence[tuple[Path, Path]], edge_ca: Path, cmds: Any,

@@ -12,7 +12,8 @@ import trio
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
-CONFIG = """
+# Everything above the server blocks; render_servers adds one per hostname and closes http.
+CONFIG_HEAD = """
 worker_processes 1;
 daemon off;
 master_process off;
@@ -26,24 +27,6 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        server_name {server_name};
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_client_certificate {client_ca};
-        ssl_verify_client optional;
-        ssl_verify_depth 3;
-        location / {{
-            if ($ssl_client_verify != SUCCESS) {{
-                add_header X-Access-Denied-Reason no_certificate always;
-                return 403 "client certificate: $ssl_client_verify\\n";
-            }}
-            return 200 "ok $ssl_client_s_dn\\n";
-        }}
-    }}
-}}
 """
 
 
@@ -136,8 +119,7 @@ def render_servers(
                 port=port, server_name=name, cert=cert, key=key, verify=verify, body=body
             )
         )
-    head, _, _ = CONFIG.partition("    server {{")
-    return head.format(dir=folder) + "".join(blocks) + "}\n"
+    return CONFIG_HEAD.format(dir=folder) + "".join(blocks) + "}\n"
 
 
 async def start_nginx_servers(

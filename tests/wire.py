@@ -7,11 +7,13 @@ import dataclasses
 import json
 import ssl
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import h11
 import trio
+
+# Re-exported: the conformance suite's wire client builds its TLS contexts the same way.
+from testbed.conformance.wire import client_context as client_context
 
 
 @dataclasses.dataclass
@@ -38,14 +40,6 @@ class Response:
     def json(self) -> Any:
         """Decode the body as JSON."""
         return json.loads(self.body)
-
-
-def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    """A client TLS context trusting ``ca`` and presenting ``cert``/``key`` when given."""
-    ctx = ssl.create_default_context(cafile=str(ca))
-    if cert is not None:
-        ctx.load_cert_chain(str(cert), str(key) if key else None)
-    return ctx
 
 
 class Connection:
