@@ -124,6 +124,10 @@ def main() -> int:
     ap.add_argument("--skip-nginx", action="store_true", help="count the enforcer(s) only")
     ap.add_argument("--keep", help="copy the callgrind dumps here (for callgrind_annotate)")
     args = ap.parse_args()
+    if args.requests < 1 or args.fleet < 1:
+        ap.error("--requests and --fleet: expected 1 or more")
+    if args.baseline and not os.access(args.baseline, os.X_OK):
+        ap.error(f"--baseline: {args.baseline} is not an executable file")
     if missing := program_missing("/usr/bin/callgrind_control", "valgrind"):
         raise SystemExit(missing)
     if not args.skip_nginx and (missing := nginx_missing()):
