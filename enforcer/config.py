@@ -56,6 +56,12 @@ class ServerSettings:
     request_timeout: float = 30.0
     max_header_bytes: int = 16 * 1024
     max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
+    # Limits on what one peer may hold (README, Security model); nginx's names in comments.
+    max_connections: int = 1024  # per worker process (worker_connections)
+    idle_timeout: float = 60.0  # a kept-alive connection between requests (keepalive_timeout)
+    max_requests_per_connection: int = 1000  # (keepalive_requests)
+    max_client_certificates: int = DEFAULT_MAX_CHAIN_DEPTH + 2  # leaf, intermediates, root
+    intermediates_memo_bytes: int = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +258,11 @@ def load_config(path: str | Path) -> EnforcerConfig:
             "request_timeout",
             "max_header_bytes",
             "max_chain_depth",
+            "max_connections",
+            "idle_timeout",
+            "max_requests_per_connection",
+            "max_client_certificates",
+            "intermediates_memo_bytes",
         }
     )
     port = s.get("port", int, 8443)
@@ -263,6 +274,18 @@ def load_config(path: str | Path) -> EnforcerConfig:
     header_bytes = s.get("max_header_bytes", int, 16 * 1024)
     if not 1024 <= header_bytes <= 1024 * 1024:
         raise s.error("max_header_bytes", f"{header_bytes} is not between 1024 and 1048576")
+    bounded = {
+        "max_connections": (1024, 1, 1_000_000),
+        "max_requests_per_connection": (1000, 1, 10_000_000),
+        "max_client_certificates": (depth + 2, 1, 64),
+        "intermediates_memo_bytes": (64 * 1024 * 1024, 0, 1 << 40),
+    }
+    limits: dict[str, int] = {}
+    for name, (default, low, high) in bounded.items():
+        value = s.get(name, int, default)
+        if not low <= value <= high:
+            raise s.error(name, f"{value} is not between {low} and {high}")
+        limits[name] = value
     server = ServerSettings(
         host=s.get("host", str, "127.0.0.1"),
         port=port,
@@ -271,6 +294,8 @@ def load_config(path: str | Path) -> EnforcerConfig:
         request_timeout=s.duration("request_timeout", "30s").total_seconds(),
         max_header_bytes=header_bytes,
         max_chain_depth=depth,
+        idle_timeout=s.duration("idle_timeout", "60s").total_seconds(),
+        **limits,
     )
 
     g = top.sub("signing")
