@@ -1,12 +1,24 @@
-"""h11 glue: read events and send responses over any trio-style byte stream."""
+"""h11 glue: read events and send responses over any trio-style byte stream.
+
+Theory of operation. h11 parses; this module moves bytes and applies the limits h11 leaves to
+its caller. Every loop here either returns an event or awaits the stream, so no peer can keep
+a task busy without reaching the stream's checkpoints: ``h11.PAUSED`` (after a request that may
+switch protocols, or a 2xx to CONNECT on the client side) is returned, never retried, and the
+body readers treat it as the end of the message. A server reads a request in three steps: the
+head (:func:`read_head`, bounded by an idle wait for its first bytes and a deadline for the
+rest), the checks of that head (:func:`head_refusal`, :func:`origin_form`), and only once the
+request is admitted its body (:func:`body_chunks`, streamed, bounded in size and time).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import AsyncIterator, Iterable
 from http import HTTPStatus
 from typing import Protocol
 
 import h11
+import trio
 
 HOP_BY_HOP = frozenset(
     {
@@ -36,18 +48,187 @@ class ByteStream(Protocol):
         ...
 
 
-class BodyTooLarge(Exception):
+class ClientBodyError(Exception):
+    """A request body the server will not take; ``status`` is the answer to give."""
+
+    status = 400
+
+
+class BodyTooLarge(ClientBodyError):
     """A request body over the configured limit."""
+
+    status = 413
+
+
+class BodyTimeout(ClientBodyError):
+    """A request body that did not arrive within the request timeout."""
+
+    status = 408
+
+
+class BadBody(ClientBodyError):
+    """A request body that broke HTTP/1.1 framing, or a client that left mid-body."""
+
+    status = 400
+
+
+class HeadTimeout(Exception):
+    """No complete request head arrived in time (idle between requests, or too slow)."""
+
+
+class TargetError(Exception):
+    """A request target that is neither origin-form, absolute-form, nor ``*`` for OPTIONS."""
 
 
 async def next_event(conn: h11.Connection, stream: ByteStream) -> h11.Event | type[h11.PAUSED]:
-    """Return h11's next event, reading from ``stream`` as needed."""
+    """Return h11's next event, reading from ``stream`` as needed.
+
+    ``h11.PAUSED`` is returned as it is: h11 will not produce another event until the
+    connection changes state, so looping on it would spin without ever awaiting.
+    """
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             conn.receive_data(bytes(await stream.receive_some(65536)))
             continue
         return event  # type: ignore[return-value]
+
+
+async def read_head(
+    conn: h11.Connection, stream: ByteStream, *, idle: float, timeout: float
+) -> h11.Event | type[h11.PAUSED]:
+    """Return the next message head (or ConnectionClosed/PAUSED), raising HeadTimeout when slow.
+
+    The first bytes may take ``idle`` seconds (a kept-alive connection between requests); from
+    then on the whole head must arrive within ``timeout``, so one byte a second cannot hold a
+    connection (slowloris).
+    """
+    event = conn.next_event()
+    if event is not h11.NEED_DATA:
+        return event  # type: ignore[return-value]  # pipelined: already buffered
+    data: bytes | None = None
+    with trio.move_on_after(idle):
+        data = bytes(await stream.receive_some(65536))
+    if data is None:
+        raise HeadTimeout(f"no request within {idle:g} s")
+    conn.receive_data(data)
+    with trio.move_on_after(timeout):
+        return await next_event(conn, stream)
+    raise HeadTimeout(f"the request head took over {timeout:g} s")
+
+
+def head_size(request: h11.Request) -> int:
+    """The size of a request head as h11 parsed it (request line, header lines, blank line)."""
+    size = len(request.method) + len(request.target) + 14
+    for name, value in request.headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
+# Control bytes h11 lets through in header values (it refuses NUL, CR, LF, VT and FF only).
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def head_refusal(request: h11.Request, max_header_bytes: int) -> tuple[int, str] | None:
+    """Why a reverse proxy refuses this request head outright, as (status, text), or None.
+
+    Every refusal closes the connection: its body, if any, is never read.
+    """
+    if request.method == b"CONNECT":
+        # 501, not 405: the enforcer implements CONNECT for no target at all, and 405 would
+        # owe an Allow header naming the origin's methods, which the enforcer does not know.
+        return 501, "CONNECT is not supported: this is a reverse proxy.\n"
+    if head_size(request) > max_header_bytes:
+        return 431, "Request header too large.\n"
+    content_length = transfer_encoding = False
+    for name, value in request.headers:
+        if _CTL.search(value):
+            return 400, "Control characters in a header value.\n"
+        if name == b"content-length":
+            content_length = True
+        elif name == b"transfer-encoding":
+            transfer_encoding = True
+    if content_length and transfer_encoding:
+        # RFC 9112 6.1: the framing is ambiguous between proxies (request smuggling).
+        return 400, "Both Content-Length and Transfer-Encoding.\n"
+    return None
+
+
+def origin_form(request: h11.Request) -> tuple[bytes, bytes | None]:
+    """Return the request's target in origin-form, and the authority an absolute-form one named.
+
+    Raises :class:`TargetError` for any other form (``-internal/x``, userinfo, no authority).
+    """
+    target = request.target
+    if target.startswith(b"/"):
+        return target, None
+    if target == b"*" and request.method == b"OPTIONS":
+        return target, None
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise TargetError(f"request target {target[:80]!r} is not origin-form or absolute-form")
+    end = len(rest)
+    for stop in (b"/", b"?", b"#"):
+        at = rest.find(stop)
+        if at != -1:
+            end = min(end, at)
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority:
+        raise TargetError(f"request target {target[:80]!r} has no usable authority")
+    if path.startswith(b"#"):
+        raise TargetError(f"request target {target[:80]!r} carries a fragment")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path, authority
+
+
+def finish_buffered_body(conn: h11.Connection) -> bool:
+    """Consume the current request body from what h11 already holds; True when it ended.
+
+    Never reads the stream, so what it consumes is bounded by one read: a denied request's
+    body is not read, and the caller closes the connection when this returns False.
+    """
+    try:
+        while conn.their_state is h11.SEND_BODY:
+            event = conn.next_event()
+            if not isinstance(event, h11.Data | h11.EndOfMessage):
+                return False
+    except h11.RemoteProtocolError:
+        return False
+    return True
+
+
+async def body_chunks(
+    conn: h11.Connection, stream: ByteStream, limit: int, timeout: float
+) -> AsyncIterator[bytes]:
+    """Yield the current request's body as it arrives, at most ``limit`` bytes in ``timeout`` s.
+
+    Sends ``100 Continue`` first when the client waits for it: calling this is what says the
+    body is wanted. Raises a :class:`ClientBodyError` (413, 408 or 400) when the body fails.
+    """
+    if conn.client_is_waiting_for_100_continue:
+        await send(
+            conn, stream, h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+        )
+    size = 0
+    deadline = trio.current_time() + timeout
+    while True:
+        try:
+            with trio.fail_at(deadline):
+                event = await next_event(conn, stream)
+        except trio.TooSlowError:
+            raise BodyTimeout(f"the request body took over {timeout:g} s") from None
+        except h11.RemoteProtocolError as exc:
+            raise BadBody(f"bad request body: {exc}") from exc
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > limit:
+                raise BodyTooLarge(f"request body over {limit} bytes")
+            yield bytes(event.data)
+        elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+            return
+        else:
+            raise BadBody("the client closed the connection in the middle of the body")
 
 
 async def read_body(conn: h11.Connection, stream: ByteStream, limit: int) -> bytes:
@@ -61,8 +242,8 @@ async def read_body(conn: h11.Connection, stream: ByteStream, limit: int) -> byt
             if size > limit:
                 raise BodyTooLarge(f"request body over {limit} bytes")
             parts.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            return b"".join(parts)
+        elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+            return b"".join(parts)  # PAUSED: the message ended (CONNECT, Upgrade)
         else:
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in a body")
 

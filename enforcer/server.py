@@ -11,6 +11,7 @@ acts on the decision.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import ipaddress
 import itertools
@@ -18,7 +19,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,19 @@ from enforcer.decision import (
     normalise_hostname,
     still_valid,
 )
-from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond, send
+from enforcer.http import (
+    ClientBodyError,
+    HeadTimeout,
+    TargetError,
+    body_chunks,
+    finish_buffered_body,
+    head_refusal,
+    header_values,
+    origin_form,
+    read_head,
+    respond,
+    send,
+)
 from enforcer.proxy import (
     OriginError,
     OriginPool,
@@ -58,7 +71,7 @@ from enforcer.tokens import TokenMemo, parse_cookie_header
 
 log = logging.getLogger(__name__)
 JWKS_PATH = b"/cdn-cgi/access/certs"
-MAX_BODY = 8 * 1024 * 1024
+MAX_BODY = 8 * 1024 * 1024  # an admitted request's body; a denied one is never read
 
 
 def tls_hosts(
@@ -228,37 +241,33 @@ class _Session:
         )
         self._memo: tuple[int, str, ChainResult | None] | None = None
         self.requests = 0
+        self._close_after = False  # set per request: every answer to it closes
 
     async def serve(self) -> None:
+        settings = self.e.settings
         while True:
             try:
-                with trio.move_on_after(self.e.settings.request_timeout) as scope:
-                    event = await next_event(self.h11, self.tls)
-                if scope.cancelled_caught:
-                    return
+                # The first request may take request_timeout to start (nginx's
+                # client_header_timeout); a kept-alive connection waits idle_timeout.
+                event = await read_head(
+                    self.h11,
+                    self.tls,
+                    idle=settings.idle_timeout if self.requests else settings.request_timeout,
+                    timeout=settings.request_timeout,
+                )
+            except HeadTimeout:
+                return  # closed without an answer, as nginx does on client_header_timeout
             except h11.RemoteProtocolError as exc:
                 await self._protocol_error(exc)
                 return
             if not isinstance(event, h11.Request):
-                return  # ConnectionClosed or garbage after a response: nothing to answer
-            try:
-                with trio.fail_after(self.e.settings.request_timeout):
-                    body = await read_body(self.h11, self.tls, MAX_BODY)
-            except trio.TooSlowError:
-                await self._plain(408, "Request body timed out.\n", close=True)
-                return
-            except BodyTooLarge:
-                await self._plain(413, "Request body too large.\n", close=True)
-                return
-            except h11.RemoteProtocolError as exc:
-                await self._protocol_error(exc)
-                return
+                return  # ConnectionClosed, PAUSED or garbage after a response: nothing to answer
             self.requests += 1
-            await self._request(event, body)
+            await self._request(event, last=self.requests >= settings.max_requests_per_connection)
             if self.h11.our_state in (h11.MUST_CLOSE, h11.SWITCHED_PROTOCOL):
                 return  # aclose() sends what is held
-            if self.h11.their_state is h11.MUST_CLOSE:
-                return
+            if self.h11.their_state is not h11.DONE:
+                return  # MUST_CLOSE, or a body left unread: the connection cannot carry more
             self.tls.hold_output = False
             await self.tls.flush()  # the connection stays: the response must not wait
             try:
@@ -275,6 +284,10 @@ class _Session:
     async def _plain(
         self, status: int, text: str, *, close: bool, extra: Sequence[tuple[str, str]] = ()
     ) -> None:
+        # An answer given before the request's body was read closes the connection unless
+        # the body already ended in what was read (a denied body is never read); so does
+        # any answer on a No Duration hostname, and the connection's last allowed request.
+        close = close or self._close_after or not finish_buffered_body(self.h11)
         headers = [("content-type", "text/plain; charset=utf-8"), *extra]
         if close:
             headers.append(("connection", "close"))
@@ -300,28 +313,74 @@ class _Session:
             self._memo = (snapshot.generation, hostname, result)
         return result
 
-    async def _request(self, request: h11.Request, body: bytes) -> None:
+    async def _request(self, request: h11.Request, *, last: bool = False) -> None:
+        """Check the head, decide, then read the body only for an admitted request."""
         e = self.e
         e.refresh()
         snapshot = e.snapshot  # one consistent snapshot for the whole request (SPEC A12)
         now = e.clock.now()
         t0 = time.perf_counter()
+        sni = self.tls.sni
+        sni_app = snapshot.applications.get(normalise_hostname(sni) or "")
+        # Under No Duration every answer closes (SPEC A9), whatever the decision says.
+        self._close_after = last or (sni_app is not None and sni_app.no_duration)
+
+        refusal = head_refusal(request, e.settings.max_header_bytes)
+        try:
+            target, authority = origin_form(request)
+        except TargetError as exc:
+            refusal = refusal or (400, "Bad request target.\n")
+            log.info("connection %d: %s", self.conn_id, exc)
+            target, authority = request.target, None
+        if refusal is not None:
+            # Before the access decision: a reverse proxy never serves these (CONNECT), or
+            # the head itself is unsafe to forward; the body is not read and the connection ends.
+            status, text = refusal
+            self._log(request, now, t0, status=status, refused=text.strip())
+            await self._plain(status, text, close=True)
+            return
         host_values = header_values(request.headers, b"host")
         host = host_values[0] if len(host_values) == 1 else None
-        sni = self.tls.sni
-        path = request.target.split(b"?", 1)[0]
-
         hostname = normalise_hostname(host)
+        if authority is not None and normalise_hostname(authority.decode("latin-1")) != hostname:
+            decision = AccessDecision(
+                421,
+                Reason.MISDIRECTED,
+                f"request target authority {authority.decode('latin-1')!r} differs from Host"
+                f" {host!r}",
+                close_connection=True,
+            )
+            self._log(request, now, t0, decision=decision)
+            await self._plain(
+                421,
+                DENIAL_BODIES.get(Reason.MISDIRECTED, "Misdirected request.") + "\n",
+                close=True,
+                extra=[("x-access-denied-reason", Reason.MISDIRECTED.value)],
+            )
+            return
+        forwarded = request
+        if target is not request.target:
+            # The origin always receives origin-form: an absolute-form target could name
+            # another application behind a shared origin.
+            forwarded = h11.Request(
+                method=request.method,
+                target=target,
+                headers=list(request.headers),
+                http_version=request.http_version,
+            )
+        path = target.split(b"?", 1)[0]
+
         jwks_app = snapshot.applications.get(hostname) if hostname and hostname == sni else None
         if path == JWKS_PATH and request.method in (b"GET", b"HEAD") and jwks_app is not None:
             # The signing keys are public: an origin fetches them to verify CF_Authorization.
             doc = json.dumps(snapshot.keyring.jwks(now), indent=2).encode()
             headers = [("content-type", "application/json")]
-            if jwks_app.no_duration:
+            close = self._close_after or not finish_buffered_body(self.h11)
+            if close:
                 headers.append(("connection", "close"))  # SPEC A9: every response closes
             # Log before answering: once a client has its answer, the line is in the log.
             self._log(request, now, t0, status=200)
-            self._hold_if_last(jwks_app.no_duration)
+            self._hold_if_last(close)
             await respond(self.h11, self.tls, 200, headers, doc, head=request.method == b"HEAD")
             return
 
@@ -346,19 +405,34 @@ class _Session:
                 extra=[("x-access-denied-reason", reason.value)],
             )
             return
-        upgrade = _upgrade_protocol(request)
-        if upgrade is not None and hostname is not None:
-            self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=101)
-            await self._tunnel(request, decision, upgrade, hostname)
-            return
-        await self._forward(
-            request,
-            body,
-            decision,
-            lambda status: self._log(
-                request, now, t0, decision=decision, decision_ms=decision_ms, status=status
-            ),
-        )
+        if self._close_after and not decision.close_connection:
+            decision = dataclasses.replace(decision, close_connection=True)
+        # Admitted: only now is the body wanted (and 100 Continue sent); it streams.
+        body = body_chunks(self.h11, self.tls, MAX_BODY, e.settings.request_timeout)
+        logged = False
+
+        def log_status(status: int) -> None:
+            nonlocal logged
+            logged = True
+            self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=status)
+
+        try:
+            upgrade = _upgrade_protocol(request)
+            if upgrade is not None and hostname is not None:
+                async for _ in body:
+                    pass  # an upgrade request's body (normally none) is not forwarded
+                log_status(101)
+                await self._tunnel(forwarded, decision, upgrade, hostname)
+                return
+            await self._forward(forwarded, body, decision, log_status)
+        except ClientBodyError as exc:
+            log.info("connection %d: %s", self.conn_id, exc)
+            if self.h11.our_state is not h11.SEND_RESPONSE:
+                raise TLSError(f"client body failed mid-response: {exc}") from exc
+            if not logged:
+                log_status(exc.status)
+            answer = {413: "Request body too large.\n", 408: "Request body timed out.\n"}
+            await self._plain(exc.status, answer.get(exc.status, "Bad request.\n"), close=True)
 
     async def _tunnel(
         self, request: h11.Request, decision: AccessDecision, upgrade: bytes, hostname: str
@@ -466,13 +540,14 @@ class _Session:
     async def _forward(
         self,
         request: h11.Request,
-        body: bytes,
+        body: AsyncIterator[bytes],
         decision: AccessDecision,
         log_status: Callable[[int], None],
     ) -> None:
         """Forward to the origin and stream its answer back; log just before the last byte."""
         app = decision.application
         assert app is not None
+        data = b"".join([chunk async for chunk in body])  # i13-http stopgap: streaming replaces
         headers = self._origin_headers(request, decision)
         extra: list[tuple[bytes, bytes]] = []
         if decision.set_cookie:
@@ -485,7 +560,7 @@ class _Session:
                 request.method,
                 request.target,
                 headers,
-                body,
+                data,
                 self.e.settings.request_timeout,
                 self.e.origins,
             ) as response:
@@ -538,7 +613,9 @@ class _Session:
         decision: AccessDecision | None = None,
         decision_ms: float | None = None,
         status: int | None = None,
+        refused: str | None = None,
     ) -> None:
+        """Write the access-log line of a request; ``refused`` names a refusal before deciding."""
         cert = decision.certificate if decision else None
         leaf = self.chain[0] if self.chain else None
         record = {
@@ -553,9 +630,9 @@ class _Session:
             "status": status if status is not None else (decision.status if decision else None),
             "decision": "allowed"
             if decision and decision.allowed
-            else ("denied" if decision else "served"),
+            else ("denied" if decision else "refused" if refused else "served"),
             "reason": decision.reason.value if decision and decision.reason else None,
-            "detail": decision.detail if decision and decision.detail else None,
+            "detail": decision.detail if decision and decision.detail else refused,
             "notes": [n.value for n in decision.notes] if decision else [],
             "policy": decision.policy if decision else None,
             "admitted_by": decision.admitted_by.value
