@@ -117,14 +117,6 @@ async def read_head(
     raise HeadTimeout(f"the request head took over {timeout:g} s")
 
 
-def head_size(request: h11.Request) -> int:
-    """The size of a request head as h11 parsed it (request line, header lines, blank line)."""
-    size = len(request.method) + len(request.target) + 14
-    for name, value in request.headers:
-        size += len(name) + len(value) + 4
-    return size
-
-
 # Control bytes h11 lets through in header values (it refuses NUL, CR, LF, VT and FF only).
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -132,22 +124,30 @@ _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 def head_refusal(request: h11.Request, max_header_bytes: int) -> tuple[int, str] | None:
     """Why a reverse proxy refuses this request head outright, as (status, text), or None.
 
-    Every refusal closes the connection: its body, if any, is never read.
+    Every refusal closes the connection: its body, if any, is never read. h11 bounds a head
+    only while it is incomplete; the size here is the complete head as h11 parsed it (request
+    line, header lines, blank line), so a head that arrived in one read is bounded too.
     """
     if request.method == b"CONNECT":
         # 501, not 405: the enforcer implements CONNECT for no target at all, and 405 would
         # owe an Allow header naming the origin's methods, which the enforcer does not know.
         return 501, "CONNECT is not supported: this is a reverse proxy.\n"
-    if head_size(request) > max_header_bytes:
-        return 431, "Request header too large.\n"
-    content_length = transfer_encoding = False
+    # One pass over the headers (this runs for every request).
+    size = len(request.method) + len(request.target) + 14
+    control = content_length = transfer_encoding = False
+    search = _CTL.search
     for name, value in request.headers:
-        if _CTL.search(value):
-            return 400, "Control characters in a header value.\n"
+        size += len(name) + len(value) + 4
+        if search(value):
+            control = True
         if name == b"content-length":
             content_length = True
         elif name == b"transfer-encoding":
             transfer_encoding = True
+    if size > max_header_bytes:
+        return 431, "Request header too large.\n"
+    if control:
+        return 400, "Control characters in a header value.\n"
     if content_length and transfer_encoding:
         # RFC 9112 6.1: the framing is ambiguous between proxies (request smuggling).
         return 400, "Both Content-Length and Transfer-Encoding.\n"

@@ -326,17 +326,18 @@ class _Session:
         self._close_after = last or (sni_app is not None and sni_app.no_duration)
 
         refusal = head_refusal(request, e.settings.max_header_bytes)
+        detail = refusal[1].strip() if refusal else ""
         try:
             target, authority = origin_form(request)
         except TargetError as exc:
-            refusal = refusal or (400, "Bad request target.\n")
-            log.info("connection %d: %s", self.conn_id, exc)
+            if refusal is None:
+                refusal, detail = (400, "Bad request target.\n"), str(exc)
             target, authority = request.target, None
         if refusal is not None:
             # Before the access decision: a reverse proxy never serves these (CONNECT), or
             # the head itself is unsafe to forward; the body is not read and the connection ends.
             status, text = refusal
-            self._log(request, now, t0, status=status, refused=text.strip())
+            self._log(request, now, t0, status=status, refused=detail)
             await self._plain(status, text, close=True)
             return
         host_values = header_values(request.headers, b"host")
@@ -426,7 +427,7 @@ class _Session:
                 return
             await self._forward(forwarded, body, decision, log_status)
         except ClientBodyError as exc:
-            log.info("connection %d: %s", self.conn_id, exc)
+            log.debug("connection %d: %s", self.conn_id, exc)
             if self.h11.our_state is not h11.SEND_RESPONSE:
                 raise TLSError(f"client body failed mid-response: {exc}") from exc
             if not logged:
