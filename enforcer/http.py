@@ -13,7 +13,7 @@ request is admitted its body (:func:`body_chunks`, streamed, bounded in size and
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from http import HTTPStatus
 from typing import Protocol
 
@@ -200,7 +200,7 @@ def finish_buffered_body(conn: h11.Connection) -> bool:
 
 async def body_chunks(
     conn: h11.Connection, stream: ByteStream, limit: int, timeout: float
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the current request's body as it arrives, at most ``limit`` bytes in ``timeout`` s.
 
     Sends ``100 Continue`` first when the client waits for it: calling this is what says the

@@ -418,14 +418,16 @@ class _Session:
             self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=status)
 
         try:
-            upgrade = _upgrade_protocol(request)
-            if upgrade is not None and hostname is not None:
-                async for _ in body:
-                    pass  # an upgrade request's body (normally none) is not forwarded
-                log_status(101)
-                await self._tunnel(forwarded, decision, upgrade, hostname)
-                return
-            await self._forward(forwarded, body, decision, log_status)
+            # aclosing: a body left unfinished (the origin answered early) is closed here.
+            async with contextlib.aclosing(body):
+                upgrade = _upgrade_protocol(request)
+                if upgrade is not None and hostname is not None:
+                    async for _ in body:
+                        pass  # an upgrade request's body (normally none) is not forwarded
+                    log_status(101)
+                    await self._tunnel(forwarded, decision, upgrade, hostname)
+                    return
+                await self._forward(forwarded, body, decision, log_status)
         except ClientBodyError as exc:
             log.debug("connection %d: %s", self.conn_id, exc)
             if self.h11.our_state is not h11.SEND_RESPONSE:
