@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import io
+import json
 from pathlib import Path
 
 import jwt
@@ -222,6 +223,31 @@ async def test_revoking_tokens_of_an_unknown_application_is_404(admin: Served) -
     assert "application 'nope' not found" in msg
     code, env = await admin_call(admin.admin_port, "GET", f"{ACC}/revoke_tokens")
     assert code == 405 and "use POST" in env["errors"][0]["message"]
+
+
+async def test_revoke_sessions_from_the_command_line(admin: Served, capsys) -> None:
+    from testbed.cli import main
+    from tests.conftest import ADMIN_TOKEN
+
+    def cli(*args: str) -> int:
+        url = f"http://127.0.0.1:{admin.admin_port}"
+        return main(["enforcer", "admin", "--url", url, "--token", ADMIN_TOKEN, "--json", *args])
+
+    cookie = cookie_of(await get(admin.port, AUTH_HOST, ctx(admin, "valid")))
+    auth = await app_id(admin, AUTH_HOST)
+    assert await trio.to_thread.run_sync(cli, "revoke-sessions", "--app", auth) == 0
+    assert json.loads(capsys.readouterr().out)["app_id"] == auth
+    assert (await get(admin.port, AUTH_HOST, ctx(admin), headers=[cookie])).status == 403
+
+    admin.clock.advance(dt.timedelta(seconds=1))
+    fresh = cookie_of(await get(admin.port, AUTH_HOST, ctx(admin, "valid")))
+    at = (admin.clock.now() + dt.timedelta(seconds=1)).isoformat()
+    admin.clock.advance(dt.timedelta(seconds=2))
+    assert await trio.to_thread.run_sync(cli, "revoke-sessions", "--before", at) == 0
+    assert json.loads(capsys.readouterr().out)["account_id"] == "demo"
+    assert (await get(admin.port, AUTH_HOST, ctx(admin), headers=[fresh])).status == 403
+    assert await trio.to_thread.run_sync(cli, "revoke-sessions", "--before", "soon") == 1
+    assert "before: 'soon' is not an ISO-8601 time" in capsys.readouterr().err
 
 
 # ---- tokens beside certificates, and the binding default ------------------------------------
