@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -122,9 +123,11 @@ class CertificateFacts:
         """True when the subject carries several different CNs (no CN rule matches it)."""
         return len(set(self.common_names)) > 1
 
-    @property
+    @functools.cached_property
     def x5t_s256(self) -> str:
         """The RFC 8705 ``x5t#S256`` confirmation value (base64url SHA-256, no padding)."""
+        # Cached: every token use beside a certificate compares it (facts live in the
+        # validation cache, so a returning device computes it once).
         return base64.urlsafe_b64encode(bytes.fromhex(self.sha256)).rstrip(b"=").decode()
 
 

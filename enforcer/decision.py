@@ -158,7 +158,7 @@ def token_refusal(
     if cutoff is not None:
         iat = claims.get("iat")
         if isinstance(iat, bool) or not isinstance(iat, int | float) or iat < cutoff:
-            return "minted before the application's sessions were revoked"
+            return "minted before the application's (or account's) sessions were ended"
     if facts is not None:
         # Whatever the binding setting: a token never lends its identity to another
         # certificate (the origin would get one device's token with another's certificate).
