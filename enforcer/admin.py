@@ -126,6 +126,14 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
     async def apps_delete(c: _Call) -> Outcome:
         return await c.write(control.delete_app, *c.params, now=False)
 
+    @route("POST", rf"{A}/apps/{_SEG}/revoke_tokens")
+    async def apps_revoke_tokens(c: _Call) -> Outcome:
+        return await c.write(control.revoke_app_sessions, *c.params)
+
+    @route("POST", rf"{A}/revoke_tokens")
+    async def account_revoke_tokens(c: _Call) -> Outcome:
+        return await c.write(control.revoke_account_sessions, c.params[0], c.json())
+
     @route("GET", rf"{A}/apps/{_SEG}/policies")
     async def policies_list(c: _Call) -> Outcome:
         return c.read(control.list_policies, *c.params)

@@ -48,7 +48,9 @@ class Application:
     policies: tuple[Policy, ...]
     origin: str
     forward_client_certificate: bool = False
-    bind_token_to_certificate: bool = False
+    # On by default: a token admits only beside the certificate it was minted for (SPEC A10);
+    # ``False`` lets a token alone admit (browser-style sessions), never beside another one.
+    bind_token_to_certificate: bool = True
     cookie: CookieSettings = dataclasses.field(default_factory=CookieSettings)
 
     @property

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -72,13 +73,30 @@ def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+def common_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """Return every CN attribute of the subject, in the order the certificate lists them."""
+    return tuple(
+        v if isinstance(v, str) else v.decode("utf-8", "replace")
+        for v in (a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
+    )
+
+
 def common_name(cert: x509.Certificate) -> str | None:
-    """Return the subject's first CN, or None when it has none."""
-    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not attrs:
+    """Return the subject's CN, or None when it has none or several different ones.
+
+    A subject may carry several CN attributes, and software disagrees on which one counts
+    (code that searches with OpenSSL's ``X509_NAME_get_index_by_NID`` from the start finds the
+    first, Go's ``pkix.Name`` keeps the last). Picking either lets a CA that signs a crafted
+    subject hand a device the identity a ``common_name`` rule expects while other tools show
+    another. So we fail closed: repeats of one value count as that value; two or more
+    *different* values mean the certificate has no common name for policies and tokens (a
+    ``common_name`` rule never matches it, the token's ``common_name`` claim is empty; other
+    rules still may match), and :attr:`CertificateFacts.common_names` lists them all.
+    """
+    names = common_names(cert)
+    if not names or any(n != names[0] for n in names[1:]):
         return None
-    value = attrs[0].value
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return names[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +115,19 @@ class CertificateFacts:
     # The window in which the whole chain is valid: a cached result holds only inside it.
     chain_valid_from: dt.datetime
     chain_valid_until: dt.datetime
+    # Every CN attribute of the subject; several different ones leave ``common_name`` None.
+    common_names: tuple[str, ...] = ()
 
     @property
+    def ambiguous_common_name(self) -> bool:
+        """True when the subject carries several different CNs (no CN rule matches it)."""
+        return len(set(self.common_names)) > 1
+
+    @functools.cached_property
     def x5t_s256(self) -> str:
         """The RFC 8705 ``x5t#S256`` confirmation value (base64url SHA-256, no padding)."""
+        # Cached: every token use beside a certificate compares it (facts live in the
+        # validation cache, so a returning device computes it once).
         return base64.urlsafe_b64encode(bytes.fromhex(self.sha256)).rstrip(b"=").decode()
 
 
@@ -234,6 +261,7 @@ def _facts(chain: Sequence[x509.Certificate]) -> CertificateFacts:
         not_after=leaf.not_valid_after_utc,
         chain_valid_from=max(c.not_valid_before_utc for c in chain),
         chain_valid_until=min(c.not_valid_after_utc for c in chain),
+        common_names=common_names(leaf),
     )
 
 

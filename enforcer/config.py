@@ -225,7 +225,7 @@ def _application(reader: TableReader) -> Application:
         policies=policies,
         origin=origin.rstrip("/"),
         forward_client_certificate=reader.get("forward_client_certificate", bool, False),
-        bind_token_to_certificate=reader.get("bind_token_to_certificate", bool, False),
+        bind_token_to_certificate=reader.get("bind_token_to_certificate", bool, True),
         cookie=cookie,
     )
 

@@ -330,9 +330,12 @@ def _app_fields(
         if not origin.startswith("http://"):
             raise ApiError(400, f"origin: expected an http:// URL, got {origin!r}")
         obj["origin"] = origin.rstrip("/")
-    for flag in ("forward_client_certificate", "bind_token_to_certificate"):
+    for flag, default in (
+        ("forward_client_certificate", False),
+        ("bind_token_to_certificate", True),  # SPEC A10, on unless the operator opts out
+    ):
         if flag in body or creating:
-            obj[flag] = _field(body, flag, bool, "true or false", False)
+            obj[flag] = _field(body, flag, bool, "true or false", default)
     if "cookie" in body or creating:
         cookie = _field(body, "cookie", dict, "a cookie settings object", {})
         _only(cookie, {"path", "domain", "secure", "http_only", "same_site"})
@@ -412,9 +415,92 @@ def update_app(
 
 
 def delete_app(objects: Objects, account: str, oid: str) -> Outcome:
-    """Delete an application."""
+    """Delete an application (and the record of its ended sessions)."""
     _owned(objects, "app", account, oid, "application")
-    return Outcome({"id": oid}, (Change("app", oid, None),))
+    changes = [Change("app", oid, None)]
+    if f"app:{oid}" in objects.get(SESSION_REVOCATION, {}):
+        changes.append(Change(SESSION_REVOCATION, f"app:{oid}", None))
+    return Outcome({"id": oid}, tuple(changes))
+
+
+# ---- ending sessions --------------------------------------------------------------------------
+
+# Stored objects of this kind say "tokens minted before ``before`` no longer admit", one per
+# application (id ``app:<app id>``) and one per account (id ``account:<account>``).
+SESSION_REVOCATION = "session_revocation"
+
+
+def _iso_precise(t: dt.datetime) -> str:
+    # Microseconds kept: truncating to the second would let a token minted in the same second,
+    # before the revocation, through (see snapshot.session_cutoff).
+    return t.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _revoke_before(
+    objects: Objects, key: str, scope: dict[str, Any], before: dt.datetime, now: dt.datetime
+) -> tuple[dict[str, Any], tuple[Change, ...]]:
+    old = objects.get(SESSION_REVOCATION, {}).get(key)
+    if old is not None and _parse_iso(old["before"]) >= before:
+        return dict(old), ()  # an earlier revocation already covers these tokens: only forward
+    obj = {"id": key, **scope, "before": _iso_precise(before), "revoked_at": _iso_precise(now)}
+    return obj, (Change(SESSION_REVOCATION, key, obj),)
+
+
+def revoke_app_sessions(objects: Objects, account: str, app_id: str, now: dt.datetime) -> Outcome:
+    """End every session of an application: tokens minted before ``now`` stop admitting."""
+    _owned(objects, "app", account, app_id, "application")
+    obj, changes = _revoke_before(
+        objects, f"app:{app_id}", {"account": account, "app_id": app_id}, now, now
+    )
+    return Outcome({"app_id": app_id, "before": obj["before"]}, changes)
+
+
+def revoke_account_sessions(
+    objects: Objects, account: str, body: Body, now: dt.datetime
+) -> Outcome:
+    """End every session of the account's applications minted before ``before`` (default now)."""
+    _only(body, {"before"})
+    raw = _field(
+        body, "before", str, "an ISO-8601 time with a zone, such as 2026-06-01T12:00:00Z", None
+    )
+    before = now
+    if raw is not None:
+        try:
+            before = _parse_iso(raw)
+        except ValueError:
+            raise ApiError(
+                400, f"before: {raw!r} is not an ISO-8601 time (such as 2026-06-01T12:00:00Z)"
+            ) from None
+        if before.tzinfo is None:
+            raise ApiError(
+                400, f"before: {raw!r} has no time zone; add Z or an offset such as +02:00"
+            )
+        if before > now:
+            raise ApiError(
+                400,
+                f"before: {raw!r} is in the future (now is {_iso(now)}); it would refuse the "
+                "tokens minted until then too: send a time up to now, or omit it for now",
+            )
+    obj, changes = _revoke_before(objects, f"account:{account}", {"account": account}, before, now)
+    return Outcome({"account_id": account, "before": obj["before"]}, changes)
+
+
+def _sessions_revoked_before(objects: Objects) -> dict[str, dt.datetime]:
+    """Each application's hostname -> the latest of its own and its account's revocations."""
+    revocations = objects.get(SESSION_REVOCATION, {})
+    out = {}
+    for app in objects.get("app", {}).values():
+        times = [
+            _parse_iso(r["before"])
+            for r in (
+                revocations.get(f"app:{app['id']}"),
+                revocations.get(f"account:{app['account']}"),
+            )
+            if r is not None
+        ]
+        if times:
+            out[app["domain"]] = max(times)
+    return out
 
 
 def _find_policy(app: Mapping[str, Any], pid: str) -> dict[str, Any]:
@@ -741,7 +827,7 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
                 policies=policies,
                 origin=obj["origin"],
                 forward_client_certificate=obj.get("forward_client_certificate", False),
-                bind_token_to_certificate=obj.get("bind_token_to_certificate", False),
+                bind_token_to_certificate=obj.get("bind_token_to_certificate", True),
                 cookie=CookieSettings(**cookie),
             )
         )
@@ -773,4 +859,5 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
         no_duration_token_lifetime=limits.no_duration_token_lifetime,
         revoked=frozenset(revoked),
         max_chain_depth=limits.max_chain_depth,
+        sessions_revoked_before=_sessions_revoked_before(objects),
     )

@@ -13,6 +13,11 @@ Order of the checks (SPEC A2-A9):
    carries an expired, revoked or untrusted certificate.
 4. A valid token for this application admits while the session duration is above zero; a bad
    one is noted (``token_invalid`` / ``token_expired``) and the certificate path decides.
+   Valid means, beyond its signature and times (:func:`enforcer.tokens.check`): the
+   certificate it was minted for (its ``cnf.x5t#S256``) is not revoked; it was minted (``iat``)
+   after the last time the operator ended the application's or the account's sessions; and
+   when the request presents a certificate, the token was minted for that one. An application
+   that binds tokens to certificates (the default) also refuses a token without a certificate.
 5. Policies, in order: the first that holds decides (``deny`` -> 403 ``policy_denied``,
    ``bypass`` -> forwarded without a token, ``non_identity`` / ``allow`` -> admitted with a
    token, and a cookie when the session duration is above zero).
@@ -135,6 +140,37 @@ def still_valid(result: ChainResult, snapshot: Snapshot, now: dt.datetime) -> bo
     )
 
 
+def token_refusal(
+    claims: Mapping[str, Any],
+    app: Application,
+    snapshot: Snapshot,
+    facts: CertificateFacts | None,
+) -> str | None:
+    """Say why a token whose signature and times hold may not admit this request, or None.
+
+    Run on every use of a token, memoised or not: two set or dict lookups, no decoding.
+    """
+    cnf = claims.get("cnf")
+    minted_for = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
+    if minted_for is not None and minted_for in snapshot.revoked_x5t:
+        return "the certificate it was minted for is revoked"
+    cutoff = snapshot.session_cutoffs.get(app.hostname)
+    if cutoff is not None:
+        iat = claims.get("iat")
+        if isinstance(iat, bool) or not isinstance(iat, int | float) or iat < cutoff:
+            return "minted before the application's (or account's) sessions were ended"
+    if facts is not None:
+        # Whatever the binding setting: a token never lends its identity to another
+        # certificate (the origin would get one device's token with another's certificate).
+        if minted_for is None:
+            return "minted without a certificate, and a certificate was presented"
+        if minted_for != facts.x5t_s256:
+            return "minted for another certificate than the one presented"
+    elif app.bind_token_to_certificate:
+        return "bound to a certificate and none was presented (SPEC A10)"
+    return None
+
+
 def decide(
     request: AccessRequest,
     snapshot: Snapshot,
@@ -149,8 +185,14 @@ def decide(
     sni = normalise_hostname(request.sni)
     host = normalise_hostname(request.host)
     if sni is None or host != sni:
+        # The connection belongs to the SNI's application: under No Duration every answer on it
+        # closes it (A9), a misdirected one included, so no second request rides that handshake.
+        sni_app = snapshot.applications.get(sni) if sni is not None else None
         return AccessDecision(
-            421, Reason.MISDIRECTED, f"Host {request.host!r} differs from SNI {request.sni!r}"
+            421,
+            Reason.MISDIRECTED,
+            f"Host {request.host!r} differs from SNI {request.sni!r}",
+            close_connection=sni_app is not None and sni_app.no_duration,
         )
     app = snapshot.applications.get(host)
     if app is None:
@@ -172,6 +214,7 @@ def decide(
         )
 
     notes: list[Reason] = []
+    token_detail = ""  # why a presented token did not admit, for the access log
     if chain is not None and not chain.valid:
         assert chain.reason is not None
         return deny(chain.reason, chain.detail, notes)
@@ -180,6 +223,7 @@ def decide(
     if request.token is not None:
         if app.no_duration:
             notes.append(Reason.TOKEN_INVALID)  # a No Duration application never honours one
+            token_detail = "a No Duration application honours no token"
         else:
             checked = check(
                 request.token,
@@ -189,15 +233,15 @@ def decide(
                 now=now,
                 memo=tokens,
             )
+            refused = None
+            if checked.status is TokenStatus.VALID:
+                refused = token_refusal(checked.claims or {}, app, snapshot, facts)
             if checked.status is TokenStatus.EXPIRED:
                 notes.append(Reason.TOKEN_EXPIRED)
-            elif checked.status is TokenStatus.INVALID:
+                token_detail = checked.detail
+            elif checked.status is TokenStatus.INVALID or refused is not None:
                 notes.append(Reason.TOKEN_INVALID)
-            elif app.bind_token_to_certificate and (
-                facts is None
-                or (checked.claims or {}).get("cnf", {}).get("x5t#S256") != facts.x5t_s256
-            ):
-                notes.append(Reason.TOKEN_INVALID)  # SPEC A10: bound to another certificate
+                token_detail = refused or checked.detail
             else:
                 return AccessDecision(
                     200,
@@ -212,7 +256,10 @@ def decide(
     policy = first_match(app.policies, RequestFacts(facts, request.client_ip))
     if policy is None:
         if facts is None:
-            return deny(Reason.NO_CERTIFICATE, "no client certificate and no valid token", notes)
+            detail = "no client certificate and no valid token"
+            if token_detail:
+                detail += f" (token: {token_detail})"
+            return deny(Reason.NO_CERTIFICATE, detail, notes)
         return deny(Reason.POLICY_DENIED, "no policy admits this certificate", notes)
     if policy.decision is Decision.DENY:
         return deny(

@@ -73,9 +73,33 @@ def parse_csr(csr_pem: str) -> x509.CertificateSigningRequest:
         raise CSRError(f"not a PEM certificate signing request: {exc}") from None
     if not csr.is_signature_valid:
         raise CSRError("the CSR's signature does not verify")
-    if not csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns:
         raise CSRError("the CSR's subject has no common name (CN)")
+    if len(cns) > 1:
+        # Tools disagree on which CN counts (see enforcer.chain.common_name): issue none.
+        values = ", ".join(repr(a.value) for a in cns)
+        raise CSRError(
+            f"the CSR's subject has {len(cns)} common names (CN) ({values}): send exactly one"
+        )
+    for attr in csr.subject:
+        value = attr.value
+        text = value if isinstance(value, str) else value.decode("latin-1")
+        bad = next((ch for ch in text if _control(ch)), None)
+        if bad is not None:
+            name = attr.rfc4514_attribute_name
+            what = "a NUL" if bad == "\0" else f"a control character (U+{ord(bad):04X})"
+            raise CSRError(
+                f"the CSR's subject {name} {text!r} contains {what}: subjects must be printable "
+                "(a NUL truncates the name in C code and control characters forge log lines)"
+            )
     return csr
+
+
+def _control(ch: str) -> bool:
+    """C0 controls (NUL included), DEL and C1 controls."""
+    code = ord(ch)
+    return code < 0x20 or 0x7F <= code < 0xA0
 
 
 def issue(

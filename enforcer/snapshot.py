@@ -6,8 +6,10 @@ certificate, another session duration) applies to the next request as a whole, n
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
+import math
 from collections.abc import Mapping, Sequence
 
 from cryptography import x509
@@ -51,6 +53,16 @@ class Snapshot:
     keyring: KeyRing
     issuer: str
     no_duration_token_lifetime: dt.timedelta
+    # Hostname -> epoch second: a token of that application whose ``iat`` is earlier was
+    # minted before an operator ended its sessions (per application or account-wide).
+    session_cutoffs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # ``revoked`` as RFC 8705 ``x5t#S256`` values (base64url), the form tokens carry in ``cnf``:
+    # derived here once per snapshot so that checking a token is one set lookup per request.
+    revoked_x5t: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Derived, not passed: dataclasses.replace(snapshot, revoked=...) recomputes it.
+        object.__setattr__(self, "revoked_x5t", frozenset(map(x5t_of_hex, self.revoked)))
 
     @classmethod
     def build(
@@ -64,6 +76,7 @@ class Snapshot:
         no_duration_token_lifetime: dt.timedelta = dt.timedelta(seconds=5),
         revoked: frozenset[str] = frozenset(),
         max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+        sessions_revoked_before: Mapping[str, dt.datetime] | None = None,
     ) -> Snapshot:
         """Index applications by hostname and build each hostname's trust once."""
         hostnames = {h for r in roots for h in r.associated_hostnames}
@@ -86,4 +99,28 @@ class Snapshot:
             keyring=keyring,
             issuer=issuer,
             no_duration_token_lifetime=no_duration_token_lifetime,
+            session_cutoffs={
+                host: session_cutoff(t) for host, t in (sessions_revoked_before or {}).items()
+            },
         )
+
+
+def x5t_of_hex(sha256_hex: str) -> str:
+    """Turn a hex SHA-256 fingerprint into its ``x5t#S256`` form (base64url, no padding)."""
+    try:
+        raw = bytes.fromhex(sha256_hex)
+    except ValueError:
+        return ""  # not a fingerprint: matches no token (x5t values are never empty)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def session_cutoff(revoked_before: dt.datetime) -> int:
+    """The first ``iat`` (whole epoch seconds) a token may carry after sessions revoked then.
+
+    Tokens carry ``iat`` in whole seconds (as Cloudflare's do), so a token minted in the same
+    second as the revocation but before it has ``iat`` equal to the second's floor. Rounding
+    the cutoff up refuses it: we fail closed, at the price of refusing, for the rest of that
+    one second, a token minted just after the revocation (its holder presents the certificate
+    again and the certificate path decides).
+    """
+    return math.ceil(revoked_before.timestamp())

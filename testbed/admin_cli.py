@@ -143,7 +143,13 @@ def add_admin_parser(enforcer_sub: argparse._SubParsersAction) -> None:  # type:
     for p in (create,):
         p.add_argument("--session-duration", default="24h", help="Go duration; 0s = No Duration")
     create.add_argument("--forward-client-cert", action="store_true")
-    create.add_argument("--bind-token-to-cert", action="store_true")
+    create.add_argument(
+        "--bind-token-to-cert",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a token admits only beside its certificate (the API's default: on); "
+        "--no-bind-token-to-cert lets a cookie admit alone",
+    )
     for name in ("show", "delete"):
         apps.add_parser(name).add_argument("id")
     aupd = apps.add_parser("update")
@@ -193,6 +199,20 @@ def add_admin_parser(enforcer_sub: argparse._SubParsersAction) -> None:  # type:
         certs.add_parser(name).add_argument("--out", type=Path)
     hn = certs.add_parser("hostnames", help="set the hostnames that trust the zone's managed CA")
     hn.add_argument("--hostname", action="append", default=[])
+
+    ends = sub.add_parser(
+        "revoke-sessions",
+        help="end sessions: tokens (cookies) minted before a time stop admitting",
+        description="End sessions: every token of one application minted before now "
+        "(--app), or of every application of the account minted before --before "
+        "(ISO-8601 with a zone; default now). Devices with a valid certificate are admitted "
+        "again by it and get a new cookie.",
+    )
+    scope = ends.add_mutually_exclusive_group()
+    scope.add_argument("--app", help="the application's id (see `apps list`)")
+    scope.add_argument(
+        "--before", help="account-wide: end tokens minted before this time (default now)"
+    )
 
     keys = sub.add_parser("keys", help="token signing keys").add_subparsers(
         dest="op", required=True
@@ -370,8 +390,9 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
                 "origin": args.origin,
                 "session_duration": args.session_duration,
                 "forward_client_certificate": args.forward_client_cert,
-                "bind_token_to_certificate": args.bind_token_to_cert,
             }
+            if args.bind_token_to_cert is not None:  # else the API's default (bound)
+                body["bind_token_to_certificate"] = args.bind_token_to_cert
             obj = c.call("POST", A("/apps"), body)
         elif op == "update":
             body = {
@@ -448,6 +469,16 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
             obj = c.call("GET", Z(f"/client_certificates/{args.id}"))
         view = {k: v for k, v in obj.items() if k not in ("certificate", "csr")}
         return obj, show_one(view, "client certificate")
+    if cmd == "revoke-sessions":
+        if args.app:
+            obj = c.call("POST", A(f"/apps/{args.app}/revoke_tokens"))
+            title = f"sessions of application {args.app} ended"
+        else:
+            obj = c.call(
+                "POST", A("/revoke_tokens"), {"before": args.before} if args.before else {}
+            )
+            title = f"sessions of account {c.account} ended"
+        return obj, show_one(obj, title)
     if cmd == "keys":
         obj = c.call("POST", A("/keys/rotate")) if op == "rotate" else c.call("GET", A("/keys"))
         if op == "rotate":

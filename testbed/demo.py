@@ -180,6 +180,7 @@ aud = "{auth_aud}"
 session_duration = "24h"
 origin = "{origin}"
 forward_client_certificate = true
+bind_token_to_certificate = false        # the demo shows a cookie admitting alone (default: true)
 
 [[applications.policies]]
 name = "valid certificate"

@@ -225,7 +225,9 @@ class ConformanceMachine(RuleBasedStateMachine):
         holder = d if d is not None else self.devices[owner]
         token, headers = None, []
         if with_cookie and holder.cookie and holder.cookie_exp:
-            token = model.Token(APP_HOST, holder.cookie_exp)
+            token = model.Token(
+                APP_HOST, holder.cookie_exp, True, model.sha256_hex(holder.chain[0])
+            )
             headers = [("cookie", f"CF_Authorization={holder.cookie}")]
         request = model.Request(APP_HOST, APP_HOST, d.chain if d else (), token)
         expected = model.expect(self.world(), request, self.now)

@@ -100,6 +100,7 @@ class Token:
     app_host: str
     exp: dt.datetime
     genuine: bool = True  # signed by this enforcer and not tampered with
+    certificate: str | None = None  # SHA-256 hex of the leaf it was minted for, if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,14 +327,27 @@ def a5_chain(
 # ---- A4: tokens -------------------------------------------------------------------------------
 
 
-def a4_token_admits(app: App, token: Token | None, now: dt.datetime) -> bool:
-    """A4/A9: a genuine, unexpired token for this application admits while its duration > 0."""
+def a4_token_admits(
+    app: App,
+    token: Token | None,
+    now: dt.datetime,
+    revoked: frozenset[str] = frozenset(),
+    presented: x509.Certificate | None = None,
+) -> bool:
+    """A4/A9: a genuine, unexpired token for this application admits while its duration > 0.
+
+    Issue 13: not once the certificate it was minted for is revoked, and not beside another
+    certificate than that one. (The suite's applications opt out of certificate binding, so a
+    token alone admits.)
+    """
     return (
         token is not None
         and token.genuine
         and token.app_host == app.hostname
         and app.session_duration > ZERO
         and now < token.exp
+        and token.certificate not in revoked
+        and (presented is None or token.certificate == sha256_hex(presented))
     )
 
 
@@ -435,7 +449,8 @@ def expect(world: World, request: Request, now: dt.datetime) -> Expected:
         refused, path = a5_chain(world, hostname, request.chain, now)
         if refused is not None:
             return dataclasses.replace(refused, close=close)
-    if a4_token_admits(app, request.token, now):
+    presented = request.chain[0] if request.chain else None
+    if a4_token_admits(app, request.token, now, world.revoked, presented):
         return Expected(200, cookie=None if path else False, admitted_by="token", close=close)
     policy = a5_first_policy(app, path, request.client_ip)
     if policy is None:

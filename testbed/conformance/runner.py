@@ -341,7 +341,8 @@ def _token_steps(
         ("tampered token", host, _tamper(token), False),
     ]
     for name, where, value, genuine in replays:
-        request = model.Request(where, where, (), model.Token(host, exp, genuine))
+        minted_for = model.sha256_hex(leaf) if leaf is not None else None
+        request = model.Request(where, where, (), model.Token(host, exp, genuine, minted_for))
         conn = Connection.open(target.address, where, prov.context_without_cert)
         try:
             expected = model.expect(world, request, at)
