@@ -145,15 +145,25 @@ class _AcceptErrors:
         self._interval = interval
         self._last = -math.inf
         self._suppressed = 0
+        self.failing = False  # since the last accept that worked
+
+    def recovered(self) -> None:
+        """An accept worked again: log the failures not logged yet, if any."""
+        if self._suppressed:
+            log.warning("accept works again after %d more failures", self._suppressed)
+        self._suppressed = 0
+        self.failing = False
 
     def failed(self, exc: OSError) -> None:
+        """Log an accept that failed, or count it when one was logged less than an interval ago."""
+        self.failing = True
         now = time.monotonic()
         if now - self._last < self._interval:
             self._suppressed += 1
             return
         if self._suppressed:
             log.error(
-                "accept failed (%s): %d more failures in the last %.0f s; pausing %d ms each",
+                "accept failed (%s) %d more times in the last %.1f s; pausing %d ms after each",
                 exc.strerror or exc,
                 self._suppressed,
                 now - self._last,
@@ -161,8 +171,8 @@ class _AcceptErrors:
             )
         else:
             log.error(
-                "accept failed (%s): pausing for %d ms (further failures are summed up "
-                "every %.0f s)",
+                "accept failed (%s): pausing for %d ms (further failures are counted and "
+                "logged at most every %.1f s)",
                 exc.strerror or exc,
                 ACCEPT_ERROR_PAUSE * 1000,
                 self._interval,
@@ -216,5 +226,7 @@ async def serve_tcp(
                 errors.failed(exc)
                 await trio.sleep(ACCEPT_ERROR_PAUSE)
                 break
+            if errors.failing:
+                errors.recovered()
             active += 1
             nursery.start_soon(run, conn)
