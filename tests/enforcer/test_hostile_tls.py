@@ -357,3 +357,27 @@ def test_the_intermediates_memo_is_bounded_by_bytes() -> None:
     memo.put(leaves[0].certificate, [inters[0].certificate])
     assert memo.get(leaves[3].certificate) == (inters[3].certificate,)
     assert memo.get(leaves[4].certificate) == ()
+
+
+async def test_max_connections_holds_further_clients_in_the_backlog(
+    serve_config: Callable[..., Any],
+) -> None:
+    # The setting reaches the accept loop: with one connection allowed, a second client's
+    # handshake waits (in the kernel's backlog) until the first connection closes.
+    served: Served = await serve_config(max_connections=1)
+    ctx = device_ctx(served)
+    first = await Connection.open(served.port, AUTH_HOST, ctx)
+    assert (await first.request("/")).status == 200  # kept alive: it holds the only slot
+    second: list[Connection] = []
+
+    async def open_second() -> None:
+        second.append(await Connection.open(served.port, AUTH_HOST, ctx))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_second)
+            await trio.sleep(0.5)
+            assert not second  # not served while the first connection is open
+            await first.aclose()
+        assert (await second[0].request("/")).status == 200
+        await second[0].aclose()
