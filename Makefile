@@ -44,12 +44,14 @@ format: $(STAMP)
 # Enforcer vs nginx, same clients, same run: full handshakes (1 and 2 workers) with the crypto
 # ceiling and the split of the enforcer's CPU beside them, the same handshakes counted in
 # instructions (callgrind: a figure the machine's noise does not move), then cookie reuse on
-# kept-alive connections and the load generator against openssl s_time.
+# kept-alive connections, the load generator against openssl s_time, and good clients' latency
+# beside slow-drip ClientHello attackers (fairness).
 bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/instructions.py
 	$(BIN)/python bench/cookies.py
 	$(BIN)/python bench/loadgen.py
+	$(BIN)/python bench/fairness.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import ipaddress
 import itertools
 import json
@@ -116,7 +117,7 @@ class Enforcer:
         self.settings = config.server
         self.clock = clock or WallClock()
         self.access_log = access_log or AccessLog(config.server.access_log)
-        self.intermediates = IntermediatesMemo()
+        self.intermediates = IntermediatesMemo(config.server.intermediates_memo_bytes)
         # Memos of the pure checks, shared by all connections: a returning device skips the
         # path build and a returning cookie skips pyjwt; each hit is re-checked at ``now``.
         self.validations = ValidationCache()
@@ -192,12 +193,10 @@ class Enforcer:
                 await tls.aclose()
 
     def _client_chain(self, tls: ServerTLSStream) -> list[x509.Certificate]:
+        # A resumed session carries only the leaf: the intermediates come from the memo, which
+        # holds only chains that validated (``_Session._validate`` puts them there).
         chain = tls.peer_chain()
-        if not chain:
-            return []
-        if len(chain) > 1:
-            self.intermediates.put(chain[0], chain[1:])
-        elif tls.session_reused():
+        if len(chain) == 1 and tls.session_reused():
             chain = [chain[0], *self.intermediates.get(chain[0])]
         return chain
 
@@ -300,17 +299,33 @@ class _Session:
         self.tls.hold_output = closing or self.h11.their_state is h11.MUST_CLOSE
 
     def _validate(self, snapshot: Snapshot, hostname: str, now: dt.datetime) -> ChainResult | None:
+        # Memoised per connection for one snapshot generation and hostname: a success while
+        # it still holds at ``now`` (SPEC A14), a failure for good, so that a client pipelining
+        # requests on a chain that failed costs one validation, not one per request.
         if self._memo is not None:
-            generation, host, result = self._memo
+            generation, host, memo = self._memo
             if (
                 generation == snapshot.generation
                 and host == hostname
-                and (result is None or still_valid(result, snapshot, now))
+                and (memo is None or not memo.valid or still_valid(memo, snapshot, now))
             ):
-                return result
-        result = check_chain(snapshot, hostname, self.chain, now, self.e.validations)
-        if result is None or result.valid:
-            self._memo = (snapshot.generation, hostname, result)
+                return memo
+        cap = self.e.settings.max_client_certificates
+        result: ChainResult | None
+        if len(self.chain) > cap:
+            # Refused before any path building: the work per chain stays bounded.
+            result = ChainResult(
+                None,
+                Reason.INVALID_CHAIN,
+                f"the client presented {len(self.chain)} certificates; at most {cap} are "
+                "accepted (server.max_client_certificates)",
+            )
+        else:
+            result = check_chain(snapshot, hostname, self.chain, now, self.e.validations)
+        if result is not None and result.valid and len(self.chain) > 1:
+            # Only a chain that validated is remembered for this leaf's resumed sessions.
+            self.e.intermediates.put(self.chain[0], self.chain[1:])
+        self._memo = (snapshot.generation, hostname, result)
         return result
 
     async def _request(self, request: h11.Request, *, last: bool = False) -> None:
@@ -731,7 +746,12 @@ async def serve(
     sock = socket.socket(fileno=listener.socket.detach())
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_tcp, sock, enforcer.handle, nursery)
+            nursery.start_soon(
+                functools.partial(serve_tcp, max_connections=enforcer.settings.max_connections),
+                sock,
+                enforcer.handle,
+                nursery,
+            )
             task_status.started(bound)
     finally:
         trio.lowlevel.notify_closing(sock)

@@ -11,6 +11,15 @@ BIOs: bytes from the socket go in with ``bio_write``, OpenSSL's output comes out
 
 Every TLS-level failure surfaces as :class:`TLSError` (chained with ``from``), the way trio
 turns them into one ``BrokenResourceError``.
+
+Fairness. The socket layer (``enforcer/sockets.py``) checkpoints within a bounded number of
+socket calls, but one socket read can hold thousands of tiny TLS records that OpenSSL hands out
+one per ``recv``, with no socket call in between. So this layer keeps its own budget: at most
+:data:`CALLS_PER_CHECKPOINT` reads or writes without a checkpoint, each bounded by one record.
+Every loop here either reads from the socket, or ends: ``do_handshake``'s ClientHello loop is
+bounded by the reader's record and size caps, ``_retry`` reads once per ``WantReadError``, and
+the handshake's deadline (``handshake_timeout``) is a trio cancel scope that fires at the next
+checkpoint, which these budgets guarantee.
 """
 
 from __future__ import annotations
@@ -28,12 +37,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL
 from OpenSSL._util import lib as _openssl_lib
 
-from enforcer.clienthello import NotClientHello, records_needed, server_name
+from enforcer.clienthello import ClientHelloReader, NotClientHello
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RECEIVE_SIZE = 65536
 _SHA256 = hashes.SHA256()
+# Hot-path requests make two or three TLS calls per request; a peer sending one-byte records
+# makes one per record. 64 calls cost at most 64 records (~1 MiB) of decryption and parsing.
+CALLS_PER_CHECKPOINT = 64
 
 
 class TLSError(Exception):
@@ -109,24 +121,44 @@ class IntermediatesMemo:
     """Intermediates a leaf was presented with, for re-checking resumed sessions (SPEC A14).
 
     A resumed handshake carries no certificates and OpenSSL keeps only the leaf in the session,
-    so we remember what the full handshake sent, bounded and least-recently-used first out.
+    so we remember what the full handshake sent, least-recently-used first out, bounded by the
+    DER bytes held (``max_bytes``, the ``intermediates_memo_bytes`` setting). The server puts a
+    chain here only once it has validated, so unauthenticated clients can neither grow it nor
+    evict the devices whose sessions it serves.
     """
 
-    def __init__(self, size: int = 65536) -> None:
-        self._size = size
-        self._data: OrderedDict[bytes, tuple[x509.Certificate, ...]] = OrderedDict()
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[bytes, tuple[tuple[x509.Certificate, ...], int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
 
     def put(self, leaf: x509.Certificate, intermediates: Sequence[x509.Certificate]) -> None:
-        """Remember the intermediates sent with ``leaf``."""
+        """Remember the intermediates sent with ``leaf`` (counted by their DER size)."""
         key = leaf.fingerprint(_SHA256)
-        self._data[key] = tuple(intermediates)
-        self._data.move_to_end(key)
-        while len(self._data) > self._size:
-            self._data.popitem(last=False)
+        certs = tuple(intermediates)
+        old = self._data.get(key)
+        if old is not None and old[0] == certs:
+            self._data.move_to_end(key)  # the usual case: a returning device, same chain
+            return
+        size = len(key) + sum(len(c.public_bytes(serialization.Encoding.DER)) for c in certs)
+        if old is not None:
+            self.bytes -= old[1]
+            del self._data[key]
+        if size > self.max_bytes:
+            return
+        self._data[key] = (certs, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._data.popitem(last=False)
+            self.bytes -= dropped
 
     def get(self, leaf: x509.Certificate) -> tuple[x509.Certificate, ...]:
         """Return the intermediates last sent with ``leaf`` (empty when unknown)."""
-        return self._data.get(leaf.fingerprint(_SHA256), ())
+        entry = self._data.get(leaf.fingerprint(_SHA256))
+        return entry[0] if entry is not None else ()
 
 
 class ServerTLSStream:
@@ -138,6 +170,7 @@ class ServerTLSStream:
         self._conn: SSL.Connection | None = None
         self._send_lock = trio.Lock()
         self._eof = False
+        self._calls = 0  # TLS reads and writes since the last checkpoint (see the top)
         self.sni: str | None = None
         # Set when the next write is the connection's last: it then leaves with close_notify in
         # one segment at aclose(). Any read that must wait flushes first, so nothing is stuck.
@@ -151,24 +184,23 @@ class ServerTLSStream:
 
     async def do_handshake(self) -> None:
         """Read the ClientHello, pick the hostname's context, and complete the handshake."""
-        hello = b""
-        while True:
-            try:
-                if records_needed(hello) is not None:
-                    break
-            except NotClientHello as exc:
-                raise TLSError(f"not a TLS ClientHello: {exc}") from exc
-            chunk = await self._receive_raw()
-            if not chunk:
-                raise TLSError("the client closed the connection before its ClientHello")
-            hello += chunk
+        # Each pass reads from the socket (a checkpoint within the socket layer's budget), and
+        # the reader refuses a ClientHello past its record and size caps: the loop is bounded.
+        reader = ClientHelloReader()
         try:
-            self.sni = server_name(hello)
+            while True:
+                chunk = await self._receive_raw()
+                if not chunk:
+                    raise TLSError("the client closed the connection before its ClientHello")
+                if reader.feed(chunk):
+                    break
+            # Normalised like Host (lower case, no trailing dot) before the context lookup.
+            self.sni = reader.server_name()
         except NotClientHello as exc:
-            raise TLSError(str(exc)) from exc
+            raise TLSError(f"not a TLS ClientHello we accept: {exc}") from exc
         self._conn = SSL.Connection(self._contexts.for_name(self.sni), None)
         self._conn.set_accept_state()
-        self._conn.bio_write(hello)
+        self._conn.bio_write(bytes(reader.data))
         # What the last step produces (TLS 1.3 session tickets) waits for our next write or
         # our next wait for input: usually the request is already here, so the tickets leave
         # with the response in one segment instead of one of their own.
@@ -232,8 +264,16 @@ class ServerTLSStream:
         with contextlib.suppress(TLSError):
             await self._flush()
 
+    async def _spend(self) -> None:
+        # One TLS read or write; yield once the budget is spent (see the module docstring).
+        self._calls += 1
+        if self._calls > CALLS_PER_CHECKPOINT:
+            self._calls = 0
+            await trio.lowlevel.checkpoint()
+
     async def receive_some(self, max_bytes: int | None = _RECEIVE_SIZE) -> bytes:
         """Return decrypted bytes; ``b""`` at a clean or abrupt end of the stream."""
+        await self._spend()
         try:
             return await self._retry(
                 lambda: self.connection.recv(max_bytes or _RECEIVE_SIZE), flush_after=False
@@ -247,6 +287,7 @@ class ServerTLSStream:
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send ``data``."""
+        await self._spend()
         conn = self.connection
         view = memoryview(data)
         while view:
