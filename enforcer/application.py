@@ -49,6 +49,9 @@ class Application:
     origin: str
     forward_client_certificate: bool = False
     bind_token_to_certificate: bool = False
+    # Forward client header names with "_" (nginx underscores_in_headers); the enforcer's own
+    # headers are stripped whatever their spelling.
+    underscores_in_headers: bool = False
     cookie: CookieSettings = dataclasses.field(default_factory=CookieSettings)
 
     @property

@@ -292,6 +292,7 @@ _APP_FIELDS = {
     "aud",
     "forward_client_certificate",
     "bind_token_to_certificate",
+    "underscores_in_headers",
     "cookie",
     "policies",
     "type",
@@ -330,7 +331,11 @@ def _app_fields(
         if not origin.startswith("http://"):
             raise ApiError(400, f"origin: expected an http:// URL, got {origin!r}")
         obj["origin"] = origin.rstrip("/")
-    for flag in ("forward_client_certificate", "bind_token_to_certificate"):
+    for flag in (
+        "forward_client_certificate",
+        "bind_token_to_certificate",
+        "underscores_in_headers",
+    ):
         if flag in body or creating:
             obj[flag] = _field(body, flag, bool, "true or false", False)
     if "cookie" in body or creating:
@@ -742,6 +747,7 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
                 origin=obj["origin"],
                 forward_client_certificate=obj.get("forward_client_certificate", False),
                 bind_token_to_certificate=obj.get("bind_token_to_certificate", False),
+                underscores_in_headers=obj.get("underscores_in_headers", False),
                 cookie=CookieSettings(**cookie),
             )
         )
