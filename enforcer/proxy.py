@@ -163,12 +163,12 @@ def forwarded_headers(
     return out
 
 
-_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def _forwarded_token(value: bytes) -> bytes:
     """A Forwarded parameter value: a token when it is one, else a quoted string."""
-    if value and all(c in _TCHAR for c in value):
+    if value and not value.translate(None, _TCHAR):  # only token characters (RFC 9110 §5.6.2)
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
@@ -223,8 +223,8 @@ def join_path(prefix: bytes, target: bytes) -> bytes:
     path, sep, query = target.partition(b"?")
     if not path.startswith(b"/"):
         path = b"/" + path
-    # Every dot segment has a "." or a "%2e"; most paths have neither and are left alone.
-    if b"." in path or (b"%" in path and b"%2e" in path.lower()):
+    # A dot segment starts right after a "/" with "." or "%2e"; most paths have none.
+    if b"/." in path or (b"/%" in path and b"/%2e" in path.lower()):
         path = remove_dot_segments(path)
     return prefix + path + sep + query
 

@@ -713,9 +713,7 @@ _TUNNEL_FULL_RECHECK = dt.timedelta(seconds=10)
 _JUST_AFTER = dt.timedelta(microseconds=1)
 
 
-def _recheck_after(
-    decision: AccessDecision, snapshot: Snapshot, now: dt.datetime
-) -> dt.datetime:
+def _recheck_after(decision: AccessDecision, snapshot: Snapshot, now: dt.datetime) -> dt.datetime:
     """The first instant at which ``decision`` could change while the snapshot stays the same.
 
     With one snapshot, ``decide`` depends on ``now`` only through the chain's validity window
