@@ -246,7 +246,7 @@ class Fairness:
 
     async def moved(self, n: int) -> None:
         """Count ``n`` bytes; checkpoint when the budget is spent."""
-        self._left -= n
+        self._left -= n + 64  # each step costs something too: many tiny chunks add up
         if self._left <= 0:
             self._left = self._limit
             await trio.lowlevel.checkpoint()
@@ -488,6 +488,7 @@ async def _pull(body: AsyncIterator[bytes], timeout: float) -> bytes | None:
                 chunk = await anext(body)
                 if chunk:
                     return bytes(chunk)
+                await trio.lowlevel.checkpoint()  # an iterator of empty chunks must not spin
     except StopAsyncIteration:
         return None
     except Exception as exc:  # the caller answers it (400, 408, 413): not the origin's fault

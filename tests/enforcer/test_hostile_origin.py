@@ -545,6 +545,17 @@ async def test_a_tunnel_opened_with_a_token_closes_when_the_token_expires(
     assert closed["reason"] == "no_certificate" and closed["path"] == "/telemetry"
 
 
+async def test_a_tunnel_closes_when_its_certificate_expires(served: Served) -> None:
+    # Nothing in the state changes: only the clock passes the chain's last valid second.
+    async with websocket(served.port, ctx_for(served.layout, "valid")) as ws:
+        await still_open(ws, 1.5)
+        not_after = leaf_of(served.layout, "valid").not_valid_after_utc
+        served.clock.set(not_after + dt.timedelta(seconds=1))
+        assert await close_code(ws) == 1008
+    [closed] = tunnel_closed(served.log())
+    assert closed["reason"] == "certificate_expired"
+
+
 async def test_a_policy_change_closes_a_tunnel(served: Served) -> None:
     async with websocket(served.port, ctx_for(served.layout, "valid")) as ws:
         await still_open(ws, 1.5)
