@@ -51,6 +51,9 @@ class Application:
     # On by default: a token admits only beside the certificate it was minted for (SPEC A10);
     # ``False`` lets a token alone admit (browser-style sessions), never beside another one.
     bind_token_to_certificate: bool = True
+    # Forward client header names with "_" (nginx underscores_in_headers); the enforcer's own
+    # headers are stripped whatever their spelling.
+    underscores_in_headers: bool = False
     cookie: CookieSettings = dataclasses.field(default_factory=CookieSettings)
 
     @property

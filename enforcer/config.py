@@ -186,6 +186,7 @@ def _application(reader: TableReader) -> Application:
             "policies",
             "forward_client_certificate",
             "bind_token_to_certificate",
+            "underscores_in_headers",
             "cookie",
         }
     )
@@ -226,6 +227,7 @@ def _application(reader: TableReader) -> Application:
         origin=origin.rstrip("/"),
         forward_client_certificate=reader.get("forward_client_certificate", bool, False),
         bind_token_to_certificate=reader.get("bind_token_to_certificate", bool, True),
+        underscores_in_headers=reader.get("underscores_in_headers", bool, False),
         cookie=cookie,
     )
 

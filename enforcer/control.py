@@ -292,6 +292,7 @@ _APP_FIELDS = {
     "aud",
     "forward_client_certificate",
     "bind_token_to_certificate",
+    "underscores_in_headers",
     "cookie",
     "policies",
     "type",
@@ -333,6 +334,7 @@ def _app_fields(
     for flag, default in (
         ("forward_client_certificate", False),
         ("bind_token_to_certificate", True),  # SPEC A10, on unless the operator opts out
+        ("underscores_in_headers", False),
     ):
         if flag in body or creating:
             obj[flag] = _field(body, flag, bool, "true or false", default)
@@ -828,6 +830,7 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
                 origin=obj["origin"],
                 forward_client_certificate=obj.get("forward_client_certificate", False),
                 bind_token_to_certificate=obj.get("bind_token_to_certificate", True),
+                underscores_in_headers=obj.get("underscores_in_headers", False),
                 cookie=CookieSettings(**cookie),
             )
         )

@@ -22,7 +22,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import h11
 import trio
@@ -38,6 +37,7 @@ from enforcer.controller import Controller, limits_of, open_state
 from enforcer.decision import (
     AccessDecision,
     AccessRequest,
+    AdmittedBy,
     check_chain,
     decide,
     normalise_hostname,
@@ -57,12 +57,16 @@ from enforcer.http import (
     send,
 )
 from enforcer.proxy import (
+    Fairness,
     OriginError,
     OriginPool,
     Tunnel,
+    WebSocketFrames,
     forwarded_headers,
     open_upgrade,
     origin_request,
+    request_content_length,
+    websocket_close_frame,
 )
 from enforcer.reasons import DENIAL_BODIES, Reason
 from enforcer.snapshot import Snapshot
@@ -455,18 +459,19 @@ class _Session:
     async def _tunnel(
         self, request: h11.Request, decision: AccessDecision, upgrade: bytes, hostname: str
     ) -> None:
-        """Forward a WebSocket (or other) upgrade to the origin and pipe bytes both ways."""
+        """Forward a WebSocket upgrade to the origin and pipe bytes both ways while admitted.
+
+        Every :data:`_TUNNEL_RECHECK` seconds the access decision is made again with the
+        opening request's facts (see :meth:`_recheck`); once it denies, the client gets a
+        Close frame (1008, policy violation), both sides are closed and the log says why.
+        """
         app = decision.application
         assert app is not None
         headers = self._origin_headers(request, decision, upgrade)
+        timeout = self.e.settings.request_timeout
         try:
             result = await open_upgrade(
-                app.origin,
-                request.method,
-                request.target,
-                headers,
-                self.e.settings.request_timeout,
-                self.e.origins.connect,
+                app.origin, request.method, request.target, headers, timeout, self.e.origins.connect
             )
         except OriginError as exc:
             log.warning("connection %d: %s", self.conn_id, exc)
@@ -492,46 +497,127 @@ class _Session:
         )
         client_bytes, _ = self.h11.trailing_data
         origin = result.stream
+        # Where the origin's frames end: a Close frame may only go between two of them.
+        frames = WebSocketFrames()
+        downstream = trio.CancelScope()
+        downstream_done = trio.Event()
+        intact = True  # False once a send to the client was cut short: no frame may follow
 
-        async def pump(receive: Any, send_all: Any, done: trio.CancelScope) -> None:
+        async def upstream(done: trio.CancelScope) -> None:
+            fair = Fairness()
             try:
-                while data := await receive():
-                    await send_all(data)
+                while data := await self.tls.receive_some(65536):
+                    await origin.send_all(data)
+                    await fair.moved(len(data))
             except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             done.cancel()
 
+        async def down(done: trio.CancelScope) -> None:
+            nonlocal intact
+            fair = Fairness()
+            try:
+                with downstream:
+                    if result.trailing:
+                        await self._send_whole(result.trailing, timeout)
+                        frames.feed(result.trailing)
+                    while data := await origin.receive_some(65536):
+                        # Shielded: a recheck that ends the tunnel waits for this write, so
+                        # the client never gets half a frame followed by our Close frame.
+                        if not await self._send_whole(data, timeout):
+                            intact = False
+                            break
+                        frames.feed(data)
+                        await fair.moved(len(data))
+            except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                intact = False
+            finally:
+                downstream_done.set()
+            if not downstream.cancelled_caught:
+                done.cancel()  # the origin ended the tunnel
+
         async def recheck(done: trio.CancelScope) -> None:
-            # SPEC A14 for long-lived tunnels: a certificate revoked or expired since the
-            # upgrade ends the tunnel within a second.
-            while True:
-                await trio.sleep(1)
-                snapshot = self.e.snapshot
-                result = self._validate(snapshot, hostname, self.e.clock.now())
-                if result is not None and not result.valid:
-                    done.cancel()
-                    return
+            denied = await self._recheck(request, decision, hostname)
+            self._log_tunnel_closed(request, denied)
+            downstream.cancel()
+            await downstream_done.wait()
+            if intact and frames.at_boundary:
+                reason = denied.reason or Reason.POLICY_DENIED
+                frame = websocket_close_frame(1008, f"access ended: {reason.value}".encode())
+                with trio.move_on_after(timeout):
+                    await self.tls.send_all(frame)
+            done.cancel()
 
         try:
             if client_bytes:
                 await origin.send_all(bytes(client_bytes))
-            if result.trailing:
-                await self.tls.send_all(result.trailing)
             async with trio.open_nursery() as nursery:
                 scope = nursery.cancel_scope
-                nursery.start_soon(
-                    pump, lambda: self.tls.receive_some(65536), origin.send_all, scope
-                )
-                nursery.start_soon(
-                    pump, lambda: origin.receive_some(65536), self.tls.send_all, scope
-                )
-                if self.chain:
-                    nursery.start_soon(recheck, scope)
+                nursery.start_soon(upstream, scope)
+                nursery.start_soon(down, scope)
+                nursery.start_soon(recheck, scope)
         except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             with trio.CancelScope(shield=True):
-                await origin.aclose()
+                await trio.aclose_forcefully(origin)
+
+    async def _send_whole(self, data: bytes | bytearray, timeout: float) -> bool:
+        """Send ``data`` to the client, immune to cancellation but not to ``timeout``."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+            await self.tls.send_all(data)
+        return not scope.cancelled_caught
+
+    async def _recheck(
+        self, request: h11.Request, opened: AccessDecision, hostname: str
+    ) -> AccessDecision:
+        """Re-decide a tunnel's access every second until it is denied; return the denial.
+
+        The decision is made again with the opening request's facts (SNI, Host, address, the
+        token that admitted it) against the current snapshot, after picking up other workers'
+        commits, and at the clock's ``now``: so a revoked or expired certificate, an expired
+        token, a changed policy or a deleted application all end the tunnel within a second.
+        A decision is a pure function of its inputs, so while the snapshot is the same object
+        and ``now`` has not crossed the next instant at which one of its time checks flips
+        (:func:`_recheck_after`), the last one still holds and is not made again: a new one
+        mints a token (an RSA signature), which thousands of open tunnels could not afford
+        every second.
+        """
+        host_values = header_values(request.headers, b"host")
+        access = AccessRequest(
+            sni=self.tls.sni,
+            host=host_values[0] if len(host_values) == 1 else None,
+            client_ip=_ip(self.peer),
+            token=opened.token if opened.admitted_by is AdmittedBy.TOKEN else None,
+        )
+        last: tuple[Snapshot, dt.datetime, dt.datetime] | None = None
+        while True:
+            await trio.sleep(_TUNNEL_RECHECK)
+            self.e.refresh()
+            snapshot = self.e.snapshot
+            now = self.e.clock.now()
+            if last is not None and snapshot is last[0] and last[1] <= now < last[2]:
+                continue
+            chain = self._validate(snapshot, hostname, now) if self.chain else None
+            decision = decide(access, snapshot, chain, now, self.e.token_memo)
+            if not decision.allowed:
+                return decision
+            last = (snapshot, now, _recheck_after(decision, snapshot, now))
+
+    def _log_tunnel_closed(self, request: h11.Request, denied: AccessDecision) -> None:
+        self.e.access_log.write(
+            {
+                "time": self.e.clock.now().isoformat(),
+                "event": "tunnel_closed",
+                "connection": self.conn_id,
+                "client_ip": self.peer,
+                "sni": self.tls.sni,
+                "host": next(iter(header_values(request.headers, b"host")), None),
+                "path": request.target.decode("latin-1"),
+                "reason": (denied.reason or Reason.POLICY_DENIED).value,
+                "detail": denied.detail or None,
+            }
+        )
 
     def _origin_headers(
         self, request: h11.Request, decision: AccessDecision, upgrade: bytes | None = None
@@ -544,7 +630,7 @@ class _Session:
             else None
         )
         return forwarded_headers(
-            list(request.headers),
+            request.headers,
             origin_host=app.origin.split("://", 1)[1].split("/", 1)[0],
             client_ip=self.peer,
             token=decision.token,
@@ -553,19 +639,22 @@ class _Session:
             if decision.certificate and leaf_der
             else None,
             upgrade=upgrade,
+            underscores=app.underscores_in_headers,
         )
 
     async def _forward(
         self,
         request: h11.Request,
-        body: AsyncIterator[bytes],
+        body: bytes | AsyncIterator[bytes],
         decision: AccessDecision,
         log_status: Callable[[int], None],
     ) -> None:
-        """Forward to the origin and stream its answer back; log just before the last byte."""
+        """Forward to the origin and stream its answer back; log just before the last byte.
+
+        ``body`` is the whole request body or an iterator over it (streamed to the origin).
+        """
         app = decision.application
         assert app is not None
-        data = b"".join([chunk async for chunk in body])  # i13-http stopgap: streaming replaces
         headers = self._origin_headers(request, decision)
         extra: list[tuple[bytes, bytes]] = []
         if decision.set_cookie:
@@ -578,9 +667,12 @@ class _Session:
                 request.method,
                 request.target,
                 headers,
-                data,
+                body,
                 self.e.settings.request_timeout,
                 self.e.origins,
+                content_length=None
+                if isinstance(body, bytes)
+                else request_content_length(request.headers),
             ) as response:
                 out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
                 head = (
@@ -690,12 +782,46 @@ def _small_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
 
 
 def _upgrade_protocol(request: h11.Request) -> bytes | None:
-    """The protocol a request asks to upgrade to (``Connection: upgrade`` + ``Upgrade``)."""
-    connection = b",".join(v for k, v in request.headers if k.lower() == b"connection").lower()
+    """``b"websocket"`` when a GET asks to upgrade to WebSocket, else None.
+
+    Only WebSocket is tunnelled (and re-checked while open). Any other upgrade, ``h2c`` above
+    all (which would carry later requests past every per-request check), is forwarded as a
+    plain request: Upgrade, Connection and HTTP2-Settings are hop-by-hop and never reach the
+    origin, which answers it as HTTP/1.1, as nginx does without ``proxy_set_header Upgrade``.
+    """
+    if request.method != b"GET":
+        return None
+    connection = b",".join(v for k, v in request.headers if k == b"connection").lower()
     if b"upgrade" not in [t.strip() for t in connection.split(b",")]:
         return None
-    values = [v for k, v in request.headers if k.lower() == b"upgrade"]
-    return values[0] if values else None
+    protocols = b",".join(v for k, v in request.headers if k == b"upgrade").lower()
+    if b"websocket" not in [p.strip() for p in protocols.split(b",")]:
+        return None
+    return b"websocket"
+
+
+# How often an open tunnel's access is decided again; and the longest a decision is trusted
+# without being made again even when nothing it depends on changed (a safety net).
+_TUNNEL_RECHECK = 1.0
+_TUNNEL_FULL_RECHECK = dt.timedelta(seconds=10)
+_JUST_AFTER = dt.timedelta(microseconds=1)
+
+
+def _recheck_after(decision: AccessDecision, snapshot: Snapshot, now: dt.datetime) -> dt.datetime:
+    """The first instant at which ``decision`` could change while the snapshot stays the same.
+
+    With one snapshot, ``decide`` depends on ``now`` only through the chain's validity window
+    (inclusive), the admitting token's ``exp`` and the retired signing keys' acceptance ends.
+    """
+    times = [now + _TUNNEL_FULL_RECHECK]
+    if decision.certificate is not None:
+        times.append(decision.certificate.chain_valid_until + _JUST_AFTER)
+    if decision.admitted_by is AdmittedBy.TOKEN and decision.claims:
+        exp = decision.claims.get("exp")
+        if isinstance(exp, int | float):
+            times.append(dt.datetime.fromtimestamp(exp, dt.UTC))
+    times += [r.accepted_until + _JUST_AFTER for r in snapshot.keyring.retired]
+    return min(t for t in times if t > now)  # the first is always later than now
 
 
 def _peer_ip(transport: trio.abc.Stream) -> str | None:
