@@ -336,8 +336,9 @@ def test_remove_dot_segments_follows_rfc_3986() -> None:
 async def test_requests_stay_under_the_origin_path(served: Served) -> None:
     echo = auth_app(served.enforcer).origin
     await update_auth_app(served.enforcer, {"origin": echo + "/public"})
+    # A target that is not origin-form (``-internal/x``) never gets this far: 400, see
+    # test_hostile_http.py::test_a_target_of_no_known_form_gets_400.
     cases = {
-        "-internal/x": "/public/-internal/x",
         "/../secret?q=/../1": "/public/secret?q=/../1",
         "/%2e%2e/%2E%2e/x": "/public/x",
         "/a/./b/../c": "/public/a/c",
