@@ -311,7 +311,7 @@ class AdminServer:
         try:
             while True:
                 event, request_deadline = await self._next_head(conn, stream)
-                if not isinstance(event, h11.Request):
+                if event is None:
                     return  # closed, idle or too slow: nothing to answer
                 # Authenticate on the head alone: a stranger's body is never read.
                 if not self._authorised(event):
@@ -357,21 +357,23 @@ class AdminServer:
 
     async def _next_head(
         self, conn: h11.Connection, stream: trio.SocketStream
-    ) -> tuple[h11.Event | type[h11.PAUSED] | None, float]:
-        """The next request head and the request's deadline: idle for its first byte, then
-        request_timeout for the whole request (head and body)."""
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
+    ) -> tuple[h11.Request | None, float]:
+        """The next request head (None: closed, idle or too slow) and the request's deadline:
+        idle for its first byte, then request_timeout for the whole request, head and body."""
+        pipelined = conn.next_event()
+        if pipelined is h11.NEED_DATA:
             with trio.move_on_after(ADMIN_IDLE_TIMEOUT) as idle:
                 conn.receive_data(bytes(await stream.receive_some(65536)))
             if idle.cancelled_caught:
                 return None, 0.0
         deadline = trio.current_time() + self.request_timeout
-        if event is not h11.NEED_DATA:
-            return event, deadline  # pipelined: the head was already here
-        with trio.move_on_at(deadline) as scope:
-            event = await next_event(conn, stream)
-        return (None if scope.cancelled_caught else event), deadline
+        event: object = pipelined
+        if pipelined is h11.NEED_DATA:
+            with trio.move_on_at(deadline) as scope:
+                event = await next_event(conn, stream)
+            if scope.cancelled_caught:
+                return None, deadline
+        return (event if isinstance(event, h11.Request) else None), deadline
 
 
 def _unauthorised() -> tuple[int, str, bytes]:

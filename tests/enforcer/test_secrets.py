@@ -1,4 +1,4 @@
-"""Files holding secrets are their owner's alone: modes after a real demo, and old files tightened."""
+"""Files holding secrets are their owner's alone: modes after a real demo; old files tightened."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import trio
 
 from enforcer.store import Store
 from tests.testbed.test_cli import TESTBED, free_port, stop, wait_for_port
+from tests.testbed.test_demo_folder import demo_args
 
 
 def mode(path: Path) -> int:
@@ -22,8 +23,7 @@ async def test_a_served_demo_keeps_every_secret_file_0600(tmp_path: Path) -> Non
     port, admin_port = free_port(), free_port()
     # umask 022, the usual default: files made without an explicit mode come out 0644.
     proc = await trio.lowlevel.open_process(
-        [*TESTBED, "enforcer", "demo", "--out", str(out), "--port", str(port)]
-        + ["--admin-port", str(admin_port)],
+        [*TESTBED, "enforcer", "demo", *demo_args(out, port, admin_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         umask=0o022,

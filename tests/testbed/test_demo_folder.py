@@ -12,6 +12,10 @@ from tests.testbed.test_cli import TESTBED, free_port, stop, wait_for_port
 from tests.wire import client_context, get, run
 
 
+def demo_args(out: Path, port: int, admin_port: int) -> list[str]:
+    return ["--out", str(out), "--port", str(port), "--admin-port", str(admin_port)]
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file of ``folder`` and its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -24,8 +28,7 @@ async def answers(layout: DemoLayout) -> bool:
 
 async def start_demo(out: Path, port: int, admin_port: int) -> trio.Process:
     proc = await trio.lowlevel.open_process(
-        [*TESTBED, "enforcer", "demo", "--out", str(out), "--port", str(port)]
-        + ["--admin-port", str(admin_port)],
+        [*TESTBED, "enforcer", "demo", *demo_args(out, port, admin_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -35,8 +38,7 @@ async def start_demo(out: Path, port: int, admin_port: int) -> trio.Process:
 
 async def second_demo(out: Path, port: int, admin_port: int) -> trio.CompletedProcess[bytes]:
     return await run(
-        [*TESTBED, "enforcer", "demo", "--out", str(out), "--port", str(port)]
-        + ["--admin-port", str(admin_port)],
+        [*TESTBED, "enforcer", "demo", *demo_args(out, port, admin_port)],
         timeout=60,
     )
 
