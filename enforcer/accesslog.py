@@ -50,21 +50,19 @@ class AccessLog:
         self._text: TextIO | None = None
         self._fd = -1
         self._owns_fd = False
+        if target == "-":
+            target = sys.stdout
         if isinstance(target, str):
-            if target == "-":
-                sys.stdout.flush()  # what was printed before goes first
-                self._fd = sys.stdout.fileno()
-            else:
-                self._path = target
-                self._fd = _open_append(target)
-                self._owns_fd = True
+            self._path = target
+            self._fd = _open_append(target)
+            self._owns_fd = True
         else:
             try:
                 fd = target.fileno()
             except (OSError, ValueError, io.UnsupportedOperation):
-                self._text = target  # in memory: nothing can block
+                self._text = target  # in memory (or captured): nothing can block
             else:
-                target.flush()
+                target.flush()  # what was printed before goes first
                 self._fd = fd
         self._limit = buffer_bytes
         self._queue: collections.deque[bytes] = collections.deque()
@@ -220,8 +218,8 @@ async def keep_access_log(access_log: AccessLog) -> None:
             async for _ in signals:
                 access_log.reopen()
     finally:
-        # Cancelled when the server stops: buffered lines reach the log before the process
-        # ends (worker processes end with os._exit, which skips atexit).
+        # Cancelled when the server stops: buffered lines reach the log before serving returns,
+        # without waiting for the interpreter's exit (atexit is only the safety net).
         access_log.close()
 
 
