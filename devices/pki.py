@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -157,9 +158,14 @@ def issue_leaf(
 def write_pem(path: Path, *parts: bytes, private: bool = False) -> None:
     """Write PEM blocks to ``path`` (mode 0600 for private keys), creating folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"".join(parts))
-    if private:
-        path.chmod(0o600)
+    if not private:
+        path.write_bytes(b"".join(parts))
+        return
+    # The mode is 0600 before the key's first byte is written, never chmod-ed afterwards.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+        f.write(b"".join(parts))
 
 
 def signature_hash(key: PrivateKey) -> hashes.SHA256 | None:

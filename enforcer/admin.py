@@ -25,10 +25,20 @@ from enforcer import control
 from enforcer.config import AdminSettings
 from enforcer.control import ApiError, Outcome
 from enforcer.controller import Controller
-from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond
+from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond, send
 
 log = logging.getLogger(__name__)
 MAX_ADMIN_BODY = 1024 * 1024
+# A request (head and body) must arrive within this many seconds of its first byte: a client
+# that sends one byte a second is cut. Between requests a kept-alive connection may idle longer.
+ADMIN_REQUEST_TIMEOUT = 10.0
+ADMIN_IDLE_TIMEOUT = 60.0
+# After refusing a request without reading its body, read and discard at most this much (and
+# for at most LINGER_SECONDS) before closing, so that the refusal is not lost to a TCP reset.
+LINGER_BYTES = MAX_ADMIN_BODY + 65536
+LINGER_SECONDS = 2.0
+# JSON bodies are small objects: deeper nesting is refused before any handler recurses into it.
+MAX_JSON_DEPTH = 32
 _SEG = r"([A-Za-z0-9._:-]+)"
 
 Handler = Callable[["_Call"], Awaitable["Outcome | tuple[int, str, bytes]"]]
@@ -53,9 +63,15 @@ class _Call:
         if not self._raw.strip():
             return {}
         try:
-            return json.loads(self._raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            value = json.loads(self._raw)
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
+        except ValueError as exc:
+            # JSONDecodeError, UnicodeDecodeError, and int()'s digit limit (4300 by default).
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        if isinstance(value, dict | list) and _depth_over(value, MAX_JSON_DEPTH):
+            raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        return value
 
     def read(self, op: Callable[..., Outcome], *args: Any) -> Outcome:
         return op(self.controller.objects, *args)
@@ -210,6 +226,20 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
 ROUTES = _routes()
 
 
+def _depth_over(value: Any, limit: int) -> bool:
+    """True when ``value`` nests lists and objects more than ``limit`` deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def envelope(result: Any = None, errors: list[dict[str, Any]] | None = None) -> bytes:
     """Encode a Cloudflare v4 envelope."""
     body: dict[str, Any] = {
@@ -236,9 +266,16 @@ def _error(status: int, message: str, code: int | None = None) -> tuple[int, byt
 class AdminServer:
     """Serves the admin API for one controller."""
 
-    def __init__(self, controller: Controller, settings: AdminSettings) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        settings: AdminSettings,
+        *,
+        request_timeout: float = ADMIN_REQUEST_TIMEOUT,
+    ) -> None:
         self.controller = controller
         self._token = f"Bearer {settings.token}".encode()
+        self.request_timeout = request_timeout
 
     def _authorised(self, request: h11.Request) -> bool:
         values = header_values(request.headers, b"authorization")
@@ -248,10 +285,7 @@ class AdminServer:
     async def dispatch(self, request: h11.Request, body: bytes) -> tuple[int, str, bytes]:
         """Route one request; return (status, content type, body)."""
         if not self._authorised(request):
-            status, data = _error(
-                401, "missing or wrong admin token: send Authorization: Bearer <token>", 10000
-            )
-            return status, "application/json", data
+            return _unauthorised()
         url = urlsplit(request.target.decode("latin-1"))
         method = request.method.decode()
         allowed = []
@@ -284,21 +318,34 @@ class AdminServer:
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                with trio.move_on_after(60) as scope:
-                    event = await next_event(conn, stream)
-                if scope.cancelled_caught or not isinstance(event, h11.Request):
+                event, request_deadline = await self._next_head(conn, stream)
+                if event is None:
+                    return  # closed, idle or too slow: nothing to answer
+                # Authenticate on the head alone: a stranger's body is never read.
+                if not self._authorised(event):
+                    await _refuse(conn, stream, *_unauthorised())
                     return
-                try:
-                    body = await read_body(conn, stream, MAX_ADMIN_BODY)
-                except BodyTooLarge:
-                    status, data = _error(413, f"the request body is over {MAX_ADMIN_BODY} bytes")
-                    await respond(
-                        conn,
-                        stream,
-                        status,
-                        [("content-type", "application/json"), ("connection", "close")],
-                        data,
+                too_large = _declared_too_large(event)
+                if too_large:
+                    await _refuse(conn, stream, *too_large)
+                    return
+                if conn.they_are_waiting_for_100_continue:
+                    await send(conn, stream, h11.InformationalResponse(status_code=100, headers=[]))
+                body, over = b"", False
+                with trio.move_on_at(request_deadline) as scope:
+                    try:
+                        body = await read_body(conn, stream, MAX_ADMIN_BODY)
+                    except BodyTooLarge:
+                        over = True  # chunked: no Content-Length to refuse it by
+                if over or scope.cancelled_caught:
+                    status, data = (
+                        _error(413, f"the request body is over {MAX_ADMIN_BODY} bytes")
+                        if over
+                        else _error(
+                            408, f"the request did not arrive within {self.request_timeout:g} s"
+                        )
                     )
+                    await _refuse(conn, stream, status, "application/json", data)
                     return
                 try:
                     status, ctype, data = await self.dispatch(event, body)
@@ -316,16 +363,72 @@ class AdminServer:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
+    async def _next_head(
+        self, conn: h11.Connection, stream: trio.SocketStream
+    ) -> tuple[h11.Request | None, float]:
+        """The next request head (None: closed, idle or too slow) and the request's deadline:
+        idle for its first byte, then request_timeout for the whole request, head and body."""
+        pipelined = conn.next_event()
+        if pipelined is h11.NEED_DATA:
+            with trio.move_on_after(ADMIN_IDLE_TIMEOUT) as idle:
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            if idle.cancelled_caught:
+                return None, 0.0
+        deadline = trio.current_time() + self.request_timeout
+        event: object = pipelined
+        if pipelined is h11.NEED_DATA:
+            with trio.move_on_at(deadline) as scope:
+                event = await next_event(conn, stream)
+            if scope.cancelled_caught:
+                return None, deadline
+        return (event if isinstance(event, h11.Request) else None), deadline
+
+
+def _unauthorised() -> tuple[int, str, bytes]:
+    status, data = _error(
+        401, "missing or wrong admin token: send Authorization: Bearer <token>", 10000
+    )
+    return status, "application/json", data
+
+
+def _declared_too_large(request: h11.Request) -> tuple[int, str, bytes] | None:
+    """A 413 answer when the head declares a body over the limit (refused before reading)."""
+    lengths = header_values(request.headers, b"content-length")
+    # h11 has already checked that Content-Length is one well-formed number.
+    if lengths and int(lengths[0]) > MAX_ADMIN_BODY:
+        status, data = _error(413, f"the request body is over {MAX_ADMIN_BODY} bytes")
+        return status, "application/json", data
+    return None
+
+
+async def _refuse(
+    conn: h11.Connection, stream: trio.SocketStream, status: int, ctype: str, data: bytes
+) -> None:
+    """Answer and close without reading the request's body (a bounded lingering close)."""
+    await respond(conn, stream, status, [("content-type", ctype), ("connection", "close")], data)
+    # Closing with unread bytes makes the kernel send a reset, which can destroy the answer
+    # before the client reads it; so stop sending, then discard what the client still sends,
+    # bounded in bytes and time (nginx's lingering close).
+    with trio.move_on_after(LINGER_SECONDS):
+        await stream.send_eof()
+        discarded = 0
+        while discarded < LINGER_BYTES:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            discarded += len(chunk)
+
 
 async def serve_admin(
     controller: Controller,
     settings: AdminSettings,
     listener: trio.SocketListener,
     *,
+    request_timeout: float = ADMIN_REQUEST_TIMEOUT,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API on a bound listener until cancelled."""
-    server = AdminServer(controller, settings)
+    server = AdminServer(controller, settings, request_timeout=request_timeout)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(trio.serve_listeners, server.handle, [listener]))
         task_status.started(listener.socket.getsockname()[1])

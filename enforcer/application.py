@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from urllib.parse import urlsplit
 
 from enforcer.policy import Policy
 
@@ -60,3 +61,26 @@ class Application:
     def no_duration(self) -> bool:
         """True for No Duration (``0s``): a full handshake for every request, no cookie."""
         return self.session_duration <= dt.timedelta(0)
+
+
+def cookie_attribute_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a cookie Path or Domain attribute, or None when it can."""
+    # RFC 6265 attribute values are US-ASCII without controls or ';': anything else would end
+    # the attribute early or split the Set-Cookie header (response splitting).
+    for ch in value:
+        if ch == ";" or not " " <= ch <= "~":
+            return f"{value!r} contains {ch!r}; use printable ASCII without ';'"
+    return None
+
+
+def origin_problem(origin: str) -> str | None:
+    """Why ``origin`` cannot be an application's origin URL, or None when it can."""
+    if not origin.startswith("http://"):
+        return f"expected an http:// URL, got {origin!r}"
+    try:
+        port = urlsplit(origin).port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        return f"{origin!r}: the port must be a number from 1 to 65535"
+    return None

@@ -16,7 +16,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enforcer.application import SAME_SITE_VALUES, Application, CookieSettings
+from enforcer.application import (
+    SAME_SITE_VALUES,
+    Application,
+    CookieSettings,
+    cookie_attribute_problem,
+    origin_problem,
+)
 from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, fingerprint
 from enforcer.policy import PolicyError, parse_policy
 from enforcer.snapshot import RootCertificate
@@ -192,17 +198,25 @@ def _application(reader: TableReader) -> Application:
     )
     hostname = reader.get("hostname", str, what="the application's hostname").lower().rstrip(".")
     origin = reader.get("origin", str, what="the origin URL, such as http://127.0.0.1:9000")
-    if not origin.startswith("http://"):
-        raise reader.error("origin", f"expected an http:// URL, got {origin!r}")
+    problem = origin_problem(origin)
+    if problem:
+        raise reader.error("origin", problem)
     aud = reader.get("aud", str, hashlib.sha256(f"aud:{hostname}".encode()).hexdigest())
     cookie_r = reader.sub("cookie")
     cookie_r.unknown(_COOKIE_FIELDS)
     same_site = cookie_r.get("same_site", str, "None")
     if same_site not in SAME_SITE_VALUES:
         raise cookie_r.error("same_site", f"{same_site!r} is not one of {list(SAME_SITE_VALUES)}")
+    attributes = {
+        "path": cookie_r.get("path", str, "/"),
+        "domain": cookie_r.get("domain", str, None),
+    }
+    for name, value in attributes.items():
+        if value is not None and (problem := cookie_attribute_problem(value)):
+            raise cookie_r.error(name, problem)
     cookie = CookieSettings(
-        path=cookie_r.get("path", str, "/"),
-        domain=cookie_r.get("domain", str, None),
+        path=attributes["path"],
+        domain=attributes["domain"],
         secure=cookie_r.get("secure", bool, True),
         http_only=cookie_r.get("http_only", bool, True),
         same_site=same_site,

@@ -22,7 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from enforcer import managed_ca
-from enforcer.application import SAME_SITE_VALUES, Application, CookieSettings
+from enforcer.application import (
+    SAME_SITE_VALUES,
+    Application,
+    CookieSettings,
+    cookie_attribute_problem,
+    origin_problem,
+)
 from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, fingerprint
 from enforcer.durations import DurationError, format_duration, parse_duration
 from enforcer.policy import Decision, PolicyError, parse_policy
@@ -328,8 +334,9 @@ def _app_fields(
         obj["session_duration"] = _duration(body, "session_duration", "24h")
     if "origin" in body or creating:
         origin = _field(body, "origin", str, "the origin URL, such as http://127.0.0.1:9000")
-        if not origin.startswith("http://"):
-            raise ApiError(400, f"origin: expected an http:// URL, got {origin!r}")
+        problem = origin_problem(origin)
+        if problem:
+            raise ApiError(400, f"origin: {problem}")
         obj["origin"] = origin.rstrip("/")
     for flag, default in (
         ("forward_client_certificate", False),
@@ -346,9 +353,15 @@ def _app_fields(
             raise ApiError(
                 400, f"cookie.same_site: {same_site!r} is not one of {list(SAME_SITE_VALUES)}"
             )
-        obj["cookie"] = {
+        attributes = {
             "path": _field(cookie, "path", str, "a path", "/"),
             "domain": _field(cookie, "domain", str, "a domain", None),
+        }
+        for name, value in attributes.items():
+            if value is not None and (problem := cookie_attribute_problem(value)):
+                raise ApiError(400, f"cookie.{name}: {problem}")
+        obj["cookie"] = {
+            **attributes,
             "secure": _field(cookie, "secure", bool, "true or false", True),
             "http_only": _field(cookie, "http_only", bool, "true or false", True),
             "same_site": same_site,

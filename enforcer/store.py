@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from enforcer.private_files import create_private, private_dir, tighten
+
 Objects = dict[str, dict[str, dict[str, Any]]]
 
 _SCHEMA = """
@@ -41,6 +43,17 @@ class Change:
     body: Mapping[str, Any] | None
 
 
+def _create_private_database(path: Path) -> None:
+    """Make the database file 0600 (in a 0700 folder when made here) before SQLite opens it."""
+    # It holds the signing and managed-CA private keys. SQLite creates its -wal and -shm files
+    # with the main file's mode, so a main file that is 0600 from the start covers all three;
+    # files left by an older release are tightened (see enforcer/private_files.py).
+    private_dir(path.parent)
+    for extra in ("-wal", "-shm", "-journal"):
+        tighten(path.with_name(path.name + extra), "state database")
+    create_private(path, "state database")
+
+
 class Store:
     """A SQLite file of objects with a generation number that every commit increments."""
 
@@ -48,12 +61,12 @@ class Store:
         self.path = Path(path)
         try:
             if str(path) != ":memory:":
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                _create_private_database(self.path)
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{path}: cannot open the state database: {exc}") from exc
 
     def close(self) -> None:

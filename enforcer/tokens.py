@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -24,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from jwt.algorithms import RSAAlgorithm
 
 from enforcer.lru import BoundedLRU
+from enforcer.private_files import tighten
 
 ALGORITHM = "RS256"
 
@@ -295,6 +297,7 @@ def check(
 def load_or_create_key(path: str | None, now: dt.datetime) -> SigningKey:
     """Load an RSA private key PEM from ``path``, creating it (mode 0600) when missing."""
     if path is not None and os.path.exists(path):
+        tighten(Path(path), "signing key")
         with open(path, "rb") as f:
             key = serialization.load_pem_private_key(f.read(), password=None)
         if not isinstance(key, rsa.RSAPrivateKey):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from enforcer.accesslog import AccessLog
+from enforcer.accesslog import AccessLog, keep_access_log
 from enforcer.admin import serve_admin
 from enforcer.clock import WallClock
 from enforcer.config import ConfigError, EnforcerConfig, load_config
@@ -55,6 +56,7 @@ async def serve_config(
         )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+        nursery.start_soon(keep_access_log, enforcer.access_log)
         nursery.start_soon(serve, enforcer, listener)
         if admin_listener is not None and config.admin is not None:
             nursery.start_soon(serve_admin, enforcer.controller, config.admin, admin_listener)
@@ -95,7 +97,13 @@ def run_workers(config_path: str, host: str, port: int, workers: int) -> int:
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM stops the workers as Ctrl-C does
 
+    def hang_up(signum: int, frame: object) -> None:
+        for p in procs:  # each worker reopens its own access log (logrotate signals this pid)
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, hang_up)
     for p in procs:
         p.start()
     print(f"enforcer: {workers} workers listening on {host}:{port} (Ctrl-C stops)", file=sys.stderr)

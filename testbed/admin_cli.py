@@ -261,6 +261,10 @@ def _policy_rows(policies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_admin(args: argparse.Namespace, console: Console | None = None) -> int:
     """Run one admin subcommand; return the exit code."""
     console = console or Console(soft_wrap=True)
+    problem = _not_text(args)
+    if problem:
+        Console(stderr=True, soft_wrap=True).print(f"error: {problem}", highlight=False)
+        return EXIT_USAGE
     token = args.token
     if not token and args.token_file:
         try:
@@ -288,6 +292,24 @@ def run_admin(args: argparse.Namespace, console: Console | None = None) -> int:
     else:
         render(console)
     return 0
+
+
+def _not_text(args: argparse.Namespace) -> str | None:
+    """Name the first argument that is not valid text (a lone surrogate), or return None."""
+    # Python turns command-line bytes that are not UTF-8 into lone surrogates ('\udc80'), which
+    # no URL, JSON consumer or terminal can carry: refuse them here, naming the option.
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str):
+                continue
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return (
+                    f"{name.replace('_', '-')}: {item!a} is not valid UTF-8 text; check the "
+                    "terminal's encoding or the script that built the command"
+                )
+    return None
 
 
 def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[Console], None]]:

@@ -18,7 +18,15 @@ from enforcer.server import ListenError
 from enforcer.workers import run_workers, serve_config
 from testbed.admin_cli import add_admin_parser, run_admin
 from testbed.conformance.cli import add_conformance_parser, run_conformance
-from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout, write_demo
+from testbed.demo import (
+    AUTH_HOST,
+    IOT_HOST,
+    DemoError,
+    DemoLayout,
+    check_ports_free,
+    lock_demo_dir,
+    write_demo,
+)
 from testbed.fleet_cli import add_fleet_parser, run_fleet
 from testbed.load_cli import add_load_parser, run_load_cli
 from testbed.report_cli import add_report_parser, run_report_cli
@@ -234,12 +242,21 @@ def demo_instructions(layout: DemoLayout) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run ``testbed enforcer demo``."""
     out = Path(args.out)
+    admin_port = args.admin_port if args.admin_port is not None else args.port + 1
+    try:
+        # Ports first, then the folder's lock, then writing: a demo that cannot start, or a
+        # folder another demo serves, is left exactly as it was.
+        check_ports_free("127.0.0.1", [args.port, admin_port])
+        lock_fd = lock_demo_dir(out)
+    except DemoError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"{out}: cannot use the demo folder: {exc.strerror or exc}")
 
     async def main() -> None:
         # Bind the origin first: the configuration names its port.
         origin_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         origin_port = origin_listeners[0].socket.getsockname()[1]
-        admin_port = args.admin_port if args.admin_port is not None else args.port + 1
         layout = write_demo(
             out, args.port, f"http://127.0.0.1:{origin_port}", admin_port=admin_port
         )
@@ -268,6 +285,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _fail(f"cannot serve the demo: {exc.strerror or exc}")
     except KeyboardInterrupt:
         print("demo: stopped", file=sys.stderr)
+    finally:
+        os.close(lock_fd)  # releases the folder's lock
     return 0
 
 

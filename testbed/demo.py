@@ -12,20 +12,72 @@ Layout (users and tests rely on it)::
     DIR/admin.token             the admin API's bearer token
     DIR/state.sqlite            the enforcer's state (made on first start; a new demo starts afresh)
     DIR/devices/<name>/cert.pem + key.pem
+    DIR/.demo.lock              held (flock) by the demo serving DIR: a second one is refused
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
+import os
 import secrets
+import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from devices.pki import Issued, issue_ca, issue_leaf, write_pem
+from enforcer.private_files import private_dir, write_private
 
 AUTH_HOST = "auth.example.test"
 IOT_HOST = "iot.example.test"
 DEVICES = ("valid", "leaf-only", "expired", "not-yet-valid", "foreign-ca", "wrong-cn")
+
+
+LOCK_FILE = ".demo.lock"
+
+
+class DemoError(Exception):
+    """The demo cannot start in this folder or on these ports; nothing in the folder changed."""
+
+
+def check_ports_free(host: str, ports: Sequence[int]) -> None:
+    """Raise :class:`DemoError` when one of ``ports`` cannot be bound (port 0 is always free)."""
+    # Checked before anything is written: a demo that would fail with "address in use" must not
+    # first rewrite the PKI and token of a folder another demo serves.
+    for port in ports:
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the enforcer binds
+            try:
+                sock.bind((host, port))
+            except (OSError, OverflowError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise DemoError(
+                    f"cannot listen on {host}:{port}: {reason}; choose free ports "
+                    "(--port, --admin-port); nothing was written"
+                ) from None
+
+
+def lock_demo_dir(out: Path) -> int:
+    """Take an exclusive lock on demo folder ``out`` for this process's life; return its fd."""
+    private_dir(out)
+    lock_path = out / LOCK_FILE
+    # No O_TRUNC: the holder's pid in the file must survive a refused second demo.
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise DemoError(
+            f"{out} is in use by a running demo (pid {holder}): stop it, or choose another "
+            "folder with --out; nothing was written"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +123,7 @@ def write_demo(
 ) -> DemoLayout:
     """Write the demo PKI, devices and configuration into ``out``."""
     now = now or dt.datetime.now(dt.UTC)
+    private_dir(out)  # it holds the demo's keys, token and state: 0700 when made here
     day = dt.timedelta(days=1)
     edge_ca = issue_ca("mtls-testbed demo edge CA", now)
     edge = issue_leaf(
@@ -119,9 +172,7 @@ def write_demo(
     # A new demo starts afresh: new signing key, new state, new admin token.
     for stale in ("signing-key.pem", "state.sqlite", "state.sqlite-wal", "state.sqlite-shm"):
         (out / stale).unlink(missing_ok=True)
-    token = out / "admin.token"
-    token.write_text(secrets.token_urlsafe(32) + "\n")
-    token.chmod(0o600)
+    write_private(out / "admin.token", (secrets.token_urlsafe(32) + "\n").encode())
     (out / "enforcer.toml").write_text(
         DEMO_CONFIG.format(
             port=port,
