@@ -285,7 +285,11 @@ def run_conformance(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = sys.stdout
-    print(f"conformance: target {opts.target}, {opts.examples} cases, seed {opts.seed}", file=out)
+    print(
+        f"conformance: target {opts.target}, {opts.examples} cases, seed {opts.seed}; "
+        "rules: docs/access-flow.md",
+        file=out,
+    )
     if opts.mutant:
         print(f"conformance: MUTANT enforcer: {opts.mutant}", file=out)
     if opts.target == "nginx":
