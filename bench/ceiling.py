@@ -14,7 +14,7 @@ certificate with one intermediate, client certificate requested):
   can only check the leaf against the intermediate the client sent (1); then on a validation
   cache MISS cryptography's verifier checks the two chain signatures again (2), on a HIT none;
 * RSA-2048 (enforcer only): one PKCS#1 v1.5 signature, the RS256 token minted per admitted
-  request (SPEC A7).
+  request (access-flow A7).
 
 Symmetric crypto, hashing, certificate parsing, the kernel's TCP work and everything else is
 left out, so the ceiling is an upper bound no server reaches.
@@ -25,8 +25,8 @@ the enforcer's own ``build_context``, a stdlib ``ssl`` client like the bench's; 
 server's calls are timed) and one RS256 token signature (``cryptography``, RSA-2048 PKCS#1
 v1.5, as ``pyjwt`` signs). What is left is Python (trio, h11 on both sides, the origin hop, the
 access log) and the kernel. Last, the **attainable ratio**: a server that did everything nginx
-does at nginx's own cost and then signed the RS256 token SPEC A7 requires per admitted request
-would reach ``nginx / (nginx + RS256)`` of nginx per CPU-second, and no more.
+does at nginx's own cost and then signed the RS256 token access-flow A7 requires per admitted
+request would reach ``nginx / (nginx + RS256)`` of nginx per CPU-second, and no more.
 
 The ceiling is computed per core from ``openssl speed`` (the system OpenSSL, which nginx and
 the client use) and, as a cross-check, from the same operations timed through
@@ -216,7 +216,7 @@ def split_table(split: dict[str, Any]) -> Table:
     for label, key in (
         ("enforcer, measured (1 / handshakes per server CPU-s)", "enforcer_ms"),
         ("  OpenSSL server handshake (pyOpenSSL loop, same context)", "openssl_handshake_ms"),
-        ("  RS256 token signature (cryptography loop; SPEC A7)", "rs256_ms"),
+        ("  RS256 token signature (cryptography loop; access-flow A7)", "rs256_ms"),
         ("  the rest: Python (trio, h11 twice, origin hop, access log) and the kernel", "rest_ms"),
         ("nginx, measured (its whole handshake and request)", "nginx_ms"),
     ):
@@ -298,7 +298,7 @@ def main() -> int:
     if split:
         console.print(split_table(split))
         console.print(
-            f"attainable ratio with the RS256 token per admitted request (SPEC A7): nginx "
+            f"attainable ratio with the RS256 token per admitted request (access-flow A7): nginx "
             f"{split['nginx_ms']:.2f} ms / (nginx + RS256 {split['rs256_ms']:.2f} ms) = "
             f"[bold]{split['attainable_ratio']:.2f}[/] per CPU-second; measured "
             f"{split['measured_ratio']:.2f}"

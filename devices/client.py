@@ -4,8 +4,8 @@ One :class:`DeviceClient` is one device talking to one target (our enforcer, ngi
 edge). It keeps what a real device keeps between requests, each switchable: a kept-alive
 connection, a TLS session to resume, and a ``CF_Authorization`` cookie. A request returns an
 :class:`Attempt` with the phase timings (connect, key store, TLS handshake, first byte, total)
-and the outcome in SPEC.md's words: ``allowed``, ``denied:<code>``, ``tls_error:<alert or eof>``,
-``http_<status>``, ``timeout`` or ``connect_error``.
+and the outcome in the words of docs/access-flow.md: ``allowed``, ``denied:<code>``,
+``tls_error:<alert or eof>``, ``http_<status>``, ``timeout`` or ``connect_error``.
 
 Timing uses ``trio.current_time()``, so on trio's MockClock the key store's simulated costs
 (PIN verify, touch, on-token signature) show up exactly while the network costs nothing.
@@ -100,7 +100,7 @@ class Attempt:
 
 
 def classify(status: int, denied_reason: str | None) -> str:
-    """Name the outcome of an HTTP response the way SPEC.md does."""
+    """Name the outcome of an HTTP response the way docs/access-flow.md does."""
     if 200 <= status < 400:
         return "allowed"
     if status == 403 and denied_reason:

@@ -43,9 +43,9 @@ healthy cohort takes the first numbers. Every device's subject CN is its id, exc
 
 Expected outcomes
 -----------------
-Each device records the outcome a correctly configured enforcer gives it (SPEC.md: ``allowed``
-or ``denied:<reason code>``) on a hostname that trusts ``ca/upload.pem`` and whose policy is
-**Valid Certificate**:
+Each device records the outcome a correctly configured enforcer gives it (docs/access-flow.md:
+``allowed`` or ``denied:<reason code>``) on a hostname that trusts ``ca/upload.pem`` and whose
+policy is **Valid Certificate**:
 
 * ``wrong-cn`` devices (CN ``rogue-<number>``) hold a valid chain, so they are recorded as
   ``allowed``; under a Common Name policy matching the fleet's ids they are
@@ -148,7 +148,7 @@ Row = tuple[str, str, str, str, str, str, str, str, str, str | None, str, str, s
 
 
 def expected_outcome(defect: str | None, policy: str = "certificate") -> str:
-    """Return the SPEC outcome for a defect under a Valid Certificate or Common Name policy."""
+    """Return a defect's access-flow outcome under a Valid Certificate or Common Name policy."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
     if defect is None:

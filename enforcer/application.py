@@ -15,7 +15,7 @@ SAME_SITE_VALUES = ("None", "Lax", "Strict")
 
 @dataclasses.dataclass(frozen=True)
 class CookieSettings:
-    """Attributes of the ``CF_Authorization`` cookie (SPEC A8)."""
+    """Attributes of the ``CF_Authorization`` cookie (access-flow A8)."""
 
     path: str = "/"
     domain: str | None = None
@@ -49,7 +49,7 @@ class Application:
     policies: tuple[Policy, ...]
     origin: str
     forward_client_certificate: bool = False
-    # On by default: a token admits only beside the certificate it was minted for (SPEC A10);
+    # On by default: a token admits only beside the certificate it was minted for (access-flow A10);
     # ``False`` lets a token alone admit (browser-style sessions), never beside another one.
     bind_token_to_certificate: bool = True
     # Forward client header names with "_" (nginx underscores_in_headers); the enforcer's own

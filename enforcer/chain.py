@@ -1,4 +1,4 @@
-"""Client certificate chain validation, with a SPEC reason code for every failure.
+"""Client certificate chain validation, with an access-flow reason code for every failure.
 
 Path validation itself is cryptography's ``x509.verification`` client verifier, run against
 only the roots associated with the request's hostname. That verifier says *whether* a chain is

@@ -4,7 +4,7 @@ Each operation is a pure function of the current objects (see :mod:`enforcer.sto
 request body and ``now``: it checks everything first and returns an :class:`Outcome` with the
 result to send and the :class:`Change` list to commit, or raises :class:`ApiError` and changes
 nothing. :func:`build_snapshot` turns the objects into the immutable :class:`Snapshot` that
-requests read (SPEC A12).
+requests read (access-flow A12).
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def _app_fields(
         obj["origin"] = origin.rstrip("/")
     for flag, default in (
         ("forward_client_certificate", False),
-        ("bind_token_to_certificate", True),  # SPEC A10, on unless the operator opts out
+        ("bind_token_to_certificate", True),  # access-flow A10, on unless the operator opts out
         ("underscores_in_headers", False),
     ):
         if flag in body or creating:

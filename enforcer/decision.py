@@ -4,7 +4,7 @@ No I/O and no clock reads happen here (the sans-IO habit of h11): the TLS and HT
 gather an :class:`AccessRequest`, validate the client chain with :func:`check_chain` (which
 they may memoise per connection), and act on the :class:`AccessDecision` they get back.
 
-Order of the checks (SPEC A2-A9):
+Order of the checks (access-flow A2-A9):
 
 1. ``Host`` must equal the connection's SNI name, else 421 ``misdirected``.
 2. The hostname needs an application, else 404 ``no_application``.
@@ -131,7 +131,7 @@ def check_chain(
 
 
 def still_valid(result: ChainResult, snapshot: Snapshot, now: dt.datetime) -> bool:
-    """Tell whether a memoised successful validation still holds at ``now`` (SPEC A14)."""
+    """Tell whether a memoised successful validation still holds at ``now`` (access-flow A14)."""
     facts = result.facts
     return (
         facts is not None
@@ -167,7 +167,7 @@ def token_refusal(
         if minted_for != facts.x5t_s256:
             return "minted for another certificate than the one presented"
     elif app.bind_token_to_certificate:
-        return "bound to a certificate and none was presented (SPEC A10)"
+        return "bound to a certificate and none was presented (access-flow A10)"
     return None
 
 
@@ -178,7 +178,7 @@ def decide(
     now: dt.datetime,
     tokens: TokenMemo | None = None,
 ) -> AccessDecision:
-    """Decide one request (SPEC A2-A9); ``chain`` is the presented chain's validation, if any.
+    """Decide one request (access-flow A2-A9); ``chain``: the presented chain's validation, if any.
 
     ``tokens``, owned by the caller, memoises token signature checks (see :class:`TokenMemo`).
     """

@@ -1,4 +1,4 @@
-"""The stable reason codes of SPEC.md: what a 403, 404 or 421 says and the access log records."""
+"""The reason codes of docs/access-flow.md: what a 403, 404 or 421 says and the access log notes."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Each connection is one task in the listener's nursery. It peeks the ClientHello,
 handshake with the hostname's context, then serves requests one after the other: for every
 request it reads the current snapshot once, asks the clock once, validates the client chain
 (memoised per connection while the snapshot and the chain's validity window hold, which is
-what re-checks kept-alive and resumed connections, SPEC A14), calls the pure ``decide`` and
+what re-checks kept-alive and resumed connections, access-flow A14), calls the pure ``decide`` and
 acts on the decision.
 """
 
@@ -304,8 +304,8 @@ class _Session:
 
     def _validate(self, snapshot: Snapshot, hostname: str, now: dt.datetime) -> ChainResult | None:
         # Memoised per connection for one snapshot generation and hostname: a success while
-        # it still holds at ``now`` (SPEC A14), a failure for good, so that a client pipelining
-        # requests on a chain that failed costs one validation, not one per request.
+        # it still holds at ``now`` (access-flow A14), a failure for good, so that a client
+        # pipelining requests on a chain that failed costs one validation, not one per request.
         if self._memo is not None:
             generation, host, memo = self._memo
             if (
@@ -336,12 +336,12 @@ class _Session:
         """Check the head, decide, then read the body only for an admitted request."""
         e = self.e
         e.refresh()
-        snapshot = e.snapshot  # one consistent snapshot for the whole request (SPEC A12)
+        snapshot = e.snapshot  # one consistent snapshot for the whole request (access-flow A12)
         now = e.clock.now()
         t0 = time.perf_counter()
         sni = self.tls.sni
         sni_app = snapshot.applications.get(normalise_hostname(sni) or "")
-        # Under No Duration every answer closes (SPEC A9), whatever the decision says.
+        # Under No Duration every answer closes (access-flow A9), whatever the decision says.
         self._close_after = last or (sni_app is not None and sni_app.no_duration)
 
         refusal = head_refusal(request, e.settings.max_header_bytes)
@@ -397,7 +397,7 @@ class _Session:
             headers = [("content-type", "application/json")]
             close = self._close_after or not finish_buffered_body(self.h11)
             if close:
-                headers.append(("connection", "close"))  # SPEC A9: every response closes
+                headers.append(("connection", "close"))  # access-flow A9: every response closes
             # Log before answering: once a client has its answer, the line is in the log.
             self._log(request, now, t0, status=200)
             self._hold_if_last(close)

@@ -1,4 +1,4 @@
-"""The enforcer's configuration as one immutable snapshot (SPEC A12).
+"""The enforcer's configuration as one immutable snapshot (access-flow A12).
 
 A request reads the snapshot once and uses it to the end, so a change (a new root, a revoked
 certificate, another session duration) applies to the next request as a whole, never half.

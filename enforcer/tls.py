@@ -1,7 +1,7 @@
 """Server-side TLS for the enforcer: pyOpenSSL over trio, one context per hostname.
 
 Theory of operation. trio's own ``SSLStream`` wraps stdlib ``ssl``, which cannot ask for a
-client certificate without aborting the handshake when that certificate is untrusted. SPEC A1
+client certificate without aborting the handshake when that certificate is untrusted. access-flow A1
 needs the opposite: request a certificate, accept whatever comes (proof of possession is still
 enforced by TLS through CertificateVerify), and let the access decision turn a bad certificate
 into an HTTP 403. pyOpenSSL's verify callback does that. We run its ``Connection`` over memory
@@ -66,7 +66,7 @@ class HostTLS:
 
 
 def _accept_any(conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
-    # The access decision judges the chain (SPEC A1, A5): never abort the handshake here.
+    # The access decision judges the chain (access-flow A1, A5): never abort the handshake here.
     return True
 
 
@@ -95,7 +95,7 @@ def build_context(host: HostTLS) -> SSL.Context:
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
     if not host.allow_resumption:
-        # No Duration (SPEC A9): every request needs a new full handshake with a certificate.
+        # No Duration (access-flow A9): every request needs a new full handshake with a certificate.
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         ctx.set_options(SSL.OP_NO_TICKET)
     return ctx
@@ -118,7 +118,7 @@ class ContextsBySNI:
 
 
 class IntermediatesMemo:
-    """Intermediates a leaf was presented with, for re-checking resumed sessions (SPEC A14).
+    """Intermediates a leaf was presented with, for re-checking resumed sessions (access-flow A14).
 
     A resumed handshake carries no certificates and OpenSSL keeps only the leaf in the session,
     so we remember what the full handshake sent, least-recently-used first out, bounded by the

@@ -127,7 +127,7 @@ def access_claims(
     x5t_s256: str | None,
     serial: str | None,
 ) -> dict[str, Any]:
-    """Return the claims of an application token (SPEC A7)."""
+    """Return the claims of an application token (access-flow A7)."""
     iat = int(now.timestamp())
     claims: dict[str, Any] = {
         "aud": [aud],

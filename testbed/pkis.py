@@ -3,7 +3,7 @@
 A scenario without ``[[pkis]]`` has one PKI, ``fleet``, provisioned into ``RUN_DIR/fleet`` as
 before; with several, each goes to ``RUN_DIR/fleets/<name>``. A trusted PKI's root is
 associated with the target's hostname; an untrusted one is known to the enforcer but bound to
-another hostname, so its devices are refused with ``untrusted_issuer`` (SPEC A5: a root
+another hostname, so its devices are refused with ``untrusted_issuer`` (access-flow A5: a root
 authorises client certificates only for its own hostnames).
 """
 

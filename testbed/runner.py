@@ -182,7 +182,7 @@ def write_enforcer_config(
     host = scenario.target.hostname
     roots = []
     for pki, pki_fleet in fleet.fleets:
-        # An untrusted PKI's root is known, but bound to another hostname (SPEC A5).
+        # An untrusted PKI's root is known, but bound to another hostname (access-flow A5).
         bound = host if pki.trusted else f"{pki.name}.elsewhere.invalid"
         roots.append(
             f'[[roots]]\nid = "{pki.name}"\nname = "{pki.name} root"\n'

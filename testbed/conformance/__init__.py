@@ -1,15 +1,15 @@
-"""Property-based conformance of an mTLS enforcer against SPEC.md.
+"""Property-based conformance of an mTLS enforcer against docs/access-flow.md.
 
 Theory of operation
 -------------------
 ``testbed conformance`` answers one question: does this enforcer do what the access flow
 requires, for every certificate, policy and clock that can occur? Four parts do the work:
 
-- :mod:`~testbed.conformance.model` restates SPEC.md A2-A9 and A14 as small pure functions,
-  one per requirement, written without looking at ``enforcer/decision.py``. Given the world
-  (roots, applications, revocations), one request and ``now`` it says which status and reason
-  codes are acceptable. Where SPEC.md is silent on which of several reasons wins (an expired
-  certificate with a wrong EKU), the model accepts any of them and says so.
+- :mod:`~testbed.conformance.model` restates docs/access-flow.md A2-A9 and A14 as small pure
+  functions, one per requirement, written without looking at ``enforcer/decision.py``. Given the
+  world (roots, applications, revocations), one request and ``now`` it says which status and reason
+  codes are acceptable. Where docs/access-flow.md is silent on which of several reasons wins (an
+  expired certificate with a wrong EKU), the model accepts any of them and says so.
 - :mod:`~testbed.conformance.strategies` draws small, printable case *specs* with hypothesis
   (PKI shape, validity windows, extensions, policies, durations, clock jumps) and builds the
   certificates from a per-process pool of pre-generated keys (key generation is slow).

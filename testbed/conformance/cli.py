@@ -51,9 +51,10 @@ def add_conformance_parser(sub: Any) -> None:
     """Register ``testbed conformance`` (every option has a TESTBED_CONFORMANCE_* twin)."""
     p = sub.add_parser(
         "conformance",
-        help="check an enforcer against SPEC.md with generated certificates, policies and clocks",
+        help="check an enforcer against docs/access-flow.md with generated certificates, policies "
+        "and clocks",
         description="Property-based conformance: hypothesis generates cases, a reference "
-        "model of SPEC.md says what must happen, real TLS connections show what does.",
+        "model of docs/access-flow.md says what must happen, real TLS connections show what does.",
     )
     p.add_argument(
         "--target",
@@ -285,7 +286,11 @@ def run_conformance(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = sys.stdout
-    print(f"conformance: target {opts.target}, {opts.examples} cases, seed {opts.seed}", file=out)
+    print(
+        f"conformance: target {opts.target}, {opts.examples} cases, seed {opts.seed}; "
+        "rules: docs/access-flow.md",
+        file=out,
+    )
     if opts.mutant:
         print(f"conformance: MUTANT enforcer: {opts.mutant}", file=out)
     if opts.target == "nginx":

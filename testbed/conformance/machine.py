@@ -211,7 +211,9 @@ class ConformanceMachine(RuleBasedStateMachine):
         no_duration = self.duration == "0s"
         self.log.append(f"connect {device or 'anonymous'} resume={resume} -> {conn.resumed}")
         if conn.resumed and no_duration:
-            self.problems.append("a TLS session was resumed on a No Duration hostname (A9)")
+            self.problems.append(
+                "a TLS session was resumed on a No Duration hostname (access-flow A9)"
+            )
         handle = Conn(conn, d, conn.resumed, no_duration)
         self.open.append(handle)
         return handle

@@ -1,13 +1,13 @@
-"""A reference model of SPEC.md: what an enforcer must answer to one request.
+"""A reference model of docs/access-flow.md: what an enforcer must answer to one request.
 
-Written from SPEC.md alone, never from ``enforcer/``: each ``aN_...`` function restates one
-requirement, and :func:`expect` composes them in the order the flow needs (A2, A3, A5's chain,
+Written from docs/access-flow.md alone, never from ``enforcer/``: each ``aN_...`` function restates
+one requirement, and :func:`expect` composes them in the order the flow needs (A2, A3, A5's chain,
 A4's token, A5's policies, A6-A9). Everything is pure: the caller passes ``now``.
 
-Where SPEC.md is silent the model says what it chose:
+Where docs/access-flow.md is silent the model says what it chose:
 
-- Several reasons can apply at once (an expired intermediate *and* a wrong EKU). SPEC.md gives
-  no precedence, so :class:`Expected` holds the *set* of acceptable reason codes.
+- Several reasons can apply at once (an expired intermediate *and* a wrong EKU). docs/access-flow.md
+  gives no precedence, so :class:`Expected` holds the *set* of acceptable reason codes.
 - A bad signature on the way to a root leaves no path at all, so both ``invalid_chain`` (the
   table's "bad signature") and ``untrusted_issuer`` (no associated root reached) are accepted.
 - A presented certificate that fails validation denies the request even when a valid token
@@ -119,7 +119,7 @@ class Expected:
     """What must happen: a status, the acceptable reason codes, cookie and connection facts.
 
     ``reasons`` is empty for an admitted request. ``cookie`` and ``close`` are None when the
-    spec leaves them open. ``token_exp`` is the ``exp`` a minted token must carry.
+    access flow leaves them open. ``token_exp`` is the ``exp`` a minted token must carry.
     """
 
     status: int
@@ -434,7 +434,7 @@ def _app_close(app: App) -> bool | None:
 
 
 def expect(world: World, request: Request, now: dt.datetime) -> Expected:
-    """What the enforcer must answer to ``request`` at ``now`` (SPEC A2-A9)."""
+    """What the enforcer must answer to ``request`` at ``now`` (access-flow A2-A9)."""
     misdirected = a2_host_matches_sni(request)
     if misdirected is not None:
         return misdirected

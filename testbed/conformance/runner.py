@@ -146,7 +146,9 @@ def compare(
             _claim_problems(obs.cookie, exp, caps, leaf if step.request.chain else None)
         )
     if exp.close and not obs.closed:
-        problems.append("the connection was kept open (No Duration needs Connection: close)")
+        problems.append(
+            "the connection was kept open (access-flow A9: No Duration needs Connection: close)"
+        )
 
 
 def _claim_problems(
@@ -279,7 +281,7 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
     except (ssl.SSLError, OSError) as exc:
         # A1: a handshake must not abort over the client certificate; report, don't crash.
         expected = model.expect(world, first_request, now)
-        problem = f"TLS handshake failed: {exc} (A1: invalid certificates become 403s)"
+        problem = f"TLS handshake failed: {exc} (access-flow A1: invalid certificates become 403s)"
         steps.append(Step("fresh", first_request, now, expected, None, [problem]))
         return run
     try:
@@ -305,7 +307,9 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
                 and app.session_duration <= model.ZERO
                 and caps.tokens
             ):
-                s.problems.append("a TLS session was resumed on a No Duration hostname (A9)")
+                s.problems.append(
+                    "a TLS session was resumed on a No Duration hostname (access-flow A9)"
+                )
         finally:
             conn.close()
 

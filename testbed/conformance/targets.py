@@ -155,7 +155,7 @@ class AdminTarget:
         apps = {app["domain"]: app["id"] for app in a.call("GET", a.account_path("/apps"))}
         for host in (APP_HOST, OTHER_HOST):
             # Opted out of certificate binding (on by default): the replays check that a
-            # token alone admits, as SPEC A4 describes, and the model says so.
+            # token alone admits, as access-flow A4 describes, and the model says so.
             body = {
                 "session_duration": "24h",
                 "bind_token_to_certificate": False,

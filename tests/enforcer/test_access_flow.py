@@ -1,4 +1,4 @@
-"""The access flow over real TLS on loopback: SPEC A1-A9, A11, with stdlib ssl clients."""
+"""The access flow over real TLS on loopback: access-flow A1-A9, A11, with stdlib ssl clients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC A12-A14: changes and the clock apply to kept-alive and resumed connections at once."""
+"""access-flow A12-A14: changes and the clock reach kept-alive and resumed connections at once."""
 
 from __future__ import annotations
 

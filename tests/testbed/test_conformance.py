@@ -102,7 +102,7 @@ def _single(pki: PkiSpec) -> CaseSpec:
 @pytest.mark.xfail(
     strict=True,
     reason="the enforcer refuses chains signed with Ed25519 keys (invalid_chain: its verifier "
-    "follows the web PKI profile); SPEC.md sets no key type limit and nginx accepts them",
+    "follows the web PKI profile); no access-flow rule limited key types and nginx accepts them",
 )
 async def test_ed25519_signed_certificates_are_admitted(builtin: AdminTarget) -> None:
     spec = _single(PkiSpec(root_key_type="ed25519"))
@@ -190,7 +190,8 @@ def test_nginx_agrees_within_what_it_can_express(
 @needs_nginx
 async def test_nginx_stops_at_the_first_trusted_intermediate(tmp_path: Path) -> None:
     # leaf <- I2 (uploaded, so in nginx's ssl_client_certificate) <- I1 (sent only) <- root:
-    # SPEC A5 validates leaf + sent + uploaded intermediates, OpenSSL stops at I2 and refuses.
+    # access-flow A5 validates leaf + sent + uploaded intermediates, OpenSSL stops at I2 and
+    # refuses.
     target = NginxTarget(tmp_path)
     spec = _single(
         PkiSpec(
