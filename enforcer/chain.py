@@ -49,7 +49,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, padding, rsa
 from cryptography.x509.oid import (
     ExtendedKeyUsageOID,
     NameOID,
@@ -568,7 +568,37 @@ def _verify(
 def _directly_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
-    except Exception:  # InvalidSignature, ValueError, TypeError: all mean "not this one"
+    except ValueError:
+        # Also raised for legacy algorithms (SHA-1) it will not check: the walk must still
+        # find such a path, so that the profile names the algorithm instead of the issuer
+        # looking untrusted.
+        return _legacy_signature_verifies(cert, issuer)
+    except Exception:  # InvalidSignature, TypeError: all mean "not this one"
+        return False
+    return True
+
+
+def _legacy_signature_verifies(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Verify a signature made with a hash ``verify_directly_issued_by`` refuses (SHA-1...)."""
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        key = issuer.public_key()
+        digest = cert.signature_hash_algorithm
+        if digest is None:
+            return False
+        if isinstance(key, rsa.RSAPublicKey):
+            pad = cert.signature_algorithm_parameters
+            if not isinstance(pad, padding.PKCS1v15 | padding.PSS):
+                return False
+            key.verify(cert.signature, cert.tbs_certificate_bytes, pad, digest)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(digest))
+        elif isinstance(key, dsa.DSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, digest)
+        else:
+            return False
+    except Exception:  # InvalidSignature, UnsupportedAlgorithm, ValueError: not this one
         return False
     return True
 
