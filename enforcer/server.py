@@ -75,6 +75,8 @@ from enforcer.tls import ContextsBySNI, HostTLS, IntermediatesMemo, ServerTLSStr
 from enforcer.tokens import TokenMemo, parse_cookie_header
 
 log = logging.getLogger(__name__)
+# The memo of failed chains' intermediates gets this fraction of intermediates_memo_bytes.
+FAILED_MEMO_SHARE = 16
 JWKS_PATH = b"/cdn-cgi/access/certs"
 MAX_BODY = 8 * 1024 * 1024  # an admitted request's body; a denied one is never read
 
@@ -122,6 +124,12 @@ class Enforcer:
         self.clock = clock or WallClock()
         self.access_log = access_log or AccessLog(config.server.access_log)
         self.intermediates = IntermediatesMemo(config.server.intermediates_memo_bytes)
+        # Chains that failed get a small memo of their own, so that a resumed session of a
+        # refused device is refused for the same reason as its full handshake, while
+        # unauthenticated chains can only ever evict each other, never a validated device's.
+        self.failed_intermediates = IntermediatesMemo(
+            config.server.intermediates_memo_bytes // FAILED_MEMO_SHARE
+        )
         # Memos of the pure checks, shared by all connections: a returning device skips the
         # path build and a returning cookie skips pyjwt; each hit is re-checked at ``now``.
         self.validations = ValidationCache()
@@ -197,11 +205,12 @@ class Enforcer:
                 await tls.aclose()
 
     def _client_chain(self, tls: ServerTLSStream) -> list[x509.Certificate]:
-        # A resumed session carries only the leaf: the intermediates come from the memo, which
-        # holds only chains that validated (``_Session._validate`` puts them there).
+        # A resumed session carries only the leaf: the intermediates come from the memos that
+        # ``_Session._validate`` fills, the validated one first.
         chain = tls.peer_chain()
         if len(chain) == 1 and tls.session_reused():
-            chain = [chain[0], *self.intermediates.get(chain[0])]
+            rest = self.intermediates.get(chain[0]) or self.failed_intermediates.get(chain[0])
+            chain = [chain[0], *rest]
         return chain
 
     def _log_tls(self, conn_id: int, peer: str | None, sni: str | None, detail: str) -> None:
@@ -326,9 +335,11 @@ class _Session:
             )
         else:
             result = check_chain(snapshot, hostname, self.chain, now, self.e.validations)
-        if result is not None and result.valid and len(self.chain) > 1:
-            # Only a chain that validated is remembered for this leaf's resumed sessions.
-            self.e.intermediates.put(self.chain[0], self.chain[1:])
+        if result is not None and len(self.chain) > 1:
+            # Remembered for this leaf's resumed sessions; a failed chain only in the small
+            # memo of failed chains (see Enforcer.__init__).
+            memo = self.e.intermediates if result.valid else self.e.failed_intermediates
+            memo.put(self.chain[0], self.chain[1:])
         self._memo = (snapshot.generation, hostname, result)
         return result
 

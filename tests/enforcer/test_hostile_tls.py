@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from devices.pki import Issued, issue_ca, issue_leaf, write_pem
 from enforcer.clienthello import MAX_RECORDS
+from enforcer.server import FAILED_MEMO_SHARE
 from enforcer.sockets import TCPStream, serve_tcp
 from enforcer.tls import (
     CALLS_PER_CHECKPOINT,
@@ -326,6 +327,8 @@ async def test_unauthenticated_chains_never_enter_the_intermediates_memo(
             await conn.aclose()
     assert len(memo) == 1
     assert memo.bytes <= 4096
+    # Failed chains have their own small memo (so their resumed sessions keep their reason).
+    assert served.enforcer.failed_intermediates.bytes <= 4096 // FAILED_MEMO_SHARE
 
     second = await Connection.open(served.port, AUTH_HOST, ctx, session=session)
     try:
