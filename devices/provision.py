@@ -79,11 +79,12 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -114,6 +115,11 @@ DEFECTS: dict[str, str] = {
     "revoked": "denied:revoked",
 }
 POLICIES = ("certificate", "common_name")
+# Key types outside the enforcer's validation profile (docs/access-flow.md V1: its verifier,
+# cryptography's, takes no Ed25519): a device whose path holds one is denied unsupported_key...
+OUTSIDE_PROFILE = frozenset({"ed25519"})
+# ... unless its chain never reaches a trusted root, which the enforcer reports first.
+_BEFORE_PROFILE = frozenset({"foreign-ca", "self-signed", "missing-intermediate"})
 _ISSUER_OF = {"foreign-ca": "foreign", "missing-intermediate": "missing"}
 _COHORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _COHORT_SPEC = re.compile(r"(?P<name>[^=]*)=(?P<count>[^:]*)(?::(?P<defect>.*))?")
@@ -147,14 +153,22 @@ _COLUMNS = (
 Row = tuple[str, str, str, str, str, str, str, str, str, str | None, str, str, str, str | None]
 
 
-def expected_outcome(defect: str | None, policy: str = "certificate") -> str:
-    """Return a defect's access-flow outcome under a Valid Certificate or Common Name policy."""
+def expected_outcome(
+    defect: str | None, policy: str = "certificate", key_types: Iterable[str] = ()
+) -> str:
+    """Return a defect's access-flow outcome under a Valid Certificate or Common Name policy.
+
+    ``key_types`` are the key types in the device's path (its own and its CAs'): one outside
+    the enforcer's key profile makes it ``unsupported_key`` unless the path fails earlier.
+    """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    if defect is not None and defect not in DEFECTS:
+        raise ValueError(f"unknown defect {defect!r}; expected one of {', '.join(DEFECTS)}")
+    if defect not in _BEFORE_PROFILE and OUTSIDE_PROFILE.intersection(key_types):
+        return "denied:unsupported_key"
     if defect is None:
         return "allowed"
-    if defect not in DEFECTS:
-        raise ValueError(f"unknown defect {defect!r}; expected one of {', '.join(DEFECTS)}")
     if defect == "wrong-cn" and policy == "common_name":
         return "denied:policy_denied"
     return DEFECTS[defect]
@@ -397,7 +411,9 @@ class _Issuer:
         start, end = self.window(defect)
         # Certificates keep whole seconds, as _iso does: the chunk shares one validity window.
         same = (chunk.cohort, KEY_STORE, key_type)
-        window = (_iso(start), _iso(end), defect, expected_outcome(defect))
+        issuer_type = "ed25519" if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else ""
+        expected = expected_outcome(defect, key_types=(key_type, issuer_type))
+        window = (_iso(start), _iso(end), defect, expected)
         rows: list[Row] = []
         for number in chunk.numbers:
             device_id = f"{job.cn_prefix}{number:0{job.width}d}"

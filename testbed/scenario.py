@@ -239,13 +239,18 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
     pki = r.get("pki", str, next(iter(pkis)), "a PKI name")
     if pki not in pkis:
         raise r.error("pki", f"{pki!r} is not one of the [[pkis]]: {sorted(pkis)}")
-    policy = "common_name" if target.policy.startswith("common_name:") else "certificate"
-    # A root bound to another hostname authorises nothing here, whatever else is wrong.
-    default = expected_outcome(defect, policy) if pkis[pki].trusted else "denied:untrusted_issuer"
-    expected = r.get("expected", str, default, "an outcome such as allowed")
     key_type = r.get("key_type", str, None, f"one of {list(KEY_TYPES)}")
     if key_type is not None and key_type not in KEY_TYPES:
         raise r.error("key_type", f"{key_type!r} is not one of {list(KEY_TYPES)}")
+    policy = "common_name" if target.policy.startswith("common_name:") else "certificate"
+    # A root bound to another hostname authorises nothing here, whatever else is wrong.
+    path_keys = (key_type or pkis[pki].key_type, pkis[pki].key_type)
+    default = (
+        expected_outcome(defect, policy, path_keys)
+        if pkis[pki].trusted
+        else "denied:untrusted_issuer"
+    )
+    expected = r.get("expected", str, default, "an outcome such as allowed")
     behaviour_raw = r.get("behaviour", dict, {"kind": "periodic"}, "a behaviour table")
     try:
         behaviour = parse_behaviour(behaviour_raw, r.field("behaviour"))

@@ -24,6 +24,8 @@ from tests.wire import admin_call
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     cohorts = [Cohort("healthy", 2, None)] + [Cohort(d, 1, d) for d in DEFECTS]
+    # A device key outside the enforcer's key profile (access-flow V1): expected unsupported_key.
+    cohorts.append(Cohort("ed25519", 1, None, key_type="ed25519"))
     return provision(
         tmp_path_factory.mktemp("fleet") / "fleet",
         cohorts,
@@ -74,6 +76,7 @@ async def test_every_cohort_gets_its_outcome_from_the_enforcer(
         "denied:revoked",
         "denied:missing_intermediate",
         "denied:invalid_chain",
+        "denied:unsupported_key",
     }
 
 
