@@ -480,15 +480,19 @@ class _ClientBodyFailed(Exception):
         self.error = error
 
 
-async def _pull(body: AsyncIterator[bytes], timeout: float) -> bytes | None:
-    """The next non-empty chunk of a client's body, or None at its end."""
+async def _pull(body: AsyncIterator[bytes]) -> bytes | None:
+    """The next non-empty chunk of a client's body, or None at its end.
+
+    No timer here: the iterator times the client itself (``http.body_chunks`` answers a slow
+    body with 408), and a second timer of the same length would race it and turn the client's
+    slowness into an error of ours.
+    """
     try:
-        with trio.fail_after(timeout):
-            while True:
-                chunk = await anext(body)
-                if chunk:
-                    return bytes(chunk)
-                await trio.lowlevel.checkpoint()  # an iterator of empty chunks must not spin
+        while True:
+            chunk = await anext(body)
+            if chunk:
+                return bytes(chunk)
+            await trio.lowlevel.checkpoint()  # an iterator of empty chunks must not spin
     except StopAsyncIteration:
         return None
     except Exception as exc:  # the caller answers it (400, 408, 413): not the origin's fault
@@ -526,7 +530,7 @@ async def origin_request(
         first = bytes(body)
     else:
         try:
-            pulled = await _pull(body, timeout)
+            pulled = await _pull(body)
         except _ClientBodyFailed as failed:
             raise failed.error from None
         first, rest = pulled or b"", body if pulled is not None else None
@@ -542,7 +546,7 @@ async def origin_request(
         if rest is not None:
             parts = [first]
             try:
-                while (chunk := await _pull(rest, timeout)) is not None:
+                while (chunk := await _pull(rest)) is not None:
                     parts.append(chunk)
             except _ClientBodyFailed as failed:
                 raise failed.error from None
@@ -571,7 +575,7 @@ async def origin_request(
                 await send(conn.h11, stream, request)
                 if first:
                     await send(conn.h11, stream, h11.Data(data=first))
-            while rest is not None and (chunk := await _pull(rest, timeout)) is not None:
+            while rest is not None and (chunk := await _pull(rest)) is not None:
                 streamed = True
                 with trio.fail_after(timeout):
                     await send(conn.h11, stream, h11.Data(data=chunk))

@@ -190,3 +190,20 @@ async def admin_call(
         return status, json.loads(payload)
     except ValueError:
         return status, payload
+
+
+async def receive_until(
+    stream: trio.abc.ReceiveStream, marker: bytes | None = None, limit: float = 10
+) -> bytes:
+    """Read until ``marker`` arrives, or (no marker) until the peer closes; fail after ``limit``."""
+    data = b""
+    with trio.fail_after(limit):
+        while marker is None or marker not in data:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from enforcer.tokens import SigningKey
 from testbed.demo import AUTH_HOST
 from tests.conftest import Served
-from tests.wire import Connection, client_context, get
+from tests.wire import Connection, client_context, get, receive_until
 
 
 def ctx(served: Served, device: str | None = None):
@@ -75,16 +75,7 @@ async def test_an_oversized_header_gets_431(served: Served) -> None:
 async def test_a_malformed_request_gets_400(served: Served) -> None:
     conn = await Connection.open(served.port, AUTH_HOST, ctx(served, "valid"))
     await conn.stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
-    data = b""
-    with trio.fail_after(5):
-        while True:
-            try:
-                chunk = await conn.stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                break
-            if not chunk:
-                break
-            data += chunk
+    data = await receive_until(conn.stream, limit=5)
     assert data.startswith(b"HTTP/1.1 400")
     await conn.aclose()
     await still_serves(served)

@@ -15,7 +15,7 @@ from enforcer.config import ConfigError, load_config
 from testbed.demo import AUTH_HOST, DemoLayout
 from tests.conftest import ADMIN_TOKEN, Served
 from tests.testbed.test_cli import TESTBED
-from tests.wire import admin_call, run
+from tests.wire import admin_call, receive_until, run
 
 ACC = "/client/v4/accounts/demo/access"
 APPS = f"{ACC}/apps"
@@ -33,17 +33,7 @@ async def still_serves(served: Served) -> None:
 
 async def read_until(stream: trio.SocketStream, marker: bytes, limit: float = 5) -> bytes:
     """Read until ``marker`` arrives or the server closes; fail after ``limit`` seconds."""
-    data = b""
-    with trio.fail_after(limit):
-        while marker not in data:
-            try:
-                chunk = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data
+    return await receive_until(stream, marker, limit)
 
 
 def head(method: str, path: str, *headers: str) -> bytes:

@@ -15,7 +15,7 @@ import enforcer.http
 import enforcer.server
 from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
-from tests.wire import Connection, client_context
+from tests.wire import Connection, client_context, receive_until
 
 SAFETY = 10  # seconds: no test waits longer; the enforcer's own timeouts are far shorter or longer
 
@@ -29,32 +29,12 @@ def ctx(served: Served, device: str | None = "valid") -> ssl.SSLContext:
 
 async def read_all(conn: Connection) -> bytes:
     """Read until the server closes the connection (cleanly or not)."""
-    data = b""
-    with trio.fail_after(SAFETY):
-        while True:
-            try:
-                chunk = await conn.stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data
+    return await receive_until(conn.stream, limit=SAFETY)
 
 
 async def read_until(conn: Connection, marker: bytes) -> bytes:
     """Read until ``marker`` has arrived (or the connection ends)."""
-    data = b""
-    with trio.fail_after(SAFETY):
-        while marker not in data:
-            try:
-                chunk = await conn.stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data
+    return await receive_until(conn.stream, marker, limit=SAFETY)
 
 
 async def exchange(served: Served, raw: bytes, sni: str = AUTH_HOST, device: str | None = "valid"):
