@@ -14,7 +14,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
 import http.server
+import json
 import shutil
 import subprocess
 import threading
@@ -31,8 +33,9 @@ from devices.pki import Issued, issue_ca, issue_leaf
 from enforcer import crl
 from enforcer.chain import fingerprint
 from enforcer.config import ConfigError, load_config
-from enforcer.controller import refresh_crl
+from enforcer.controller import keep_crls_fresh, refresh_crl
 from enforcer.snapshot import RootCertificate
+from testbed.cli import main
 from testbed.demo import AUTH_HOST, DemoLayout
 from tests.conftest import Served
 from tests.enforcer.test_admin_api import ok, refused
@@ -138,7 +141,7 @@ class CrlServer:
         content = self.content
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            def do_GET(self) -> None:
                 body = content.get(self.path)
                 if body is None:
                     self.send_error(404)
@@ -298,9 +301,10 @@ async def test_crls_made_by_cryptography_uploaded_as_der_and_pem(served: Served,
     denied = await get(served.port, AUTH_HOST, ctx(served, pki, "revoked"))
     assert (denied.status, denied.reason) == (403, "revoked")
     shown = await ok(served, "GET", f"{ACC}/certificates/{ROOT_ID}/crl")
-    assert x509.load_pem_x509_crl(shown["crl"].encode()).public_bytes(
-        serialization.Encoding.DER
-    ) == der
+    assert (
+        x509.load_pem_x509_crl(shown["crl"].encode()).public_bytes(serialization.Encoding.DER)
+        == der
+    )
 
     # A later CRL that no longer lists it: the device is admitted again.
     later = make_crl(pki.inter, [], now - DAY + dt.timedelta(hours=1), now + DAY, number=2)
@@ -339,7 +343,9 @@ async def test_an_unusable_crl_is_refused_and_the_good_one_stays(
     assert message in error and "stays" in error
     # Through a fetch: the problem is recorded, the CRL in force stays.
     crl_server.content["/bad.crl"] = bad.encode()
-    await ok(served, "PUT", f"{ACC}/certificates/{ROOT_ID}", {"crl_url": crl_server.url("/bad.crl")})
+    await ok(
+        served, "PUT", f"{ACC}/certificates/{ROOT_ID}", {"crl_url": crl_server.url("/bad.crl")}
+    )
     fetched = await refresh_crl(served.controller, ROOT_ID)
     assert fetched is not None and message in fetched
     shown = await ok(served, "GET", f"{ACC}/certificates/{ROOT_ID}/crl")
@@ -397,9 +403,7 @@ async def test_a_crl_past_its_next_update_fails_closed_by_default_and_open_when_
     assert (await get(served.port, AUTH_HOST, ctx(served), headers=[cookie])).status == 200
 
 
-async def test_a_root_with_a_crl_url_and_no_crl_yet_fails_closed(
-    served: Served, pki: Pki
-) -> None:
+async def test_a_root_with_a_crl_url_and_no_crl_yet_fails_closed(served: Served, pki: Pki) -> None:
     # Nothing listens there: the fetch fails and the status stays unknown.
     await ok(served, "PUT", f"{ACC}/certificates/{ROOT_ID}", {"crl_url": "http://127.0.0.1:9/x"})
     assert await refresh_crl(served.controller, ROOT_ID) is not None
@@ -489,7 +493,9 @@ async def test_the_crl_in_force_survives_a_restart(
     served: Served, pki: Pki, crl_server: CrlServer, nursery: trio.Nursery
 ) -> None:
     now = served.clock.now()
-    crl_server.content["/c"] = pem(make_crl(pki.inter, [pki.serial("revoked")], now, now + DAY)).encode()
+    crl_server.content["/c"] = pem(
+        make_crl(pki.inter, [pki.serial("revoked")], now, now + DAY)
+    ).encode()
     await ok(served, "PUT", f"{ACC}/certificates/{ROOT_ID}", {"crl_url": crl_server.url("/c")})
     assert await refresh_crl(served.controller, ROOT_ID) is None
     crl_server.content.clear()  # the CRL server goes away
@@ -532,7 +538,7 @@ async def test_a_crl_file_in_the_config_is_in_force_from_the_start(
         foreign = issue_ca("foreign", now)
         bad = _config_with_crl(demo, pki, pem(make_crl(foreign, [], now, now + DAY)).encode())
         try:
-            with pytest.raises(ConfigError, match="crl: .*root.crl: the CRL's issuer"):
+            with pytest.raises(ConfigError, match=r"crl: .*root\.crl: the CRL's issuer"):
                 load_config(bad)
         finally:
             bad.unlink()
@@ -550,3 +556,84 @@ async def test_fetching_is_bounded_and_plain_http_only(crl_server: CrlServer) ->
         with pytest.raises(crl.FetchError, match="expected an http:// URL"):
             await crl.fetch_crl("file:///etc/passwd")
         assert await crl.fetch_crl(crl_server.url("/big")) == b"x" * 5000
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+async def test_the_command_line_uploads_crls_and_manages_revocations(
+    served: Served, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import ADMIN_TOKEN
+
+    async def cli(*args: str) -> object:
+        argv = [
+            "enforcer",
+            "admin",
+            "--url",
+            f"http://127.0.0.1:{served.admin_port}",
+            "--token",
+            ADMIN_TOKEN,
+            "--account",
+            "demo",
+            "--json",
+            *args,
+        ]
+        code = await trio.to_thread.run_sync(main, argv)
+        out = capsys.readouterr().out
+        assert code == 0, out
+        return json.loads(out)
+
+    now = served.clock.now()
+    der_file = tmp_path / "inter.crl"
+    der_file.write_bytes(
+        make_crl(pki.inter, [pki.serial("revoked")], now - DAY, now + DAY).public_bytes(
+            serialization.Encoding.DER
+        )
+    )
+    uploaded = await cli("roots", "crl", ROOT_ID, "--file", str(der_file), "--fail-open")
+    assert uploaded["revoked_count"] == 1  # type: ignore[index]
+    assert (await cli("roots", "crl", ROOT_ID, "--show"))["crl"].startswith(  # type: ignore[index]
+        "-----BEGIN X509 CRL-----"
+    )
+    root = await ok(served, "GET", f"{ACC}/certificates/{ROOT_ID}")
+    assert root["crl_fail_open"] is True
+    settings = await cli(
+        "roots", "crl", ROOT_ID, "--url", "http://crl.test/i.crl", "--refresh", "5m"
+    )
+    assert settings == {
+        "crl_url": "http://crl.test/i.crl",
+        "crl_refresh": "5m",
+        "crl_fail_open": True,
+    }
+    denied = await get(served.port, AUTH_HOST, ctx(served, pki, "revoked"))
+    assert (denied.status, denied.reason) == (403, "revoked")
+
+    serial = f"{pki.serial('kept'):x}"
+    made = await cli("revocations", "add", "--root", ROOT_ID, "--serial", serial)
+    assert (await get(served.port, AUTH_HOST, ctx(served, pki, "kept"))).status == 403
+    listed = await cli("revocations", "list")
+    assert [r["id"] for r in listed] == [made["id"]]  # type: ignore[index,union-attr]
+    await cli("revocations", "delete", made["id"])  # type: ignore[index]
+    assert (await get(served.port, AUTH_HOST, ctx(served, pki, "kept"))).status == 200
+
+
+async def test_the_refresh_task_fetches_on_schedule(
+    served: Served, pki: Pki, crl_server: CrlServer, nursery: trio.Nursery
+) -> None:
+    now = served.clock.now()
+    crl_server.content["/r.crl"] = pem(make_crl(pki.inter, [], now - DAY, now + DAY, 1)).encode()
+    settings = {"crl_url": crl_server.url("/r.crl"), "crl_refresh": "1s"}
+    await ok(served, "PUT", f"{ACC}/certificates/{ROOT_ID}", settings)
+    nursery.start_soon(functools.partial(keep_crls_fresh, served.controller, tick=0.05))
+    path = f"{ACC}/certificates/{ROOT_ID}/crl"
+    with trio.fail_after(20):
+        while served.controller.objects.get("crl", {}).get(ROOT_ID) is None:
+            await trio.sleep(0.05)
+        assert (await ok(served, "GET", path))["revoked_count"] == 0
+        later = make_crl(pki.inter, [pki.serial("revoked")], now - DAY / 2, now + DAY, 2)
+        crl_server.content["/r.crl"] = pem(later).encode()
+        while (await ok(served, "GET", path))["revoked_count"] != 1:
+            await trio.sleep(0.05)
+    denied = await get(served.port, AUTH_HOST, ctx(served, pki, "revoked"))
+    assert (denied.status, denied.reason) == (403, "revoked")
