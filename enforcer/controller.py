@@ -278,6 +278,7 @@ async def refresh_crl(
         if found is None:
             return None
         data, source = found
+        await trio.to_thread.run_sync(control.warm_crl, controller.objects, root_id, data)
         await controller.write(
             lambda objects, now: control.store_crl(
                 objects, obj["account"], root_id, data, now, source
