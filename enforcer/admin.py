@@ -130,7 +130,11 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
     async def crl_root_put(c: _Call) -> Outcome:
         body = c.json()
         # A big CRL is parsed and verified off the trio loop first (see control.warm_crl).
-        await trio.to_thread.run_sync(control.warm_crl, c.controller.objects, c.params[1], body)
+        refused = await trio.to_thread.run_sync(
+            control.warm_crl, c.controller.objects, *c.params, body
+        )
+        if refused is not None:
+            raise refused
         return await c.write(control.put_crl, *c.params, body)
 
     @route("GET", rf"{A}/revocations")
