@@ -131,7 +131,7 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
         body = c.json()
         # A big CRL is parsed and verified off the trio loop first (see control.warm_crl).
         refused = await trio.to_thread.run_sync(
-            control.warm_crl, c.controller.objects, *c.params, body
+            control.warm_crl, c.controller.objects, c.params[0], c.params[1], body
         )
         if refused is not None:
             raise refused
