@@ -16,6 +16,7 @@ class Reason(enum.StrEnum):
     INVALID_CHAIN = "invalid_chain"
     UNSUPPORTED_KEY = "unsupported_key"
     REVOKED = "revoked"
+    REVOCATION_UNKNOWN = "revocation_unknown"
     POLICY_DENIED = "policy_denied"
     TOKEN_INVALID = "token_invalid"
     TOKEN_EXPIRED = "token_expired"
@@ -34,6 +35,7 @@ DENIAL_BODIES: dict[Reason, str] = {
     Reason.INVALID_CHAIN: "The client certificate chain is invalid.",
     Reason.UNSUPPORTED_KEY: "The client certificate chain uses an unsupported key or signature.",
     Reason.REVOKED: "The client certificate has been revoked.",
+    Reason.REVOCATION_UNKNOWN: "The client certificate's revocation status is unknown.",
     Reason.POLICY_DENIED: "Access denied by policy.",
     Reason.MISDIRECTED: "Misdirected request: Host does not match the TLS server name.",
     Reason.NO_APPLICATION: "No application is configured for this hostname.",

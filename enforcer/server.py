@@ -338,8 +338,8 @@ class _Session:
         if result is not None and len(self.chain) > 1:
             # Remembered for this leaf's resumed sessions; a failed chain only in the small
             # memo of failed chains (see Enforcer.__init__).
-            memo = self.e.intermediates if result.valid else self.e.failed_intermediates
-            memo.put(self.chain[0], self.chain[1:])
+            kept = self.e.intermediates if result.valid else self.e.failed_intermediates
+            kept.put(self.chain[0], self.chain[1:])
         self._memo = (snapshot.generation, hostname, result)
         return result
 

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from cryptography import x509
 
@@ -22,6 +23,7 @@ from enforcer.chain import (
     KeyProfile,
     fingerprint,
 )
+from enforcer.crl import RevocationIndex
 from enforcer.tokens import KeyRing
 
 
@@ -38,6 +40,11 @@ class RootCertificate:
     root: x509.Certificate
     intermediates: tuple[x509.Certificate, ...]
     associated_hostnames: tuple[str, ...]
+    # Revocation settings (config ``[[roots]]``; the admin API keeps them on the stored root).
+    crl_file: Path | None = None
+    crl_url: str | None = None
+    crl_refresh: str = "1h"
+    crl_fail_open: bool = False
 
     @property
     def fingerprint(self) -> str:
@@ -66,6 +73,8 @@ class Snapshot:
     # Hostname -> epoch second: a token of that application whose ``iat`` is earlier was
     # minted before an operator ended its sessions (per application or account-wide).
     session_cutoffs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # CRLs in force and revocations by serial (see enforcer/crl.py); empty: nothing to check.
+    revocation: RevocationIndex = dataclasses.field(default_factory=RevocationIndex)
     # ``revoked`` as RFC 8705 ``x5t#S256`` values (base64url), the form tokens carry in ``cnf``:
     # derived here once per snapshot so that checking a token is one set lookup per request.
     revoked_x5t: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
@@ -88,6 +97,7 @@ class Snapshot:
         max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
         sessions_revoked_before: Mapping[str, dt.datetime] | None = None,
         key_profile: KeyProfile = DEFAULT_KEY_PROFILE,
+        revocation: RevocationIndex | None = None,
     ) -> Snapshot:
         """Index applications by hostname and build each hostname's trust once."""
         hostnames = {h for r in roots for h in r.associated_hostnames}
@@ -114,6 +124,7 @@ class Snapshot:
             session_cutoffs={
                 host: session_cutoff(t) for host, t in (sessions_revoked_before or {}).items()
             },
+            revocation=revocation or RevocationIndex(),
         )
 
 
