@@ -22,6 +22,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import itertools
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -36,6 +37,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from enforcer.crl import issuer_key
 from enforcer.lru import BoundedLRU
 from enforcer.reasons import Reason
 
@@ -117,6 +119,9 @@ class CertificateFacts:
     chain_valid_until: dt.datetime
     # Every CN attribute of the subject; several different ones leave ``common_name`` None.
     common_names: tuple[str, ...] = ()
+    # (issuer's name-and-key id, serial) of each certificate below the anchor, leaf first: what
+    # CRL lookups need (enforcer/crl.py), computed once per validation.
+    issued_by: tuple[tuple[str, int], ...] = ()
 
     @property
     def ambiguous_common_name(self) -> bool:
@@ -262,6 +267,9 @@ def _facts(chain: Sequence[x509.Certificate]) -> CertificateFacts:
         chain_valid_from=max(c.not_valid_before_utc for c in chain),
         chain_valid_until=min(c.not_valid_after_utc for c in chain),
         common_names=common_names(leaf),
+        issued_by=tuple(
+            (issuer_key(issuer), cert.serial_number) for cert, issuer in itertools.pairwise(chain)
+        ),
     )
 
 

@@ -9,6 +9,8 @@ requests read (SPEC A12).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import datetime as dt
 import re
@@ -21,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from enforcer import managed_ca
+from enforcer import crl, managed_ca
 from enforcer.application import (
     SAME_SITE_VALUES,
     Application,
@@ -184,6 +186,7 @@ def _root_view(obj: Mapping[str, Any], full: bool = False) -> dict[str, Any]:
         "updated_at",
     ]
     view = {k: obj[k] for k in keys}
+    view.update(_crl_settings(obj))
     if full:
         view["certificate"] = obj["certificate"]
     return view
@@ -240,9 +243,10 @@ def create_root(objects: Objects, account: str, body: Body, now: dt.datetime) ->
 
 
 def update_root(objects: Objects, account: str, oid: str, body: Body, now: dt.datetime) -> Outcome:
-    """Change an mTLS certificate's name or associated hostnames."""
-    _only(body, {"name", "associated_hostnames"})
+    """Change an mTLS certificate's name, associated hostnames or CRL settings."""
+    _only(body, {"name", "associated_hostnames", *CRL_SETTINGS})
     obj = _owned(objects, "root", account, oid, "mTLS certificate")
+    obj.update(_crl_settings_of(body))
     if "name" in body:
         obj["name"] = _field(body, "name", str, "a name")
     if "associated_hostnames" in body:
@@ -260,7 +264,16 @@ def delete_root(objects: Objects, account: str, oid: str) -> Outcome:
             f"mTLS certificate {oid} still has associated hostnames "
             f"{obj['associated_hostnames']}: remove them first (update associated_hostnames to [])",
         )
-    return Outcome({"id": oid}, (Change("root", oid, None),))
+    # Its CRL and its revocations by serial go with it: nothing else can refer to them.
+    changes = [Change("root", oid, None)]
+    if oid in objects.get(CRL_KIND, {}):
+        changes.append(Change(CRL_KIND, oid, None))
+    changes += [
+        Change(REVOCATION_KIND, rid, None)
+        for rid, r in objects.get(REVOCATION_KIND, {}).items()
+        if r.get("certificate_id") == oid
+    ]
+    return Outcome({"id": oid}, tuple(changes))
 
 
 # ---- applications and policies --------------------------------------------------------------
@@ -763,6 +776,336 @@ def rotate_keys(objects: Objects, limits: Limits, now: dt.datetime) -> Outcome:
     return Outcome({"kid": new["kid"], "created_at": new["created_at"]}, tuple(changes))
 
 
+# ---- revocation: a CRL per uploaded root, revocations by serial or fingerprint -------------
+
+# Stored kinds. A CRL object's id is its root's id (one CRL per root); a revocation by
+# fingerprint has the fingerprint as its id (as the config and the testbed write them), one by
+# serial a generated id.
+CRL_KIND = "crl"
+CRL_FETCH_KIND = "crl_fetch"
+REVOCATION_KIND = "revocation"
+CRL_SETTINGS = ("crl_url", "crl_refresh", "crl_fail_open")
+DEFAULT_CRL_REFRESH = "1h"
+MIN_CRL_REFRESH = dt.timedelta(seconds=1)
+
+
+def _crl_settings(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A root's CRL settings, with their defaults."""
+    return {
+        "crl_url": obj.get("crl_url"),
+        "crl_refresh": obj.get("crl_refresh") or DEFAULT_CRL_REFRESH,
+        "crl_fail_open": bool(obj.get("crl_fail_open", False)),
+    }
+
+
+def _crl_settings_of(body: Body) -> dict[str, Any]:
+    """Check the CRL settings present in ``body``; return only those."""
+    out: dict[str, Any] = {}
+    if "crl_url" in body:
+        url = _field(body, "crl_url", (str, type(None)), "an http:// URL, or null for none")
+        if url is not None and (problem := crl.check_url(url)):
+            raise ApiError(400, f"crl_url: {problem}")
+        out["crl_url"] = url
+    if "crl_refresh" in body:
+        refresh = _duration(body, "crl_refresh", DEFAULT_CRL_REFRESH)
+        assert refresh is not None
+        if parse_duration(refresh) < MIN_CRL_REFRESH:
+            raise ApiError(400, f"crl_refresh: {refresh} is too short; use 1s or more (e.g. 1h)")
+        out["crl_refresh"] = refresh
+    if "crl_fail_open" in body:
+        out["crl_fail_open"] = _field(body, "crl_fail_open", bool, "true or false")
+    return out
+
+
+def _root_certificates(obj: Mapping[str, Any]) -> list[x509.Certificate]:
+    return list(_parse_cached(obj["certificate"], _all_certificates))
+
+
+def _all_certificates(pem: str) -> tuple[x509.Certificate, ...]:
+    return tuple(x509.load_pem_x509_certificates(pem.encode()))
+
+
+def _crl_view(obj: Mapping[str, Any], full: bool = False) -> dict[str, Any]:
+    keys = [
+        "root_id",
+        "issuer",
+        "this_update",
+        "next_update",
+        "revoked_count",
+        "crl_number",
+        "source",
+        "updated_at",
+    ]
+    view = {k: obj.get(k) for k in keys}
+    if full:
+        der = base64.b64decode(obj["der_base64"])
+        view["crl"] = crl.load_crl(der).public_bytes(serialization.Encoding.PEM).decode()
+    return view
+
+
+def store_crl(
+    objects: Objects, account: str, root_id: str, data: bytes, now: dt.datetime, source: str
+) -> Outcome:
+    """Make ``data`` (PEM or DER) the root's CRL once it verifies; else 400 and no change."""
+    root = _owned(objects, "root", account, root_id, "mTLS certificate")
+    try:
+        verified = crl.verify_crl(data, _root_certificates(root), now)
+    except crl.CrlError as exc:
+        raise ApiError(400, f"crl: {exc}; the CRL in force (if any) stays") from None
+    old = objects.get(CRL_KIND, {}).get(root_id)
+    der_b64 = base64.b64encode(verified.der).decode()
+    if old is not None and old["der_base64"] == der_b64:
+        return Outcome(_crl_view(old))  # the same CRL again: nothing changes
+    # A CRL older than the one in force would un-revoke certificates (a replayed CRL).
+    if (
+        old is not None
+        and old.get("issuer_key") == verified.issuer_key
+        and (
+            _parse_iso(old["this_update"]) > verified.this_update
+            or (
+                old.get("crl_number") is not None
+                and verified.crl_number is not None
+                and int(old["crl_number"]) > verified.crl_number
+            )
+        )
+    ):
+        raise ApiError(
+            400,
+            f"crl: older than the CRL in force (thisUpdate {_iso(verified.this_update)} < "
+            f"{old['this_update']}, or a lower CRL number); the CRL in force stays",
+        )
+    obj = {
+        "root_id": root_id,
+        "account": account,
+        "der_base64": der_b64,
+        "issuer": verified.issuer,
+        "issuer_key": verified.issuer_key,
+        "this_update": _iso(verified.this_update),
+        "next_update": _iso(verified.next_update) if verified.next_update else None,
+        "revoked_count": len(verified.serials),
+        "crl_number": verified.crl_number,
+        "source": source,
+        "updated_at": _iso(now),
+    }
+    return Outcome(_crl_view(obj), (Change(CRL_KIND, root_id, obj),))
+
+
+def put_crl(objects: Objects, account: str, root_id: str, body: Body, now: dt.datetime) -> Outcome:
+    """Upload a root's CRL: ``{"crl": PEM}`` or ``{"crl_der_base64": ...}``."""
+    _only(body, {"crl", "crl_der_base64"})
+    if ("crl" in body) == ("crl_der_base64" in body):
+        raise ApiError(400, "send exactly one of crl (PEM text) and crl_der_base64 (base64 DER)")
+    if "crl" in body:
+        data = _field(body, "crl", str, "PEM text of an X.509 CRL").encode()
+    else:
+        raw = _field(body, "crl_der_base64", str, "base64 of a DER X.509 CRL")
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (ValueError, binascii.Error):
+            raise ApiError(400, "crl_der_base64: not valid base64") from None
+    return store_crl(objects, account, root_id, data, now, "upload")
+
+
+def get_crl(objects: Objects, account: str, root_id: str) -> Outcome:
+    """Return a root's CRL in force (with its PEM) and the last fetch error, if any."""
+    _owned(objects, "root", account, root_id, "mTLS certificate")
+    obj = objects.get(CRL_KIND, {}).get(root_id)
+    if obj is None:
+        fetch = objects.get(CRL_FETCH_KIND, {}).get(root_id)
+        extra = f" (last fetch: {fetch['error']})" if fetch and fetch.get("error") else ""
+        raise ApiError(404, f"mTLS certificate {root_id} has no CRL{extra}")
+    view = _crl_view(obj, full=True)
+    fetch = objects.get(CRL_FETCH_KIND, {}).get(root_id)
+    view["last_fetch_error"] = fetch.get("error") if fetch else None
+    return Outcome(view)
+
+
+def record_fetch_error(
+    objects: Objects, root_id: str, error: str | None, now: dt.datetime
+) -> Outcome:
+    """Remember the last CRL fetch problem of a root (None clears it); unchanged: no commit."""
+    old = objects.get(CRL_FETCH_KIND, {}).get(root_id)
+    if (old.get("error") if old else None) == error:
+        return Outcome(None)
+    if error is None:
+        return Outcome(None, (Change(CRL_FETCH_KIND, root_id, None),))
+    return Outcome(None, (Change(CRL_FETCH_KIND, root_id, {"error": error, "at": _iso(now)}),))
+
+
+def _hex_serial(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{name}: expected a hexadecimal serial number such as 1a2b3c")
+    text = value.lower().replace(":", "").removeprefix("0x")
+    try:
+        number = int(text, 16)
+    except ValueError:
+        raise ApiError(400, f"{name}: {value!r} is not a hexadecimal serial number") from None
+    if len(text) > 64:
+        raise ApiError(400, f"{name}: {value!r} is longer than a serial number may be")
+    return format(number, "x")
+
+
+def _revocation_view(rid: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+    if "serial_number" in obj:
+        return {
+            "id": rid,
+            "type": "serial",
+            "certificate_id": obj["certificate_id"],
+            "serial_number": obj["serial_number"],
+            "created_at": obj.get("created_at"),
+        }
+    return {
+        "id": rid,
+        "type": "fingerprint",
+        "fingerprint_sha256": obj.get("fingerprint", rid),
+        "created_at": obj.get("created_at"),
+    }
+
+
+def _visible(obj: Mapping[str, Any], account: str) -> bool:
+    # Revocations from the config file or older releases carry no account: every account's.
+    return obj.get("account") in (None, account)
+
+
+def add_revocation(objects: Objects, account: str, body: Body, now: dt.datetime) -> Outcome:
+    """Revoke a certificate: by serial under an uploaded root, or by SHA-256 fingerprint."""
+    _only(body, {"certificate_id", "serial_number", "fingerprint_sha256"})
+    existing = objects.get(REVOCATION_KIND, {})
+    if "fingerprint_sha256" in body:
+        if "certificate_id" in body or "serial_number" in body:
+            raise ApiError(
+                400, "send either fingerprint_sha256, or certificate_id with serial_number"
+            )
+        raw = _field(body, "fingerprint_sha256", str, "64 hex characters")
+        fp = raw.lower().replace(":", "")
+        if not re.fullmatch(r"[0-9a-f]{64}", fp):
+            raise ApiError(400, f"fingerprint_sha256: {raw!r} is not a SHA-256 fingerprint")
+        if fp in existing:
+            return Outcome(_revocation_view(fp, existing[fp]))
+        obj = {"fingerprint": fp, "account": account, "created_at": _iso(now)}
+        return Outcome(_revocation_view(fp, obj), (Change(REVOCATION_KIND, fp, obj),), 201)
+    if "serial_number" not in body or "certificate_id" not in body:
+        raise ApiError(
+            400,
+            "send certificate_id (an uploaded root's id) with serial_number (hex), "
+            "or fingerprint_sha256",
+        )
+    root_id = _field(body, "certificate_id", str, "an uploaded root's id")
+    _owned(objects, "root", account, root_id, "mTLS certificate")
+    serial = _hex_serial(body["serial_number"], "serial_number")
+    for rid, r in existing.items():
+        if r.get("certificate_id") == root_id and r.get("serial_number") == serial:
+            return Outcome(_revocation_view(rid, r))
+    rid = str(uuid.uuid4())
+    obj = {
+        "certificate_id": root_id,
+        "serial_number": serial,
+        "account": account,
+        "created_at": _iso(now),
+    }
+    return Outcome(_revocation_view(rid, obj), (Change(REVOCATION_KIND, rid, obj),), 201)
+
+
+def list_revocations(objects: Objects, account: str) -> Outcome:
+    """List the revocations by serial and by fingerprint."""
+    rows = [
+        _revocation_view(rid, r)
+        for rid, r in objects.get(REVOCATION_KIND, {}).items()
+        if _visible(r, account)
+    ]
+    return Outcome(sorted(rows, key=lambda r: (r["created_at"] or "", r["id"])))
+
+
+def delete_revocation(objects: Objects, account: str, rid: str) -> Outcome:
+    """Lift a revocation: the certificate admits again (unless a CRL lists it)."""
+    obj = objects.get(REVOCATION_KIND, {}).get(rid)
+    if obj is None or not _visible(obj, account):
+        raise ApiError(404, f"revocation {rid!r} not found in account {account!r}")
+    return Outcome({"id": rid}, (Change(REVOCATION_KIND, rid, None),))
+
+
+def _verified_crl(obj: Mapping[str, Any], root_pem: str) -> tuple[crl.VerifiedCrl, frozenset[str]]:
+    def parse(_: str) -> tuple[crl.VerifiedCrl, frozenset[str]]:
+        certs = _all_certificates(root_pem)
+        verified = crl.parse_verified(crl.load_crl(base64.b64decode(obj["der_base64"])), certs)
+        return verified, frozenset(format(s, "x") for s in verified.serials)
+
+    # Keyed by the CRL and the root's certificates: a snapshot rebuild re-parses neither.
+    key = obj["der_base64"] + "|" + root_pem
+    return _parse_cached(key, parse)  # type: ignore[no-any-return]
+
+
+_LONG_AGO = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _revocation_index(objects: Objects, roots: Sequence[RootCertificate]) -> crl.RevocationIndex:
+    """Index the CRLs in force and the revocations by serial for request-time lookups."""
+    by_id = {r.id: r for r in roots}
+    root_objs = objects.get("root", {})
+    by_issuer: dict[str, crl.CrlEntry] = {}
+    missing: dict[str, crl.MissingCrl] = {}
+    by_root: dict[str, set[str]] = {}
+    host_sets: dict[str, list[frozenset[str]]] = {}
+    unknown_after: dict[str, dt.datetime] = {}
+
+    def fail_closed_from(root: RootCertificate, when: dt.datetime) -> None:
+        for host in root.associated_hostnames:
+            unknown_after[host] = min(unknown_after.get(host, when), when)
+
+    crls = objects.get(CRL_KIND, {})
+    for rid, c in crls.items():
+        root, obj = by_id.get(rid), root_objs.get(rid)
+        if root is None or obj is None:
+            continue
+        try:
+            verified, hex_serials = _verified_crl(c, obj["certificate"])
+        except crl.CrlError:
+            continue  # checked on upload: only a changed root certificate gets here
+        fail_open = _crl_settings(obj)["crl_fail_open"]
+        entry = crl.CrlEntry(
+            rid, root.name, verified.issuer, verified.serials, verified.next_update, fail_open
+        )
+        same = by_issuer.get(verified.issuer_key)
+        if same is not None:  # two roots hold a CRL of one CA: both count, the stricter wins
+            nexts = [t for t in (same.next_update, entry.next_update) if t is not None]
+            entry = dataclasses.replace(
+                entry,
+                serials=same.serials | entry.serials,
+                next_update=min(nexts) if nexts else None,
+                fail_open=same.fail_open and fail_open,
+            )
+        by_issuer[verified.issuer_key] = entry
+        for host in root.associated_hostnames:
+            host_sets.setdefault(host, []).append(hex_serials)
+        if not fail_open and verified.next_update is not None:
+            fail_closed_from(root, verified.next_update)
+    for rid, obj in root_objs.items():
+        root = by_id.get(rid)
+        settings = _crl_settings(obj)
+        if root is None or not settings["crl_url"] or rid in crls:
+            continue
+        missing[root.fingerprint] = crl.MissingCrl(rid, root.name, settings["crl_fail_open"])
+        if not settings["crl_fail_open"]:
+            fail_closed_from(root, _LONG_AGO)
+    for r in objects.get(REVOCATION_KIND, {}).values():
+        root = by_id.get(r.get("certificate_id", ""))
+        if root is None or "serial_number" not in r:
+            continue
+        by_root.setdefault(root.fingerprint, set()).add(r["serial_number"])
+        for host in root.associated_hostnames:
+            host_sets.setdefault(host, []).append(frozenset([r["serial_number"]]))
+    return crl.RevocationIndex(
+        by_issuer=by_issuer,
+        missing=missing,
+        serials_by_root={fp: frozenset(s) for fp, s in by_root.items()},
+        serials_by_host={
+            h: sets[0] if len(sets) == 1 else frozenset().union(*sets)
+            for h, sets in host_sets.items()
+        },
+        unknown_after_by_host=unknown_after,
+    )
+
+
 # ---- snapshots --------------------------------------------------------------------------------
 
 
@@ -865,7 +1208,11 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
         for o in objects.get("client_cert", {}).values()
         if o["status"] == "revoked"
     }
-    revoked |= set(objects.get("revocation", {}))
+    revoked |= {
+        r.get("fingerprint", rid)
+        for rid, r in objects.get(REVOCATION_KIND, {}).items()
+        if "serial_number" not in r
+    }
     return Snapshot.build(
         generation=generation,
         applications=apps,
@@ -876,4 +1223,5 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
         revoked=frozenset(revoked),
         max_chain_depth=limits.max_chain_depth,
         sessions_revoked_before=_sessions_revoked_before(objects),
+        revocation=_revocation_index(objects, roots),
     )

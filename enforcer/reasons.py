@@ -15,6 +15,7 @@ class Reason(enum.StrEnum):
     CERTIFICATE_NOT_YET_VALID = "certificate_not_yet_valid"
     INVALID_CHAIN = "invalid_chain"
     REVOKED = "revoked"
+    REVOCATION_UNKNOWN = "revocation_unknown"
     POLICY_DENIED = "policy_denied"
     TOKEN_INVALID = "token_invalid"
     TOKEN_EXPIRED = "token_expired"
@@ -32,6 +33,7 @@ DENIAL_BODIES: dict[Reason, str] = {
     Reason.CERTIFICATE_NOT_YET_VALID: "The client certificate is not yet valid.",
     Reason.INVALID_CHAIN: "The client certificate chain is invalid.",
     Reason.REVOKED: "The client certificate has been revoked.",
+    Reason.REVOCATION_UNKNOWN: "The client certificate's revocation status is unknown.",
     Reason.POLICY_DENIED: "Access denied by policy.",
     Reason.MISDIRECTED: "Misdirected request: Host does not match the TLS server name.",
     Reason.NO_APPLICATION: "No application is configured for this hostname.",

@@ -16,6 +16,7 @@ from cryptography import x509
 
 from enforcer.application import Application
 from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, HostTrust, fingerprint
+from enforcer.crl import RevocationIndex
 from enforcer.tokens import KeyRing
 
 
@@ -56,6 +57,8 @@ class Snapshot:
     # Hostname -> epoch second: a token of that application whose ``iat`` is earlier was
     # minted before an operator ended its sessions (per application or account-wide).
     session_cutoffs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # CRLs in force and revocations by serial (see enforcer/crl.py); empty: nothing to check.
+    revocation: RevocationIndex = dataclasses.field(default_factory=RevocationIndex)
     # ``revoked`` as RFC 8705 ``x5t#S256`` values (base64url), the form tokens carry in ``cnf``:
     # derived here once per snapshot so that checking a token is one set lookup per request.
     revoked_x5t: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
@@ -77,6 +80,7 @@ class Snapshot:
         revoked: frozenset[str] = frozenset(),
         max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
         sessions_revoked_before: Mapping[str, dt.datetime] | None = None,
+        revocation: RevocationIndex | None = None,
     ) -> Snapshot:
         """Index applications by hostname and build each hostname's trust once."""
         hostnames = {h for r in roots for h in r.associated_hostnames}
@@ -102,6 +106,7 @@ class Snapshot:
             session_cutoffs={
                 host: session_cutoff(t) for host, t in (sessions_revoked_before or {}).items()
             },
+            revocation=revocation or RevocationIndex(),
         )
 
 
