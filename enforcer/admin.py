@@ -122,6 +122,26 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
     async def roots_delete(c: _Call) -> Outcome:
         return await c.write(control.delete_root, *c.params, now=False)
 
+    @route("GET", rf"{A}/certificates/{_SEG}/crl")
+    async def crl_root_get(c: _Call) -> Outcome:
+        return c.read(control.get_crl, *c.params)
+
+    @route("PUT", rf"{A}/certificates/{_SEG}/crl")
+    async def crl_root_put(c: _Call) -> Outcome:
+        return await c.write(control.put_crl, *c.params, c.json())
+
+    @route("GET", rf"{A}/revocations")
+    async def revocations_list(c: _Call) -> Outcome:
+        return c.read(control.list_revocations, c.params[0])
+
+    @route("POST", rf"{A}/revocations")
+    async def revocations_add(c: _Call) -> Outcome:
+        return await c.write(control.add_revocation, c.params[0], c.json())
+
+    @route("DELETE", rf"{A}/revocations/{_SEG}")
+    async def revocations_delete(c: _Call) -> Outcome:
+        return await c.write(control.delete_revocation, *c.params, now=False)
+
     @route("GET", rf"{A}/apps")
     async def apps_list(c: _Call) -> Outcome:
         return c.read(control.list_apps, c.params[0])

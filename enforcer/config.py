@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from enforcer import crl
 from enforcer.application import (
     SAME_SITE_VALUES,
     Application,
@@ -24,6 +25,7 @@ from enforcer.application import (
     origin_problem,
 )
 from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, fingerprint
+from enforcer.durations import format_duration
 from enforcer.policy import PolicyError, parse_policy
 from enforcer.snapshot import RootCertificate
 from enforcer.tokens import SigningKey, load_or_create_key
@@ -158,7 +160,7 @@ def _edge(reader: TableReader) -> EdgeCertificate:
 
 
 def _root(reader: TableReader) -> RootCertificate:
-    reader.unknown({"id", "name", "certificate", "associated_hostnames"})
+    reader.unknown({"id", "name", "certificate", "associated_hostnames", *ROOT_CRL_FIELDS})
     name = reader.get("name", str, what="a name for the root")
     certs = _certificates(reader, "certificate")
     roots = [c for c in certs if c.subject == c.issuer]
@@ -175,7 +177,34 @@ def _root(reader: TableReader) -> RootCertificate:
         root=root,
         intermediates=tuple(certs[:-1]),
         associated_hostnames=reader.hostnames("associated_hostnames"),
+        **_root_crl(reader, certs),
     )
+
+
+ROOT_CRL_FIELDS = ("crl", "crl_url", "crl_refresh", "crl_fail_open")
+
+
+def _root_crl(reader: TableReader, certs: list[x509.Certificate]) -> dict[str, object]:
+    """A root's revocation settings; a ``crl`` file must be a CRL of one of ``certs``."""
+    out: dict[str, object] = {}
+    if "crl" in reader.table:
+        path, data = reader.read("crl")
+        try:
+            crl.parse_verified(crl.load_crl(data), certs)
+        except crl.CrlError as exc:
+            raise reader.error("crl", f"{path}: {exc}") from None
+        out["crl_file"] = path
+    if "crl_url" in reader.table:
+        url = reader.get("crl_url", str)
+        if problem := crl.check_url(url):
+            raise reader.error("crl_url", problem)
+        out["crl_url"] = url
+    refresh = reader.duration("crl_refresh", "1h")
+    if refresh < dt.timedelta(seconds=1):
+        raise reader.error("crl_refresh", "use 1s or more (e.g. 1h)")
+    out["crl_refresh"] = format_duration(refresh)
+    out["crl_fail_open"] = reader.get("crl_fail_open", bool, False)
+    return out
 
 
 _COOKIE_FIELDS = {"path", "domain", "secure", "http_only", "same_site"}

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import trio
 from cryptography.hazmat.primitives import serialization
 
+from enforcer import control, crl
 from enforcer.clock import Clock
 from enforcer.config import ConfigError, EnforcerConfig
 from enforcer.control import (
@@ -27,9 +28,9 @@ from enforcer.control import (
     build_snapshot,
     new_signing_key_object,
 )
-from enforcer.durations import format_duration
+from enforcer.durations import format_duration, parse_duration
 from enforcer.managed_ca import create_ca
-from enforcer.snapshot import Snapshot
+from enforcer.snapshot import RootCertificate, Snapshot
 from enforcer.store import Change, Objects, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,14 @@ def seed_changes(config: EnforcerConfig, now: dt.datetime) -> list[Change]:
                     "expires_on": _iso(root.expires_on),
                     "created_at": _iso(now),
                     "updated_at": _iso(now),
+                    "crl_url": root.crl_url,
+                    "crl_refresh": root.crl_refresh,
+                    "crl_fail_open": root.crl_fail_open,
                 },
             )
         )
+        if root.crl_file is not None:
+            changes += _seed_crl(config, root, changes, now)
     for i, app in enumerate(config.applications):
         oid = f"config-{i}-{app.hostname}"
         changes.append(
@@ -129,6 +135,26 @@ def seed_changes(config: EnforcerConfig, now: dt.datetime) -> list[Change]:
     for fp in sorted(config.revoked):
         changes.append(Change("revocation", fp, {"fingerprint": fp}))
     return changes
+
+
+def _seed_crl(
+    config: EnforcerConfig, root: RootCertificate, so_far: list[Change], now: dt.datetime
+) -> tuple[Change, ...]:
+    """The CRL object of a config root's ``crl`` file, checked at ``now``."""
+    assert root.crl_file is not None
+    objects = apply_changes({}, so_far)
+    try:
+        outcome = control.store_crl(
+            objects, config.account_id, root.id, root.crl_file.read_bytes(), now, "file"
+        )
+    except (OSError, control.ApiError) as exc:
+        raise ConfigError(config.path, "roots.crl", f"{root.crl_file}: {exc}") from None
+    return outcome.changes
+
+
+def crl_files(config: EnforcerConfig) -> dict[str, Path]:
+    """Root id -> the CRL file the configuration names (re-read on each refresh)."""
+    return {r.id: r.crl_file for r in config.roots if r.crl_file is not None}
 
 
 def open_state(
@@ -206,3 +232,82 @@ class Controller:
         self.generation, self.objects = self.store.load()
         self._on_snapshot(self.snapshot())
         return True
+
+
+# ---- keeping uploaded roots' CRLs fresh --------------------------------------------------------
+
+
+async def _crl_source(obj: Mapping[str, Any], files: Mapping[str, Path]) -> bytes | None:
+    """The CRL bytes from a root's configured file, else its ``crl_url``; None: no source."""
+    path = files.get(obj["id"])
+    if path is not None:
+        try:
+            return await trio.to_thread.run_sync(_read_bounded, path)
+        except OSError as exc:
+            raise crl.FetchError(f"{path}: cannot read the CRL file: {exc.strerror}") from None
+    url = obj.get("crl_url")
+    if url:
+        return await crl.fetch_crl(url)
+    return None
+
+
+def _read_bounded(path: Path) -> bytes:
+    with path.open("rb") as f:
+        data = f.read(crl.MAX_CRL_BYTES + 1)
+    if len(data) > crl.MAX_CRL_BYTES:
+        raise OSError(0, f"over {crl.MAX_CRL_BYTES} bytes")
+    return data
+
+
+async def refresh_crl(
+    controller: Controller, root_id: str, files: Mapping[str, Path] | None = None
+) -> str | None:
+    """Fetch (or re-read) one root's CRL and put it in force; return the problem, or None.
+
+    A CRL that does not verify, is out of date or older than the one in force is refused and
+    the CRL in force stays; the problem is logged and shown by ``GET .../crl``.
+    """
+    obj = controller.objects.get("root", {}).get(root_id)
+    if obj is None:
+        return f"no root {root_id}"
+    problem: str | None = None
+    try:
+        data = await _crl_source(obj, files or {})
+        if data is None:
+            return None
+        await controller.write(
+            lambda objects, now: control.store_crl(
+                objects, obj["account"], root_id, data, now, obj.get("crl_url") or "file"
+            )
+        )
+    except crl.CrlError as exc:
+        problem = str(exc)
+    except control.ApiError as exc:
+        problem = exc.message
+    if problem:
+        log.warning("root %s: CRL not updated: %s", root_id, problem)
+    await controller.write(
+        lambda objects, now: control.record_fetch_error(objects, root_id, problem, now)
+    )
+    return problem
+
+
+async def keep_crls_fresh(
+    controller: Controller, files: Mapping[str, Path] | None = None, *, tick: float = 1.0
+) -> None:
+    """Refresh each root's CRL every ``crl_refresh`` (first at start) until cancelled.
+
+    Run in one process only: with several workers the first one fetches and the state store
+    carries the CRL to the others (they reload on its commit).
+    """
+    due: dict[str, float] = {}
+    while True:
+        for root_id, obj in list(controller.objects.get("root", {}).items()):
+            if not obj.get("crl_url") and root_id not in (files or {}):
+                continue
+            if trio.current_time() < due.get(root_id, 0.0):
+                continue
+            refresh = parse_duration(obj.get("crl_refresh") or control.DEFAULT_CRL_REFRESH)
+            due[root_id] = trio.current_time() + refresh.total_seconds()
+            await refresh_crl(controller, root_id, files)
+        await trio.sleep(tick)

@@ -37,6 +37,7 @@ from cryptography import x509
 
 from enforcer.application import Application
 from enforcer.chain import CertificateFacts, ChainResult, ValidationCache, validate_chain
+from enforcer.crl import Verdict as RevocationVerdict
 from enforcer.policy import Decision, RequestFacts, first_match
 from enforcer.reasons import Reason
 from enforcer.snapshot import Snapshot
@@ -121,13 +122,33 @@ def check_chain(
         key = cache.key(trust, chain)
         hit = cache.lookup(key, snapshot.revoked, now)
         if hit is not None:
-            return hit
+            return _with_revocation(hit, snapshot, now)
     result = validate_chain(
         chain[0], chain[1:], trust, snapshot.known_intermediates, snapshot.revoked, now
     )
     if cache is not None:
         cache.store(key, result)
-    return result
+    return _with_revocation(result, snapshot, now)
+
+
+def _revocation(
+    facts: CertificateFacts, snapshot: Snapshot, now: dt.datetime
+) -> RevocationVerdict | None:
+    """What the CRLs and revocations by serial say about a validated chain (none: None)."""
+    if not snapshot.revocation:
+        return None  # no CRL and no serial revoked anywhere: nothing to look up
+    return snapshot.revocation.check(facts.issued_by, facts.root_sha256, facts.serial, now)
+
+
+def _with_revocation(result: ChainResult, snapshot: Snapshot, now: dt.datetime) -> ChainResult:
+    # Applied after the validation cache, never stored in it: a CRL can change (or go past its
+    # nextUpdate) while the chain itself stays valid.
+    if result.facts is None:
+        return result
+    verdict = _revocation(result.facts, snapshot, now)
+    if verdict is None or verdict.admitted:
+        return result
+    return ChainResult(None, verdict.reason, verdict.detail)
 
 
 def still_valid(result: ChainResult, snapshot: Snapshot, now: dt.datetime) -> bool:
@@ -137,6 +158,7 @@ def still_valid(result: ChainResult, snapshot: Snapshot, now: dt.datetime) -> bo
         facts is not None
         and facts.chain_valid_from <= now <= facts.chain_valid_until
         and facts.sha256 not in snapshot.revoked
+        and ((verdict := _revocation(facts, snapshot, now)) is None or verdict.admitted)
     )
 
 
@@ -145,15 +167,23 @@ def token_refusal(
     app: Application,
     snapshot: Snapshot,
     facts: CertificateFacts | None,
+    now: dt.datetime | None = None,
 ) -> str | None:
     """Say why a token whose signature and times hold may not admit this request, or None.
 
-    Run on every use of a token, memoised or not: two set or dict lookups, no decoding.
+    Run on every use of a token, memoised or not: a few set or dict lookups, no decoding.
     """
     cnf = claims.get("cnf")
     minted_for = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
     if minted_for is not None and minted_for in snapshot.revoked_x5t:
         return "the certificate it was minted for is revoked"
+    if snapshot.revocation and now is not None:
+        # A token names its certificate's serial but not its issuer: it is refused when the
+        # serial is revoked under any root associated with the application's hostname (the
+        # roots its certificate was validated against), see enforcer/crl.py.
+        refused = snapshot.revocation.token_refusal(app.hostname, claims.get("serial_number"), now)
+        if refused is not None:
+            return refused
     cutoff = snapshot.session_cutoffs.get(app.hostname)
     if cutoff is not None:
         iat = claims.get("iat")
@@ -219,6 +249,12 @@ def decide(
         assert chain.reason is not None
         return deny(chain.reason, chain.detail, notes)
     facts = chain.facts if chain is not None else None
+    admitted_detail = ""  # for the access log of an admitted request
+    if facts is not None and (verdict := _revocation(facts, snapshot, now)) is not None:
+        # Only an admitting verdict gets here (check_chain turned the others into denials):
+        # a CRL past its nextUpdate under a root that fails open. The log says so.
+        notes.append(verdict.reason)
+        admitted_detail = verdict.detail
 
     if request.token is not None:
         if app.no_duration:
@@ -235,7 +271,7 @@ def decide(
             )
             refused = None
             if checked.status is TokenStatus.VALID:
-                refused = token_refusal(checked.claims or {}, app, snapshot, facts)
+                refused = token_refusal(checked.claims or {}, app, snapshot, facts, now)
             if checked.status is TokenStatus.EXPIRED:
                 notes.append(Reason.TOKEN_EXPIRED)
                 token_detail = checked.detail
@@ -245,6 +281,7 @@ def decide(
             else:
                 return AccessDecision(
                     200,
+                    detail=admitted_detail,
                     notes=tuple(notes),
                     application=app,
                     admitted_by=AdmittedBy.TOKEN,
@@ -268,6 +305,7 @@ def decide(
     if policy.decision is Decision.BYPASS:
         return AccessDecision(
             200,
+            detail=admitted_detail,
             notes=tuple(notes),
             application=app,
             policy=policy.name,
@@ -295,6 +333,7 @@ def decide(
     token = mint(snapshot.keyring, claims)
     return AccessDecision(
         200,
+        detail=admitted_detail,
         notes=tuple(notes),
         application=app,
         policy=policy.name,

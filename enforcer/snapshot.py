@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from cryptography import x509
 
@@ -29,6 +30,11 @@ class RootCertificate:
     root: x509.Certificate
     intermediates: tuple[x509.Certificate, ...]
     associated_hostnames: tuple[str, ...]
+    # Revocation settings (config ``[[roots]]``; the admin API keeps them on the stored root).
+    crl_file: Path | None = None
+    crl_url: str | None = None
+    crl_refresh: str = "1h"
+    crl_fail_open: bool = False
 
     @property
     def fingerprint(self) -> str:

@@ -16,7 +16,7 @@ from enforcer.accesslog import AccessLog, keep_access_log
 from enforcer.admin import serve_admin
 from enforcer.clock import WallClock
 from enforcer.config import ConfigError, EnforcerConfig, load_config
-from enforcer.controller import open_state
+from enforcer.controller import crl_files, keep_crls_fresh, open_state
 from enforcer.server import Enforcer, open_listener, serve
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ async def serve_config(
     reuse_port: bool = False,
     follow_store: bool = False,
     with_admin: bool = True,
+    refresh_crls: bool = True,
     on_listening: Callable[[int, int | None], None] | None = None,
     also: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> None:
@@ -60,6 +61,9 @@ async def serve_config(
         nursery.start_soon(serve, enforcer, listener)
         if admin_listener is not None and config.admin is not None:
             nursery.start_soon(serve_admin, enforcer.controller, config.admin, admin_listener)
+        if refresh_crls:
+            # One process fetches CRLs; the state store carries them to the other workers.
+            nursery.start_soon(keep_crls_fresh, enforcer.controller, crl_files(config))
         for task in also:
             nursery.start_soon(task)
 
@@ -76,6 +80,7 @@ def _worker(config_path: str, host: str, port: int, index: int) -> None:
             reuse_port=True,
             follow_store=True,
             with_admin=index == 0,
+            refresh_crls=index == 0,
         )
     )
 
