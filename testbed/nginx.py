@@ -192,7 +192,7 @@ async def start_nginx_servers(
     if NGINX is None:
         raise RuntimeError("nginx is not installed: install it (apt-get install nginx)")
     port = free_port()
-    status_port = free_port() if reloadable else None
+    status_port = _other_port(port) if reloadable else None
     folder.mkdir(parents=True, exist_ok=True)
     if status_port is not None:
         _write_generation(folder, status_port, 1)
@@ -221,6 +221,16 @@ async def start_nginx_servers(
         said = log.read_text(errors="replace").strip() if log.exists() else ""
         raise RuntimeError(f"{exc}: {said}" if said else str(exc)) from None
     return proc, port
+
+
+def _other_port(taken: int) -> int:
+    """A free port on 127.0.0.1 other than ``taken`` (the status server's)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port != taken:
+            return port
 
 
 def _write_generation(folder: Path, status_port: int, generation: int) -> None:

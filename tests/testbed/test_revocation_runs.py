@@ -246,3 +246,25 @@ def test_nginx_takes_a_revoked_cohort_and_revoke_events(tmp_path: Path) -> None:
     path.write_text(SCENARIO.format(name="nginx", kind="nginx", refused="http_400"))
     scenario = load_scenario(path)
     assert [e.action for e in scenario.events] == ["revoke"]
+
+
+def test_crls_outlive_a_virtual_run_and_its_clock_advances(tmp_path: Path) -> None:
+    # A CRL past its nextUpdate refuses every device (revocation_unknown): the run's CRLs must
+    # stay current through virtual time and the enforcer clock's jumps.
+    path = tmp_path / "virtual.toml"
+    path.write_text(
+        SCENARIO.format(name="virtual", kind="embedded", refused="denied:revoked")
+        .replace('clock = "real"', 'clock = "virtual"')
+        .replace('duration = "3s"', 'duration = "3h"')
+        .replace('arrival = "constant"\nrate = 20', 'arrival = "active"\ndevices = 8')
+        .replace('at = "1.5s"', 'at = "1h"')
+        + '\n[[events]]\nat = "2h"\naction = "advance_clock"\nvalue = "720h"\n'
+    )
+    quiet = Console(file=io.StringIO())
+    outcome = run_scenario(load_scenario(path), tmp_path / "r", console=quiet, progress=False)
+    assert outcome.exit_code == 0, outcome.thresholds
+    rows = attempts(outcome.run_dir)
+    assert {a[3] for a in rows} == {"allowed", "denied:revoked"}
+    assert len(refused_after_the_event(outcome.run_dir, "denied:revoked")) == 3
+    # Healthy devices are still admitted after the clock moved 30 days on.
+    assert any(a[3] == "allowed" and a[2] > 2 * 3600 for a in rows)
