@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -184,9 +185,9 @@ def _root(reader: TableReader) -> RootCertificate:
 ROOT_CRL_FIELDS = ("crl", "crl_url", "crl_refresh", "crl_fail_open")
 
 
-def _root_crl(reader: TableReader, certs: list[x509.Certificate]) -> dict[str, object]:
+def _root_crl(reader: TableReader, certs: list[x509.Certificate]) -> dict[str, Any]:
     """A root's revocation settings; a ``crl`` file must be a CRL of one of ``certs``."""
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     if "crl" in reader.table:
         path, data = reader.read("crl")
         try:

@@ -818,10 +818,12 @@ def _crl_settings_of(body: Body) -> dict[str, Any]:
 
 
 def _root_certificates(obj: Mapping[str, Any]) -> list[x509.Certificate]:
-    return list(_parse_cached(obj["certificate"], _all_certificates))
+    # A key of its own: the same PEM is cached as _pem_chain's (root, intermediates) too.
+    return list(_parse_cached("all-certificates:" + obj["certificate"], _all_certificates))
 
 
-def _all_certificates(pem: str) -> tuple[x509.Certificate, ...]:
+def _all_certificates(key: str) -> tuple[x509.Certificate, ...]:
+    pem = key.removeprefix("all-certificates:")
     return tuple(x509.load_pem_x509_certificates(pem.encode()))
 
 

@@ -237,17 +237,19 @@ class Controller:
 # ---- keeping uploaded roots' CRLs fresh --------------------------------------------------------
 
 
-async def _crl_source(obj: Mapping[str, Any], files: Mapping[str, Path]) -> bytes | None:
-    """The CRL bytes from a root's configured file, else its ``crl_url``; None: no source."""
+async def _crl_source(
+    obj: Mapping[str, Any], files: Mapping[str, Path]
+) -> tuple[bytes, str] | None:
+    """The CRL bytes (and where from) of a root's config file, else its ``crl_url``."""
     path = files.get(obj["id"])
     if path is not None:
         try:
-            return await trio.to_thread.run_sync(_read_bounded, path)
+            return await trio.to_thread.run_sync(_read_bounded, path), str(path)
         except OSError as exc:
             raise crl.FetchError(f"{path}: cannot read the CRL file: {exc.strerror}") from None
     url = obj.get("crl_url")
     if url:
-        return await crl.fetch_crl(url)
+        return await crl.fetch_crl(url), url
     return None
 
 
@@ -272,12 +274,13 @@ async def refresh_crl(
         return f"no root {root_id}"
     problem: str | None = None
     try:
-        data = await _crl_source(obj, files or {})
-        if data is None:
+        found = await _crl_source(obj, files or {})
+        if found is None:
             return None
+        data, source = found
         await controller.write(
             lambda objects, now: control.store_crl(
-                objects, obj["account"], root_id, data, now, obj.get("crl_url") or "file"
+                objects, obj["account"], root_id, data, now, source
             )
         )
     except crl.CrlError as exc:

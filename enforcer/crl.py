@@ -39,6 +39,8 @@ from enforcer.reasons import Reason
 
 MAX_CRL_BYTES = 10 * 1024 * 1024
 FETCH_TIMEOUT = 30.0
+# A CRL made a moment ago by a CA whose clock runs a little ahead is not "from the future".
+CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 class CrlError(ValueError):
@@ -138,10 +140,10 @@ def _verifies(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bo
 def verify_crl(data: bytes, certs: Sequence[x509.Certificate], now: dt.datetime) -> VerifiedCrl:
     """Parse ``data`` and check issuer, signature and dates at ``now``; raise CrlError if unfit."""
     verified = parse_verified(load_crl(data), certs)
-    if verified.this_update > now:
+    if verified.this_update > now + CLOCK_SKEW:
         raise CrlError(
             f"the CRL's thisUpdate {verified.this_update.isoformat()} is in the future "
-            f"(now {now.isoformat()}): check the issuer's clock"
+            f"(now {now.isoformat()}, {CLOCK_SKEW} of clock skew allowed): check the issuer's clock"
         )
     if verified.next_update is not None and verified.next_update < now:
         raise CrlError(
@@ -289,6 +291,7 @@ def _fetch_blocking(url: str, max_bytes: int, timeout: float) -> bytes:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data: bytes = response.read(max_bytes + 1)
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response's socket
         raise FetchError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise FetchError(f"{url}: {getattr(exc, 'reason', exc)}") from None

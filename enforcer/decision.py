@@ -10,7 +10,10 @@ Order of the checks (SPEC A2-A9):
 2. The hostname needs an application, else 404 ``no_application``.
 3. A presented certificate that fails validation denies the request with its reason, whatever
    tokens or policies say: we fail closed, so nothing is ever admitted on a connection that
-   carries an expired, revoked or untrusted certificate.
+   carries an expired, revoked or untrusted certificate. Revoked includes a serial listed in
+   a CRL of its issuer or revoked by serial under its root (enforcer/crl.py); a CRL past its
+   nextUpdate denies ``revocation_unknown``, or, under a root that fails open, admits with
+   that note.
 4. A valid token for this application admits while the session duration is above zero; a bad
    one is noted (``token_invalid`` / ``token_expired``) and the certificate path decides.
    Valid means, beyond its signature and times (:func:`enforcer.tokens.check`): the

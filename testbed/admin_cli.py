@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import urllib.error
@@ -133,6 +134,57 @@ def add_admin_parser(enforcer_sub: argparse._SubParsersAction) -> None:  # type:
         default=[],
         help="an associated hostname (repeat; none clears)",
     )
+
+    rc = roots.add_parser(
+        "crl",
+        help="a root's CRL: upload one (--file), show it (--show), or set how it is fetched",
+        description="Upload a CRL (PEM or DER) issued by the root or one of its uploaded "
+        "intermediates, show the CRL in force, or set the root's CRL URL, refresh period and "
+        "fail-open choice. A CRL past its nextUpdate denies (revocation_unknown) unless the "
+        "root fails open.",
+    )
+    rc.add_argument("id")
+    what = rc.add_mutually_exclusive_group()
+    what.add_argument("--file", type=Path, help="a CRL file, PEM or DER")
+    what.add_argument("--show", action="store_true", help="show the CRL in force (default)")
+    # dest names of their own: the admin parser's --url (the API's) must not be overwritten.
+    rc.add_argument(
+        "--url", dest="crl_url", help="fetch the CRL from this http:// URL ('' stops fetching)"
+    )
+    rc.add_argument(
+        "--refresh", dest="crl_refresh", help="how often to fetch it (a duration such as 1h)"
+    )
+    fail = rc.add_mutually_exclusive_group()
+    fail.add_argument(
+        "--fail-open",
+        dest="fail_open",
+        action="store_const",
+        const=True,
+        help="admit (with a note) when the CRL is past its nextUpdate",
+    )
+    fail.add_argument(
+        "--fail-closed",
+        dest="fail_open",
+        action="store_const",
+        const=False,
+        help="deny revocation_unknown when the CRL is past its nextUpdate (the default)",
+    )
+
+    revs = sub.add_parser(
+        "revocations", help="revoke certificates by serial (under a root) or SHA-256"
+    ).add_subparsers(dest="op", required=True)
+    revs.add_parser("list")
+    radd = revs.add_parser(
+        "add",
+        help="revoke: --root ID --serial HEX, or --sha256 HEX",
+        description="Revoke a certificate issued under an uploaded root by its serial number "
+        "(--root and --serial), or any certificate by its SHA-256 fingerprint (--sha256). "
+        "It is denied 'revoked' at once, and its tokens stop admitting.",
+    )
+    radd.add_argument("--root", help="the uploaded root's id (see `roots list`)")
+    radd.add_argument("--serial", help="the certificate's serial number, hex")
+    radd.add_argument("--sha256", help="the certificate's SHA-256 fingerprint, hex")
+    revs.add_parser("delete", help="lift a revocation").add_argument("id")
 
     apps = sub.add_parser("apps", help="applications").add_subparsers(dest="op", required=True)
     apps.add_parser("list")
@@ -379,7 +431,7 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
         return result, lambda con: con.print(
             f"account {c.account}: mTLS {'enabled' if result['enabled'] else 'not enabled'}"
         )
-    if cmd == "roots":
+    if cmd == "roots" and op != "crl":
         if op == "list":
             rows = c.call("GET", A("/certificates"))
             return rows, lambda con: con.print(_table("mTLS certificates", rows, root_cols))
@@ -401,6 +453,10 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
         return obj, show_one(
             {k: v for k, v in obj.items() if k != "certificate"}, "mTLS certificate"
         )
+    if cmd == "roots" and op == "crl":
+        return _root_crl(args, c)
+    if cmd == "revocations":
+        return _revocations(args, c)
     if cmd == "apps":
         if op == "list":
             rows = c.call("GET", A("/apps"))
@@ -509,3 +565,56 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
             _table("signing keys", obj["keys"], ["kid", "created_at", "accepted_until"])
         )
     raise AdminError(f"unknown admin command {cmd}")
+
+
+def _root_crl(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[Console], None]]:
+    """``roots crl``: set the fetch settings, upload a CRL, then show the CRL in force."""
+    path = c.account_path(f"/certificates/{args.id}")
+    settings: dict[str, Any] = {}
+    if args.crl_url is not None:
+        settings["crl_url"] = args.crl_url or None
+    if args.crl_refresh is not None:
+        settings["crl_refresh"] = args.crl_refresh
+    if args.fail_open is not None:
+        settings["crl_fail_open"] = args.fail_open
+    if settings:
+        c.call("PUT", path, settings)
+    if args.file is not None:
+        data = args.file.read_bytes()
+        body = (
+            {"crl": data.decode("ascii", "replace")}
+            if data.lstrip().startswith(b"-----BEGIN")
+            else {"crl_der_base64": base64.b64encode(data).decode()}
+        )
+        obj = c.call("PUT", path + "/crl", body)
+    elif settings and not args.show:
+        obj = {k: v for k, v in c.call("GET", path).items() if k.startswith("crl_")}
+        return obj, _fields(obj, f"CRL settings of {args.id}")
+    else:
+        obj = c.call("GET", path + "/crl")
+    return obj, _fields({k: v for k, v in obj.items() if k != "crl"}, f"CRL of {args.id}")
+
+
+def _revocations(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[Console], None]]:
+    """``revocations list | add | delete``."""
+    path = c.account_path("/revocations")
+    cols = ["id", "type", "certificate_id", "serial_number", "fingerprint_sha256", "created_at"]
+    if args.op == "list":
+        rows = c.call("GET", path)
+        return rows, lambda con: con.print(_table("revocations", rows, cols))
+    if args.op == "delete":
+        obj = c.call("DELETE", f"{path}/{args.id}")
+        return obj, _fields(obj, "revocation lifted")
+    if args.sha256 and not (args.root or args.serial):
+        body: dict[str, Any] = {"fingerprint_sha256": args.sha256}
+    elif args.root and args.serial and not args.sha256:
+        body = {"certificate_id": args.root, "serial_number": args.serial}
+    else:
+        raise AdminError("revocations add: give --root ID --serial HEX, or --sha256 HEX")
+    obj = c.call("POST", path, body)
+    return obj, _fields(obj, "revoked")
+
+
+def _fields(obj: dict[str, Any], title: str) -> Callable[[Console], None]:
+    rows = [{"field": k, "value": _cell(v)} for k, v in obj.items()]
+    return lambda con: con.print(_table(title, rows, ["field", "value"]))
