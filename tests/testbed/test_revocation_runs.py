@@ -24,6 +24,7 @@ from devices.provision import Cohort, FleetKeysMissing, fleet_cas, fleet_crls, p
 from testbed.nginx import NGINX
 from testbed.runner import RunOutcome, run_scenario
 from testbed.scenario import ScenarioError, load_scenario
+from tests.testbed.test_run import run_cli
 
 SCENARIO = """
 name = "{name}"
@@ -268,3 +269,22 @@ def test_crls_outlive_a_virtual_run_and_its_clock_advances(tmp_path: Path) -> No
     assert len(refused_after_the_event(outcome.run_dir, "denied:revoked")) == 3
     # Healthy devices are still admitted after the clock moved 30 days on.
     assert any(a[3] == "allowed" and a[2] > 2 * 3600 for a in rows)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")
+def test_load_against_nginx_refuses_a_fleets_revoked_devices(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet"
+    provision(
+        fleet,
+        [Cohort("healthy", 4), Cohort("revoked", 2, "revoked")],
+        dt.datetime.now(dt.UTC),
+        p12=False,
+        workers=1,
+    )
+    result = run_cli(
+        *("load", "--fleet", str(fleet), "--reports", str(tmp_path / "r"), "--no-progress"),
+        *("--target", "nginx", "--rate", "10", "--duration", "2s"),
+    )
+    run_dir = next((tmp_path / "r").glob("load-*"))
+    outcomes = {(a[1], a[3]) for a in attempts(run_dir)}
+    assert outcomes == {("healthy", "allowed"), ("revoked", "http_400")}, result.stderr
