@@ -596,6 +596,9 @@ class Run:
 
     async def _revoke(self, event: Event) -> str:
         """Revoke a share of a cohort: new CRLs, put in force on the target this run started."""
+        # CRLs rather than revocations by serial through the admin API: they are what the
+        # fleet's operator publishes, and nginx can take nothing else, so both targets judge
+        # the very same file (and the enforcer's CRL checks: issuer, signature, dates, replay).
         members = [d for d in self.members if d.cohort == event.cohort]
         chosen = self.events_rng.sample(members, max(1, round(len(members) * event.share)))
         assert self.crls is not None
