@@ -278,6 +278,11 @@ async def refresh_crl(
         if found is None:
             return None
         data, source = found
+        refused = await trio.to_thread.run_sync(
+            control.warm_crl, controller.objects, obj["account"], root_id, data
+        )
+        if refused is not None:
+            raise refused
         await controller.write(
             lambda objects, now: control.store_crl(
                 objects, obj["account"], root_id, data, now, source

@@ -139,7 +139,11 @@ def _verifies(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bo
 
 def verify_crl(data: bytes, certs: Sequence[x509.Certificate], now: dt.datetime) -> VerifiedCrl:
     """Parse ``data`` and check issuer, signature and dates at ``now``; raise CrlError if unfit."""
-    verified = parse_verified(load_crl(data), certs)
+    return check_dates(parse_verified(load_crl(data), certs), now)
+
+
+def check_dates(verified: VerifiedCrl, now: dt.datetime) -> VerifiedCrl:
+    """Check that a verified CRL is current at ``now`` (not from the future, not expired)."""
     if verified.this_update > now + CLOCK_SKEW:
         raise CrlError(
             f"the CRL's thisUpdate {verified.this_update.isoformat()} is in the future "
