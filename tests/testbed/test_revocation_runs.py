@@ -288,3 +288,26 @@ def test_load_against_nginx_refuses_a_fleets_revoked_devices(tmp_path: Path) -> 
     run_dir = next((tmp_path / "r").glob("load-*"))
     outcomes = {(a[1], a[3]) for a in attempts(run_dir)}
     assert outcomes == {("healthy", "allowed"), ("revoked", "http_400")}, result.stderr
+
+
+def test_a_fleet_without_ca_keys_is_revoked_by_fingerprint(tmp_path: Path) -> None:
+    # A fleet provisioned before CA keys were kept (`testbed load --fleet OLD`) has no CRL:
+    # the enforcer's configuration lists its revoked devices' fingerprints instead.
+    import shutil
+
+    from enforcer.config import load_config
+    from testbed.pkis import open_fleet
+    from testbed.runner import write_enforcer_config
+
+    now = dt.datetime.now(dt.UTC)
+    folder = tmp_path / "fleet"
+    provision(folder, [Cohort("ok", 1), Cohort("gone", 1, "revoked")], now, p12=False, workers=1)
+    shutil.rmtree(folder / "ca-keys")
+    fleet, first = open_fleet(folder)
+    path = tmp_path / "s.toml"
+    path.write_text(SCENARIO.format(name="old", kind="embedded", refused="denied:revoked"))
+    config = load_config(
+        write_enforcer_config(load_scenario(path), tmp_path / "run", fleet, "http://x.test", now)
+    )
+    assert config.revoked == {first["gone"].sha256}
+    assert all(r.crl_file is None for r in config.roots)
