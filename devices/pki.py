@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -200,3 +200,39 @@ def leaf_extensions(
         (x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False),
     ]
     return [x509.Extension(value.oid, critical, value) for value, critical in values]
+
+
+def issue_crl(
+    issuer: Issued,
+    serials: Iterable[int],
+    *,
+    this_update: dt.datetime,
+    next_update: dt.datetime,
+    number: int = 1,
+) -> x509.CertificateRevocationList:
+    """Issue a CRL signed by ``issuer`` that lists ``serials`` (none: an empty CRL)."""
+    if next_update <= this_update:
+        raise ValueError(
+            f"next_update {next_update.isoformat()} is not after this_update"
+            f" {this_update.isoformat()}: a CRL must say until when it is current"
+        )
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.certificate.subject)
+        .last_update(this_update)
+        .next_update(next_update)
+        # RFC 5280 5.2: conforming CRL issuers include the CRL number and the AKI.
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
+    )
+    for serial in sorted(set(serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(this_update)
+            .build()
+        )
+    return builder.sign(issuer.key, _hash_for(issuer.key))

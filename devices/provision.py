@@ -25,6 +25,9 @@ Layout of ``DIR``::
                                 operator uploads to the enforcer as the fleet's root
     ca/foreign-root.pem         only with a foreign-ca cohort: a root the target must not trust
     ca/known-intermediates.pem  only with a missing-intermediate cohort: see below
+    ca-keys/<name>.pem          the private key of ca/<name>.pem (root, intermediates), PKCS#8
+                                PEM, mode 0600 in a 0700 folder: the fleet's operator signs CRLs
+                                with them (:func:`fleet_crls`)
     devices/<id>/cert.pem       the leaf, then its intermediates deepest first (leaf alone for
                                 missing-intermediate and self-signed)
     devices/<id>/key.pem        the private key, PKCS#8 PEM, unencrypted, mode 0600
@@ -51,7 +54,8 @@ policy is **Valid Certificate**:
   ``allowed``; under a Common Name policy matching the fleet's ids they are
   ``denied:policy_denied`` (see :func:`expected_outcome`).
 * ``revoked`` devices hold a valid certificate; ``denied:revoked`` assumes the operator has
-  revoked every ``defect = 'revoked'`` row by its ``sha256`` (until then they are admitted).
+  revoked every ``defect = 'revoked'`` row: by its ``serial`` in a CRL of the fleet's issuing CA
+  (:func:`fleet_crls`), or by its ``sha256`` (until then they are admitted).
 * ``missing-intermediate`` devices are issued by a second intermediate (a sibling of the
   fleet's, also under the root) that is neither in their cert.pem nor in ``upload.pem``. It is
   in ``known-intermediates.pem``: ``denied:missing_intermediate`` assumes the enforcer knows it
@@ -94,6 +98,7 @@ from devices.pki import (
     PrivateKey,
     generate_key,
     issue_ca,
+    issue_crl,
     leaf_extensions,
     signature_hash,
     write_pem,
@@ -559,6 +564,12 @@ def _make_cas(
             ca_dir / ("intermediate.pem" if k == 1 else f"intermediate-{k}.pem"), inter.cert_pem()
         )
     write_pem(ca_dir / "upload.pem", *(c.cert_pem() for c in reversed(chain)))
+    # The CA keys stay with the fleet (apart from the public ca/ folder) so that its operator
+    # can publish CRLs for it later: a run revokes devices mid-way with them.
+    keys_dir = out / "ca-keys"
+    keys_dir.mkdir(mode=0o700)
+    for ca_name, issued in zip(_chain_names(intermediates), chain, strict=True):
+        _write(keys_dir / ca_name, issued.key_pem(), 0o600)
     cas = {"fleet": _CA.of(chain[-1], list(reversed(chain[:-1])))}
     defects = {c.defect for c in cohorts if c.size}
     if "missing-intermediate" in defects:
@@ -584,6 +595,16 @@ def _make_cas(
         write_pem(ca_dir / "foreign-root.pem", foreign_root.cert_pem())
         cas["foreign"] = _CA.of(foreign, [])
     return cas, root.certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def _chain_names(intermediates: int) -> list[str]:
+    """The file names of a fleet's CA chain in ``ca/`` (and ``ca-keys/``), root first."""
+    names = ["root.pem"]
+    names += [
+        "intermediate.pem" if k == 1 else f"intermediate-{k}.pem"
+        for k in range(1, intermediates + 1)
+    ]
+    return names
 
 
 def _write_inventory(path: Path, rows: list[Row], facts: dict[str, str]) -> None:
@@ -748,6 +769,61 @@ def _replace(partial: Path, out: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     out.chmod(0o777 & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Revocation: CRLs signed with the fleet's own CA keys
+
+
+class FleetKeysMissing(ValueError):
+    """A fleet folder has no CA keys (``ca-keys/``), so no CRL can be signed for it."""
+
+
+def fleet_cas(root: Path) -> list[Issued]:
+    """Load the fleet's CA chain with its keys from ``root``: root first, devices' issuer last."""
+    chain: list[Issued] = []
+    for name in _chain_names(MAX_INTERMEDIATES):
+        cert_path, key_path = root / "ca" / name, root / "ca-keys" / name
+        if not cert_path.exists():
+            break
+        if not key_path.exists():
+            raise FleetKeysMissing(
+                f"{key_path} is missing: {root} was provisioned without its CA keys, so no CRL"
+                " can be signed for it; provision the fleet again"
+            )
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        chain.append(Issued(cert, _load_key(key_path.read_bytes())))
+    if not chain:
+        raise FleetKeysMissing(f"{root / 'ca' / 'root.pem'} is missing: {root} is not a fleet")
+    return chain
+
+
+def fleet_crls(
+    root: Path,
+    serials: Iterable[int],
+    now: dt.datetime,
+    *,
+    next_update: dt.datetime,
+    number: int = 1,
+) -> list[x509.CertificateRevocationList]:
+    """Issue a CRL per CA of the fleet's chain, root first; the issuing CA's lists ``serials``.
+
+    The issuing CA's CRL is the one that revokes devices. The others are empty, for verifiers
+    that check every certificate of the path (OpenSSL's ``X509_V_FLAG_CRL_CHECK_ALL``, as
+    nginx's ``ssl_crl`` sets): they refuse a chain when any CA in it has no CRL.
+    """
+    chain = fleet_cas(root)
+    wanted = list(serials)
+    return [
+        issue_crl(
+            ca,
+            wanted if ca is chain[-1] else (),
+            this_update=now,
+            next_update=next_update,
+            number=number,
+        )
+        for ca in chain
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

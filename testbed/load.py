@@ -50,6 +50,7 @@ from testbed.runner import (
     reraise_first,
     run_dir_for,
     run_meta,
+    start_crls,
     write_edge,
     write_enforcer_config,
 )
@@ -407,6 +408,8 @@ async def _supervise(
                     key=run_dir / "edge" / "key.pem",
                     client_ca=fleet.client_ca(run_dir / "edge" / "client-ca.pem"),
                     server_name=host,
+                    # The run's CRLs, as `testbed run` gives nginx: revoked devices are refused.
+                    crl=start_crls(scenario, run_dir, fleet, now).chain,
                 )
             except (RuntimeError, trio.TooSlowError) as exc:
                 raise LoadError(f"--target nginx: nginx did not start: {exc}") from None

@@ -1,9 +1,19 @@
 """nginx on loopback: a generated config (ssl_verify_client optional + a $ssl_client_verify
-check), started and stopped by a test or a run."""
+check), started, reloaded and stopped by a test or a run.
+
+With a CRL file (``ssl_crl``), nginx checks revocation for every certificate of the client's
+path (it sets OpenSSL's ``X509_V_FLAG_CRL_CHECK_ALL``): the file must hold a CRL for the root
+and for each intermediate, not only for the devices' issuer, or every chain is refused. A new
+CRL takes effect at :func:`reload_nginx`, which waits until nginx has re-read its files: a
+plain-HTTP status server on another loopback port answers the configuration's generation.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -16,8 +26,8 @@ NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").e
 CONFIG_HEAD = """
 worker_processes 1;
 daemon off;
-master_process off;
-pid {dir}/nginx.pid;
+master_process {master};
+{user}pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
@@ -38,11 +48,24 @@ def free_port() -> int:
 
 
 async def start_nginx(
-    folder: Path, *, cert: Path, key: Path, client_ca: Path, server_name: str
+    folder: Path,
+    *,
+    cert: Path,
+    key: Path,
+    client_ca: Path,
+    server_name: str,
+    crl: Path | None = None,
+    reloadable: bool = False,
 ) -> tuple[trio.Process, int]:
     """Start nginx with ``ssl_verify_client optional`` and a ``$ssl_client_verify`` check."""
     return await start_nginx_servers(
-        folder, cert=cert, key=key, client_cas={server_name: client_ca}, depth=3
+        folder,
+        cert=cert,
+        key=key,
+        client_cas={server_name: client_ca},
+        depth=3,
+        crl=crl,
+        reloadable=reloadable,
     )
 
 
@@ -86,6 +109,19 @@ VERIFY = """        ssl_client_certificate {client_ca};
         ssl_verify_client optional;
         ssl_verify_depth {depth};"""
 
+CRL = """
+        ssl_crl {crl};"""
+
+# Answers the configuration's generation, so that a reload can be seen to have happened.
+STATUS_SERVER = """
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            include {dir}/generation.conf;
+        }}
+    }}
+"""
+
 CHECKED_BODY = """            if ($ssl_client_verify != SUCCESS) {
                 add_header X-Access-Denied-Reason no_certificate always;
                 return 403 "client certificate: $ssl_client_verify\\n";
@@ -104,22 +140,38 @@ def render_servers(
     key: Path,
     client_cas: dict[str, Path | None],
     depth: int = 5,
+    crl: Path | None = None,
+    status_port: int | None = None,
 ) -> str:
     """An nginx configuration with one server per hostname (``None``: served, no application).
 
     A hostname with a CA file checks client certificates against it (``ssl_verify_client
-    optional`` and a ``$ssl_client_verify`` check); one without answers 404.
+    optional`` and a ``$ssl_client_verify`` check), and against ``crl`` when given (a CRL for
+    every CA of the path); one without answers 404. ``status_port``: a plain-HTTP server there
+    answers the generation in ``generation.conf`` (see :func:`reload_nginx`).
     """
     blocks = []
+    if status_port is not None:
+        blocks.append(STATUS_SERVER.format(port=status_port, dir=folder))
     for name, client_ca in client_cas.items():
         verify = VERIFY.format(client_ca=client_ca, depth=depth) if client_ca else ""
+        if client_ca and crl is not None:
+            verify += CRL.format(crl=crl)
         body = CHECKED_BODY if client_ca else NO_APPLICATION_BODY
         blocks.append(
             SERVER_BLOCK.format(
                 port=port, server_name=name, cert=cert, key=key, verify=verify, body=body
             )
         )
-    return CONFIG_HEAD.format(dir=folder) + "".join(blocks) + "}\n"
+    # Only a master process reloads: nginx without one (the simpler default) stops accepting
+    # connections after a SIGHUP. Its worker runs as root when we do, as the single process did.
+    reloadable = status_port is not None
+    head = CONFIG_HEAD.format(
+        dir=folder,
+        master="on" if reloadable else "off",
+        user="user root;\n" if reloadable and os.geteuid() == 0 else "",
+    )
+    return head + "".join(blocks) + "}\n"
 
 
 async def start_nginx_servers(
@@ -129,15 +181,33 @@ async def start_nginx_servers(
     key: Path,
     client_cas: dict[str, Path | None],
     depth: int = 5,
+    crl: Path | None = None,
+    reloadable: bool = False,
 ) -> tuple[trio.Process, int]:
-    """Start nginx with one server per hostname (see :func:`render_servers`)."""
+    """Start nginx with one server per hostname (see :func:`render_servers`).
+
+    ``reloadable``: run a master process and a status server, so that :func:`reload_nginx`
+    can make it re-read its files (a new CRL) without a restart.
+    """
     if NGINX is None:
         raise RuntimeError("nginx is not installed: install it (apt-get install nginx)")
     port = free_port()
+    status_port = _other_port(port) if reloadable else None
     folder.mkdir(parents=True, exist_ok=True)
+    if status_port is not None:
+        _write_generation(folder, status_port, 1)
     conf = folder / "nginx.conf"
     conf.write_text(
-        render_servers(folder, port, cert=cert, key=key, client_cas=client_cas, depth=depth)
+        render_servers(
+            folder,
+            port,
+            cert=cert,
+            key=key,
+            client_cas=client_cas,
+            depth=depth,
+            crl=crl,
+            status_port=status_port,
+        )
     )
     proc = await trio.lowlevel.open_process(
         [NGINX, "-c", str(conf), "-p", str(folder)],
@@ -151,3 +221,75 @@ async def start_nginx_servers(
         said = log.read_text(errors="replace").strip() if log.exists() else ""
         raise RuntimeError(f"{exc}: {said}" if said else str(exc)) from None
     return proc, port
+
+
+def _other_port(taken: int) -> int:
+    """A free port on 127.0.0.1 other than ``taken`` (the status server's)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port != taken:
+            return port
+
+
+def _write_generation(folder: Path, status_port: int, generation: int) -> None:
+    # nginx reads generation.conf (the status server's answer); we read status.json.
+    (folder / "generation.conf").write_text(f'return 200 "{generation}\\n";\n')
+    (folder / "status.json").write_text(json.dumps({"port": status_port, "generation": generation}))
+
+
+async def _generation(port: int) -> str:
+    """What the status server on ``port`` answers (the body of ``GET /``)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.0\r\nHost: status\r\n\r\n")
+        data = b""
+        while len(data) < 4096:  # a few bytes are expected: stop reading a runaway answer
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.partition(b"\r\n\r\n")[2].decode(errors="replace").strip()
+
+
+def _children(pid: int) -> set[int]:
+    """The child processes of ``pid`` (nginx's workers), where Linux's /proc tells them."""
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()  # not Linux (or no /proc): the reload is seen by its generation alone
+
+
+async def reload_nginx(proc: trio.Process, folder: Path, timeout: float = 15) -> None:
+    """Have a running nginx re-read its configuration and files (a new CRL); wait until it has.
+
+    A reload that fails (a broken file) leaves nginx on its old configuration: this raises
+    RuntimeError with what nginx logged, rather than letting a run go on against stale files.
+    """
+    status = json.loads((folder / "status.json").read_text())
+    generation = int(status["generation"]) + 1
+    _write_generation(folder, int(status["port"]), generation)
+    old_workers = _children(proc.pid)
+    proc.send_signal(signal.SIGHUP)
+    try:
+        with trio.fail_after(timeout):
+            while True:
+                if proc.returncode is not None:
+                    raise RuntimeError(f"nginx exited with code {proc.returncode} on reload")
+                try:
+                    if await _generation(int(status["port"])) == str(generation):
+                        break
+                except (OSError, trio.BrokenResourceError):
+                    pass  # nginx is between configurations
+                await trio.sleep(0.05)
+            # The old worker finishes its requests and closes its idle keep-alive connections
+            # before it exits; until then a kept-alive client is still served under the old CRL.
+            while old_workers & _children(proc.pid):
+                await trio.sleep(0.05)
+    except trio.TooSlowError:
+        log = folder / "error.log"
+        said = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        raise RuntimeError(
+            f"nginx did not reload within {timeout:g} s" + (f": {' '.join(said)}" if said else "")
+        ) from None

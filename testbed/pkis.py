@@ -5,16 +5,33 @@ before; with several, each goes to ``RUN_DIR/fleets/<name>``. A trusted PKI's ro
 associated with the target's hostname; an untrusted one is known to the enforcer but bound to
 another hostname, so its devices are refused with ``untrusted_issuer`` (access-flow A5: a root
 authorises client certificates only for its own hostnames).
+
+A run revokes devices the way their operator would: in CRLs signed with each PKI's own CA keys
+(:class:`RunCrls`). The ``defect = "revoked"`` devices are listed from the start, and a
+``revoke`` event adds more and publishes the CRLs again. The enforcer holds one CRL per uploaded
+root, its devices' issuer's; nginx checks every CA of the path, so it gets one for each.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
-from devices.provision import Cohort, Fleet, provision, read_inventory
+from cryptography.hazmat.primitives import serialization
+
+from devices.provision import (
+    Cohort,
+    Fleet,
+    FleetKeysMissing,
+    fleet_cas,
+    fleet_crls,
+    provision,
+    read_inventory,
+)
 from devices.provision import Device as FleetDevice
 from testbed.scenario import PkiSpec, Scenario
 
@@ -41,6 +58,11 @@ class Member:
     def sha256(self) -> str:
         """The fingerprint of the device's certificate."""
         return self.device.sha256
+
+    @property
+    def serial(self) -> int:
+        """The serial number of the device's certificate."""
+        return int(self.device.serial, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,3 +134,101 @@ def open_fleet(folder: Path) -> tuple[RunFleet, dict[str, FleetDevice]]:
     )
     fleet = Fleet(folder.resolve(), cohorts, 0.0)
     return RunFleet(((PkiSpec("fleet"), fleet),)), first
+
+
+# A CRL's thisUpdate sits a little before the moment it is issued, so that a verifier whose
+# clock is a few seconds behind ours does not see it as coming from the future.
+CRL_SLACK = dt.timedelta(minutes=1)
+
+
+@dataclasses.dataclass
+class RunCrls:
+    """The CRLs a run publishes for its PKIs, and the serials they revoke so far.
+
+    Files in ``folder``: ``<pki>.pem``, the CRL of the PKI's devices' issuer (an enforcer
+    root's ``crl``), and ``chain.pem``, the CRLs of every CA of every trusted PKI (nginx's
+    ``ssl_crl``). A PKI whose fleet has no CA keys (provisioned before they were kept) has no
+    CRL: :attr:`signed` lists those that do.
+    """
+
+    fleet: RunFleet
+    folder: Path
+    lifetime: dt.timedelta
+    revoked: dict[str, set[int]]
+    signed: frozenset[str]
+    number: int = 0
+
+    @classmethod
+    def start(
+        cls, fleet: RunFleet, folder: Path, now: dt.datetime, lifetime: dt.timedelta
+    ) -> RunCrls:
+        """Publish the first CRLs: every ``defect = "revoked"`` device is listed in them."""
+        signed = set()
+        for spec, pki_fleet in fleet.fleets:
+            try:
+                fleet_cas(pki_fleet.root)
+            except FleetKeysMissing:
+                continue
+            signed.add(spec.name)
+        revoked: dict[str, set[int]] = {spec.name: set() for spec, _ in fleet.fleets}
+        for member in fleet.members():
+            if member.device.defect == "revoked":
+                revoked[member.pki].add(member.serial)
+        crls = cls(fleet, folder, lifetime, revoked, frozenset(signed))
+        crls.publish(now)
+        return crls
+
+    def issuing(self, pki: str) -> Path | None:
+        """The CRL file of a PKI's devices' issuer, or None when the PKI has no CRL."""
+        return self.folder / f"{pki}.pem" if pki in self.signed else None
+
+    @property
+    def chain(self) -> Path | None:
+        """The file of every trusted PKI's CRLs, one per CA (None when there are none)."""
+        trusted = [spec.name for spec, _ in self.fleet.fleets if spec.trusted]
+        return self.folder / "chain.pem" if self.signed.intersection(trusted) else None
+
+    def revoke(self, members: Iterable[Member]) -> set[str]:
+        """Add devices to the next CRLs; return the PKIs whose CRLs change."""
+        changed = set()
+        for member in members:
+            if member.serial not in self.revoked[member.pki]:
+                self.revoked[member.pki].add(member.serial)
+                changed.add(member.pki)
+        return changed
+
+    def publish(self, now: dt.datetime) -> None:
+        """Issue and write every PKI's CRLs at ``now`` (each file replaced whole)."""
+        self.number += 1  # a verifier refuses a CRL numbered below the one it holds
+        self.folder.mkdir(parents=True, exist_ok=True)
+        chain = []
+        for spec, pki_fleet in self.fleet.fleets:
+            if spec.name not in self.signed:
+                continue
+            crls = fleet_crls(
+                pki_fleet.root,
+                self.revoked[spec.name],
+                now - CRL_SLACK,
+                next_update=now + self.lifetime,
+                number=self.number,
+            )
+            pems = [c.public_bytes(serialization.Encoding.PEM) for c in crls]
+            _replace(self.folder / f"{spec.name}.pem", pems[-1])
+            if spec.trusted:
+                chain += pems
+        if chain:
+            _replace(self.folder / "chain.pem", b"".join(chain))
+
+    def pem(self, pki: str) -> str:
+        """The current CRL of a PKI's devices' issuer, as PEM text."""
+        path = self.issuing(pki)
+        if path is None:
+            raise FleetKeysMissing(f"the {pki} PKI has no CA keys, hence no CRL")
+        return path.read_text()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    # A reader (nginx reloading, an enforcer starting) sees the old file or the new, never half.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)

@@ -47,10 +47,9 @@ from enforcer.config import load_config
 from enforcer.durations import parse_duration
 from enforcer.origin import _echo, echo_app, serve_echo_origin_on
 from enforcer.server import Enforcer, open_listener, serve
-from enforcer.store import Change
-from testbed.pkis import Member, RunFleet, provision_pkis
+from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
-from testbed.scenario import CohortSpec, Event, Phase, Scenario
+from testbed.scenario import NGINX_REFUSED, CohortSpec, Event, Phase, Scenario
 
 EXIT_OK, EXIT_THRESHOLDS, EXIT_INTERRUPTED = 0, 1, 130
 START_TIMEOUT = 300.0  # seconds shards wait for each other to be ready
@@ -168,6 +167,29 @@ def write_edge(scenario: Scenario, run_dir: Path, now: dt.datetime) -> None:
     write_pem(run_dir / "edge" / "key.pem", edge.key_pem(), private=True)
 
 
+def crl_lifetime(scenario: Scenario) -> dt.timedelta:
+    """How long a run's CRLs stay current: the whole run, its clock advances, and a week."""
+    advanced = sum(
+        (parse_duration(e.value or "0s") for e in scenario.events if e.action == "advance_clock"),
+        dt.timedelta(0),
+    )
+    # A CRL past its nextUpdate refuses every device (revocation_unknown): a run must never
+    # outlive its CRLs, whatever its length in virtual time.
+    return dt.timedelta(seconds=scenario.duration) + advanced + dt.timedelta(days=7)
+
+
+def _prefix(shard: int | None) -> str:
+    # Each shard of a virtual run has its own enforcer, hence its own state, log and CRLs.
+    return "" if shard is None else f"shards/{shard}-"
+
+
+def start_crls(
+    scenario: Scenario, run_dir: Path, fleet: RunFleet, now: dt.datetime, shard: int | None = None
+) -> RunCrls:
+    """Publish a run's first CRLs (its revoked cohorts) in ``RUN_DIR/crl``."""
+    return RunCrls.start(fleet, run_dir / f"{_prefix(shard)}crl", now, crl_lifetime(scenario))
+
+
 def write_enforcer_config(
     scenario: Scenario,
     run_dir: Path,
@@ -176,17 +198,22 @@ def write_enforcer_config(
     now: dt.datetime,
     *,
     shard: int | None = None,
+    crls: RunCrls | None = None,
 ) -> Path:
     """Write the embedded enforcer's configuration (and its edge PKI) for a run or a shard."""
     write_edge(scenario, run_dir, now)
+    crls = crls or start_crls(scenario, run_dir, fleet, now, shard)
     host = scenario.target.hostname
     roots = []
     for pki, pki_fleet in fleet.fleets:
         # An untrusted PKI's root is known, but bound to another hostname (access-flow A5).
         bound = host if pki.trusted else f"{pki.name}.elsewhere.invalid"
+        # The devices' issuer's CRL revokes the revoked cohort, as the fleet's operator would.
+        crl = crls.issuing(pki.name)
         roots.append(
             f'[[roots]]\nid = "{pki.name}"\nname = "{pki.name} root"\n'
             f'certificate = "{pki_fleet.upload}"\nassociated_hostnames = ["{bound}"]\n'
+            + (f'crl = "{crl}"\n' if crl is not None else "")
         )
         known = pki_fleet.root / "ca" / "known-intermediates.pem"
         if pki.trusted and known.exists():
@@ -200,9 +227,14 @@ def write_enforcer_config(
                 f'name = "known intermediates of {pki.name}"\ncertificate = "{bundle}"\n'
                 'associated_hostnames = ["known-intermediates.invalid"]\n'
             )
-    revoked = [m.sha256 for m in fleet.members() if m.device.defect == "revoked"]
-    # Each shard of a virtual run has its own enforcer, hence its own state and access log.
-    prefix = "" if shard is None else f"shards/{shard}-"
+    # A fleet provisioned before CA keys were kept has no CRL: its devices are revoked by
+    # fingerprint instead, with the same outcome.
+    revoked = [
+        m.sha256
+        for m in fleet.members()
+        if m.device.defect == "revoked" and crls.issuing(m.pki) is None
+    ]
+    prefix = _prefix(shard)
     path = run_dir / f"{prefix}enforcer.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
@@ -301,6 +333,8 @@ class Run:
         self.start = 0.0
         self.enforcer: Enforcer | None = None
         self.clock: OffsetClock | None = None
+        self.crls: RunCrls | None = None  # what this run revokes, for the target it started
+        self._nginx: tuple[trio.Process, Path] | None = None  # nginx and its folder
         self.origin_up = True
         self._origin_scope: trio.CancelScope | None = None
         self._origin_listeners: list[trio.SocketListener] = []
@@ -378,7 +412,8 @@ class Run:
         if s.target.kind == "nginx":
             from testbed.nginx import start_nginx, stop_nginx
 
-            write_enforcer_config(s, self.run_dir, fleet, "http://127.0.0.1:9", now)
+            self.crls = start_crls(s, self.run_dir, fleet, now)
+            write_enforcer_config(s, self.run_dir, fleet, "http://127.0.0.1:9", now, crls=self.crls)
             try:
                 proc, port = await start_nginx(
                     self.run_dir / "nginx",
@@ -386,6 +421,9 @@ class Run:
                     key=self.run_dir / "edge" / "key.pem",
                     client_ca=fleet.client_ca(self.run_dir / "edge" / "client-ca.pem"),
                     server_name=s.target.hostname,
+                    # The same CRLs as the embedded enforcer's, one for each CA of the path.
+                    crl=self.crls.chain,
+                    reloadable=any(e.action == "revoke" for e in s.events),
                 )
             except (RuntimeError, trio.TooSlowError) as exc:
                 raise RunError(
@@ -401,6 +439,7 @@ class Run:
                         await stop_nginx(proc)
 
             nursery.start_soon(stopper)
+            self._nginx = (proc, self.run_dir / "nginx")
             return DeviceTarget(
                 "127.0.0.1", port, s.target.hostname, self.run_dir / "edge" / "ca.pem"
             )
@@ -408,8 +447,9 @@ class Run:
         virtual = s.clock == "virtual"
         origin = "http://origin.invalid" if virtual else await self._start_origin(nursery)
         shard = self.shard if self.shards > 1 else None
+        self.crls = start_crls(s, self.run_dir, fleet, now, shard)
         config = load_config(
-            write_enforcer_config(s, self.run_dir, fleet, origin, now, shard=shard)
+            write_enforcer_config(s, self.run_dir, fleet, origin, now, shard=shard, crls=self.crls)
         )
         self.clock = OffsetClock(TrioClock(now) if virtual else WallClock())
         self.enforcer = Enforcer(config, self.clock, AccessLog(config.server.access_log))
@@ -467,6 +507,8 @@ class Run:
                 )
                 await self._run_origin(nursery)
             return "origin started"
+        if action == "revoke":
+            return await self._revoke(event)
         assert self.enforcer is not None and self.clock is not None
         controller = self.enforcer.controller
         account = "demo"
@@ -474,19 +516,6 @@ class Run:
             delta = parse_duration(event.value or "0s")
             self.clock.offset += delta
             return f"enforcer clock advanced {event.value}"
-        if action == "revoke":
-            members = [d for d in self.members if d.cohort == event.cohort]
-            chosen = self.events_rng.sample(members, max(1, round(len(members) * event.share)))
-            changes = tuple(
-                Change("revocation", d.sha256, {"fingerprint": d.sha256}) for d in chosen
-            )
-            await controller.write(lambda objects, now: control.Outcome(None, changes))
-            revoked = {d.id for d in chosen}
-            for mine in self.devices:
-                # A revoked device is refused from now on.
-                if mine.id in revoked and mine.cohort.expected == "allowed":
-                    mine.expect("denied:revoked")
-            return f"revoked {len(chosen)} of {len(members)} devices of cohort {event.cohort}"
         roots = control.list_roots(controller.objects, account).result
         pki = event.pki or next(p.name for p in self.scenario.pkis if p.trusted)
         fleet_root = next(r for r in roots if r["name"] == f"{pki} root")
@@ -564,6 +593,45 @@ class Run:
                     d.expect("allowed")
             return f"policy set to {value}"
         raise AssertionError(action)
+
+    async def _revoke(self, event: Event) -> str:
+        """Revoke a share of a cohort: new CRLs, put in force on the target this run started."""
+        # CRLs rather than revocations by serial through the admin API: they are what the
+        # fleet's operator publishes, and nginx can take nothing else, so both targets judge
+        # the very same file (and the enforcer's CRL checks: issuer, signature, dates, replay).
+        members = [d for d in self.members if d.cohort == event.cohort]
+        chosen = self.events_rng.sample(members, max(1, round(len(members) * event.share)))
+        assert self.crls is not None
+        changed = self.crls.revoke(chosen)
+        # The embedded enforcer checks a CRL's dates on its own clock, which events can move.
+        self.crls.publish(self.clock.now() if self.clock else dt.datetime.now(dt.UTC))
+        if self._nginx is not None:
+            from testbed.nginx import reload_nginx
+
+            await reload_nginx(*self._nginx)
+            refused = NGINX_REFUSED
+        else:
+            assert self.enforcer is not None
+            controller = self.enforcer.controller
+            roots = control.list_roots(controller.objects, "demo").result
+            for pki in sorted(changed):
+                root_id = next(r["id"] for r in roots if r["name"] == f"{pki} root")
+                body = {"crl": self.crls.pem(pki)}
+                await controller.write(
+                    lambda objects, now, root_id=root_id, body=body: control.put_crl(
+                        objects, "demo", root_id, body, now
+                    )
+                )
+            refused = "denied:revoked"
+        revoked = {d.id for d in chosen}
+        for mine in self.devices:
+            # A revoked device is refused from now on.
+            if mine.id in revoked and mine.cohort.expected == "allowed":
+                mine.expect(refused)
+        return (
+            f"revoked {len(chosen)} of {len(members)} devices of cohort {event.cohort}"
+            f" (CRL number {self.crls.number})"
+        )
 
     def _untrust(self, pki: str) -> None:
         # The PKI's root is no longer associated with the hostname: its chains are untrusted.

@@ -32,6 +32,11 @@ EVENTS = (
     "stop_origin",
     "start_origin",
 )
+ORIGIN_EVENTS = ("stop_origin", "start_origin")
+# What an nginx target can follow: a CRL and a reload (it has no admin API).
+REVOCABLE_EVENTS = ("revoke", *ORIGIN_EVENTS)
+# nginx answers 400 to a client certificate that does not verify, a revoked one included.
+NGINX_REFUSED = "http_400"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -395,18 +400,23 @@ def load_scenario(path: str | Path) -> Scenario:
     names = [c.name for c in cohorts]
     if len(set(names)) != len(names):
         raise top.error("cohorts", f"cohort names repeat: {names}")
-    if target.kind != "embedded" and any(c.defect == "revoked" for c in cohorts):
-        raise top.error("cohorts", "a revoked cohort needs the embedded target (it revokes them)")
+    if target.kind == "external" and any(c.defect == "revoked" for c in cohorts):
+        # The run publishes CRLs to the targets it starts; an external one never sees them.
+        raise top.error(
+            "cohorts", "a revoked cohort needs a target the run starts (embedded or nginx)"
+        )
     phases = tuple(_phase(r) for r in top.tables("phases"))
     if not phases:
         raise top.error("phases", "at least one [[phases]] is required")
     events = tuple(_event(r, set(names), pkis) for r in top.tables("events"))
-    if (
-        events
-        and target.kind != "embedded"
-        and any(e.action not in ("stop_origin", "start_origin") for e in events)
-    ):
-        raise top.error("events", "configuration events need the embedded target")
+    allowed = REVOCABLE_EVENTS if target.kind == "nginx" else ORIGIN_EVENTS
+    if target.kind != "embedded" and any(e.action not in allowed for e in events):
+        wrong = next(e.action for e in events if e.action not in allowed)
+        raise top.error(
+            "events",
+            f"{wrong} needs the embedded target"
+            + (" (nginx takes revoke: a new CRL and a reload)" if target.kind == "nginx" else ""),
+        )
     raw_thresholds = top.get(
         "thresholds", list, [], 'a list of strings such as "false_accepts == 0"'
     )
