@@ -23,7 +23,15 @@ from enforcer.application import (
     cookie_attribute_problem,
     origin_problem,
 )
-from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, fingerprint
+from enforcer.chain import (
+    DEFAULT_KEY_PROFILE,
+    DEFAULT_MAX_CHAIN_DEPTH,
+    EC_CURVE_NAMES,
+    AnchorError,
+    KeyProfile,
+    fingerprint,
+    split_anchor,
+)
 from enforcer.policy import PolicyError, parse_policy
 from enforcer.snapshot import RootCertificate
 from enforcer.tokens import SigningKey, load_or_create_key
@@ -115,6 +123,7 @@ class EnforcerConfig:
     admin: AdminSettings | None = None
     managed_cas: tuple[ManagedCA, ...] = ()
     account_id: str = "demo"
+    key_profile: KeyProfile = DEFAULT_KEY_PROFILE  # [validation]
 
     def signing_key(self, now: dt.datetime) -> SigningKey:
         """Load the configured signing key (creating its file when missing), or make one."""
@@ -161,19 +170,15 @@ def _root(reader: TableReader) -> RootCertificate:
     reader.unknown({"id", "name", "certificate", "associated_hostnames"})
     name = reader.get("name", str, what="a name for the root")
     certs = _certificates(reader, "certificate")
-    roots = [c for c in certs if c.subject == c.issuer]
-    if len(roots) != 1 or certs[-1] is not roots[0]:
-        raise reader.error(
-            "certificate",
-            "expected PEM intermediates (optional) followed by exactly one self-signed root, "
-            f"found {len(roots)} self-signed certificate(s) among {len(certs)}",
-        )
-    root = roots[0]
+    try:
+        root, intermediates = split_anchor(certs)
+    except AnchorError as exc:
+        raise reader.error("certificate", str(exc)) from None
     return RootCertificate(
         id=reader.get("id", str, fingerprint(root)[:32]),
         name=name,
         root=root,
-        intermediates=tuple(certs[:-1]),
+        intermediates=intermediates,
         associated_hostnames=reader.hostnames("associated_hostnames"),
     )
 
@@ -261,6 +266,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
             "state",
             "admin",
             "managed_ca",
+            "validation",
         }
     )
 
@@ -368,6 +374,8 @@ def load_config(path: str | Path) -> EnforcerConfig:
             account_id=account_id,
         )
 
+    key_profile = _validation(top.sub("validation"))
+
     managed = []
     for r in top.tables("managed_ca"):
         r.unknown({"zone", "hostnames"})
@@ -387,7 +395,26 @@ def load_config(path: str | Path) -> EnforcerConfig:
         admin=admin,
         managed_cas=tuple(managed),
         account_id=account_id,
+        key_profile=key_profile,
     )
+
+
+def _validation(v: TableReader) -> KeyProfile:
+    """The ``[validation]`` table: the key and signature profile of client chains."""
+    v.unknown({"min_rsa_bits", "ec_curves"})
+    bits = v.get("min_rsa_bits", int, DEFAULT_KEY_PROFILE.min_rsa_bits)
+    curves = v.get("ec_curves", list, sorted(DEFAULT_KEY_PROFILE.ec_curves))
+    valid = sorted(EC_CURVE_NAMES.values())
+    for curve in curves:
+        if curve not in valid:
+            raise v.error("ec_curves", f"{curve!r} is not one of {valid}")
+    if not curves:
+        raise v.error("ec_curves", f"the list is empty: give at least one of {valid}")
+    try:
+        return KeyProfile(min_rsa_bits=bits, ec_curves=frozenset(curves))
+    except ValueError as exc:
+        field, _, problem = str(exc).partition(": ")
+        raise v.error(field, problem) from None
 
 
 def _identifier(r: TableReader, name: str, default: str | None) -> str:

@@ -29,7 +29,14 @@ from enforcer.application import (
     cookie_attribute_problem,
     origin_problem,
 )
-from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, fingerprint
+from enforcer.chain import (
+    DEFAULT_KEY_PROFILE,
+    DEFAULT_MAX_CHAIN_DEPTH,
+    AnchorError,
+    KeyProfile,
+    fingerprint,
+    split_anchor,
+)
 from enforcer.durations import DurationError, format_duration, parse_duration
 from enforcer.policy import Decision, PolicyError, parse_policy
 from enforcer.snapshot import RootCertificate, Snapshot
@@ -73,6 +80,7 @@ class Limits:
     grace_period: dt.timedelta
     no_duration_token_lifetime: dt.timedelta
     max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
+    key_profile: KeyProfile = DEFAULT_KEY_PROFILE
 
 
 def _iso(t: dt.datetime) -> str:
@@ -127,19 +135,16 @@ def _duration(body: Body, name: str, default: str | None) -> str | None:
         raise ApiError(400, f"{name}: {exc}") from None
 
 
-def _pem_chain(text: str) -> tuple[x509.Certificate, list[x509.Certificate]]:
+def _pem_chain(text: str) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+    """Split an uploaded PEM into its trust anchor (the last certificate) and intermediates."""
     try:
         certs = x509.load_pem_x509_certificates(text.encode())
     except ValueError as exc:
         raise ApiError(400, f"certificate: not PEM certificates: {exc}") from None
-    roots = [c for c in certs if c.subject == c.issuer]
-    if len(roots) != 1 or certs[-1] is not roots[0]:
-        raise ApiError(
-            400,
-            "certificate: expected PEM intermediates (optional) followed by exactly one "
-            f"self-signed root; found {len(roots)} self-signed among {len(certs)}",
-        )
-    return roots[0], certs[:-1]
+    try:
+        return split_anchor(certs)
+    except AnchorError as exc:
+        raise ApiError(400, f"certificate: {exc}") from None
 
 
 # ---- the account's mTLS switch ------------------------------------------------------------
@@ -211,7 +216,9 @@ def create_root(objects: Objects, account: str, body: Body, now: dt.datetime) ->
     """Upload a root (optionally after its intermediates) with its associated hostnames."""
     _only(body, {"name", "certificate", "associated_hostnames"})
     name = _field(body, "name", str, "a name for the certificate")
-    pem = _field(body, "certificate", str, "PEM text: intermediates (optional), then the root")
+    pem = _field(
+        body, "certificate", str, "PEM text: intermediates (optional), then the trust anchor"
+    )
     hostnames = _hostnames(body, "associated_hostnames", [])
     root, _ = _pem_chain(pem)
     if not _account(objects, account)["mtls_enabled"]:
@@ -875,5 +882,6 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
         no_duration_token_lifetime=limits.no_duration_token_lifetime,
         revoked=frozenset(revoked),
         max_chain_depth=limits.max_chain_depth,
+        key_profile=limits.key_profile,
         sessions_revoked_before=_sessions_revoked_before(objects),
     )

@@ -43,6 +43,7 @@ def limits_of(config: EnforcerConfig) -> Limits:
         grace_period=config.grace_period,
         no_duration_token_lifetime=config.no_duration_token_lifetime,
         max_chain_depth=config.server.max_chain_depth,
+        key_profile=config.key_profile,
     )
 
 

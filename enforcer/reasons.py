@@ -14,6 +14,7 @@ class Reason(enum.StrEnum):
     CERTIFICATE_EXPIRED = "certificate_expired"
     CERTIFICATE_NOT_YET_VALID = "certificate_not_yet_valid"
     INVALID_CHAIN = "invalid_chain"
+    UNSUPPORTED_KEY = "unsupported_key"
     REVOKED = "revoked"
     POLICY_DENIED = "policy_denied"
     TOKEN_INVALID = "token_invalid"
@@ -31,6 +32,7 @@ DENIAL_BODIES: dict[Reason, str] = {
     Reason.CERTIFICATE_EXPIRED: "The client certificate has expired.",
     Reason.CERTIFICATE_NOT_YET_VALID: "The client certificate is not yet valid.",
     Reason.INVALID_CHAIN: "The client certificate chain is invalid.",
+    Reason.UNSUPPORTED_KEY: "The client certificate chain uses an unsupported key or signature.",
     Reason.REVOKED: "The client certificate has been revoked.",
     Reason.POLICY_DENIED: "Access denied by policy.",
     Reason.MISDIRECTED: "Misdirected request: Host does not match the TLS server name.",

@@ -15,13 +15,23 @@ from collections.abc import Mapping, Sequence
 from cryptography import x509
 
 from enforcer.application import Application
-from enforcer.chain import DEFAULT_MAX_CHAIN_DEPTH, HostTrust, fingerprint
+from enforcer.chain import (
+    DEFAULT_KEY_PROFILE,
+    DEFAULT_MAX_CHAIN_DEPTH,
+    HostTrust,
+    KeyProfile,
+    fingerprint,
+)
 from enforcer.tokens import KeyRing
 
 
 @dataclasses.dataclass(frozen=True)
 class RootCertificate:
-    """An uploaded root (an "mTLS certificate"), its intermediates and its hostnames."""
+    """An uploaded root (an "mTLS certificate"), its intermediates and its hostnames.
+
+    ``root`` is the trust anchor: the last certificate of the uploaded PEM, usually self-signed
+    but possibly an intermediate trusted on its own (see :func:`enforcer.chain.split_anchor`).
+    """
 
     id: str
     name: str
@@ -77,6 +87,7 @@ class Snapshot:
         revoked: frozenset[str] = frozenset(),
         max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
         sessions_revoked_before: Mapping[str, dt.datetime] | None = None,
+        key_profile: KeyProfile = DEFAULT_KEY_PROFILE,
     ) -> Snapshot:
         """Index applications by hostname and build each hostname's trust once."""
         hostnames = {h for r in roots for h in r.associated_hostnames}
@@ -88,6 +99,7 @@ class Snapshot:
                 [r.root for r in mine],
                 [i for r in mine for i in r.intermediates],
                 max_chain_depth,
+                key_profile,
             )
         return cls(
             generation=generation,

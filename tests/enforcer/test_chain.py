@@ -134,9 +134,16 @@ def test_revoked(pki) -> None:
     assert check(pki, leaf(pki), revoked=revoked).valid
 
 
-@pytest.mark.parametrize("key_type", ["ec-p256", "ec-p384", "rsa-2048", "ed25519"])
+@pytest.mark.parametrize("key_type", ["ec-p256", "ec-p384", "rsa-2048"])
 def test_device_key_types(pki, key_type: str) -> None:
     assert check(pki, leaf(pki, key_type=key_type)).valid
+
+
+def test_an_ed25519_device_key_is_outside_the_profile(pki) -> None:
+    # The profile (access-flow, validation profile): RSA and EC keys only, the leaf's included.
+    result = check(pki, leaf(pki, key_type="ed25519"))
+    assert result.reason is Reason.UNSUPPORTED_KEY
+    assert "Ed25519" in result.detail
 
 
 def test_a_leaf_without_san_is_accepted(pki) -> None:

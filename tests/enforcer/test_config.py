@@ -100,7 +100,21 @@ def test_not_toml(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_root_bundle_must_end_with_one_root(demo: DemoLayout, tmp_path: Path) -> None:
-    path = variant(demo, tmp_path, '"ca/uploaded-chain.pem"', '"ca/intermediate.pem"')
-    with pytest.raises(ConfigError, match="exactly one self-signed root"):
+def test_a_root_bundle_must_end_with_its_anchor(demo: DemoLayout, tmp_path: Path) -> None:
+    # The root before its intermediate would silently make the intermediate the anchor.
+    swapped = tmp_path / "swapped.pem"
+    swapped.write_bytes(
+        (demo.root / "ca" / "root.pem").read_bytes()
+        + (demo.root / "ca" / "intermediate.pem").read_bytes()
+    )
+    path = variant(demo, tmp_path, '"ca/uploaded-chain.pem"', f'"{swapped}"')
+    with pytest.raises(ConfigError, match=r"roots\[0\]\.certificate: certificate 1 of 2 is "):
         load_config(path)
+
+
+def test_an_intermediate_alone_is_a_trust_anchor(demo: DemoLayout, tmp_path: Path) -> None:
+    path = variant(demo, tmp_path, '"ca/uploaded-chain.pem"', '"ca/intermediate.pem"')
+    text = path.read_text().replace('"admin.token"', f'"{demo.root}/admin.token"')
+    path.write_text(text)
+    (root,) = load_config(path).roots
+    assert root.root.subject != root.root.issuer and root.intermediates == ()
