@@ -463,6 +463,27 @@ def a5_chain(
     return (deny(403, *reasons) if reasons else None), path
 
 
+def chain_validates(
+    world: World, hostname: str, chain: Sequence[x509.Certificate], now: dt.datetime
+) -> bool:
+    """True when ``chain`` validates for ``hostname`` at ``now`` (A5, revocation included)."""
+    if not chain or hostname not in world.apps:
+        return False
+    refused, _ = a5_chain(world, hostname, chain, now)
+    return refused is None
+
+
+def chain_refused(world: World, request: Request, now: dt.datetime) -> bool:
+    """True when ``request`` is refused for its presented chain (A2 and A3 having passed)."""
+    if not request.chain or a2_host_matches_sni(request) is not None:
+        return False
+    hostname = request.host.lower().rstrip(".")
+    if hostname not in world.apps:
+        return False
+    refused, _ = a5_chain(world, hostname, request.chain, now)
+    return refused is not None
+
+
 # ---- A4: tokens -------------------------------------------------------------------------------
 
 
