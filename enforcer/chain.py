@@ -49,9 +49,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, padding, rsa
 from cryptography.x509.oid import (
     ExtendedKeyUsageOID,
+    ExtensionOID,
     NameOID,
     PublicKeyAlgorithmOID,
     SignatureAlgorithmOID,
@@ -173,30 +174,45 @@ class KeyProfile:
 
     def key_problem(self, cert: x509.Certificate) -> str | None:
         """Say why a certificate's public key is outside the profile, or None."""
+        oid = cert.public_key_algorithm_oid
+        if oid == PublicKeyAlgorithmOID.RSAES_PKCS1_v1_5:
+            rsa_key = cert.public_key()
+            assert isinstance(rsa_key, rsa.RSAPublicKey)
+            if rsa_key.key_size >= self.min_rsa_bits:
+                return None
+        elif oid == PublicKeyAlgorithmOID.EC_PUBLIC_KEY:
+            try:
+                ec_key = cert.public_key()
+            except (ValueError, UnsupportedAlgorithm):
+                pass
+            else:
+                assert isinstance(ec_key, ec.EllipticCurvePublicKey)
+                if EC_CURVE_NAMES.get(ec_key.curve.name) in self.ec_curves:
+                    return None
+        # Outside the profile: the detail is worth its cost (naming the subject is not cheap).
+        return self._key_detail(cert)
+
+    def _key_detail(self, cert: x509.Certificate) -> str:
         who = cert.subject.rfc4514_string() or "a certificate with an empty subject"
         oid = cert.public_key_algorithm_oid
         if oid == PublicKeyAlgorithmOID.RSAES_PKCS1_v1_5:
-            key = cert.public_key()
-            assert isinstance(key, rsa.RSAPublicKey)
-            if key.key_size < self.min_rsa_bits:
-                return (
-                    f"{who}: an RSA key of {key.key_size} bits; the profile requires at least "
-                    f"{self.min_rsa_bits} (validation.min_rsa_bits)"
-                )
-            return None
+            rsa_key = cert.public_key()
+            assert isinstance(rsa_key, rsa.RSAPublicKey)
+            return (
+                f"{who}: an RSA key of {rsa_key.key_size} bits; the profile requires at least "
+                f"{self.min_rsa_bits} (validation.min_rsa_bits)"
+            )
         if oid == PublicKeyAlgorithmOID.EC_PUBLIC_KEY:
             try:
                 ec_key = cert.public_key()
             except (ValueError, UnsupportedAlgorithm):
                 return f"{who}: an EC key on a curve this enforcer cannot load"
             assert isinstance(ec_key, ec.EllipticCurvePublicKey)
-            curve = EC_CURVE_NAMES.get(ec_key.curve.name)
-            if curve is None or curve not in self.ec_curves:
-                return (
-                    f"{who}: an EC key on {curve or ec_key.curve.name}; the profile accepts "
-                    f"{', '.join(sorted(self.ec_curves))} (validation.ec_curves)"
-                )
-            return None
+            curve = EC_CURVE_NAMES.get(ec_key.curve.name, ec_key.curve.name)
+            return (
+                f"{who}: an EC key on {curve}; the profile accepts "
+                f"{', '.join(sorted(self.ec_curves))} (validation.ec_curves)"
+            )
         name = _KEY_NAMES.get(oid, oid.dotted_string)
         return (
             f"{who}: its {name} key is outside the profile, which accepts RSA and EC keys only "
@@ -220,12 +236,20 @@ class KeyProfile:
             "PKCS#1 v1.5, RSA-PSS and ECDSA with SHA-256, SHA-384 or SHA-512"
         )
 
-    def path_problem(self, path: Sequence[x509.Certificate]) -> str | None:
-        """Check a path (leaf first, anchor last): every key, every signature but the anchor's."""
+    def path_problem(
+        self, path: Sequence[x509.Certificate], *, verified: bool = False
+    ) -> str | None:
+        """Check a path (leaf first, anchor last): every key, every signature but the anchor's.
+
+        ``verified``: the verifier accepted this path, so it already held every signature but
+        the anchor's to exactly this set, and only the keys need a look.
+        """
         for cert in path:
             problem = self.key_problem(cert)
             if problem is not None:
                 return problem
+        if verified:
+            return None
         for cert in path[:-1]:
             problem = self.signature_problem(cert)
             if problem is not None:
@@ -423,22 +447,19 @@ def name_constraint_problem(chain: Sequence[x509.Certificate]) -> str | None:
     constraint fails closed, as it does in the verifier.
     """
     leaf = chain[0]
-    try:
-        leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    # Scanning the (cached) extensions beats get_extension_for_class's exception when absent.
+    if any(ext.oid == ExtensionOID.SUBJECT_ALTERNATIVE_NAME for ext in leaf.extensions):
         return None  # the verifier checked its SAN entries
-    except x509.ExtensionNotFound:
-        pass
-    constrained = []
-    for ca in chain[1:]:
-        try:
-            ext = ca.extensions.get_extension_for_class(x509.NameConstraints)
-        except x509.ExtensionNotFound:
-            continue
-        constrained.append((ca.subject.rfc4514_string(), ext.value))
+    constrained = [
+        (ca, ext.value)
+        for ca in chain[1:]
+        for ext in ca.extensions
+        if isinstance(ext.value, x509.NameConstraints)
+    ]
     if not constrained:
         return None
     names = common_names(leaf)
-    first_ca = constrained[0][0]
+    first_ca = constrained[0][0].subject.rfc4514_string()
     if not names:
         return f"the leaf has no subjectAltName and no CN, and {first_ca} carries name constraints"
     for cn in names:
@@ -447,7 +468,8 @@ def name_constraint_problem(chain: Sequence[x509.Certificate]) -> str | None:
                 f"the leaf has no subjectAltName and its CN {cn!r} is not a DNS name, which "
                 f"the name constraints of {first_ca} require"
             )
-        for ca_name, nc in constrained:
+        for ca, nc in constrained:
+            ca_name = ca.subject.rfc4514_string()
             permitted = _dns_subtrees(nc.permitted_subtrees)
             excluded = _dns_subtrees(nc.excluded_subtrees)
             bad = next((c for c in [*permitted, *excluded] if not is_dns_name(c)), None)
@@ -568,7 +590,37 @@ def _verify(
 def _directly_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
-    except Exception:  # InvalidSignature, ValueError, TypeError: all mean "not this one"
+    except ValueError:
+        # Also raised for legacy algorithms (SHA-1) it will not check: the walk must still
+        # find such a path, so that the profile names the algorithm instead of the issuer
+        # looking untrusted.
+        return _legacy_signature_verifies(cert, issuer)
+    except Exception:  # InvalidSignature, TypeError: all mean "not this one"
+        return False
+    return True
+
+
+def _legacy_signature_verifies(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Verify a signature made with a hash ``verify_directly_issued_by`` refuses (SHA-1...)."""
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        key = issuer.public_key()
+        digest = cert.signature_hash_algorithm
+        if digest is None:
+            return False
+        if isinstance(key, rsa.RSAPublicKey):
+            pad = cert.signature_algorithm_parameters
+            if not isinstance(pad, padding.PKCS1v15 | padding.PSS):
+                return False
+            key.verify(cert.signature, cert.tbs_certificate_bytes, pad, digest)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(digest))
+        elif isinstance(key, dsa.DSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, digest)
+        else:
+            return False
+    except Exception:  # InvalidSignature, UnsupportedAlgorithm, ValueError: not this one
         return False
     return True
 
@@ -649,7 +701,7 @@ def validate_chain(
     intermediates = [*presented, *trust.intermediates]
     chain, error = _verify(trust, leaf, intermediates, now)
     if chain is not None:
-        problem = trust.profile.path_problem(chain)
+        problem = trust.profile.path_problem(chain, verified=True)
         if problem is not None:
             return ChainResult(None, Reason.UNSUPPORTED_KEY, problem)
         facts = _facts(chain)
