@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import strategies as st
 
@@ -44,10 +44,11 @@ KEY_TYPES = (*PROFILE_KEY_TYPES, *OUTSIDE_KEY_TYPES)
 # Leaf keys a client can still complete a TLS handshake with (the others fail in TLS before
 # the enforcer can judge the chain: no signature scheme exists for P-192, P-224 or secp256k1).
 LEAF_KEY_TYPES = (*PROFILE_KEY_TYPES, "ed25519", "ed448", "rsa-1024", "dsa-2048")
-# Hashes of certificate signatures. SHA-1 is outside the profile too, but cryptography no
-# longer signs with it, so the cases reach "outside" signatures through Ed25519, Ed448 and DSA.
+# Hashes of certificate signatures; SHA-1 is outside the profile. cryptography no longer
+# signs with SHA-1, so an RSA issuer's SHA-256 signature is redone by hand (see _with_sha1);
+# below an EC, EdDSA or DSA issuer "sha1" falls back to SHA-256.
 PROFILE_HASHES = ("sha256", "sha384", "sha512")
-HASHES = PROFILE_HASHES
+HASHES = (*PROFILE_HASHES, "sha1")
 DAY = 86400
 DURATIONS = {"0s": 0, "15m": 900, "1h": 3600, "24h": 86400, "720h": 2592000}
 
@@ -136,7 +137,7 @@ class Capabilities:
 KNOWN_FAMILIES = {
     "ed25519-ca": "roots and intermediates with Ed25519 keys (certificates signed with Ed25519)",
     "outside-profile": "keys and signatures outside the validation profile (Ed25519, Ed448, "
-    "DSA, RSA-1024, P-192, P-224, secp256k1): unsupported_key",
+    "DSA, RSA-1024, P-192, P-224, secp256k1, SHA-1): unsupported_key",
     "leaf-key-usage": "client leaves whose key usage lacks digitalSignature",
     "mixed-chain": "an uploaded intermediate below one that is not uploaded",
 }
@@ -524,12 +525,33 @@ class BuiltPki:
 
 
 _HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_HASHES["sha1"] = hashes.SHA256  # signed with SHA-256, then redone with SHA-1 (RSA only)
+_SHA256_RSA = bytes.fromhex("06092a864886f70d01010b")  # the OID sha256WithRSAEncryption, DER
+_SHA1_RSA = bytes.fromhex("06092a864886f70d010105")  # sha1WithRSAEncryption: the same length
 
 
 def _sign_hash(key: PrivateKey, name: str = "sha256") -> hashes.HashAlgorithm | None:
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         return None
     return _HASHES[name]()
+
+
+def _signed(
+    builder: x509.CertificateBuilder, key: PrivateKey, name: str = "sha256"
+) -> x509.Certificate:
+    """Sign with ``key`` and the named hash; "sha1" is made by hand below an RSA issuer.
+
+    The two algorithm OIDs have the same length and so does an RSA signature, so swapping
+    them in the DER and re-signing the new TBS bytes with SHA-1 keeps every length right.
+    """
+    cert = builder.sign(key, _sign_hash(key, name))
+    if name != "sha1" or not isinstance(key, rsa.RSAPrivateKey):
+        return cert
+    tbs = cert.tbs_certificate_bytes.replace(_SHA256_RSA, _SHA1_RSA)
+    signature = key.sign(tbs, padding.PKCS1v15(), hashes.SHA1())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    der = der.replace(cert.tbs_certificate_bytes, tbs).replace(_SHA256_RSA, _SHA1_RSA)
+    return x509.load_der_x509_certificate(der.replace(cert.signature, signature))
 
 
 def _name(cn: str) -> x509.Name:
@@ -602,7 +624,7 @@ def _ca_cert(
             ),
             critical=True,
         )
-    return builder.sign(issuer_key, _sign_hash(issuer_key, signature))
+    return _signed(builder, issuer_key, signature)
 
 
 _EKUS = {
@@ -653,7 +675,7 @@ def _leaf_cert(
         builder = builder.add_extension(
             x509.SubjectAlternativeName(sans), critical=spec.san_critical
         )
-    return builder.sign(signer, _sign_hash(signer, spec.signature))
+    return _signed(builder, signer, spec.signature)
 
 
 def build_pki(spec: PkiSpec, t0: dt.datetime) -> BuiltPki:

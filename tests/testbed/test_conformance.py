@@ -106,6 +106,8 @@ def _single(pki: PkiSpec) -> CaseSpec:
 CA_ED25519 = IntermediateSpec(key_type="ed25519")
 CA_P192 = IntermediateSpec(key_type="ec-p192")
 CA_NO_KU = IntermediateSpec(key_usage=False)
+CA_SHA1 = IntermediateSpec(signature="sha1")  # signed by an RSA root with SHA-1
+UNSUPPORTED = "unsupported_key"
 # Each case: a PKI and the one reason the model and the enforcer must both give (None: 200).
 PROFILE_CASES = [
     # Ed25519 CAs are outside the profile (cryptography's verifier does not take them): the
@@ -114,6 +116,7 @@ PROFILE_CASES = [
     ("ed25519-intermediate", PkiSpec(intermediates=(CA_ED25519,)), "unsupported_key"),
     ("rsa-1024-leaf", PkiSpec(leaf=LeafSpec(key_type="rsa-1024")), "unsupported_key"),
     ("dsa-leaf", PkiSpec(leaf=LeafSpec(key_type="dsa-2048")), "unsupported_key"),
+    ("sha1-intermediate", PkiSpec(root_key_type="rsa-2048", intermediates=(CA_SHA1,)), UNSUPPORTED),
     ("p192-intermediate", PkiSpec(intermediates=(CA_P192,)), "unsupported_key"),
     ("p521-chain", PkiSpec(root_key_type="ec-p521", leaf=LeafSpec(key_type="ec-p521")), None),
     ("too-deep", PkiSpec(intermediates=(IntermediateSpec(),) * 3), "invalid_chain"),

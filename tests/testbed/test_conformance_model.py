@@ -209,6 +209,7 @@ def test_a_policy_duration_overrides_the_application_but_not_no_duration() -> No
         PkiSpec(intermediates=(IntermediateSpec(key_type="ec-k256"),)),
         PkiSpec(intermediates=(IntermediateSpec(key_type="dsa-2048"),)),
         PkiSpec(intermediates=(IntermediateSpec(key_type="ed448"),)),
+        PkiSpec(root_key_type="rsa-2048", intermediates=(), leaf=LeafSpec(signature="sha1")),
     ],
 )
 def test_keys_and_signatures_outside_the_profile_are_unsupported_key(spec: PkiSpec) -> None:
