@@ -14,6 +14,12 @@ hostname, another one, both or none; optionally a managed-CA leaf that may be re
 three policies of every decision with include/require/exclude rules that match or not; session
 durations including No Duration (``0s``) and policy overrides; SNI/Host choices; clock jumps
 aimed at validity and token-expiry boundaries.
+
+The validation profile (issue 14): keys and signatures inside it and, one time in eight, outside
+it (Ed25519, Ed448, DSA, RSA-1024, P-192, P-224, secp256k1, SHA-1); chains deeper than the
+target's ``max_chain_depth``; an intermediate uploaded as the trust anchor; CAs without key
+usage; critical EKUs and SANs; CAs with dNSName name constraints above leaves with and without
+SANs whose names fall inside or outside them.
 """
 
 from __future__ import annotations
