@@ -48,12 +48,48 @@ _PHASES = (
 _DPI = 100
 
 
+def _distinct_colors(n: int, taken: Sequence[str]) -> list[str]:
+    """``n`` colours, none in ``taken``: the palette first, then hues around the wheel.
+
+    Outcomes and reasons grow with the enforcer's reason codes (unsupported_key and
+    revocation_unknown came with issue 14) and the client's error kinds: two of them must
+    never share a colour, however many there are.
+    """
+    used = {c.lower() for c in taken}
+    out: list[str] = []
+    for color in _PALETTE:
+        if len(out) == n:
+            return out
+        if color not in used:
+            out.append(color)
+            used.add(color)
+    step = 0
+    while len(out) < n:
+        # Golden-angle hues, away from the false-accept red and the allowed green.
+        hue = (0.6 + step * 0.618033988749895) % 1.0
+        level = 0.55 + 0.3 * ((step // 7) % 2)
+        step += 1
+        if hue < 0.05 or hue > 0.95 or 0.25 < hue < 0.42:
+            continue
+        color = "#{:02x}{:02x}{:02x}".format(*(round(v * 255) for v in _hsv(hue, 0.65, level)))
+        if color not in used:
+            out.append(color)
+            used.add(color)
+    return out
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
+    import colorsys
+
+    return colorsys.hsv_to_rgb(h, s, v)
+
+
 def outcome_colors(outcomes: Sequence[str]) -> dict[str, str]:
-    """A colour per outcome: green for allowed, the palette in sorted order for the rest."""
+    """A colour per outcome: green for allowed, distinct colours in sorted order for the rest."""
     colors = {"allowed": ALLOWED_COLOR}
     others = sorted(o for o in set(outcomes) if o != "allowed")
-    for i, outcome in enumerate(others):
-        colors[outcome] = _PALETTE[i % len(_PALETTE)]
+    fresh = _distinct_colors(len(others), [ALLOWED_COLOR, FALSE_ACCEPT_COLOR])
+    colors.update(zip(others, fresh, strict=True))
     return colors
 
 
@@ -65,15 +101,22 @@ def summary_colors(summary: Mapping[str, Any]) -> dict[str, str]:
         for reason in cohort["rejections"]:
             if reason not in colors and f"denied:{reason}" in colors:
                 colors[reason] = colors[f"denied:{reason}"]
-    extra = [r for c in summary["cohorts"].values() for r in c["rejections"] if r not in colors]
-    for i, reason in enumerate(sorted(set(extra))):
-        colors[reason] = _PALETTE[(len(colors) + i) % len(_PALETTE)]
+    extra = sorted(
+        {r for c in summary["cohorts"].values() for r in c["rejections"] if r not in colors}
+    )
+    fresh = _distinct_colors(len(extra), [*colors.values(), FALSE_ACCEPT_COLOR])
+    colors.update(zip(extra, fresh, strict=True))
     return colors
 
 
 def _legend_outside(ax: Axes) -> None:
     """A legend to the right of the axes, where it hides no data."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
+def _legend_height(entries: int) -> float:
+    """Inches a legend of ``entries`` lines at font size 8 needs, with the title and margins."""
+    return 0.9 + 0.2 * entries
 
 
 def _figure(width: float = 9.0, height: float = 4.5) -> tuple[Figure, Axes]:
@@ -231,7 +274,7 @@ def attempts_per_second(summary: Mapping[str, Any], path: Path) -> Path:
         {o for b in buckets for o in b["outcomes"]}, key=lambda o: (o != "allowed", o)
     )
     colors = summary_colors(summary)
-    fig, ax = _figure()
+    fig, ax = _figure(9.0, max(4.5, _legend_height(len(outcomes) + 1)))
     if outcomes:
         ax.stackplot(
             t,
@@ -266,7 +309,8 @@ def rejections(summary: Mapping[str, Any], path: Path) -> Path:
         return _no_data(path, title, "no rejections")
     reasons = sorted({r for _, rej in rows for r in rej})
     colors = summary_colors(summary)
-    fig, ax = _figure(9.0, max(2.5, 1.2 + 0.45 * len(rows)))
+    # Tall enough for the legend too: a run can meet every reason code and error kind.
+    fig, ax = _figure(9.0, max(2.5, 1.2 + 0.45 * len(rows), _legend_height(len(reasons))))
     y = np.arange(len(rows))
     left = np.zeros(len(rows))
     for reason in reasons:

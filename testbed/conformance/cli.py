@@ -29,13 +29,17 @@ NGINX_SCOPE = (
     "ssl_verify_client optional): cases are restricted to that policy and a 24h session, with "
     "no Common Name or other rules, no cookies or tokens, no No Duration, no managed CA or "
     "revocation, no Host/SNI mismatch, and no clock jumps (nginx reads the wall clock, so "
-    "validity windows start or end at least a day from now). Compared: admitted or refused "
-    "(nginx answers 400 to certificates it cannot verify, so reason codes are not compared)."
+    "validity windows start or end at least a day from now). Keys and signatures stay inside "
+    "the validation profile, trust anchors are self-signed roots and SANs are non-critical: "
+    "OpenSSL's own profile differs there (it admits Ed25519 CAs, for one). Compared: admitted "
+    "or refused (nginx answers 400 to certificates it cannot verify, so reason codes are not "
+    "compared)."
 )
 URL_SCOPE = (
     "A URL target is provisioned through its admin API (account and zone 'conformance'); "
     "its clock cannot be moved, so cases have no clock jumps and validity windows start or "
-    "end at least a day from now; the stateful test is skipped."
+    "end at least a day from now; the stateful test is skipped. Its max_chain_depth is not "
+    "known, so depth is not judged (the cases' chains have at most 3 intermediates)."
 )
 
 

@@ -193,7 +193,12 @@ class ConformanceMachine(RuleBasedStateMachine):
             dt.timedelta(seconds=DURATIONS[self.duration]),
             (model_policy(POLICY),),
         )
-        return model.World(tuple(self.roots.values()), {APP_HOST: app}, frozenset(self.revoked))
+        return model.World(
+            tuple(self.roots.values()),
+            {APP_HOST: app},
+            frozenset(self.revoked),
+            self.target.caps.max_chain_depth,
+        )
 
     # ---- rules: devices ----
 

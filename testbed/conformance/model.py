@@ -17,6 +17,16 @@ Where docs/access-flow.md is silent the model says what it chose:
   present, allows ``keyCertSign``, and whose ``pathLenConstraint`` holds.
 - When a request carries both a valid token and a valid certificate, either may admit it, so
   whether a new cookie is set is not checked.
+- The validation profile (issue 14): a key or certificate signature on the path outside it is
+  ``unsupported_key``. Where the chain also fails otherwise, either reason is accepted; where no
+  path reaches a root, a presented certificate outside the profile may be named instead of the
+  missing issuer (the enforcer may check the profile before building the path). A trust
+  anchor's own signature is not judged (no one verifies it); its key is.
+- A trust anchor need not be self-signed; the path ends at the first uploaded anchor.
+- Depth counts the intermediates between the leaf and the anchor; too many is ``invalid_chain``.
+- Name constraints (dNSName subtrees) of every CA below the anchor bind the leaf's SAN DNS
+  names; a leaf without SAN must have a CN that is a DNS name inside them. SAN URIs are not
+  constrained by dNSName subtrees.
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 ZERO = dt.timedelta(0)
 DECISIONS = ("non_identity", "allow", "deny", "bypass")
@@ -91,6 +103,9 @@ class World:
     roots: tuple[Root, ...]
     apps: Mapping[str, App]
     revoked: frozenset[str] = frozenset()  # SHA-256 hex of revoked leaves
+    max_chain_depth: int | None = None  # intermediates allowed on a path (None: not judged)
+    min_rsa_bits: int = 2048
+    ec_curves: frozenset[str] = frozenset({"secp256r1", "secp384r1", "secp521r1"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +209,17 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     if cert.issuer != issuer.subject:
         return False
     try:
-        cert.verify_directly_issued_by(issuer)
+        if cert.signature_algorithm_oid == SignatureAlgorithmOID.RSA_WITH_SHA1:
+            # cryptography no longer verifies SHA-1 links: check the signature by hand, so
+            # that such a link is judged by the profile (unsupported_key), not as no issuer.
+            key = issuer.public_key()
+            if not isinstance(key, rsa.RSAPublicKey):
+                return False
+            key.verify(
+                cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), hashes.SHA1()
+            )
+        else:
+            cert.verify_directly_issued_by(issuer)
     except Exception:  # wrong signature, wrong key type: not this issuer
         return False
     return True
@@ -244,6 +269,114 @@ def a5_build_path(
     return None
 
 
+_PROFILE_SIGNATURES = frozenset(
+    {
+        SignatureAlgorithmOID.RSA_WITH_SHA256,
+        SignatureAlgorithmOID.RSA_WITH_SHA384,
+        SignatureAlgorithmOID.RSA_WITH_SHA512,
+        SignatureAlgorithmOID.RSASSA_PSS,
+        SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+        SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+        SignatureAlgorithmOID.ECDSA_WITH_SHA512,
+    }
+)
+_PROFILE_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
+def a5_key_in_profile(world: World, cert: x509.Certificate) -> bool:
+    """Profile: RSA of at least ``min_rsa_bits``, or EC on an allowed curve; nothing else."""
+    try:
+        key = cert.public_key()
+    except Exception:  # a key type cryptography cannot even load is outside too
+        return False
+    if isinstance(key, rsa.RSAPublicKey):
+        return key.key_size >= world.min_rsa_bits
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key.curve.name in world.ec_curves
+    return False
+
+
+def a5_signature_in_profile(cert: x509.Certificate) -> bool:
+    """Profile: RSA PKCS#1 v1.5 or PSS, or ECDSA, with SHA-256/384/512."""
+    if cert.signature_algorithm_oid not in _PROFILE_SIGNATURES:
+        return False
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except Exception:  # an unknown hash
+        return False
+    return isinstance(algorithm, _PROFILE_HASHES)
+
+
+def a5_outside_profile(world: World, path: Sequence[x509.Certificate], anchored: bool) -> bool:
+    """Profile: any key on the path, or any signature below the anchor, outside the profile.
+
+    ``anchored``: the path ends at a trust anchor, whose own signature is not judged.
+    """
+    signed = path[:-1] if anchored else path
+    return not all(a5_key_in_profile(world, c) for c in path) or not all(
+        a5_signature_in_profile(c) for c in signed
+    )
+
+
+def a5_too_deep(world: World, path: Sequence[x509.Certificate]) -> bool:
+    """Depth: more intermediates between the leaf and the anchor than ``max_chain_depth``."""
+    return world.max_chain_depth is not None and len(path) - 2 > world.max_chain_depth
+
+
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def is_dns_name(text: str) -> bool:
+    """A DNS name: dot-separated LDH labels of 1-63 characters, 253 at most in all."""
+    labels = text.lower().split(".")
+    return len(text) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)
+
+
+def _within(name: str, subtree: str) -> bool:
+    name, subtree = name.lower().rstrip("."), subtree.lower().lstrip(".")
+    return name == subtree or name.endswith("." + subtree)
+
+
+def a5_name_constraints(path: Sequence[x509.Certificate]) -> bool:
+    """Name constraints of the CAs below the anchor hold for the leaf's DNS names.
+
+    The leaf's SAN dNSNames are its names; without a SAN, its CN is, and must be a DNS name.
+    """
+    constraints = [
+        nc for nc in (_extension(c, x509.NameConstraints) for c in path[1:-1]) if nc is not None
+    ]
+    if not constraints:
+        return True
+    leaf = path[0]
+    san = _extension(leaf, x509.SubjectAlternativeName)
+    if isinstance(san, x509.SubjectAlternativeName):
+        names = list(san.get_values_for_type(x509.DNSName))
+    else:
+        cn = common_name_of(leaf)
+        if cn is None or not is_dns_name(cn):
+            return False
+        names = [cn]
+    for nc in constraints:
+        assert isinstance(nc, x509.NameConstraints)
+        permitted = [g.value for g in nc.permitted_subtrees or () if isinstance(g, x509.DNSName)]
+        excluded = [g.value for g in nc.excluded_subtrees or () if isinstance(g, x509.DNSName)]
+        for name in names:
+            if permitted and not any(_within(name, p) for p in permitted):
+                return False
+            if any(_within(name, e) for e in excluded):
+                return False
+    return True
+
+
+def a5_san_criticality(leaf: x509.Certificate) -> bool:
+    """RFC 5280 4.2.1.6: a SAN is critical exactly when the subject is empty."""
+    try:
+        ext = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return True
+    return ext.critical == (len(leaf.subject) == 0)
+
+
 def a5_reach_root(
     world: World, hostname: str, chain: Sequence[x509.Certificate]
 ) -> Expected | None:
@@ -261,8 +394,16 @@ def a5_reach_root(
     reasons = {"untrusted_issuer"}
     if forged:
         reasons.add("invalid_chain")
-    if a5_build_path(leaf, [*presented, *uploaded, *known], roots) is not None:
+    completed = a5_build_path(leaf, [*presented, *uploaded, *known], roots)
+    if completed is not None:
         reasons = {"missing_intermediate"} | ({"invalid_chain"} if forged else set())
+        if a5_too_deep(world, completed):
+            reasons.add("invalid_chain")
+    # The profile may be checked before the path is built: a presented (or uploaded)
+    # certificate outside it may be named instead of the missing issuer.
+    seen = [*chain, *uploaded, *known]
+    if any(not a5_key_in_profile(world, c) or not a5_signature_in_profile(c) for c in seen):
+        reasons.add("unsupported_key")
     return deny(403, *reasons)
 
 
@@ -317,11 +458,40 @@ def a5_chain(
     path = a5_build_path(chain[0], [*chain[1:], *uploaded], roots)
     assert path is not None
     reasons = a5_validity(path, now)
-    if not a5_leaf_usage(path[0]) or not a5_ca_constraints(path):
+    if (
+        not a5_leaf_usage(path[0])
+        or not a5_ca_constraints(path)
+        or a5_too_deep(world, path)
+        or not a5_name_constraints(path)
+        or not a5_san_criticality(path[0])
+    ):
         reasons.add("invalid_chain")
+    if a5_outside_profile(world, path, anchored=True):
+        reasons.add("unsupported_key")
     if not a5_revocation(world, path[0]):
         reasons.add("revoked")
     return (deny(403, *reasons) if reasons else None), path
+
+
+def chain_validates(
+    world: World, hostname: str, chain: Sequence[x509.Certificate], now: dt.datetime
+) -> bool:
+    """True when ``chain`` validates for ``hostname`` at ``now`` (A5, revocation included)."""
+    if not chain or hostname not in world.apps:
+        return False
+    refused, _ = a5_chain(world, hostname, chain, now)
+    return refused is None
+
+
+def chain_refused(world: World, request: Request, now: dt.datetime) -> bool:
+    """True when ``request`` is refused for its presented chain (A2 and A3 having passed)."""
+    if not request.chain or a2_host_matches_sni(request) is not None:
+        return False
+    hostname = request.host.lower().rstrip(".")
+    if hostname not in world.apps:
+        return False
+    refused, _ = a5_chain(world, hostname, request.chain, now)
+    return refused is not None
 
 
 # ---- A4: tokens -------------------------------------------------------------------------------
@@ -482,6 +652,8 @@ def forbidden_admission(world: World, request: Request, now: dt.datetime) -> str
         return "a certificate in the chain is expired"
     if "certificate_not_yet_valid" in bad:
         return "a certificate in the chain is not yet valid"
+    if a5_outside_profile(world, path, anchored=True):
+        return "a key or signature in the chain is outside the validation profile"
     if not a5_revocation(world, leaf):
         return "the certificate is revoked"
     return None

@@ -259,8 +259,9 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
         conn: Connection,
         headers: Sequence[tuple[str, str]] = (),
         note: str = "",
+        expected: model.Expected | None = None,
     ) -> Step:
-        expected = model.expect(world, request, at)
+        expected = expected or model.expect(world, request, at)
         try:
             observed: Observed | None = conn.request(request.host, headers=headers)
             problems: list[str] = []
@@ -287,12 +288,19 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
     try:
         junk_headers = [("cookie", "CF_Authorization=not.a.token")] if junk else []
         first = step("fresh", first_request, now, conn, junk_headers)
+        judged = [first]  # the steps at which the enforcer validated the chain
         session = conn.session
         later = jump_target(spec, t0, first.expected, chain) if caps.clock else target.now()
         target.set_time(later)
         plain = dataclasses.replace(first_request, token=None)
         if first.observed is not None and not first.observed.closed and conn.usable:
-            step("kept-alive", plain, later, conn)
+            # A chain refused on a connection stays refused on it (the enforcer keeps the
+            # failure for the connection, so a client pipelining on a bad chain costs one
+            # validation): only a new connection is judged again.
+            stuck = first.expected if model.chain_refused(world, first_request, now) else None
+            kept = step("kept-alive", plain, later, conn, expected=stuck)
+            if stuck is None:
+                judged.append(kept)
     finally:
         conn.close()
 
@@ -300,7 +308,13 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
     if first.observed is not None and session is not None:
         conn = Connection.open(target.address, req.sni, ctx, session=session)
         try:
-            s = step("resumed" if conn.resumed else "reconnected", plain, later, conn)
+            resumed = plain
+            if conn.resumed and not _chain_remembered(judged):
+                # A resumed session carries only the leaf; the enforcer remembers the
+                # intermediates of every chain it validated (A14), passed or failed, and
+                # has none for a chain it never validated.
+                resumed = dataclasses.replace(plain, chain=plain.chain[:1])
+            s = step("resumed" if conn.resumed else "reconnected", resumed, later, conn)
             if (
                 conn.resumed
                 and app is not None
@@ -316,6 +330,21 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
     if caps.tokens and first.observed is not None and first.observed.status == 200:
         _token_steps(target, prov, first, later, steps, leaf)
     return run
+
+
+def _chain_remembered(steps: Sequence[Step]) -> bool:
+    """Whether an earlier step had its chain validated, so the enforcer holds its intermediates.
+
+    The enforcer validates a presented chain whenever Host names the SNI's hostname, and keeps
+    the intermediates of a chain that passed (for its resumed sessions) and, in a smaller memo
+    of their own, of one that failed, so that a refused device's resumed session keeps its
+    reason.
+    """
+    return any(
+        s.request.sni is not None
+        and s.request.host.lower().rstrip(".") == s.request.sni.lower().rstrip(".")
+        for s in steps
+    )
 
 
 def _token_steps(

@@ -14,6 +14,12 @@ hostname, another one, both or none; optionally a managed-CA leaf that may be re
 three policies of every decision with include/require/exclude rules that match or not; session
 durations including No Duration (``0s``) and policy overrides; SNI/Host choices; clock jumps
 aimed at validity and token-expiry boundaries.
+
+The validation profile (issue 14): keys and signatures inside it and, one time in eight, outside
+it (Ed25519, Ed448, DSA, RSA-1024, P-192, P-224, secp256k1, SHA-1); chains deeper than the
+target's ``max_chain_depth``; an intermediate uploaded as the trust anchor; CAs without key
+usage; critical EKUs and SANs; CAs with dNSName name constraints above leaves with and without
+SANs whose names fall inside or outside them.
 """
 
 from __future__ import annotations
@@ -27,24 +33,60 @@ from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import strategies as st
 
-from devices.pki import PrivateKey, generate_key
+from devices.pki import generate_key
 
 APP_HOST = "app.conformance.test"
 OTHER_HOST = "other.conformance.test"
 NOAPP_HOST = "noapp.conformance.test"
 
-KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "ed25519")
+# Keys inside the validation profile (docs/access-flow.md, "Validation profile") and outside it.
+PROFILE_KEY_TYPES = ("ec-p256", "ec-p384", "ec-p521", "rsa-2048")
+OUTSIDE_KEY_TYPES = ("ed25519", "ed448", "rsa-1024", "dsa-2048", "ec-p192", "ec-p224", "ec-k256")
+KEY_TYPES = (*PROFILE_KEY_TYPES, *OUTSIDE_KEY_TYPES)
+# Leaf keys a client can still complete a TLS handshake with (the others fail in TLS before
+# the enforcer can judge the chain: no signature scheme exists for P-192, P-224 or secp256k1).
+LEAF_KEY_TYPES = (*PROFILE_KEY_TYPES, "ed25519", "ed448", "rsa-1024", "dsa-2048")
+# Hashes of certificate signatures; SHA-1 is outside the profile. cryptography no longer
+# signs with SHA-1, so an RSA issuer's SHA-256 signature is redone by hand (see _with_sha1);
+# below an EC, EdDSA or DSA issuer "sha1" falls back to SHA-256.
+PROFILE_HASHES = ("sha256", "sha384", "sha512")
+HASHES = (*PROFILE_HASHES, "sha1")
 DAY = 86400
 DURATIONS = {"0s": 0, "15m": 900, "1h": 3600, "24h": 86400, "720h": 2592000}
 
 # Roles get their own pool slots so that, say, a forged leaf is never signed by its issuer.
 _SLOTS = {"root": 0, "decoy": 1, "int1": 2, "int2": 3, "int3": 4, "leaf": 5, "forger": 6}
+PrivateKey = (
+    ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
+)
 _pool: dict[tuple[str, int], PrivateKey] = {}
 _pool_lock = threading.Lock()
+_dsa_parameters: list[dsa.DSAParameters] = []  # made once: DSA parameters take a second or two
+_CURVES = {"ec-p521": ec.SECP521R1, "ec-p192": ec.SECP192R1, "ec-p224": ec.SECP224R1}
+
+
+def _generate(key_type: str) -> PrivateKey:
+    if key_type in _CURVES:
+        return ec.generate_private_key(_CURVES[key_type]())
+    if key_type == "ec-k256":
+        return ec.generate_private_key(ec.SECP256K1())
+    if key_type == "rsa-1024":
+        return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    if key_type == "ed448":
+        return ed448.Ed448PrivateKey.generate()
+    if key_type == "dsa-2048":
+        if not _dsa_parameters:
+            _dsa_parameters.append(dsa.generate_parameters(2048))
+        return _dsa_parameters[0].generate_private_key()
+    return generate_key(key_type)
 
 
 def pooled_key(key_type: str, role: str) -> PrivateKey:
@@ -52,8 +94,13 @@ def pooled_key(key_type: str, role: str) -> PrivateKey:
     slot = (key_type, _SLOTS[role])
     with _pool_lock:
         if slot not in _pool:
-            _pool[slot] = generate_key(key_type)
+            _pool[slot] = _generate(key_type)
         return _pool[slot]
+
+
+def in_profile(key_type: str) -> bool:
+    """True for key types inside the default validation profile."""
+    return key_type in PROFILE_KEY_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +114,36 @@ class Capabilities:
     managed_ca: bool = True  # a managed CA that issues and revokes
     misdirected: bool = True  # Host != SNI is 421
     key_types: tuple[str, ...] = KEY_TYPES
+    hashes: tuple[str, ...] = HASHES
+    # The profile's own rules beyond keys: intermediates as trust anchors, SAN criticality.
+    profile_rules: bool = True
+    # The target's max_chain_depth when known (None: not judged; the cases stay under 8).
+    max_chain_depth: int | None = None
     # Case families left out, by name (see KNOWN_FAMILIES): to run the rest of the suite
     # while a divergence already reported stays unfixed.
     skip: frozenset[str] = frozenset()
 
     def draws_key_types(self, ca: bool = True) -> tuple[str, ...]:
         """The key types cases may use for CAs (or, with ``ca=False``, for leaves)."""
+        types = self.key_types if ca else tuple(k for k in self.key_types if k in LEAF_KEY_TYPES)
+        if "outside-profile" in self.skip:
+            types = tuple(k for k in types if in_profile(k))
         if ca and "ed25519-ca" in self.skip:
-            return tuple(k for k in self.key_types if k != "ed25519")
-        return self.key_types
+            types = tuple(k for k in types if k != "ed25519")
+        return types
+
+    def draws_hashes(self) -> tuple[str, ...]:
+        """The signature hashes certificates may be signed with."""
+        if "outside-profile" in self.skip:
+            return tuple(h for h in self.hashes if h in PROFILE_HASHES)
+        return self.hashes
 
 
 # Families of cases that can be skipped with --skip (each names one kind of certificate).
 KNOWN_FAMILIES = {
     "ed25519-ca": "roots and intermediates with Ed25519 keys (certificates signed with Ed25519)",
+    "outside-profile": "keys and signatures outside the validation profile (Ed25519, Ed448, "
+    "DSA, RSA-1024, P-192, P-224, secp256k1, SHA-1): unsupported_key",
     "leaf-key-usage": "client leaves whose key usage lacks digitalSignature",
     "mixed-chain": "an uploaded intermediate below one that is not uploaded",
 }
@@ -99,6 +162,10 @@ class IntermediateSpec:
     presented: bool = True  # sent by the client
     uploaded: bool = False  # uploaded with the root
     known_elsewhere: bool = False  # uploaded with the decoy root
+    signature: str = "sha256"  # the hash its issuer signs it with (Ed25519/Ed448: none)
+    key_usage: bool = True  # False: no key usage extension (RFC 5280 allows it on a CA)
+    permitted: tuple[str, ...] = ()  # name constraints: permitted dNSName subtrees
+    excluded: tuple[str, ...] = ()  # name constraints: excluded dNSName subtrees
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +181,9 @@ class LeafSpec:
     san_dns: tuple[str, ...] = ()
     san_uris: tuple[str, ...] = ()
     forged: bool = False  # signed by a key that is not its issuer's
+    signature: str = "sha256"
+    eku_critical: bool = False  # RFC 5280 allows a critical EKU
+    san_critical: bool = False  # with a non-empty subject: refused by the profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +207,10 @@ class PkiSpec:
     leaf: LeafSpec = LeafSpec()
     decoy_hostnames: tuple[str, ...] | None = None  # a second, unrelated root (None: none)
     managed: ManagedSpec | None = None
+    root_key_usage: bool = True
+    # The uploaded trust anchor: 0 the root, i the i-th intermediate (not self-signed; the
+    # root and the intermediates above it are then not uploaded).
+    anchor: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,13 +289,34 @@ def windows(draw: st.DrawFn, caps: Capabilities, valid_bias: bool = True) -> tup
     return start, end
 
 
+def _key_type(draw: st.DrawFn, types: tuple[str, ...]) -> str:
+    """Mostly a key inside the profile, one time in eight any key the target can take."""
+    inside = [k for k in types if in_profile(k)] or list(types)
+    return draw(st.sampled_from(list(types) if draw(st.integers(0, 7)) == 7 else inside))
+
+
+def _signature(draw: st.DrawFn, caps: Capabilities) -> str:
+    return "sha256" if draw(st.integers(0, 7)) != 7 else draw(st.sampled_from(caps.draws_hashes()))
+
+
+# Name constraints a CA may carry: (permitted, excluded) dNSName subtrees.
+NAME_CONSTRAINTS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("fleet.test",), ()),
+    ((), ("factory-b.test",)),
+    (("fleet.test", "example.test"), ("alt.example.test",)),
+)
+
+
 @st.composite
 def intermediate_specs(draw: st.DrawFn, caps: Capabilities) -> IntermediateSpec:
     """One intermediate: usually sound, sometimes defective or not sent."""
     nb, na = draw(windows(caps))
     sound = draw(st.integers(0, 4)) != 4
+    permitted, excluded = (
+        draw(st.sampled_from(NAME_CONSTRAINTS)) if draw(st.integers(0, 5)) == 5 else ((), ())
+    )
     return IntermediateSpec(
-        key_type=draw(st.sampled_from(caps.draws_key_types())),
+        key_type=_key_type(draw, caps.draws_key_types()),
         not_before=nb,
         not_after=na,
         is_ca=sound or draw(st.booleans()),
@@ -230,10 +325,23 @@ def intermediate_specs(draw: st.DrawFn, caps: Capabilities) -> IntermediateSpec:
         presented=draw(st.integers(0, 5)) != 5,
         uploaded=draw(st.booleans()),
         known_elsewhere=draw(st.integers(0, 3)) == 3,
+        signature=_signature(draw, caps),
+        key_usage=draw(st.integers(0, 5)) != 5,
+        permitted=permitted,
+        excluded=excluded,
     )
 
 
-_CNS = ("device-1", "device-2", "sensor-7")
+# Common Names: single labels, DNS names inside and outside the name constraints, and one
+# that is no DNS name at all (for SAN-less leaves under name-constrained CAs).
+_CNS = (
+    "device-1",
+    "device-2",
+    "sensor-7",
+    "device-1.fleet.test",
+    "device-1.factory-b.test",
+    "Device 7",
+)
 
 
 @st.composite
@@ -243,16 +351,23 @@ def leaf_specs(draw: st.DrawFn, caps: Capabilities) -> LeafSpec:
     sound = draw(st.integers(0, 4)) != 4
     dns = draw(st.sampled_from([(), ("d1.fleet.test",), ("d1.fleet.test", "alt.example.test")]))
     uris = draw(st.sampled_from([(), ("spiffe://fleet.test/device/1",)]))
+    eku = "client" if sound else draw(st.sampled_from(["client", "server", "both", "none"]))
     return LeafSpec(
         cn=draw(st.sampled_from(_CNS)),
-        key_type=draw(st.sampled_from(caps.draws_key_types(ca=False))),
+        key_type=_key_type(draw, caps.draws_key_types(ca=False)),
         not_before=nb,
         not_after=na,
-        eku="client" if sound else draw(st.sampled_from(["client", "server", "both", "none"])),
+        eku=eku,
         digital_signature=sound or "leaf-key-usage" in caps.skip or draw(st.booleans()),
         san_dns=dns,
         san_uris=uris,
         forged=not sound and draw(st.integers(0, 3)) == 3,
+        signature=_signature(draw, caps),
+        eku_critical=eku != "none" and draw(st.integers(0, 5)) == 5,
+        san_critical=caps.profile_rules
+        and bool(dns or uris)
+        and not sound
+        and draw(st.integers(0, 3)) == 3,
     )
 
 
@@ -285,8 +400,35 @@ def pki_specs(draw: st.DrawFn, caps: Capabilities) -> PkiSpec:
             if gap:
                 intermediates[i] = dataclasses.replace(inter, uploaded=False, known_elsewhere=False)
             gap = gap or not inter.uploaded
+    root_key_type = _key_type(draw, caps.draws_key_types())
+    anchor = 0
+    if caps.profile_rules and intermediates and draw(st.integers(0, 5)) == 5:
+        # An intermediate as the trust anchor. It is a sound CA, and neither its key nor its
+        # signature (which no one checks once it is the anchor) is outside the profile: the
+        # model need not guess whether an anchor's own signature counts.
+        anchor = draw(st.integers(1, len(intermediates)))
+        profile_key = draw(st.sampled_from(PROFILE_KEY_TYPES))
+        root_key_type = root_key_type if in_profile(root_key_type) else profile_key
+        for i in range(anchor):
+            inter = intermediates[i]
+            intermediates[i] = dataclasses.replace(
+                inter,
+                key_type=inter.key_type if in_profile(inter.key_type) else profile_key,
+                signature="sha256",
+                **(
+                    {
+                        "is_ca": True,
+                        "path_length": None,
+                        "key_cert_sign": True,
+                        "permitted": (),
+                        "excluded": (),
+                    }
+                    if i == anchor - 1
+                    else {}
+                ),
+            )
     return PkiSpec(
-        root_key_type=draw(st.sampled_from(caps.draws_key_types())),
+        root_key_type=root_key_type,
         root_not_before=nb,
         root_not_after=na,
         root_hostnames=draw(st.sampled_from(_HOSTNAME_SETS)),
@@ -294,6 +436,8 @@ def pki_specs(draw: st.DrawFn, caps: Capabilities) -> PkiSpec:
         leaf=draw(leaf_specs(caps)),
         decoy_hostnames=draw(st.sampled_from([None, None, (APP_HOST,), (OTHER_HOST,), ()])),
         managed=managed,
+        root_key_usage=draw(st.integers(0, 7)) != 7,
+        anchor=anchor,
     )
 
 
@@ -375,9 +519,10 @@ class BuiltPki:
     leaf: x509.Certificate | None  # None until a managed CA issues it
     leaf_key: PrivateKey
     presented: tuple[x509.Certificate, ...]  # intermediates the client sends, leaf side first
-    uploaded: tuple[x509.Certificate, ...]  # uploaded with the root
+    uploaded: tuple[x509.Certificate, ...]  # uploaded with the anchor (below it)
     decoy: x509.Certificate | None
     decoy_uploaded: tuple[x509.Certificate, ...]
+    anchor: x509.Certificate  # the uploaded trust anchor: the root or an intermediate
 
     @property
     def issuer(self) -> x509.Certificate:
@@ -385,8 +530,34 @@ class BuiltPki:
         return self.intermediates[-1] if self.intermediates else self.root
 
 
-def _sign_hash(key: PrivateKey) -> hashes.SHA256 | None:
-    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_HASHES["sha1"] = hashes.SHA256  # signed with SHA-256, then redone with SHA-1 (RSA only)
+_SHA256_RSA = bytes.fromhex("06092a864886f70d01010b")  # the OID sha256WithRSAEncryption, DER
+_SHA1_RSA = bytes.fromhex("06092a864886f70d010105")  # sha1WithRSAEncryption: the same length
+
+
+def _sign_hash(key: PrivateKey, name: str = "sha256") -> hashes.HashAlgorithm | None:
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None
+    return _HASHES[name]()
+
+
+def _signed(
+    builder: x509.CertificateBuilder, key: PrivateKey, name: str = "sha256"
+) -> x509.Certificate:
+    """Sign with ``key`` and the named hash; "sha1" is made by hand below an RSA issuer.
+
+    The two algorithm OIDs have the same length and so does an RSA signature, so swapping
+    them in the DER and re-signing the new TBS bytes with SHA-1 keeps every length right.
+    """
+    cert = builder.sign(key, _sign_hash(key, name))
+    if name != "sha1" or not isinstance(key, rsa.RSAPrivateKey):
+        return cert
+    tbs = cert.tbs_certificate_bytes.replace(_SHA256_RSA, _SHA1_RSA)
+    signature = key.sign(tbs, padding.PKCS1v15(), hashes.SHA1())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    der = der.replace(cert.tbs_certificate_bytes, tbs).replace(_SHA256_RSA, _SHA1_RSA)
+    return x509.load_der_x509_certificate(der.replace(cert.signature, signature))
 
 
 def _name(cn: str) -> x509.Name:
@@ -424,6 +595,10 @@ def _ca_cert(
     is_ca: bool = True,
     path_length: int | None = None,
     cert_sign: bool = True,
+    key_usage: bool = True,
+    signature: str = "sha256",
+    permitted: tuple[str, ...] = (),
+    excluded: tuple[str, ...] = (),
 ) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
@@ -437,16 +612,25 @@ def _ca_cert(
             x509.BasicConstraints(ca=is_ca, path_length=path_length if is_ca else None),
             critical=True,
         )
-        .add_extension(
-            _usage(digital_signature=True, cert_sign=cert_sign, encipher=False), critical=True
-        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
             critical=False,
         )
     )
-    return builder.sign(issuer_key, _sign_hash(issuer_key))
+    if key_usage:
+        builder = builder.add_extension(
+            _usage(digital_signature=True, cert_sign=cert_sign, encipher=False), critical=True
+        )
+    if permitted or excluded:
+        builder = builder.add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=[x509.DNSName(n) for n in permitted] or None,
+                excluded_subtrees=[x509.DNSName(n) for n in excluded] or None,
+            ),
+            critical=True,
+        )
+    return _signed(builder, issuer_key, signature)
 
 
 _EKUS = {
@@ -490,12 +674,14 @@ def _leaf_cert(
     )
     eku = _EKUS[spec.eku]
     if eku is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=spec.eku_critical)
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in spec.san_dns]
     sans += [x509.UniformResourceIdentifier(u) for u in spec.san_uris]
     if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(signer, _sign_hash(signer))
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(sans), critical=spec.san_critical
+        )
+    return _signed(builder, signer, spec.signature)
 
 
 def build_pki(spec: PkiSpec, t0: dt.datetime) -> BuiltPki:
@@ -510,6 +696,7 @@ def build_pki(spec: PkiSpec, t0: dt.datetime) -> BuiltPki:
         t0,
         spec.root_not_before,
         spec.root_not_after,
+        key_usage=spec.root_key_usage,
     )
     chain: list[x509.Certificate] = []
     issuer, issuer_key = root, root_key
@@ -526,6 +713,10 @@ def build_pki(spec: PkiSpec, t0: dt.datetime) -> BuiltPki:
             is_ca=ispec.is_ca,
             path_length=ispec.path_length,
             cert_sign=ispec.key_cert_sign,
+            key_usage=ispec.key_usage,
+            signature=ispec.signature,
+            permitted=ispec.permitted,
+            excluded=ispec.excluded,
         )
         chain.append(cert)
         issuer, issuer_key = cert, key
@@ -540,15 +731,18 @@ def build_pki(spec: PkiSpec, t0: dt.datetime) -> BuiltPki:
             f"conformance decoy root {tag}", decoy_key, None, decoy_key, t0, -DAY, 3650 * DAY
         )
     pairs = list(zip(spec.intermediates, chain, strict=True))
+    anchor = chain[spec.anchor - 1] if spec.anchor else root
     return BuiltPki(
         root=root,
         intermediates=tuple(chain),
         leaf=leaf,
         leaf_key=leaf_key,
         presented=tuple(c for s, c in reversed(pairs) if s.presented),
-        uploaded=tuple(c for s, c in pairs if s.uploaded),
+        # Only intermediates below the anchor are uploaded with it.
+        uploaded=tuple(c for s, c in pairs[spec.anchor :] if s.uploaded),
         decoy=decoy,
         decoy_uploaded=tuple(c for s, c in pairs if s.known_elsewhere),
+        anchor=anchor,
     )
 
 

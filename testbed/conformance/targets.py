@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import dsa
 
 from devices.pki import issue_ca, issue_leaf, write_pem
 from testbed.admin_cli import AdminClient, AdminError
@@ -35,6 +36,8 @@ from testbed.conformance.strategies import (
     DURATIONS,
     NOAPP_HOST,
     OTHER_HOST,
+    PROFILE_HASHES,
+    PROFILE_KEY_TYPES,
     Capabilities,
     CaseSpec,
     build_pki,
@@ -105,7 +108,10 @@ def _contexts(
     cert_file, key_file = folder / "client-cert.pem", folder / "client-key.pem"
     write_pem(cert_file, pem(*chain))
     write_pem(key_file, key_pem(key), private=True)
-    return client_context(edge_ca, cert_file, key_file), client_context(edge_ca)
+    with_cert = client_context(edge_ca, cert_file, key_file)
+    if isinstance(key, dsa.DSAPrivateKey):
+        with_cert.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 has no DSA signatures
+    return with_cert, client_context(edge_ca)
 
 
 def _apps_text(apps: Mapping[str, model.App], bodies: list[dict[str, Any]]) -> str:
@@ -210,8 +216,9 @@ class AdminTarget:
         a = self.admin
         try:
             self.clear_roots()
-            self.upload_root([*pki.uploaded, pki.root], spec.pki.root_hostnames)
-            roots = [model.Root(pki.root, pki.uploaded, frozenset(spec.pki.root_hostnames))]
+            # The last certificate of the PEM is the trust anchor (the root or an intermediate).
+            self.upload_root([*pki.uploaded, pki.anchor], spec.pki.root_hostnames)
+            roots = [model.Root(pki.anchor, pki.uploaded, frozenset(spec.pki.root_hostnames))]
             if pki.decoy is not None:
                 hosts = spec.pki.decoy_hostnames or ()
                 self.upload_root([*pki.decoy_uploaded, pki.decoy], hosts)
@@ -268,7 +275,7 @@ class AdminTarget:
                 OTHER_HOST, dt.timedelta(hours=24), (model_policy(VALID_CERTIFICATE),)
             ),
         }
-        world = model.World(tuple(roots), apps, revoked)
+        world = model.World(tuple(roots), apps, revoked, self.caps.max_chain_depth)
         with_cert, without = _contexts(self.folder, self.edge_ca, chain, leaf_key)
         summary = describe_pki(world, chain, t0, _apps_text(apps, bodies))
         return Provisioned(t0, world, chain, with_cert, without, summary)
@@ -285,6 +292,11 @@ class NginxTarget:
         policies=False,
         managed_ca=False,
         misdirected=False,
+        # OpenSSL's own profile (security level, no partial chains, SAN criticality) differs
+        # from ours: nginx draws only what both accept alike.
+        key_types=PROFILE_KEY_TYPES,
+        hashes=PROFILE_HASHES,
+        profile_rules=False,
     )
 
     def __init__(self, folder: Path) -> None:
@@ -308,7 +320,7 @@ class NginxTarget:
         t0 = wall_now()
         pki = build_pki(spec.pki, t0)
         assert pki.leaf is not None
-        roots = [model.Root(pki.root, pki.uploaded, frozenset(spec.pki.root_hostnames))]
+        roots = [model.Root(pki.anchor, pki.uploaded, frozenset(spec.pki.root_hostnames))]
         if pki.decoy is not None:
             roots.append(
                 model.Root(pki.decoy, pki.decoy_uploaded, frozenset(spec.pki.decoy_hostnames or ()))
@@ -354,10 +366,13 @@ class NginxTarget:
 
 # ---- the built-in enforcer, served in this process ------------------------------------------
 
+# Below the default (8) so that the cases' chains (up to 3 intermediates) can exceed it.
+BUILTIN_MAX_CHAIN_DEPTH = 2
 BUILTIN_CONFIG = """
 [server]
 host = "127.0.0.1"
 port = 0
+max_chain_depth = {depth}
 access_log = "access.log"
 
 [signing]
@@ -394,7 +409,12 @@ async def serve_builtin(nursery: trio.Nursery, folder: Path) -> AdminTarget:
     edge_ca, _, _ = write_edge(folder, base)
     token = secrets.token_hex(16)
     (folder / "enforcer.toml").write_text(
-        BUILTIN_CONFIG.format(token=token, account=ACCOUNT, hostnames=json.dumps(list(HOSTNAMES)))
+        BUILTIN_CONFIG.format(
+            token=token,
+            account=ACCOUNT,
+            hostnames=json.dumps(list(HOSTNAMES)),
+            depth=BUILTIN_MAX_CHAIN_DEPTH,
+        )
     )
     config = load_config(folder / "enforcer.toml")
     clock = FixedClock(base)
@@ -407,7 +427,14 @@ async def serve_builtin(nursery: trio.Nursery, folder: Path) -> AdminTarget:
     )
     admin = AdminClient(f"http://127.0.0.1:{admin_port}", token, ACCOUNT, ZONE)
     target = AdminTarget(
-        "builtin", Capabilities(), ("127.0.0.1", port), edge_ca, admin, folder, clock, base
+        "builtin",
+        Capabilities(max_chain_depth=BUILTIN_MAX_CHAIN_DEPTH),
+        ("127.0.0.1", port),
+        edge_ca,
+        admin,
+        folder,
+        clock,
+        base,
     )
     await trio.to_thread.run_sync(target.prepare, f"http://127.0.0.1:{origin_port}")
     return target

@@ -27,10 +27,11 @@ def world(
     spec: PkiSpec | None = None,
     duration: dt.timedelta = dt.timedelta(hours=24),
     policies: tuple[model.Policy, ...] = (VALID,),
+    max_chain_depth: int | None = None,
 ) -> tuple[model.World, tuple]:
     spec = spec or PkiSpec()
     pki = build_pki(spec, T0)
-    roots = [model.Root(pki.root, pki.uploaded, frozenset(spec.root_hostnames))]
+    roots = [model.Root(pki.anchor, pki.uploaded, frozenset(spec.root_hostnames))]
     if pki.decoy is not None:
         roots.append(
             model.Root(pki.decoy, pki.decoy_uploaded, frozenset(spec.decoy_hostnames or ()))
@@ -40,7 +41,10 @@ def world(
         OTHER_HOST: model.App(OTHER_HOST, dt.timedelta(hours=24), (VALID,)),
     }
     assert pki.leaf is not None
-    return model.World(tuple(roots), apps), (pki.leaf, *pki.presented)
+    return model.World(tuple(roots), apps, max_chain_depth=max_chain_depth), (
+        pki.leaf,
+        *pki.presented,
+    )
 
 
 def ask(w: model.World, chain: tuple, **kw: object) -> model.Expected:
@@ -187,3 +191,127 @@ def test_a_policy_duration_overrides_the_application_but_not_no_duration() -> No
     assert ask(w, chain).cookie_max_age == 3600
     w, chain = world(duration=dt.timedelta(0), policies=(short,))
     assert ask(w, chain).cookie is False
+
+
+# ---- the validation profile (issue 14; docs/access-flow.md) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PkiSpec(leaf=LeafSpec(key_type="rsa-1024")),
+        PkiSpec(leaf=LeafSpec(key_type="dsa-2048")),
+        PkiSpec(leaf=LeafSpec(key_type="ed25519")),
+        PkiSpec(leaf=LeafSpec(key_type="ed448")),
+        PkiSpec(leaf=LeafSpec(key_type="ec-p192")),
+        PkiSpec(root_key_type="ed25519"),  # an Ed25519 CA: the documented profile, not a bug
+        PkiSpec(intermediates=(IntermediateSpec(key_type="ec-p224"),)),
+        PkiSpec(intermediates=(IntermediateSpec(key_type="ec-k256"),)),
+        PkiSpec(intermediates=(IntermediateSpec(key_type="dsa-2048"),)),
+        PkiSpec(intermediates=(IntermediateSpec(key_type="ed448"),)),
+        PkiSpec(root_key_type="rsa-2048", intermediates=(), leaf=LeafSpec(signature="sha1")),
+    ],
+)
+def test_keys_and_signatures_outside_the_profile_are_unsupported_key(spec: PkiSpec) -> None:
+    w, chain = world(spec)
+    assert ask(w, chain).reasons == {"unsupported_key"}
+    assert model.forbidden_admission(w, model.Request(APP_HOST, APP_HOST, chain), T0)
+
+
+@pytest.mark.parametrize("key_type", ["ec-p256", "ec-p384", "ec-p521", "rsa-2048"])
+def test_keys_inside_the_profile_are_admitted(key_type: str) -> None:
+    spec = PkiSpec(
+        root_key_type=key_type,
+        intermediates=(IntermediateSpec(key_type=key_type, signature="sha512"),),
+        leaf=LeafSpec(key_type=key_type, signature="sha384"),
+    )
+    w, chain = world(spec)
+    assert ask(w, chain).status == 200
+
+
+def test_the_profile_is_configurable() -> None:
+    w, chain = world(PkiSpec(leaf=LeafSpec(key_type="ec-p384")))
+    narrow = dataclasses.replace(w, ec_curves=frozenset({"secp256r1"}))
+    assert ask(narrow, chain).reasons == {"unsupported_key"}
+    w, chain = world(PkiSpec(leaf=LeafSpec(key_type="rsa-2048")))
+    assert ask(dataclasses.replace(w, min_rsa_bits=3072), chain).reasons == {"unsupported_key"}
+
+
+def test_a_profile_fault_beside_another_accepts_either_reason() -> None:
+    spec = PkiSpec(leaf=LeafSpec(key_type="rsa-1024", not_before=-DAY, not_after=-60))
+    w, chain = world(spec)
+    assert ask(w, chain).reasons == {"unsupported_key", "certificate_expired"}
+    # Without a path, a presented certificate outside the profile may be named instead.
+    w, chain = world(dataclasses.replace(spec, root_hostnames=(OTHER_HOST,)))
+    assert ask(w, chain).reasons == {"unsupported_key", "untrusted_issuer"}
+
+
+def test_a_chain_deeper_than_max_chain_depth_is_invalid_chain() -> None:
+    three = PkiSpec(intermediates=(IntermediateSpec(),) * 3)
+    w, chain = world(three, max_chain_depth=2)
+    assert ask(w, chain).reasons == {"invalid_chain"}
+    w, chain = world(three, max_chain_depth=3)
+    assert ask(w, chain).status == 200
+
+
+def test_an_intermediate_is_a_trust_anchor() -> None:
+    # Only intermediate 2 is uploaded (not self-signed): the path ends there, and the depth
+    # counts from it.
+    spec = PkiSpec(intermediates=(IntermediateSpec(),) * 3, anchor=2)
+    w, chain = world(spec, max_chain_depth=1)
+    anchor = w.roots[0].certificate
+    assert anchor.issuer != anchor.subject
+    assert ask(w, chain).status == 200
+    # Without intermediate 3 (the one between the leaf and the anchor) no path remains.
+    assert ask(w, chain[:1]).reasons == {"untrusted_issuer"}
+
+
+def test_rfc_5280_allows_a_critical_eku_and_a_ca_without_key_usage() -> None:
+    spec = PkiSpec(
+        root_key_usage=False,
+        intermediates=(IntermediateSpec(key_usage=False),),
+        leaf=LeafSpec(eku_critical=True),
+    )
+    w, chain = world(spec)
+    assert ask(w, chain).status == 200
+
+
+@pytest.mark.parametrize(
+    ("constraints", "leaf", "admitted"),
+    [
+        # The issue's case: a CA excluding factory-b.test, a SAN-less leaf named inside it.
+        (((), ("factory-b.test",)), LeafSpec(cn="device-1.factory-b.test"), False),
+        (((), ("factory-b.test",)), LeafSpec(cn="device-1.fleet.test"), True),
+        (((), ("factory-b.test",)), LeafSpec(cn="Device 7"), False),  # no DNS name at all
+        ((("fleet.test",), ()), LeafSpec(cn="device-1.fleet.test"), True),
+        ((("fleet.test",), ()), LeafSpec(cn="device-1"), False),
+        ((("fleet.test",), ()), LeafSpec(san_dns=("d1.fleet.test",)), True),
+        ((("fleet.test",), ()), LeafSpec(san_dns=("d1.fleet.test", "alt.example.test")), False),
+        # dNSName subtrees do not constrain URIs.
+        (
+            (("fleet.test",), ()),
+            LeafSpec(san_dns=("d1.fleet.test",), san_uris=("spiffe://x/y",)),
+            True,
+        ),
+        (
+            (("fleet.test", "example.test"), ("alt.example.test",)),
+            LeafSpec(san_dns=("alt.example.test",)),
+            False,
+        ),
+    ],
+)
+def test_name_constraints_bind_san_and_san_less_leaves(
+    constraints: tuple[tuple[str, ...], tuple[str, ...]], leaf: LeafSpec, admitted: bool
+) -> None:
+    permitted, excluded = constraints
+    inter = IntermediateSpec(permitted=permitted, excluded=excluded)
+    w, chain = world(PkiSpec(intermediates=(inter,), leaf=leaf))
+    e = ask(w, chain)
+    assert (e.status == 200) is admitted, e.describe()
+    if not admitted:
+        assert e.reasons == {"invalid_chain"}
+
+
+def test_a_critical_san_beside_a_subject_is_invalid_chain() -> None:
+    w, chain = world(PkiSpec(leaf=LeafSpec(san_dns=("d1.fleet.test",), san_critical=True)))
+    assert ask(w, chain).reasons == {"invalid_chain"}

@@ -534,3 +534,99 @@ def test_report_opens_in_headless_chromium(
     dom = chromium_dom(broken)
     assert 'data-images-ok="false"' in dom
     assert 'data-console-errors="1"' in dom
+
+
+# Every reason code, the two of issue 14 included, in the summary, the figures and the HTML.
+
+# The enforcer's codes after issue 14 (docs/access-flow.md), spelled out so that a report of
+# a run against any enforcer version shows them; the test also takes any the enforcer adds.
+REASON_CODES = (
+    "no_certificate",
+    "untrusted_issuer",
+    "missing_intermediate",
+    "certificate_expired",
+    "certificate_not_yet_valid",
+    "invalid_chain",
+    "unsupported_key",
+    "revoked",
+    "revocation_unknown",
+    "policy_denied",
+    "token_invalid",
+    "token_expired",
+    "misdirected",
+    "no_application",
+)
+ERRORS = ("timeout", "tls_error:eof", "tls_error:handshake_failure", "connect_error:refused")
+
+
+def write_reasons_run(path: Path) -> Path:
+    """A run whose devices meet every reason code and several client-side errors."""
+    from enforcer.reasons import Reason
+
+    codes = sorted({*REASON_CODES, *(str(r) for r in Reason)})
+    cohorts = {
+        "weak-key": {"size": 2, "expected": "denied:unsupported_key"},
+        "stale-crl": {"size": 2, "expected": "denied:revocation_unknown"},
+        "mixed": {"size": 4, "expected": "allowed"},
+    }
+    writer = ResultsWriter(path / "results.sqlite")
+    writer.set_meta(
+        scenario="every-reason", seed=1, clock="virtual", started_at="2025-01-01T00:00:00+00:00",
+        target={"kind": "embedded"}, cohorts=cohorts,
+        phases=[{"name": "all", "start": 0.0, "duration": 10.0}],
+    )  # fmt: skip
+    outcomes = [("weak-key", "denied:unsupported_key")] * 6
+    outcomes += [("stale-crl", "denied:revocation_unknown")] * 5 + [("stale-crl", "allowed")]
+    outcomes += [("mixed", f"denied:{c}") for c in codes] + [("mixed", e) for e in ERRORS]
+    outcomes += [("mixed", "allowed")] * 3
+    for i, (cohort, outcome) in enumerate(outcomes):
+        denied = outcome.startswith("denied:")
+        writer.attempt(
+            AttemptRow(
+                device=f"{cohort}-{i % 2}", cohort=cohort, phase="all",
+                expected=str(cohorts[cohort]["expected"]), scheduled=i * 0.1, started=i * 0.1,
+                connect_ms=1.0, key_store_ms=0.1, handshake_ms=2.0, first_byte_ms=1.0,
+                service_ms=4.0, total_ms=4.0, outcome=outcome,
+                status=403 if denied else (200 if outcome == "allowed" else None),
+                reason=outcome.removeprefix("denied:") if denied else None,
+                new_connection=True, resumed=False, error=None,
+            )
+        )  # fmt: skip
+    writer.set_meta(finished_at="2025-01-01T00:00:10+00:00")
+    writer.close()
+    return path
+
+
+def test_every_reason_code_is_reported_in_a_colour_of_its_own(tmp_path: Path) -> None:
+    from testbed.plots import FALSE_ACCEPT_COLOR, summary_colors
+
+    run = write_reasons_run(tmp_path)
+    summary = load_summary(run)
+    cohorts = summary["cohorts"]
+    assert cohorts["weak-key"]["rejections"] == {"unsupported_key": 6}
+    assert cohorts["weak-key"]["matched_share"] == 1.0
+    assert cohorts["stale-crl"]["rejections"] == {"revocation_unknown": 5}
+    assert cohorts["stale-crl"]["false_accepts"] == 1  # fail open where closed was expected
+    mixed = cohorts["mixed"]["rejections"]
+    assert set(REASON_CODES) | set(ERRORS) <= set(mixed)
+    assert summary["matrix"]["denied:unsupported_key"] == {"denied:unsupported_key": 6}
+
+    colors = summary_colors(summary)
+    # No two outcomes, and no two reasons of the rejections figure, share a colour, and none
+    # takes the false-accept red.
+    outcomes = list(summary["totals"]["outcomes"])
+    assert len({colors[o] for o in outcomes}) == len(outcomes)
+    assert len({colors[r] for r in mixed}) == len(mixed)
+    assert FALSE_ACCEPT_COLOR not in {colors[k] for k in [*outcomes, *mixed]}
+    assert colors["unsupported_key"] == colors["denied:unsupported_key"]
+
+    paths = render(run)
+    text = paths.html.read_text()
+    for code in ("denied:unsupported_key", "denied:revocation_unknown"):
+        assert f"{code}: " in text  # the cohort table's observed outcomes
+        assert f"<code>{code}</code>" in text  # the expected-vs-observed matrix
+    for name, _, _ in PLOTS:
+        assert (run / name).read_bytes().startswith(PNG_MAGIC), name
+    out = Console(width=200, record=True)
+    print_summary(summary, console=out)
+    assert "denied:unsupported_key" in out.export_text()
