@@ -642,7 +642,8 @@ class Run:
     # -- phases --------------------------------------------------------------------------------
 
     async def attempt(self, device: Device, phase: str, scheduled: float) -> None:
-        device.busy = True
+        """Run one open-loop attempt on a device already claimed for it; free it after."""
+        assert device.busy, "claim the device before starting its attempt"
         try:
             started = trio.current_time()
             b = device.cohort.behaviour
@@ -662,6 +663,9 @@ class Run:
                     self.dropped += 1
                     self.writer.dropped(scheduled - self.start, "-", phase.name)
                     continue
+                # Claimed here, not in the task: the task starts only at a later checkpoint,
+                # and the next arrival must not be handed the same device meanwhile.
+                device.busy = True
                 nursery.start_soon(self.attempt, device, phase.name, scheduled)
 
     def _free_device(self) -> Device | None:
