@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no live display")
     run.add_argument(
+        "--max-errors",
+        type=_share,
+        default=_env("MAX_ERRORS"),
+        help="share of attempts that may end in errors (timeouts, transport errors, 5xx)"
+        " before the run fails, e.g. 5%% (default: 1%%, or the scenario's own errors"
+        " thresholds; env TESTBED_MAX_ERRORS)",
+    )
+    run.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -114,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_conformance_parser(sub)
     return parser
+
+
+def _share(text: str) -> float:
+    """A share from ``5%`` or ``0.05``, between 0 and 1."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a share like 1% or 0.01, got {text!r}"
+        ) from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0% and 100%, got {text!r}")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -178,6 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             render=_render,
             workers=args.workers,
+            max_errors=args.max_errors,
         )
     except RunError as exc:
         return _fail(str(exc))

@@ -57,7 +57,8 @@ from testbed.runner import (
 from testbed.scenario import CohortSpec, Phase, PkiSpec, Scenario, ScenarioError, load_scenario
 from testbed.scenario import Target as ScenarioTarget
 from testbed.shards import ShardProgress, jobs_for, run_shards, start_epoch
-from testbed.thresholds import ThresholdError, parse_threshold
+from testbed.thresholds import Threshold, ThresholdError, parse_threshold
+from testbed.verdict import DEFAULT_MAX_ERRORS, gates
 
 MODES: dict[str, dict[str, bool]] = {
     "new-handshake": {
@@ -109,7 +110,7 @@ class LoadPlan:
     hostname: str | None = None
     path: str = "/"
     p99_ms: float = 100.0
-    max_errors: float = 0.01
+    max_errors: float = DEFAULT_MAX_ERRORS
     enforcer_workers: int = 1
     thresholds: tuple[str, ...] = ()
     timeout: float = 10.0
@@ -345,6 +346,17 @@ class _StepWatch:
         return not result.held
 
 
+def load_thresholds(plan: LoadPlan, scenario: Scenario) -> list[Threshold]:
+    """What a load run is judged on: its thresholds and the default gates.
+
+    ``--max-errors`` other than its default always sets the error budget; at the default, an
+    ``errors`` threshold of the run's own replaces it. A step run judges errors step by step
+    (its last step fails by design), so it has no run-wide error budget.
+    """
+    explicit = None if plan.max_errors == DEFAULT_MAX_ERRORS else plan.max_errors
+    return gates(scenario.thresholds, max_errors=explicit, error_budget=plan.step is None)
+
+
 def sustained_rate(steps: Sequence[StepResult]) -> float | None:
     """The highest rate of the steps that held before the first that did not."""
     best = None
@@ -518,4 +530,8 @@ def run_load(
         writer.set_meta(failed_shards=[k for k, _ in ended.failed])
         finish_run(scenario, run_dir, writer, began, True, render)
         raise LoadError(f"a load worker failed; what the others wrote is in {run_dir}")
-    return finish_run(scenario, run_dir, writer, began, ended.interrupted, render), steps
+    judged = load_thresholds(plan, scenario)
+    outcome = finish_run(
+        scenario, run_dir, writer, began, ended.interrupted, render, thresholds=judged
+    )
+    return outcome, steps

@@ -513,11 +513,17 @@ def print_summary(summary: Mapping[str, Any] | Path, console: Console | None = N
     cohorts.add_column("other outcomes", overflow="fold", min_width=12)
     for name, c in summary["cohorts"].items():
         # The expected outcome's count is in "matched": list only the surprises.
-        others = [f"{o} {n:,}" for o, n in c["outcomes"].items() if o != c["expected"]]
+        others = [f"{o} {n:,}" for o, n in c["unmatched_outcomes"].items()]
         fa = f"[bold red]{c['false_accepts']:,}[/]" if c["false_accepts"] else "0"
+        # Expectations follow events (a revocation mid-run): each one with its attempts.
+        by = c["by_expected"]
+        if len(by) > 1:
+            expected = "\n".join(f"{e['expected']} {e['attempts']:,}" for e in by)
+        else:
+            expected = str(by[0]["expected"] if by else c["expected"])
         cohorts.add_row(
             escape(name),
-            escape(str(c["expected"])),
+            escape(expected),
             f"{c['attempts']:,}",
             fmt_share(c["matched_share"]),
             fa,

@@ -24,7 +24,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -50,6 +50,7 @@ from enforcer.server import Enforcer, open_listener, serve
 from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
 from testbed.scenario import NGINX_REFUSED, CohortSpec, Event, Phase, Scenario
+from testbed.thresholds import Threshold
 
 EXIT_OK, EXIT_THRESHOLDS, EXIT_INTERRUPTED = 0, 1, 130
 START_TIMEOUT = 300.0  # seconds shards wait for each other to be ready
@@ -81,10 +82,25 @@ class Device:
     common_name: str
     client: DeviceClient
     busy: bool = False
+    # When (trio time) each change of expectation took effect, and what it was before.
+    changes: list[tuple[float, str]] = dataclasses.field(default_factory=list)
 
     def expect(self, outcome: str) -> None:
         """Change what this device should now observe (after an event)."""
+        self.changes.append((trio.current_time(), self.cohort.expected))
         self.cohort = dataclasses.replace(self.cohort, expected=outcome)
+
+    def expected_for(self, outcome: str, started: float) -> str:
+        """What an attempt running from ``started`` until now was expected to observe.
+
+        An event's change takes effect on the target somewhere inside an attempt that spans
+        it, so either side's expectation is right there: the one the outcome matches, else the
+        latest.
+        """
+        during = [before for at, before in self.changes if at >= started]
+        if outcome in during:
+            return outcome
+        return self.cohort.expected
 
 
 @dataclasses.dataclass
@@ -349,12 +365,14 @@ class Run:
     ) -> None:
         t = attempt.timings
         end = trio.current_time()
+        # Judged against what was expected while it ran, not when an event changed it later.
+        expected = device.expected_for(attempt.outcome, max(started, end - t.total))
         self.writer.attempt(
             AttemptRow(
                 device=device.id,
                 cohort=device.cohort.name,
                 phase=phase,
-                expected=device.cohort.expected,
+                expected=expected,
                 scheduled=scheduled - self.start,
                 started=started - self.start,
                 connect_ms=t.connect * 1000,
@@ -825,9 +843,16 @@ def run_scenario(
     progress: bool = True,
     render: Callable[[Path], Any] | None = None,
     workers: int = 1,
+    max_errors: float | None = None,
 ) -> RunOutcome:
-    """Run a checked scenario; write its results and report; return the exit code to use."""
+    """Run a checked scenario; write its results and report; return the exit code to use.
+
+    It is judged on its thresholds and the default gates; ``max_errors`` (a share) replaces
+    the 1% error budget, which a scenario otherwise overrides by declaring an ``errors``
+    threshold of its own.
+    """
     from testbed.nginx import NGINX
+    from testbed.verdict import gates
 
     if scenario.target.kind == "nginx" and NGINX is None:
         # Checked before anything is written: a missing program is not worth a run folder.
@@ -887,7 +912,10 @@ def run_scenario(
             # A target that cannot start fails inside the run's nursery: RunError, exit 2.
             reraise_first(group, RunError)
         interrupted = run.interrupted
-    return finish_run(scenario, run_dir, writer, began, interrupted, render)
+    judged = gates(scenario.thresholds, max_errors=max_errors)
+    return finish_run(
+        scenario, run_dir, writer, began, interrupted, render, thresholds=judged, console=console
+    )
 
 
 def reraise_first(group: BaseExceptionGroup[Any], kind: type[Exception]) -> NoReturn:
@@ -932,34 +960,48 @@ def finish_run(
     began: float,
     interrupted: bool,
     render: Callable[[Path], Any] | None,
+    *,
+    thresholds: Sequence[Threshold] | None = None,
+    console: Console | None = None,
 ) -> RunOutcome:
-    """Record how a run ended, judge its thresholds and render its report."""
+    """Record how a run ended, judge it and render its report.
+
+    ``thresholds`` are what the run is judged on; by default the scenario's own with the gates
+    every run has (:func:`testbed.verdict.gates`). Failed ones are printed on ``console``
+    (stderr by default), one line each, after the report's tables.
+    """
+    from testbed.verdict import gates, print_failures
+
     if not interrupted:
         writer.set_meta(
             finished_at=dt.datetime.now(dt.UTC).isoformat(),
             wall_seconds=time.perf_counter() - began,
         )
-    verdicts = _judge(scenario, run_dir, writer) if not interrupted else []
+    judged = gates(scenario.thresholds) if thresholds is None else thresholds
+    verdicts = _judge(judged, run_dir, writer) if not interrupted else []
     writer.close()
     if render is not None:
         render(run_dir)
     if interrupted:
         return RunOutcome(run_dir, EXIT_INTERRUPTED, [])
+    print_failures(verdicts, console or Console(stderr=True))
     return RunOutcome(
         run_dir, EXIT_OK if all(ok for _, _, ok in verdicts) else EXIT_THRESHOLDS, verdicts
     )
 
 
-def _judge(scenario: Scenario, run_dir: Path, writer: ResultsWriter) -> list[tuple[str, str, bool]]:
+def _judge(
+    thresholds: Sequence[Threshold], run_dir: Path, writer: ResultsWriter
+) -> list[tuple[str, str, bool]]:
     from testbed.results import Results
-    from testbed.summary import metric, summarize
-    from testbed.thresholds import evaluate
+    from testbed.summary import summarize
+    from testbed.verdict import judge
 
     results = Results(run_dir / "results.sqlite")
     try:
         summary = summarize(results)
     finally:
         results.close()
-    verdicts = evaluate(scenario.thresholds, summary, metric)
+    verdicts = judge(thresholds, summary)
     writer.thresholds(verdicts)
     return verdicts

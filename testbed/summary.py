@@ -32,8 +32,7 @@ from testbed.results import AttemptRow, Results
 
 LATENCIES = ("total", "service", "handshake", "connect", "first_byte", "key_store")
 STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
-COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "rate")
-ERROR_PREFIXES = ("tls_error", "timeout", "connect_error", "http_5")
+COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "decisions", "rate")
 # Percentiles kept for the CDF plots: dense where tails live.
 CDF_PERCENTILES = (
     *(float(p) for p in range(0, 100)),
@@ -101,19 +100,62 @@ def _phase_values(row: AttemptRow) -> Iterable[tuple[str, float]]:
         yield "first_byte", row.first_byte_ms
 
 
+# TLS alerts a server sends about the client's certificate: the target refused the device
+# during the handshake, a decision as much as a 403 is.
+_REFUSAL_ALERTS = (
+    "alert_bad_certificate",
+    "alert_unknown_ca",
+    "alert_certificate_required",
+    "alert_certificate_revoked",
+    "alert_certificate_expired",
+    "alert_certificate_unknown",
+    "alert_unsupported_certificate",
+    "alert_access_denied",
+)
+
+
+def outcome_kind(outcome: str) -> str:
+    """Sort an outcome: ``allowed``, ``refused`` (the target decided against the device),
+    ``device`` (the device could not take part: its key store failed) or ``error`` (no
+    decision: a timeout, a refused connection, a failed handshake, a 5xx)."""
+    if outcome == "allowed":
+        return "allowed"
+    if outcome.startswith("denied:"):
+        return "refused"
+    if outcome.startswith("http_4"):
+        return "refused"  # the target answered, and not with access (nginx's 400, a bare 403)
+    if outcome.startswith("tls_error:") and outcome.endswith(_REFUSAL_ALERTS):
+        return "refused"
+    if outcome.startswith("key_store_error:"):
+        return "device"
+    return "error"
+
+
+def is_decision(outcome: str) -> bool:
+    """The target decided: it let the device in or refused it."""
+    return outcome_kind(outcome) in ("allowed", "refused")
+
+
 def is_false_accept(expected: str, outcome: str) -> bool:
-    """A device that should have been denied got in: the security failure."""
-    return expected.startswith("denied") and outcome == "allowed"
+    """A device that should have been kept out (refused, or failing before the target) got in:
+    the security failure."""
+    return expected != "allowed" and outcome == "allowed"
 
 
 def is_false_reject(expected: str, outcome: str) -> bool:
-    """A device that should have got in did not."""
-    return expected == "allowed" and outcome != "allowed"
+    """A device that should have got in was refused by the target (a timeout is no refusal)."""
+    return expected == "allowed" and outcome_kind(outcome) == "refused"
 
 
-def is_error(outcome: str) -> bool:
-    """An outcome that is neither a decision nor a device-side problem: the edge failed."""
-    return outcome.startswith(ERROR_PREFIXES)
+def is_error(outcome: str, expected: str | None = None) -> bool:
+    """No decision and no device-side failure: the edge or the network failed (unless that very
+    outcome was what this attempt expected)."""
+    return outcome_kind(outcome) == "error" and outcome != expected
+
+
+def reached(expected: str, outcome: str) -> bool:
+    """The attempt got an answer worth judging: a decision, or the outcome it expected."""
+    return is_decision(outcome) or outcome == expected
 
 
 class _Group:
@@ -124,6 +166,11 @@ class _Group:
         self.expected: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self.matched = self.false_accepts = self.false_rejects = self.dropped = 0
+        self.errors = self.decisions = 0
+        # Per outcome expected at the attempt's time: how many attempts, and what they got.
+        self.by_expected: dict[str, Counter[str]] = defaultdict(Counter)
+        # The first detail of each error outcome (bounded: one per distinct outcome).
+        self.error_examples: dict[str, str] = {}
         self.latency: dict[str, _Latency] = defaultdict(_Latency)
         self.new_connections = self.resumed = 0
         # Sums over attempts that opened a connection, for the phase breakdown.
@@ -142,6 +189,13 @@ class _Group:
             self.false_accepts += 1
         if is_false_reject(row.expected, row.outcome):
             self.false_rejects += 1
+        if is_error(row.outcome, row.expected):
+            self.errors += 1
+            if row.outcome not in self.error_examples and len(self.error_examples) < 20:
+                self.error_examples[row.outcome] = row.error or ""
+        if reached(row.expected, row.outcome):
+            self.decisions += 1
+        self.by_expected[row.expected][row.outcome] += 1
         if row.outcome != "allowed":
             # The enforcer's reason header when it gave one, else how the attempt failed.
             self.rejections[row.reason or row.outcome] += 1
@@ -169,8 +223,32 @@ class _Group:
             "allowed": self.outcomes["allowed"],
             "false_accepts": self.false_accepts,
             "false_rejects": self.false_rejects,
-            "errors": sum(c for o, c in self.outcomes.items() if is_error(o)),
+            "errors": self.errors,
+            "decisions": self.decisions,
             "dropped": self.dropped,
+            # Each outcome expected (expectations follow events: a revocation mid-run gives a
+            # cohort two), with its attempts, how many matched and what was observed.
+            "by_expected": [
+                {
+                    "expected": e,
+                    "attempts": sum(seen.values()),
+                    "matched": seen[e],
+                    "outcomes": dict(seen.most_common()),
+                }
+                for e, seen in sorted(
+                    self.by_expected.items(), key=lambda kv: (-sum(kv[1].values()), kv[0])
+                )
+            ],
+            # Observed outcomes that were not what their attempt expected.
+            "unmatched_outcomes": dict(
+                sum(
+                    (
+                        Counter({o: n for o, n in seen.items() if o != e})
+                        for e, seen in self.by_expected.items()
+                    ),
+                    Counter(),
+                ).most_common()
+            ),
         }
 
     def latency_stats(self) -> dict[str, dict[str, Any]]:
@@ -264,6 +342,7 @@ def summarize(results: Results) -> dict[str, Any]:
         "rate": run.attempts / duration if duration > 0 else None,
         "new_connections": run.new_connections,
         "resumed": run.resumed,
+        "error_examples": run.error_examples,
     }
     return {
         "version": 1,

@@ -1,9 +1,15 @@
 """Thresholds in the style of k6: ``handshake.p95 < 50ms``, ``false_accepts == 0``,
-``cohort.expired.share:denied:certificate_expired == 100%``. They decide a run's exit code."""
+``errors <= 1%``, ``cohort.expired.share:denied:certificate_expired == 100%``. They decide a
+run's exit code (with the gates of :mod:`testbed.verdict`).
+
+A count with ``%`` is a share of the attempts: ``errors <= 1%`` holds when at most one attempt
+in a hundred ended in an error (``dropped`` is a share of the scheduled attempts, recorded plus
+dropped)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -11,7 +17,9 @@ from typing import Any
 
 LATENCIES = ("total", "service", "handshake", "connect", "first_byte", "key_store")
 STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
-COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "rate")
+COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "decisions", "rate")
+# Counts that a ``%`` turns into a share of the attempts.
+SHARE_COUNTS = ("false_accepts", "false_rejects", "dropped", "errors", "decisions")
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
     ">=": operator.ge,
@@ -37,6 +45,7 @@ class Threshold:
     metric: str
     op: str
     value: float
+    of_attempts: bool = False  # a count judged as a share of the attempts (``errors <= 1%``)
 
     def holds(self, observed: float) -> bool:
         """Tell whether the observed value passes."""
@@ -85,6 +94,7 @@ def parse_threshold(text: str, cohorts: Sequence[str]) -> Threshold:
         value = float(match["value"])
     except ValueError:
         raise ThresholdError(f"{text!r}: {match['value']!r} is not a number") from None
+    share = unit == "%" and metric in SHARE_COUNTS
     if unit == "s":
         value *= 1000
     elif unit == "%":
@@ -92,7 +102,7 @@ def parse_threshold(text: str, cohorts: Sequence[str]) -> Threshold:
     is_latency = metric.split(".")[-2] in LATENCIES if "." in metric else False
     if unit in ("ms", "s") and not is_latency:
         raise ThresholdError(f"{text!r}: a time unit on {metric}, which is not a latency")
-    return Threshold(text.strip(), metric, op, value)
+    return Threshold(text.strip(), metric, op, value, of_attempts=share)
 
 
 def evaluate(
@@ -105,10 +115,19 @@ def evaluate(
     for t in thresholds:
         try:
             observed = metric(summary, t.metric)
+            if t.of_attempts:
+                count = observed
+                total = metric(summary, "attempts")
+                if t.metric == "dropped":
+                    total += count  # a share of what was scheduled
+                observed = count / total if total else math.nan
         except KeyError as exc:
             out.append((t.text, f"no data ({exc})", False))
             continue
-        shown = f"{observed:.4g}"
+        if t.of_attempts:
+            shown = f"{observed:.2%} ({count:g} of {total:g})" if total else "no data"
+        else:
+            shown = f"{observed:.4g}"
         if observed != observed:  # NaN: no data for this metric
             out.append((t.text, "no data", False))
             continue
