@@ -200,7 +200,7 @@ def test_totals(summary: dict[str, Any], rows: list[AttemptRow]) -> None:
     assert totals["duration_s"] == 30.0  # the phases' end, on the run's clock
     assert totals["rate"] == pytest.approx(297 / 30)
     assert totals["false_accepts"] == 1
-    assert totals["false_rejects"] == 4  # two timeouts, two TLS errors
+    assert totals["false_rejects"] == 0  # two timeouts, two TLS errors: errors, not rejects
     assert totals["errors"] == 4
     assert summary["complete"] is True
     assert summary["run"]["wall_s"] == 31.0
@@ -244,7 +244,8 @@ def test_false_accepts_rejects_and_matrix(summary: dict[str, Any]) -> None:
     assert expired["false_accepts"] == 1
     assert expired["matched_share"] == pytest.approx(39 / 40)
     assert expired["rejections"] == {"certificate_expired": 39}
-    assert summary["cohorts"]["healthy"]["false_rejects"] == 2
+    assert summary["cohorts"]["healthy"]["false_rejects"] == 0  # timeouts are errors
+    assert summary["cohorts"]["healthy"]["errors"] == 2
     assert summary["cohorts"]["healthy"]["rejections"] == {"timeout": 2}
     assert summary["cohorts"]["rogue.cn"]["rejections"] == {"tls_error:eof": 2}
     assert summary["matrix"] == {
@@ -320,7 +321,7 @@ def test_a_long_run_grows_its_time_buckets(tmp_path: Path, rows: list[AttemptRow
 
 def test_metric_names(summary: dict[str, Any]) -> None:
     assert metric(summary, "false_accepts") == 1
-    assert metric(summary, "false_rejects") == 4
+    assert metric(summary, "false_rejects") == 0
     assert metric(summary, "attempts") == 297
     assert metric(summary, "dropped") == 3
     assert metric(summary, "errors") == 4

@@ -149,7 +149,12 @@ def test_quickstart_passes_its_thresholds(tmp_path: Path) -> None:
     for name in ("results.sqlite", "report.html", "summary.json", "junit.xml"):
         assert (run_dir / name).exists(), name
     verdicts = json.loads((run_dir / "summary.json").read_text())["thresholds"]
-    assert len(verdicts) == 7 and all(v["ok"] for v in verdicts)
+    # Its seven, and the default gates it does not declare itself.
+    assert len(verdicts) == 9 and all(v["ok"] for v in verdicts)
+    assert [v["expression"] for v in verdicts[7:]] == [
+        "errors <= 1% (default)",
+        "decisions > 0 (default)",
+    ]
 
 
 def test_an_impossible_threshold_exits_1(tmp_path: Path) -> None:
@@ -161,9 +166,14 @@ def test_an_impossible_threshold_exits_1(tmp_path: Path) -> None:
         v["expression"]: v["ok"]
         for v in json.loads((run_dir / "summary.json").read_text())["thresholds"]
     }
-    assert verdicts == {"false_accepts == 0": True, "total.p50 < 0.001ms": False}
+    assert verdicts == {
+        "false_accepts == 0": True,
+        "total.p50 < 0.001ms": False,
+        "errors <= 1% (default)": True,
+        "decisions > 0 (default)": True,
+    }
     junit = (run_dir / "junit.xml").read_text()
-    assert junit.count("<testcase") == 2 and junit.count("<failure") == 1
+    assert junit.count("<testcase") == 4 and junit.count("<failure") == 1
 
 
 def _attempts(db: Path) -> int:
@@ -275,7 +285,11 @@ rate = 10
 
 
 def test_stopping_the_origin_mid_run(tmp_path: Path) -> None:
-    path = small(tmp_path, name="origin", duration="3s", thresholds='"false_accepts == 0"')
+    # The origin is down for a third of the run: the scenario's own error budget replaces the
+    # default 1%.
+    path = small(
+        tmp_path, name="origin", duration="3s", thresholds='"false_accepts == 0", "errors <= 50%"'
+    )
     path.write_text(
         path.read_text()
         + """
