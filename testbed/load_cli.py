@@ -94,7 +94,11 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--path", default="/", help="the request path (default /)")
     p.add_argument("--p99", type=_ms, default=100.0, help="--step: p99 bound, e.g. 100ms")
     p.add_argument(
-        "--max-errors", type=_share, default=0.01, help="--step: share of errors allowed (1%%)"
+        "--max-errors",
+        type=_share,
+        default=0.01,
+        help="share of attempts that may end in errors (timeouts, transport errors, 5xx) before"
+        " the run fails; with --step, each step's bound too (default 1%%)",
     )
     p.add_argument(
         "--enforcer-workers", type=int, default=1, help="embedded target: enforcer processes"

@@ -15,12 +15,21 @@ request opens no connection) do not drag percentiles down:
 - ``handshake`` and ``key_store``: full handshakes (a new connection, not resumed);
 - ``first_byte``: attempts that got an HTTP response (``status`` set).
 
+How each attempt is judged, against the outcome expected *at its time* (the runner records it
+per attempt, so expectations follow events such as a mid-run revocation): an outcome is
+``allowed``, ``refused`` (a decision against the device: ``denied:*``, a 4xx, a TLS alert about
+its certificate), ``device`` (its key store failed) or ``error`` (no decision: a timeout, a
+refused connection, a failed handshake, a 5xx). A false accept is ``allowed`` where anything
+else was expected; a false reject is a refusal where ``allowed`` was; an error is an ``error``
+outcome the attempt did not expect. So a timeout is never a false reject: it is an error.
+
 Latencies are in milliseconds, shares in 0..1; a statistic without samples is ``None``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -114,6 +123,7 @@ _REFUSAL_ALERTS = (
 )
 
 
+@functools.cache  # a run has a handful of distinct outcomes and summaries read every attempt
 def outcome_kind(outcome: str) -> str:
     """Sort an outcome: ``allowed``, ``refused`` (the target decided against the device),
     ``device`` (the device could not take part: its key store failed) or ``error`` (no
@@ -239,17 +249,17 @@ class _Group:
                     self.by_expected.items(), key=lambda kv: (-sum(kv[1].values()), kv[0])
                 )
             ],
-            # Observed outcomes that were not what their attempt expected.
-            "unmatched_outcomes": dict(
-                sum(
-                    (
-                        Counter({o: n for o, n in seen.items() if o != e})
-                        for e, seen in self.by_expected.items()
-                    ),
-                    Counter(),
-                ).most_common()
-            ),
+            "unmatched_outcomes": self.unmatched(),
         }
+
+    def unmatched(self) -> dict[str, int]:
+        """Observed outcomes that were not what their own attempt expected, most common first."""
+        out: Counter[str] = Counter()
+        for expected, seen in self.by_expected.items():
+            for outcome, n in seen.items():
+                if outcome != expected:
+                    out[outcome] += n
+        return dict(out.most_common())
 
     def latency_stats(self) -> dict[str, dict[str, Any]]:
         return {name: self.latency[name].stats() for name in LATENCIES}
@@ -474,7 +484,8 @@ def metric(summary: Mapping[str, Any], name: str) -> float:
     """Resolve a threshold's metric name against a summary (NaN when there is no data).
 
     Names: ``false_accepts``, ``false_rejects``, ``attempts``, ``dropped``, ``errors``,
-    ``rate``; ``<latency>.<stat>``; ``cohort.<name>.allowed`` (share), ``.matched`` (share),
+    ``decisions`` (attempts that reached a decision or their expected outcome), ``rate``;
+    ``<latency>.<stat>``; ``cohort.<name>.allowed`` (share), ``.matched`` (share),
     ``.share:<outcome>`` or ``.<latency>.<stat>``. Unknown names raise :class:`KeyError`.
     """
     totals = summary["totals"]
