@@ -196,7 +196,7 @@ def _render(run_dir: Path) -> None:
     except ImportError:  # pragma: no cover - reports arrive with their module
         return
     render(run_dir)
-    print_summary(run_dir, Console())
+    print_summary(run_dir)  # its console: the terminal's width, or wide in a log
 
 
 def demo_instructions(layout: DemoLayout) -> str:

@@ -125,7 +125,7 @@ class _Group:
         self.rejections: Counter[str] = Counter()
         self.matched = self.false_accepts = self.false_rejects = self.dropped = 0
         self.latency: dict[str, _Latency] = defaultdict(_Latency)
-        self.new_connections = self.resumed = 0
+        self.new_connections = self.resumed = self.cookie_admitted = 0
         # Sums over attempts that opened a connection, for the phase breakdown.
         self.breakdown = {"connect": 0.0, "key_store": 0.0, "tls": 0.0, "first_byte": 0.0}
 
@@ -145,6 +145,8 @@ class _Group:
         if row.outcome != "allowed":
             # The enforcer's reason header when it gave one, else how the attempt failed.
             self.rejections[row.reason or row.outcome] += 1
+        if row.cookie_sent and row.outcome == "allowed":
+            self.cookie_admitted += 1
         if row.new_connection:
             self.new_connections += 1
             self.resumed += row.resumed
@@ -171,6 +173,12 @@ class _Group:
             "false_rejects": self.false_rejects,
             "errors": sum(c for o, c in self.outcomes.items() if is_error(o)),
             "dropped": self.dropped,
+            # How attempts got in, for comparing No Duration with cookies: a full handshake
+            # with the certificate, a resumed TLS session, or the CF_Authorization cookie.
+            "full_handshakes": self.new_connections - self.resumed,
+            "resumed": self.resumed,
+            "cookie_admitted": self.cookie_admitted,
+            "full_handshake_share": (self.new_connections - self.resumed) / n if n else None,
         }
 
     def latency_stats(self) -> dict[str, dict[str, Any]]:
@@ -259,9 +267,13 @@ def summarize(results: Results) -> dict[str, Any]:
     duration = _duration(meta, phases_meta, complete, span)
     started = _timestamp(meta.get("started_at"))
     finished = _timestamp(meta.get("finished_at"))
+    wall = _wall_seconds(meta, started, finished)
     totals = run.counts() | {
         "duration_s": duration,
+        # Per second of the run's clock (virtual seconds on the virtual clock)...
         "rate": run.attempts / duration if duration > 0 else None,
+        # ...and per second of wall time, which is what a virtual run costs the machine.
+        "rate_wall": run.attempts / wall if wall else None,
         "new_connections": run.new_connections,
         "resumed": run.resumed,
     }
@@ -274,7 +286,7 @@ def summarize(results: Results) -> dict[str, Any]:
             "target": meta.get("target"),
             "started_at": meta.get("started_at"),
             "finished_at": meta.get("finished_at"),
-            "wall_s": _wall_seconds(meta, started, finished),
+            "wall_s": wall,
             "meta": meta,
         },
         "complete": complete,
