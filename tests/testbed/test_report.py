@@ -477,9 +477,10 @@ def test_cli_compare(run_dir: Path) -> None:
 def chromium_dom(tmp_path: Path) -> Iterator[Any]:
     """Open a file in headless Chromium and return the DOM after load (killed if it hangs)."""
 
-    def dump(page: Path) -> str:
+    def dump(page: Path, *options: str) -> str:
         command = [
             str(CHROMIUM),
+            *options,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -630,3 +631,45 @@ def test_every_reason_code_is_reported_in_a_colour_of_its_own(tmp_path: Path) ->
     out = Console(width=200, record=True)
     print_summary(summary, console=out)
     assert "denied:unsupported_key" in out.export_text()
+
+
+# The expected-vs-observed table in a 1400 px window.
+
+_MEASURE = """<script>
+window.addEventListener("load", function () {
+  var heading = Array.prototype.find.call(document.querySelectorAll("h3"), function (h) {
+    return h.textContent.indexOf("Expected vs observed") === 0;
+  });
+  var box = heading.nextElementSibling.getBoundingClientRect();
+  var page = document.documentElement;
+  document.body.setAttribute("data-matrix-left", String(Math.floor(box.left)));
+  document.body.setAttribute("data-matrix-right", String(Math.ceil(box.right)));
+  document.body.setAttribute("data-matrix-columns",
+    String(heading.nextElementSibling.querySelectorAll("thead th").length));
+  document.body.setAttribute("data-page-width", String(page.clientWidth));
+  document.body.setAttribute("data-page-scroll-width", String(page.scrollWidth));
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium is installed by .ci/run")
+def test_the_expected_vs_observed_table_fits_a_1400px_window(
+    tmp_path: Path, chromium_dom: Any
+) -> None:
+    # Every reason code and error kind: the widest matrix a run can have.
+    run = write_reasons_run(tmp_path / "run")
+    page = tmp_path / "report.html"
+    page.write_text(render(run).html.read_text().replace("</body>", _MEASURE, 1))
+    dom = chromium_dom(page, "--window-size=1400,900")
+
+    def attr(name: str) -> int:
+        match = re.search(rf'data-{name}="(\d+)"', dom)
+        assert match, f"data-{name} missing: the measuring script did not run"
+        return int(match[1])
+
+    assert attr("page-width") <= 1400
+    assert attr("matrix-columns") >= len(REASON_CODES) + len(ERRORS)
+    # The table's box (scrolling inside itself if it must) stays in the page...
+    assert 0 <= attr("matrix-left") and attr("matrix-right") <= attr("page-width")
+    # ...and nothing makes the page itself scroll sideways.
+    assert attr("page-scroll-width") <= attr("page-width")
