@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
+from testbed.summary import fmt_span
+
 ALLOWED_COLOR = "#2ca02c"
 FALSE_ACCEPT_COLOR = "#d62728"
 # Red is kept for false accepts; the other outcomes take these in a stable order.
@@ -166,15 +168,8 @@ def _clock_word(summary: Mapping[str, Any]) -> str:
     return "virtual " if summary.get("run", {}).get("clock") == "virtual" else ""
 
 
-def _bucket_words(width: float) -> str:
-    for above, seconds, name in _TIME_UNITS:
-        if width >= seconds and width > above / 2:
-            return f"{width / seconds:g} {name[:-1] if name != 'min' else name} buckets"
-    return f"{width:g} s buckets"
-
-
 def _time_label(summary: Mapping[str, Any], unit: str, width: float, extra: str = "") -> str:
-    return f"{_clock_word(summary)}run time ({unit}), {_bucket_words(width)}{extra}"
+    return f"{_clock_word(summary)}run time ({unit}), {fmt_span(width)} buckets{extra}"
 
 
 def _mark_timeline(ax: Axes, summary: Mapping[str, Any], scale: float = 1.0) -> None:

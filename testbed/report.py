@@ -27,7 +27,7 @@ from rich.table import Table
 
 from testbed import plots
 from testbed.results import Results, merge_shards
-from testbed.summary import LATENCIES, STATS, metric, summarize
+from testbed.summary import LATENCIES, STATS, fmt_rate, fmt_span, metric, summarize
 
 RESULTS_FILE = "results.sqlite"
 SUMMARY_FILE = "summary.json"
@@ -102,15 +102,6 @@ def fmt_seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f} s"
 
 
-def fmt_rate(value: float | None) -> str:
-    """Attempts per second, readable whether 0.05 or 29,530."""
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}"
-
-
 def rates(summary: Mapping[str, Any]) -> str:
     """The run's rate in words: per virtual and per wall second on the virtual clock."""
     totals = summary["totals"]
@@ -129,21 +120,6 @@ def fmt_duration(seconds: float | None) -> str:
     if seconds < 120:
         return fmt_seconds(seconds)
     return f"{fmt_span(seconds)} ({seconds:,.0f} s)"
-
-
-def fmt_span(seconds: float | None) -> str:
-    """A length of time in the unit a reader thinks in: ms, s, min, h or days."""
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.3g} ms"
-    if seconds < 120:
-        return f"{seconds:.3g} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.3g} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.3g} h"
-    return f"{seconds / 86400:.3g} days"
 
 
 def fmt_target(target: Any) -> str:

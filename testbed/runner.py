@@ -51,6 +51,7 @@ from enforcer.server import Enforcer, open_listener, serve
 from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
 from testbed.scenario import NGINX_REFUSED, CohortSpec, Event, Phase, Scenario
+from testbed.summary import fmt_rate, fmt_span
 
 EXIT_OK, EXIT_THRESHOLDS, EXIT_INTERRUPTED = 0, 1, 130
 START_TIMEOUT = 300.0  # seconds shards wait for each other to be ready
@@ -803,8 +804,13 @@ class Run:
                 live.update(self._table())
 
     def _table(self) -> Table:
-        elapsed = trio.current_time() - self.start if self.start else 0.0
-        title = f"{self.scenario.name}: {elapsed:,.1f} s of {self.scenario.duration:,.0f} s"
+        # The display starts after self.start is set (MockClock starts at 0.0: no truth test).
+        elapsed = trio.current_time() - self.start
+        virtual = " (virtual)" if self.scenario.clock == "virtual" else ""
+        title = (
+            f"{self.scenario.name}: {fmt_span(elapsed)} of"
+            f" {fmt_span(self.scenario.duration)}{virtual}"
+        )
         return progress_table(title, self.counts, self.dropped, elapsed)
 
 
@@ -837,7 +843,7 @@ def progress_table(title: str, counts: Counter[str], dropped: int, elapsed: floa
     for outcome, n in counts.most_common():
         table.add_row(outcome, str(n))
     table.add_row("[dim]dropped[/]", str(dropped))
-    table.add_row("[bold]total[/]", f"{total} ({total / elapsed if elapsed else 0:,.1f}/s)")
+    table.add_row("[bold]total[/]", f"{total} ({fmt_rate(total / elapsed if elapsed else None)}/s)")
     return table
 
 

@@ -381,6 +381,33 @@ def _series(
     return {"bucket_s": width, "buckets": buckets}
 
 
+# Units for people, shared by the report, the terminal and the live progress.
+
+
+def fmt_rate(value: float | None) -> str:
+    """Attempts per second, readable whether 0.05 or 29,530."""
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def fmt_span(seconds: float | None) -> str:
+    """A length of time in the unit a reader thinks in: ms, s, min, h or days."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.3g} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.3g} h"
+    return f"{seconds / 86400:.3g} days"
+
+
 def nearest_rank(ordered: list[float], percentile: float) -> float | None:
     """The value at rank round(p/100 * n) (at least 1) of sorted values; ``None`` if empty."""
     if not ordered:
