@@ -181,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except RunError as exc:
         return _fail(str(exc))
-    out = Console()
+    out = Console(soft_wrap=True)  # a long run folder path stays whole in a CI log
     if outcome.exit_code == 130:
         out.print(
             f"interrupted: results so far in {outcome.run_dir}; `testbed report {outcome.run_dir}`"

@@ -499,7 +499,7 @@ def _phases_html(summary: Mapping[str, Any]) -> str:
         rows.append(
             [
                 _e(p["name"]),
-                _num(_e(fmt_span(p["start"]) if p["start"] else "0")),
+                _num(_e(_start(p["start"]))),
                 _num(_e(fmt_span(p["duration"]))),
                 _num(f"{n:,}"),
                 _num(f"{p['dropped']:,}"),
@@ -532,6 +532,11 @@ def _phases_html(summary: Mapping[str, Any]) -> str:
         "cookie (a request on a new connection can be both a full handshake and "
         "cookie-admitted). Shares are of the phase's attempts.</p>" + _table(headers, rows)
     )
+
+
+def _start(seconds: float | None) -> str:
+    """A phase's start: "0" for the first, else a span (fmt_span has no zero)."""
+    return "0" if seconds == 0 else fmt_span(seconds)
 
 
 HANDSHAKE_KINDS = {

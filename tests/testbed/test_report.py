@@ -670,7 +670,7 @@ def test_the_expected_vs_observed_table_fits_a_1400px_window(
     assert attr("page-width") <= 1400
     assert attr("matrix-columns") >= len(REASON_CODES) + len(ERRORS)
     # The table's box (scrolling inside itself if it must) stays in the page...
-    assert 0 <= attr("matrix-left") and attr("matrix-right") <= attr("page-width")
+    assert attr("matrix-left") >= 0 and attr("matrix-right") <= attr("page-width")
     # ...and nothing makes the page itself scroll sideways.
     assert attr("page-scroll-width") <= attr("page-width")
 
@@ -746,9 +746,10 @@ def two_days(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 
 def test_report_shows_how_the_run_was_made(two_days: tuple[Path, Any]) -> None:
-    import cryptography
     import platform
     import ssl
+
+    import cryptography
 
     run_dir, _ = two_days
     page = (run_dir / "report.html").read_text()
