@@ -332,7 +332,8 @@ def run_setup(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("timeout per attempt", fmt_span(meta["timeout"])))
     versions: Mapping[str, Any] = meta.get("versions") or {}
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"))
-    if meta.get("scenario_path"):
+    if meta.get("scenario_path") and meta.get("scenario_text") is not None:
+        # A load run from a fleet folder has a path but no scenario file.
         rows.append(("scenario file", str(meta["scenario_path"])))
     return rows
 
