@@ -203,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except RunError as exc:
         return _fail(str(exc))
-    out = Console()
+    out = Console(soft_wrap=True)  # a long run folder path stays whole in a CI log
     if outcome.exit_code == 130:
         out.print(
             f"interrupted: results so far in {outcome.run_dir}; `testbed report {outcome.run_dir}`"
@@ -218,7 +218,7 @@ def _render(run_dir: Path) -> None:
     except ImportError:  # pragma: no cover - reports arrive with their module
         return
     render(run_dir)
-    print_summary(run_dir, Console())
+    print_summary(run_dir)  # its console: the terminal's width, or wide in a log
 
 
 def demo_instructions(layout: DemoLayout) -> str:

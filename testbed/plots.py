@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
+from testbed.summary import fmt_span
+
 ALLOWED_COLOR = "#2ca02c"
 FALSE_ACCEPT_COLOR = "#d62728"
 # Red is kept for false accepts; the other outcomes take these in a stable order.
@@ -143,12 +145,40 @@ def _nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def _mark_timeline(ax: Axes, summary: Mapping[str, Any]) -> None:
-    """Shade every other phase and draw the run's events as dashed lines."""
+# Time axes in the unit a reader thinks in: a virtual week is 7 days, not 604,800 s.
+_TIME_UNITS = ((2 * 86400, 86400.0, "days"), (2 * 3600, 3600.0, "hours"), (600, 60.0, "min"))
+
+
+def time_axis(summary: Mapping[str, Any]) -> tuple[float, str]:
+    """Seconds per unit of the time axis, and the unit's name, from the run's length."""
+    series = summary.get("series") or {}
+    buckets = series.get("buckets") or []
+    span = max(
+        float(summary.get("totals", {}).get("duration_s") or 0.0),
+        (buckets[-1]["t"] + series.get("bucket_s", 1)) if buckets else 0.0,
+    )
+    for above, seconds, name in _TIME_UNITS:
+        if span > above:
+            return seconds, name
+    return 1.0, "s"
+
+
+def _clock_word(summary: Mapping[str, Any]) -> str:
+    """ "virtual " on the virtual clock: its milliseconds and seconds are simulated."""
+    return "virtual " if summary.get("run", {}).get("clock") == "virtual" else ""
+
+
+def _time_label(summary: Mapping[str, Any], unit: str, width: float, extra: str = "") -> str:
+    return f"{_clock_word(summary)}run time ({unit}), {fmt_span(width)} buckets{extra}"
+
+
+def _mark_timeline(ax: Axes, summary: Mapping[str, Any], scale: float = 1.0) -> None:
+    """Shade every other phase and draw the run's events as dashed lines (times / ``scale``)."""
     for i, phase in enumerate(summary.get("phases", [])):
         start, duration = phase.get("start"), phase.get("duration")
         if start is None or duration is None:
             continue
+        start, duration = start / scale, duration / scale
         if i % 2:
             ax.axvspan(start, start + duration, color="#000000", alpha=0.04, lw=0)
         ax.text(
@@ -164,9 +194,9 @@ def _mark_timeline(ax: Axes, summary: Mapping[str, Any]) -> None:
     for event in summary.get("events", []):
         if phases_drawn and event["kind"] == "phase":
             continue  # the runner logs phase starts as events; the shading already shows them
-        ax.axvline(event["t"], color="#444444", ls="--", lw=0.8)
+        ax.axvline(event["t"] / scale, color="#444444", ls="--", lw=0.8)
         ax.text(
-            event["t"],
+            event["t"] / scale,
             0.99,
             f" {event['kind']}",
             transform=ax.get_xaxis_transform(),
@@ -184,7 +214,8 @@ def latency_over_time(summary: Mapping[str, Any], path: Path) -> Path:
     if not any(b["attempts"] for b in buckets):
         return _no_data(path, title)
     width = summary["series"]["bucket_s"]
-    t = [b["t"] + width / 2 for b in buckets]
+    scale, unit = time_axis(summary)
+    t = [(b["t"] + width / 2) / scale for b in buckets]
     fig, ax = _figure()
     p50 = [_nan(b["p50"]) for b in buckets]
     p99 = [_nan(b["p99"]) for b in buckets]
@@ -195,10 +226,10 @@ def latency_over_time(summary: Mapping[str, Any], path: Path) -> Path:
         ax.set_yscale("log")
     else:
         ax.set_ylim(bottom=0)
-    _mark_timeline(ax, summary)
+    _mark_timeline(ax, summary, scale)
     ax.set_title(title)
-    ax.set_xlabel(f"run time (s), {width} s buckets")
-    ax.set_ylabel("latency (ms)")
+    ax.set_xlabel(_time_label(summary, unit, width))
+    ax.set_ylabel(f"latency ({_clock_word(summary)}ms)")
     ax.grid(alpha=0.3)
     _legend_outside(ax)
     return _save(fig, path)
@@ -222,7 +253,7 @@ def latency_cdf(summary: Mapping[str, Any], path: Path) -> Path:
     if _spans_orders(values):
         ax.set_xscale("log")
     ax.set_title(title)
-    ax.set_xlabel("total latency (ms)")
+    ax.set_xlabel(f"total latency ({_clock_word(summary)}ms)")
     ax.set_ylabel("share of attempts at or below")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -253,7 +284,7 @@ def phase_breakdown(summary: Mapping[str, Any], path: Path) -> Path:
     ax.set_yticks(y, [name for name, _ in rows])
     ax.invert_yaxis()
     ax.set_title(title)
-    ax.set_xlabel("milliseconds")
+    ax.set_xlabel(f"{_clock_word(summary)}milliseconds")
     ax.set_xlim(0, max(float(left.max()) * 1.25, 1e-3))
     ax.grid(axis="x", alpha=0.3)
     _legend_outside(ax)
@@ -267,9 +298,12 @@ def attempts_per_second(summary: Mapping[str, Any], path: Path) -> Path:
     if not any(b["attempts"] or b["dropped"] for b in buckets):
         return _no_data(path, title)
     width = summary["series"]["bucket_s"]
+    scale, unit = time_axis(summary)
+    # Long runs count per hour: a sensor reporting every 6 h is 0.00005/s.
+    per, per_name = (3600.0, "hour") if scale >= 3600 else (1.0, "s")
     # Steps are drawn from each bucket's start: repeat the last one so it spans its width.
     buckets = [*buckets, buckets[-1]]
-    t = [b["t"] for b in buckets[:-1]] + [buckets[-1]["t"] + width]
+    t = [b["t"] / scale for b in buckets[:-1]] + [(buckets[-1]["t"] + width) / scale]
     outcomes = sorted(
         {o for b in buckets for o in b["outcomes"]}, key=lambda o: (o != "allowed", o)
     )
@@ -278,7 +312,7 @@ def attempts_per_second(summary: Mapping[str, Any], path: Path) -> Path:
     if outcomes:
         ax.stackplot(
             t,
-            [[b["outcomes"].get(o, 0) / width for b in buckets] for o in outcomes],
+            [[b["outcomes"].get(o, 0) * per / width for b in buckets] for o in outcomes],
             labels=outcomes,
             colors=[colors[o] for o in outcomes],
             step="post",
@@ -286,16 +320,16 @@ def attempts_per_second(summary: Mapping[str, Any], path: Path) -> Path:
     if any(b["dropped"] for b in buckets):
         ax.step(
             t,
-            [b["dropped"] / width for b in buckets],
+            [b["dropped"] * per / width for b in buckets],
             where="post",
             color="#000000",
             ls="--",
             label="dropped",
         )
-    _mark_timeline(ax, summary)
-    ax.set_title(title)
-    ax.set_xlabel(f"run time (s), {width} s buckets (by scheduled start)")
-    ax.set_ylabel("attempts / s")
+    _mark_timeline(ax, summary, scale)
+    ax.set_title(title if per == 1 else "Attempts per hour by outcome")
+    ax.set_xlabel(_time_label(summary, unit, width, " (by scheduled start)"))
+    ax.set_ylabel(f"attempts per {_clock_word(summary)}{per_name}")
     ax.grid(alpha=0.3)
     _legend_outside(ax)
     return _save(fig, path)

@@ -13,6 +13,9 @@ import base64
 import dataclasses
 import html
 import json
+import math
+import operator
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +27,7 @@ from rich.table import Table
 
 from testbed import plots
 from testbed.results import Results, merge_shards
-from testbed.summary import LATENCIES, summarize
+from testbed.summary import LATENCIES, STATS, fmt_rate, fmt_span, metric, summarize
 
 RESULTS_FILE = "results.sqlite"
 SUMMARY_FILE = "summary.json"
@@ -99,6 +102,26 @@ def fmt_seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f} s"
 
 
+def rates(summary: Mapping[str, Any]) -> str:
+    """The run's rate in words: per virtual and per wall second on the virtual clock."""
+    totals = summary["totals"]
+    if summary["run"]["clock"] == "virtual":
+        return (
+            f"{fmt_rate(totals['rate'])} attempts per virtual second, "
+            f"{fmt_rate(totals.get('rate_wall'))} per wall-clock second"
+        )
+    return f"{fmt_rate(totals['rate'])} attempts/s"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """A run's length: seconds, with days or hours beside them when long."""
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return fmt_seconds(seconds)
+    return f"{fmt_span(seconds)} ({seconds:,.0f} s)"
+
+
 def fmt_target(target: Any) -> str:
     """The run's target, whatever shape the runner recorded it in."""
     if isinstance(target, Mapping):
@@ -130,6 +153,12 @@ main { max-width: 1100px; margin: 0 auto; padding: 24px; }
 h1 { margin: 0 0 4px; font-size: 24px; }
 h2 { margin: 28px 0 8px; font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 table { border-collapse: collapse; background: #fff; margin: 8px 0; }
+.scroll { max-width: 100%; overflow-x: auto; }
+th code { overflow-wrap: anywhere; }
+td, th { overflow-wrap: anywhere; }
+td.num { overflow-wrap: normal; white-space: nowrap; }
+pre.scenario { background: #fff; border: 1px solid #e1e4e8; padding: 8px; max-height: 480px;
+  overflow: auto; font-size: 12px; }
 th, td { padding: 4px 10px; border: 1px solid #e1e4e8; text-align: left; vertical-align: top; }
 th { background: #f0f2f5; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -185,7 +214,11 @@ def _table(
         cells = "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in row)
         cls = row_classes[i] if i < len(row_classes) else ""
         body.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    # In a box of its own that scrolls sideways, so a wide table never widens the page.
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def _num(text: str, extra: str = "") -> str:
@@ -200,15 +233,15 @@ def _header_html(summary: Mapping[str, Any]) -> str:
         ("seed", _e(run["seed"])),
         ("clock", _e(run["clock"])),
         ("target", _e(fmt_target(run["target"]))),
-        ("duration (run clock)", _e(fmt_seconds(totals["duration_s"]))),
-        ("wall time", _e(fmt_seconds(run["wall_s"]))),
+        (
+            f"duration ({'virtual' if run['clock'] == 'virtual' else 'run'} clock)",
+            _e(fmt_duration(totals["duration_s"])),
+        ),
+        ("wall time", _e(fmt_duration(run["wall_s"]))),
         ("started", _e(run["started_at"])),
         ("finished", _e(run["finished_at"] if summary["complete"] else "-")),
         ("attempts", f"{totals['attempts']:,}"),
-        (
-            "rate",
-            _e(f"{totals['rate']:.1f} attempts/s" if totals["rate"] is not None else None),
-        ),
+        ("rate", _e(rates(summary))),
         ("dropped (could not start on time)", f"{totals['dropped']:,}"),
     ]
     meta = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
@@ -223,6 +256,102 @@ def _header_html(summary: Mapping[str, Any]) -> str:
             "attempts written before it stopped, and no thresholds were judged.</div>"
         )
     return "".join(parts)
+
+
+def _shape(phase: Mapping[str, Any]) -> str:
+    """A phase's arrival model in words."""
+    arrival = phase.get("arrival")
+    if arrival == "constant":
+        return f"constant {phase.get('rate', 0):g}/s"
+    if arrival == "ramping":
+        return f"ramp {phase.get('start_rate', 0):g}/s to {phase.get('end_rate', 0):g}/s"
+    if arrival == "active":
+        return f"{phase.get('devices', 0):,} devices running their behaviour"
+    return "-" if arrival is None else str(arrival)
+
+
+def run_setup(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """How the run was made, as (what, value) pairs of plain text."""
+    meta: Mapping[str, Any] = summary["run"].get("meta") or {}
+    load: Mapping[str, Any] = meta.get("load") or {}
+    detail: Mapping[str, Any] = meta.get("target_detail") or {}
+    target = detail.get("url") or load.get("target") or fmt_target(summary["run"]["target"])
+    kind = detail.get("kind") or meta.get("target")
+    host = detail.get("hostname")
+    rows = [("target", f"{target} (kind {kind}{f', hostname {host}' if host else ''})")]
+    if detail.get("ca"):
+        rows.append(("server CA", str(detail["ca"])))
+    if load:
+        rows.append(("command", "testbed load"))
+        rows.append(("mode", str(load.get("mode"))))
+        if load.get("rate") is not None:
+            rows.append(("rate", f"{load['rate']:g}/s"))
+        if load.get("ramp"):
+            a, b = load["ramp"]
+            rows.append(("ramp", f"{a:g}/s to {b:g}/s"))
+        if load.get("step"):
+            start, step, top = load["step"]
+            rows.append(
+                ("steps", f"from {start:g}/s by {step:g}/s" + (f" up to {top:g}/s" if top else ""))
+            )
+        if load.get("closed"):
+            rows.append(("closed loop", f"{load['closed']:,} devices"))
+        rows.append(("load workers", str(load.get("workers", 1))))
+    else:
+        rows.append(("command", "testbed run"))
+        rows.append(("mode", "each cohort's client options, from the scenario"))
+        rows.append(("workers", str(meta.get("workers", 1))))
+    if detail.get("enforcer_workers") is not None and kind in ("embedded", "nginx"):
+        rows.append(("enforcer workers", str(detail["enforcer_workers"])))
+    phases = [p for p in meta.get("phases") or [] if isinstance(p, Mapping)]
+    if phases:
+        rows.append(
+            (
+                "phases",
+                "; ".join(
+                    f"{p.get('name')}: {fmt_span(p.get('duration'))}, {_shape(p)}" for p in phases
+                ),
+            )
+        )
+    cohorts: Mapping[str, Any] = meta.get("cohorts") or {}
+    devices = sum(int(c.get("size") or 0) for c in cohorts.values() if isinstance(c, Mapping))
+    fleet = f"{devices:,} devices in {len(cohorts)} cohort{'s' if len(cohorts) != 1 else ''}"
+    if load.get("fleet"):
+        fleet += f", from {load['fleet']}"
+    rows.append(("fleet", fleet))
+    planned = sum(float(p.get("duration") or 0) for p in phases)
+    rows.append(
+        (
+            "duration",
+            f"{fmt_span(planned or None)} planned, {fmt_span(summary['totals']['duration_s'])}"
+            f" on the run's clock ({summary['run']['clock']}), "
+            f"{fmt_span(summary['run']['wall_s'])} of wall time",
+        )
+    )
+    if meta.get("timeout") is not None:
+        rows.append(("timeout per attempt", fmt_span(meta["timeout"])))
+    versions: Mapping[str, Any] = meta.get("versions") or {}
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"))
+    if meta.get("scenario_path") and meta.get("scenario_text") is not None:
+        # A load run from a fleet folder has a path but no scenario file.
+        rows.append(("scenario file", str(meta["scenario_path"])))
+    return rows
+
+
+def _setup_html(summary: Mapping[str, Any]) -> str:
+    meta: Mapping[str, Any] = summary["run"].get("meta") or {}
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in run_setup(summary))
+    text = meta.get("scenario_text")
+    scenario = (
+        f'<details open><summary>The scenario file</summary><pre class="scenario" '
+        f'id="scenario-text"><code>{_e(text)}</code></pre></details>'
+        if text
+        else "<p>No scenario file: the run was described on the command line.</p>"
+    )
+    return (
+        f'<div class="scroll"><table class="meta" id="setup"><tbody>{rows}</tbody></table></div>'
+        f"{scenario}"
+    )
 
 
 def _false_accepts_html(summary: Mapping[str, Any]) -> str:
@@ -317,7 +446,8 @@ def _latency_html(summary: Mapping[str, Any]) -> str:
     for name in LATENCIES:
         s = summary["latency"][name]
         rows.append([_e(name), _num(f"{s['count']:,}"), *(_num(fmt_ms(s[k])) for k in TABLE_STATS)])
-    overall = _table([*headers[:1], headers[1], *(f"{h} (ms)" for h in TABLE_STATS)], rows)
+    unit = "virtual ms" if summary["run"]["clock"] == "virtual" else "ms"
+    overall = _table([*headers[:1], headers[1], *(f"{h} ({unit})" for h in TABLE_STATS)], rows)
     cohort_rows = []
     for cname, c in summary["cohorts"].items():
         for name in ("total", "handshake"):
@@ -331,29 +461,53 @@ def _latency_html(summary: Mapping[str, Any]) -> str:
                 ]
             )
     per_cohort = _table(
-        ["cohort", "latency", "samples", *(f"{h} (ms)" for h in TABLE_STATS)], cohort_rows
+        ["cohort", "latency", "samples", *(f"{h} ({unit})" for h in TABLE_STATS)], cohort_rows
     )
+    note = ""
+    if summary["run"]["clock"] == "virtual":
+        text = _e(virtual_latency_note(summary))
+        note = f'<div class="banner warn" id="virtual-latency">{text}</div>'
     return (
-        "<p>All attempts; <code>total</code> counts from the scheduled start (waiting for a "
+        f"{note}<p>All attempts; <code>total</code> counts from the scheduled start (waiting for a "
         "stalled target counts), <code>service</code> from the actual start; "
         "<code>handshake</code> and <code>key_store</code> count full handshakes only.</p>"
         f"{overall}<h3>Per cohort</h3>{per_cohort}"
     )
 
 
+def virtual_latency_note(summary: Mapping[str, Any]) -> str:
+    """What a latency means on the virtual clock, and whether any attempt cost virtual time."""
+    text = (
+        "Virtual clock: latencies are virtual milliseconds, the simulated time that passed "
+        "during each attempt: key-store costs (PIV PIN verify, touch, on-token signature) and "
+        "attempts that timed out. In-memory streams and software keys cost no virtual time, "
+        "and a device's backoff after a failure delays its next scheduled start, so it is in "
+        "no attempt's latency."
+    )
+    if not summary["latency"]["total"]["max"]:
+        text += (
+            " No attempt of this run cost any virtual time: every latency is 0 virtual ms, "
+            "which says nothing about the target's speed (see the wall-clock rate)."
+        )
+    return text
+
+
 def _phases_html(summary: Mapping[str, Any]) -> str:
+    unit = "virtual ms" if summary["run"]["clock"] == "virtual" else "ms"
     rows = []
     for p in summary["phases"]:
+        n = p["attempts"]
         rows.append(
             [
                 _e(p["name"]),
-                _num(_e(p["start"])),
-                _num(_e(p["duration"])),
-                _num(f"{p['attempts']:,}"),
+                _num(_e(_start(p["start"]))),
+                _num(_e(fmt_span(p["duration"]))),
+                _num(f"{n:,}"),
                 _num(f"{p['dropped']:,}"),
                 _num(fmt_share(p["matched_share"])),
                 _num(f"{p['false_accepts']:,}", " fa" if p["false_accepts"] else ""),
                 _num(f"{p['false_rejects']:,}"),
+                *(_num(_count_share(p.get(k, 0), n)) for k in HANDSHAKE_KINDS),
                 _num(fmt_ms(p["total"]["p50"])),
                 _num(fmt_ms(p["total"]["p99"])),
             ]
@@ -362,24 +516,51 @@ def _phases_html(summary: Mapping[str, Any]) -> str:
         return "<p>No phases recorded.</p>"
     headers = [
         "phase",
-        "start (s)",
-        "duration (s)",
+        "start",
+        "duration",
         "attempts",
         "dropped",
         "matched",
         "false accepts",
         "false rejects",
-        "total p50 (ms)",
-        "total p99 (ms)",
+        *HANDSHAKE_KINDS.values(),
+        f"total p50 ({unit})",
+        f"total p99 ({unit})",
     ]
-    return _table(headers, rows)
+    return (
+        "<p>How attempts got in, per phase: a full handshake (a new connection, the "
+        "certificate checked), a resumed TLS session, or admitted by the CF_Authorization "
+        "cookie (a request on a new connection can be both a full handshake and "
+        "cookie-admitted). Shares are of the phase's attempts.</p>" + _table(headers, rows)
+    )
+
+
+def _start(seconds: float | None) -> str:
+    """A phase's start: "0" for the first, else a span (fmt_span has no zero)."""
+    return "0" if seconds == 0 else fmt_span(seconds)
+
+
+HANDSHAKE_KINDS = {
+    "full_handshakes": "full handshakes",
+    "resumed": "resumed",
+    "cookie_admitted": "cookie-admitted",
+}
+
+
+def _count_share(count: int, attempts: int) -> str:
+    return f"{count:,} ({fmt_share(count / attempts if attempts else None)})"
 
 
 def _events_html(summary: Mapping[str, Any]) -> str:
-    rows = [[_num(f"{e['t']:.3f}"), _e(e["kind"]), _e(e["detail"])] for e in summary["events"]]
+    long = (summary["totals"]["duration_s"] or 0) >= 120
+
+    def when(t: float) -> str:
+        return fmt_span(t) if long and t else f"{t:.3f} s"
+
+    rows = [[_num(_e(when(e["t"]))), _e(e["kind"]), _e(e["detail"])] for e in summary["events"]]
     if not rows:
         return "<p>No events.</p>"
-    return _table(["t (s)", "event", "detail"], rows)
+    return _table(["t", "event", "detail"], rows)
 
 
 def _figures_html(images: Mapping[str, bytes]) -> str:
@@ -410,6 +591,7 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
         f"{_header_html(summary)}"
         f"{_false_accepts_html(summary)}"
         f"<h2>Thresholds</h2>{_thresholds_html(summary)}"
+        f'<h2 id="how">How this run was made</h2>{_setup_html(summary)}'
         f"<h2>Outcomes per cohort</h2>{_outcomes_html(summary)}"
         f"<h3>Expected vs observed</h3>{_matrix_html(summary)}"
         f"<h2>Latency</h2>{_latency_html(summary)}"
@@ -474,6 +656,18 @@ def render_junit(summary: Mapping[str, Any]) -> str:
 
 # Terminal.
 
+# Outside a terminal (CI logs, pipes) rich would assume 80 columns and cut or fold tables: a
+# log has no width, so tables get their natural width, up to this.
+PIPE_WIDTH = 1000
+
+
+def terminal_console(*, stderr: bool = False) -> Console:
+    """A console for tables: the terminal's width on a TTY, else wide enough that none is cut."""
+    console = Console(stderr=stderr, soft_wrap=True)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, soft_wrap=True, width=PIPE_WIDTH)
+
 
 def print_summary(summary: Mapping[str, Any] | Path, console: Console | None = None) -> None:
     """Print the run's outcome, cohorts, latencies and thresholds as rich tables.
@@ -482,16 +676,15 @@ def print_summary(summary: Mapping[str, Any] | Path, console: Console | None = N
     """
     if isinstance(summary, Path):
         summary = load_summary(summary)
-    console = console or Console()
+    console = console or terminal_console()
     run, totals = summary["run"], summary["totals"]
     state = verdict(summary)
     colour = {"passed": "green", "failed": "red", "interrupted": "yellow"}[state]
-    rate = f"{totals['rate']:.1f}/s" if totals["rate"] is not None else "-"
     console.print(
         f"[bold]{escape(str(run['scenario'] or 'run'))}[/] [bold {colour}]{state}[/]  "
         f"seed {escape(str(run['seed']))}, {escape(str(run['clock']))} clock, "
-        f"{fmt_seconds(totals['duration_s'])}, {totals['attempts']:,} attempts ({rate}), "
-        f"{totals['dropped']:,} dropped",
+        f"{fmt_duration(totals['duration_s'])}, {totals['attempts']:,} attempts "
+        f"({rates(summary)}), {totals['dropped']:,} dropped",
         highlight=False,
     )
     bad = false_accept_cohorts(summary)
@@ -532,7 +725,8 @@ def print_summary(summary: Mapping[str, Any] | Path, console: Console | None = N
         )
     console.print(cohorts)
 
-    latency = Table(title="Latency (ms)", title_justify="left")
+    virtual = run["clock"] == "virtual"
+    latency = Table(title=f"Latency ({'virtual ms' if virtual else 'ms'})", title_justify="left")
     latency.add_column("latency")
     latency.add_column("samples", justify="right")
     for stat in TABLE_STATS:
@@ -541,6 +735,23 @@ def print_summary(summary: Mapping[str, Any] | Path, console: Console | None = N
         s = summary["latency"][name]
         latency.add_row(name, f"{s['count']:,}", *(fmt_ms(s[k]) for k in TABLE_STATS))
     console.print(latency)
+    if virtual:
+        console.print(f"[dim]{escape(virtual_latency_note(summary))}[/]", highlight=False)
+
+    if summary["phases"]:
+        phases = Table(title="Phases: how attempts got in", title_justify="left")
+        phases.add_column("phase", overflow="fold")
+        for col in ("attempts", "matched", *HANDSHAKE_KINDS.values()):
+            phases.add_column(col, justify="right", no_wrap=True)
+        for p in summary["phases"]:
+            n = p["attempts"]
+            phases.add_row(
+                escape(p["name"]),
+                f"{n:,}",
+                fmt_share(p["matched_share"]),
+                *(_count_share(p.get(k, 0), n) for k in HANDSHAKE_KINDS),
+            )
+        console.print(phases)
 
     if summary["thresholds"]:
         thresholds = Table(title="Thresholds", title_justify="left")
@@ -567,9 +778,24 @@ def _change(a: float | None, b: float | None) -> float | None:
     return (b - a) / a
 
 
-def compare(run_a: Path, run_b: Path) -> dict[str, Any]:
-    """Side-by-side totals, latencies and per-cohort outcomes of two runs (B against A)."""
+def compare(run_a: Path, run_b: Path, fail_if: Sequence[str] = ()) -> dict[str, Any]:
+    """Side-by-side totals, latencies and per-cohort outcomes of two runs (B against A).
+
+    ``fail_if`` are regression gates (see :func:`parse_gate`), judged into ``data["gates"]``;
+    a bad one raises :class:`GateError` before anything else is judged.
+    """
     a, b = load_summary(run_a), load_summary(run_b)
+    gates = [parse_gate(text) for text in fail_if]
+    data = compare_summaries(a, b, run_a, run_b)
+    data["gates"] = [judge_gate(g, a, b) for g in gates]
+    data["tripped"] = [g["expression"] for g in data["gates"] if g["tripped"]]
+    return data
+
+
+def compare_summaries(
+    a: Mapping[str, Any], b: Mapping[str, Any], run_a: Path, run_b: Path
+) -> dict[str, Any]:
+    """The comparison of two summaries (B against A), as data."""
 
     def describe(path: Path, s: Mapping[str, Any]) -> dict[str, Any]:
         run = s["run"]
@@ -616,7 +842,128 @@ def compare(run_a: Path, run_b: Path) -> dict[str, Any]:
         "totals": totals,
         "latency": latency,
         "outcomes": outcomes,
+        "gates": [],
+        "tripped": [],
     }
+
+
+# Regression gates: ``testbed compare --fail-if``.
+
+
+class GateError(ValueError):
+    """A ``--fail-if`` expression that cannot be understood; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """``METRIC OP VALUE``: trips when true of run B (``relative``: of B's change from A)."""
+
+    text: str
+    metric: str
+    op: str
+    value: float
+    relative: bool
+
+
+_GATE = re.compile(
+    r"^\s*(?P<metric>[^\s<>=!]+)\s*(?P<op><=|>=|==|!=|<|>)\s*"
+    r"(?P<sign>[+-])?(?P<value>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>ms|s|%)?\s*$"
+)
+_GATE_OPS = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+
+
+def parse_gate(text: str) -> Gate:
+    """Parse a gate: ``total.p99 > +10%`` (B's change from A) or ``false_accepts > 0`` (B's value).
+
+    A signed percentage (``+10%``, ``-5%``) compares B's relative change from A; any other
+    value compares B's own value (``ms``/``s`` on latencies, ``%`` on shares).
+    """
+    match = _GATE.match(text)
+    if match is None:
+        raise GateError(
+            f"--fail-if {text!r}: expected METRIC OP VALUE, such as 'total.p99 > +10%' "
+            "(B's change from A) or 'false_accepts > 0' (B's value)"
+        )
+    name, unit, sign = match["metric"], match["unit"], match["sign"]
+    _check_gate_metric(text, name)
+    value = float(match["value"]) * (-1 if sign == "-" else 1)
+    relative = sign is not None and unit == "%"
+    if sign is not None and unit != "%":
+        raise GateError(
+            f"--fail-if {text!r}: a signed value is a change from A and needs %, as in +10%"
+        )
+    latency = name.rpartition(".")[0].rpartition(".")[2] in LATENCIES or (
+        name.partition(".")[0] in LATENCIES
+    )
+    if unit in ("ms", "s") and not latency:
+        raise GateError(f"--fail-if {text!r}: a time unit on {name}, which is not a latency")
+    if unit == "s":
+        value *= 1000
+    elif unit == "%" and not relative:
+        value /= 100
+    return Gate(text.strip(), name, match["op"], value / 100 if relative else value, relative)
+
+
+def _check_gate_metric(text: str, name: str) -> None:
+    """Refuse a metric name that no summary can answer (cohort names are checked later)."""
+    if name.startswith("cohort."):
+        return
+    try:
+        metric(_EMPTY_SUMMARY, name)
+    except KeyError as exc:
+        raise GateError(f"--fail-if {text!r}: {exc.args[0]}") from None
+
+
+_EMPTY_SUMMARY: dict[str, Any] = {
+    "totals": dict.fromkeys(COMPARE_TOTALS, 0),
+    "latency": {name: dict.fromkeys(STATS) for name in LATENCIES},
+    "cohorts": {},
+}
+
+
+def judge_gate(gate: Gate, a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Judge one gate on two summaries; a gate with no data to judge trips (fail closed)."""
+    try:
+        va, vb = metric(a, gate.metric), metric(b, gate.metric)
+    except KeyError as exc:
+        raise GateError(f"--fail-if {gate.text!r}: {exc.args[0]}") from None
+    out: dict[str, Any] = {
+        "expression": gate.text,
+        "a": None if math.isnan(va) else va,
+        "b": None if math.isnan(vb) else vb,
+        "change": None,
+    }
+    if gate.relative:
+        if math.isnan(va) or math.isnan(vb):
+            return out | {"tripped": True, "why": "no data in one of the runs"}
+        if va == 0:
+            # From nothing: any rise is an infinite change, no rise is none.
+            change = 0.0 if vb == 0 else math.copysign(math.inf, vb)
+        else:
+            change = (vb - va) / abs(va)
+        out["change"] = change if math.isfinite(change) else None
+        tripped = _GATE_OPS[gate.op](change, gate.value)
+        return out | {"tripped": tripped, "why": f"change {_pct(change)}"}
+    if math.isnan(vb):
+        return out | {"tripped": True, "why": "no data in run B"}
+    out["change"] = _change(va, vb) if not math.isnan(va) else None
+    if gate.op in ("==", "!="):
+        # Float-safe equality, as thresholds judge it.
+        tripped = (abs(vb - gate.value) < 1e-9) == (gate.op == "==")
+    else:
+        tripped = _GATE_OPS[gate.op](vb, gate.value)
+    return out | {"tripped": tripped, "why": f"B {vb:.4g}"}
+
+
+def _pct(change: float) -> str:
+    return "+inf%" if change == math.inf else f"{change * 100:+.1f}%"
 
 
 def _fmt_value(value: Any) -> str:
@@ -639,7 +986,7 @@ def _fmt_change(change: float | None, higher_is_worse: bool = True) -> str:
 
 def print_comparison(data: Mapping[str, Any], console: Console | None = None) -> None:
     """Print :func:`compare`'s data as rich tables."""
-    console = console or Console()
+    console = console or terminal_console()
     for side in ("a", "b"):
         d = data[side]
         console.print(
@@ -687,3 +1034,18 @@ def print_comparison(data: Mapping[str, Any], console: Console | None = None) ->
             style=style,
         )
     console.print(outcomes)
+    if data.get("gates"):
+        gates = Table(title="Regression gates (--fail-if)", title_justify="left")
+        for col in ("gate", "A", "B", "change", "result"):
+            gates.add_column(col, justify="left" if col in ("gate", "result") else "right")
+        for g in data["gates"]:
+            tripped = f"[bold red]TRIPPED[/] ({escape(g['why'])})"
+            result = tripped if g["tripped"] else "[green]ok[/]"
+            gates.add_row(
+                escape(g["expression"]),
+                _fmt_value(g["a"]),
+                _fmt_value(g["b"]),
+                _fmt_change(g["change"]),
+                result,
+            )
+        console.print(gates)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sqlite3
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
-EXIT_USAGE = 2
+EXIT_REGRESSED, EXIT_USAGE = 1, 2
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,6 +31,21 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     compare.add_argument("run_a", metavar="RUN_A", help="the baseline run directory")
     compare.add_argument("run_b", metavar="RUN_B", help="the run directory to compare with it")
+    compare.add_argument(
+        "--fail-if",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="regression gate, repeatable: exit 1 when true of RUN_B. A signed percentage is "
+        "RUN_B's change from RUN_A ('total.p99 > +10%%', 'rate < -5%%'); any other value is "
+        "RUN_B's own ('false_accepts > 0', 'handshake.p99 > 50ms'); metrics as in thresholds. "
+        "A gate with no data to judge trips. A bad expression exits 2",
+    )
+    compare.add_argument(
+        "--json",
+        action="store_true",
+        help="print the comparison and the gates as one JSON line on stdout (tables to stderr)",
+    )
 
 
 def _fail(message: str) -> int:
@@ -44,7 +60,7 @@ def run_report_cli(args: argparse.Namespace) -> int:
     # Imported here so other commands do not pay for matplotlib's import.
     from testbed import report
 
-    console = Console(soft_wrap=True)
+    console = report.terminal_console()
     try:
         if args.command == "report":
             run_dir = Path(args.run_dir)
@@ -58,9 +74,20 @@ def run_report_cli(args: argparse.Namespace) -> int:
             )
             return 0
         if args.command == "compare":
-            data = report.compare(Path(args.run_a), Path(args.run_b))
-            report.print_comparison(data, console)
-            return 0
+            data = report.compare(Path(args.run_a), Path(args.run_b), args.fail_if)
+            if args.json:
+                # stdout holds the one JSON line a CI step parses; people read stderr.
+                report.print_comparison(data, report.terminal_console(stderr=True))
+                print(json.dumps(data, allow_nan=False), flush=True)
+            else:
+                report.print_comparison(data, console)
+            for expression in data["tripped"]:
+                Console(stderr=True, soft_wrap=True).print(
+                    f"[bold red]regression:[/] {escape(expression)}", highlight=False
+                )
+            return EXIT_REGRESSED if data["tripped"] else 0
+    except report.GateError as exc:
+        return _fail(str(exc))
     except FileNotFoundError as exc:
         return _fail(str(exc))
     except sqlite3.DatabaseError as exc:

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     reason TEXT,
     new_connection INTEGER NOT NULL,
     resumed INTEGER NOT NULL,
-    error TEXT
+    error TEXT,
+    cookie_sent INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS attempts_cohort ON attempts (cohort);
 CREATE TABLE IF NOT EXISTS events (t REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -75,6 +76,23 @@ class AttemptRow:
     new_connection: bool
     resumed: bool
     error: str | None = None
+    cookie_sent: bool = False  # the device sent its CF_Authorization cookie
+
+
+# Columns added after the first release, with what older databases hold instead.
+_ADDED = {"cookie_sent": "INTEGER NOT NULL DEFAULT 0"}
+
+
+def _missing_columns(db: sqlite3.Connection, schema: str = "main") -> list[str]:
+    """Columns of :data:`_ADDED` that an older database's attempts table lacks."""
+    have = {row[1] for row in db.execute(f"PRAGMA {schema}.table_info(attempts)")}
+    return [name for name in _ADDED if name not in have]
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Bring an older database's attempts table up to date (new columns take defaults)."""
+    for name in _missing_columns(db):
+        db.execute(f"ALTER TABLE attempts ADD COLUMN {name} {_ADDED[name]}")
 
 
 _FIELDS = [f.name for f in dataclasses.fields(AttemptRow)]
@@ -90,6 +108,7 @@ class ResultsWriter:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        _add_columns(self._db)
 
     def set_meta(self, **values: Any) -> None:
         """Record facts about the run (JSON-encoded values)."""
@@ -152,6 +171,7 @@ def merge_shards(run_dir: Path) -> int:
     db = sqlite3.connect(str(run_dir / "results.sqlite"), isolation_level=None)
     try:
         db.executescript(SCHEMA + "CREATE TABLE IF NOT EXISTS merged (name TEXT PRIMARY KEY);")
+        _add_columns(db)
         done = {name for (name,) in db.execute("SELECT name FROM merged")}
         fields = ", ".join(_FIELDS)
         merged = 0
@@ -196,10 +216,14 @@ class Results:
 
     def attempts(self) -> Iterator[AttemptRow]:
         """Every attempt, in the order written."""
-        for row in self._db.execute(f"SELECT {', '.join(_FIELDS)} FROM attempts ORDER BY id"):
+        # A database written before a column was added reads as its default.
+        missing = _missing_columns(self._db)
+        columns = ", ".join(f"0 AS {f}" if f in missing else f for f in _FIELDS)
+        for row in self._db.execute(f"SELECT {columns} FROM attempts ORDER BY id"):
             values = dict(zip(_FIELDS, row, strict=True))
             values["new_connection"] = bool(values["new_connection"])
             values["resumed"] = bool(values["resumed"])
+            values["cookie_sent"] = bool(values["cookie_sent"])
             yield AttemptRow(**values)
 
     def events(self) -> list[tuple[float, str, str]]:

@@ -20,6 +20,7 @@ import dataclasses
 import datetime as dt
 import functools
 import math
+import os
 import random
 import signal
 import time
@@ -50,6 +51,7 @@ from enforcer.server import Enforcer, open_listener, serve
 from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
 from testbed.scenario import NGINX_REFUSED, CohortSpec, Event, Phase, Scenario
+from testbed.summary import fmt_rate, fmt_span
 from testbed.thresholds import Threshold
 
 EXIT_OK, EXIT_THRESHOLDS, EXIT_INTERRUPTED = 0, 1, 130
@@ -387,6 +389,7 @@ class Run:
                 new_connection=attempt.new_connection,
                 resumed=attempt.resumed,
                 error=attempt.error,
+                cookie_sent=attempt.cookie_sent,
             )
         )
         self.counts[attempt.outcome] += 1
@@ -809,6 +812,12 @@ class Run:
 
     async def display(self) -> None:
         step = max(0.5, self.scenario.duration / 400)  # few wake-ups, even for a virtual week
+        if not self.console.is_terminal:
+            # A CI log cannot redraw a live table: a plain line every so often instead.
+            lines = ProgressLines(self.console)
+            while True:
+                await trio.sleep(step)
+                lines.maybe(self._table)
         with Live(
             self._table(), console=self.console, refresh_per_second=2, transient=True
         ) as live:
@@ -817,9 +826,34 @@ class Run:
                 live.update(self._table())
 
     def _table(self) -> Table:
-        elapsed = trio.current_time() - self.start if self.start else 0.0
-        title = f"{self.scenario.name}: {elapsed:,.1f} s of {self.scenario.duration:,.0f} s"
+        # The display starts after self.start is set (MockClock starts at 0.0: no truth test).
+        elapsed = trio.current_time() - self.start
+        virtual = " (virtual)" if self.scenario.clock == "virtual" else ""
+        title = (
+            f"{self.scenario.name}: {fmt_span(elapsed)} of"
+            f" {fmt_span(self.scenario.duration)}{virtual}"
+        )
         return progress_table(title, self.counts, self.dropped, elapsed)
+
+
+class ProgressLines:
+    """Progress as plain lines, at most one per ``TESTBED_PROGRESS_EVERY`` wall seconds (10)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.every = float(os.environ.get("TESTBED_PROGRESS_EVERY", "10"))
+        self.last = time.monotonic()
+
+    def maybe(self, table: Callable[[], Table]) -> None:
+        """Print the progress table's rows on one line when the interval has passed."""
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        t = table()
+        cells = [[str(c) for c in col.cells] for col in t.columns]
+        rows = ", ".join(f"{a} {b}" for a, b in zip(*cells[:2], strict=True))
+        self.console.print(f"{t.title}: {rows}", markup=True, highlight=False, soft_wrap=True)
 
 
 def progress_table(title: str, counts: Counter[str], dropped: int, elapsed: float) -> Table:
@@ -831,7 +865,7 @@ def progress_table(title: str, counts: Counter[str], dropped: int, elapsed: floa
     for outcome, n in counts.most_common():
         table.add_row(outcome, str(n))
     table.add_row("[dim]dropped[/]", str(dropped))
-    table.add_row("[bold]total[/]", f"{total} ({total / elapsed if elapsed else 0:,.1f}/s)")
+    table.add_row("[bold]total[/]", f"{total} ({fmt_rate(total / elapsed if elapsed else None)}/s)")
     return table
 
 
@@ -929,14 +963,61 @@ def reraise_first(group: BaseExceptionGroup[Any], kind: type[Exception]) -> NoRe
     raise first from None
 
 
+SCENARIO_TEXT_LIMIT = 256 * 1024  # a scenario file is a few KiB; never copy a stray big file
+
+
+def versions() -> dict[str, str]:
+    """The versions a run was made with, for its report."""
+    import importlib.metadata
+    import platform
+    import ssl
+
+    def dist(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "testbed": dist("mtls-testbed"),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "cryptography": dist("cryptography"),
+        "trio": dist("trio"),
+    }
+
+
+def scenario_text(path: Path) -> str | None:
+    """The scenario file's text, as the run read it (None when the run has no file)."""
+    try:
+        if path.is_file() and path.stat().st_size <= SCENARIO_TEXT_LIMIT:
+            return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        pass
+    return None
+
+
 def run_meta(scenario: Scenario) -> dict[str, Any]:
     """The facts about a scenario that a run records before it starts."""
+    t = scenario.target
     return {
         "scenario": scenario.name,
         "scenario_path": str(scenario.path),
+        "scenario_text": scenario_text(scenario.path),
+        "versions": versions(),
         "seed": scenario.seed,
         "clock": scenario.clock,
-        "target": scenario.target.kind,
+        "target": t.kind,
+        "target_detail": {
+            "kind": t.kind,
+            "url": t.url,
+            "hostname": t.hostname,
+            "ca": None if t.ca is None else str(t.ca),
+            "session_duration": t.session_duration,
+            "policy": t.policy,
+            "enforcer_workers": t.workers,
+        },
+        "timeout": scenario.timeout,
         "cohorts": {
             c.name: {"size": c.size, "expected": c.expected, "defect": c.defect}
             for c in scenario.cohorts
@@ -946,6 +1027,11 @@ def run_meta(scenario: Scenario) -> dict[str, Any]:
                 "name": p.name,
                 "start": sum(q.duration for q in scenario.phases[:i]),
                 "duration": p.duration,
+                "arrival": p.arrival,
+                "rate": p.rate,
+                "start_rate": p.start_rate,
+                "end_rate": p.end_rate,
+                "devices": p.devices,
             }
             for i, p in enumerate(scenario.phases)
         ],

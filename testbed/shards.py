@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime as dt
+import functools
 import json
 import multiprocessing
 import signal
@@ -40,7 +41,7 @@ from rich.live import Live
 from devices.client import Target as DeviceTarget
 from testbed.pkis import RunFleet
 from testbed.results import ResultsWriter, merge_shards, shard_results
-from testbed.runner import Run, progress_table
+from testbed.runner import ProgressLines, Run, progress_table
 from testbed.scenario import Scenario
 
 _PR_SET_PDEATHSIG = 1
@@ -167,9 +168,11 @@ async def run_shards(
                 with contextlib.suppress(ProcessLookupError):
                     p.terminate()  # SIGTERM: the shard stops like a run on Ctrl-C
 
+    # A CI log cannot redraw a live table: plain lines every so often instead.
+    lines = ProgressLines(console) if progress and not console.is_terminal else None
     live = (
         Live(console=console, refresh_per_second=2, transient=True)
-        if progress
+        if progress and lines is None
         else contextlib.nullcontext()
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, live as display:
@@ -190,10 +193,13 @@ async def run_shards(
                 if watch is not None and not (stopped or ended) and watch(seen):
                     ended = True
                     stop()
+                table = functools.partial(
+                    progress_table, title(seen.elapsed), seen.counts, seen.dropped, seen.elapsed
+                )
                 if display is not None:
-                    display.update(
-                        progress_table(title(seen.elapsed), seen.counts, seen.dropped, seen.elapsed)
-                    )
+                    display.update(table())
+                elif lines is not None:
+                    lines.maybe(table)
         finally:
             stop()
             for p in procs:

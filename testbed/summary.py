@@ -182,7 +182,7 @@ class _Group:
         # The first detail of each error outcome (bounded: one per distinct outcome).
         self.error_examples: dict[str, str] = {}
         self.latency: dict[str, _Latency] = defaultdict(_Latency)
-        self.new_connections = self.resumed = 0
+        self.new_connections = self.resumed = self.cookie_admitted = 0
         # Sums over attempts that opened a connection, for the phase breakdown.
         self.breakdown = {"connect": 0.0, "key_store": 0.0, "tls": 0.0, "first_byte": 0.0}
 
@@ -209,6 +209,8 @@ class _Group:
         if row.outcome != "allowed":
             # The enforcer's reason header when it gave one, else how the attempt failed.
             self.rejections[row.reason or row.outcome] += 1
+        if row.cookie_sent and row.outcome == "allowed":
+            self.cookie_admitted += 1
         if row.new_connection:
             self.new_connections += 1
             self.resumed += row.resumed
@@ -250,6 +252,12 @@ class _Group:
                 )
             ],
             "unmatched_outcomes": self.unmatched(),
+            # How attempts got in, for comparing No Duration with cookies: a full handshake
+            # with the certificate, a resumed TLS session, or the CF_Authorization cookie.
+            "full_handshakes": self.new_connections - self.resumed,
+            "resumed": self.resumed,
+            "cookie_admitted": self.cookie_admitted,
+            "full_handshake_share": (self.new_connections - self.resumed) / n if n else None,
         }
 
     def unmatched(self) -> dict[str, int]:
@@ -347,9 +355,13 @@ def summarize(results: Results) -> dict[str, Any]:
     duration = _duration(meta, phases_meta, complete, span)
     started = _timestamp(meta.get("started_at"))
     finished = _timestamp(meta.get("finished_at"))
+    wall = _wall_seconds(meta, started, finished)
     totals = run.counts() | {
         "duration_s": duration,
+        # Per second of the run's clock (virtual seconds on the virtual clock)...
         "rate": run.attempts / duration if duration > 0 else None,
+        # ...and per second of wall time, which is what a virtual run costs the machine.
+        "rate_wall": run.attempts / wall if wall else None,
         "new_connections": run.new_connections,
         "resumed": run.resumed,
         "error_examples": run.error_examples,
@@ -363,7 +375,7 @@ def summarize(results: Results) -> dict[str, Any]:
             "target": meta.get("target"),
             "started_at": meta.get("started_at"),
             "finished_at": meta.get("finished_at"),
-            "wall_s": _wall_seconds(meta, started, finished),
+            "wall_s": wall,
             "meta": meta,
         },
         "complete": complete,
@@ -456,6 +468,33 @@ def _series(
             }
         )
     return {"bucket_s": width, "buckets": buckets}
+
+
+# Units for people, shared by the report, the terminal and the live progress.
+
+
+def fmt_rate(value: float | None) -> str:
+    """Attempts per second, readable whether 0.05 or 29,530."""
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def fmt_span(seconds: float | None) -> str:
+    """A length of time in the unit a reader thinks in: ms, s, min, h or days."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.3g} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.3g} h"
+    return f"{seconds / 86400:.3g} days"
 
 
 def nearest_rank(ordered: list[float], percentile: float) -> float | None:

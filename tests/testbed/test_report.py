@@ -478,9 +478,10 @@ def test_cli_compare(run_dir: Path) -> None:
 def chromium_dom(tmp_path: Path) -> Iterator[Any]:
     """Open a file in headless Chromium and return the DOM after load (killed if it hangs)."""
 
-    def dump(page: Path) -> str:
+    def dump(page: Path, *options: str) -> str:
         command = [
             str(CHROMIUM),
+            *options,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -631,3 +632,220 @@ def test_every_reason_code_is_reported_in_a_colour_of_its_own(tmp_path: Path) ->
     out = Console(width=200, record=True)
     print_summary(summary, console=out)
     assert "denied:unsupported_key" in out.export_text()
+
+
+# The expected-vs-observed table in a 1400 px window.
+
+_MEASURE = """<script>
+window.addEventListener("load", function () {
+  var heading = Array.prototype.find.call(document.querySelectorAll("h3"), function (h) {
+    return h.textContent.indexOf("Expected vs observed") === 0;
+  });
+  var box = heading.nextElementSibling.getBoundingClientRect();
+  var page = document.documentElement;
+  document.body.setAttribute("data-matrix-left", String(Math.floor(box.left)));
+  document.body.setAttribute("data-matrix-right", String(Math.ceil(box.right)));
+  document.body.setAttribute("data-matrix-columns",
+    String(heading.nextElementSibling.querySelectorAll("thead th").length));
+  document.body.setAttribute("data-page-width", String(page.clientWidth));
+  document.body.setAttribute("data-page-scroll-width", String(page.scrollWidth));
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium is installed by .ci/run")
+def test_the_expected_vs_observed_table_fits_a_1400px_window(
+    tmp_path: Path, chromium_dom: Any
+) -> None:
+    # Every reason code and error kind: the widest matrix a run can have.
+    run = write_reasons_run(tmp_path / "run")
+    page = tmp_path / "report.html"
+    page.write_text(render(run).html.read_text().replace("</body>", _MEASURE, 1))
+    dom = chromium_dom(page, "--window-size=1400,900")
+
+    def attr(name: str) -> int:
+        match = re.search(rf'data-{name}="(\d+)"', dom)
+        assert match, f"data-{name} missing: the measuring script did not run"
+        return int(match[1])
+
+    assert attr("page-width") <= 1400
+    assert attr("matrix-columns") >= len(REASON_CODES) + len(ERRORS)
+    # The table's box (scrolling inside itself if it must) stays in the page...
+    assert attr("matrix-left") >= 0 and attr("matrix-right") <= attr("page-width")
+    # ...and nothing makes the page itself scroll sideways.
+    assert attr("page-scroll-width") <= attr("page-width")
+
+
+# Reports of real runs (`testbed run` on the virtual clock, its output piped as in CI).
+
+TWO_DAYS = """\
+# Two days of telemetry in virtual time. <b>&</b> must reach report.html escaped.
+name = "two-days"
+seed = 5
+clock = "virtual"
+thresholds = ["false_accepts == 0"]
+
+[target]
+kind = "embedded"
+
+[[cohorts]]
+name = "sensors"
+size = 4
+behaviour = { kind = "periodic", interval = 21600 }
+
+[[cohorts]]
+name = "piv-touch"
+size = 2
+key_store = "piv"
+client = { resume_sessions = false }
+piv = { slot = "9c", pin_policy = "always", touch_policy = "always", touch_delay = "0.3s" }
+behaviour = { kind = "periodic", interval = 21600 }
+
+[[cohorts]]
+name = "wrong-pin"
+size = 2
+key_store = "piv"
+expected = "key_store_error:CKR_PIN_INCORRECT"
+piv = { slot = "9a", pin = "000000" }
+behaviour = { kind = "periodic", interval = 21600 }
+
+[[phases]]
+name = "two-days"
+duration = "48h"
+arrival = "active"
+devices = 8
+
+[[events]]
+at = "24h"
+action = "set_session_duration"
+value = "12h"
+"""
+
+
+def run_piped(scenario: Path, reports: Path, **env: str) -> tuple[Path, Any]:
+    """`testbed run` with stdout and stderr piped (no TTY, as in a CI log)."""
+    result = subprocess.run(
+        [*TESTBED, "run", str(scenario), "--reports", str(reports)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+    # 0 or 1 (a default gate may fail the wrong-PIN cohort's errors), never a crash.
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    return next(reports.glob(f"{scenario.stem}-*")), result
+
+
+@pytest.fixture(scope="module")
+def two_days(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    root = tmp_path_factory.mktemp("two-days")
+    scenario = root / "two-days.toml"
+    scenario.write_text(TWO_DAYS)
+    # A progress line at every wake-up of the display, so that a short run prints some.
+    return run_piped(scenario, root / "r", TESTBED_PROGRESS_EVERY="0", COLUMNS="80")
+
+
+def test_report_shows_how_the_run_was_made(two_days: tuple[Path, Any]) -> None:
+    import platform
+    import ssl
+
+    import cryptography
+
+    run_dir, _ = two_days
+    page = (run_dir / "report.html").read_text()
+    assert 'id="how"' in page
+    section = page[page.index('id="how"') : page.index("</details>")]
+    for expected in (
+        "embedded (kind embedded, hostname auth.example.test)",
+        "testbed run",
+        "each cohort&#x27;s client options",  # the mode of a scenario run
+        "<td>workers</td><td>1</td>",
+        "8 devices in 3 cohorts",
+        "two-days: 2 days, 8 devices running their behaviour",
+        "2 days planned, 2 days on the run&#x27;s clock (virtual)",
+        f"python {platform.python_version()}",
+        f"openssl {html.escape(ssl.OPENSSL_VERSION)}",
+        f"cryptography {cryptography.__version__}",
+        "testbed 0.1.0",
+        "two-days.toml",
+    ):
+        assert expected in section, expected
+    # The scenario file itself, escaped.
+    text = html.unescape(re.search(r'id="scenario-text"><code>(.*?)</code>', page, re.S)[1])
+    assert text == TWO_DAYS
+    assert "<b>&</b>" not in page and "&lt;b&gt;&amp;&lt;/b&gt;" in page
+
+
+def test_a_virtual_run_reports_virtual_latencies_human_times_and_both_rates(
+    two_days: tuple[Path, Any],
+) -> None:
+    from testbed.plots import time_axis
+
+    run_dir, result = two_days
+    summary = json.loads((run_dir / "summary.json").read_text())
+    totals = summary["totals"]
+    assert totals["duration_s"] == 48 * 3600
+    assert totals["rate"] == pytest.approx(totals["attempts"] / (48 * 3600))
+    assert totals["rate_wall"] == pytest.approx(totals["attempts"] / summary["run"]["wall_s"])
+    # The virtual clock advances while a PIV token waits for its touch: 0.3 s per handshake.
+    piv = summary["cohorts"]["piv-touch"]["latency"]
+    assert piv["key_store"]["count"] > 0 and piv["key_store"]["p50"] >= 300
+    assert piv["total"]["p50"] >= 300
+    assert time_axis(summary) == (3600.0, "hours")  # 48 hours, not 172,800 s
+
+    page = (run_dir / "report.html").read_text()
+    assert "attempts per virtual second" in page and "per wall-clock second" in page
+    assert "p99 (virtual ms)" in page
+    assert 'id="virtual-latency"' in page and "key-store costs" in page
+    assert "2 days (172,800 s)" in page  # the run's length
+    assert "<td>24 h</td>" in page or ">24 h<" in page  # the event's time
+    # The terminal: both rates, readable, never "0.0/s".
+    out = result.stdout
+    assert "attempts per virtual second" in out and "per wall-clock second" in out
+    assert "0.0/s" not in out
+    assert "Latency (virtual ms)" in out
+
+
+def test_piped_output_keeps_whole_reason_codes_and_prints_progress(
+    two_days: tuple[Path, Any],
+) -> None:
+    run_dir, result = two_days
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "key_store_error:CKR_PIN_LOCKED" in summary["cohorts"]["wrong-pin"]["outcomes"]
+    # Not cut or folded at 80 columns: the reason code is whole on its line.
+    assert "key_store_error:CKR_PIN_LOCKED" in result.stdout, result.stdout
+    assert "CKR_PIN_INCORRECT" in result.stdout
+    # Progress as plain lines on stderr (no live table a log cannot redraw).
+    progress = [line for line in result.stderr.splitlines() if line.startswith("two-days: ")]
+    assert progress, result.stderr
+    assert "total" in progress[-1]
+
+
+def test_no_duration_shows_how_attempts_got_in_per_phase(tmp_path: Path) -> None:
+    # scenarios/no-duration.toml on the virtual clock: the same phases, event and fleet.
+    text = (ROOT / "scenarios" / "no-duration.toml").read_text()
+    assert 'clock = "real"' in text
+    scenario = tmp_path / "no-duration.toml"
+    scenario.write_text(text.replace('clock = "real"', 'clock = "virtual"'))
+    run_dir, result = run_piped(scenario, tmp_path / "r")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    phases = {p["name"]: p for p in summary["phases"]}
+    before, after = phases["no-duration"], phases["cookies"]
+    # No Duration: every attempt a full handshake, no cookie ever issued.
+    assert before["attempts"] > 0
+    assert before["full_handshakes"] == before["attempts"]
+    assert before["full_handshake_share"] == 1.0
+    assert before["cookie_admitted"] == 0
+    # 24 h cookies: most attempts ride the cookie on a kept-alive connection.
+    assert after["cookie_admitted"] > after["attempts"] / 2
+    assert after["full_handshake_share"] < 0.5
+    assert after["full_handshakes"] + after["resumed"] < after["attempts"]
+
+    page = (run_dir / "report.html").read_text()
+    for header in ("full handshakes", "resumed", "cookie-admitted"):
+        assert f"<th>{header}</th>" in page
+    share = f"{before['attempts']:,} (100.0%)"
+    assert f'<td class="num">{share}</td>' in page
+    assert "Phases: how attempts got in" in result.stdout
+    assert f"{after['cookie_admitted']:,} (" in result.stdout
