@@ -21,6 +21,15 @@ Step mode (``--step START:STEP[:MAX]``) runs constant-rate steps of ``--duration
 stops after the first step whose p99 latency (from the scheduled start) exceeds ``--p99`` or
 whose share of errors (attempts whose outcome is not the one expected, plus dropped
 attempts) exceeds ``--max-errors``; the highest step that held is the sustainable rate.
+``--repeat N`` runs the staircase N times against the same target, one after the other (each
+repeat's shards write under ``RUN_DIR/repeats/<n>`` and are folded into ``results.sqlite``
+with their phases named ``r<n>.step-<k>`` and their times shifted to the run's), and reports
+the spread of the sustainable rate: a limit that moves from repeat to repeat is noise.
+
+A scenario's thresholds are the run's, with any ``--threshold`` added. Its timed events change
+the target while the devices run; a load run's target lives in another process than the
+devices that would have to follow the change, so a load refuses (exit 2, naming them) the
+events that fall within the run, unless ``--no-events`` says to run without them.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -113,6 +123,8 @@ class LoadPlan:
     enforcer_workers: int = 1
     thresholds: tuple[str, ...] = ()
     timeout: float = 10.0
+    repeat: int = 1  # --step: run the staircase this many times
+    no_events: bool = False  # --scenario: run without the scenario's timed events
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +138,8 @@ class StepResult:
     dropped: int
     p99_ms: float | None
     held: bool
+    repeat: int = 1  # which run of the staircase (--repeat)
+    start_s: float | None = None  # when the step began, from the run's start
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready copy."""
@@ -187,6 +201,10 @@ def check_plan(plan: LoadPlan) -> None:
         )
     if not 0 <= plan.max_errors <= 1:
         raise LoadError(f"--max-errors: expected a share between 0 and 1, got {plan.max_errors}")
+    if plan.repeat < 1:
+        raise LoadError(f"--repeat: expected 1 or more, got {plan.repeat}")
+    if plan.repeat > 1 and not plan.step:
+        raise LoadError("--repeat: repeats a --step staircase; give --step START:STEP[:MAX]")
 
 
 def _phases(plan: LoadPlan) -> tuple[Phase, ...]:
@@ -197,12 +215,20 @@ def _phases(plan: LoadPlan) -> tuple[Phase, ...]:
         return (Phase("ramp", plan.duration, "ramping", start_rate=a, end_rate=b),)
     if plan.closed is not None:
         return (Phase("closed", plan.duration, "active", devices=plan.closed),)
+    return step_phases(plan, 1)
+
+
+def step_phases(plan: LoadPlan, repeat: int) -> tuple[Phase, ...]:
+    """The staircase of ``--step``, its phases named ``r<repeat>.step-<k>`` when repeated."""
     assert plan.step is not None
     start, increment, maximum = plan.step
     top = maximum if maximum is not None else start + 49 * increment
-    phases, rate = [], start
+    prefix = f"r{repeat}." if plan.repeat > 1 else ""
+    phases: list[Phase] = []
+    rate = start
     while rate <= top + 1e-9:
-        phases.append(Phase(f"step-{len(phases) + 1}", plan.duration, "constant", rate=rate))
+        name = f"{prefix}step-{len(phases) + 1}"
+        phases.append(Phase(name, plan.duration, "constant", rate=rate))
         rate += increment
     return tuple(phases)
 
@@ -244,9 +270,11 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
         )
     names = [c.name for c in cohorts]
     try:
-        thresholds = tuple(parse_threshold(t, names) for t in plan.thresholds)
+        extra = tuple(parse_threshold(t, names) for t in plan.thresholds)
     except ThresholdError as exc:
         raise LoadError(f"--threshold: {exc}") from None
+    # The scenario's own thresholds are kept: a load from a scenario is judged as it says.
+    thresholds = (base.thresholds if base else ()) + extra
     return Scenario(
         path=plan.scenario or plan.fleet or Path("."),
         name=f"load-{plan.mode}",
@@ -255,13 +283,37 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
         target=target,
         cohorts=cohorts,
         phases=_phases(plan),
-        events=(),
+        events=(),  # see refuse_events: a load applies none
         thresholds=thresholds,
         intermediates=base.intermediates if base else 1,
         key_type=base.key_type if base else "ec-p256",
         timeout=plan.timeout,
         pkis=base.pkis if base else (PkiSpec("fleet"),),
     )
+
+
+def _at(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def refuse_events(plan: LoadPlan, base: Scenario, planned: float) -> list[str]:
+    """Refuse a scenario's events that fall within the load; return those it never reaches.
+
+    The target of a load runs in its own process(es) and the devices that would have to
+    expect the change run in the shards: nothing carries an event to both at once, so a load
+    cannot honour one, and a run that silently dropped it would judge the wrong thing.
+    """
+    if plan.no_events:
+        return [f"{e.action} at {_at(e.at)}" for e in base.events]
+    within = [e for e in base.events if e.at < planned]
+    if within:
+        named = ", ".join(f"{e.action} at {_at(e.at)}" for e in within)
+        raise LoadError(
+            f"--scenario: {base.path} has timed events that a load run cannot apply: {named}"
+            f" (the run lasts {_at(planned)}); run the scenario with `testbed run`, or pass"
+            " --no-events to load its fleet without them"
+        )
+    return [f"{e.action} at {_at(e.at)} (after the run's end)" for e in base.events]
 
 
 def phase_results(dbs: Sequence[Path], phase: Phase) -> StepResult:
@@ -355,6 +407,81 @@ def sustained_rate(steps: Sequence[StepResult]) -> float | None:
     return best
 
 
+def rate_spread(rates: Sequence[float | None]) -> dict[str, Any]:
+    """Min, median and max of the repeats' sustainable rates (a repeat with none counts 0)."""
+    values = [r or 0.0 for r in rates]
+    return {
+        "repeats": len(values),
+        "rates": list(rates),
+        "min": min(values) if values else None,
+        "median": statistics.median(values) if values else None,
+        "max": max(values) if values else None,
+    }
+
+
+@dataclasses.dataclass
+class _Repeat:
+    """One run of the shards: the whole load, or one repeat of a staircase."""
+
+    n: int
+    scenario: Scenario
+    dir: Path  # where its shards write and are merged
+    watch: _StepWatch | None
+    ended: Any = None  # the shards' outcome, once run
+    epoch: float | None = None  # wall-clock time its schedule started
+    elapsed: float = 0.0  # seconds from its start to the stop of its shards
+
+    def ran(self) -> list[tuple[Phase, float, float]]:
+        """(phase, start, duration) of the phases that began, cut where the repeat stopped."""
+        out, t = [], 0.0
+        for phase in self.scenario.phases:
+            if t >= self.elapsed:
+                break
+            out.append((phase, t, min(phase.duration, self.elapsed - t)))
+            t += phase.duration
+        return out
+
+
+def _step_title(plan: LoadPlan, repeat: _Repeat) -> Callable[[float], str]:
+    """The live display's title: the step running now, its rate, and the real time so far."""
+
+    def title(t: float) -> str:
+        k, start = 0, 0.0
+        phases = repeat.scenario.phases
+        while k < len(phases) - 1 and t >= start + phases[k].duration:
+            start += phases[k].duration
+            k += 1
+        again = f" (repeat {repeat.n} of {plan.repeat})" if plan.repeat > 1 else ""
+        return (
+            f"step {k + 1} of at most {len(phases)} at {phases[k].rate:g}/s against"
+            f" {plan.target}{again}: {t:,.1f} s ({plan.workers} workers)"
+        )
+
+    return title
+
+
+def _fold(into: Path, part: Path, offset: float) -> None:
+    """Copy a repeat's merged results into the run's, its times moved by ``offset`` seconds."""
+    db = sqlite3.connect(str(into), isolation_level=None)
+    try:
+        db.execute("ATTACH DATABASE ? AS part", (str(part),))
+        columns = [c for (_, c, *_rest) in db.execute("PRAGMA part.table_info(attempts)")]
+        columns.remove("id")
+        shifted = [f"{c} + ?" if c in ("scheduled", "started") else c for c in columns]
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            f"INSERT INTO attempts ({', '.join(columns)})"
+            f" SELECT {', '.join(shifted)} FROM part.attempts ORDER BY id",
+            (offset, offset),
+        )
+        db.execute("INSERT INTO dropped SELECT t + ?, cohort, phase FROM part.dropped", (offset,))
+        db.execute("INSERT INTO events SELECT t + ?, kind, detail FROM part.events", (offset,))
+        db.execute("COMMIT")
+        db.execute("DETACH DATABASE part")
+    finally:
+        db.close()
+
+
 async def _supervise(
     plan: LoadPlan,
     scenario: Scenario,
@@ -363,9 +490,9 @@ async def _supervise(
     now: dt.datetime,
     console: Console,
     progress: bool,
-    watch: _StepWatch | None,
-) -> Any:
-    """Start the target, run the shards against it, stop the target."""
+    repeats: Sequence[_Repeat],
+) -> list[_Repeat]:
+    """Start the target, run the shards against it (once per repeat), stop the target."""
     from testbed.nginx import free_port, start_nginx, stop_nginx, wait_listening
 
     host = scenario.target.hostname
@@ -418,17 +545,29 @@ async def _supervise(
             url = urlsplit(plan.target)
             target = DeviceTarget(url.hostname or "", url.port or 443, host, plan.ca)
         try:
-            jobs = jobs_for(scenario, run_dir, fleet, now, plan.workers, target=target)
-            return await run_shards(
-                jobs,
-                console=console,
-                progress=progress,
-                title=lambda t: (
-                    f"{scenario.name} against {plan.target}: {t:,.1f} s of"
-                    f" {scenario.duration:,.0f} s ({plan.workers} workers)"
-                ),
-                watch=watch,
-            )
+            done: list[_Repeat] = []
+            for repeat in repeats:
+                jobs = jobs_for(
+                    repeat.scenario, repeat.dir, fleet, now, plan.workers, target=target
+                )
+                title = (
+                    _step_title(plan, repeat)
+                    if plan.step
+                    else lambda t: (
+                        f"{scenario.name} against {plan.target}: {t:,.1f} s of"
+                        f" {scenario.duration:,.0f} s ({plan.workers} workers)"
+                    )
+                )
+                repeat.ended = await run_shards(
+                    jobs, console=console, progress=progress, title=title, watch=repeat.watch
+                )
+                stopped = time.time()
+                repeat.epoch = start_epoch(repeat.dir)
+                repeat.elapsed = stopped - repeat.epoch if repeat.epoch is not None else 0.0
+                done.append(repeat)
+                if repeat.ended.failed or repeat.ended.interrupted:
+                    break
+            return done
         finally:
             with trio.CancelScope(shield=True):
                 if proc is not None and plan.target == "nginx":
@@ -467,6 +606,8 @@ def run_load(
         assert plan.fleet is not None
         fleet, specs = _cohorts_of_fleet(plan.fleet)
     scenario = build_scenario(plan, specs, base)
+    # Checked before anything is written: a refused event is not worth a run folder.
+    without = refuse_events(plan, base, scenario.duration * plan.repeat) if base else []
     console = console or Console(stderr=True)
     run_dir = run_dir_for(scenario, reports.resolve())
     run_dir.mkdir(parents=True)
@@ -485,37 +626,93 @@ def run_load(
             "rate": plan.rate,
             "ramp": plan.ramp,
             "step": plan.step,
+            "repeat": plan.repeat,
             "closed": plan.closed,
         },
         started_at=dt.datetime.now(dt.UTC).isoformat(),
     )
-    watch = _StepWatch(scenario, run_dir, plan.workers, plan) if plan.step else None
+    if without:
+        writer.set_meta(events_not_applied=without)
+    repeats = _plan_repeats(plan, scenario, run_dir)
     try:
-        ended = trio.run(_supervise, plan, scenario, run_dir, fleet, now, console, progress, watch)
+        done = trio.run(_supervise, plan, scenario, run_dir, fleet, now, console, progress, repeats)
     except BaseExceptionGroup as group:
         # The target is started inside a nursery, which wraps what it raises: a target that
         # cannot start is a LoadError (exit 2), not a traceback.
         reraise_first(group, LoadError)
+    steps = _record_repeats(plan, run_dir, writer, done) if plan.step else []
+    last = done[-1].ended
+    writer.set_meta(generator_cpu_seconds=sum(r.ended.cpu_seconds for r in done))
+    if last.failed:
+        writer.set_meta(failed_shards=[k for k, _ in last.failed])
+        finish_run(scenario, run_dir, writer, began, True, render)
+        raise LoadError(f"a load worker failed; what the others wrote is in {run_dir}")
+    return finish_run(scenario, run_dir, writer, began, last.interrupted, render), steps
+
+
+def _plan_repeats(plan: LoadPlan, scenario: Scenario, run_dir: Path) -> list[_Repeat]:
+    """One shard run for a load; one per repeat of a staircase, each in its own folder."""
+    if not plan.step:
+        return [_Repeat(1, scenario, run_dir, None)]
+    repeats = []
+    for n in range(1, plan.repeat + 1):
+        phases = step_phases(plan, n)
+        rep_scenario = dataclasses.replace(scenario, phases=phases)
+        rep_dir = run_dir if plan.repeat == 1 else run_dir / "repeats" / str(n)
+        repeats.append(
+            _Repeat(n, rep_scenario, rep_dir, _StepWatch(rep_scenario, rep_dir, plan.workers, plan))
+        )
+    return repeats
+
+
+def _record_repeats(
+    plan: LoadPlan, run_dir: Path, writer: ResultsWriter, done: Sequence[_Repeat]
+) -> list[StepResult]:
+    """Judge every step of every repeat, fold repeats into the run, record the real timeline."""
     steps: list[StepResult] = []
-    if watch is not None:
+    rates: list[float | None] = []
+    phases_meta: list[dict[str, Any]] = []
+    first = next((r.epoch for r in done if r.epoch is not None), None)
+    duration = 0.0
+    for repeat in done:
+        if repeat.epoch is None or first is None:
+            continue  # its shards never started
+        offset = repeat.epoch - first
+        if repeat.dir != run_dir:
+            _fold(run_dir / "results.sqlite", repeat.dir / "results.sqlite", offset)
         # Judged again from the merged results, up to the step that failed; every step when
         # none did (the last ends with the run, before the watcher sees it complete). An
         # interrupted run keeps only the steps judged before the interruption.
-        merged = [run_dir / "results.sqlite"]
+        watch = repeat.watch
+        assert watch is not None
+        phases = repeat.scenario.phases
         failed = bool(watch.judged) and not watch.judged[-1].held
-        reached = len(watch.judged) if failed or ended.interrupted else len(scenario.phases)
-        steps = [
-            judge_phase(merged, phase, plan.p99_ms, plan.max_errors)
-            for phase in scenario.phases[:reached]
+        reached = len(watch.judged) if failed or repeat.ended.interrupted else len(phases)
+        mine = [
+            dataclasses.replace(
+                judge_phase([repeat.dir / "results.sqlite"], phase, plan.p99_ms, plan.max_errors),
+                repeat=repeat.n,
+                start_s=offset + sum(p.duration for p in phases[:k]),
+            )
+            for k, phase in enumerate(phases[:reached])
         ]
-        writer.set_meta(
-            steps=[s.as_dict() for s in steps],
-            sustained_rate=sustained_rate(steps),
-            step_bounds={"p99_ms": plan.p99_ms, "max_errors": plan.max_errors},
-        )
-    writer.set_meta(generator_cpu_seconds=ended.cpu_seconds)
-    if ended.failed:
-        writer.set_meta(failed_shards=[k for k, _ in ended.failed])
-        finish_run(scenario, run_dir, writer, began, True, render)
-        raise LoadError(f"a load worker failed; what the others wrote is in {run_dir}")
-    return finish_run(scenario, run_dir, writer, began, ended.interrupted, render), steps
+        steps += mine
+        rates.append(sustained_rate(mine))
+        # The timeline as it ran: a staircase stopped at its third step lasted three steps
+        # (and the start of the fourth), not the whole staircase it planned.
+        for phase, start, length in repeat.ran():
+            phases_meta.append({"name": phase.name, "start": offset + start, "duration": length})
+            duration = max(duration, offset + start + length)
+    spread = rate_spread(rates)
+    writer.set_meta(
+        steps=[s.as_dict() for s in steps],
+        # One repeat: its sustainable rate; several: their median (the spread says how far
+        # they are apart).
+        sustained_rate=(None if all(r is None for r in rates) or not rates else spread["median"]),
+        sustained_rates=rates,
+        sustained_rate_spread=spread,
+        step_bounds={"p99_ms": plan.p99_ms, "max_errors": plan.max_errors},
+        phases=phases_meta,
+        duration=duration,
+    )
+    return steps
