@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import sqlite3
 import statistics
 import subprocess
@@ -43,18 +44,26 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import trio
 from rich.console import Console
 
 from devices.behaviour import Closed
+from devices.client import DeviceClient
 from devices.client import Target as DeviceTarget
+from enforcer.accesslog import AccessLog
+from enforcer.clock import WallClock
+from enforcer.config import load_config
 from enforcer.origin import serve_echo_origin_on
+from enforcer.server import Enforcer
 from testbed.pkis import RunFleet, open_fleet, provision_pkis
 from testbed.results import ResultsWriter, shard_results
 from testbed.runner import (
+    Device,
+    OffsetClock,
+    Run,
     RunOutcome,
     finish_run,
     reraise_first,
@@ -64,7 +73,15 @@ from testbed.runner import (
     write_edge,
     write_enforcer_config,
 )
-from testbed.scenario import CohortSpec, Phase, PkiSpec, Scenario, ScenarioError, load_scenario
+from testbed.scenario import (
+    CohortSpec,
+    Event,
+    Phase,
+    PkiSpec,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+)
 from testbed.scenario import Target as ScenarioTarget
 from testbed.shards import ShardProgress, jobs_for, run_shards, start_epoch
 from testbed.thresholds import ThresholdError, parse_threshold
@@ -296,24 +313,55 @@ def _at(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def refuse_events(plan: LoadPlan, base: Scenario, planned: float) -> list[str]:
-    """Refuse a scenario's events that fall within the load; return those it never reaches.
+# What a load can change on each kind of target while it runs: the embedded enforcer through
+# its state database (everything but its clock, which is the wall clock of another process),
+# nginx through a new CRL and a reload, a URL nothing.
+_EVENTS_BY_TARGET = {
+    "embedded": (
+        "revoke",
+        "remove_root",
+        "rotate_root",
+        "set_policy",
+        "set_session_duration",
+        "stop_origin",
+        "start_origin",
+    ),
+    "nginx": ("revoke",),
+}
 
-    The target of a load runs in its own process(es) and the devices that would have to
-    expect the change run in the shards: nothing carries an event to both at once, so a load
-    cannot honour one, and a run that silently dropped it would judge the wrong thing.
+
+def plan_events(
+    plan: LoadPlan, base: Scenario, planned: float
+) -> tuple[tuple[Event, ...], list[str]]:
+    """The scenario's events this load applies, and notes on those it does not.
+
+    An event within the run that the target cannot take is refused (LoadError, exit 2, naming
+    it): a run that silently dropped it would judge the devices against the wrong world.
     """
     if plan.no_events:
-        return [f"{e.action} at {_at(e.at)}" for e in base.events]
+        return (), [f"{e.action} at {_at(e.at)}" for e in base.events]
     within = [e for e in base.events if e.at < planned]
-    if within:
-        named = ", ".join(f"{e.action} at {_at(e.at)}" for e in within)
-        raise LoadError(
-            f"--scenario: {base.path} has timed events that a load run cannot apply: {named}"
-            f" (the run lasts {_at(planned)}); run the scenario with `testbed run`, or pass"
-            " --no-events to load its fleet without them"
+    kind = plan.target if plan.target in _EVENTS_BY_TARGET else "url"
+    refused = [e for e in within if e.action not in _EVENTS_BY_TARGET.get(kind, ())]
+    if within and plan.step:
+        refused = within  # a staircase stops when a step fails: its events have no fixed time
+    if refused:
+        named = ", ".join(f"{e.action} at {_at(e.at)}" for e in refused)
+        why = (
+            "a --step run stops at the first step that fails, so its timeline is not fixed"
+            if plan.step
+            else f"a load against {'a URL' if kind == 'url' else kind} cannot apply them"
+            + (" (the enforcer runs on the wall clock)" if kind == "embedded" else "")
         )
-    return [f"{e.action} at {_at(e.at)} (after the run's end)" for e in base.events]
+        raise LoadError(
+            f"--scenario: {base.path} has timed events within the run ({_at(planned)}) that"
+            f" {why}: {named}; run the scenario with `testbed run`, or pass --no-events to"
+            " load its fleet without them"
+        )
+    later = [
+        f"{e.action} at {_at(e.at)} (after the run's end)" for e in base.events if e.at >= planned
+    ]
+    return tuple(within), later
 
 
 def phase_results(dbs: Sequence[Path], phase: Phase) -> StepResult:
@@ -430,6 +478,8 @@ class _Repeat:
     ended: Any = None  # the shards' outcome, once run
     epoch: float | None = None  # wall-clock time its schedule started
     elapsed: float = 0.0  # seconds from its start to the stop of its shards
+    # (device, expected outcome, seconds from the start) for each change an event made
+    changes: list[tuple[str, str, float]] = dataclasses.field(default_factory=list)
 
     def ran(self) -> list[tuple[Phase, float, float]]:
         """(phase, start, duration) of the phases that began, cut where the repeat stopped."""
@@ -482,6 +532,82 @@ def _fold(into: Path, part: Path, offset: float) -> None:
         db.close()
 
 
+def _event_driver(
+    scenario: Scenario, run_dir: Path, console: Console, fleet: RunFleet, writer: ResultsWriter
+) -> Run:
+    """A run with no connections of its own, which applies the events to the parent's target.
+
+    It is ``testbed run``'s own event code (:meth:`Run.apply`), given the target the parent
+    started and a stand-in for every device of the fleet, in whatever shard it runs: after
+    each event the stand-ins say what each device should now observe.
+    """
+    driver = Run(scenario, run_dir, console, writer=writer)
+    driver.members = fleet.members()
+    cohorts = {c.name: c for c in scenario.cohorts}
+    driver.devices = [
+        Device(m.id, cohorts[m.cohort], m.sha256, m.device.common_name, cast(DeviceClient, None))
+        for m in driver.members
+    ]
+    return driver
+
+
+async def _drive_events(driver: Run, repeat: _Repeat, nursery: trio.Nursery) -> None:
+    """Apply the events at their times on the shards' clock; note whose expectation changed."""
+    epoch = start_epoch(repeat.dir)
+    while epoch is None:  # the shards have not started their schedule yet
+        await trio.sleep(0.05)
+        epoch = start_epoch(repeat.dir)
+    for event in sorted(driver.scenario.events, key=lambda e: e.at):
+        await trio.sleep(max(0.0, epoch + event.at - time.time()))
+        before = {d.id: d.cohort.expected for d in driver.devices}
+        if driver.enforcer is not None:
+            driver.enforcer.controller.reload()  # what the target itself committed since
+        detail = await driver.apply(event, nursery)
+        # Committed: every connection the target accepts from now on sees the change.
+        done = time.time() - epoch
+        driver.writer.event(event.at, event.action, detail)
+        repeat.changes += [
+            (d.id, d.cohort.expected, done)
+            for d in driver.devices
+            if d.cohort.expected != before[d.id]
+        ]
+
+
+def _expect_after_events(results: Path, changes: Sequence[tuple[str, str, float]]) -> None:
+    """Judge each attempt begun after an event against what the event made it expect."""
+    db = sqlite3.connect(str(results), isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for device, expected, since in sorted(changes, key=lambda c: c[2]):
+            db.execute(
+                "UPDATE attempts SET expected = ? WHERE device = ? AND started >= ?",
+                (expected, device, since),
+            )
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def serve_target(argv: Sequence[str]) -> int:
+    """Serve a load's embedded target so that it follows the events its parent commits."""
+    import argparse
+    import functools
+
+    from enforcer.workers import run_workers, serve_config
+
+    parser = argparse.ArgumentParser(prog="python -m testbed.load serve-target")
+    parser.add_argument("config")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.workers > 1:  # every worker follows the state database already
+        return run_workers(args.config, args.host, args.port, args.workers)
+    config = load_config(args.config)
+    trio.run(functools.partial(serve_config, config, args.host, args.port, follow_store=True))
+    return 0
+
+
 async def _supervise(
     plan: LoadPlan,
     scenario: Scenario,
@@ -491,27 +617,47 @@ async def _supervise(
     console: Console,
     progress: bool,
     repeats: Sequence[_Repeat],
+    writer: ResultsWriter,
 ) -> list[_Repeat]:
     """Start the target, run the shards against it (once per repeat), stop the target."""
     from testbed.nginx import free_port, start_nginx, stop_nginx, wait_listening
 
     host = scenario.target.hostname
+    driver = _event_driver(scenario, run_dir, console, fleet, writer) if scenario.events else None
     async with trio.open_nursery() as nursery:
         proc: trio.Process | None = None
         if plan.target == "embedded":
-            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            origin_port = listeners[0].socket.getsockname()[1]
-            nursery.start_soon(serve_echo_origin_on, listeners)
-            config = write_enforcer_config(
-                scenario, run_dir, fleet, f"http://127.0.0.1:{origin_port}", now
-            )
+            crls = start_crls(scenario, run_dir, fleet, now)
+            if driver is not None:
+                # The runner's origin, which its stop_origin and start_origin events control.
+                origin = await driver._start_origin(nursery)
+                driver.crls = crls
+            else:
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                origin = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+                nursery.start_soon(serve_echo_origin_on, listeners)
+            config = write_enforcer_config(scenario, run_dir, fleet, origin, now, crls=crls)
             port = free_port()
+            # With events, a target that follows its state database, where they are committed.
+            serve = (
+                [sys.executable, "-m", "testbed.load", "serve-target", str(config)]
+                if driver is not None
+                else [
+                    sys.executable,
+                    "-m",
+                    "testbed.cli",
+                    "enforcer",
+                    "serve",
+                    "--config",
+                    str(config),
+                ]
+            )
             # The enforcer writes to its own copy of the descriptor: ours closes at once.
             with (run_dir / "enforcer.log").open("wb") as log:
                 proc = await trio.lowlevel.open_process(
                     [
-                        *(sys.executable, "-m", "testbed.cli", "enforcer", "serve"),
-                        *("--config", str(config), "--host", "127.0.0.1", "--port", str(port)),
+                        *serve,
+                        *("--host", "127.0.0.1", "--port", str(port)),
                         *("--workers", str(scenario.target.workers)),
                     ],
                     stdout=subprocess.DEVNULL,
@@ -525,9 +671,16 @@ async def _supervise(
                     f"--target embedded: {exc or 'not listening after 30 s'}"
                     f" (see {run_dir / 'enforcer.log'})"
                 ) from None
+            if driver is not None:
+                # The parent's handle on the target's state: the events commit through it.
+                driver.clock = OffsetClock(WallClock())
+                driver.enforcer = Enforcer(
+                    load_config(config), driver.clock, AccessLog(io.StringIO())
+                )
             target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
         elif plan.target == "nginx":
             write_edge(scenario, run_dir, now)
+            crls = start_crls(scenario, run_dir, fleet, now)
             try:
                 proc, port = await start_nginx(
                     run_dir / "nginx",
@@ -536,10 +689,14 @@ async def _supervise(
                     client_ca=fleet.client_ca(run_dir / "edge" / "client-ca.pem"),
                     server_name=host,
                     # The run's CRLs, as `testbed run` gives nginx: revoked devices are refused.
-                    crl=start_crls(scenario, run_dir, fleet, now).chain,
+                    crl=crls.chain,
+                    reloadable=driver is not None,
                 )
             except (RuntimeError, trio.TooSlowError) as exc:
                 raise LoadError(f"--target nginx: nginx did not start: {exc}") from None
+            if driver is not None:
+                driver.crls = crls
+                driver._nginx = (proc, run_dir / "nginx")
             target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
         else:
             url = urlsplit(plan.target)
@@ -558,9 +715,13 @@ async def _supervise(
                         f" {scenario.duration:,.0f} s ({plan.workers} workers)"
                     )
                 )
-                repeat.ended = await run_shards(
-                    jobs, console=console, progress=progress, title=title, watch=repeat.watch
-                )
+                async with trio.open_nursery() as during:
+                    if driver is not None:
+                        during.start_soon(_drive_events, driver, repeat, nursery)
+                    repeat.ended = await run_shards(
+                        jobs, console=console, progress=progress, title=title, watch=repeat.watch
+                    )
+                    during.cancel_scope.cancel()
                 stopped = time.time()
                 repeat.epoch = start_epoch(repeat.dir)
                 repeat.elapsed = stopped - repeat.epoch if repeat.epoch is not None else 0.0
@@ -607,7 +768,10 @@ def run_load(
         fleet, specs = _cohorts_of_fleet(plan.fleet)
     scenario = build_scenario(plan, specs, base)
     # Checked before anything is written: a refused event is not worth a run folder.
-    without = refuse_events(plan, base, scenario.duration * plan.repeat) if base else []
+    events, without = plan_events(plan, base, scenario.duration) if base else ((), [])
+    # The run records (and its CRLs last through) the events; the shards never apply them:
+    # the parent does, on the target it started (see _EventDriver).
+    scenario = dataclasses.replace(scenario, events=events)
     console = console or Console(stderr=True)
     run_dir = run_dir_for(scenario, reports.resolve())
     run_dir.mkdir(parents=True)
@@ -635,12 +799,16 @@ def run_load(
         writer.set_meta(events_not_applied=without)
     repeats = _plan_repeats(plan, scenario, run_dir)
     try:
-        done = trio.run(_supervise, plan, scenario, run_dir, fleet, now, console, progress, repeats)
+        done = trio.run(
+            _supervise, plan, scenario, run_dir, fleet, now, console, progress, repeats, writer
+        )
     except BaseExceptionGroup as group:
         # The target is started inside a nursery, which wraps what it raises: a target that
         # cannot start is a LoadError (exit 2), not a traceback.
         reraise_first(group, LoadError)
     steps = _record_repeats(plan, run_dir, writer, done) if plan.step else []
+    if events:
+        _expect_after_events(run_dir / "results.sqlite", done[0].changes)
     last = done[-1].ended
     writer.set_meta(generator_cpu_seconds=sum(r.ended.cpu_seconds for r in done))
     if last.failed:
@@ -653,7 +821,7 @@ def run_load(
 def _plan_repeats(plan: LoadPlan, scenario: Scenario, run_dir: Path) -> list[_Repeat]:
     """One shard run for a load; one per repeat of a staircase, each in its own folder."""
     if not plan.step:
-        return [_Repeat(1, scenario, run_dir, None)]
+        return [_Repeat(1, dataclasses.replace(scenario, events=()), run_dir, None)]
     repeats = []
     for n in range(1, plan.repeat + 1):
         phases = step_phases(plan, n)
@@ -716,3 +884,9 @@ def _record_repeats(
         duration=duration,
     )
     return steps
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["serve-target"]:
+        sys.exit("usage: python -m testbed.load serve-target CONFIG --port PORT [--workers N]")
+    sys.exit(serve_target(sys.argv[2:]))

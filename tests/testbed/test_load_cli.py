@@ -128,15 +128,64 @@ share = 0.5
 """
 
 
-def test_a_scenario_event_the_load_cannot_apply_is_refused_by_name(tmp_path: Path) -> None:
+def test_a_scenario_event_takes_effect_during_the_load(tmp_path: Path) -> None:
+    # Half the healthy cohort is revoked 1 s in: the embedded target refuses them from then
+    # on, and they are expected to be refused, so no attempt is a false accept or reject.
+    path = scenario(tmp_path, ["false_accepts == 0", "false_rejects == 0"], REVOKE_AT_1S)
+    result, run_dir = load(
+        tmp_path / "r",
+        *("--scenario", str(path), "--target", "embedded", "--rate", "10", "--duration", "3s"),
+        "--json",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert run_dir is not None
+    events = rows(run_dir, "SELECT t, kind, detail FROM events WHERE kind = 'revoke'")
+    assert [(t, kind) for t, kind, _ in events] == [(1.0, "revoke")]
+    assert events[0][2].startswith("revoked 3 of 6 devices of cohort healthy")
+    revoked = rows(
+        run_dir,
+        "SELECT device, min(started), count(*) FROM attempts WHERE outcome = 'denied:revoked'"
+        " GROUP BY device",
+    )
+    assert revoked, "no attempt was refused after the revocation"
+    assert len(revoked) <= 3 and all(first >= 1.0 for _, first, _ in revoked)
+    # The revoked devices were admitted before the event and expected so; refused and
+    # expected refused after it.
+    for device, *_ in revoked:
+        seen = rows(
+            run_dir,
+            f"SELECT started >= 1.0, outcome, expected FROM attempts WHERE device = '{device}'",
+        )
+        assert all(outcome == expected for _, outcome, expected in seen), seen
+    figures = json.loads(result.stdout)
+    assert figures["false_accepts"] == 0 and figures["false_rejects"] == 0
+    assert figures["verdict"] == "pass"
+
+
+def test_a_scenario_event_the_target_cannot_take_is_refused_by_name(tmp_path: Path) -> None:
+    # A URL target belongs to someone else: the load cannot revoke anything on it.
     path = scenario(tmp_path, ["false_accepts == 0"], REVOKE_AT_1S)
     result, run_dir = load(
         tmp_path / "r",
-        *("--scenario", str(path), "--target", "embedded", "--rate", "5", "--duration", "3s"),
+        *("--scenario", str(path), "--target", "https://127.0.0.1:9", "--rate", "5"),
+        *("--duration", "3s"),
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "revoke at 1s" in result.stderr and "--no-events" in result.stderr
+    assert "a URL" in result.stderr
     assert run_dir is None  # refused before anything was written
+
+
+def test_a_staircase_refuses_a_scenarios_events(tmp_path: Path) -> None:
+    path = scenario(tmp_path, ["false_accepts == 0"], REVOKE_AT_1S)
+    result, run_dir = load(
+        tmp_path / "r",
+        *("--scenario", str(path), "--target", "embedded", "--step", "5:5:10"),
+        *("--duration", "1s"),
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "revoke at 1s" in result.stderr and "--step" in result.stderr
+    assert run_dir is None
 
 
 def test_no_events_loads_the_fleet_without_them_and_says_so(tmp_path: Path) -> None:
