@@ -315,6 +315,17 @@ def test_every_step_is_in_the_terminal_and_in_summary_json(fleet: Path, tmp_path
         ("step-2", "8", "8", "0", "0", "yes"),
     ]
     assert [float(c[5]) for c in table] == [pytest.approx(s["p99_ms"], abs=0.05) for s in steps]
+    # report.html: the sustainable rate and each step's verdict.
+    html = (run_dir / "report.html").read_text()
+    section = html[html.index('<h2 id="steps">') : html.index("<h2>Figures</h2>")]
+    assert re.search(
+        r'id="sustained-rate">Sustainable rate .*<strong>8 attempts/s</strong>', section
+    )
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in section.split("<tr>")[2:]]
+    assert [(c[1], c[2], c[4], re.sub("<[^>]+>", "", c[-1])) for c in cells] == [
+        ("step-1", "4", "4", "held"),
+        ("step-2", "8", "8", "held"),
+    ]
 
 
 def test_repeat_runs_the_staircase_again_and_reports_the_spread(
@@ -346,6 +357,8 @@ def test_repeat_runs_the_staircase_again_and_reports_the_spread(
     (second,) = rows(run_dir, "SELECT min(scheduled) FROM attempts WHERE phase LIKE 'r2.%'")[0]
     assert second > first_end
     assert summary["totals"]["attempts"] == 24
+    html = (run_dir / "report.html").read_text()
+    assert "median of 2 repeats, min 8/s, max 8/s" in html
 
 
 def test_repeat_needs_a_staircase(fleet: Path, tmp_path: Path) -> None:
