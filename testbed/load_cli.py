@@ -188,6 +188,12 @@ def _run(args: argparse.Namespace, render: Callable[[Path], Any] | None, stdout:
             plan, Path(args.reports), progress=not args.no_progress, render=render
         )
     except LoadError as exc:
+        if args.json:
+            # Still one line for jq: a run that could not be made is a verdict too.
+            stdout.write(
+                json.dumps({"verdict": "error", "exit_code": EXIT_USAGE, "error": str(exc)})
+            )
+            stdout.write("\n")
         return _fail(str(exc))
     out = Console(soft_wrap=True)
     if steps:

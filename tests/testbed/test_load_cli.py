@@ -181,11 +181,16 @@ def test_a_staircase_refuses_a_scenarios_events(tmp_path: Path) -> None:
     result, run_dir = load(
         tmp_path / "r",
         *("--scenario", str(path), "--target", "embedded", "--step", "5:5:10"),
-        *("--duration", "1s"),
+        *("--duration", "1s", "--json"),
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "revoke at 1s" in result.stderr and "--step" in result.stderr
     assert run_dir is None
+    # --json: one line even so, saying why there is no run.
+    (line,) = result.stdout.splitlines()
+    refused = json.loads(line)
+    assert refused["verdict"] == "error" and refused["exit_code"] == 2
+    assert "revoke at 1s" in refused["error"]
 
 
 def test_no_events_loads_the_fleet_without_them_and_says_so(tmp_path: Path) -> None:
