@@ -26,10 +26,16 @@ repeat's shards write under ``RUN_DIR/repeats/<n>`` and are folded into ``result
 with their phases named ``r<n>.step-<k>`` and their times shifted to the run's), and reports
 the spread of the sustainable rate: a limit that moves from repeat to repeat is noise.
 
-A scenario's thresholds are the run's, with any ``--threshold`` added. Its timed events change
-the target while the devices run; a load run's target lives in another process than the
-devices that would have to follow the change, so a load refuses (exit 2, naming them) the
-events that fall within the run, unless ``--no-events`` says to run without them.
+A scenario's thresholds are the run's, with any ``--threshold`` added. Its timed events are
+applied by the parent, which started the target, with ``testbed run``'s own code
+(:meth:`testbed.runner.Run.apply`) on a driver run that holds a stand-in for every device:
+the embedded enforcer (started so that it follows its state database) takes every event but
+``advance_clock`` (it runs on the wall clock), nginx takes ``revoke`` (a new CRL and a reload),
+a URL none. The stand-ins tell which devices expect another outcome from when the change was
+committed, and the attempts those devices began from then on are judged against it. An event
+within the run that the target cannot take, or any event of a ``--step`` run (whose timeline
+depends on when a step fails), is refused (exit 2, naming it), unless ``--no-events`` says to
+run without the scenario's events.
 """
 
 from __future__ import annotations
@@ -300,7 +306,7 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
         target=target,
         cohorts=cohorts,
         phases=_phases(plan),
-        events=(),  # see refuse_events: a load applies none
+        events=(),  # run_load keeps those plan_events accepts: the parent applies them
         thresholds=thresholds,
         intermediates=base.intermediates if base else 1,
         key_type=base.key_type if base else "ec-p256",
@@ -538,7 +544,7 @@ def _event_driver(
     """A run with no connections of its own, which applies the events to the parent's target.
 
     It is ``testbed run``'s own event code (:meth:`Run.apply`), given the target the parent
-    started and a stand-in for every device of the fleet, in whatever shard it runs: after
+    started and a stand-in for every device of the fleet, whichever shard drives it: after
     each event the stand-ins say what each device should now observe.
     """
     driver = Run(scenario, run_dir, console, writer=writer)
