@@ -21,30 +21,55 @@ Step mode (``--step START:STEP[:MAX]``) runs constant-rate steps of ``--duration
 stops after the first step whose p99 latency (from the scheduled start) exceeds ``--p99`` or
 whose share of errors (attempts whose outcome is not the one expected, plus dropped
 attempts) exceeds ``--max-errors``; the highest step that held is the sustainable rate.
+``--repeat N`` runs the staircase N times against the same target, one after the other (each
+repeat's shards write under ``RUN_DIR/repeats/<n>`` and are folded into ``results.sqlite``
+with their phases named ``r<n>.step-<k>`` and their times shifted to the run's), and reports
+the spread of the sustainable rate: a limit that moves from repeat to repeat is noise.
+
+A scenario's thresholds are the run's, with any ``--threshold`` added. Its timed events are
+applied by the parent, which started the target, with ``testbed run``'s own code
+(:meth:`testbed.runner.Run.apply`) on a driver run that holds a stand-in for every device:
+the embedded enforcer (started so that it follows its state database) takes every event but
+``advance_clock`` (it runs on the wall clock), nginx takes ``revoke`` (a new CRL and a reload),
+a URL none. The stand-ins tell which devices expect another outcome from when the change was
+committed, and the attempts those devices began from then on are judged against it. An event
+within the run that the target cannot take, or any event of a ``--step`` run (whose timeline
+depends on when a step fails), is refused (exit 2, naming it), unless ``--no-events`` says to
+run without the scenario's events.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import trio
 from rich.console import Console
 
 from devices.behaviour import Closed
+from devices.client import DeviceClient
 from devices.client import Target as DeviceTarget
+from enforcer.accesslog import AccessLog
+from enforcer.clock import WallClock
+from enforcer.config import load_config
 from enforcer.origin import serve_echo_origin_on
+from enforcer.server import Enforcer
 from testbed.pkis import RunFleet, open_fleet, provision_pkis
 from testbed.results import ResultsWriter, shard_results
 from testbed.runner import (
+    Device,
+    OffsetClock,
+    Run,
     RunOutcome,
     finish_run,
     reraise_first,
@@ -54,7 +79,15 @@ from testbed.runner import (
     write_edge,
     write_enforcer_config,
 )
-from testbed.scenario import CohortSpec, Phase, PkiSpec, Scenario, ScenarioError, load_scenario
+from testbed.scenario import (
+    CohortSpec,
+    Event,
+    Phase,
+    PkiSpec,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+)
 from testbed.scenario import Target as ScenarioTarget
 from testbed.shards import ShardProgress, jobs_for, run_shards, start_epoch
 from testbed.thresholds import Threshold, ThresholdError, parse_threshold
@@ -114,6 +147,8 @@ class LoadPlan:
     enforcer_workers: int = 1
     thresholds: tuple[str, ...] = ()
     timeout: float = 10.0
+    repeat: int = 1  # --step: run the staircase this many times
+    no_events: bool = False  # --scenario: run without the scenario's timed events
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +162,8 @@ class StepResult:
     dropped: int
     p99_ms: float | None
     held: bool
+    repeat: int = 1  # which run of the staircase (--repeat)
+    start_s: float | None = None  # when the step began, from the run's start
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready copy."""
@@ -188,6 +225,10 @@ def check_plan(plan: LoadPlan) -> None:
         )
     if not 0 <= plan.max_errors <= 1:
         raise LoadError(f"--max-errors: expected a share between 0 and 1, got {plan.max_errors}")
+    if plan.repeat < 1:
+        raise LoadError(f"--repeat: expected 1 or more, got {plan.repeat}")
+    if plan.repeat > 1 and not plan.step:
+        raise LoadError("--repeat: repeats a --step staircase; give --step START:STEP[:MAX]")
 
 
 def _phases(plan: LoadPlan) -> tuple[Phase, ...]:
@@ -198,12 +239,20 @@ def _phases(plan: LoadPlan) -> tuple[Phase, ...]:
         return (Phase("ramp", plan.duration, "ramping", start_rate=a, end_rate=b),)
     if plan.closed is not None:
         return (Phase("closed", plan.duration, "active", devices=plan.closed),)
+    return step_phases(plan, 1)
+
+
+def step_phases(plan: LoadPlan, repeat: int) -> tuple[Phase, ...]:
+    """The staircase of ``--step``, its phases named ``r<repeat>.step-<k>`` when repeated."""
     assert plan.step is not None
     start, increment, maximum = plan.step
     top = maximum if maximum is not None else start + 49 * increment
-    phases, rate = [], start
+    prefix = f"r{repeat}." if plan.repeat > 1 else ""
+    phases: list[Phase] = []
+    rate = start
     while rate <= top + 1e-9:
-        phases.append(Phase(f"step-{len(phases) + 1}", plan.duration, "constant", rate=rate))
+        name = f"{prefix}step-{len(phases) + 1}"
+        phases.append(Phase(name, plan.duration, "constant", rate=rate))
         rate += increment
     return tuple(phases)
 
@@ -245,9 +294,11 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
         )
     names = [c.name for c in cohorts]
     try:
-        thresholds = tuple(parse_threshold(t, names) for t in plan.thresholds)
+        extra = tuple(parse_threshold(t, names) for t in plan.thresholds)
     except ThresholdError as exc:
         raise LoadError(f"--threshold: {exc}") from None
+    # The scenario's own thresholds are kept: a load from a scenario is judged as it says.
+    thresholds = (base.thresholds if base else ()) + extra
     return Scenario(
         path=plan.scenario or plan.fleet or Path("."),
         name=f"load-{plan.mode}",
@@ -256,13 +307,68 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
         target=target,
         cohorts=cohorts,
         phases=_phases(plan),
-        events=(),
+        events=(),  # run_load keeps those plan_events accepts: the parent applies them
         thresholds=thresholds,
         intermediates=base.intermediates if base else 1,
         key_type=base.key_type if base else "ec-p256",
         timeout=plan.timeout,
         pkis=base.pkis if base else (PkiSpec("fleet"),),
     )
+
+
+def _at(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+# What a load can change on each kind of target while it runs: the embedded enforcer through
+# its state database (everything but its clock, which is the wall clock of another process),
+# nginx through a new CRL and a reload, a URL nothing.
+_EVENTS_BY_TARGET = {
+    "embedded": (
+        "revoke",
+        "remove_root",
+        "rotate_root",
+        "set_policy",
+        "set_session_duration",
+        "stop_origin",
+        "start_origin",
+    ),
+    "nginx": ("revoke",),
+}
+
+
+def plan_events(
+    plan: LoadPlan, base: Scenario, planned: float
+) -> tuple[tuple[Event, ...], list[str]]:
+    """The scenario's events this load applies, and notes on those it does not.
+
+    An event within the run that the target cannot take is refused (LoadError, exit 2, naming
+    it): a run that silently dropped it would judge the devices against the wrong world.
+    """
+    if plan.no_events:
+        return (), [f"{e.action} at {_at(e.at)}" for e in base.events]
+    within = [e for e in base.events if e.at < planned]
+    kind = plan.target if plan.target in _EVENTS_BY_TARGET else "url"
+    refused = [e for e in within if e.action not in _EVENTS_BY_TARGET.get(kind, ())]
+    if within and plan.step:
+        refused = within  # a staircase stops when a step fails: its events have no fixed time
+    if refused:
+        named = ", ".join(f"{e.action} at {_at(e.at)}" for e in refused)
+        why = (
+            "a --step run stops at the first step that fails, so its timeline is not fixed"
+            if plan.step
+            else f"a load against {'a URL' if kind == 'url' else kind} cannot apply them"
+            + (" (the enforcer runs on the wall clock)" if kind == "embedded" else "")
+        )
+        raise LoadError(
+            f"--scenario: {base.path} has timed events within the run ({_at(planned)}) that"
+            f" {why}: {named}; run the scenario with `testbed run`, or pass --no-events to"
+            " load its fleet without them"
+        )
+    later = [
+        f"{e.action} at {_at(e.at)} (after the run's end)" for e in base.events if e.at >= planned
+    ]
+    return tuple(within), later
 
 
 def phase_results(dbs: Sequence[Path], phase: Phase) -> StepResult:
@@ -367,6 +473,159 @@ def sustained_rate(steps: Sequence[StepResult]) -> float | None:
     return best
 
 
+def rate_spread(rates: Sequence[float | None]) -> dict[str, Any]:
+    """Min, median and max of the repeats' sustainable rates (a repeat with none counts 0)."""
+    values = [r or 0.0 for r in rates]
+    return {
+        "repeats": len(values),
+        "rates": list(rates),
+        "min": min(values) if values else None,
+        "median": statistics.median(values) if values else None,
+        "max": max(values) if values else None,
+    }
+
+
+@dataclasses.dataclass
+class _Repeat:
+    """One run of the shards: the whole load, or one repeat of a staircase."""
+
+    n: int
+    scenario: Scenario
+    dir: Path  # where its shards write and are merged
+    watch: _StepWatch | None
+    ended: Any = None  # the shards' outcome, once run
+    epoch: float | None = None  # wall-clock time its schedule started
+    elapsed: float = 0.0  # seconds from its start to the stop of its shards
+    # (device, expected outcome, seconds from the start) for each change an event made
+    changes: list[tuple[str, str, float]] = dataclasses.field(default_factory=list)
+
+    def ran(self) -> list[tuple[Phase, float, float]]:
+        """(phase, start, duration) of the phases that began, cut where the repeat stopped."""
+        out, t = [], 0.0
+        for phase in self.scenario.phases:
+            if t >= self.elapsed:
+                break
+            out.append((phase, t, min(phase.duration, self.elapsed - t)))
+            t += phase.duration
+        return out
+
+
+def _step_title(plan: LoadPlan, repeat: _Repeat) -> Callable[[float], str]:
+    """The live display's title: the step running now, its rate, and the real time so far."""
+
+    def title(t: float) -> str:
+        k, start = 0, 0.0
+        phases = repeat.scenario.phases
+        while k < len(phases) - 1 and t >= start + phases[k].duration:
+            start += phases[k].duration
+            k += 1
+        again = f" (repeat {repeat.n} of {plan.repeat})" if plan.repeat > 1 else ""
+        return (
+            f"step {k + 1} of at most {len(phases)} at {phases[k].rate:g}/s against"
+            f" {plan.target}{again}: {t:,.1f} s ({plan.workers} workers)"
+        )
+
+    return title
+
+
+def _fold(into: Path, part: Path, offset: float) -> None:
+    """Copy a repeat's merged results into the run's, its times moved by ``offset`` seconds."""
+    db = sqlite3.connect(str(into), isolation_level=None)
+    try:
+        db.execute("ATTACH DATABASE ? AS part", (str(part),))
+        columns = [c for (_, c, *_rest) in db.execute("PRAGMA part.table_info(attempts)")]
+        columns.remove("id")
+        shifted = [f"{c} + ?" if c in ("scheduled", "started") else c for c in columns]
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            f"INSERT INTO attempts ({', '.join(columns)})"
+            f" SELECT {', '.join(shifted)} FROM part.attempts ORDER BY id",
+            (offset, offset),
+        )
+        db.execute("INSERT INTO dropped SELECT t + ?, cohort, phase FROM part.dropped", (offset,))
+        db.execute("INSERT INTO events SELECT t + ?, kind, detail FROM part.events", (offset,))
+        db.execute("COMMIT")
+        db.execute("DETACH DATABASE part")
+    finally:
+        db.close()
+
+
+def _event_driver(
+    scenario: Scenario, run_dir: Path, console: Console, fleet: RunFleet, writer: ResultsWriter
+) -> Run:
+    """A run with no connections of its own, which applies the events to the parent's target.
+
+    It is ``testbed run``'s own event code (:meth:`Run.apply`), given the target the parent
+    started and a stand-in for every device of the fleet, whichever shard drives it: after
+    each event the stand-ins say what each device should now observe.
+    """
+    driver = Run(scenario, run_dir, console, writer=writer)
+    driver.members = fleet.members()
+    cohorts = {c.name: c for c in scenario.cohorts}
+    driver.devices = [
+        Device(m.id, cohorts[m.cohort], m.sha256, m.device.common_name, cast(DeviceClient, None))
+        for m in driver.members
+    ]
+    return driver
+
+
+async def _drive_events(driver: Run, repeat: _Repeat, nursery: trio.Nursery) -> None:
+    """Apply the events at their times on the shards' clock; note whose expectation changed."""
+    epoch = start_epoch(repeat.dir)
+    while epoch is None:  # the shards have not started their schedule yet
+        await trio.sleep(0.05)
+        epoch = start_epoch(repeat.dir)
+    for event in sorted(driver.scenario.events, key=lambda e: e.at):
+        await trio.sleep(max(0.0, epoch + event.at - time.time()))
+        before = {d.id: d.cohort.expected for d in driver.devices}
+        if driver.enforcer is not None:
+            driver.enforcer.controller.reload()  # what the target itself committed since
+        detail = await driver.apply(event, nursery)
+        # Committed: every connection the target accepts from now on sees the change.
+        done = time.time() - epoch
+        driver.writer.event(event.at, event.action, detail)
+        repeat.changes += [
+            (d.id, d.cohort.expected, done)
+            for d in driver.devices
+            if d.cohort.expected != before[d.id]
+        ]
+
+
+def _expect_after_events(results: Path, changes: Sequence[tuple[str, str, float]]) -> None:
+    """Judge each attempt begun after an event against what the event made it expect."""
+    db = sqlite3.connect(str(results), isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for device, expected, since in sorted(changes, key=lambda c: c[2]):
+            db.execute(
+                "UPDATE attempts SET expected = ? WHERE device = ? AND started >= ?",
+                (expected, device, since),
+            )
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def serve_target(argv: Sequence[str]) -> int:
+    """Serve a load's embedded target so that it follows the events its parent commits."""
+    import argparse
+    import functools
+
+    from enforcer.workers import run_workers, serve_config
+
+    parser = argparse.ArgumentParser(prog="python -m testbed.load serve-target")
+    parser.add_argument("config")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.workers > 1:  # every worker follows the state database already
+        return run_workers(args.config, args.host, args.port, args.workers)
+    config = load_config(args.config)
+    trio.run(functools.partial(serve_config, config, args.host, args.port, follow_store=True))
+    return 0
+
+
 async def _supervise(
     plan: LoadPlan,
     scenario: Scenario,
@@ -375,28 +634,48 @@ async def _supervise(
     now: dt.datetime,
     console: Console,
     progress: bool,
-    watch: _StepWatch | None,
-) -> Any:
-    """Start the target, run the shards against it, stop the target."""
+    repeats: Sequence[_Repeat],
+    writer: ResultsWriter,
+) -> list[_Repeat]:
+    """Start the target, run the shards against it (once per repeat), stop the target."""
     from testbed.nginx import free_port, start_nginx, stop_nginx, wait_listening
 
     host = scenario.target.hostname
+    driver = _event_driver(scenario, run_dir, console, fleet, writer) if scenario.events else None
     async with trio.open_nursery() as nursery:
         proc: trio.Process | None = None
         if plan.target == "embedded":
-            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            origin_port = listeners[0].socket.getsockname()[1]
-            nursery.start_soon(serve_echo_origin_on, listeners)
-            config = write_enforcer_config(
-                scenario, run_dir, fleet, f"http://127.0.0.1:{origin_port}", now
-            )
+            crls = start_crls(scenario, run_dir, fleet, now)
+            if driver is not None:
+                # The runner's origin, which its stop_origin and start_origin events control.
+                origin = await driver._start_origin(nursery)
+                driver.crls = crls
+            else:
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                origin = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+                nursery.start_soon(serve_echo_origin_on, listeners)
+            config = write_enforcer_config(scenario, run_dir, fleet, origin, now, crls=crls)
             port = free_port()
+            # With events, a target that follows its state database, where they are committed.
+            serve = (
+                [sys.executable, "-m", "testbed.load", "serve-target", str(config)]
+                if driver is not None
+                else [
+                    sys.executable,
+                    "-m",
+                    "testbed.cli",
+                    "enforcer",
+                    "serve",
+                    "--config",
+                    str(config),
+                ]
+            )
             # The enforcer writes to its own copy of the descriptor: ours closes at once.
             with (run_dir / "enforcer.log").open("wb") as log:
                 proc = await trio.lowlevel.open_process(
                     [
-                        *(sys.executable, "-m", "testbed.cli", "enforcer", "serve"),
-                        *("--config", str(config), "--host", "127.0.0.1", "--port", str(port)),
+                        *serve,
+                        *("--host", "127.0.0.1", "--port", str(port)),
                         *("--workers", str(scenario.target.workers)),
                     ],
                     stdout=subprocess.DEVNULL,
@@ -410,9 +689,16 @@ async def _supervise(
                     f"--target embedded: {exc or 'not listening after 30 s'}"
                     f" (see {run_dir / 'enforcer.log'})"
                 ) from None
+            if driver is not None:
+                # The parent's handle on the target's state: the events commit through it.
+                driver.clock = OffsetClock(WallClock())
+                driver.enforcer = Enforcer(
+                    load_config(config), driver.clock, AccessLog(io.StringIO())
+                )
             target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
         elif plan.target == "nginx":
             write_edge(scenario, run_dir, now)
+            crls = start_crls(scenario, run_dir, fleet, now)
             try:
                 proc, port = await start_nginx(
                     run_dir / "nginx",
@@ -421,26 +707,46 @@ async def _supervise(
                     client_ca=fleet.client_ca(run_dir / "edge" / "client-ca.pem"),
                     server_name=host,
                     # The run's CRLs, as `testbed run` gives nginx: revoked devices are refused.
-                    crl=start_crls(scenario, run_dir, fleet, now).chain,
+                    crl=crls.chain,
+                    reloadable=driver is not None,
                 )
             except (RuntimeError, trio.TooSlowError) as exc:
                 raise LoadError(f"--target nginx: nginx did not start: {exc}") from None
+            if driver is not None:
+                driver.crls = crls
+                driver._nginx = (proc, run_dir / "nginx")
             target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
         else:
             url = urlsplit(plan.target)
             target = DeviceTarget(url.hostname or "", url.port or 443, host, plan.ca)
         try:
-            jobs = jobs_for(scenario, run_dir, fleet, now, plan.workers, target=target)
-            return await run_shards(
-                jobs,
-                console=console,
-                progress=progress,
-                title=lambda t: (
-                    f"{scenario.name} against {plan.target}: {t:,.1f} s of"
-                    f" {scenario.duration:,.0f} s ({plan.workers} workers)"
-                ),
-                watch=watch,
-            )
+            done: list[_Repeat] = []
+            for repeat in repeats:
+                jobs = jobs_for(
+                    repeat.scenario, repeat.dir, fleet, now, plan.workers, target=target
+                )
+                title = (
+                    _step_title(plan, repeat)
+                    if plan.step
+                    else lambda t: (
+                        f"{scenario.name} against {plan.target}: {t:,.1f} s of"
+                        f" {scenario.duration:,.0f} s ({plan.workers} workers)"
+                    )
+                )
+                async with trio.open_nursery() as during:
+                    if driver is not None:
+                        during.start_soon(_drive_events, driver, repeat, nursery)
+                    repeat.ended = await run_shards(
+                        jobs, console=console, progress=progress, title=title, watch=repeat.watch
+                    )
+                    during.cancel_scope.cancel()
+                stopped = time.time()
+                repeat.epoch = start_epoch(repeat.dir)
+                repeat.elapsed = stopped - repeat.epoch if repeat.epoch is not None else 0.0
+                done.append(repeat)
+                if repeat.ended.failed or repeat.ended.interrupted:
+                    break
+            return done
         finally:
             with trio.CancelScope(shield=True):
                 if proc is not None and plan.target == "nginx":
@@ -479,6 +785,11 @@ def run_load(
         assert plan.fleet is not None
         fleet, specs = _cohorts_of_fleet(plan.fleet)
     scenario = build_scenario(plan, specs, base)
+    # Checked before anything is written: a refused event is not worth a run folder.
+    events, without = plan_events(plan, base, scenario.duration) if base else ((), [])
+    # The run records (and its CRLs last through) the events; the shards never apply them:
+    # the parent does, on the target it started (see _EventDriver).
+    scenario = dataclasses.replace(scenario, events=events)
     console = console or Console(stderr=True)
     run_dir = run_dir_for(scenario, reports.resolve())
     run_dir.mkdir(parents=True)
@@ -497,41 +808,107 @@ def run_load(
             "rate": plan.rate,
             "ramp": plan.ramp,
             "step": plan.step,
+            "repeat": plan.repeat,
             "closed": plan.closed,
         },
         started_at=dt.datetime.now(dt.UTC).isoformat(),
     )
-    watch = _StepWatch(scenario, run_dir, plan.workers, plan) if plan.step else None
+    if without:
+        writer.set_meta(events_not_applied=without)
+    repeats = _plan_repeats(plan, scenario, run_dir)
     try:
-        ended = trio.run(_supervise, plan, scenario, run_dir, fleet, now, console, progress, watch)
+        done = trio.run(
+            _supervise, plan, scenario, run_dir, fleet, now, console, progress, repeats, writer
+        )
     except BaseExceptionGroup as group:
         # The target is started inside a nursery, which wraps what it raises: a target that
         # cannot start is a LoadError (exit 2), not a traceback.
         reraise_first(group, LoadError)
-    steps: list[StepResult] = []
-    if watch is not None:
-        # Judged again from the merged results, up to the step that failed; every step when
-        # none did (the last ends with the run, before the watcher sees it complete). An
-        # interrupted run keeps only the steps judged before the interruption.
-        merged = [run_dir / "results.sqlite"]
-        failed = bool(watch.judged) and not watch.judged[-1].held
-        reached = len(watch.judged) if failed or ended.interrupted else len(scenario.phases)
-        steps = [
-            judge_phase(merged, phase, plan.p99_ms, plan.max_errors)
-            for phase in scenario.phases[:reached]
-        ]
-        writer.set_meta(
-            steps=[s.as_dict() for s in steps],
-            sustained_rate=sustained_rate(steps),
-            step_bounds={"p99_ms": plan.p99_ms, "max_errors": plan.max_errors},
-        )
-    writer.set_meta(generator_cpu_seconds=ended.cpu_seconds)
-    if ended.failed:
-        writer.set_meta(failed_shards=[k for k, _ in ended.failed])
+    steps = _record_repeats(plan, run_dir, writer, done) if plan.step else []
+    if events:
+        _expect_after_events(run_dir / "results.sqlite", done[0].changes)
+    last = done[-1].ended
+    writer.set_meta(generator_cpu_seconds=sum(r.ended.cpu_seconds for r in done))
+    if last.failed:
+        writer.set_meta(failed_shards=[k for k, _ in last.failed])
         finish_run(scenario, run_dir, writer, began, True, render)
         raise LoadError(f"a load worker failed; what the others wrote is in {run_dir}")
     judged = load_thresholds(plan, scenario)
     outcome = finish_run(
-        scenario, run_dir, writer, began, ended.interrupted, render, thresholds=judged
+        scenario, run_dir, writer, began, last.interrupted, render, thresholds=judged
     )
     return outcome, steps
+
+
+def _plan_repeats(plan: LoadPlan, scenario: Scenario, run_dir: Path) -> list[_Repeat]:
+    """One shard run for a load; one per repeat of a staircase, each in its own folder."""
+    if not plan.step:
+        return [_Repeat(1, dataclasses.replace(scenario, events=()), run_dir, None)]
+    repeats = []
+    for n in range(1, plan.repeat + 1):
+        phases = step_phases(plan, n)
+        rep_scenario = dataclasses.replace(scenario, phases=phases)
+        rep_dir = run_dir if plan.repeat == 1 else run_dir / "repeats" / str(n)
+        repeats.append(
+            _Repeat(n, rep_scenario, rep_dir, _StepWatch(rep_scenario, rep_dir, plan.workers, plan))
+        )
+    return repeats
+
+
+def _record_repeats(
+    plan: LoadPlan, run_dir: Path, writer: ResultsWriter, done: Sequence[_Repeat]
+) -> list[StepResult]:
+    """Judge every step of every repeat, fold repeats into the run, record the real timeline."""
+    steps: list[StepResult] = []
+    rates: list[float | None] = []
+    phases_meta: list[dict[str, Any]] = []
+    first = next((r.epoch for r in done if r.epoch is not None), None)
+    duration = 0.0
+    for repeat in done:
+        if repeat.epoch is None or first is None:
+            continue  # its shards never started
+        offset = repeat.epoch - first
+        if repeat.dir != run_dir:
+            _fold(run_dir / "results.sqlite", repeat.dir / "results.sqlite", offset)
+        # Judged again from the merged results, up to the step that failed; every step when
+        # none did (the last ends with the run, before the watcher sees it complete). An
+        # interrupted run keeps only the steps judged before the interruption.
+        watch = repeat.watch
+        assert watch is not None
+        phases = repeat.scenario.phases
+        failed = bool(watch.judged) and not watch.judged[-1].held
+        reached = len(watch.judged) if failed or repeat.ended.interrupted else len(phases)
+        mine = [
+            dataclasses.replace(
+                judge_phase([repeat.dir / "results.sqlite"], phase, plan.p99_ms, plan.max_errors),
+                repeat=repeat.n,
+                start_s=offset + sum(p.duration for p in phases[:k]),
+            )
+            for k, phase in enumerate(phases[:reached])
+        ]
+        steps += mine
+        rates.append(sustained_rate(mine))
+        # The timeline as it ran: a staircase stopped at its third step lasted three steps
+        # (and the start of the fourth), not the whole staircase it planned.
+        for phase, start, length in repeat.ran():
+            phases_meta.append({"name": phase.name, "start": offset + start, "duration": length})
+            duration = max(duration, offset + start + length)
+    spread = rate_spread(rates)
+    writer.set_meta(
+        steps=[s.as_dict() for s in steps],
+        # One repeat: its sustainable rate; several: their median (the spread says how far
+        # they are apart).
+        sustained_rate=(None if all(r is None for r in rates) or not rates else spread["median"]),
+        sustained_rates=rates,
+        sustained_rate_spread=spread,
+        step_bounds={"p99_ms": plan.p99_ms, "max_errors": plan.max_errors},
+        phases=phases_meta,
+        duration=duration,
+    )
+    return steps
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["serve-target"]:
+        sys.exit("usage: python -m testbed.load serve-target CONFIG --port PORT [--workers N]")
+    sys.exit(serve_target(sys.argv[2:]))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -15,7 +18,12 @@ from rich.table import Table
 
 from enforcer.durations import DurationError, parse_duration
 
+if TYPE_CHECKING:
+    from testbed.load import LoadPlan, StepResult
+    from testbed.runner import RunOutcome
+
 EXIT_USAGE = 2
+VERDICTS = {0: "pass", 1: "fail", 130: "interrupted"}
 
 
 def _seconds(text: str) -> float:
@@ -115,8 +123,25 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=os.environ.get("TESTBED_REPORTS", "reports"),
         help="where run folders go (env TESTBED_REPORTS)",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--step: run the staircase N times and report the spread of the sustainable rate",
+    )
+    p.add_argument(
+        "--no-events",
+        action="store_true",
+        help="--scenario: load its fleet without its timed events (a load cannot apply them)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no live display")
-    p.add_argument("--json", action="store_true", help="print one JSON line of the figures")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print exactly one JSON line on stdout (verdict, thresholds, counts, rates,"
+        " latencies, steps); tables and progress go to stderr",
+    )
 
 
 def _fail(message: str) -> int:
@@ -128,6 +153,16 @@ def _fail(message: str) -> int:
 
 def run_load_cli(args: argparse.Namespace, render: Callable[[Path], Any] | None) -> int:
     """Run ``testbed load``."""
+    if not args.json:
+        return _run(args, render, sys.stdout)
+    # Everything but the one JSON line goes to stderr, whoever prints it (the report's
+    # tables, the steps, rich's consoles), so that `testbed load --json | jq` reads one value.
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run(args, render, stdout)
+
+
+def _run(args: argparse.Namespace, render: Callable[[Path], Any] | None, stdout: TextIO) -> int:
     from testbed.load import LoadError, LoadPlan, parse_rate_pair, parse_step, run_load
 
     try:
@@ -150,65 +185,145 @@ def run_load_cli(args: argparse.Namespace, render: Callable[[Path], Any] | None)
             enforcer_workers=args.enforcer_workers,
             thresholds=tuple(args.threshold),
             timeout=args.timeout,
+            repeat=args.repeat,
+            no_events=args.no_events,
         )
         outcome, steps = run_load(
             plan, Path(args.reports), progress=not args.no_progress, render=render
         )
     except LoadError as exc:
+        if args.json:
+            # Still one line for jq: a run that could not be made is a verdict too.
+            stdout.write(
+                json.dumps({"verdict": "error", "exit_code": EXIT_USAGE, "error": str(exc)})
+            )
+            stdout.write("\n")
         return _fail(str(exc))
     out = Console(soft_wrap=True)
     if steps:
-        from testbed.load import sustained_rate
+        print_steps(out, plan, steps)
+    if args.json:
+        from testbed.report import load_summary
 
-        table = Table(title="Steps", title_justify="left")
-        for column in ("step", "rate/s", "attempts", "errors", "dropped", "p99 ms", "held"):
-            table.add_column(column, justify="left" if column == "step" else "right")
-        for s in steps:
-            table.add_row(
-                s.phase,
-                f"{s.rate:g}",
-                str(s.attempts),
-                str(s.errors),
-                str(s.dropped),
-                "-" if s.p99_ms is None else f"{s.p99_ms:.1f}",
-                "yes" if s.held else "[bold red]no[/]",
-            )
-        out.print(table)
-        best = sustained_rate(steps)
+        figures = json_figures(plan, outcome, steps, load_summary(outcome.run_dir))
+        # Strict JSON: NaN and Infinity are not JSON, and jq refuses them.
+        line = json.dumps(_finite(figures), separators=(",", ":"), allow_nan=False)
+        stdout.write(line + "\n")
+        stdout.flush()
+    if outcome.exit_code == 130:
+        out.print(f"interrupted: results so far in {escape(str(outcome.run_dir))}")
+    out.print(f"report: {escape(str(outcome.run_dir / 'report.html'))}", highlight=False)
+    return outcome.exit_code
+
+
+def print_steps(out: Console, plan: LoadPlan, steps: Sequence[StepResult]) -> None:
+    """Every step (rate, attempts, errors, drops, p99, held) and the sustainable rate."""
+    from testbed.load import rate_spread, sustained_rate
+
+    repeats = sorted({s.repeat for s in steps})
+    table = Table(title="Steps", title_justify="left")
+    columns = ["step", "rate/s", "attempts", "errors", "dropped", "p99 ms", "held"]
+    if len(repeats) > 1 or plan.repeat > 1:
+        columns.insert(0, "repeat")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("step", "repeat") else "right")
+    for s in steps:
+        row = [
+            s.phase.rpartition(".")[2],
+            f"{s.rate:g}",
+            str(s.attempts),
+            str(s.errors),
+            str(s.dropped),
+            "-" if s.p99_ms is None else f"{s.p99_ms:.1f}",
+            "yes" if s.held else "[bold red]no[/]",
+        ]
+        table.add_row(*([str(s.repeat)] if columns[0] == "repeat" else []), *row)
+    out.print(table)
+    bounds = f"{plan.mode}, p99 <= {plan.p99_ms:g} ms, errors <= {plan.max_errors:.1%}"
+    rates = [sustained_rate([s for s in steps if s.repeat == r]) for r in repeats]
+    if len(rates) == 1:
+        best = rates[0]
         out.print(
-            f"sustainable rate ({plan.mode}, p99 <= {plan.p99_ms:g} ms, errors <="
-            f" {plan.max_errors:.1%}): "
+            f"sustainable rate ({bounds}): "
             + (
                 f"[bold]{best:g}/s[/]"
                 if best is not None
                 else "[bold red]none: the first step failed[/]"
             )
         )
-    if args.json:
-        from testbed.report import load_summary
-
-        summary = load_summary(outcome.run_dir)
-        meta = summary["run"]["meta"]
-        cpu = meta.get("generator_cpu_seconds") or 0.0
-        print(
-            json.dumps(
-                {
-                    "run_dir": str(outcome.run_dir),
-                    "mode": plan.mode,
-                    "target": plan.target,
-                    "attempts": summary["totals"].get("attempts"),
-                    "rate": summary["totals"].get("rate"),
-                    "latency": summary["latency"].get("total"),
-                    "sustained_rate": sustained_rate(steps) if steps else None,
-                    # Attempts per second of the generator's own CPU: its per-core capacity.
-                    "generator_cpu_s": cpu,
-                    "attempts_per_generator_cpu_s": (
-                        summary["totals"].get("attempts", 0) / cpu if cpu else None
-                    ),
-                }
-            )
+        return
+    spread = rate_spread(rates)
+    shown = ", ".join("none" if r is None else f"{r:g}/s" for r in rates)
+    out.print(
+        f"sustainable rate ({bounds}) over {len(rates)} repeats: min {spread['min']:g}/s,"
+        f" median [bold]{spread['median']:g}/s[/], max {spread['max']:g}/s ({shown})"
+    )
+    if spread["max"] and spread["min"] != spread["max"]:
+        out.print(
+            "the repeats disagree: the limit lies between the min and the max; a finer"
+            " --step or a longer --duration narrows it"
         )
-    if outcome.exit_code == 130:
-        out.print(f"interrupted: results so far in {escape(str(outcome.run_dir))}")
-    out.print(f"report: {escape(str(outcome.run_dir / 'report.html'))}", highlight=False)
-    return outcome.exit_code
+
+
+def json_figures(
+    plan: LoadPlan,
+    outcome: RunOutcome,
+    steps: Sequence[StepResult],
+    summary: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The one JSON object ``--json`` prints: the verdict and the figures behind it."""
+    from testbed.load import rate_spread, sustained_rate
+
+    meta = summary["run"]["meta"]
+    totals = summary["totals"]
+    cpu = meta.get("generator_cpu_seconds") or 0.0
+    repeats = sorted({s.repeat for s in steps})
+    rates = [sustained_rate([s for s in steps if s.repeat == r]) for r in repeats]
+    # Several repeats: their median, with the spread beside it.
+    sustained = (rate_spread(rates)["median"] if any(rates) else None) if steps else None
+    return {
+        "verdict": VERDICTS.get(outcome.exit_code, "fail"),
+        "exit_code": outcome.exit_code,
+        "thresholds": [
+            {"expression": t["expression"], "observed": t["observed"], "ok": bool(t["ok"])}
+            for t in summary.get("thresholds", [])
+        ],
+        "false_accepts": totals.get("false_accepts"),
+        "false_rejects": totals.get("false_rejects"),
+        "errors": totals.get("errors"),
+        "dropped": totals.get("dropped"),
+        "attempts": totals.get("attempts"),
+        "outcomes": totals.get("outcomes"),
+        "duration_s": totals.get("duration_s"),
+        "rate": totals.get("rate"),
+        "rates": {
+            "requested_per_s": plan.rate,
+            "ramp_per_s": list(plan.ramp) if plan.ramp else None,
+            "achieved_per_s": totals.get("rate"),
+            "sustained_per_s": sustained,
+        },
+        "latency_ms": {
+            name: summary["latency"].get(name) for name in ("total", "handshake", "service")
+        },
+        "steps": [s.as_dict() for s in steps],
+        "sustained_rate": sustained,
+        "sustained_rate_spread": rate_spread(rates) if len(rates) > 1 else None,
+        "run_dir": str(outcome.run_dir),
+        "mode": plan.mode,
+        "target": plan.target,
+        "report": str(outcome.run_dir / "report.html"),
+        # Attempts per second of the generator's own CPU: its per-core capacity.
+        "generator_cpu_s": cpu,
+        "attempts_per_generator_cpu_s": (totals.get("attempts", 0) / cpu if cpu else None),
+    }
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

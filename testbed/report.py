@@ -551,6 +551,50 @@ def _count_share(count: int, attempts: int) -> str:
     return f"{count:,} ({fmt_share(count / attempts if attempts else None)})"
 
 
+def _steps_html(summary: Mapping[str, Any]) -> str:
+    """``testbed load --step``: the sustainable rate (its spread over repeats) and each step."""
+    meta = summary["run"]["meta"]
+    steps = meta.get("steps") or []
+    if not steps:
+        return ""
+    bounds = meta.get("step_bounds") or {}
+    rate = meta.get("sustained_rate")
+    spread = meta.get("sustained_rate_spread") or {}
+    shown = "none: the first step failed" if rate is None else f"{rate:g} attempts/s"
+    parts = [
+        '<h2 id="steps">Steps</h2>',
+        f'<p id="sustained-rate">Sustainable rate (p99 &le; {_e(bounds.get("p99_ms"))} ms,'
+        f" errors &le; {_e(fmt_share(bounds.get('max_errors')))}): <strong>{_e(shown)}</strong>",
+    ]
+    if (spread.get("repeats") or 1) > 1:
+        parts.append(
+            f" &mdash; median of {spread['repeats']} repeats, min {spread['min']:g}/s,"
+            f" max {spread['max']:g}/s"
+        )
+    parts.append("</p>")
+    rows, classes = [], []
+    for s in steps:
+        held = s.get("held")
+        badge = "ok" if held else "bad"
+        rows.append(
+            [
+                _num(_e(s.get("repeat", 1))),
+                _e(s["phase"]),
+                _num(f"{s['rate']:g}"),
+                _num(_e(None if s.get("start_s") is None else f"{s['start_s']:.1f}")),
+                _num(f"{s['attempts']:,}"),
+                _num(f"{s['errors']:,}"),
+                _num(f"{s['dropped']:,}"),
+                _num(fmt_ms(s.get("p99_ms"))),
+                f'<span class="badge {badge}">{"held" if held else "failed"}</span>',
+            ]
+        )
+        classes.append("" if held else "fail")
+    headers = ["repeat", "step", "rate/s", "start (s)", "attempts", "errors", "dropped"]
+    parts.append(_table([*headers, "p99 (ms)", "verdict"], rows, classes))
+    return "".join(parts)
+
+
 def _events_html(summary: Mapping[str, Any]) -> str:
     long = (summary["totals"]["duration_s"] or 0) >= 120
 
@@ -596,6 +640,7 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
         f"<h3>Expected vs observed</h3>{_matrix_html(summary)}"
         f"<h2>Latency</h2>{_latency_html(summary)}"
         f"<h2>Phases</h2>{_phases_html(summary)}"
+        f"{_steps_html(summary)}"
         f"<h2>Figures</h2>{_figures_html(images)}"
         f"<h2>Events</h2>{_events_html(summary)}"
         f'<script type="application/json" id="summary-data">{data}</script>'

@@ -77,7 +77,8 @@ def test_open_loop_holds_its_rate_and_workers_merge_to_the_sum(fleet: Path, tmp_
     assert sum(parts) == len(scheduled)
     outcomes = dict(rows(run_dir, "SELECT cohort, outcome FROM attempts GROUP BY 1, 2"))
     assert outcomes == {"healthy": "allowed", "expired": "denied:certificate_expired"}
-    figures = json.loads(result.stdout.strip().splitlines()[-2])
+    (line,) = result.stdout.splitlines()  # --json: one line on stdout, the rest on stderr
+    figures = json.loads(line)
     assert figures["attempts"] == len(scheduled)
     assert (run_dir / "report.html").exists()
 
