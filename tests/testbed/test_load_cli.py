@@ -98,10 +98,12 @@ def test_a_scenarios_failing_threshold_fails_the_load(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert run_dir is not None
     verdicts = rows(run_dir, "SELECT expression, ok FROM thresholds ORDER BY position")
-    assert verdicts == [
+    # The scenario's own, then the default gates it did not override (testbed/verdict.py).
+    assert verdicts[:2] == [
         ("false_accepts == 0", 1),
         ("cohort.healthy.share:denied:revoked > 50%", 0),
     ]
+    assert [e for e, _ in verdicts[2:]] == ["errors <= 1% (default)", "decisions > 0 (default)"]
 
 
 def test_a_scenarios_thresholds_and_the_command_lines_are_both_kept(tmp_path: Path) -> None:
@@ -116,6 +118,8 @@ def test_a_scenarios_thresholds_and_the_command_lines_are_both_kept(tmp_path: Pa
     assert rows(run_dir, "SELECT expression, ok FROM thresholds ORDER BY position") == [
         ("false_accepts == 0", 1),
         ("cohort.expired.share:denied:certificate_expired == 100%", 1),
+        ("errors <= 1% (default)", 1),
+        ("decisions > 0 (default)", 1),
     ]
 
 
@@ -315,6 +319,7 @@ def test_every_step_is_in_the_terminal_and_in_summary_json(fleet: Path, tmp_path
     # The terminal's table, whatever its borders: step, rate, attempts, errors, dropped, p99,
     # held.
     table = [re.findall(r"[\w.-]+", line) for line in result.stdout.splitlines() if "step-" in line]
+    table = [c for c in table if c[-1] in ("yes", "no")]  # not the per-phase tables' step rows
     assert [(c[0], c[1], c[2], c[3], c[4], c[6]) for c in table] == [
         ("step-1", "4", "4", "0", "0", "yes"),
         ("step-2", "8", "8", "0", "0", "yes"),
