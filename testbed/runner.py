@@ -40,6 +40,7 @@ from devices.client import Attempt, ClientOptions, DeviceClient
 from devices.client import Target as DeviceTarget
 from devices.keystore import KeyStore, SoftwareKeyStore
 from devices.pki import issue_ca, issue_leaf, write_pem
+from devices.piv import MAX_RETRIES
 from enforcer import control
 from enforcer.accesslog import AccessLog
 from enforcer.clock import Clock, TrioClock, WallClock
@@ -57,6 +58,11 @@ START_TIMEOUT = 300.0  # seconds shards wait for each other to be ready
 
 class RunError(Exception):
     """A run cannot start on this machine; the message says what is missing."""
+
+
+# What a device with the wrong PIN sees on its PIV token: refused, then blocked.
+PIN_INCORRECT = "key_store_error:CKR_PIN_INCORRECT"
+PIN_LOCKED = "key_store_error:CKR_PIN_LOCKED"
 
 
 class OffsetClock:
@@ -81,10 +87,21 @@ class Device:
     common_name: str
     client: DeviceClient
     busy: bool = False
+    pin_tries: int = 0  # wrong PINs this device has tried on its PIV token
 
     def expect(self, outcome: str) -> None:
         """Change what this device should now observe (after an event)."""
         self.cohort = dataclasses.replace(self.cohort, expected=outcome)
+
+    def tried(self) -> None:
+        """Follow the token after an attempt: a wrong PIN locks it after MAX_RETRIES tries."""
+        if self.cohort.expected != PIN_INCORRECT:
+            return
+        self.pin_tries += 1
+        # Like a YubiKey (ykcs11): each of the MAX_RETRIES wrong VERIFYs answers
+        # CKR_PIN_INCORRECT, and every later C_Login answers CKR_PIN_LOCKED.
+        if self.pin_tries >= MAX_RETRIES:
+            self.expect(PIN_LOCKED)
 
 
 @dataclasses.dataclass
@@ -372,6 +389,7 @@ class Run:
             )
         )
         self.counts[attempt.outcome] += 1
+        device.tried()
 
     # -- the target ----------------------------------------------------------------------------
 
