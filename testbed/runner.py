@@ -88,10 +88,22 @@ class Device:
     client: DeviceClient
     busy: bool = False
     pin_tries: int = 0  # wrong PINs this device has tried on its PIV token
+    previous: str | None = None  # what it was expected to observe before the latest change
+    changed_at: float = -math.inf  # when that change was in force (trio time)
 
     def expect(self, outcome: str) -> None:
-        """Change what this device should now observe (after an event)."""
+        """Change what this device should now observe (after an event, once it is in force)."""
+        self.previous, self.changed_at = self.cohort.expected, trio.current_time()
         self.cohort = dataclasses.replace(self.cohort, expected=outcome)
+
+    def expected_for(self, started: float, outcome: str) -> str:
+        """What an attempt started at ``started`` should have observed, given what it did."""
+        # An attempt in flight while an event changed the target may have been decided before
+        # or after the change: both answers are right. One started once the change was in
+        # force is held to the new expectation alone.
+        if started < self.changed_at and outcome == self.previous:
+            return self.previous
+        return self.cohort.expected
 
     def tried(self) -> None:
         """Follow the token after an attempt: a wrong PIN locks it after MAX_RETRIES tries."""
@@ -371,7 +383,7 @@ class Run:
                 device=device.id,
                 cohort=device.cohort.name,
                 phase=phase,
-                expected=device.cohort.expected,
+                expected=device.expected_for(started, attempt.outcome),
                 scheduled=scheduled - self.start,
                 started=started - self.start,
                 connect_ms=t.connect * 1000,
