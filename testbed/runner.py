@@ -39,8 +39,8 @@ from devices.behaviour import run_behaviour
 from devices.client import Attempt, ClientOptions, DeviceClient
 from devices.client import Target as DeviceTarget
 from devices.keystore import KeyStore, SoftwareKeyStore
-from devices.pki import issue_ca, issue_leaf, write_pem
 from devices.piv import MAX_RETRIES
+from devices.pki import issue_ca, issue_leaf, write_pem
 from enforcer import control
 from enforcer.accesslog import AccessLog
 from enforcer.clock import Clock, TrioClock, WallClock
