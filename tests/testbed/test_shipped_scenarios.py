@@ -89,10 +89,11 @@ def check_right_reasons(scenario: Path, run_dir: Path) -> dict[str, Any]:
     assert "false_accepts == 0" in judged
     assert summary["totals"]["false_accepts"] == 0
     # Each cohort's matched share is judged by a threshold, and the cohort made attempts.
+    # A lower bound on it: `== 100%`, or `>= N%` where timing can blur a transition.
     matched = {
         m[1]: float(m[2])
         for e in declared
-        if (m := re.match(r"cohort\.(.+)\.matched >?== ?(\S+)%", e))
+        if (m := re.fullmatch(r"cohort\.(.+)\.matched (?:==|>=) ([0-9.]+)%", e))
     }
     for name, cohort in summary["cohorts"].items():
         assert name in matched, f"{scenario.name}: no cohort.{name}.matched threshold"
