@@ -40,6 +40,7 @@ from devices.behaviour import run_behaviour
 from devices.client import Attempt, ClientOptions, DeviceClient
 from devices.client import Target as DeviceTarget
 from devices.keystore import KeyStore, SoftwareKeyStore
+from devices.piv import MAX_RETRIES
 from devices.pki import issue_ca, issue_leaf, write_pem
 from enforcer import control
 from enforcer.accesslog import AccessLog
@@ -60,6 +61,11 @@ START_TIMEOUT = 300.0  # seconds shards wait for each other to be ready
 
 class RunError(Exception):
     """A run cannot start on this machine; the message says what is missing."""
+
+
+# What a device with the wrong PIN sees on its PIV token: refused, then blocked.
+PIN_INCORRECT = "key_store_error:CKR_PIN_INCORRECT"
+PIN_LOCKED = "key_store_error:CKR_PIN_LOCKED"
 
 
 class OffsetClock:
@@ -84,6 +90,7 @@ class Device:
     common_name: str
     client: DeviceClient
     busy: bool = False
+    pin_tries: int = 0  # wrong PINs this device has tried on its PIV token
     # When (trio time) each change of expectation took effect, and what it was before.
     changes: list[tuple[float, str]] = dataclasses.field(default_factory=list)
 
@@ -103,6 +110,16 @@ class Device:
         if outcome in during:
             return outcome
         return self.cohort.expected
+
+    def tried(self) -> None:
+        """Follow the token after an attempt: a wrong PIN locks it after MAX_RETRIES tries."""
+        if self.cohort.expected != PIN_INCORRECT:
+            return
+        self.pin_tries += 1
+        # Like a YubiKey (ykcs11): each of the MAX_RETRIES wrong VERIFYs answers
+        # CKR_PIN_INCORRECT, and every later C_Login answers CKR_PIN_LOCKED.
+        if self.pin_tries >= MAX_RETRIES:
+            self.expect(PIN_LOCKED)
 
 
 @dataclasses.dataclass
@@ -393,6 +410,7 @@ class Run:
             )
         )
         self.counts[attempt.outcome] += 1
+        device.tried()
 
     # -- the target ----------------------------------------------------------------------------
 
