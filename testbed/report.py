@@ -27,7 +27,7 @@ from rich.table import Table
 
 from testbed import plots
 from testbed.results import Results, merge_shards
-from testbed.summary import LATENCIES, STATS, fmt_rate, fmt_span, metric, summarize
+from testbed.summary import LATENCIES, STATS, fmt_rate, fmt_span, is_false_accept, metric, summarize
 
 RESULTS_FILE = "results.sqlite"
 SUMMARY_FILE = "summary.json"
@@ -433,7 +433,7 @@ def _matrix_html(summary: Mapping[str, Any]) -> str:
         cells = [f"<code>{_e(expected)}</code>"]
         for o in observed:
             n = row.get(o, 0)
-            fa = n and expected.startswith("denied") and o == "allowed"
+            fa = n and is_false_accept(expected, o)
             cells.append(_num(f"{n:,}" if n else "", " fa" if fa else ""))
         rows.append(cells)
     headers = ["expected \\ observed", *(f"<code>{_e(o)}</code>" for o in observed)]

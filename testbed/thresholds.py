@@ -127,9 +127,21 @@ def evaluate(
         if t.of_attempts:
             shown = f"{observed:.2%} ({count:g} of {total:g})" if total else "no data"
         else:
-            shown = f"{observed:.4g}"
+            shown = plain_number(observed)
         if observed != observed:  # NaN: no data for this metric
             out.append((t.text, "no data", False))
             continue
         out.append((t.text, shown, t.holds(observed)))
     return out
+
+
+def plain_number(value: float) -> str:
+    """Format a figure in plain digits (``29530``, ``12.346``, ``0.00037``), never ``2.953e+04``.
+
+    The text stays a number that ``float()`` reads (summary.json and --json consumers do).
+    """
+    if value != value or value in (math.inf, -math.inf):
+        return str(value)
+    if value and abs(value) < 0.01:
+        return f"{value:.2g}"  # small rates per virtual second keep their digits
+    return f"{value:.3f}".rstrip("0").rstrip(".")
