@@ -390,11 +390,18 @@ def _outcomes_html(summary: Mapping[str, Any]) -> str:
     for name, c in summary["cohorts"].items():
         observed = "<br>".join(f"{_e(o)}: {n:,}" for o, n in c["outcomes"].items()) or "-"
         fa = c["false_accepts"]
+        # Expectations follow events (a revocation mid-run): each one with its attempts.
+        by = c.get("by_expected") or []
+        expected = (
+            "<br>".join(f"<code>{_e(e['expected'])}</code>: {e['attempts']:,}" for e in by)
+            if len(by) > 1
+            else f"<code>{_e(by[0]['expected'] if by else c['expected'])}</code>"
+        )
         rows.append(
             [
                 _e(name),
                 _num(_e(c["size"])),
-                f"<code>{_e(c['expected'])}</code>",
+                expected,
                 _num(f"{c['attempts']:,}"),
                 observed,
                 _num(fmt_share(c["matched_share"])),

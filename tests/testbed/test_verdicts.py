@@ -279,6 +279,9 @@ share = 0.5
     # The terminal table shows both expectations with their counts, not "allowed" alone.
     revoked = by["denied:revoked"]["attempts"]
     assert f"denied:revoked {revoked:,}" in result.stdout, result.stdout
+    # So does report.html's cohort table.
+    html = (run_dir / "report.html").read_text()
+    assert f"<code>denied:revoked</code>: {revoked:,}" in html
 
 
 async def test_an_attempt_that_spans_an_event_may_match_either_side() -> None:
