@@ -49,6 +49,7 @@ from enforcer.config import load_config
 from enforcer.durations import parse_duration
 from enforcer.origin import _echo, echo_app, serve_echo_origin_on
 from enforcer.server import Enforcer, open_listener, serve
+from testbed.network import link_pair
 from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
 from testbed.scenario import NGINX_REFUSED, CohortSpec, Event, Phase, Scenario
@@ -376,6 +377,7 @@ class Run:
         self.interrupted = False
         self._origin_port = 0
         self._cpu0 = 0.0
+        self._links = 0  # simulated connections opened (virtual runs)
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -415,7 +417,16 @@ class Run:
     # -- the target ----------------------------------------------------------------------------
 
     async def _memory_connect_enforcer(self, nursery: trio.Nursery) -> trio.abc.Stream:
-        client, server = trio.testing.memory_stream_pair()
+        network = self.scenario.network
+        if not network.rtt:
+            client, server = trio.testing.memory_stream_pair()
+        else:
+            # Each connection draws its own delays: what one draws does not shift another's.
+            self._links += 1
+            rng = random.Random(f"{self.scenario.seed}:network:{self.shard}:{self._links}")
+            # TCP's SYN and SYN-ACK: one round trip before the device can send.
+            await trio.sleep(network.one_way(rng) + network.one_way(rng))
+            client, server = link_pair(network, rng)  # type: ignore[assignment]
         assert self.enforcer is not None
         nursery.start_soon(self.enforcer.handle, server)  # type: ignore[arg-type]
         return client

@@ -16,6 +16,7 @@ from devices.pki import KEY_TYPES
 from devices.provision import DEFECTS, expected_outcome
 from enforcer.durations import DurationError, parse_duration
 from enforcer.tomltable import TableReader, read_toml
+from testbed.network import Network
 from testbed.thresholds import Threshold, ThresholdError, parse_threshold
 
 CLOCKS = ("real", "virtual")
@@ -146,6 +147,7 @@ class Scenario:
     key_type: str = "ec-p256"
     timeout: float = 10.0
     pkis: tuple[PkiSpec, ...] = (PkiSpec("fleet"),)
+    network: Network = Network()  # virtual runs: the simulated link between devices and edge
 
     @property
     def duration(self) -> float:
@@ -358,6 +360,20 @@ def _event(r: TableReader, cohorts: set[str], pkis: dict[str, PkiSpec]) -> Event
     return event
 
 
+def _network(top: TableReader, clock: str) -> Network:
+    if "network" not in top.table:
+        # 0 by default: outcome counts and latencies stay comparable with earlier virtual runs.
+        return Network()
+    if clock != "virtual":
+        raise top.error("network", 'a simulated network needs clock = "virtual" (the real one has its own)')
+    r = top.sub("network")
+    r.unknown({"rtt", "jitter"})
+    rtt, jitter = r.seconds("rtt", "0s"), r.seconds("jitter", "0s")
+    if jitter > rtt:
+        raise r.error("jitter", f"{jitter:g}s is above the rtt ({rtt:g}s): a delay cannot be negative")
+    return Network(rtt, jitter)
+
+
 def load_scenario(path: str | Path) -> Scenario:
     """Read and check a scenario file; raise :class:`ScenarioError` on the first problem."""
     p = Path(path)
@@ -375,6 +391,7 @@ def load_scenario(path: str | Path) -> Scenario:
             "phases",
             "events",
             "thresholds",
+            "network",
         }
     )
     name = top.get("name", str, p.stem, "a name")
@@ -384,6 +401,7 @@ def load_scenario(path: str | Path) -> Scenario:
     target = _target(top.sub("target"), p)
     if clock == "virtual" and target.kind != "embedded":
         raise top.error("clock", "virtual time needs the embedded target (in-memory streams)")
+    network = _network(top, clock)
     fleet = top.sub("fleet")
     fleet.unknown({"intermediates", "key_type"})
     key_type = fleet.choice("key_type", KEY_TYPES, "ec-p256")
@@ -442,4 +460,5 @@ def load_scenario(path: str | Path) -> Scenario:
         key_type=key_type,
         timeout=top.seconds("timeout", "10s"),
         pkis=tuple(pki_list),
+        network=network,
     )
