@@ -51,9 +51,7 @@ class _Pipe:
 class LinkStream(trio.abc.Stream):
     """One end of a simulated link (see :func:`link_pair`)."""
 
-    def __init__(
-        self, send: _Pipe, receive: _Pipe, network: Network, rng: random.Random
-    ) -> None:
+    def __init__(self, send: _Pipe, receive: _Pipe, network: Network, rng: random.Random) -> None:
         self._send, self._receive = send, receive
         self._network, self._rng = network, rng
         self._closed = False

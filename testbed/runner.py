@@ -377,7 +377,7 @@ class Run:
         self.interrupted = False
         self._origin_port = 0
         self._cpu0 = 0.0
-        self._links = 0  # simulated connections opened (virtual runs)
+        self._links: Counter[str] = Counter()  # simulated connections opened, by device
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -416,20 +416,33 @@ class Run:
 
     # -- the target ----------------------------------------------------------------------------
 
-    async def _memory_connect_enforcer(self, nursery: trio.Nursery) -> trio.abc.Stream:
+    async def _memory_connect_enforcer(
+        self, nursery: trio.Nursery, device: str = ""
+    ) -> trio.abc.Stream:
         network = self.scenario.network
         if not network.rtt:
             client, server = trio.testing.memory_stream_pair()
         else:
-            # Each connection draws its own delays: what one draws does not shift another's.
-            self._links += 1
-            rng = random.Random(f"{self.scenario.seed}:network:{self.shard}:{self._links}")
+            # Each device's connections draw their own delays, keyed by the device and its
+            # connection count: trio's scheduling order (or the number of shards) changes none.
+            self._links[device] += 1
+            n = self._links[device]
+            rng = random.Random(f"{self.scenario.seed}:network:{device}:{n}")
             # TCP's SYN and SYN-ACK: one round trip before the device can send.
             await trio.sleep(network.one_way(rng) + network.one_way(rng))
             client, server = link_pair(network, rng)  # type: ignore[assignment]
         assert self.enforcer is not None
         nursery.start_soon(self.enforcer.handle, server)  # type: ignore[arg-type]
         return client
+
+    def _device_target(
+        self, target: DeviceTarget, device: str, nursery: trio.Nursery
+    ) -> DeviceTarget:
+        if target.connect is None or not self.scenario.network.rtt:
+            return target
+        # A simulated link per device: its delays are drawn from the device's own stream.
+        connect = functools.partial(self._memory_connect_enforcer, nursery, device)
+        return dataclasses.replace(target, connect=connect)
 
     async def _memory_connect_origin(self, nursery: trio.Nursery) -> trio.abc.Stream:
         if not self.origin_up:
@@ -795,7 +808,7 @@ class Run:
                         cohort,
                         d.sha256,
                         d.device.common_name,
-                        DeviceClient(target, store, options),
+                        DeviceClient(self._device_target(target, d.id, nursery), store, options),
                     )
                 )
             if self.ready is not None:

@@ -147,7 +147,9 @@ class Scenario:
     key_type: str = "ec-p256"
     timeout: float = 10.0
     pkis: tuple[PkiSpec, ...] = (PkiSpec("fleet"),)
-    network: Network = Network()  # virtual runs: the simulated link between devices and edge
+    network: Network = dataclasses.field(
+        default_factory=Network
+    )  # virtual runs: the simulated link between devices and edge
 
     @property
     def duration(self) -> float:
@@ -365,12 +367,16 @@ def _network(top: TableReader, clock: str) -> Network:
         # 0 by default: outcome counts and latencies stay comparable with earlier virtual runs.
         return Network()
     if clock != "virtual":
-        raise top.error("network", 'a simulated network needs clock = "virtual" (the real one has its own)')
+        raise top.error(
+            "network", 'a simulated network needs clock = "virtual" (the real one has its own)'
+        )
     r = top.sub("network")
     r.unknown({"rtt", "jitter"})
     rtt, jitter = r.seconds("rtt", "0s"), r.seconds("jitter", "0s")
     if jitter > rtt:
-        raise r.error("jitter", f"{jitter:g}s is above the rtt ({rtt:g}s): a delay cannot be negative")
+        raise r.error(
+            "jitter", f"{jitter:g}s is above the rtt ({rtt:g}s): a delay cannot be negative"
+        )
     return Network(rtt, jitter)
 
 

@@ -52,9 +52,9 @@ def run_virtual(tmp_path: Path, name: str, network: str) -> tuple[dict, list[tup
     tmp_path.mkdir(parents=True, exist_ok=True)
     path.write_text(SCENARIO.format(name=name, network=network))
     reports = tmp_path / "reports"
+    args = ["run", str(path), "--reports", str(reports), "--no-progress"]
     proc = subprocess.run(
-        [sys.executable, "-m", "testbed.cli", "run", str(path), "--reports", str(reports)]
-        + ["--no-progress"],
+        [sys.executable, "-m", "testbed.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,
