@@ -11,7 +11,9 @@ stalls shows up as latency rather than as fewer attempts (no coordinated omissio
 
 With ``clock = "virtual"`` the same code runs on trio's MockClock with in-memory streams between
 devices, enforcer and origin: simulated time passes only while everything waits, so a week of
-telemetry takes as long as its CPU work, and a seed reproduces the run.
+telemetry takes as long as its CPU work, and a seed reproduces the run. Between devices and
+the enforcer the streams simulate the scenario's ``network`` (:mod:`testbed.network`): each
+flight of bytes arrives half a round trip later, so virtual latencies count round trips.
 """
 
 from __future__ import annotations
@@ -1060,6 +1062,8 @@ def run_meta(scenario: Scenario) -> dict[str, Any]:
             "enforcer_workers": t.workers,
         },
         "timeout": scenario.timeout,
+        # Where a virtual run's latencies come from: the simulated link's delays, in seconds.
+        "network": dataclasses.asdict(scenario.network) if scenario.clock == "virtual" else None,
         "cohorts": {
             c.name: {"size": c.size, "expected": c.expected, "defect": c.defect}
             for c in scenario.cohorts

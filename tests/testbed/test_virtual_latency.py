@@ -90,6 +90,19 @@ def test_a_virtual_round_trip_time_shows_in_the_latencies(tmp_path: Path) -> Non
     assert slow_counts == instant_counts == [("allowed", 40)]
 
 
+def test_a_virtual_run_has_a_modest_round_trip_by_default(tmp_path: Path) -> None:
+    summary, counts = run_virtual(tmp_path, "default", "")
+    lat = latencies(summary)
+    assert lat["connect"]["p50"] == pytest.approx(20.0, abs=1)
+    assert lat["first_byte"]["p50"] == pytest.approx(20.0, abs=1)
+    assert counts == [("allowed", 40)]
+    (run_dir,) = (tmp_path / "reports").glob("default-*")
+    con = sqlite3.connect(run_dir / "results.sqlite")
+    (meta,) = con.execute("SELECT value FROM run WHERE key = 'network'").fetchone()
+    con.close()
+    assert json.loads(meta) == {"rtt": 0.02, "jitter": 0.0}
+
+
 def test_jitter_is_drawn_from_the_seed(tmp_path: Path) -> None:
     net = 'network = { rtt = "40ms", jitter = "20ms" }'
     first, _ = run_virtual(tmp_path / "a", "jit", net)
