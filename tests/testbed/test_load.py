@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sqlite3
 import subprocess
 from collections import Counter
@@ -254,7 +255,11 @@ def test_a_missing_fleet_is_named(tmp_path: Path) -> None:
 
 
 def test_a_scenario_with_several_pkis_as_the_fleet(tmp_path: Path) -> None:
-    scenario = ROOT / "scenarios" / "multi-pki.toml"
+    # The shipped file's thresholds judge its whole timeline (a root removed mid-run), which a
+    # 2 s load does not reach: this test is about its PKIs as a fleet, so it drops them.
+    scenario = tmp_path / "multi-pki.toml"
+    text = (ROOT / "scenarios" / "multi-pki.toml").read_text()
+    scenario.write_text(re.sub(r"(?ms)^thresholds = \[.*?^\]\n", "", text))
     result = run_cli(
         *("load", "--scenario", str(scenario), "--target", "embedded", "--rate", "10"),
         *("--duration", "2s", "--workers", "2", "--reports", str(tmp_path), "--no-progress"),
