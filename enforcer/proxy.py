@@ -99,12 +99,17 @@ class OriginError(Exception):
 
 @dataclasses.dataclass
 class OriginResponse:
-    """The origin's status line and headers, and an iterator over its body."""
+    """The origin's status line and headers, an iterator over its body, then its trailers.
+
+    ``trailers`` is filled once ``body`` is exhausted (gRPC's status lives there); it stays
+    empty for an origin that sent none.
+    """
 
     status: int
     reason: bytes
     headers: list[tuple[bytes, bytes]]
     body: AsyncIterator[bytes]
+    trailers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
 
 
 def forwarded_headers(
