@@ -92,6 +92,14 @@ def add_conformance_parser(sub: Any) -> None:
         help="time budget for shrinking each failure to a small case (default 60)",
     )
     p.add_argument("--workdir", default=_env("WORKDIR"), help="keep generated files here")
+    p.add_argument(
+        "--http2",
+        action="store_true",
+        default=_env("HTTP2", "") not in ("", "0"),
+        help="send every case over HTTP/2 streams (ALPN h2) instead of HTTP/1.1; Host becomes "
+        ":authority, so Host != SNI cases check connection coalescing (env "
+        "TESTBED_CONFORMANCE_HTTP2=1)",
+    )
     url = p.add_argument_group("URL targets")
     url.add_argument("--ca", default=_env("CA"), help="PEM that verifies the target's certificate")
     url.add_argument("--admin-url", default=_env("ADMIN_URL"), help="the target's admin API URL")
@@ -123,6 +131,7 @@ class Options:
     workdir: Path | None
     mutant: str | None
     url: Any = None
+    transport: str = "http1"
 
 
 def _int(value: str | None, option: str, minimum: int) -> int:
@@ -184,6 +193,11 @@ def check_options(args: argparse.Namespace) -> Options:
         url = UrlSettings(target, Path(args.ca), args.admin_url, args.admin_token, args.origin)
     if args.mutant is not None and target != "builtin":
         raise UsageError("--mutant: only the builtin target can be mutated")
+    if args.http2 and target == "nginx":
+        raise UsageError(
+            "--http2: the nginx target is HTTP/1.1 only (nginx does not refuse an :authority "
+            "that differs from the SNI, so coalescing cases would all diverge)"
+        )
     return Options(
         target=target,
         examples=examples,
@@ -195,6 +209,7 @@ def check_options(args: argparse.Namespace) -> Options:
         workdir=Path(args.workdir) if args.workdir else None,
         mutant=args.mutant,
         url=url,
+        transport="h2" if args.http2 else "http1",
     )
 
 
@@ -204,6 +219,8 @@ def reproduce_command(opts: Options) -> str:
     cmd += ["--stateful-examples", str(opts.stateful_examples), "--seed", str(opts.seed)]
     for family in sorted(opts.skip):
         cmd += ["--skip", family]
+    if opts.transport == "h2":
+        cmd.append("--http2")
     return shlex.join(cmd)
 
 
@@ -214,7 +231,7 @@ async def _run_target(opts: Options, folder: Path) -> list[Any]:
     from testbed.conformance.targets import NginxTarget, TargetError, serve_builtin, url_target
 
     def properties(target: Any) -> list[Any]:
-        target.caps = dataclasses.replace(target.caps, skip=opts.skip)
+        target.caps = dataclasses.replace(target.caps, skip=opts.skip, transport=opts.transport)
         results = [
             check_cases(target, opts.examples, opts.seed, shrink_seconds=opts.shrink_seconds)
         ]

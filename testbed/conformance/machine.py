@@ -45,7 +45,7 @@ from testbed.conformance.strategies import (
     pooled_key,
 )
 from testbed.conformance.targets import AdminTarget, model_policy
-from testbed.conformance.wire import Connection, WireError, client_context
+from testbed.conformance.wire import AnyConnection, WireError, client_context, open_connection
 
 POLICY = {"name": "valid certificate", "include": [{"certificate": {}}]}
 DEVICES = ("a-long", "a-short", "b", "managed-1", "managed-2")
@@ -68,7 +68,7 @@ class Device:
 class Conn:
     """An open connection and what the machine knows about it."""
 
-    connection: Connection
+    connection: AnyConnection
     device: Device | None
     resumed: bool
     no_duration_at_handshake: bool
@@ -212,7 +212,9 @@ class ConformanceMachine(RuleBasedStateMachine):
         d = self.devices[device] if device else None
         ctx = d.context if d else self.anonymous
         session = d.session if d and resume else None
-        conn = Connection.open(self.target.address, APP_HOST, ctx, session=session)
+        conn = open_connection(
+            self.target.caps.transport, self.target.address, APP_HOST, ctx, session=session
+        )
         no_duration = self.duration == "0s"
         self.log.append(f"connect {device or 'anonymous'} resume={resume} -> {conn.resumed}")
         if conn.resumed and no_duration:

@@ -33,7 +33,7 @@ from testbed.conformance.strategies import (
     Capabilities,
     CaseSpec,
 )
-from testbed.conformance.wire import Connection, Observed, WireError
+from testbed.conformance.wire import AnyConnection, Observed, WireError, open_connection
 
 
 class Divergence(AssertionError):
@@ -103,7 +103,7 @@ class Step:
                 got.append(o.reason)
             got.append(f"cookie Max-Age={o.max_age}" if o.cookie else "no cookie")
             if o.closed:
-                got.append("Connection: close")
+                got.append("GOAWAY" if o.protocol == "HTTP/2" else "Connection: close")
             lines.append(f"      observed: {', '.join(got)}")
         for p in self.problems:
             lines.append(f"      DIVERGENCE: {p}")
@@ -146,8 +146,13 @@ def compare(
             _claim_problems(obs.cookie, exp, caps, leaf if step.request.chain else None)
         )
     if exp.close and not obs.closed:
+        needed = (
+            "a GOAWAY admitting no further stream"
+            if caps.transport == "h2"
+            else "Connection: close"
+        )
         problems.append(
-            "the connection was kept open (access-flow A9: No Duration needs Connection: close)"
+            f"the connection was kept open (access-flow A9: No Duration needs {needed})"
         )
 
 
@@ -256,7 +261,7 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
         name: str,
         request: model.Request,
         at: dt.datetime,
-        conn: Connection,
+        conn: AnyConnection,
         headers: Sequence[tuple[str, str]] = (),
         note: str = "",
         expected: model.Expected | None = None,
@@ -278,7 +283,7 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
     )
     first_request = model.Request(req.sni, host, chain, junk)
     try:
-        conn = Connection.open(target.address, req.sni, ctx)
+        conn = open_connection(caps.transport, target.address, req.sni, ctx)
     except (ssl.SSLError, OSError) as exc:
         # A1: a handshake must not abort over the client certificate; report, don't crash.
         expected = model.expect(world, first_request, now)
@@ -306,7 +311,7 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
 
     app = world.apps.get(req.sni)
     if first.observed is not None and session is not None:
-        conn = Connection.open(target.address, req.sni, ctx, session=session)
+        conn = open_connection(caps.transport, target.address, req.sni, ctx, session=session)
         try:
             resumed = plain
             if conn.resumed and not _chain_remembered(judged):
@@ -376,7 +381,9 @@ def _token_steps(
     for name, where, value, genuine in replays:
         minted_for = model.sha256_hex(leaf) if leaf is not None else None
         request = model.Request(where, where, (), model.Token(host, exp, genuine, minted_for))
-        conn = Connection.open(target.address, where, prov.context_without_cert)
+        conn = open_connection(
+            target.caps.transport, target.address, where, prov.context_without_cert
+        )
         try:
             expected = model.expect(world, request, at)
             try:

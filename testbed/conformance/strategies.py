@@ -122,6 +122,9 @@ class Capabilities:
     # Case families left out, by name (see KNOWN_FAMILIES): to run the rest of the suite
     # while a divergence already reported stays unfixed.
     skip: frozenset[str] = frozenset()
+    # The wire the cases travel: "http1" (h11) or "h2" (one stream per request, :authority as
+    # Host, so Host != SNI cases are connection coalescing).
+    transport: str = "http1"
 
     def draws_key_types(self, ca: bool = True) -> tuple[str, ...]:
         """The key types cases may use for CAs (or, with ``ca=False``, for leaves)."""

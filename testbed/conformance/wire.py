@@ -1,7 +1,11 @@
-"""A blocking TLS + HTTP/1.1 client for the conformance runner (stdlib ssl and h11).
+"""Blocking TLS clients for the conformance runner: HTTP/1.1 (h11) and HTTP/2 (h2).
 
 The runner lives in hypothesis's worker thread, so plain blocking sockets are the simplest
 honest client: every request is a real TLS connection over loopback (or to a remote target).
+Both transports answer the same questions (:class:`Observed`, ``usable``, ``resumed``), so
+every case runs unchanged over either; on HTTP/2 a request's Host is its ``:authority``, so
+the cases whose Host differs from the SNI are connection coalescing, and "the server closes"
+is a GOAWAY that admits no further stream.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import h11
 
 TIMEOUT = 15.0
@@ -30,7 +38,8 @@ class Observed:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
-    closed: bool  # the server said it closes the connection (or closed it)
+    closed: bool  # the server said it closes the connection (or closed it, or sent GOAWAY)
+    protocol: str = "HTTP/1.1"
 
     def header(self, name: str) -> str | None:
         """The first value of a header (case-insensitive)."""
@@ -164,3 +173,148 @@ class Connection:
         """Close the connection, ignoring errors from a peer that already went."""
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+class H2Connection:
+    """One TLS connection carrying HTTP/2 streams one after the other (ALPN ``h2``)."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        # Set when the server sent GOAWAY: streams above it are refused, none may start.
+        self.goaway_last: int | None = None
+        self.dead = False
+        self.h2.initiate_connection()
+        self._flush()
+
+    @classmethod
+    def open(
+        cls,
+        address: tuple[str, int],
+        sni: str,
+        ctx: ssl.SSLContext,
+        session: ssl.SSLSession | None = None,
+    ) -> H2Connection:
+        """Connect, complete the handshake for ``sni`` and check that ``h2`` was selected."""
+        ctx.set_alpn_protocols(["h2"])
+        raw = socket.create_connection(address, timeout=TIMEOUT)
+        try:
+            sock = ctx.wrap_socket(raw, server_hostname=sni, session=session)
+        except BaseException:
+            raw.close()
+            raise
+        if sock.selected_alpn_protocol() != "h2":
+            sock.close()
+            raise WireError(
+                f"the target selected ALPN {sock.selected_alpn_protocol()!r}, not h2 "
+                "(run without --http2, or enable h2 on the target)"
+            )
+        try:
+            return cls(sock)
+        except OSError as exc:
+            sock.close()
+            raise WireError(f"sending the HTTP/2 preface failed: {exc}") from exc
+
+    @property
+    def resumed(self) -> bool:
+        """True when the handshake resumed a session."""
+        return bool(self.sock.session_reused)
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        """The TLS session, for resuming later."""
+        return self.sock.session
+
+    @property
+    def usable(self) -> bool:
+        """True when the server still accepts new streams on this connection."""
+        return not self.dead and self.goaway_last is None
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def request(
+        self, host: str, path: str = "/", headers: Sequence[tuple[str, str]] = ()
+    ) -> Observed:
+        """Send one GET stream (``:authority`` = ``host``) and read its whole response."""
+        stream_id = self.h2.get_next_available_stream_id()
+        head = [(":method", "GET"), (":scheme", "https"), (":authority", host), (":path", path)]
+        head += [(k.lower(), v) for k, v in headers]
+        try:
+            self.h2.send_headers(
+                stream_id, [(k.encode(), v.encode("latin-1")) for k, v in head], end_stream=True
+            )
+            self._flush()
+        except (OSError, h2.exceptions.ProtocolError) as exc:
+            raise WireError(f"sending the request failed: {exc}") from exc
+        status, resp_headers, chunks = 0, [], []
+        done = False
+        while not done:
+            try:
+                data = self.sock.recv(65536)
+            except ssl.SSLError as exc:
+                raise WireError(f"TLS error while reading the response: {exc}") from exc
+            except OSError:
+                data = b""
+            if not data:
+                self.dead = True
+                raise WireError("the server closed the connection without a response")
+            try:
+                events = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                self.dead = True
+                raise WireError(f"the server broke HTTP/2: {exc}") from exc
+            for event in events:
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
+                    for k, v in event.headers:
+                        if k == b":status":
+                            status = int(v)
+                        else:
+                            resp_headers.append((k.decode(), v.decode("latin-1")))
+                elif isinstance(event, h2.events.TrailersReceived):
+                    resp_headers += [(k.decode(), v.decode("latin-1")) for k, v in event.headers]
+                elif isinstance(event, h2.events.DataReceived):
+                    chunks.append(bytes(event.data))
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                    done = True
+                elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream_id:
+                    raise WireError(f"the server reset the stream (error {event.error_code!r})")
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    self.goaway_last = event.last_stream_id or 0
+                    if not done and self.goaway_last < stream_id:
+                        raise WireError(
+                            f"GOAWAY (last stream {self.goaway_last}) refused stream {stream_id}"
+                        )
+            try:
+                self._flush()
+            except OSError:
+                self.dead = True
+        return Observed(status, resp_headers, b"".join(chunks), not self.usable, "HTTP/2")
+
+    def close(self) -> None:
+        """Close the connection, ignoring errors from a peer that already went."""
+        with contextlib.suppress(OSError, h2.exceptions.ProtocolError):
+            self.h2.close_connection()
+            self._flush()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+AnyConnection = Connection | H2Connection
+
+
+def open_connection(
+    transport: str,
+    address: tuple[str, int],
+    sni: str,
+    ctx: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+) -> AnyConnection:
+    """Open a connection of ``transport`` (``http1`` or ``h2``)."""
+    kind = H2Connection if transport == "h2" else Connection
+    return kind.open(address, sni, ctx, session=session)
