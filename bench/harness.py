@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import multiprocessing as mp
@@ -178,10 +179,16 @@ class Testbed:
         return self.layout.edge_ca
 
 
-def make_testbed(tmp: Path, fleet: int, enforcer_port: int, origin_port: int) -> Testbed:
-    """Write the demo PKI and an enforcer config that also trusts a fleet of ``fleet`` devices."""
+def make_testbed(
+    tmp: Path, fleet: int, enforcer_port: int, origin_port: int, scheme: str = "http"
+) -> Testbed:
+    """Write the demo PKI and an enforcer config that also trusts a fleet of ``fleet`` devices.
+
+    ``scheme`` is the origin's (``grpc`` for the HTTP/2 bench's gRPC origin).
+    """
     now = dt.datetime.now(dt.UTC)
-    layout = write_demo(tmp / "demo", enforcer_port, origin=f"http://{HOST}:{origin_port}", now=now)
+    origin = f"{scheme}://{HOST}:{origin_port}"
+    layout = write_demo(tmp / "demo", enforcer_port, origin=origin, now=now)
     made = provision(tmp / "fleet", [Cohort("healthy", fleet)], now, workers=1, p12=False)
     devices = [(made.root / d.cert_path, made.root / d.key_path) for d in made.devices()]
     conf, access_log = layout.config.read_text(encoding="utf-8"), tmp / "enforcer-access.log"
@@ -314,6 +321,121 @@ def read_response(tls: ssl.SSLSocket, buf: bytes = b"") -> tuple[int, dict[bytes
     return int(parts[1]), headers, b""
 
 
+GRPC_PATH = "/bench.Echo/Unary"
+
+
+def _grpc_echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+def _run_grpc_origin(port: int) -> None:
+    import concurrent.futures
+
+    import grpc
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(_grpc_echo)}
+    )
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"{HOST}:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def start_grpc_origin(port: int) -> Any:
+    """Start a gRPC echo service (grpcio, ``/bench.Echo/Unary``) in its own process."""
+    origin = mp.get_context("spawn").Process(target=_run_grpc_origin, args=(port,), daemon=True)
+    origin.start()
+    wait_port(port, origin.is_alive, "gRPC origin")
+    return origin
+
+
+def grpc_request(payload: bytes = b"telemetry" * 8) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers (without :authority) and framed body of one gRPC unary call."""
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":path", GRPC_PATH.encode()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    return headers, b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+def h2_connect(ctx: ssl.SSLContext, port: int) -> tuple[ssl.SSLSocket, Any]:
+    """A new TLS connection with ALPN h2 and a started client-side HTTP/2 connection."""
+    import h2.config
+    import h2.connection
+
+    raw = socket.create_connection((HOST, port), timeout=10)
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname=AUTH_HOST)
+    except BaseException:
+        raw.close()
+        raise
+    if tls.selected_alpn_protocol() != "h2":
+        tls.close()
+        raise ConnectionError(f"ALPN {tls.selected_alpn_protocol()!r}, not h2")
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.initiate_connection()
+    tls.sendall(conn.data_to_send())
+    return tls, conn
+
+
+def h2_grpc_call(tls: ssl.SSLSocket, conn: Any, request: tuple[list[Any], bytes]) -> int:
+    """One gRPC unary call on a new stream: 200 when grpc-status is 0, else an error code.
+
+    A GOAWAY that refuses the stream raises ConnectionError (the caller reconnects).
+    """
+    import h2.events
+
+    headers, body = request
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [*headers[:3], (b":authority", AUTH_HOST.encode()), *headers[3:]])
+    conn.send_data(sid, body, end_stream=True)
+    tls.sendall(conn.data_to_send())
+    status, grpc_status = 0, None
+    while True:
+        data = tls.recv(65536)
+        if not data:
+            raise ConnectionError("closed before the end of the stream")
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                fields = dict(ev.headers)
+                status = int(fields.get(b":status", status))
+                grpc_status = fields.get(b"grpc-status", grpc_status)
+            elif isinstance(ev, h2.events.DataReceived):
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                raise ConnectionError(f"stream reset ({ev.error_code!r})")
+            elif isinstance(ev, h2.events.ConnectionTerminated) and ev.last_stream_id < sid:
+                raise ConnectionError("GOAWAY before the stream")
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                out = conn.data_to_send()
+                if out:
+                    tls.sendall(out)
+                if status == 200 and grpc_status == b"0":
+                    return 200
+                return 1000 + int(grpc_status or 99) if status == 200 else status
+        out = conn.data_to_send()
+        if out:
+            tls.sendall(out)
+
+
+def h2_full_handshake_call(ctx: ssl.SSLContext, port: int, request: tuple[list[Any], bytes]) -> int:
+    """New connection, full handshake (ALPN h2), one gRPC call on one stream, close."""
+    tls, conn = h2_connect(ctx, port)
+    with tls:
+        status = h2_grpc_call(tls, conn, request)
+        conn.close_connection()
+        with contextlib.suppress(OSError):
+            tls.sendall(conn.data_to_send())
+    return status
+
+
 def full_handshake_request(ctx: ssl.SSLContext, port: int, request: bytes) -> int:
     """New connection, full handshake, one request with ``Connection: close``; the status."""
     with (
@@ -331,7 +453,7 @@ class Window:
 
     target: str
     port: int
-    mode: str  # "handshake" or "cookie"
+    mode: str  # "handshake", "cookie", "h2-handshake" or "h2-stream"
     start_at: float
     warmup: float
     duration: float
@@ -354,6 +476,8 @@ def _client_main(index: int, devices: Sequence[tuple[Path, Path]], edge_ca: Path
     """One client process: build its contexts once, then run the windows it is sent."""
     contexts = [client_context(c, k, edge_ca) for c, k in devices]
     bare = client_context(None, None, edge_ca)
+    grpc_call = grpc_request()
+    h2_keep: tuple[ssl.SSLSocket, Any] | None = None
     position: collections.Counter[str] = collections.Counter()
     seen: dict[str, set[int]] = collections.defaultdict(set)
     out.put(("ready", index))
@@ -368,6 +492,8 @@ def _client_main(index: int, devices: Sequence[tuple[Path, Path]], edge_ca: Path
         keep: ssl.SSLSocket | None = None
         leftover = b""
         passes = 0
+        for ctx in contexts:  # ALPN as the window's protocol wants
+            ctx.set_alpn_protocols(["h2"] if w.mode.startswith("h2") else ["http/1.1"])
         while (t0 := time.monotonic()) < end:
             if w.one_pass and passes >= len(contexts):
                 break
@@ -383,6 +509,17 @@ def _client_main(index: int, devices: Sequence[tuple[Path, Path]], edge_ca: Path
                     first = i not in seen[w.target]
                     seen[w.target].add(i)
                     status = full_handshake_request(contexts[i], w.port, w.request)
+                elif w.mode == "h2-handshake":
+                    i = position[w.target] % len(contexts)
+                    position[w.target] += 1
+                    first = i not in seen[w.target]
+                    seen[w.target].add(i)
+                    status = h2_full_handshake_call(contexts[i], w.port, grpc_call)
+                elif w.mode == "h2-stream":
+                    # One device's kept connection; every call is a new stream on it.
+                    if h2_keep is None:
+                        h2_keep = h2_connect(contexts[0], w.port)
+                    status = h2_grpc_call(*h2_keep, grpc_call)
                 else:
                     if keep is None:
                         raw = socket.create_connection((HOST, w.port), timeout=10)
@@ -398,6 +535,9 @@ def _client_main(index: int, devices: Sequence[tuple[Path, Path]], edge_ca: Path
                 if keep is not None:
                     keep.close()
                     keep, leftover = None, b""
+                if h2_keep is not None:
+                    h2_keep[0].close()
+                    h2_keep = None
             if t0 < measure_from:
                 continue
             if error is None:
@@ -407,6 +547,9 @@ def _client_main(index: int, devices: Sequence[tuple[Path, Path]], edge_ca: Path
                 errors[error] += 1
         if keep is not None:
             keep.close()
+        if h2_keep is not None:
+            h2_keep[0].close()
+            h2_keep = None
         client_cpu = time.process_time() - (cpu if cpu is not None else time.process_time())
         out.put(("done", index, latencies, dict(errors), client_cpu, first_uses))
 
@@ -428,9 +571,9 @@ class ClientPool:
         for _ in self._procs:
             self._out.get(timeout=300)  # "ready": every context is built
 
-    def warm(self, target: str, port: int, request: bytes) -> None:
+    def warm(self, target: str, port: int, request: bytes, mode: str = "handshake") -> None:
         """One handshake per fleet device against ``port`` (see :attr:`Window.one_pass`)."""
-        window = Window(target, port, "handshake", time.monotonic(), 0.0, 600.0, request, True)
+        window = Window(target, port, mode, time.monotonic(), 0.0, 600.0, request, True)
         for q in self._cmds:
             q.put(window)
         done = [self._out.get(timeout=660) for _ in self._procs]
