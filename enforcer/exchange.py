@@ -269,8 +269,7 @@ class RequestPath:
                     f"{what} {named.decode('latin-1')!r} differs from Host {host!r}",
                     close_connection=True,
                 )
-                self._log(request, now, t0, decision=decision)
-                await self._deny(request, port, decision, close=True)
+                await self._deny(request, port, decision, now, t0, close=True)
                 return
         if target is not request.target:
             # The origin always receives origin-form: an absolute-form target could name
@@ -305,9 +304,14 @@ class RequestPath:
         decision_ms = (time.perf_counter() - t0) * 1000
 
         if not decision.allowed:
-            self._log(request, now, t0, decision=decision, decision_ms=decision_ms)
             await self._deny(
-                request, port, decision, close=decision.close_connection or close_after
+                request,
+                port,
+                decision,
+                now,
+                t0,
+                decision_ms=decision_ms,
+                close=decision.close_connection or close_after,
             )
             return
         if close_after and not decision.close_connection:
@@ -352,10 +356,20 @@ class RequestPath:
         return False
 
     async def _deny(
-        self, request: RequestHead, port: Responder, decision: AccessDecision, *, close: bool
+        self,
+        request: RequestHead,
+        port: Responder,
+        decision: AccessDecision,
+        now: dt.datetime,
+        t0: float,
+        *,
+        decision_ms: float | None = None,
+        close: bool,
     ) -> None:
+        """Log and send a denial (the status logged is the one sent: 200 for gRPC)."""
         reason = decision.reason or Reason.POLICY_DENIED
         status, headers, body = denial(decision.status, reason, grpc=grpc_request(request.headers))
+        self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=status)
         await port.answer(status, headers, body, close=close)
 
     def origin_headers(

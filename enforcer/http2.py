@@ -196,9 +196,17 @@ class _Stream:
         """Stream the origin's answer; its trailers (gRPC's status) end the stream."""
         await self._send_headers(self._response_head(response.status, [*response.headers, *extra]))
         fair = Fairness()
-        async for chunk in response.body:
-            await self._send_data(chunk)
-            await fair.moved(len(chunk))
+        try:
+            async for chunk in response.body:
+                await self._send_data(chunk)
+                await fair.moved(len(chunk))
+        finally:
+            # A stream reset mid-body leaves the origin's iterator unfinished: close it here,
+            # not in the garbage collector.
+            aclose = getattr(response.body, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True):
+                    await aclose()
         log_status(response.status)  # before the end: once a client has its answer, it is logged
         trailers = [
             (k.lower(), v)
@@ -507,7 +515,10 @@ class H2Session(RequestPath):
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
             try:
                 if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
-                    self.h2.close_connection(last_stream_id=self.highest_stream)
+                    last = self._goaway_last
+                    self.h2.close_connection(
+                        last_stream_id=self.highest_stream if last is None else last
+                    )
                 await self.flush()
             except (TLSError, h2.exceptions.ProtocolError):
                 pass
