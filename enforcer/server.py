@@ -1,11 +1,13 @@
 """The enforcer server: accept loop, TLS, HTTP and the access decision, wired together.
 
 Each connection is one task in the listener's nursery. It peeks the ClientHello, completes the
-handshake with the hostname's context, then serves requests one after the other: for every
-request it reads the current snapshot once, asks the clock once, validates the client chain
-(memoised per connection while the snapshot and the chain's validity window hold, which is
-what re-checks kept-alive and resumed connections, access-flow A14), calls the pure ``decide`` and
-acts on the decision.
+handshake with the hostname's context, then hands the connection to the protocol ALPN chose:
+the HTTP/2 session (``enforcer/http2.py``), or the HTTP/1.1 session here, which serves requests
+one after the other. Both feed every request (every stream) to the shared request path in
+``enforcer/exchange.py``: it reads the current snapshot once, asks the clock once, validates the
+client chain (memoised per connection while the snapshot and the chain's validity window hold,
+which is what re-checks kept-alive and resumed connections, access-flow A14), calls the pure
+``decide`` and acts on the decision. WebSocket tunnels are HTTP/1.1's alone and live here.
 """
 
 from __future__ import annotations
