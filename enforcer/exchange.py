@@ -170,28 +170,31 @@ def plain(text: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     return [(b"content-type", b"text/plain; charset=utf-8")], text.encode()
 
 
+@dataclasses.dataclass(frozen=True)
+class Established:
+    """What the TLS handshake established about one connection."""
+
+    tls: ServerTLSStream
+    conn_id: int
+    peer: str | None
+    handshake_ms: float
+    chain: Sequence[x509.Certificate]  # the client's, leaf first ([] without one)
+    resumed: bool
+    tls_version: str
+
+
 class RequestPath:
     """The protocol-neutral side of one TLS connection's requests (see the module docstring)."""
 
-    def __init__(
-        self,
-        enforcer: Enforcer,
-        tls: ServerTLSStream,
-        conn_id: int,
-        peer: str | None,
-        handshake_ms: float,
-        chain: Sequence[x509.Certificate],
-        resumed: bool,
-        tls_version: str,
-    ) -> None:
+    def __init__(self, enforcer: Enforcer, conn: Established) -> None:
         self.e = enforcer
-        self.tls = tls
-        self.conn_id = conn_id
-        self.peer = peer
-        self.handshake_ms = handshake_ms
-        self.chain = list(chain)
-        self.resumed = resumed
-        self.tls_version = tls_version
+        self.tls = conn.tls
+        self.conn_id = conn.conn_id
+        self.peer = conn.peer
+        self.handshake_ms = conn.handshake_ms
+        self.chain = list(conn.chain)
+        self.resumed = conn.resumed
+        self.tls_version = conn.tls_version
         self._memo: tuple[int, str, ChainResult | None] | None = None
 
     def no_duration_sni(self, snapshot: Snapshot) -> bool:

@@ -37,20 +37,20 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import trio
-from cryptography import x509
 from hyperframe.frame import GoAwayFrame
 
 from enforcer.exchange import (
     HOP_BY_HOP_RESPONSE,
     HTTP2,
     MAX_BODY,
+    Established,
     LogStatus,
     RequestHead,
     RequestPath,
 )
 from enforcer.http import BodyTimeout, BodyTooLarge
 from enforcer.proxy import Fairness, OriginResponse
-from enforcer.tls import ServerTLSStream, TLSError
+from enforcer.tls import TLSError
 
 if TYPE_CHECKING:  # the server imports this module
     from enforcer.config import ServerSettings
@@ -279,18 +279,8 @@ class _Stream:
 class H2Session(RequestPath):
     """The HTTP/2 side of one established TLS connection (see the module docstring)."""
 
-    def __init__(
-        self,
-        enforcer: Enforcer,
-        tls: ServerTLSStream,
-        conn_id: int,
-        peer: str | None,
-        handshake_ms: float,
-        chain: Sequence[x509.Certificate],
-        resumed: bool,
-        tls_version: str,
-    ) -> None:
-        super().__init__(enforcer, tls, conn_id, peer, handshake_ms, chain, resumed, tls_version)
+    def __init__(self, enforcer: Enforcer, conn: Established) -> None:
+        super().__init__(enforcer, conn)
         settings = enforcer.settings
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config=config)

@@ -36,6 +36,7 @@ from enforcer.exchange import (
     HOP_BY_HOP_RESPONSE,
     HTTP1,
     MAX_BODY,
+    Established,
     LogStatus,
     RequestHead,
     RequestPath,
@@ -184,10 +185,12 @@ class Enforcer:
                 return
             handshake_ms = (time.perf_counter() - started) * 1000
             chain = self._client_chain(tls)
-            args = (self, tls, conn_id, peer, handshake_ms, chain, tls.session_reused())
+            conn = Established(
+                tls, conn_id, peer, handshake_ms, chain, tls.session_reused(), tls.protocol()
+            )
             alpn = tls.alpn()
             if alpn == "h2":
-                await H2Session(*args, tls.protocol()).serve()
+                await H2Session(self, conn).serve()
                 return
             app = self.snapshot.applications.get(tls.sni or "")
             if app is not None and "http/1.1" not in app.alpn:
@@ -197,7 +200,7 @@ class Enforcer:
                     conn_id, peer, tls.sni, f"ALPN {alpn!r}: this hostname speaks h2 only"
                 )
                 return
-            await _Session(*args, tls.protocol()).serve()
+            await _Session(self, conn).serve()
         except TLSError as exc:
             self._log_tls(conn_id, peer, tls.sni, str(exc))
         except Exception:
@@ -237,18 +240,8 @@ class _Session(RequestPath):
     through :meth:`answer` and :meth:`relay`, and reads an admitted body through :meth:`body`.
     """
 
-    def __init__(
-        self,
-        enforcer: Enforcer,
-        tls: ServerTLSStream,
-        conn_id: int,
-        peer: str | None,
-        handshake_ms: float,
-        chain: Sequence[x509.Certificate],
-        resumed: bool,
-        tls_version: str,
-    ) -> None:
-        super().__init__(enforcer, tls, conn_id, peer, handshake_ms, chain, resumed, tls_version)
+    def __init__(self, enforcer: Enforcer, conn: Established) -> None:
+        super().__init__(enforcer, conn)
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=enforcer.settings.max_header_bytes
         )
