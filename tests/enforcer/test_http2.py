@@ -281,6 +281,73 @@ async def test_a_request_body_streams_to_the_origin(served: Served) -> None:
     assert json.loads(response.body)["body_bytes"] == len(body)
 
 
+async def test_a_slow_origin_slows_the_client(served: Served) -> None:
+    # The origin is one end of a lockstep stream (no buffer at all: a write returns once the
+    # origin read it), reading 4 KiB at a time with pauses. The enforcer must acknowledge the
+    # client's DATA only as the origin takes it, so at every read the client can have sent no
+    # more than the origin read plus one stream window and a frame or two in flight. An
+    # enforcer acknowledging on receipt lets the client run ahead by the whole body.
+    import h11
+    import trio.testing
+
+    from enforcer.proxy import OriginPool
+
+    to_origin, origin_end = trio.testing.lockstep_stream_pair()
+
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        return to_origin
+
+    served.enforcer.origins = OriginPool(connect)
+    size = 512 * 1024
+    sent = 0
+    taken = 0
+    most_ahead = 0
+
+    async def origin() -> None:
+        nonlocal taken, most_ahead
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await origin_end.receive_some(4096))
+                most_ahead = max(most_ahead, sent - taken)
+                await trio.sleep(0.002)
+            elif isinstance(event, h11.Data):
+                taken += len(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        body = b"%d" % taken
+        await origin_end.send_all(
+            conn.send(h11.Response(status_code=200, headers=[("content-length", str(len(body)))]))
+            + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage())
+        )
+
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(origin)
+            sid = client.start("/upload", method="POST", end=False)
+            await client.flush()
+            conn = client.conn
+            while sent < size:
+                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if window <= 0:
+                    await client.pump()
+                    continue
+                n = min(window, size - sent)
+                conn.send_data(sid, b"x" * n)
+                sent += n
+                await client.flush()
+            conn.end_stream(sid)
+            await client.flush()
+            response = await client.response(sid)
+    finally:
+        await client.aclose()
+    assert response.status == 200 and bytes(response.body) == b"%d" % size
+    assert 0 < most_ahead <= 65535 + 2 * 16384, most_ahead
+
+
 async def test_a_large_response_respects_a_small_client_window(served: Served) -> None:
     size = 300_000
 
