@@ -599,3 +599,40 @@ async def test_grpcio_sees_the_denial_statuses(served: Served) -> None:
     denied = await trio.to_thread.run_sync(call, IOT_HOST, "wrong-cn")
     assert denied == (grpc.StatusCode.PERMISSION_DENIED, "policy_denied")
     assert {r["http"] for r in requests(served)} == {"HTTP/2"}
+
+
+async def test_grpcio_makes_a_full_handshake_per_no_duration_call(served: Served) -> None:
+    grpc = pytest.importorskip("grpc")
+    layout = served.layout
+    cert, key = layout.device("valid")
+    creds = grpc.ssl_channel_credentials(
+        layout.edge_ca.read_bytes(), key.read_bytes(), cert.read_bytes()
+    )
+
+    def calls(host: str, n: int) -> list[object]:
+        # The echo origin answers JSON, not gRPC: each call fails on the client's side once
+        # admitted (which is all this test needs: each call became a stream and a log line).
+        options = [("grpc.ssl_target_name_override", host), ("grpc.default_authority", host)]
+        codes = []
+        with grpc.secure_channel(f"127.0.0.1:{served.port}", creds, options=options) as channel:
+            method = channel.unary_unary(
+                "/pkg.Svc/Method", request_serializer=None, response_deserializer=None
+            )
+            for _ in range(n):
+                try:
+                    method(b"ping", timeout=10)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        return codes
+
+    await trio.to_thread.run_sync(calls, IOT_HOST, 3)
+    logged = requests(served)
+    assert [r["decision"] for r in logged] == ["allowed"] * 3
+    assert len({r["connection"] for r in logged}) == 3  # a new connection per call...
+    assert not any(r["tls"]["resumed"] for r in logged)  # ...each a full handshake
+    # The control: with a session duration, grpcio keeps one connection for all its calls.
+    served.log_buffer.truncate(0)
+    served.log_buffer.seek(0)
+    await trio.to_thread.run_sync(calls, AUTH_HOST, 3)
+    assert len({r["connection"] for r in requests(served)}) == 1
