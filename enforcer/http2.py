@@ -59,8 +59,16 @@ if TYPE_CHECKING:  # the server imports this module
 log = logging.getLogger(__name__)
 _RECEIVE_SIZE = 65536
 ErrorCode = h2.errors.ErrorCodes | int
-# Connection-specific header fields (RFC 9113 §8.2.2): never sent on HTTP/2.
-_CONNECTION_SPECIFIC = HOP_BY_HOP_RESPONSE | {b"proxy-connection", b"te"}
+# Connection-specific header fields (RFC 9113 §8.2.2): never sent on HTTP/2 (and h2 refuses
+# them in a request, but for ``te: trailers``, which is hop-by-hop for the origin anyway).
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
+)
+# What an origin's response head or trailers may not pass on: its framing too.
+_NOT_RELAYED = HOP_BY_HOP_RESPONSE | _CONNECTION_SPECIFIC
+# The connection's receive window (Envoy's initial_connection_window_size): what all streams
+# together may hold before the origins take it; each stream is held to its own window too.
+CONNECTION_WINDOW = 1024 * 1024
 
 
 class EventGuard(Protocol):
@@ -211,7 +219,7 @@ class _Stream:
         trailers = [
             (k.lower(), v)
             for k, v in response.trailers
-            if not k.startswith(b":") and k.lower() not in _CONNECTION_SPECIFIC
+            if not k.startswith(b":") and k.lower() not in _NOT_RELAYED
         ]
         if trailers:
             await self._send_headers(trailers, end=True, final=False)
@@ -242,7 +250,7 @@ class _Stream:
         out += [
             (k.lower(), v)
             for k, v in headers
-            if k.lower() not in _CONNECTION_SPECIFIC and not k.startswith(b":")
+            if k.lower() not in _NOT_RELAYED and not k.startswith(b":")
         ]
         return out
 
@@ -315,6 +323,7 @@ class H2Session(RequestPath):
     async def serve(self) -> None:
         """Serve streams until the client leaves, idles out, or a GOAWAY drained them."""
         self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)  # 65535: RFC 9113's
         await self.flush()
         try:
             async with trio.open_nursery() as nursery:
@@ -522,9 +531,7 @@ def _head(headers: Sequence[tuple[bytes, bytes]], stream_id: int, number: int) -
     for name, value in headers:
         if name.startswith(b":"):
             pseudo[name] = value
-        elif name not in _CONNECTION_SPECIFIC or name == b"te":
-            # h2 refuses connection-specific fields already; ``te: trailers`` is the one
-            # allowed, and it is hop-by-hop for the origin (proxy.forwarded_headers drops it).
+        elif name not in _CONNECTION_SPECIFIC:
             has_host = has_host or name == b"host"
             regular.append((name, value))
     method = pseudo.get(b":method", b"")

@@ -274,11 +274,19 @@ async def test_a_request_body_streams_to_the_origin(served: Served) -> None:
     body = bytes(range(256)) * 1024
     client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
     try:
-        response = await client.request("/upload", method="POST", body=body)
+        response = await client.request(
+            "/upload", method="POST", body=body, headers=[("content-length", str(len(body)))]
+        )
+        chunked = await client.request("/upload", method="POST", body=body)
     finally:
         await client.aclose()
     assert response.status == 200
-    assert json.loads(response.body)["body_bytes"] == len(body)
+    echo = json.loads(response.body)
+    assert echo["body_bytes"] == len(body)
+    assert echo["headers"]["content-length"] == str(len(body))  # kept when the client sent it
+    echo = json.loads(chunked.body)
+    assert echo["body_bytes"] == len(body)
+    assert echo["headers"]["transfer-encoding"] == "chunked"  # else the origin gets it chunked
 
 
 async def test_a_slow_origin_slows_the_client(served: Served) -> None:
