@@ -328,7 +328,10 @@ class H2Session(RequestPath):
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await self._receive_loop(nursery)
+                try:
+                    await self._receive_loop(nursery)
+                except TLSError as exc:
+                    self._broken = exc  # raised below, outside the nursery's exception group
                 nursery.cancel_scope.cancel()  # the client left: its streams cannot finish
         finally:
             if self._broken is None:
@@ -455,12 +458,15 @@ class H2Session(RequestPath):
             stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
             self._release(stream)
+        # The RST_STREAM or WINDOW_UPDATE the release made; not when the session is ending
+        # (the nursery's cancellation skips it), which closes the connection anyway.
         if self._broken is None:
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
-                try:
-                    await self.flush()
-                except TLSError as exc:
-                    self._broken = exc
+            try:
+                await self.flush()
+            except TLSError as exc:
+                self._broken = exc
+                assert self._nursery is not None
+                self._nursery.cancel_scope.cancel()
 
     def _release(self, stream: _Stream) -> None:
         # What the origin never took goes back to the connection's window; a client still

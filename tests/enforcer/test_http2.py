@@ -11,11 +11,14 @@ import dataclasses
 import datetime as dt
 import json
 import shutil
+import socket
 import ssl
+import struct
 
 import h2.errors
 import pytest
 import trio
+import trio.testing
 from cryptography import x509
 
 from enforcer.config import ConfigError, load_config
@@ -400,6 +403,35 @@ async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> Non
         assert (await client.request("/")).status == 200  # the connection is still good
     finally:
         await client.aclose()
+
+
+async def test_a_client_that_vanishes_ends_its_streams_quietly(served: Served) -> None:
+    started, cancelled = trio.Event(), trio.Event()
+
+    async def hangs(*args: object) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+        raise AssertionError("unreachable")
+
+    served.enforcer.origins.app = hangs
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    client.start("/slow")
+    await client.flush()
+    with trio.fail_after(10):
+        await started.wait()
+    # A TCP reset (SO_LINGER 0): no close_notify, no GOAWAY, and the next read fails.
+    tcp = client.stream.transport_stream
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await trio.aclose_forcefully(tcp)
+    with trio.fail_after(10):
+        await cancelled.wait()
+    await trio.testing.wait_all_tasks_blocked()  # the connection's task has finished
+    served.enforcer.origins.app = None
+    # The connection's end is at most a tls_error line, never an internal error.
+    assert all("internal error" not in str(r.get("detail")) for r in served.log())
 
 
 async def test_origin_trailers_end_the_stream(served: Served) -> None:
