@@ -27,7 +27,7 @@ from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
 from tests.enforcer.test_live_checks import revoke
 from tests.h2wire import H2Client
-from tests.wire import Connection, client_context, receive_until, run
+from tests.wire import Connection, admin_call, client_context, receive_until, run
 
 
 def ctx_for(served: Served, device: str | None) -> ssl.SSLContext:
@@ -493,6 +493,25 @@ async def test_an_application_can_refuse_h2(serve_config, demo) -> None:
     assert await selected(AUTH_HOST, ["h2", "http/1.1"]) == "http/1.1"
     assert await selected(AUTH_HOST, ["h2"]) is None  # no overlap: HTTP/1.1 without ALPN
     assert await selected(IOT_HOST, ["h2", "http/1.1"]) == "h2"
+
+
+async def test_alpn_is_an_admin_api_application_field(serve_config) -> None:
+    served = await serve_config(admin=True)
+    app = f"/client/v4/accounts/demo/access/apps/config-0-{AUTH_HOST}"
+    code, env = await admin_call(served.admin_port, "GET", app)
+    assert code == 200 and env["result"]["alpn"] == ["h2", "http/1.1"]
+    code, env = await admin_call(served.admin_port, "PUT", app, {"alpn": ["h3"]})
+    assert code == 400 and "alpn" in json.dumps(env)
+    code, _ = await admin_call(served.admin_port, "PUT", app, {"alpn": ["http/1.1"]})
+    assert code == 200
+    ctx = ctx_for(served, "valid")
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    conn = await Connection.open(served.port, AUTH_HOST, ctx)  # a new TLS context applies
+    try:
+        assert conn.ssl_object.selected_alpn_protocol() == "http/1.1"
+        assert (await conn.request("/")).status == 200
+    finally:
+        await conn.aclose()
 
 
 def test_alpn_config_is_checked(demo) -> None:
