@@ -19,9 +19,12 @@ from cryptography.hazmat.primitives import serialization
 
 from enforcer import crl
 from enforcer.application import (
+    ALPN_PROTOCOLS,
     SAME_SITE_VALUES,
     Application,
     CookieSettings,
+    alpn_problem,
+    alpn_tuple,
     cookie_attribute_problem,
     origin_problem,
 )
@@ -79,6 +82,11 @@ class ServerSettings:
     max_requests_per_connection: int = 1000  # (keepalive_requests)
     max_client_certificates: int = DEFAULT_MAX_CHAIN_DEPTH + 2  # leaf, intermediates, root
     intermediates_memo_bytes: int = 64 * 1024 * 1024
+    # HTTP/2 (README, HTTP/2 and gRPC); the header list is bounded by max_header_bytes, and
+    # max_requests_per_connection counts streams. nginx's and Envoy's names in comments.
+    h2_max_concurrent_streams: int = 128  # http2_max_concurrent_streams; max_concurrent_streams
+    h2_header_table_size: int = 4096  # HPACK table (nginx's fixed size); hpack_table_size
+    h2_initial_window_size: int = 65535  # a stream's receive window; initial_stream_window_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +237,7 @@ def _application(reader: TableReader) -> Application:
             "bind_token_to_certificate",
             "underscores_in_headers",
             "cookie",
+            "alpn",
         }
     )
     hostname = reader.get("hostname", str, what="the application's hostname").lower().rstrip(".")
@@ -267,6 +276,9 @@ def _application(reader: TableReader) -> Application:
         raise ConfigError(reader.path, "", str(exc)) from None
     if not policies:
         raise reader.error("policies", "at least one policy is required")
+    alpn = reader.get("alpn", list, list(ALPN_PROTOCOLS), what='a list such as ["h2", "http/1.1"]')
+    if problem := alpn_problem(alpn):
+        raise reader.error("alpn", problem)
     return Application(
         name=reader.get("name", str, hostname),
         hostname=hostname,
@@ -278,6 +290,7 @@ def _application(reader: TableReader) -> Application:
         bind_token_to_certificate=reader.get("bind_token_to_certificate", bool, True),
         underscores_in_headers=reader.get("underscores_in_headers", bool, False),
         cookie=cookie,
+        alpn=alpn_tuple(alpn),
     )
 
 
@@ -315,6 +328,9 @@ def load_config(path: str | Path) -> EnforcerConfig:
             "max_requests_per_connection",
             "max_client_certificates",
             "intermediates_memo_bytes",
+            "h2_max_concurrent_streams",
+            "h2_header_table_size",
+            "h2_initial_window_size",
         }
     )
     port = s.get("port", int, 8443)
@@ -331,6 +347,9 @@ def load_config(path: str | Path) -> EnforcerConfig:
         "max_requests_per_connection": (1000, 1, 10_000_000),
         "max_client_certificates": (depth + 2, 1, 64),
         "intermediates_memo_bytes": (64 * 1024 * 1024, 0, 1 << 40),
+        "h2_max_concurrent_streams": (128, 1, 1024),
+        "h2_header_table_size": (4096, 0, 65536),
+        "h2_initial_window_size": (65535, 1024, 2**31 - 1),
     }
     limits: dict[str, int] = {}
     for name, (default, low, high) in bounded.items():
