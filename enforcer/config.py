@@ -79,13 +79,15 @@ class ServerSettings:
     max_requests_per_connection: int = 1000  # (keepalive_requests)
     max_client_certificates: int = DEFAULT_MAX_CHAIN_DEPTH + 2  # leaf, intermediates, root
     intermediates_memo_bytes: int = 64 * 1024 * 1024
-    # HTTP/2 limits and flood bounds (enforcer/h2guard.py); nginx's or Envoy's name in comments.
-    http2_max_concurrent_streams: int = 128  # nginx http2_max_concurrent_streams
-    http2_hpack_table_size: int = 4096  # Envoy hpack_table_size (SETTINGS_HEADER_TABLE_SIZE)
-    http2_max_control_frames_per_second: int = 100  # PING, SETTINGS, RST_STREAM, PRIORITY
-    http2_max_outbound_control_frames: int = 1000  # Envoy max_outbound_control_frames
-    http2_max_empty_frames: int = 1  # Envoy max_consecutive_inbound_frames_with_empty_payload
-    http2_premature_reset_streams: int = 100  # Envoy overload.premature_reset_total_stream_count
+    # HTTP/2 (README, HTTP/2 and gRPC); the header list is bounded by max_header_bytes, and
+    # max_requests_per_connection counts streams. nginx's and Envoy's names in comments.
+    h2_max_concurrent_streams: int = 128  # http2_max_concurrent_streams; max_concurrent_streams
+    h2_header_table_size: int = 4096  # HPACK table (nginx's fixed size); hpack_table_size
+    # HTTP/2 flood bounds (enforcer/h2guard.py, README "HTTP/2 limits").
+    h2_max_control_frames_per_second: int = 100  # PING, SETTINGS, RST_STREAM, PRIORITY
+    h2_max_outbound_control_frames: int = 1000  # Envoy max_outbound_control_frames
+    h2_max_empty_frames: int = 1  # Envoy max_consecutive_inbound_frames_with_empty_payload
+    h2_premature_reset_streams: int = 100  # Envoy overload.premature_reset_total_stream_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,15 +152,13 @@ class EnforcerConfig:
         return frozenset(h for e in self.edge_certificates for h in e.hostnames)
 
 
-# [server] HTTP/2 limits: (default, lowest, highest). The bounds keep each one meaningful: at
-# least one stream, an HPACK table h2 can hold, a flood bound an attacker cannot set aside.
-HTTP2_LIMITS: dict[str, tuple[int, int, int]] = {
-    "http2_max_concurrent_streams": (128, 1, 65536),
-    "http2_hpack_table_size": (4096, 0, 65536),
-    "http2_max_control_frames_per_second": (100, 1, 100_000),
-    "http2_max_outbound_control_frames": (1000, 1, 100_000),
-    "http2_max_empty_frames": (1, 0, 1000),
-    "http2_premature_reset_streams": (100, 1, 1_000_000),
+# [server] HTTP/2 flood bounds: (default, lowest, highest). The highest values still stop a
+# flood; none can switch its bound off.
+H2_FLOOD_LIMITS: dict[str, tuple[int, int, int]] = {
+    "h2_max_control_frames_per_second": (100, 1, 100_000),
+    "h2_max_outbound_control_frames": (1000, 1, 100_000),
+    "h2_max_empty_frames": (1, 0, 1000),
+    "h2_premature_reset_streams": (100, 1, 1_000_000),
 }
 
 
@@ -334,7 +334,9 @@ def load_config(path: str | Path) -> EnforcerConfig:
             "max_requests_per_connection",
             "max_client_certificates",
             "intermediates_memo_bytes",
-            *HTTP2_LIMITS,
+            "h2_max_concurrent_streams",
+            "h2_header_table_size",
+            *H2_FLOOD_LIMITS,
         }
     )
     port = s.get("port", int, 8443)
@@ -351,7 +353,9 @@ def load_config(path: str | Path) -> EnforcerConfig:
         "max_requests_per_connection": (1000, 1, 10_000_000),
         "max_client_certificates": (depth + 2, 1, 64),
         "intermediates_memo_bytes": (64 * 1024 * 1024, 0, 1 << 40),
-        **HTTP2_LIMITS,
+        "h2_max_concurrent_streams": (128, 1, 1024),
+        "h2_header_table_size": (4096, 0, 65536),
+        **H2_FLOOD_LIMITS,
     }
     limits: dict[str, int] = {}
     for name, (default, low, high) in bounded.items():

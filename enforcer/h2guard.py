@@ -83,7 +83,7 @@ class H2Limits:
     """The HTTP/2 limits of one listener (``[server]`` in the configuration)."""
 
     max_concurrent_streams: int = 128
-    hpack_table_size: int = 4096
+    header_table_size: int = 4096
     max_header_bytes: int = 16 * 1024
     max_control_frames_per_second: int = 100
     max_outbound_control_frames: int = 1000
@@ -95,20 +95,20 @@ class H2Limits:
     def from_settings(cls, server: ServerSettings) -> H2Limits:
         """The limits a ``[server]`` table configures."""
         return cls(
-            max_concurrent_streams=server.http2_max_concurrent_streams,
-            hpack_table_size=server.http2_hpack_table_size,
+            max_concurrent_streams=server.h2_max_concurrent_streams,
+            header_table_size=server.h2_header_table_size,
             max_header_bytes=server.max_header_bytes,
-            max_control_frames_per_second=server.http2_max_control_frames_per_second,
-            max_outbound_control_frames=server.http2_max_outbound_control_frames,
-            max_empty_frames=server.http2_max_empty_frames,
-            premature_reset_streams=server.http2_premature_reset_streams,
+            max_control_frames_per_second=server.h2_max_control_frames_per_second,
+            max_outbound_control_frames=server.h2_max_outbound_control_frames,
+            max_empty_frames=server.h2_max_empty_frames,
+            premature_reset_streams=server.h2_premature_reset_streams,
         )
 
     def local_settings(self) -> dict[SettingCodes, int]:
         """The SETTINGS the server advertises (and h2 enforces) for these limits."""
         return {
             SettingCodes.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
-            SettingCodes.HEADER_TABLE_SIZE: self.hpack_table_size,
+            SettingCodes.HEADER_TABLE_SIZE: self.header_table_size,
             SettingCodes.MAX_HEADER_LIST_SIZE: self.max_header_bytes,
             SettingCodes.ENABLE_PUSH: 0,
         }
@@ -120,7 +120,7 @@ def apply_limits(conn: H2Connection, limits: H2Limits) -> None:
     # streams before reading our SETTINGS is held to them too.
     conn.local_settings = Settings(client=False, initial_values=limits.local_settings())
     conn.decoder.max_header_list_size = limits.max_header_bytes
-    conn.decoder.max_allowed_table_size = limits.hpack_table_size
+    conn.decoder.max_allowed_table_size = limits.header_table_size
 
 
 @dataclasses.dataclass(frozen=True)

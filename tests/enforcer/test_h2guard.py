@@ -299,7 +299,7 @@ def test_the_verdict_does_not_depend_on_how_the_bytes_are_split(
 
 
 def test_apply_limits_advertises_and_enforces_the_settings() -> None:
-    limits = H2Limits(max_concurrent_streams=7, hpack_table_size=1024, max_header_bytes=2048)
+    limits = H2Limits(max_concurrent_streams=7, header_table_size=1024, max_header_bytes=2048)
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     apply_limits(server, limits)
     server.initiate_connection()
@@ -333,11 +333,11 @@ def server_variant(demo: DemoLayout, tmp_path: Path, line: str) -> Path:
 @pytest.mark.parametrize(
     ("field", "value", "problem"),
     [
-        ("http2_max_concurrent_streams", 0, "is not between 1 and 65536"),
-        ("http2_hpack_table_size", 1 << 20, "is not between 0 and 65536"),
-        ("http2_max_control_frames_per_second", 0, "is not between 1 and 100000"),
-        ("http2_max_empty_frames", -1, "is not between 0 and 1000"),
-        ("http2_premature_reset_streams", "many", "expected"),
+        ("h2_max_concurrent_streams", 0, "is not between 1 and 1024"),
+        ("h2_header_table_size", 1 << 20, "is not between 0 and 65536"),
+        ("h2_max_control_frames_per_second", 0, "is not between 1 and 100000"),
+        ("h2_max_empty_frames", -1, "is not between 0 and 1000"),
+        ("h2_premature_reset_streams", "many", "expected"),
     ],
 )
 def test_config_limits_are_checked(
@@ -351,7 +351,7 @@ def test_config_limits_are_checked(
 
 
 def test_config_limits_reach_the_guard(demo: DemoLayout, tmp_path: Path) -> None:
-    path = server_variant(demo, tmp_path, "http2_max_concurrent_streams = 9")
+    path = server_variant(demo, tmp_path, "h2_max_concurrent_streams = 9")
     limits = H2Limits.from_settings(load_config(path).server)
     assert limits.max_concurrent_streams == 9
     assert limits == H2Limits(max_concurrent_streams=9)
