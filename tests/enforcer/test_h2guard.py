@@ -37,6 +37,7 @@ from enforcer.h2guard import (
     apply_limits,
 )
 from testbed.demo import DemoLayout
+from testbed.h2floods import KINDS, FloodWriter
 
 BLOCK = b"\x82\x87\x84"  # :method GET, :scheme https, :path / (HPACK static table)
 
@@ -355,3 +356,55 @@ def test_config_limits_reach_the_guard(demo: DemoLayout, tmp_path: Path) -> None
     limits = H2Limits.from_settings(load_config(path).server)
     assert limits.max_concurrent_streams == 9
     assert limits == H2Limits(max_concurrent_streams=9)
+
+
+def flood_batch(w: FloodWriter, kind: str, stream: list[int]) -> bytes:
+    """One more frame of the ``kind`` flood (the first one opens what the flood needs)."""
+    if kind == "continuation":
+        if not stream:
+            sid, data = w.open_header_block()
+            stream.append(sid)
+            return data
+        return w.continuations(stream[0], 1)
+    if kind == "empty_data":
+        if not stream:
+            sid, data = w.open_stream()
+            stream.append(sid)
+            return data
+        return w.empty_data(stream[0], 1)
+    make = {
+        "rapid_reset": w.rapid_reset,
+        "ping": w.pings,
+        "settings": w.settings,
+        "priority": w.priority,
+        "empty_headers": w.empty_headers,
+        "window_update": w.window_updates,
+    }[kind]
+    return make(1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_flood_is_stopped_before_h2_is_overrun(kind: str) -> None:
+    """The flood writer's frames, through the guard into h2's server side, frame by frame."""
+    limits = H2Limits()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    apply_limits(conn, limits)
+    conn.initiate_connection()
+    g = FloodGuard(limits, Clock())
+    w = FloodWriter("auth.example.test")
+    opening = w.opening() + w.requests(3)
+    assert g.received(opening) is None
+    events = conn.receive_data(opening)
+    assert sum(isinstance(e, h2.events.RequestReceived) for e in events) == 3
+    g.sent(conn.data_to_send())
+    stream: list[int] = []
+    frames, verdict = 0, None
+    while verdict is None and frames < 10_000:
+        data = flood_batch(w, kind, stream)
+        frames += 1
+        if (verdict := g.received(data)) is None:
+            conn.receive_data(data)  # h2 itself never gives up first
+            g.sent(conn.data_to_send())
+    assert verdict is not None, f"the {kind} flood was never stopped"
+    assert verdict.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert frames <= 2 * limits.max_control_frames_per_second
