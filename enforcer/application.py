@@ -11,6 +11,8 @@ from enforcer.policy import Policy
 COOKIE_NAME = "CF_Authorization"
 TOKEN_HEADER = "cf-access-jwt-assertion"
 SAME_SITE_VALUES = ("None", "Lax", "Strict")
+# The application protocols the enforcer speaks, by their ALPN ids, in its order of preference.
+ALPN_PROTOCOLS = ("h2", "http/1.1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Application:
     # headers are stripped whatever their spelling.
     underscores_in_headers: bool = False
     cookie: CookieSettings = dataclasses.field(default_factory=CookieSettings)
+    # ALPN ids the hostname negotiates (a subset of ALPN_PROTOCOLS, kept in that order).
+    alpn: tuple[str, ...] = ALPN_PROTOCOLS
 
     @property
     def no_duration(self) -> bool:
@@ -71,6 +75,23 @@ def cookie_attribute_problem(value: str) -> str | None:
         if ch == ";" or not " " <= ch <= "~":
             return f"{value!r} contains {ch!r}; use printable ASCII without ';'"
     return None
+
+
+def alpn_problem(values: object) -> str | None:
+    """Why ``values`` cannot be an application's ``alpn`` list, or None when it can."""
+    if not isinstance(values, list) or not values:
+        return f"expected a non-empty list drawn from {list(ALPN_PROTOCOLS)}, got {values!r}"
+    for value in values:
+        if value not in ALPN_PROTOCOLS:
+            return f"{value!r} is not one of {list(ALPN_PROTOCOLS)}"
+    if len(set(values)) != len(values):
+        return f"{values!r} names a protocol twice"
+    return None
+
+
+def alpn_tuple(values: list[str]) -> tuple[str, ...]:
+    """A checked ``alpn`` list in the enforcer's order of preference (h2 first)."""
+    return tuple(p for p in ALPN_PROTOCOLS if p in values)
 
 
 def origin_problem(origin: str) -> str | None:

@@ -19,9 +19,12 @@ from cryptography.hazmat.primitives import serialization
 
 from enforcer import crl
 from enforcer.application import (
+    ALPN_PROTOCOLS,
     SAME_SITE_VALUES,
     Application,
     CookieSettings,
+    alpn_problem,
+    alpn_tuple,
     cookie_attribute_problem,
     origin_problem,
 )
@@ -83,6 +86,7 @@ class ServerSettings:
     # max_requests_per_connection counts streams. nginx's and Envoy's names in comments.
     h2_max_concurrent_streams: int = 128  # http2_max_concurrent_streams; max_concurrent_streams
     h2_header_table_size: int = 4096  # HPACK table (nginx's fixed size); hpack_table_size
+    h2_initial_window_size: int = 65535  # a stream's receive window; initial_stream_window_size
     # HTTP/2 flood bounds (enforcer/h2guard.py, README "HTTP/2 limits").
     h2_max_control_frames_per_second: int = 100  # PING, SETTINGS, RST_STREAM, PRIORITY
     h2_max_outbound_control_frames: int = 1000  # Envoy max_outbound_control_frames
@@ -248,6 +252,7 @@ def _application(reader: TableReader) -> Application:
             "bind_token_to_certificate",
             "underscores_in_headers",
             "cookie",
+            "alpn",
         }
     )
     hostname = reader.get("hostname", str, what="the application's hostname").lower().rstrip(".")
@@ -286,6 +291,9 @@ def _application(reader: TableReader) -> Application:
         raise ConfigError(reader.path, "", str(exc)) from None
     if not policies:
         raise reader.error("policies", "at least one policy is required")
+    alpn = reader.get("alpn", list, list(ALPN_PROTOCOLS), what='a list such as ["h2", "http/1.1"]')
+    if problem := alpn_problem(alpn):
+        raise reader.error("alpn", problem)
     return Application(
         name=reader.get("name", str, hostname),
         hostname=hostname,
@@ -297,6 +305,7 @@ def _application(reader: TableReader) -> Application:
         bind_token_to_certificate=reader.get("bind_token_to_certificate", bool, True),
         underscores_in_headers=reader.get("underscores_in_headers", bool, False),
         cookie=cookie,
+        alpn=alpn_tuple(alpn),
     )
 
 
@@ -336,6 +345,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
             "intermediates_memo_bytes",
             "h2_max_concurrent_streams",
             "h2_header_table_size",
+            "h2_initial_window_size",
             *H2_FLOOD_LIMITS,
         }
     )
@@ -355,6 +365,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
         "intermediates_memo_bytes": (64 * 1024 * 1024, 0, 1 << 40),
         "h2_max_concurrent_streams": (128, 1, 1024),
         "h2_header_table_size": (4096, 0, 65536),
+        "h2_initial_window_size": (65535, 1024, 2**31 - 1),
         **H2_FLOOD_LIMITS,
     }
     limits: dict[str, int] = {}

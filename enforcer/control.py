@@ -26,9 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from enforcer import crl, managed_ca
 from enforcer.application import (
+    ALPN_PROTOCOLS,
     SAME_SITE_VALUES,
     Application,
     CookieSettings,
+    alpn_problem,
+    alpn_tuple,
     cookie_attribute_problem,
     origin_problem,
 )
@@ -323,6 +326,7 @@ _APP_FIELDS = {
     "cookie",
     "policies",
     "type",
+    "alpn",
 }
 
 
@@ -366,6 +370,11 @@ def _app_fields(
     ):
         if flag in body or creating:
             obj[flag] = _field(body, flag, bool, "true or false", default)
+    if "alpn" in body or creating:
+        alpn = _field(body, "alpn", list, 'a list such as ["h2", "http/1.1"]', list(ALPN_PROTOCOLS))
+        if problem := alpn_problem(alpn):
+            raise ApiError(400, f"alpn: {problem}")
+        obj["alpn"] = list(alpn_tuple(alpn))
     if "cookie" in body or creating:
         cookie = _field(body, "cookie", dict, "a cookie settings object", {})
         _only(cookie, {"path", "domain", "secure", "http_only", "same_site"})
@@ -1227,6 +1236,7 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
                 bind_token_to_certificate=obj.get("bind_token_to_certificate", True),
                 underscores_in_headers=obj.get("underscores_in_headers", False),
                 cookie=CookieSettings(**cookie),
+                alpn=tuple(obj.get("alpn", ALPN_PROTOCOLS)),
             )
         )
     keys = sorted(objects.get("signing_key", {}).values(), key=lambda k: k["created_at"])

@@ -106,6 +106,7 @@ def seed_changes(config: EnforcerConfig, now: dt.datetime) -> list[Change]:
                     "bind_token_to_certificate": app.bind_token_to_certificate,
                     "underscores_in_headers": app.underscores_in_headers,
                     "cookie": dataclasses.asdict(app.cookie),
+                    "alpn": list(app.alpn),
                     "policies": [
                         {"id": f"{oid}-policy-{j}", "precedence": j + 1, **p.to_dict()}
                         for j, p in enumerate(app.policies)

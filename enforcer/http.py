@@ -13,7 +13,7 @@ request is admitted its body (:func:`body_chunks`, streamed, bounded in size and
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from http import HTTPStatus
 from typing import Protocol
 
@@ -45,6 +45,25 @@ class ByteStream(Protocol):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data``."""
+        ...
+
+
+class RequestLike(Protocol):
+    """What the head checks read of a request: h11's Request or the enforcer's RequestHead."""
+
+    @property
+    def method(self) -> bytes:
+        """The request method."""
+        ...
+
+    @property
+    def target(self) -> bytes:
+        """The request target (HTTP/2's :path)."""
+        ...
+
+    @property
+    def headers(self) -> Sequence[tuple[bytes, bytes]]:
+        """The header fields."""
         ...
 
 
@@ -121,7 +140,7 @@ async def read_head(
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def head_refusal(request: h11.Request, max_header_bytes: int) -> tuple[int, str] | None:
+def head_refusal(request: RequestLike, max_header_bytes: int) -> tuple[int, str] | None:
     """Why a reverse proxy refuses this request head outright, as (status, text), or None.
 
     Every refusal closes the connection: its body, if any, is never read. h11 bounds a head
@@ -154,7 +173,7 @@ def head_refusal(request: h11.Request, max_header_bytes: int) -> tuple[int, str]
     return None
 
 
-def origin_form(request: h11.Request) -> tuple[bytes, bytes | None]:
+def origin_form(request: RequestLike) -> tuple[bytes, bytes | None]:
     """Return the request's target in origin-form, and the authority an absolute-form one named.
 
     Raises :class:`TargetError` for any other form (``-internal/x``, userinfo, no authority).
@@ -259,13 +278,16 @@ async def respond(
     conn: h11.Connection,
     stream: ByteStream,
     status: int,
-    headers: Iterable[tuple[str, str]],
+    headers: Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]],
     body: bytes,
     *,
     head: bool = False,
 ) -> None:
     """Send a whole response with a Content-Length (headers only when answering HEAD)."""
-    hdrs = [(k.encode(), v.encode()) for k, v in headers]
+    hdrs = [
+        (k if isinstance(k, bytes) else k.encode(), v if isinstance(v, bytes) else v.encode())
+        for k, v in headers
+    ]
     hdrs.append((b"content-length", str(len(body)).encode()))
     data = (
         conn.send(h11.Response(status_code=status, headers=hdrs, reason=reason_phrase(status)))

@@ -40,3 +40,26 @@ DENIAL_BODIES: dict[Reason, str] = {
     Reason.MISDIRECTED: "Misdirected request: Host does not match the TLS server name.",
     Reason.NO_APPLICATION: "No application is configured for this hostname.",
 }
+
+
+# The gRPC status of each reason code, for denials of gRPC requests (access-flow D4): 16
+# UNAUTHENTICATED when who the client is could not be established (no certificate, a chain that
+# fails, a bad token), 7 PERMISSION_DENIED when it was and a policy said no; 14 UNAVAILABLE for
+# a request on the wrong connection (421: a new connection to the right hostname serves it) and
+# 12 UNIMPLEMENTED for a hostname without an application (gRPC's own reading of HTTP 404).
+GRPC_STATUS: dict[Reason, int] = {
+    Reason.NO_CERTIFICATE: 16,
+    Reason.UNTRUSTED_ISSUER: 16,
+    Reason.MISSING_INTERMEDIATE: 16,
+    Reason.CERTIFICATE_EXPIRED: 16,
+    Reason.CERTIFICATE_NOT_YET_VALID: 16,
+    Reason.INVALID_CHAIN: 16,
+    Reason.UNSUPPORTED_KEY: 16,
+    Reason.REVOKED: 16,
+    Reason.REVOCATION_UNKNOWN: 16,
+    Reason.POLICY_DENIED: 7,
+    Reason.TOKEN_INVALID: 16,
+    Reason.TOKEN_EXPIRED: 16,
+    Reason.MISDIRECTED: 14,
+    Reason.NO_APPLICATION: 12,
+}

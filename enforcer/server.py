@@ -11,74 +11,65 @@ acts on the decision.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import functools
-import ipaddress
 import itertools
-import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 import h11
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from enforcer.accesslog import AccessLog
-from enforcer.application import COOKIE_NAME, TOKEN_HEADER
-from enforcer.chain import ChainResult, ValidationCache, common_name, fingerprint
+from enforcer.chain import ValidationCache
 from enforcer.clock import Clock, WallClock
 from enforcer.config import EdgeCertificate, EnforcerConfig
 from enforcer.controller import Controller, limits_of, open_state
-from enforcer.decision import (
-    AccessDecision,
-    AccessRequest,
-    AdmittedBy,
-    check_chain,
-    decide,
-    normalise_hostname,
-    still_valid,
+from enforcer.decision import AccessDecision, AccessRequest, AdmittedBy, decide
+from enforcer.exchange import (
+    HOP_BY_HOP_RESPONSE,
+    HTTP1,
+    MAX_BODY,
+    LogStatus,
+    RequestHead,
+    RequestPath,
+    Responder,
+    ip_or_none,
+    plain,
 )
 from enforcer.http import (
-    ClientBodyError,
     HeadTimeout,
-    TargetError,
     body_chunks,
     finish_buffered_body,
-    head_refusal,
     header_values,
-    origin_form,
     read_head,
     respond,
     send,
 )
+from enforcer.http2 import H2Session
 from enforcer.proxy import (
     Fairness,
     OriginError,
     OriginPool,
+    OriginResponse,
     Tunnel,
     WebSocketFrames,
-    forwarded_headers,
     open_upgrade,
-    origin_request,
-    request_content_length,
     websocket_close_frame,
 )
-from enforcer.reasons import DENIAL_BODIES, Reason
+from enforcer.reasons import Reason
 from enforcer.snapshot import Snapshot
 from enforcer.sockets import serve_tcp
 from enforcer.tls import ContextsBySNI, HostTLS, IntermediatesMemo, ServerTLSStream, TLSError
-from enforcer.tokens import TokenMemo, parse_cookie_header
+from enforcer.tokens import TokenMemo
 
 log = logging.getLogger(__name__)
 # The memo of failed chains' intermediates gets this fraction of intermediates_memo_bytes.
 FAILED_MEMO_SHARE = 16
-JWKS_PATH = b"/cdn-cgi/access/certs"
-MAX_BODY = 8 * 1024 * 1024  # an admitted request's body; a denied one is never read
 
 
 def tls_hosts(
@@ -98,6 +89,7 @@ def tls_hosts(
                     request_client_certificate=app is not None,
                     allow_resumption=app is None or not app.no_duration,
                     client_cas=trust.roots if trust else (),
+                    alpn=app.alpn if app is not None else ("h2", "http/1.1"),
                 )
             )
     return hosts, hosts[0]
@@ -190,10 +182,20 @@ class Enforcer:
                 return
             handshake_ms = (time.perf_counter() - started) * 1000
             chain = self._client_chain(tls)
-            session = _Session(
-                self, tls, conn_id, peer, handshake_ms, chain, tls.session_reused(), tls.protocol()
-            )
-            await session.serve()
+            args = (self, tls, conn_id, peer, handshake_ms, chain, tls.session_reused())
+            alpn = tls.alpn()
+            if alpn == "h2":
+                await H2Session(*args, tls.protocol()).serve()
+                return
+            app = self.snapshot.applications.get(tls.sni or "")
+            if app is not None and "http/1.1" not in app.alpn:
+                # ALPN found no protocol in common (or the client offered none): the
+                # application speaks HTTP/2 only, and HTTP/1.1 is what would follow.
+                self._log_tls(
+                    conn_id, peer, tls.sni, f"ALPN {alpn!r}: this hostname speaks h2 only"
+                )
+                return
+            await _Session(*args, tls.protocol()).serve()
         except TLSError as exc:
             self._log_tls(conn_id, peer, tls.sni, str(exc))
         except Exception:
@@ -226,8 +228,12 @@ class Enforcer:
         )
 
 
-class _Session:
-    """The HTTP side of one established TLS connection."""
+class _Session(RequestPath):
+    """The HTTP/1.1 side of one established TLS connection, one request at a time.
+
+    It is its own :class:`~enforcer.exchange.Responder`: the shared request path answers
+    through :meth:`answer` and :meth:`relay`, and reads an admitted body through :meth:`body`.
+    """
 
     def __init__(
         self,
@@ -238,24 +244,17 @@ class _Session:
         handshake_ms: float,
         chain: Sequence[x509.Certificate],
         resumed: bool,
-        protocol: str,
+        tls_version: str,
     ) -> None:
-        self.e = enforcer
-        self.tls = tls
-        self.conn_id = conn_id
-        self.peer = peer
-        self.handshake_ms = handshake_ms
-        self.chain = list(chain)
-        self.resumed = resumed
-        self.protocol = protocol
+        super().__init__(enforcer, tls, conn_id, peer, handshake_ms, chain, resumed, tls_version)
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=enforcer.settings.max_header_bytes
         )
-        self._memo: tuple[int, str, ChainResult | None] | None = None
         self.requests = 0
-        self._close_after = False  # set per request: every answer to it closes
+        self._method = b"GET"  # the current request's, for the framing of its response
 
     async def serve(self) -> None:
+        """Serve requests until the connection ends, closes or times out."""
         settings = self.e.settings
         while True:
             try:
@@ -275,7 +274,18 @@ class _Session:
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed, PAUSED or garbage after a response: nothing to answer
             self.requests += 1
-            await self._request(event, last=self.requests >= settings.max_requests_per_connection)
+            self._method = event.method
+            head = RequestHead(
+                method=event.method,
+                target=event.target,
+                headers=list(event.headers),
+                protocol=HTTP1,
+                number=self.requests,
+                http_version=event.http_version,
+            )
+            await self.exchange(
+                head, self, last=self.requests >= settings.max_requests_per_connection
+            )
             if self.h11.our_state in (h11.MUST_CLOSE, h11.SWITCHED_PROTOCOL):
                 return  # aclose() sends what is held
             if self.h11.their_state is not h11.DONE:
@@ -293,182 +303,120 @@ class _Session:
             text = "Request header too large.\n" if status == 431 else "Bad request.\n"
             await self._plain(status, text, close=True)
 
-    async def _plain(
-        self, status: int, text: str, *, close: bool, extra: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        # An answer given before the request's body was read closes the connection unless
-        # the body already ended in what was read (a denied body is never read); so does
-        # any answer on a No Duration hostname, and the connection's last allowed request.
-        close = close or self._close_after or not finish_buffered_body(self.h11)
-        headers = [("content-type", "text/plain; charset=utf-8"), *extra]
-        if close:
-            headers.append(("connection", "close"))
-        self._hold_if_last(close)
-        with contextlib.suppress(h11.LocalProtocolError):
-            await respond(self.h11, self.tls, status, headers, text.encode())
+    async def _plain(self, status: int, text: str, *, close: bool) -> None:
+        await self.answer(status, *plain(text), close=close)
 
     def _hold_if_last(self, closing: bool) -> None:
         """Let the response about to be sent leave with close_notify when it is the last."""
         self.tls.hold_output = closing or self.h11.their_state is h11.MUST_CLOSE
 
-    def _validate(self, snapshot: Snapshot, hostname: str, now: dt.datetime) -> ChainResult | None:
-        # Memoised per connection for one snapshot generation and hostname: a success while
-        # it still holds at ``now`` (access-flow A14), a failure for good, so that a client
-        # pipelining requests on a chain that failed costs one validation, not one per request.
-        if self._memo is not None:
-            generation, host, memo = self._memo
-            if (
-                generation == snapshot.generation
-                and host == hostname
-                and (memo is None or not memo.valid or still_valid(memo, snapshot, now))
-            ):
-                return memo
-        cap = self.e.settings.max_client_certificates
-        result: ChainResult | None
-        if len(self.chain) > cap:
-            # Refused before any path building: the work per chain stays bounded.
-            result = ChainResult(
-                None,
-                Reason.INVALID_CHAIN,
-                f"the client presented {len(self.chain)} certificates; at most {cap} are "
-                "accepted (server.max_client_certificates)",
-            )
-        else:
-            result = check_chain(snapshot, hostname, self.chain, now, self.e.validations)
-        if result is not None and len(self.chain) > 1:
-            # Remembered for this leaf's resumed sessions; a failed chain only in the small
-            # memo of failed chains (see Enforcer.__init__).
-            kept = self.e.intermediates if result.valid else self.e.failed_intermediates
-            kept.put(self.chain[0], self.chain[1:])
-        self._memo = (snapshot.generation, hostname, result)
-        return result
+    # The Responder side (enforcer/exchange.py).
 
-    async def _request(self, request: h11.Request, *, last: bool = False) -> None:
-        """Check the head, decide, then read the body only for an admitted request."""
-        e = self.e
-        e.refresh()
-        snapshot = e.snapshot  # one consistent snapshot for the whole request (access-flow A12)
-        now = e.clock.now()
-        t0 = time.perf_counter()
-        sni = self.tls.sni
-        sni_app = snapshot.applications.get(normalise_hostname(sni) or "")
-        # Under No Duration every answer closes (access-flow A9), whatever the decision says.
-        self._close_after = last or (sni_app is not None and sni_app.no_duration)
+    @property
+    def started(self) -> bool:
+        """True once the response head left."""
+        return self.h11.our_state is not h11.SEND_RESPONSE
 
-        refusal = head_refusal(request, e.settings.max_header_bytes)
-        detail = refusal[1].strip() if refusal else ""
-        try:
-            target, authority = origin_form(request)
-        except TargetError as exc:
-            if refusal is None:
-                refusal, detail = (400, "Bad request target.\n"), str(exc)
-            target, authority = request.target, None
-        if refusal is not None:
-            # Before the access decision: a reverse proxy never serves these (CONNECT), or
-            # the head itself is unsafe to forward; the body is not read and the connection ends.
-            status, text = refusal
-            self._log(request, now, t0, status=status, refused=detail)
-            await self._plain(status, text, close=True)
-            return
-        host_values = header_values(request.headers, b"host")
-        host = host_values[0] if len(host_values) == 1 else None
-        hostname = normalise_hostname(host)
-        if authority is not None and normalise_hostname(authority.decode("latin-1")) != hostname:
-            decision = AccessDecision(
-                421,
-                Reason.MISDIRECTED,
-                f"request target authority {authority.decode('latin-1')!r} differs from Host"
-                f" {host!r}",
-                close_connection=True,
-            )
-            self._log(request, now, t0, decision=decision)
-            await self._plain(
-                421,
-                DENIAL_BODIES.get(Reason.MISDIRECTED, "Misdirected request.") + "\n",
-                close=True,
-                extra=[("x-access-denied-reason", Reason.MISDIRECTED.value)],
-            )
-            return
-        forwarded = request
-        if target is not request.target:
-            # The origin always receives origin-form: an absolute-form target could name
-            # another application behind a shared origin.
-            forwarded = h11.Request(
-                method=request.method,
-                target=target,
-                headers=list(request.headers),
-                http_version=request.http_version,
-            )
-        path = target.split(b"?", 1)[0]
+    async def answer(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        close: bool,
+        head: bool = False,
+    ) -> None:
+        """Send a whole answer of the enforcer's own (Content-Length framed)."""
+        # An answer given before the request's body was read closes the connection unless
+        # the body already ended in what was read (a denied body is never read); so does
+        # any answer on a No Duration hostname, and the connection's last allowed request.
+        close = close or not finish_buffered_body(self.h11)
+        if close:
+            headers = [*headers, (b"connection", b"close")]
+        self._hold_if_last(close)
+        with contextlib.suppress(h11.LocalProtocolError):
+            await respond(self.h11, self.tls, status, headers, body, head=head)
 
-        jwks_app = snapshot.applications.get(hostname) if hostname and hostname == sni else None
-        if path == JWKS_PATH and request.method in (b"GET", b"HEAD") and jwks_app is not None:
-            # The signing keys are public: an origin fetches them to verify CF_Authorization.
-            doc = json.dumps(snapshot.keyring.jwks(now), indent=2).encode()
-            headers = [("content-type", "application/json")]
-            close = self._close_after or not finish_buffered_body(self.h11)
-            if close:
-                headers.append(("connection", "close"))  # access-flow A9: every response closes
-            # Log before answering: once a client has its answer, the line is in the log.
-            self._log(request, now, t0, status=200)
-            self._hold_if_last(close)
-            await respond(self.h11, self.tls, 200, headers, doc, head=request.method == b"HEAD")
-            return
+    def body(self) -> AsyncGenerator[bytes, None]:
+        """The admitted request's body; asking for it sends 100 Continue when awaited."""
+        return body_chunks(self.h11, self.tls, MAX_BODY, self.e.settings.request_timeout)
 
-        token = parse_cookie_header(header_values(request.headers, b"cookie"), COOKIE_NAME)
-        if token is None:
-            assertion = header_values(request.headers, TOKEN_HEADER.encode())
-            token = assertion[0] if assertion else None
-        chain_result = (
-            self._validate(snapshot, hostname, now) if hostname and hostname == sni else None
+    async def relay(
+        self,
+        response: OriginResponse,
+        extra: list[tuple[bytes, bytes]],
+        log_status: LogStatus,
+        *,
+        close: bool,
+    ) -> None:
+        """Stream the origin's answer back; log just before the last byte."""
+        out = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP_RESPONSE]
+        out += extra
+        if close:
+            out.append((b"connection", b"close"))
+        head = (
+            self.h11.send(
+                h11.Response(status_code=response.status, headers=out, reason=response.reason)
+            )
+            or b""
         )
-        access = AccessRequest(sni=sni, host=host, client_ip=_ip(self.peer), token=token)
-        decision = decide(access, snapshot, chain_result, now, self.e.token_memo)
-        decision_ms = (time.perf_counter() - t0) * 1000
+        if not _small_body(response.headers):
+            # Possibly a stream (chunked, or large): the client gets the head at once.
+            await self.tls.send_all(head)
+            head = b""
+        # One chunk behind, so that the log line is written before the response ends;
+        # a small response leaves in one write (head, body and end together).
+        pending = b""
+        async for chunk in response.body:
+            if pending:
+                await self.tls.send_all(head + (self.h11.send(h11.Data(data=pending)) or b""))
+                head = b""
+            pending = chunk
+        log_status(response.status)
+        tail = head
+        if pending:
+            tail += self.h11.send(h11.Data(data=pending)) or b""
+        tail += self.h11.send(h11.EndOfMessage(headers=self._trailers(response))) or b""
+        self._hold_if_last(close)
+        await self.tls.send_all(tail)
 
-        if not decision.allowed:
-            reason = decision.reason or Reason.POLICY_DENIED
-            self._log(request, now, t0, decision=decision, decision_ms=decision_ms)
-            await self._plain(
-                decision.status,
-                DENIAL_BODIES.get(reason, "Forbidden.") + "\n",
-                close=decision.close_connection,
-                extra=[("x-access-denied-reason", reason.value)],
-            )
-            return
-        if self._close_after and not decision.close_connection:
-            decision = dataclasses.replace(decision, close_connection=True)
-        # Admitted: only now is the body wanted (and 100 Continue sent); it streams.
-        body = body_chunks(self.h11, self.tls, MAX_BODY, e.settings.request_timeout)
-        logged = False
+    def _trailers(self, response: OriginResponse) -> list[tuple[bytes, bytes]]:
+        # Only a chunked response carries trailers: HTTP/1.1, a body allowed (h11 frames a
+        # response without Content-Length so); elsewhere they are dropped, as nginx does.
+        if (
+            not response.trailers
+            or self.h11.their_http_version != b"1.1"
+            or self._method == b"HEAD"
+            or response.status in (204, 304)
+        ):
+            return []
+        return [(k, v) for k, v in response.trailers if k.lower() not in HOP_BY_HOP_RESPONSE]
 
-        def log_status(status: int) -> None:
-            nonlocal logged
-            logged = True
-            self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=status)
+    async def abort(self, why: str) -> None:
+        """A response cut short cannot be repaired on HTTP/1.1: the connection ends."""
+        raise TLSError(why)
 
-        try:
-            # aclosing: a body left unfinished (the origin answered early) is closed here.
-            async with contextlib.aclosing(body):
-                upgrade = _upgrade_protocol(request)
-                if upgrade is not None and hostname is not None:
-                    async for _ in body:
-                        pass  # an upgrade request's body (normally none) is not forwarded
-                    log_status(101)
-                    await self._tunnel(forwarded, decision, upgrade, hostname)
-                    return
-                await self._forward(forwarded, body, decision, log_status)
-        except ClientBodyError as exc:
-            log.debug("connection %d: %s", self.conn_id, exc)
-            if self.h11.our_state is not h11.SEND_RESPONSE:
-                raise TLSError(f"client body failed mid-response: {exc}") from exc
-            if not logged:
-                log_status(exc.status)
-            answer = {413: "Request body too large.\n", 408: "Request body timed out.\n"}
-            await self._plain(exc.status, answer.get(exc.status, "Bad request.\n"), close=True)
+    async def admitted(
+        self,
+        request: RequestHead,
+        port: Responder,
+        decision: AccessDecision,
+        hostname: str | None,
+        body: AsyncGenerator[bytes, None],
+        log_status: LogStatus,
+    ) -> bool:
+        """Tunnel an admitted WebSocket upgrade (F7, F8); anything else is forwarded."""
+        upgrade = _upgrade_protocol(request)
+        if upgrade is None or hostname is None:
+            return False
+        async for _ in body:
+            pass  # an upgrade request's body (normally none) is not forwarded
+        log_status(101)
+        await self._tunnel(request, decision, upgrade, hostname)
+        return True
 
     async def _tunnel(
-        self, request: h11.Request, decision: AccessDecision, upgrade: bytes, hostname: str
+        self, request: RequestHead, decision: AccessDecision, upgrade: bytes, hostname: str
     ) -> None:
         """Forward a WebSocket upgrade to the origin and pipe bytes both ways while admitted.
 
@@ -478,7 +426,7 @@ class _Session:
         """
         app = decision.application
         assert app is not None
-        headers = self._origin_headers(request, decision, upgrade)
+        headers = self.origin_headers(request, decision, upgrade)
         timeout = self.e.settings.request_timeout
         try:
             result = await open_upgrade(
@@ -490,7 +438,7 @@ class _Session:
             return
         if not isinstance(result, Tunnel):
             response, body = result  # the origin declined the upgrade: relay its answer
-            out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
+            out = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP_RESPONSE]
             out += [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]
             await send(
                 self.h11, self.tls, h11.Response(status_code=response.status_code, headers=out)
@@ -580,7 +528,7 @@ class _Session:
         return not scope.cancelled_caught
 
     async def _recheck(
-        self, request: h11.Request, opened: AccessDecision, hostname: str
+        self, request: RequestHead, opened: AccessDecision, hostname: str
     ) -> AccessDecision:
         """Re-decide a tunnel's access every second until it is denied; return the denial.
 
@@ -598,7 +546,7 @@ class _Session:
         access = AccessRequest(
             sni=self.tls.sni,
             host=host_values[0] if len(host_values) == 1 else None,
-            client_ip=_ip(self.peer),
+            client_ip=ip_or_none(self.peer),
             token=opened.token if opened.admitted_by is AdmittedBy.TOKEN else None,
         )
         last: tuple[Snapshot, dt.datetime, dt.datetime] | None = None
@@ -615,7 +563,7 @@ class _Session:
                 return decision
             last = (snapshot, now, _recheck_after(decision, snapshot, now))
 
-    def _log_tunnel_closed(self, request: h11.Request, denied: AccessDecision) -> None:
+    def _log_tunnel_closed(self, request: RequestHead, denied: AccessDecision) -> None:
         self.e.access_log.write(
             {
                 "time": self.e.clock.now().isoformat(),
@@ -630,158 +578,6 @@ class _Session:
             }
         )
 
-    def _origin_headers(
-        self, request: h11.Request, decision: AccessDecision, upgrade: bytes | None = None
-    ) -> list[tuple[bytes, bytes]]:
-        app = decision.application
-        assert app is not None
-        leaf_der = (
-            self.chain[0].public_bytes(serialization.Encoding.DER)
-            if app.forward_client_certificate and self.chain
-            else None
-        )
-        return forwarded_headers(
-            request.headers,
-            origin_host=app.origin.split("://", 1)[1].split("/", 1)[0],
-            client_ip=self.peer,
-            token=decision.token,
-            client_cert_der=leaf_der,
-            client_cert_sha256=decision.certificate.sha256
-            if decision.certificate and leaf_der
-            else None,
-            upgrade=upgrade,
-            underscores=app.underscores_in_headers,
-        )
-
-    async def _forward(
-        self,
-        request: h11.Request,
-        body: bytes | AsyncIterator[bytes],
-        decision: AccessDecision,
-        log_status: Callable[[int], None],
-    ) -> None:
-        """Forward to the origin and stream its answer back; log just before the last byte.
-
-        ``body`` is the whole request body or an iterator over it (streamed to the origin).
-        """
-        app = decision.application
-        assert app is not None
-        headers = self._origin_headers(request, decision)
-        extra: list[tuple[bytes, bytes]] = []
-        if decision.set_cookie:
-            extra.append((b"set-cookie", decision.set_cookie.encode()))
-        if decision.close_connection:
-            extra.append((b"connection", b"close"))
-        try:
-            async with origin_request(
-                app.origin,
-                request.method,
-                request.target,
-                headers,
-                body,
-                self.e.settings.request_timeout,
-                self.e.origins,
-                content_length=None
-                if isinstance(body, bytes)
-                else request_content_length(request.headers),
-            ) as response:
-                out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
-                head = (
-                    self.h11.send(
-                        h11.Response(
-                            status_code=response.status, headers=out + extra, reason=response.reason
-                        )
-                    )
-                    or b""
-                )
-                if not _small_body(response.headers):
-                    # Possibly a stream (chunked, or large): the client gets the head at once.
-                    await self.tls.send_all(head)
-                    head = b""
-                # One chunk behind, so that the log line is written before the response ends;
-                # a small response leaves in one write (head, body and end together).
-                pending = b""
-                async for chunk in response.body:
-                    if pending:
-                        await self.tls.send_all(
-                            head + (self.h11.send(h11.Data(data=pending)) or b"")
-                        )
-                        head = b""
-                    pending = chunk
-                log_status(response.status)
-                tail = head
-                if pending:
-                    tail += self.h11.send(h11.Data(data=pending)) or b""
-                tail += self.h11.send(h11.EndOfMessage()) or b""
-                self._hold_if_last(decision.close_connection)
-                await self.tls.send_all(tail)
-        except OriginError as exc:
-            log.warning("connection %d: %s", self.conn_id, exc)
-            if self.h11.our_state is h11.SEND_RESPONSE:
-                log_status(502)
-                await self._plain(
-                    502, "The origin is unreachable.\n", close=decision.close_connection
-                )
-                return
-            raise TLSError(f"origin failed mid-response: {exc}") from exc
-
-    def _log(
-        self,
-        request: h11.Request,
-        now: dt.datetime,
-        t0: float,
-        *,
-        decision: AccessDecision | None = None,
-        decision_ms: float | None = None,
-        status: int | None = None,
-        refused: str | None = None,
-    ) -> None:
-        """Write the access-log line of a request; ``refused`` names a refusal before deciding."""
-        cert = decision.certificate if decision else None
-        leaf = self.chain[0] if self.chain else None
-        record = {
-            "time": now.isoformat(),
-            "connection": self.conn_id,
-            "request": self.requests,
-            "client_ip": self.peer,
-            "sni": self.tls.sni,
-            "host": next(iter(header_values(request.headers, b"host")), None),
-            "method": request.method.decode(),
-            "path": request.target.decode("latin-1"),
-            "status": status if status is not None else (decision.status if decision else None),
-            "decision": "allowed"
-            if decision and decision.allowed
-            else ("denied" if decision else "refused" if refused else "served"),
-            "reason": decision.reason.value if decision and decision.reason else None,
-            "detail": decision.detail if decision and decision.detail else refused,
-            "notes": [n.value for n in decision.notes] if decision else [],
-            "policy": decision.policy if decision else None,
-            "admitted_by": decision.admitted_by.value
-            if decision and decision.admitted_by
-            else None,
-            "certificate": {
-                "sha256": cert.sha256 if cert else fingerprint(leaf) if leaf else None,
-                "common_name": cert.common_name if cert else common_name(leaf) if leaf else None,
-                "serial": cert.serial
-                if cert
-                else format(leaf.serial_number, "x")
-                if leaf
-                else None,
-            }
-            if leaf
-            else None,
-            "tls": {"protocol": self.protocol, "resumed": self.resumed},
-            "handshake_ms": round(self.handshake_ms, 3),
-            "decision_ms": round(decision_ms, 3) if decision_ms is not None else None,
-            "total_ms": round((time.perf_counter() - t0) * 1000, 3),
-        }
-        self.e.access_log.write(record)
-
-
-_HOP_BY_HOP_RESPONSE = frozenset(
-    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade", b"trailer"}
-)
-
 
 _SMALL_BODY = 65536
 
@@ -792,7 +588,7 @@ def _small_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return len(lengths) == 1 and lengths[0].strip().isdigit() and int(lengths[0]) <= _SMALL_BODY
 
 
-def _upgrade_protocol(request: h11.Request) -> bytes | None:
+def _upgrade_protocol(request: RequestHead) -> bytes | None:
     """``b"websocket"`` when a GET asks to upgrade to WebSocket, else None.
 
     Only WebSocket is tunnelled (and re-checked while open). Any other upgrade, ``h2c`` above
@@ -839,13 +635,6 @@ def _peer_ip(transport: trio.abc.Stream) -> str | None:
     try:
         return str(transport.socket.getpeername()[0])  # type: ignore[attr-defined]
     except (OSError, AttributeError, IndexError):
-        return None
-
-
-def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text) if text else None
-    except ValueError:
         return None
 
 

@@ -63,6 +63,8 @@ class HostTLS:
     allow_resumption: bool
     # Roots named in the CertificateRequest, so real devices can pick the right certificate.
     client_cas: tuple[x509.Certificate, ...] = ()
+    # ALPN ids this hostname selects, in the server's order of preference.
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
 
 
 def _accept_any(conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
@@ -70,8 +72,19 @@ def _accept_any(conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
     return True
 
 
-def _select_alpn(conn: Any, offered: list[bytes]) -> Any:
-    return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+def _alpn_selector(allowed: tuple[str, ...]) -> Callable[[Any, list[bytes]], Any]:
+    """The ALPN callback of one hostname: its first allowed protocol that the client offers."""
+    ours = [p.encode() for p in allowed]
+
+    def select(conn: Any, offered: list[bytes]) -> Any:
+        # The server's preference, not the client's order (RFC 7301 leaves the choice to us):
+        # h2 whenever both sides have it. Without overlap the handshake goes on without ALPN.
+        for protocol in ours:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
 
 
 def build_context(host: HostTLS) -> SSL.Context:
@@ -85,7 +98,7 @@ def build_context(host: HostTLS) -> SSL.Context:
         ctx.add_extra_chain_cert(extra)
     ctx.use_privatekey(key)  # type: ignore[arg-type]
     ctx.check_privatekey()
-    ctx.set_alpn_select_callback(_select_alpn)
+    ctx.set_alpn_select_callback(_alpn_selector(host.alpn))
     # A session made for one hostname must never resume on another.
     ctx.set_session_id(host.hostname.encode()[:32])
     if host.request_client_certificate:
@@ -106,8 +119,9 @@ class ContextsBySNI:
 
     def __init__(self, hosts: Iterable[HostTLS], default: HostTLS) -> None:
         self._contexts = {h.hostname: build_context(h) for h in hosts}
+        # Unknown SNI offers every protocol: its only answer is 421 or 404, in either one.
         self._default = build_context(
-            dataclasses.replace(default, request_client_certificate=False)
+            dataclasses.replace(default, request_client_certificate=False, alpn=("h2", "http/1.1"))
         )
 
     def for_name(self, sni: str | None) -> SSL.Context:
@@ -334,6 +348,11 @@ class ServerTLSStream:
     def protocol(self) -> str:
         """The negotiated protocol version, such as ``TLSv1.3``."""
         return str(self.connection.get_protocol_version_name())
+
+    def alpn(self) -> str | None:
+        """The application protocol ALPN selected (``h2``, ``http/1.1``), None without ALPN."""
+        selected = self.connection.get_alpn_proto_negotiated()
+        return selected.decode("ascii") if selected else None
 
 
 def _describe(exc: SSL.Error) -> str:
