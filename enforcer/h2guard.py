@@ -21,9 +21,10 @@ The guard is sans-IO: no sockets, no trio, and the time is read from the callabl
   enforcer has finished answering and how many DATA frames it sent, and clears the count of
   control frames the peer made it owe.
 
-Each returns ``None`` or a :class:`Verdict`: send GOAWAY with its error code (usually
-ENHANCE_YOUR_CALM) and close, or close without writing when ``error_code`` is ``None`` (a peer
-that does not read its acknowledgements gets no more bytes queued for it).
+``received`` returns ``None`` or a :class:`Verdict`: the session sends GOAWAY with its error code
+(ENHANCE_YOUR_CALM, as nginx and Envoy do) without handing the chunk to h2, and closes. (Envoy
+closes without a GOAWAY when the peer does not read; the session's close gives a GOAWAY a
+bounded moment to leave, so the difference costs at most that moment.)
 
 The bounds, with the nginx/Envoy setting each follows:
 
@@ -43,9 +44,10 @@ The bounds, with the nginx/Envoy setting each follows:
 * control frames owed and not yet written (Envoy's ``max_outbound_control_frames``):
   ``max_outbound_control_frames``.
 
-Max concurrent streams, the HPACK table size and the header list size are HTTP/2 SETTINGS the
-h2 library enforces once :func:`apply_limits` has set them (a stream over the limit is a
-connection error, PROTOCOL_ERROR; a header list over the limit is ENHANCE_YOUR_CALM).
+Max concurrent streams, the HPACK table size and the header list size are HTTP/2 SETTINGS that
+the session (enforcer/http2.py) advertises and h2 enforces: a stream over the limit is a
+connection error (PROTOCOL_ERROR, which RFC 9113 §5.4.1 allows for this stream error), a
+decoded header list over ``max_header_bytes`` is ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
@@ -55,11 +57,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
 
 if TYPE_CHECKING:
-    from h2.connection import H2Connection
-
     from enforcer.config import ServerSettings
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -83,7 +82,6 @@ class H2Limits:
     """The HTTP/2 limits of one listener (``[server]`` in the configuration)."""
 
     max_concurrent_streams: int = 128
-    header_table_size: int = 4096
     max_header_bytes: int = 16 * 1024
     max_control_frames_per_second: int = 100
     max_outbound_control_frames: int = 1000
@@ -96,7 +94,6 @@ class H2Limits:
         """The limits a ``[server]`` table configures."""
         return cls(
             max_concurrent_streams=server.h2_max_concurrent_streams,
-            header_table_size=server.h2_header_table_size,
             max_header_bytes=server.max_header_bytes,
             max_control_frames_per_second=server.h2_max_control_frames_per_second,
             max_outbound_control_frames=server.h2_max_outbound_control_frames,
@@ -104,30 +101,12 @@ class H2Limits:
             premature_reset_streams=server.h2_premature_reset_streams,
         )
 
-    def local_settings(self) -> dict[SettingCodes, int]:
-        """The SETTINGS the server advertises (and h2 enforces) for these limits."""
-        return {
-            SettingCodes.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
-            SettingCodes.HEADER_TABLE_SIZE: self.header_table_size,
-            SettingCodes.MAX_HEADER_LIST_SIZE: self.max_header_bytes,
-            SettingCodes.ENABLE_PUSH: 0,
-        }
-
-
-def apply_limits(conn: H2Connection, limits: H2Limits) -> None:
-    """Make a server-side ``conn`` advertise and enforce ``limits``; call before initiating it."""
-    # Initial values are in force at once (not only after the peer's ACK): a peer that opens
-    # streams before reading our SETTINGS is held to them too.
-    conn.local_settings = Settings(client=False, initial_values=limits.local_settings())
-    conn.decoder.max_header_list_size = limits.max_header_bytes
-    conn.decoder.max_allowed_table_size = limits.header_table_size
-
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """Why the connection must end: GOAWAY with ``error_code``, or a bare close when ``None``."""
+    """Why the connection must end: GOAWAY with ``error_code`` (ENHANCE_YOUR_CALM), then close."""
 
-    error_code: ErrorCodes | None
+    error_code: ErrorCodes
     reason: str
     detail: str
 
@@ -306,8 +285,7 @@ class FloodGuard:
                 "(PING, SETTINGS, RST_STREAM, PRIORITY) a second",
             )
         elif c.owed_control_frames > limits.max_outbound_control_frames:
-            self.verdict = Verdict(
-                None,
+            self.verdict = _calm(
                 "h2_outbound_control_flood",
                 f"more than {limits.max_outbound_control_frames} acknowledgements owed and "
                 "unwritten (the peer is not reading)",

