@@ -170,28 +170,31 @@ def plain(text: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     return [(b"content-type", b"text/plain; charset=utf-8")], text.encode()
 
 
+@dataclasses.dataclass(frozen=True)
+class Established:
+    """What the TLS handshake established about one connection."""
+
+    tls: ServerTLSStream
+    conn_id: int
+    peer: str | None
+    handshake_ms: float
+    chain: Sequence[x509.Certificate]  # the client's, leaf first ([] without one)
+    resumed: bool
+    tls_version: str
+
+
 class RequestPath:
     """The protocol-neutral side of one TLS connection's requests (see the module docstring)."""
 
-    def __init__(
-        self,
-        enforcer: Enforcer,
-        tls: ServerTLSStream,
-        conn_id: int,
-        peer: str | None,
-        handshake_ms: float,
-        chain: Sequence[x509.Certificate],
-        resumed: bool,
-        tls_version: str,
-    ) -> None:
+    def __init__(self, enforcer: Enforcer, conn: Established) -> None:
         self.e = enforcer
-        self.tls = tls
-        self.conn_id = conn_id
-        self.peer = peer
-        self.handshake_ms = handshake_ms
-        self.chain = list(chain)
-        self.resumed = resumed
-        self.tls_version = tls_version
+        self.tls = conn.tls
+        self.conn_id = conn.conn_id
+        self.peer = conn.peer
+        self.handshake_ms = conn.handshake_ms
+        self.chain = list(conn.chain)
+        self.resumed = conn.resumed
+        self.tls_version = conn.tls_version
         self._memo: tuple[int, str, ChainResult | None] | None = None
 
     def no_duration_sni(self, snapshot: Snapshot) -> bool:
@@ -269,8 +272,7 @@ class RequestPath:
                     f"{what} {named.decode('latin-1')!r} differs from Host {host!r}",
                     close_connection=True,
                 )
-                self._log(request, now, t0, decision=decision)
-                await self._deny(request, port, decision, close=True)
+                await self._deny(request, port, decision, now, t0, close=True)
                 return
         if target is not request.target:
             # The origin always receives origin-form: an absolute-form target could name
@@ -305,9 +307,14 @@ class RequestPath:
         decision_ms = (time.perf_counter() - t0) * 1000
 
         if not decision.allowed:
-            self._log(request, now, t0, decision=decision, decision_ms=decision_ms)
             await self._deny(
-                request, port, decision, close=decision.close_connection or close_after
+                request,
+                port,
+                decision,
+                now,
+                t0,
+                decision_ms=decision_ms,
+                close=decision.close_connection or close_after,
             )
             return
         if close_after and not decision.close_connection:
@@ -352,10 +359,20 @@ class RequestPath:
         return False
 
     async def _deny(
-        self, request: RequestHead, port: Responder, decision: AccessDecision, *, close: bool
+        self,
+        request: RequestHead,
+        port: Responder,
+        decision: AccessDecision,
+        now: dt.datetime,
+        t0: float,
+        *,
+        decision_ms: float | None = None,
+        close: bool,
     ) -> None:
+        """Log and send a denial (the status logged is the one sent: 200 for gRPC)."""
         reason = decision.reason or Reason.POLICY_DENIED
         status, headers, body = denial(decision.status, reason, grpc=grpc_request(request.headers))
+        self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=status)
         await port.answer(status, headers, body, close=close)
 
     def origin_headers(

@@ -38,13 +38,13 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import trio
-from cryptography import x509
 from hyperframe.frame import GoAwayFrame
 
 from enforcer.exchange import (
     HOP_BY_HOP_RESPONSE,
     HTTP2,
     MAX_BODY,
+    Established,
     LogStatus,
     RequestHead,
     RequestPath,
@@ -52,7 +52,7 @@ from enforcer.exchange import (
 from enforcer.h2guard import FloodGuard, H2Limits, Verdict
 from enforcer.http import BodyTimeout, BodyTooLarge
 from enforcer.proxy import Fairness, OriginResponse
-from enforcer.tls import ServerTLSStream, TLSError
+from enforcer.tls import TLSError
 
 if TYPE_CHECKING:  # the server imports this module
     from enforcer.server import Enforcer
@@ -60,8 +60,16 @@ if TYPE_CHECKING:  # the server imports this module
 log = logging.getLogger(__name__)
 _RECEIVE_SIZE = 65536
 ErrorCode = h2.errors.ErrorCodes | int
-# Connection-specific header fields (RFC 9113 §8.2.2): never sent on HTTP/2.
-_CONNECTION_SPECIFIC = HOP_BY_HOP_RESPONSE | {b"proxy-connection", b"te"}
+# Connection-specific header fields (RFC 9113 §8.2.2): never sent on HTTP/2 (and h2 refuses
+# them in a request, but for ``te: trailers``, which is hop-by-hop for the origin anyway).
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
+)
+# What an origin's response head or trailers may not pass on: its framing too.
+_NOT_RELAYED = HOP_BY_HOP_RESPONSE | _CONNECTION_SPECIFIC
+# The connection's receive window (Envoy's initial_connection_window_size): what all streams
+# together may hold before the origins take it; each stream is held to its own window too.
+CONNECTION_WINDOW = 1024 * 1024
 
 
 class _ClientStalled(Exception):
@@ -175,14 +183,22 @@ class _Stream:
         """Stream the origin's answer; its trailers (gRPC's status) end the stream."""
         await self._send_headers(self._response_head(response.status, [*response.headers, *extra]))
         fair = Fairness()
-        async for chunk in response.body:
-            await self._send_data(chunk)
-            await fair.moved(len(chunk))
+        try:
+            async for chunk in response.body:
+                await self._send_data(chunk)
+                await fair.moved(len(chunk))
+        finally:
+            # A stream reset mid-body leaves the origin's iterator unfinished: close it here,
+            # not in the garbage collector.
+            aclose = getattr(response.body, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True):
+                    await aclose()
         log_status(response.status)  # before the end: once a client has its answer, it is logged
         trailers = [
             (k.lower(), v)
             for k, v in response.trailers
-            if not k.startswith(b":") and k.lower() not in _CONNECTION_SPECIFIC
+            if not k.startswith(b":") and k.lower() not in _NOT_RELAYED
         ]
         if trailers:
             await self._send_headers(trailers, end=True, final=False)
@@ -213,7 +229,7 @@ class _Stream:
         out += [
             (k.lower(), v)
             for k, v in headers
-            if k.lower() not in _CONNECTION_SPECIFIC and not k.startswith(b":")
+            if k.lower() not in _NOT_RELAYED and not k.startswith(b":")
         ]
         return out
 
@@ -250,18 +266,8 @@ class _Stream:
 class H2Session(RequestPath):
     """The HTTP/2 side of one established TLS connection (see the module docstring)."""
 
-    def __init__(
-        self,
-        enforcer: Enforcer,
-        tls: ServerTLSStream,
-        conn_id: int,
-        peer: str | None,
-        handshake_ms: float,
-        chain: Sequence[x509.Certificate],
-        resumed: bool,
-        tls_version: str,
-    ) -> None:
-        super().__init__(enforcer, tls, conn_id, peer, handshake_ms, chain, resumed, tls_version)
+    def __init__(self, enforcer: Enforcer, conn: Established) -> None:
+        super().__init__(enforcer, conn)
         settings = enforcer.settings
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config=config)
@@ -297,11 +303,15 @@ class H2Session(RequestPath):
     async def serve(self) -> None:
         """Serve streams until the client leaves, idles out, or a GOAWAY drained them."""
         self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)  # 65535: RFC 9113's
         await self.flush()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await self._receive_loop(nursery)
+                try:
+                    await self._receive_loop(nursery)
+                except TLSError as exc:
+                    self._broken = exc  # raised below, outside the nursery's exception group
                 nursery.cancel_scope.cancel()  # the client left: its streams cannot finish
         finally:
             if self._broken is None:
@@ -449,12 +459,15 @@ class H2Session(RequestPath):
             stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
             self._release(stream)
+        # The RST_STREAM or WINDOW_UPDATE the release made; not when the session is ending
+        # (the nursery's cancellation skips it), which closes the connection anyway.
         if self._broken is None:
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
-                try:
-                    await self.flush()
-                except TLSError as exc:
-                    self._broken = exc
+            try:
+                await self.flush()
+            except TLSError as exc:
+                self._broken = exc
+                assert self._nursery is not None
+                self._nursery.cancel_scope.cancel()
 
     def _release(self, stream: _Stream) -> None:
         # What the origin never took goes back to the connection's window; a client still
@@ -509,7 +522,10 @@ class H2Session(RequestPath):
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
             try:
                 if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
-                    self.h2.close_connection(last_stream_id=self.highest_stream)
+                    last = self._goaway_last
+                    self.h2.close_connection(
+                        last_stream_id=self.highest_stream if last is None else last
+                    )
                 await self.flush()
             except (TLSError, h2.exceptions.ProtocolError):
                 pass
@@ -523,9 +539,7 @@ def _head(headers: Sequence[tuple[bytes, bytes]], stream_id: int, number: int) -
     for name, value in headers:
         if name.startswith(b":"):
             pseudo[name] = value
-        elif name not in _CONNECTION_SPECIFIC or name == b"te":
-            # h2 refuses connection-specific fields already; ``te: trailers`` is the one
-            # allowed, and it is hop-by-hop for the origin (proxy.forwarded_headers drops it).
+        elif name not in _CONNECTION_SPECIFIC:
             has_host = has_host or name == b"host"
             regular.append((name, value))
     method = pseudo.get(b":method", b"")

@@ -1,11 +1,13 @@
 """The enforcer server: accept loop, TLS, HTTP and the access decision, wired together.
 
 Each connection is one task in the listener's nursery. It peeks the ClientHello, completes the
-handshake with the hostname's context, then serves requests one after the other: for every
-request it reads the current snapshot once, asks the clock once, validates the client chain
-(memoised per connection while the snapshot and the chain's validity window hold, which is
-what re-checks kept-alive and resumed connections, access-flow A14), calls the pure ``decide`` and
-acts on the decision.
+handshake with the hostname's context, then hands the connection to the protocol ALPN chose:
+the HTTP/2 session (``enforcer/http2.py``), or the HTTP/1.1 session here, which serves requests
+one after the other. Both feed every request (every stream) to the shared request path in
+``enforcer/exchange.py``: it reads the current snapshot once, asks the clock once, validates the
+client chain (memoised per connection while the snapshot and the chain's validity window hold,
+which is what re-checks kept-alive and resumed connections, access-flow A14), calls the pure
+``decide`` and acts on the decision. WebSocket tunnels are HTTP/1.1's alone and live here.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from enforcer.exchange import (
     HOP_BY_HOP_RESPONSE,
     HTTP1,
     MAX_BODY,
+    Established,
     LogStatus,
     RequestHead,
     RequestPath,
@@ -182,10 +185,12 @@ class Enforcer:
                 return
             handshake_ms = (time.perf_counter() - started) * 1000
             chain = self._client_chain(tls)
-            args = (self, tls, conn_id, peer, handshake_ms, chain, tls.session_reused())
+            conn = Established(
+                tls, conn_id, peer, handshake_ms, chain, tls.session_reused(), tls.protocol()
+            )
             alpn = tls.alpn()
             if alpn == "h2":
-                await H2Session(*args, tls.protocol()).serve()
+                await H2Session(self, conn).serve()
                 return
             app = self.snapshot.applications.get(tls.sni or "")
             if app is not None and "http/1.1" not in app.alpn:
@@ -195,7 +200,7 @@ class Enforcer:
                     conn_id, peer, tls.sni, f"ALPN {alpn!r}: this hostname speaks h2 only"
                 )
                 return
-            await _Session(*args, tls.protocol()).serve()
+            await _Session(self, conn).serve()
         except TLSError as exc:
             self._log_tls(conn_id, peer, tls.sni, str(exc))
         except Exception:
@@ -235,18 +240,8 @@ class _Session(RequestPath):
     through :meth:`answer` and :meth:`relay`, and reads an admitted body through :meth:`body`.
     """
 
-    def __init__(
-        self,
-        enforcer: Enforcer,
-        tls: ServerTLSStream,
-        conn_id: int,
-        peer: str | None,
-        handshake_ms: float,
-        chain: Sequence[x509.Certificate],
-        resumed: bool,
-        tls_version: str,
-    ) -> None:
-        super().__init__(enforcer, tls, conn_id, peer, handshake_ms, chain, resumed, tls_version)
+    def __init__(self, enforcer: Enforcer, conn: Established) -> None:
+        super().__init__(enforcer, conn)
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=enforcer.settings.max_header_bytes
         )

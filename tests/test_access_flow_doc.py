@@ -90,6 +90,16 @@ def test_every_reason_code_is_documented_with_its_status() -> None:
         assert rows[reason.value] == expected, (reason.value, rows[reason.value])
 
 
+def test_every_reason_code_has_its_grpc_status_in_d4() -> None:
+    from enforcer.reasons import GRPC_STATUS
+
+    rows = re.findall(r"^\| (\d+) `[A-Z_]+` \| ([^|]+) \|", DOC.read_text(), flags=re.MULTILINE)
+    documented = {
+        code: int(status) for status, codes in rows for code in re.findall(r"`([a-z_]+)`", codes)
+    }
+    assert documented == {r.value: GRPC_STATUS[r] for r in Reason}
+
+
 def test_every_cited_rule_id_is_defined() -> None:
     defined = set(defined_ids())
     missing = {}

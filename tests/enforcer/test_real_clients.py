@@ -49,16 +49,26 @@ async def test_seeds_curl_test(served: Served) -> None:
         ("valid", IOT_HOST, b"200", None),
     ],
 )
+@pytest.mark.parametrize(("option", "protocol"), [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2")])
 async def test_curl_with_each_device(
-    served: Served, device: str, host: str, status: bytes, reason: str | None
+    served: Served,
+    device: str,
+    host: str,
+    status: bytes,
+    reason: str | None,
+    option: str,
+    protocol: str,
 ) -> None:
-    result = await run([*served.layout.curl(host, device), "-o", "/dev/null", "-w", "%{http_code}"])
+    cmd = [*served.layout.curl(host, device), option, "-o", "/dev/null", "-w", "%{http_code}"]
+    result = await run(cmd)
     assert result.stdout == status, result.stderr.decode()
     headers = headers_of(result.stderr)
     assert headers.get("x-access-denied-reason") == reason
+    assert served.last()["http"] == protocol
     if host == IOT_HOST:
         assert "set-cookie" not in headers
-        assert headers["connection"] == "close"
+        if protocol == "HTTP/1.1":
+            assert headers["connection"] == "close"  # on HTTP/2 a GOAWAY (test_http2.py)
 
 
 async def test_openssl_s_client_sees_a_certificate_request_and_a_403(served: Served) -> None:
