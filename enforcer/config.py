@@ -87,6 +87,11 @@ class ServerSettings:
     h2_max_concurrent_streams: int = 128  # http2_max_concurrent_streams; max_concurrent_streams
     h2_header_table_size: int = 4096  # HPACK table (nginx's fixed size); hpack_table_size
     h2_initial_window_size: int = 65535  # a stream's receive window; initial_stream_window_size
+    # HTTP/2 flood bounds (enforcer/h2guard.py, README "HTTP/2 limits").
+    h2_max_control_frames_per_second: int = 100  # PING, SETTINGS, RST_STREAM, PRIORITY
+    h2_max_outbound_control_frames: int = 1000  # Envoy max_outbound_control_frames
+    h2_max_empty_frames: int = 1  # Envoy max_consecutive_inbound_frames_with_empty_payload
+    h2_premature_reset_streams: int = 100  # Envoy overload.premature_reset_total_stream_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +154,16 @@ class EnforcerConfig:
     def served_hostnames(self) -> frozenset[str]:
         """Every hostname an edge certificate serves."""
         return frozenset(h for e in self.edge_certificates for h in e.hostnames)
+
+
+# [server] HTTP/2 flood bounds: (default, lowest, highest). The highest values still stop a
+# flood; none can switch its bound off.
+H2_FLOOD_LIMITS: dict[str, tuple[int, int, int]] = {
+    "h2_max_control_frames_per_second": (100, 1, 100_000),
+    "h2_max_outbound_control_frames": (1000, 1, 100_000),
+    "h2_max_empty_frames": (1, 0, 1000),
+    "h2_premature_reset_streams": (100, 1, 1_000_000),
+}
 
 
 def _certificates(reader: TableReader, name: str) -> list[x509.Certificate]:
@@ -331,6 +346,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
             "h2_max_concurrent_streams",
             "h2_header_table_size",
             "h2_initial_window_size",
+            *H2_FLOOD_LIMITS,
         }
     )
     port = s.get("port", int, 8443)
@@ -350,6 +366,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
         "h2_max_concurrent_streams": (128, 1, 1024),
         "h2_header_table_size": (4096, 0, 65536),
         "h2_initial_window_size": (65535, 1024, 2**31 - 1),
+        **H2_FLOOD_LIMITS,
     }
     limits: dict[str, int] = {}
     for name, (default, low, high) in bounded.items():

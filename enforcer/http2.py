@@ -6,9 +6,10 @@ turns streams into requests of the shared path (``enforcer/exchange.py``), so ev
 the access decision a request on a kept-alive HTTP/1.1 connection gets (access-flow A14, G1).
 
 - One receive loop per connection (:meth:`H2Session.serve`) reads one bounded chunk from TLS,
-  hands it to h2, shows the events to the connection's :class:`EventGuard` (the seam for flood
-  defences: it may end the connection with a GOAWAY code), dispatches them, flushes, and
-  reaches a trio checkpoint: the work per checkpoint is one read's worth of frames (L10).
+  shows its raw frames to the connection's :class:`~enforcer.h2guard.FloodGuard` (flood
+  defences: it may end the connection with GOAWAY(ENHANCE_YOUR_CALM) before h2 sees the
+  chunk), hands it to h2, dispatches the events, flushes, and reaches a trio checkpoint: the
+  work per checkpoint is one read's worth of frames (L10).
 - Each stream is a task in the session's nursery, inside its own cancel scope: a client's
   RST_STREAM cancels it, so its origin exchange is aborted (G6).
 - Writes from all tasks go through one lock (:meth:`H2Session.flush`): HPACK state makes the
@@ -28,7 +29,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncGenerator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
@@ -48,12 +49,12 @@ from enforcer.exchange import (
     RequestHead,
     RequestPath,
 )
+from enforcer.h2guard import FloodGuard, H2Limits, Verdict
 from enforcer.http import BodyTimeout, BodyTooLarge
 from enforcer.proxy import Fairness, OriginResponse
 from enforcer.tls import TLSError
 
 if TYPE_CHECKING:  # the server imports this module
-    from enforcer.config import ServerSettings
     from enforcer.server import Enforcer
 
 log = logging.getLogger(__name__)
@@ -71,30 +72,8 @@ _NOT_RELAYED = HOP_BY_HOP_RESPONSE | _CONNECTION_SPECIFIC
 CONNECTION_WINDOW = 1024 * 1024
 
 
-class EventGuard(Protocol):
-    """Judges every batch of h2 events one connection receives, before any is acted on.
-
-    Flood defences (control frames per second, rapid reset, CONTINUATION floods) live behind
-    this seam: returning an error code ends the connection with a GOAWAY carrying it.
-    """
-
-    def on_events(self, events: Sequence[h2.events.Event]) -> ErrorCode | None:
-        """None to go on; an HTTP/2 error code to end the connection with."""
-        ...
-
-
 class _ClientStalled(Exception):
     """The client kept a stream's flow-control window shut past request_timeout."""
-
-
-class _NoGuard:
-    def on_events(self, events: Sequence[h2.events.Event]) -> ErrorCode | None:
-        return None
-
-
-def new_guard(settings: ServerSettings) -> EventGuard:
-    """The flood guard of a new HTTP/2 connection (none yet: every batch passes)."""
-    return _NoGuard()
 
 
 class _Stream:
@@ -307,7 +286,8 @@ class H2Session(RequestPath):
         # hold from the first HEADERS frame.
         self.h2.decoder.max_header_list_size = settings.max_header_bytes
         self.h2.decoder.max_allowed_table_size = settings.h2_header_table_size
-        self.guard = new_guard(settings)
+        # Flood defences (enforcer/h2guard.py) on its own monotonic clock: rates, not validity.
+        self.guard = FloodGuard(H2Limits.from_settings(settings), trio.current_time)
         self.streams: dict[int, _Stream] = {}
         self.count = 0  # streams accepted on this connection
         self.highest_stream = 0
@@ -356,21 +336,42 @@ class H2Session(RequestPath):
                 continue  # the last stream after a GOAWAY ended: loop to return
             if not data:
                 return
+            # The guard sees the raw frames first: a flood ends before h2 decodes its header
+            # blocks or a stream of it reaches the origin.
+            if (verdict := self.guard.received(data)) is not None:
+                self._flood(verdict)
+                return
             try:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
                 # h2 has queued a GOAWAY with the error's code; it leaves with the close.
                 log.info("connection %d: HTTP/2 protocol error: %s", self.conn_id, exc)
                 return
-            code = self.guard.on_events(events)
-            if code is not None:
-                self.h2.close_connection(error_code=code)
-                return
             for event in events:
                 self._dispatch(event, nursery)
             await self.flush()
             # One read's worth of frames per checkpoint, whatever flush did (L10).
             await trio.lowlevel.checkpoint()
+
+    def _flood(self, verdict: Verdict) -> None:
+        """End the connection with the guard's GOAWAY, and log why."""
+        log.info("connection %d: %s: %s", self.conn_id, verdict.reason, verdict.detail)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(verdict.error_code, last_stream_id=self.highest_stream)
+        counts = self.guard.counts
+        self.e.access_log.write(
+            {
+                "time": self.e.clock.now().isoformat(),
+                "event": "h2_flood",
+                "connection": self.conn_id,
+                "client_ip": self.peer,
+                "sni": self.tls.sni,
+                "reason": verdict.reason,
+                "detail": verdict.detail,
+                "frames": counts.frames,
+                "streams": counts.streams_opened,
+            }
+        )
 
     def _set_idle_deadline(self) -> None:
         scope = self._receiving
@@ -515,6 +516,7 @@ class H2Session(RequestPath):
                 self._raw.clear()
             if data:
                 await self.tls.send_all(data)
+                self.guard.sent(data)
 
     async def _close_quietly(self) -> None:
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
