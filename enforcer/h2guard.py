@@ -6,7 +6,8 @@ HTTP/2 lets a peer make the server work without asking for anything it would log
 open a stream and reset it at once (CVE-2023-44487, "rapid reset"), send PING or SETTINGS frames
 the server must acknowledge, send CONTINUATION frames that never end a header block (the 2024
 CONTINUATION floods, CVE-2024-27316 and kin), or frames with empty payloads that cost a parse
-each. nginx and Envoy bound each of these; this module bounds them the same way.
+each. nginx and Envoy bound each of these; this module bounds them the same way (access-flow
+G10).
 
 The guard is sans-IO: no sockets, no trio, and the time is read from the callable it is given
 (``trio.current_time`` in the server, a fake in tests). The HTTP/2 session hands it

