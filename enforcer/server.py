@@ -60,6 +60,7 @@ from enforcer.proxy import (
     Fairness,
     OriginError,
     OriginPool,
+    OriginResponse,
     Tunnel,
     WebSocketFrames,
     forwarded_headers,
@@ -684,6 +685,7 @@ class _Session:
                 content_length=None
                 if isinstance(body, bytes)
                 else request_content_length(request.headers),
+                origin_ca=app.origin_ca,
             ) as response:
                 out = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP_RESPONSE]
                 head = (
@@ -699,9 +701,15 @@ class _Session:
                     await self.tls.send_all(head)
                     head = b""
                 # One chunk behind, so that the log line is written before the response ends;
-                # a small response leaves in one write (head, body and end together).
+                # a small response leaves in one write (head, body and end together). A
+                # stream goes out chunk by chunk as it comes (its end is the EndOfMessage,
+                # still after the log line): the client must not wait for the next chunk.
                 pending = b""
+                streaming = not head
                 async for chunk in response.body:
+                    if streaming:
+                        await self.tls.send_all(self.h11.send(h11.Data(data=chunk)) or b"")
+                        continue
                     if pending:
                         await self.tls.send_all(
                             head + (self.h11.send(h11.Data(data=pending)) or b"")
@@ -712,7 +720,8 @@ class _Session:
                 tail = head
                 if pending:
                     tail += self.h11.send(h11.Data(data=pending)) or b""
-                tail += self.h11.send(h11.EndOfMessage()) or b""
+                trailers = _client_trailers(self.h11, request.method, response)
+                tail += self.h11.send(h11.EndOfMessage(headers=trailers)) or b""
                 self._hold_if_last(decision.close_connection)
                 await self.tls.send_all(tail)
         except OriginError as exc:
@@ -781,6 +790,25 @@ class _Session:
 _HOP_BY_HOP_RESPONSE = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade", b"trailer"}
 )
+
+
+# Never sent as trailers: framing and routing fields (RFC 9110 §6.5.1).
+_NOT_TRAILERS = _HOP_BY_HOP_RESPONSE | {b"host", b"te"}
+
+
+def _client_trailers(
+    conn: h11.Connection, method: bytes, response: OriginResponse
+) -> list[tuple[bytes, bytes]]:
+    """The origin's trailers (gRPC's status) when the response to an HTTP/1.1 client can
+    carry them: it is chunked (h11 chunks an HTTP/1.1 response without Content-Length, which
+    ``_forward`` never copies) and has a body; else none (an HTTP/1.0 client loses them).
+    """
+    status = response.status
+    if not response.trailers or conn.their_http_version != b"1.1":
+        return []
+    if method == b"HEAD" or status in (204, 304) or status < 200:
+        return []
+    return [(k, v) for k, v in response.trailers if k.lower() not in _NOT_TRAILERS]
 
 
 _SMALL_BODY = 65536
@@ -882,7 +910,8 @@ async def serve(
     # The listening socket leaves trio's wrapper for ours (see enforcer/sockets.py).
     sock = socket.socket(fileno=listener.socket.detach())
     try:
-        async with trio.open_nursery() as nursery:
+        # The origin pool's HTTP/2 connections live as long as serving does.
+        async with enforcer.origins.running(), trio.open_nursery() as nursery:
             nursery.start_soon(
                 functools.partial(serve_tcp, max_connections=enforcer.settings.max_connections),
                 sock,
