@@ -232,6 +232,10 @@ class H2Origin:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._reader)
                     nursery.start_soon(self._writer)
+        except Exception:
+            # A bug must cost this connection's streams, never the pool (nor the server).
+            log.exception("connection to origin %s: unexpected error", self.origin)
+            self.die("internal error (see the server log)")
         finally:
             self.die("the origin pool closed")
             with trio.CancelScope(shield=True):
@@ -308,7 +312,12 @@ class H2Origin:
         stream = self.streams.get(sid) if sid else None
         if isinstance(event, h2.events.ResponseReceived) and stream is not None:
             headers = list(event.headers or ())
-            stream.status = int(next(v for k, v in headers if k == b":status"))
+            status = next((v for k, v in headers if k == b":status"), b"")
+            if len(status) != 3 or not status.isdigit():
+                self._reset(stream, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                stream.fail(f"origin {self.origin} sent the status {status!r}")
+                return
+            stream.status = int(status)
             stream.headers = [(k, v) for k, v in headers if not k.startswith(b":")]
             stream.wake()
         elif isinstance(event, h2.events.InformationalResponseReceived) and stream is not None:

@@ -665,7 +665,7 @@ async def origin_request(
             pool.http1_origins.add((origin, origin_ca))
             fresh = negotiated.stream
         except (H2Error, trio.TooSlowError) as exc:
-            raise OriginError(f"origin {origin} failed: {exc or 'timed out'}") from exc
+            raise _h2_failure(origin, exc, timeout) from exc
         else:
             async with _h2_exchange(h2_conn, h2_stream, origin, first, rest, timeout) as response:
                 yield response
@@ -741,6 +741,11 @@ async def origin_request(
             await pool.release(origin, conn)
 
 
+def _h2_failure(origin: str, exc: Exception, timeout: float) -> OriginError:
+    """The OriginError for an h2 failure or a timer (which says nothing itself) that ran out."""
+    return OriginError(f"origin {origin} failed: {str(exc) or f'timed out after {timeout:g} s'}")
+
+
 async def _no_body() -> AsyncIterator[bytes]:
     return
     yield b""  # an async generator that yields nothing
@@ -778,7 +783,7 @@ async def _h2_exchange(
         except _ClientBodyFailed as failed:
             raise failed.error from None
         except (H2Error, trio.TooSlowError) as exc:
-            raise OriginError(f"origin {origin} failed: {exc or 'timed out'}") from exc
+            raise _h2_failure(origin, exc, timeout) from exc
         response = OriginResponse(status, b"", list(stream.headers), _no_body())
 
         def keep(trailers: list[tuple[bytes, bytes]]) -> None:

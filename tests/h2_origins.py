@@ -41,6 +41,7 @@ class H2EchoOrigin:
 
     max_concurrent_streams: int = 100
     tls: ssl.SSLContext | None = None
+    ack: bool = True  # False: never send WINDOW_UPDATE for request bodies
     requests: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     resets: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     connections: int = 0
@@ -130,7 +131,8 @@ class _EchoConnection:
             if sid in self.bodies:
                 self.bodies[sid].update(event.data or b"")
                 self.lengths[sid] += len(event.data or b"")
-            self.h2.acknowledge_received_data(event.flow_controlled_length or 0, sid)
+            if self.origin.ack:
+                self.h2.acknowledge_received_data(event.flow_controlled_length or 0, sid)
         elif isinstance(event, h2.events.StreamEnded):
             if event.stream_id in self.heads:
                 nursery.start_soon(self.answer, event.stream_id)

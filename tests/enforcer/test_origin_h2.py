@@ -6,21 +6,26 @@ origins), then through a served enforcer over real TLS with HTTP/1.1 clients (h1
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import io
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import h11
 import pytest
 import trio
 
 from devices.pki import issue_ca, issue_leaf
+from enforcer import origin_h2
 from enforcer.accesslog import AccessLog
 from enforcer.application import origin_problem
 from enforcer.clock import FixedClock
@@ -29,6 +34,7 @@ from enforcer.origin import serve_echo_origin_on
 from enforcer.proxy import OriginError, OriginPool, forwarded_headers, origin_request
 from enforcer.server import Enforcer, open_listener, serve
 from testbed.demo import AUTH_HOST, DemoLayout
+from tests.enforcer.test_hostile_origin import watchdog
 from tests.h2_origins import (
     GRPC_HEADERS,
     H2EchoOrigin,
@@ -370,7 +376,95 @@ async def test_https_origin_selecting_http1_is_spoken_http1(
     assert (origin, origin_pki.ca_pem) in pool.http1_origins
 
 
-# 2. Through a served enforcer, HTTP/1.1 clients over real TLS.
+# 2. Hostile origins cost a timeout and bounded memory, never a spinning loop.
+
+Behaviour = Callable[[h2.connection.H2Connection, trio.SocketStream, int], Awaitable[None]]
+
+
+async def hostile_origin(nursery: trio.Nursery, behave: Behaviour) -> str:
+    """An h2c origin that reads one request's head, then does ``behave``."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        conn = h2.connection.H2Connection(config)
+        conn.initiate_connection()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(conn.data_to_send())
+            sid = 0
+            while not sid:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        sid = event.stream_id or 0
+            await stream.send_all(conn.data_to_send())
+            await behave(conn, stream, sid)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, handler, listeners)
+    return f"h2c://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_huge_response_headers_are_refused(nursery: trio.Nursery, pool: OriginPool) -> None:
+    async def behave(conn: h2.connection.H2Connection, stream: trio.SocketStream, sid: int) -> None:
+        big = [(b"x-big-%d" % i, b"v" * 1000) for i in range(200)]  # 200 KB of headers
+        conn.send_headers(sid, [(b":status", b"200"), *big], end_stream=True)
+        await stream.send_all(conn.data_to_send())
+        await trio.sleep_forever()
+
+    origin = await hostile_origin(nursery, behave)
+    with watchdog(5), trio.fail_after(TIMEOUT), pytest.raises(OriginError, match="broke HTTP/2"):
+        async with origin_request(origin, b"GET", b"/", [], b"", TIMEOUT, pool):
+            pass
+
+
+async def test_endless_informational_responses_are_cut_off(
+    nursery: trio.Nursery, pool: OriginPool
+) -> None:
+    async def behave(conn: h2.connection.H2Connection, stream: trio.SocketStream, sid: int) -> None:
+        while True:
+            conn.send_headers(sid, [(b":status", b"103"), (b"link", b"</a>; rel=preload")])
+            await stream.send_all(conn.data_to_send())
+
+    origin = await hostile_origin(nursery, behave)
+    with watchdog(5), trio.fail_after(TIMEOUT), pytest.raises(OriginError, match="1xx"):
+        async with origin_request(origin, b"GET", b"/", [], b"", TIMEOUT, pool):
+            pass
+
+
+async def test_an_origin_that_never_opens_its_window_costs_a_timeout(
+    nursery: trio.Nursery, pool: OriginPool
+) -> None:
+    stingy = H2EchoOrigin(ack=False)
+    await nursery.start(stingy.serve)
+    body = b"u" * 300_000  # more than the 64 KiB the origin's window allows
+    with watchdog(5), trio.fail_after(TIMEOUT), pytest.raises(OriginError, match="timed out"):
+        async with origin_request(
+            f"h2c://127.0.0.1:{stingy.port}", b"POST", b"/", [], body, 0.5, pool
+        ):
+            pass
+
+
+async def test_a_ping_flood_from_an_origin_that_never_reads_is_bounded(
+    nursery: trio.Nursery, pool: OriginPool
+) -> None:
+    async def behave(conn: h2.connection.H2Connection, stream: trio.SocketStream, sid: int) -> None:
+        while True:  # never reads again, so our PING acks pile up on our side
+            for _ in range(1000):
+                conn.ping(b"12345678")
+            await stream.send_all(conn.data_to_send())
+
+    origin = await hostile_origin(nursery, behave)
+    with watchdog(5), trio.fail_after(TIMEOUT), pytest.raises(OriginError):
+        async with origin_request(origin, b"GET", b"/", [], b"", 1, pool):
+            pass
+    (conn,) = [c for group in pool.h2._conns.values() for c in group]
+    # Our reader stopped reading once a bounded amount of acks waited for the writer.
+    assert 0 < len(conn._out) <= origin_h2._MAX_OUTBOUND + 2 * origin_h2._RECEIVE_BYTES
+
+
+# 3. Through a served enforcer, HTTP/1.1 clients over real TLS.
 
 
 @dataclasses.dataclass
