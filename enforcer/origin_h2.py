@@ -507,7 +507,13 @@ class H2Origins:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Give connections a nursery to live in; on exit close them all."""
+        """Give connections a nursery to live in; on exit close them all.
+
+        Nested use (two servers sharing one enforcer) shares the outer nursery.
+        """
+        if self._nursery is not None:
+            yield
+            return
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:

@@ -743,7 +743,7 @@ async def origin_request(
 
 def _h2_failure(origin: str, exc: Exception, timeout: float) -> OriginError:
     """The OriginError for an h2 failure or a timer (which says nothing itself) that ran out."""
-    return OriginError(f"origin {origin} failed: {str(exc) or f'timed out after {timeout:g} s'}")
+    return OriginError(str(exc) or f"origin {origin} timed out after {timeout:g} s")
 
 
 async def _no_body() -> AsyncIterator[bytes]:

@@ -218,6 +218,22 @@ async def test_the_response_streams_before_the_origin_finishes(
             assert await collect(response) == b"second chunk\n"
 
 
+async def test_a_slow_consumer_holds_the_origin_back_within_one_window(
+    echo: H2EchoOrigin, pool: OriginPool
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with origin_request(
+            f"h2c://127.0.0.1:{echo.port}", b"GET", b"/forever", [], b"", TIMEOUT, pool
+        ) as response:
+            await anext(response.body)
+            await trio.sleep(0.3)  # the consumer stalls; the origin would send megabytes here
+            (conn,) = [c for group in pool.h2._conns.values() for c in group]
+            buffered = sum(len(data) for s in conn.streams.values() for data, _ in s.chunks)
+            assert 0 < buffered <= origin_h2.STREAM_WINDOW
+            for _ in range(20):  # taking chunks lets it send again
+                await anext(response.body)
+
+
 async def test_an_origin_reset_fails_the_body_but_not_the_connection(
     echo: H2EchoOrigin, pool: OriginPool
 ) -> None:
@@ -345,6 +361,18 @@ async def test_https_origin_with_alpn_h2_and_a_ca_file(
         ) as response:
             seen = json.loads(await collect(response))
         assert seen["scheme"] == "https"
+        async with origin_request(
+            f"grpcs://localhost:{echo.port}",
+            b"POST",
+            b"/svc/M",
+            GRPC_HEADERS,
+            b"",
+            TIMEOUT,
+            pool,
+            origin_ca=origin_pki.ca_pem,
+        ) as response:
+            seen = json.loads(await collect(response))
+        assert (seen["scheme"], seen["path"]) == ("https", "/svc/M")
         # The system trust store does not know the test CA: the origin is refused.
         with pytest.raises(OriginError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
             async with origin_request(origin, b"GET", b"/t", [], b"", TIMEOUT, pool):
