@@ -395,18 +395,19 @@ class H2Origin:
             self._check(stream)
             if stream.ended:
                 return False  # the origin answered without waiting for the rest
-            allowed = min(
-                self.h2.local_flow_control_window(stream.id),
-                self.h2.max_outbound_frame_size,
-                len(view),
-            )
-            if allowed <= 0:
-                await stream.changed()
-                continue
             try:
-                self.h2.send_data(stream.id, view[:allowed].tobytes())
+                allowed = min(
+                    self.h2.local_flow_control_window(stream.id),
+                    self.h2.max_outbound_frame_size,
+                    len(view),
+                )
+                if allowed > 0:
+                    self.h2.send_data(stream.id, view[:allowed].tobytes())
             except h2.exceptions.ProtocolError as exc:
                 raise H2Error(f"cannot send to origin {self.origin}: {exc}") from exc
+            if allowed <= 0:
+                await stream.changed()  # a WINDOW_UPDATE, a SETTINGS change, or the end
+                continue
             view = view[allowed:]
             self._queue()
             await self._drained(self._queued - _MAX_AHEAD)
@@ -589,7 +590,11 @@ class H2Origins:
         conn = H2Origin(stream, target.origin, timeout)
         conn.on_slot_free = self._slot_freed
         nursery.start_soon(conn.run)
-        await conn.settings_seen.wait()  # the origin's preface: it speaks h2, and its limits
+        try:
+            await conn.settings_seen.wait()  # the origin's preface: it speaks h2, and its limits
+        except BaseException:
+            conn.die("the request that opened the connection gave up")  # its task closes it
+            raise
         return conn
 
 

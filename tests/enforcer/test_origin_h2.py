@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from devices.pki import issue_ca, issue_leaf
-from enforcer import origin_h2
+from enforcer import control, origin_h2
 from enforcer.accesslog import AccessLog
 from enforcer.application import origin_problem
 from enforcer.clock import FixedClock
@@ -681,6 +681,49 @@ async def test_http1_client_to_https_h2_origin(
         assert json.loads(body)["scheme"] == "https"
     finally:
         await client.aclose()
+
+
+async def test_an_https_origin_the_trust_store_cannot_verify_gives_502(
+    serve_with_origin: Callable[..., Any],
+    nursery: trio.Nursery,
+    origin_pki: OriginPKI,
+) -> None:
+    tls = origin_tls_context(origin_pki.cert_pem, origin_pki.key_pem, ["h2"])
+    echo = H2EchoOrigin(tls=tls)
+    await nursery.start(echo.serve)
+    served = await serve_with_origin(f"https://localhost:{echo.port}")  # no origin_ca
+    client = await H11Client.open(served)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await client.send("GET", "/")
+            head, _, _ = await client.response()
+        assert head.status_code == 502
+        assert echo.requests == []
+    finally:
+        await client.aclose()
+
+
+async def test_origin_ca_through_the_control_plane(
+    serve_with_origin: Callable[..., Any], origin_pki: OriginPKI
+) -> None:
+    served = await serve_with_origin("http://127.0.0.1:9")
+    enforcer = served.enforcer
+    app_id = f"config-0-{AUTH_HOST}"
+
+    async def update(body: dict[str, Any]) -> None:
+        await enforcer.controller.write(
+            lambda objects, now: control.update_app(
+                objects, "demo", app_id, body, enforcer.controller.limits, now
+            )
+        )
+
+    with pytest.raises(control.ApiError, match="only an https:// or grpcs:// origin"):
+        await update({"origin_ca": origin_pki.ca_pem})
+    with pytest.raises(control.ApiError, match="not PEM CA certificates"):
+        await update({"origin": "https://localhost:1", "origin_ca": "nope"})
+    await update({"origin": "https://localhost:1", "origin_ca": origin_pki.ca_pem})
+    app = enforcer.snapshot.applications[AUTH_HOST]
+    assert (app.origin, app.origin_ca) == ("https://localhost:1", origin_pki.ca_pem)
 
 
 async def test_a_large_chunked_upload_arrives_intact(
