@@ -150,6 +150,9 @@ class H2Stream:
         self.ended = False  # the origin ended its side (END_STREAM)
         self.sent_all = False  # we ended our side
         self.error: str | None = None
+        # The origin did nothing with it (REFUSED_STREAM, or GOAWAY below its id): a retry
+        # on another connection is safe (RFC 9113 §8.7).
+        self.unprocessed = False
         self._changed = trio.Event()
 
     def wake(self) -> None:
@@ -344,6 +347,7 @@ class H2Origin:
             if code == h2.errors.ErrorCodes.NO_ERROR and stream.ended:
                 stream.wake()  # "stop sending, the response is complete" (RFC 9113 §8.1)
             else:
+                stream.unprocessed = code == h2.errors.ErrorCodes.REFUSED_STREAM
                 stream.fail(f"origin {self.origin} reset the stream ({_code_name(code)})")
         elif isinstance(event, h2.events.WindowUpdated):
             targets = self.streams.values() if not event.stream_id else [stream] if stream else []
@@ -358,6 +362,8 @@ class H2Origin:
             self.goaway = True
             last = event.last_stream_id or 0
             for s in self.streams.values():
+                if s.id > last:
+                    s.unprocessed = True
                 if s.id > last or event.error_code != h2.errors.ErrorCodes.NO_ERROR:
                     s.fail(
                         f"origin {self.origin} sent GOAWAY ({_code_name(event.error_code)}) "

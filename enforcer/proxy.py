@@ -653,23 +653,32 @@ async def origin_request(
             f"{host}:{port}".encode(),
             [*headers, *([(b"content-length", b"%d" % length)] if length is not None else [])],
         )
-        try:
-            h2_conn, h2_stream = await pool.h2.open_stream(
-                h2_target,
-                h2_headers,
-                rest is None and not first,
-                timeout,
-                http1_fallback=scheme == "https",
-            )
-        except NegotiatedHTTP1 as negotiated:
-            pool.http1_origins.add((origin, origin_ca))
-            fresh = negotiated.stream
-        except (H2Error, trio.TooSlowError) as exc:
-            raise _h2_failure(origin, exc, timeout) from exc
-        else:
-            async with _h2_exchange(h2_conn, h2_stream, origin, first, rest, timeout) as response:
-                yield response
-            return
+        for attempt in (1, 2):
+            try:
+                h2_conn, h2_stream = await pool.h2.open_stream(
+                    h2_target,
+                    h2_headers,
+                    rest is None and not first,
+                    timeout,
+                    http1_fallback=scheme == "https",
+                )
+            except NegotiatedHTTP1 as negotiated:
+                pool.http1_origins.add((origin, origin_ca))
+                fresh = negotiated.stream
+                break
+            except (H2Error, trio.TooSlowError) as exc:
+                raise _h2_failure(origin, exc, timeout) from exc
+            try:
+                async with _h2_exchange(
+                    h2_conn, h2_stream, origin, first, rest, timeout
+                ) as response:
+                    yield response
+                return
+            except _Unprocessed as unprocessed:
+                # The origin refused the stream (REFUSED_STREAM, or GOAWAY below its id):
+                # it did nothing with it, so a whole body can be sent again, once.
+                if attempt == 2 or rest is not None:
+                    raise OriginError(str(unprocessed)) from None
     streamed = False  # a chunk left the iterator: the request can no longer be replayed
     fair = Fairness()
     for attempt in (1, 2):
@@ -741,6 +750,10 @@ async def origin_request(
             await pool.release(origin, conn)
 
 
+class _Unprocessed(Exception):
+    """The origin refused an h2 stream without processing it: the request may be retried."""
+
+
 def _h2_failure(origin: str, exc: Exception, timeout: float) -> OriginError:
     """The OriginError for an h2 failure or a timer (which says nothing itself) that ran out."""
     return OriginError(str(exc) or f"origin {origin} timed out after {timeout:g} s")
@@ -783,6 +796,8 @@ async def _h2_exchange(
         except _ClientBodyFailed as failed:
             raise failed.error from None
         except (H2Error, trio.TooSlowError) as exc:
+            if stream.unprocessed:
+                raise _Unprocessed(str(exc)) from exc
             raise _h2_failure(origin, exc, timeout) from exc
         response = OriginResponse(status, b"", list(stream.headers), _no_body())
 

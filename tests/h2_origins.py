@@ -42,6 +42,7 @@ class H2EchoOrigin:
     max_concurrent_streams: int = 100
     tls: ssl.SSLContext | None = None
     ack: bool = True  # False: never send WINDOW_UPDATE for request bodies
+    goaway_after: int | None = None  # GOAWAY (NO_ERROR) with the Nth answer on a connection
     requests: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     resets: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     connections: int = 0
@@ -49,6 +50,12 @@ class H2EchoOrigin:
     release: trio.Event = dataclasses.field(default_factory=trio.Event)
     reset_seen: trio.Event = dataclasses.field(default_factory=trio.Event)
     port: int = 0
+    open_streams: list[trio.abc.Stream] = dataclasses.field(default_factory=list)
+
+    async def drop_connections(self) -> None:
+        """Close every connection abruptly (no GOAWAY), as a crashing origin would."""
+        for stream in self.open_streams:
+            await trio.aclose_forcefully(stream)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve on 127.0.0.1 until cancelled; report the port."""
@@ -62,6 +69,7 @@ class H2EchoOrigin:
         stream: trio.abc.Stream = tcp
         if self.tls is not None:
             stream = trio.SSLStream(tcp, self.tls, server_side=True)
+        self.open_streams.append(tcp)
         try:
             await _EchoConnection(self, stream).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -88,6 +96,7 @@ class _EchoConnection:
         self.bodies: dict[int, hashlib._Hash] = {}
         self.lengths: dict[int, int] = {}
         self.reset: set[int] = set()
+        self.answered = 0
 
     async def flush(self) -> None:
         async with self.lock:
@@ -202,6 +211,14 @@ class _EchoConnection:
                     ],
                 )
                 trailers = path.startswith(b"/trailers")
+                self.answered += 1
+                if self.answered == self.origin.goaway_after:
+                    # In the same write as the answer's end: the client reads both at once.
+                    await self.send_body(sid, body)
+                    self.h2.end_stream(sid)
+                    self.h2.close_connection(last_stream_id=sid)
+                    await self.flush()
+                    return
                 await self.send_body(sid, body, end=not trailers)
                 if trailers:
                     self.h2.send_headers(

@@ -304,6 +304,34 @@ async def test_max_concurrent_streams_one_serves_two_requests(nursery: trio.Nurs
     assert echo.connections == 1 + 2  # the single connection, then two side by side
 
 
+async def test_goaway_retires_a_connection_and_a_dead_one_is_replaced(
+    nursery: trio.Nursery, pool: OriginPool
+) -> None:
+    polite = H2EchoOrigin(goaway_after=1)
+    await nursery.start(polite.serve)
+    origin = f"h2c://127.0.0.1:{polite.port}"
+    with trio.fail_after(TIMEOUT):
+        for i in range(3):
+            async with origin_request(origin, b"GET", b"/%d" % i, [], b"", TIMEOUT, pool) as r:
+                assert json.loads(await collect(r))["path"] == f"/{i}"
+    assert polite.connections == 3  # each GOAWAY sent the next request to a new connection
+    assert [r["stream"] for r in polite.requests] == [1, 1, 1]
+
+
+async def test_a_connection_that_died_is_replaced(echo: H2EchoOrigin, pool: OriginPool) -> None:
+    origin = f"h2c://127.0.0.1:{echo.port}"
+    with trio.fail_after(TIMEOUT):
+        async with origin_request(origin, b"GET", b"/a", [], b"", TIMEOUT, pool) as r:
+            await collect(r)
+        (conn,) = [c for group in pool.h2._conns.values() for c in group]
+        await echo.drop_connections()
+        while conn.dead is None:  # the reader sees the connection end
+            await trio.sleep(0.01)
+        async with origin_request(origin, b"GET", b"/b", [], b"", TIMEOUT, pool) as r:
+            assert json.loads(await collect(r))["path"] == "/b"
+    assert echo.connections == 2
+
+
 async def test_an_h2_origin_needs_the_pool_running(echo: H2EchoOrigin) -> None:
     with pytest.raises(OriginError, match="not running"):
         async with origin_request(
