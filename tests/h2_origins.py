@@ -50,12 +50,12 @@ class H2EchoOrigin:
     release: trio.Event = dataclasses.field(default_factory=trio.Event)
     reset_seen: trio.Event = dataclasses.field(default_factory=trio.Event)
     port: int = 0
-    open_streams: list[trio.abc.Stream] = dataclasses.field(default_factory=list)
+    scopes: list[trio.CancelScope] = dataclasses.field(default_factory=list)
 
-    async def drop_connections(self) -> None:
+    def drop_connections(self) -> None:
         """Close every connection abruptly (no GOAWAY), as a crashing origin would."""
-        for stream in self.open_streams:
-            await trio.aclose_forcefully(stream)
+        for scope in self.scopes:
+            scope.cancel()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve on 127.0.0.1 until cancelled; report the port."""
@@ -69,10 +69,12 @@ class H2EchoOrigin:
         stream: trio.abc.Stream = tcp
         if self.tls is not None:
             stream = trio.SSLStream(tcp, self.tls, server_side=True)
-        self.open_streams.append(tcp)
+        scope = trio.CancelScope()
+        self.scopes.append(scope)
         try:
-            await _EchoConnection(self, stream).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            with scope:
+                await _EchoConnection(self, stream).run()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             await trio.aclose_forcefully(stream)

@@ -34,7 +34,7 @@ from enforcer.origin import serve_echo_origin_on
 from enforcer.proxy import OriginError, OriginPool, forwarded_headers, origin_request
 from enforcer.server import Enforcer, open_listener, serve
 from testbed.demo import AUTH_HOST, DemoLayout
-from tests.enforcer.test_hostile_origin import watchdog
+from tests.enforcer.test_hostile_origin import raw_origin, read_head, watchdog
 from tests.h2_origins import (
     GRPC_HEADERS,
     H2EchoOrigin,
@@ -324,7 +324,7 @@ async def test_a_connection_that_died_is_replaced(echo: H2EchoOrigin, pool: Orig
         async with origin_request(origin, b"GET", b"/a", [], b"", TIMEOUT, pool) as r:
             await collect(r)
         (conn,) = [c for group in pool.h2._conns.values() for c in group]
-        await echo.drop_connections()
+        echo.drop_connections()
         while conn.dead is None:  # the reader sees the connection end
             await trio.sleep(0.01)
         async with origin_request(origin, b"GET", b"/b", [], b"", TIMEOUT, pool) as r:
@@ -430,6 +430,23 @@ async def test_https_origin_selecting_http1_is_spoken_http1(
                 seen = json.loads(await collect(response))
             assert seen["path"] == "/one" and seen["origin"] == "echo"
     assert (origin, origin_pki.ca_pem) in pool.http1_origins
+
+
+async def test_an_http1_origins_chunked_trailers_fill_the_response_too(
+    nursery: trio.Nursery, pool: OriginPool
+) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        if await read_head(stream, bytearray()) is not None:
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\n\r\n"
+            )
+
+    origin = await raw_origin(nursery, handler)
+    with trio.fail_after(TIMEOUT):
+        async with origin_request(origin, b"GET", b"/", [(b"host", b"o")], b"", 5, pool) as r:
+            assert await collect(r) == b"abc"
+    assert r.trailers == [(b"grpc-status", b"0")]
 
 
 # 2. Hostile origins cost a timeout and bounded memory, never a spinning loop.
