@@ -832,6 +832,9 @@ async def test_origin_reset_mid_body_aborts_the_client_and_serving_goes_on(
     again = await H11Client.open(served)
     try:
         with trio.fail_after(TIMEOUT):
+            await again.send("GET", "/reset-before-head")  # reset before any head: a 502
+            head, _, _ = await again.response()
+            assert head.status_code == 502
             await again.send("GET", "/after")
             head, body, _ = await again.response()
         assert head.status_code == 200 and json.loads(body)["path"] == "/after"
