@@ -106,10 +106,13 @@ def h2_request_headers(
 
     ``:authority`` is the ``host`` header when there is one (the origin's, set by
     ``forwarded_headers``), else ``authority``. Connection-specific headers are dropped, and
-    ``te`` unless it is ``trailers`` (which gRPC servers require).
+    ``te`` unless it is ``trailers``, which gRPC servers require: a gRPC request gets it
+    whatever the client sent (the enforcer relays trailers), since grpcio resets a stream
+    without it.
     """
     out: list[tuple[bytes, bytes]] = []
     host = authority
+    te = grpc = False
     for name, value in headers:
         k = name.lower()
         if k == b"host":
@@ -117,9 +120,14 @@ def h2_request_headers(
             continue
         if k in CONNECTION_SPECIFIC or k.startswith(b":"):
             continue
-        if k == b"te" and value.strip().lower() != b"trailers":
-            continue
+        if k == b"te":
+            if value.strip().lower() != b"trailers" or te:
+                continue
+            te = True
+        grpc = grpc or (k == b"content-type" and value.lower().startswith(b"application/grpc"))
         out.append((k, value))
+    if grpc and not te:
+        out.append((b"te", b"trailers"))
     return [
         (b":method", method),
         (b":scheme", scheme),

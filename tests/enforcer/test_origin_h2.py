@@ -375,6 +375,14 @@ async def test_grpc_unary_through_origin_request(grpc_port: int, pool: OriginPoo
         assert grpc_messages(body) == [b"0:\x03z", b"1:\x03z", b"2:\x03z"]
         assert dict(response.trailers)[b"grpc-status"] == b"0"
 
+        # A gRPC request that lost its `te: trailers` on the way (an HTTP/1.1 hop) still
+        # reaches grpcio with it, which otherwise resets the stream.
+        bare = [(b"host", b"127.0.0.1"), (b"content-type", b"application/grpc+proto")]
+        async with origin_request(
+            origin, b"POST", b"/echo.Echo/Unary", bare, grpc_frame(b"xy"), TIMEOUT, pool
+        ) as response:
+            assert grpc_messages(await collect(response)) == [b"yx"]
+
 
 async def test_https_origin_with_alpn_h2_and_a_ca_file(
     nursery: trio.Nursery, origin_pki: OriginPKI, pool: OriginPool
