@@ -631,6 +631,9 @@ async def _open_transport(
         await trio.aclose_forcefully(tls)
         cause = exc.__cause__ or exc
         raise H2Error(f"TLS to origin {target.origin} failed: {cause}") from exc
+    except BaseException:  # cancelled (the request's timer): the socket is ours to close
+        await trio.aclose_forcefully(tls)
+        raise
     selected = tls.selected_alpn_protocol()
     if selected == "h2":
         return tls

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import io
 import json
@@ -524,6 +525,19 @@ async def test_an_origin_that_never_opens_its_window_costs_a_timeout(
         async with origin_request(
             f"h2c://127.0.0.1:{stingy.port}", b"POST", b"/", [], body, 0.5, pool
         ):
+            pass
+
+
+async def test_a_tls_origin_that_never_answers_the_handshake_costs_a_timeout(
+    nursery: trio.Nursery, pool: OriginPool
+) -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), silent, 0)
+    origin = f"https://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    with trio.fail_after(TIMEOUT), pytest.raises(OriginError, match="timed out"):
+        async with origin_request(origin, b"GET", b"/", [], b"", 0.5, pool):
             pass
 
 
