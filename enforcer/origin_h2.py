@@ -463,6 +463,11 @@ class H2Origin:
                 return
             self._queue()
 
+    def abandon(self, stream: H2Stream, reason: str) -> None:
+        """Give up on ``stream`` from our side: reset it (CANCEL) and fail its waits."""
+        self._reset(stream, h2.errors.ErrorCodes.CANCEL)
+        stream.fail(reason)
+
     def finish(self, stream: H2Stream) -> None:
         """The request is over: reset the stream if still open, hand back its window."""
         self._reset(stream, h2.errors.ErrorCodes.CANCEL)

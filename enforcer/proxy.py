@@ -773,13 +773,18 @@ async def _h2_exchange(
     rest: AsyncIterator[bytes] | None,
     timeout: float,
 ) -> AsyncIterator[OriginResponse]:
-    """Send the body on an open h2 stream, wait for the head, yield the streamed response.
+    """Stream the body on an open h2 stream while yielding the streamed response.
 
-    Leaving (normally, by an exception or by cancellation) resets the stream with CANCEL if
-    it is still open: the origin stops working on a request nobody waits for, and only this
-    stream ends (the connection is shared).
+    Both directions run at once (a gRPC bidirectional call answers each message before the
+    next is sent): the body goes from a task in this exchange's own nursery, which ends with
+    it. Leaving (normally, by an exception or by cancellation) resets the stream with CANCEL
+    if it is still open: the origin stops working on a request nobody waits for, and only
+    this stream ends (the connection is shared).
     """
-    try:
+    client_failed: list[Exception] = []
+
+    async def send_body() -> None:
+        # Never raises: a failure ends the stream, and the response side reports it.
         try:
             going = not stream.sent_all
             if going and first:
@@ -792,19 +797,42 @@ async def _h2_exchange(
                 await fair.moved(len(chunk))
             if going:
                 conn.end(stream)
-            status = await wait_head(conn, stream, timeout)
         except _ClientBodyFailed as failed:
-            raise failed.error from None
-        except (H2Error, trio.TooSlowError) as exc:
-            if stream.unprocessed:
-                raise _Unprocessed(str(exc)) from exc
-            raise _h2_failure(origin, exc, timeout) from exc
-        response = OriginResponse(status, b"", list(stream.headers), _no_body())
+            client_failed.append(failed.error)
+            conn.abandon(stream, f"the client's body failed: {failed.error}")
+        except trio.TooSlowError:
+            conn.abandon(stream, f"origin {origin} took no request body for {timeout:g} s")
+        except H2Error as exc:
+            conn.abandon(stream, str(exc))
 
-        def keep(trailers: list[tuple[bytes, bytes]]) -> None:
-            response.trailers = list(trailers)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_body)
+            try:
+                status = await wait_head(conn, stream, timeout)
+            except H2Error as exc:
+                if client_failed:
+                    raise client_failed[0] from None  # the caller answers it (413, 408, 400)
+                if stream.unprocessed:
+                    raise _Unprocessed(str(exc)) from exc
+                raise _h2_failure(origin, exc, timeout) from exc
+            response = OriginResponse(status, b"", list(stream.headers), _no_body())
 
-        response.body = response_chunks(conn, stream, timeout, keep, OriginError)
-        yield response
+            def keep(trailers: list[tuple[bytes, bytes]]) -> None:
+                response.trailers = list(trailers)
+
+            response.body = response_chunks(conn, stream, timeout, keep, OriginError)
+            yield response
+            nursery.cancel_scope.cancel()  # a body still going has nobody left to answer it
+    except BaseExceptionGroup as group:
+        # The nursery wraps what the caller or this exchange raised; give it back as it was.
+        raise _single(group) from None
     finally:
         conn.finish(stream)
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a nursery wrapped, or the group when there are several."""
+    if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+        return group.exceptions[0]
+    return group

@@ -252,7 +252,8 @@ def origin_tls_context(cert_pem: bytes, key_pem: bytes, alpn: list[str]) -> ssl.
 
 # A real gRPC service (grpcio), raw bytes in and out: /echo.Echo/Unary answers the request
 # bytes reversed; /echo.Echo/Fail answers NOT_FOUND with a message; /echo.Echo/Stream sends
-# the request bytes back N times (N = the first byte).
+# the request bytes back N times (N = the first byte); /echo.Echo/Chat answers each message
+# of a bidirectional stream as it comes.
 
 
 def _unary(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -270,6 +271,11 @@ def _stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         yield b"%d:" % i + request
 
 
+def _chat(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    for request in requests:
+        yield b"echo:" + request
+
+
 def serve_grpc() -> tuple[grpc.Server, int]:
     """Start a grpcio server on an insecure 127.0.0.1 port; return it and the port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -277,6 +283,7 @@ def serve_grpc() -> tuple[grpc.Server, int]:
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
         "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+        "Chat": grpc.stream_stream_rpc_method_handler(_chat),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
