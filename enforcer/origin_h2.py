@@ -16,7 +16,9 @@ this module moves its bytes.
   received no GOAWAY and has fewer open than the origin's MAX_CONCURRENT_STREAMS (and our
   :data:`MAX_STREAMS`). When every connection is full another is opened, up to
   ``max_connections`` per origin; then requests wait (for ``timeout`` at most).
-- Flow control, both ways. Request DATA is sent only within the origin's window, split by
+- Flow control, both ways. The request body is sent by a task of the exchange (see
+  ``proxy._h2_exchange``) while the response streams back, so a bidirectional gRPC call works.
+  Request DATA is sent only within the origin's window, split by
   its max frame size, and the request waits for WINDOW_UPDATE (or the stream's end) when the
   window is spent; it also waits for the writer to catch up, so at most
   :data:`_MAX_AHEAD` bytes are queued. Response DATA is acknowledged only when the consumer

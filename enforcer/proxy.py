@@ -1,4 +1,4 @@
-"""Forwarding an admitted request to its origin over plain HTTP/1.1, streaming the response.
+"""Forwarding an admitted request to its origin (HTTP/1.1 or HTTP/2), streaming both ways.
 
 Theory of operation. The enforcer is the edge: what it forwards is all an origin knows about
 a request, so everything here assumes a hostile client and a possibly broken origin.
@@ -19,6 +19,11 @@ a request, so everything here assumes a hostile client and a possibly broken ori
   Content-Length, else chunked). A response body ends at h11's EndOfMessage, at a closed
   connection, or at PAUSED (a 2xx to CONNECT, a 101): nothing after those is HTTP, and h11
   would return PAUSED forever without reading, so no loop here waits on it.
+- Schemes (:func:`origin_request`): ``http://`` is HTTP/1.1 below; ``h2c://``, ``grpc://``,
+  ``grpcs://`` and an ``https://`` origin that selects ``h2`` in ALPN go to
+  :mod:`enforcer.origin_h2` (one shared connection per origin, a stream per request, the
+  body sent by a task of the exchange while the response streams back); an ``https://``
+  origin that selects ``http/1.1`` is remembered and spoken to as below, over TLS.
 - Fairness: every loop here awaits I/O, and the ones that move body bytes also reach a trio
   checkpoint at least every :data:`_FAIR_BYTES` (the enforcer's sockets return without one
   when data is ready).
