@@ -580,9 +580,14 @@ class H2Origins:
                     else:
                         group.append(c)
                 self._conns[key] = group
-                for conn in group:
-                    if conn.usable:
-                        return conn, conn.start(headers, end_stream)
+                usable = next((c for c in group if c.usable), None)
+                if usable is not None:
+                    try:
+                        return usable, usable.start(headers, end_stream)
+                    except H2Error:
+                        if not usable.exhausted:
+                            raise
+                        continue  # out of stream ids: it is retired, try the others
                 opening = self._opening.get(key, 0)
                 if sum(not c.retired for c in group) + opening < self.max_connections:
                     self._opening[key] = opening + 1
