@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ssl
 from urllib.parse import urlsplit
 
 from enforcer.policy import Policy
@@ -57,6 +58,8 @@ class Application:
     # Forward client header names with "_" (nginx underscores_in_headers); the enforcer's own
     # headers are stripped whatever their spelling.
     underscores_in_headers: bool = False
+    # PEM certificates that verify an https:// or grpcs:// origin instead of the system store.
+    origin_ca: str | None = None
     cookie: CookieSettings = dataclasses.field(default_factory=CookieSettings)
     # ALPN ids the hostname negotiates (a subset of ALPN_PROTOCOLS, kept in that order).
     alpn: tuple[str, ...] = ALPN_PROTOCOLS
@@ -94,14 +97,41 @@ def alpn_tuple(values: list[str]) -> tuple[str, ...]:
     return tuple(p for p in ALPN_PROTOCOLS if p in values)
 
 
+# Origin URL schemes: how the enforcer speaks to the origin, and its default port.
+# h2c and grpc are HTTP/2 with prior knowledge over TCP; https offers h2 and http/1.1 in ALPN
+# and speaks what the origin selects; grpcs insists on h2.
+ORIGIN_SCHEMES = {"http": 80, "h2c": 80, "grpc": 80, "https": 443, "grpcs": 443}
+TLS_SCHEMES = frozenset({"https", "grpcs"})
+
+
+def origin_scheme(origin: str) -> str:
+    """The scheme of a checked origin URL (``http``, ``h2c``, ``grpc``, ``https``, ``grpcs``)."""
+    return origin.split("://", 1)[0].lower()
+
+
 def origin_problem(origin: str) -> str | None:
     """Why ``origin`` cannot be an application's origin URL, or None when it can."""
-    if not origin.startswith("http://"):
-        return f"expected an http:// URL, got {origin!r}"
+    scheme, sep, _ = origin.partition("://")
+    if not sep or scheme.lower() not in ORIGIN_SCHEMES:
+        schemes = ", ".join(f"{s}://" for s in ORIGIN_SCHEMES)
+        return f"expected a URL starting with one of {schemes}; got {origin!r}"
+    if not urlsplit(origin).hostname:
+        return f"{origin!r} names no host"
     try:
         port = urlsplit(origin).port
     except ValueError:
         port = -1
     if port is not None and not 1 <= port <= 65535:
         return f"{origin!r}: the port must be a number from 1 to 65535"
+    return None
+
+
+def origin_ca_problem(origin: str, pem: str) -> str | None:
+    """Why ``pem`` cannot verify ``origin``'s certificate, or None when it can."""
+    if origin_scheme(origin) not in TLS_SCHEMES:
+        return "only an https:// or grpcs:// origin has a certificate to verify"
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        return f"not PEM CA certificates: {exc}"
     return None

@@ -26,6 +26,7 @@ from enforcer.application import (
     alpn_problem,
     alpn_tuple,
     cookie_attribute_problem,
+    origin_ca_problem,
     origin_problem,
 )
 from enforcer.chain import (
@@ -253,6 +254,7 @@ def _application(reader: TableReader) -> Application:
             "underscores_in_headers",
             "cookie",
             "alpn",
+            "origin_ca",
         }
     )
     hostname = reader.get("hostname", str, what="the application's hostname").lower().rstrip(".")
@@ -260,6 +262,12 @@ def _application(reader: TableReader) -> Application:
     problem = origin_problem(origin)
     if problem:
         raise reader.error("origin", problem)
+    origin_ca = None
+    if "origin_ca" in reader.table:
+        ca_path, ca_data = reader.read("origin_ca")
+        origin_ca = ca_data.decode("utf-8", "replace")
+        if problem := origin_ca_problem(origin, origin_ca):
+            raise reader.error("origin_ca", f"{ca_path}: {problem}")
     aud = reader.get("aud", str, hashlib.sha256(f"aud:{hostname}".encode()).hexdigest())
     cookie_r = reader.sub("cookie")
     cookie_r.unknown(_COOKIE_FIELDS)
@@ -304,6 +312,7 @@ def _application(reader: TableReader) -> Application:
         forward_client_certificate=reader.get("forward_client_certificate", bool, False),
         bind_token_to_certificate=reader.get("bind_token_to_certificate", bool, True),
         underscores_in_headers=reader.get("underscores_in_headers", bool, False),
+        origin_ca=origin_ca,
         cookie=cookie,
         alpn=alpn_tuple(alpn),
     )

@@ -33,6 +33,7 @@ from enforcer.application import (
     alpn_problem,
     alpn_tuple,
     cookie_attribute_problem,
+    origin_ca_problem,
     origin_problem,
 )
 from enforcer.chain import (
@@ -327,6 +328,7 @@ _APP_FIELDS = {
     "policies",
     "type",
     "alpn",
+    "origin_ca",
 }
 
 
@@ -363,6 +365,12 @@ def _app_fields(
         if problem:
             raise ApiError(400, f"origin: {problem}")
         obj["origin"] = origin.rstrip("/")
+    if "origin_ca" in body:
+        # PEM text (the config file's origin_ca names a file; the API carries its contents).
+        ca = _field(body, "origin_ca", (str, type(None)), "PEM CA certificates or null")
+        if ca is not None and (problem := origin_ca_problem(obj["origin"], ca)):
+            raise ApiError(400, f"origin_ca: {problem}")
+        obj["origin_ca"] = ca
     for flag, default in (
         ("forward_client_certificate", False),
         ("bind_token_to_certificate", True),  # access-flow A10, on unless the operator opts out
@@ -1235,6 +1243,7 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
                 forward_client_certificate=obj.get("forward_client_certificate", False),
                 bind_token_to_certificate=obj.get("bind_token_to_certificate", True),
                 underscores_in_headers=obj.get("underscores_in_headers", False),
+                origin_ca=obj.get("origin_ca"),
                 cookie=CookieSettings(**cookie),
                 alpn=tuple(obj.get("alpn", ALPN_PROTOCOLS)),
             )

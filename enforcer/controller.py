@@ -105,6 +105,7 @@ def seed_changes(config: EnforcerConfig, now: dt.datetime) -> list[Change]:
                     "forward_client_certificate": app.forward_client_certificate,
                     "bind_token_to_certificate": app.bind_token_to_certificate,
                     "underscores_in_headers": app.underscores_in_headers,
+                    "origin_ca": app.origin_ca,
                     "cookie": dataclasses.asdict(app.cookie),
                     "alpn": list(app.alpn),
                     "policies": [

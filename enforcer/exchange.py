@@ -423,6 +423,7 @@ class RequestPath:
                 self.e.settings.request_timeout,
                 self.e.origins,
                 content_length=request_content_length(request.headers),
+                origin_ca=app.origin_ca,
             ) as response:
                 await port.relay(response, extra, log_status, close=decision.close_connection)
         except OriginError as exc:

@@ -539,7 +539,8 @@ def _head(headers: Sequence[tuple[bytes, bytes]], stream_id: int, number: int) -
     for name, value in headers:
         if name.startswith(b":"):
             pseudo[name] = value
-        elif name not in _CONNECTION_SPECIFIC:
+        elif name not in _CONNECTION_SPECIFIC or (name == b"te" and value == b"trailers"):
+            # ``te: trailers`` goes on: gRPC origins reset a stream without it (F3).
             has_host = has_host or name == b"host"
             regular.append((name, value))
     method = pseudo.get(b":method", b"")

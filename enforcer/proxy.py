@@ -1,4 +1,4 @@
-"""Forwarding an admitted request to its origin over plain HTTP/1.1, streaming the response.
+"""Forwarding an admitted request to its origin (HTTP/1.1 or HTTP/2), streaming both ways.
 
 Theory of operation. The enforcer is the edge: what it forwards is all an origin knows about
 a request, so everything here assumes a hostile client and a possibly broken origin.
@@ -19,6 +19,11 @@ a request, so everything here assumes a hostile client and a possibly broken ori
   Content-Length, else chunked). A response body ends at h11's EndOfMessage, at a closed
   connection, or at PAUSED (a 2xx to CONNECT, a 101): nothing after those is HTTP, and h11
   would return PAUSED forever without reading, so no loop here waits on it.
+- Schemes (:func:`origin_request`): ``http://`` is HTTP/1.1 below; ``h2c://``, ``grpc://``,
+  ``grpcs://`` and an ``https://`` origin that selects ``h2`` in ALPN go to
+  :mod:`enforcer.origin_h2` (one shared connection per origin, a stream per request, the
+  body sent by a task of the exchange while the response streams back); an ``https://``
+  origin that selects ``http/1.1`` is remembered and spoken to as below, over TLS.
 - Fairness: every loop here awaits I/O, and the ones that move body bytes also reach a trio
   checkpoint at least every :data:`_FAIR_BYTES` (the enforcer's sockets return without one
   when data is ready).
@@ -38,7 +43,20 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from enforcer.application import ORIGIN_SCHEMES, TLS_SCHEMES, origin_scheme
 from enforcer.http import HOP_BY_HOP, next_event, send
+from enforcer.origin_h2 import (
+    H2Error,
+    H2Origin,
+    H2Origins,
+    H2Stream,
+    H2Target,
+    NegotiatedHTTP1,
+    client_tls_context,
+    h2_request_headers,
+    response_chunks,
+    wait_head,
+)
 from enforcer.sockets import open_tcp
 
 # The headers the enforcer owns. A client's copy never reaches an origin (whatever its case or
@@ -137,6 +155,10 @@ def forwarded_headers(
                 continue
             k = k.replace(b"_", b"-")
         if k in _DROP:
+            if k == b"te" and value.strip().lower() == b"trailers":
+                # The one TE value an HTTP/2 origin accepts, and gRPC servers require it.
+                kept.append((b"te", b"trailers"))
+                continue
             if k == b"host" and not original_host:
                 original_host = value
             elif k == b"connection":
@@ -266,17 +288,35 @@ class Tunnel:
     trailing: bytes
 
 
-async def _connect(
-    origin: str, timeout: float, connect: OriginConnector
-) -> tuple[trio.abc.Stream, bytes]:
-    """Connect to an origin URL; return the stream and the URL's path prefix."""
+def _host_port(origin: str) -> tuple[str, int]:
     url = urlsplit(origin)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
+    return url.hostname or "127.0.0.1", url.port or ORIGIN_SCHEMES.get(url.scheme.lower(), 80)
+
+
+async def _connect(
+    origin: str, timeout: float, connect: OriginConnector, ca_pem: str | None = None
+) -> tuple[trio.abc.Stream, bytes]:
+    """Connect to an origin URL; return the stream and the URL's path prefix.
+
+    An https:// origin gets TLS offering only http/1.1 in ALPN (this is the HTTP/1.1 path).
+    """
+    host, port = _host_port(origin)
     try:
         with trio.fail_after(timeout):
             stream = await connect(host, port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise OriginError(f"cannot connect to origin {origin}: {exc}") from exc
+            if origin_scheme(origin) in TLS_SCHEMES:
+                tls = trio.SSLStream(
+                    stream, client_tls_context(ca_pem, ("http/1.1",)), server_hostname=host
+                )
+                try:
+                    await tls.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(tls)
+                    raise
+                stream = tls
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        cause = exc.__cause__ or exc
+        raise OriginError(f"cannot connect to origin {origin}: {cause}") from exc
     return stream, origin_prefix(origin)
 
 
@@ -289,6 +329,9 @@ async def open_upgrade(
     connect: OriginConnector = open_tcp,
 ) -> Tunnel | tuple[h11.Response, bytes]:
     """Forward an Upgrade request; return a :class:`Tunnel` on 101, else the response and body."""
+    if origin_scheme(origin) != "http":
+        # WebSocket over HTTP/2 (RFC 8441) is not spoken to origins.
+        raise OriginError(f"a WebSocket upgrade needs an http:// origin, not {origin}")
     stream, prefix = await _connect(origin, timeout, connect)
     conn = h11.Connection(h11.CLIENT)
     try:
@@ -401,6 +444,7 @@ class _OriginConnection:
     stream: trio.abc.Stream
     h11: h11.Connection
     prefix: bytes
+    ca_pem: str | None = None
 
 
 def _has_stray_bytes(stream: trio.abc.Stream) -> bool:
@@ -426,28 +470,56 @@ class OriginPool:
     reuse it is checked for bytes that arrived since (one non-blocking peek).
     """
 
-    def __init__(self, connect: OriginConnector = open_tcp, max_idle: int = 64) -> None:
+    def __init__(
+        self, connect: OriginConnector = open_tcp, max_idle: int = 64, max_h2_connections: int = 8
+    ) -> None:
         self.connect = connect
         # Set by a simulation: requests go to this callable instead of over HTTP (the way
         # httpx mounts an ASGI app), which spares the simulated origin's protocol work.
         self.app: OriginApp | None = None
         self.max_idle = max_idle
-        self._idle: dict[str, list[_OriginConnection]] = {}
+        self._idle: dict[tuple[str, str | None], list[_OriginConnection]] = {}
+        # HTTP/2 origins: shared connections whose tasks live in ``running()``'s nursery.
+        self.h2 = H2Origins(lambda: self.connect, max_h2_connections)
+        # https:// origins that selected http/1.1 in ALPN: later requests skip the h2 attempt.
+        self.http1_origins: set[tuple[str, str | None]] = set()
 
-    async def acquire(self, origin: str, timeout: float) -> tuple[_OriginConnection, bool]:
-        """An idle connection to ``origin`` (reused: True) or a new one."""
-        idle = self._idle.get(origin)
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[OriginPool]:
+        """Run the pool's HTTP/2 connections (their reader tasks) until exit; then close all.
+
+        Only h2c://, grpc://, https:// and grpcs:// origins need it; http:// works without.
+        """
+        try:
+            async with self.h2.running():
+                yield self
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def acquire(
+        self,
+        origin: str,
+        timeout: float,
+        ca_pem: str | None = None,
+        fresh: trio.abc.Stream | None = None,
+    ) -> tuple[_OriginConnection, bool]:
+        """An idle connection to ``origin`` (reused: True), ``fresh`` or a new one."""
+        if fresh is not None:
+            prefix = origin_prefix(origin)
+            return _OriginConnection(fresh, h11.Connection(h11.CLIENT), prefix, ca_pem), False
+        idle = self._idle.get((origin, ca_pem))
         while idle:
             conn = idle.pop()
             if not _has_stray_bytes(conn.stream):
                 return conn, True
             await trio.aclose_forcefully(conn.stream)
-        stream, prefix = await _connect(origin, timeout, self.connect)
-        return _OriginConnection(stream, h11.Connection(h11.CLIENT), prefix), False
+        stream, prefix = await _connect(origin, timeout, self.connect, ca_pem)
+        return _OriginConnection(stream, h11.Connection(h11.CLIENT), prefix, ca_pem), False
 
     async def release(self, origin: str, conn: _OriginConnection) -> None:
         """Keep a connection for reuse if it can carry another request, else close it."""
-        idle = self._idle.setdefault(origin, [])
+        idle = self._idle.setdefault((origin, conn.ca_pem), [])
         leftover, closed = conn.h11.trailing_data
         if (
             conn.h11.our_state is h11.DONE
@@ -462,7 +534,8 @@ class OriginPool:
         await trio.aclose_forcefully(conn.stream)
 
     async def aclose(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection, and every HTTP/2 connection."""
+        self.h2.close_all()
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
@@ -523,12 +596,17 @@ async def origin_request(
     pool: OriginPool,
     *,
     content_length: int | None = None,
+    origin_ca: str | None = None,
 ) -> AsyncIterator[OriginResponse]:
-    """Send one request to ``origin`` (an http:// URL) and yield its streamed response.
+    """Send one request to ``origin`` and yield its streamed response.
 
-    ``body`` is the whole body, or an iterator streamed to the origin with ``content_length``
-    (the client's) when known, else chunked. An exception raised by the iterator (the client's
-    body failed) propagates unchanged after the origin connection is closed.
+    The origin URL's scheme says how: http:// is HTTP/1.1; h2c:// and grpc:// are HTTP/2 with
+    prior knowledge; https:// is TLS speaking what the origin selects in ALPN (h2 or
+    http/1.1), grpcs:// TLS with h2 only. ``origin_ca`` (PEM) verifies a TLS origin instead of
+    the system trust store. ``body`` is the whole body, or an iterator streamed to the origin
+    with ``content_length`` (the client's) when known, else chunked (HTTP/1.1) or DATA frames
+    (HTTP/2). An exception raised by the iterator (the client's body failed) propagates
+    unchanged after the origin stream or connection is closed.
     """
     rest: AsyncIterator[bytes] | None = None
     if isinstance(body, bytes | bytearray | memoryview):
@@ -567,10 +645,50 @@ async def origin_request(
             status, b"", [*out, (b"content-length", b"%d" % len(answer))], _one(answer)
         )
         return
+    scheme = origin_scheme(origin)
+    fresh: trio.abc.Stream | None = None
+    if scheme != "http" and (scheme != "https" or (origin, origin_ca) not in pool.http1_origins):
+        host, port = _host_port(origin)
+        h2_target = H2Target(origin, host, port, scheme in TLS_SCHEMES, origin_ca)
+        length = len(first) if rest is None and first else content_length
+        h2_headers = h2_request_headers(
+            method,
+            join_path(origin_prefix(origin), target),
+            b"https" if h2_target.tls else b"http",
+            f"{host}:{port}".encode(),
+            [*headers, *([(b"content-length", b"%d" % length)] if length is not None else [])],
+        )
+        for attempt in (1, 2):
+            try:
+                h2_conn, h2_stream = await pool.h2.open_stream(
+                    h2_target,
+                    h2_headers,
+                    rest is None and not first,
+                    timeout,
+                    http1_fallback=scheme == "https",
+                )
+            except NegotiatedHTTP1 as negotiated:
+                pool.http1_origins.add((origin, origin_ca))
+                fresh = negotiated.stream
+                break
+            except (H2Error, trio.TooSlowError) as exc:
+                raise _h2_failure(origin, exc, timeout) from exc
+            try:
+                async with _h2_exchange(
+                    h2_conn, h2_stream, origin, first, rest, timeout
+                ) as response:
+                    yield response
+                return
+            except _Unprocessed as unprocessed:
+                # The origin refused the stream (REFUSED_STREAM, or GOAWAY below its id):
+                # it did nothing with it, so a whole body can be sent again, once.
+                if attempt == 2 or rest is not None:
+                    raise OriginError(str(unprocessed)) from None
     streamed = False  # a chunk left the iterator: the request can no longer be replayed
     fair = Fairness()
     for attempt in (1, 2):
-        conn, reused = await pool.acquire(origin, timeout)
+        conn, reused = await pool.acquire(origin, timeout, origin_ca, fresh)
+        fresh = None
         stream = conn.stream
         try:
             with trio.fail_after(timeout):
@@ -623,12 +741,103 @@ async def origin_request(
             if not isinstance(ev, h11.Data):
                 # EndOfMessage or ConnectionClosed; or PAUSED after a 2xx to CONNECT (or a
                 # 101), where h11 stops parsing and would answer PAUSED forever.
+                if isinstance(ev, h11.EndOfMessage) and ev.headers:
+                    response.trailers = list(ev.headers)  # a chunked body's trailer section
                 return
             yield bytes(ev.data)
             await fair.moved(len(ev.data))
 
+    response = OriginResponse(event.status_code, bytes(event.reason), list(event.headers), chunks())
     try:
-        yield OriginResponse(event.status_code, bytes(event.reason), list(event.headers), chunks())
+        yield response
     finally:
         with trio.CancelScope(shield=True):
             await pool.release(origin, conn)
+
+
+class _Unprocessed(Exception):
+    """The origin refused an h2 stream without processing it: the request may be retried."""
+
+
+def _h2_failure(origin: str, exc: Exception, timeout: float) -> OriginError:
+    """The OriginError for an h2 failure or a timer (which says nothing itself) that ran out."""
+    return OriginError(str(exc) or f"origin {origin} timed out after {timeout:g} s")
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing
+
+
+@asynccontextmanager
+async def _h2_exchange(
+    conn: H2Origin,
+    stream: H2Stream,
+    origin: str,
+    first: bytes,
+    rest: AsyncIterator[bytes] | None,
+    timeout: float,
+) -> AsyncIterator[OriginResponse]:
+    """Stream the body on an open h2 stream while yielding the streamed response.
+
+    Both directions run at once (a gRPC bidirectional call answers each message before the
+    next is sent): the body goes from a task in this exchange's own nursery, which ends with
+    it. Leaving (normally, by an exception or by cancellation) resets the stream with CANCEL
+    if it is still open: the origin stops working on a request nobody waits for, and only
+    this stream ends (the connection is shared).
+    """
+    client_failed: list[Exception] = []
+
+    async def send_body() -> None:
+        # Never raises: a failure ends the stream, and the response side reports it.
+        try:
+            going = not stream.sent_all
+            if going and first:
+                with trio.fail_after(timeout):
+                    going = await conn.send_data(stream, first)
+            fair = Fairness()
+            while going and rest is not None and (chunk := await _pull(rest)) is not None:
+                with trio.fail_after(timeout):
+                    going = await conn.send_data(stream, chunk)
+                await fair.moved(len(chunk))
+            if going:
+                conn.end(stream)
+        except _ClientBodyFailed as failed:
+            client_failed.append(failed.error)
+            conn.abandon(stream, f"the client's body failed: {failed.error}")
+        except trio.TooSlowError:
+            conn.abandon(stream, f"origin {origin} took no request body for {timeout:g} s")
+        except H2Error as exc:
+            conn.abandon(stream, str(exc))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_body)
+            try:
+                status = await wait_head(conn, stream, timeout)
+            except H2Error as exc:
+                if client_failed:
+                    raise client_failed[0] from None  # the caller answers it (413, 408, 400)
+                if stream.unprocessed:
+                    raise _Unprocessed(str(exc)) from exc
+                raise _h2_failure(origin, exc, timeout) from exc
+            response = OriginResponse(status, b"", list(stream.headers), _no_body())
+
+            def keep(trailers: list[tuple[bytes, bytes]]) -> None:
+                response.trailers = list(trailers)
+
+            response.body = response_chunks(conn, stream, timeout, keep, OriginError)
+            yield response
+            nursery.cancel_scope.cancel()  # a body still going has nobody left to answer it
+    except BaseExceptionGroup as group:
+        # The nursery wraps what the caller or this exchange raised; give it back as it was.
+        raise _single(group) from None
+    finally:
+        conn.finish(stream)
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a nursery wrapped, or the group when there are several."""
+    if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+        return group.exceptions[0]
+    return group

@@ -359,10 +359,16 @@ class _Session(RequestPath):
             # Possibly a stream (chunked, or large): the client gets the head at once.
             await self.tls.send_all(head)
             head = b""
-        # One chunk behind, so that the log line is written before the response ends;
-        # a small response leaves in one write (head, body and end together).
+        # A small response leaves in one write (head, body and end together), one chunk
+        # behind so that the log line is written before it ends. A stream goes out chunk by
+        # chunk as it comes (its end, the EndOfMessage, still after the log line): the client
+        # must not wait for the origin's next chunk to see this one.
         pending = b""
+        streaming = not head
         async for chunk in response.body:
+            if streaming:
+                await self.tls.send_all(self.h11.send(h11.Data(data=chunk)) or b"")
+                continue
             if pending:
                 await self.tls.send_all(head + (self.h11.send(h11.Data(data=pending)) or b""))
                 head = b""
@@ -666,7 +672,8 @@ async def serve(
     # The listening socket leaves trio's wrapper for ours (see enforcer/sockets.py).
     sock = socket.socket(fileno=listener.socket.detach())
     try:
-        async with trio.open_nursery() as nursery:
+        # The origin pool's HTTP/2 connections live as long as serving does.
+        async with enforcer.origins.running(), trio.open_nursery() as nursery:
             nursery.start_soon(
                 functools.partial(serve_tcp, max_connections=enforcer.settings.max_connections),
                 sock,

@@ -63,7 +63,30 @@ def test_the_demo_config_loads(demo: DemoLayout) -> None:
             "applications[0].policies[0].include[0]",
             "unknown rule 'certificat'",
         ),
-        ('origin = "http', 'origin = "ftp', "applications[0].origin", "expected an http:// URL"),
+        (
+            'origin = "http',
+            'origin = "ftp',
+            "applications[0].origin",
+            "expected a URL starting with one of http://, h2c://, grpc://, https://",
+        ),
+        (
+            'origin = "http',
+            'origin_ca = "ca/root.pem"\norigin = "http',
+            "applications[0].origin_ca",
+            "only an https:// or grpcs:// origin has a certificate to verify",
+        ),
+        (
+            'origin = "http://',
+            'origin_ca = "nope.pem"\norigin = "https://',
+            "applications[0].origin_ca",
+            "cannot read",
+        ),
+        (
+            'origin = "http://',
+            'origin_ca = "enforcer.toml"\norigin = "https://',
+            "applications[0].origin_ca",
+            "not PEM CA certificates",
+        ),
         ("[server]", "[server]\nlisten = 1", "server.listen", "unknown field"),
     ],
 )
