@@ -135,6 +135,11 @@ class GrpcDeviceClient(DeviceClient):
             root_certificates=root, private_key=key, certificate_chain=chain
         )
 
+    def load_credentials(self) -> None:
+        """Read the device's chain and key now (as a device does at boot), not on first call."""
+        if self._credentials is None:
+            self._credentials = self._make_credentials()
+
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
         if state is grpc.ChannelConnectivity.READY:
             self.handshakes += 1
