@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -48,6 +49,24 @@ from devices.keystore import KeyStore
 
 MAX_BODY = 1 << 20  # bytes of response body a device reads before giving up on the answer
 MAX_HEADER_LIST = 64 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE the device announces
+
+
+class _GracefulConnection(h2.connection.H2Connection):
+    """An h2 client connection on which streams a GOAWAY covers can still complete.
+
+    h2 moves a connection to CLOSED on receiving GOAWAY and then refuses every frame
+    (python-hyper/h2#1181), but RFC 9113 section 6.8 lets streams up to the GOAWAY's last
+    stream id complete, and servers use that: nginx (``keepalive_requests``), and an
+    application with No Duration, send GOAWAY *before* the response of the stream they
+    answer. So the connection stays open for receiving; the client opens no new stream on
+    it (``H2DeviceClient._goaway``) and drops it once its stream has ended.
+    """
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        frames, events = super()._receive_goaway_frame(frame)
+        if self.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        return frames, events
 
 
 class _Stale(Exception):
@@ -135,7 +154,7 @@ class H2DeviceClient(DeviceClient):
                 attempt.error = f"the server did not select h2 (ALPN: {selected or 'none'})"
                 await self._drop()
                 return False
-            conn = h2.connection.H2Connection(
+            conn = _GracefulConnection(
                 h2.config.H2Configuration(client_side=True, header_encoding=None)
             )
             conn.local_settings = h2.settings.Settings(
@@ -218,8 +237,15 @@ class H2DeviceClient(DeviceClient):
     async def _flush(self) -> None:
         assert self._stream is not None and self._h2 is not None
         data = self._h2.data_to_send()
-        if data:
+        if not data:
+            return
+        try:
             await self._stream.send_all(data)
+        except trio.BrokenResourceError:
+            if not self._goaway:
+                raise
+            # After its GOAWAY the server may close as soon as it has answered: what was left
+            # to send (window updates, settings acks) no longer matters.
 
     async def _send_body(self, exchange: _Exchange, body: bytes) -> None:
         """Send ``body`` on the stream within the flow-control windows, then end the stream."""

@@ -72,9 +72,11 @@ async def start_nginx(
     reloadable: bool = False,
     http2: bool = False,
     grpc_upstream: str | None = None,
+    keepalive_requests: int | None = None,
 ) -> tuple[trio.Process, int]:
     """Start nginx with ``ssl_verify_client optional`` and a ``$ssl_client_verify`` check
-    (``http2``: ALPN h2 too; ``grpc_upstream``: a gRPC edge in front of it)."""
+    (``http2``: ALPN h2 too; ``grpc_upstream``: a gRPC edge in front of it;
+    ``keepalive_requests``: requests per connection)."""
     return await start_nginx_servers(
         folder,
         cert=cert,
@@ -85,6 +87,7 @@ async def start_nginx(
         reloadable=reloadable,
         http2=http2,
         grpc_upstream=grpc_upstream,
+        keepalive_requests=keepalive_requests,
     )
 
 
@@ -116,7 +119,7 @@ SERVER_BLOCK = """
         server_name {server_name};
         ssl_certificate {cert};
         ssl_certificate_key {key};
-        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_protocols TLSv1.2 TLSv1.3;{keepalive}
 {verify}
         location / {{
 {body}
@@ -184,6 +187,7 @@ def render_servers(
     status_port: int | None = None,
     http2: bool = False,
     grpc_upstream: str | None = None,
+    keepalive_requests: int | None = None,
 ) -> str:
     """An nginx configuration with one server per hostname (``None``: served, no application).
 
@@ -192,7 +196,9 @@ def render_servers(
     every CA of the path); one without answers 404. ``status_port``: a plain-HTTP server there
     answers the generation in ``generation.conf`` (see :func:`reload_nginx`). ``http2``: offer
     ALPN h2 too; ``grpc_upstream`` (``host:port``, implies ``http2``): pass verified devices to
-    that gRPC server, and deny in gRPC (see the module's docstring).
+    that gRPC server, and deny in gRPC (see the module's docstring). ``keepalive_requests``:
+    requests per connection (HTTP/2 too: after the last, nginx sends GOAWAY), as an edge
+    that wants a handshake per request would set it to 1.
     """
     http2 = http2 or grpc_upstream is not None
     blocks = []
@@ -215,6 +221,11 @@ def render_servers(
                 verify=verify,
                 body=body,
                 http2=" http2" if http2 else "",
+                keepalive=(
+                    f"\n        keepalive_requests {keepalive_requests};"
+                    if keepalive_requests
+                    else ""
+                ),
             )
         )
     # Only a master process reloads: nginx without one (the simpler default) stops accepting
@@ -239,6 +250,7 @@ async def start_nginx_servers(
     reloadable: bool = False,
     http2: bool = False,
     grpc_upstream: str | None = None,
+    keepalive_requests: int | None = None,
 ) -> tuple[trio.Process, int]:
     """Start nginx with one server per hostname (see :func:`render_servers`).
 
@@ -265,6 +277,7 @@ async def start_nginx_servers(
             status_port=status_port,
             http2=http2,
             grpc_upstream=grpc_upstream,
+            keepalive_requests=keepalive_requests,
         )
     )
     proc = await trio.lowlevel.open_process(
