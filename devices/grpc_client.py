@@ -33,7 +33,9 @@ trailing, else a ``grpc-message`` that is a reason code) is ``denied:<reason>``,
 ``grpc_unauthenticated`` / ``grpc_permission_denied``; a connection refused is
 ``connect_error``; a deadline is ``timeout``; an HTTP answer that is not gRPC (grpcio says
 "Received http2 header with status: 400") is ``http_<status>`` as over HTTP; anything else is
-``grpc_<code>`` (``grpc_unavailable``...). :attr:`Attempt.grpc_status` keeps the code's name.
+``grpc_<code>`` (``grpc_unavailable``...). :attr:`Attempt.grpc_status` keeps the code's name,
+``Attempt.headers`` the initial then trailing metadata, ``Attempt.body`` the number of response
+messages read (ASCII digits: the messages themselves are the service's, not the device's).
 """
 
 from __future__ import annotations
