@@ -44,11 +44,12 @@ class Target:
     connect: Callable[[], Awaitable[trio.abc.Stream]] | None = dataclasses.field(
         default=None, compare=False, repr=False
     )
+    alpn: tuple[str, ...] = ("http/1.1",)  # what the device offers (the h2 client: h2 only)
 
     def make_context(self) -> ssl.SSLContext:
         """Return a fresh client TLS context that trusts this target's server certificate."""
         ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-        ctx.set_alpn_protocols(["http/1.1"])
+        ctx.set_alpn_protocols(list(self.alpn))
         return ctx
 
 
@@ -92,6 +93,8 @@ class Attempt:
     error: str | None = None
     body: bytes = b""
     headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    protocol: str = "http1"  # http1, h2 or grpc
+    grpc_status: str | None = None  # a gRPC call's status code name (OK, UNAUTHENTICATED...)
 
     @property
     def allowed(self) -> bool:
@@ -157,6 +160,7 @@ class DeviceClient:
         self._session: ssl.SSLSession | None = None
         self._cookie: str | None = None
         self._cookie_expires: float | None = None
+        self.handshakes = 0  # TLS handshakes completed (full or resumed), over all connections
 
     @property
     def cookie(self) -> str | None:
@@ -252,27 +256,9 @@ class DeviceClient:
     ) -> bool:
         """Fill ``attempt``; return True when a reused connection turned out to be closed."""
         if self._stream is None or self.options.always_new_handshake or not self.options.keep_alive:
-            await self._drop()
-            try:
-                self._stream = await self._connect(attempt.timings)
-            except OSError as exc:
-                attempt.outcome, attempt.error = "connect_error", _describe(exc)
-                return False
-            except trio.BrokenResourceError as exc:
-                attempt.outcome, attempt.error = tls_error_name(exc), _describe(exc)
-                return False
-            except KeyStoreError as exc:  # PIN, touch, a locked token: the device cannot sign
-                code = getattr(exc, "code", type(exc).__name__)
-                attempt.outcome, attempt.error = f"key_store_error:{code}", str(exc)
-                return False
-            problem = self._server_certificate_problem(self._stream)
-            if problem is not None:
-                attempt.outcome, attempt.error = problem, "judged by the device's skewed clock"
-                await self._drop()
+            if not await self._open(attempt):
                 return False
             self._h11 = h11.Connection(h11.CLIENT)
-            attempt.new_connection = True
-            attempt.resumed = self._stream._ssl_object.session_reused
         assert self._stream is not None and self._h11 is not None
         stream, conn = self._stream, self._h11
 
@@ -335,6 +321,32 @@ class DeviceClient:
         else:
             conn.start_next_cycle()
         return False
+
+    async def _open(self, attempt: Attempt) -> bool:
+        """Open a new connection (TCP, key store, TLS) into ``self._stream``; False on failure,
+        with the failure in ``attempt``."""
+        await self._drop()
+        try:
+            self._stream = await self._connect(attempt.timings)
+        except OSError as exc:
+            attempt.outcome, attempt.error = "connect_error", _describe(exc)
+            return False
+        except trio.BrokenResourceError as exc:
+            attempt.outcome, attempt.error = tls_error_name(exc), _describe(exc)
+            return False
+        except KeyStoreError as exc:  # PIN, touch, a locked token: the device cannot sign
+            code = getattr(exc, "code", type(exc).__name__)
+            attempt.outcome, attempt.error = f"key_store_error:{code}", str(exc)
+            return False
+        self.handshakes += 1
+        problem = self._server_certificate_problem(self._stream)
+        if problem is not None:
+            attempt.outcome, attempt.error = problem, "judged by the device's skewed clock"
+            await self._drop()
+            return False
+        attempt.new_connection = True
+        attempt.resumed = self._stream._ssl_object.session_reused
+        return True
 
     def _take_cookie(self, attempt: Attempt) -> None:
         for name, value in attempt.headers:

@@ -112,7 +112,10 @@ class SoftwareKeyStore:
         self.cert_path = Path(cert_path)
         self.key_path = Path(key_path)
         self._password = password
-        self._context: ssl.SSLContext | None = None
+        # One context per make_context (bound to a target, hence to its ALPN list): a device
+        # that speaks h2 to one target and HTTP/1.1 to another keeps both. Keyed by identity,
+        # and bounded: a key store serves a device's few targets.
+        self._contexts: dict[Callable[[], ssl.SSLContext], ssl.SSLContext] = {}
 
     def __repr__(self) -> str:
         return f"SoftwareKeyStore(cert_path={self.cert_path!r}, key_path={self.key_path!r})"
@@ -123,9 +126,30 @@ class SoftwareKeyStore:
         """Return the cached client context (built on first use) and a cost of 0.0 seconds."""
         # The signature happens for real inside OpenSSL during the handshake, so the measured
         # handshake already includes it: nothing to add.
-        if self._context is None:
-            self._context = self._build(make_context)
-        return self._context, 0.0
+        ctx = self._contexts.get(make_context)
+        if ctx is None:
+            if len(self._contexts) >= 8:
+                self._contexts.clear()
+            ctx = self._contexts[make_context] = self._build(make_context)
+        return ctx, 0.0
+
+    def pem_credentials(self) -> tuple[bytes, bytes]:
+        """Return the certificate chain and the private key as PEM bytes (the key unencrypted).
+
+        For clients that take key material as bytes rather than an SSLContext (grpcio's
+        ``ssl_channel_credentials``). An encrypted key is decrypted in memory only.
+        """
+        chain = _read(self.cert_path, "certificate")
+        data = _read(self.key_path, "private key")
+        _check_key(self.key_path, data, self._password)
+        if self._password is None:
+            return chain, data
+        key = serialization.load_pem_private_key(data, self._password)
+        return chain, key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def _build(self, make_context: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         # Diagnose with cryptography first: OpenSSL's errors for a wrong password or a

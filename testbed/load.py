@@ -60,6 +60,7 @@ from devices.behaviour import Closed
 from devices.client import DeviceClient
 from devices.client import Target as DeviceTarget
 from enforcer.accesslog import AccessLog
+from enforcer.application import origin_problem
 from enforcer.clock import WallClock
 from enforcer.config import load_config
 from enforcer.origin import serve_echo_origin_on
@@ -80,13 +81,16 @@ from testbed.runner import (
     write_enforcer_config,
 )
 from testbed.scenario import (
+    PROTOCOLS,
     CohortSpec,
     Event,
     Phase,
     PkiSpec,
     Scenario,
     ScenarioError,
+    grpc_run,
     load_scenario,
+    protocol_problem,
 )
 from testbed.scenario import Target as ScenarioTarget
 from testbed.shards import ShardProgress, jobs_for, run_shards, start_epoch
@@ -149,6 +153,7 @@ class LoadPlan:
     timeout: float = 10.0
     repeat: int = 1  # --step: run the staircase this many times
     no_events: bool = False  # --scenario: run without the scenario's timed events
+    protocol: str | None = None  # http1, h2 or grpc for every cohort (None: the scenario's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +234,10 @@ def check_plan(plan: LoadPlan) -> None:
         raise LoadError(f"--repeat: expected 1 or more, got {plan.repeat}")
     if plan.repeat > 1 and not plan.step:
         raise LoadError("--repeat: repeats a --step staircase; give --step START:STEP[:MAX]")
+    if plan.protocol is not None and plan.protocol not in PROTOCOLS:
+        raise LoadError(
+            f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {plan.protocol!r}"
+        )
 
 
 def _phases(plan: LoadPlan) -> tuple[Phase, ...]:
@@ -270,8 +279,9 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
     """The scenario a load run amounts to (real clock, the plan's phases and mode)."""
     # Open-loop phases take only the request from the behaviour; the closed loop runs it.
     behaviour = Closed(path=plan.path, method="GET", body_bytes=0)
+    protocol = {"protocol": plan.protocol} if plan.protocol else {}
     cohorts = tuple(
-        dataclasses.replace(c, behaviour=behaviour, clock_skew=0.0, **MODES[plan.mode])
+        dataclasses.replace(c, behaviour=behaviour, clock_skew=0.0, **MODES[plan.mode], **protocol)
         for c in specs
     )
     if plan.target in ("embedded", "nginx"):
@@ -292,6 +302,11 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
             url=plan.target,
             ca=plan.ca,
         )
+    kind = target.kind
+    problem = protocol_problem(cohorts, "real", kind)
+    if problem is not None:
+        option = "--protocol" if plan.protocol else "--scenario"
+        raise LoadError(f"{option}: {problem[1]}")
     names = [c.name for c in cohorts]
     try:
         extra = tuple(parse_threshold(t, names) for t in plan.thresholds)
@@ -650,10 +665,19 @@ async def _supervise(
                 # The runner's origin, which its stop_origin and start_origin events control.
                 origin = await driver._start_origin(nursery)
                 driver.crls = crls
+            elif grpc_run(scenario):
+                origin = f"grpc://127.0.0.1:{await nursery.start(_serve_telemetry)}"
             else:
                 listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
                 origin = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
                 nursery.start_soon(serve_echo_origin_on, listeners)
+            problem = origin_problem(origin)
+            if problem is not None:
+                # grpc:// origins come with the enforcer's HTTP/2 origin client (issue 16).
+                raise LoadError(
+                    f"--target embedded: the enforcer cannot take the telemetry service's origin"
+                    f" ({problem}); load this gRPC fleet with --target nginx"
+                )
             config = write_enforcer_config(scenario, run_dir, fleet, origin, now, crls=crls)
             port = free_port()
             # With events, a target that follows its state database, where they are committed.
@@ -699,6 +723,10 @@ async def _supervise(
         elif plan.target == "nginx":
             write_edge(scenario, run_dir, now)
             crls = start_crls(scenario, run_dir, fleet, now)
+            upstream = None
+            if grpc_run(scenario):
+                # nginx passes verified devices to the telemetry service (grpc_pass).
+                upstream = f"127.0.0.1:{await nursery.start(_serve_telemetry)}"
             try:
                 proc, port = await start_nginx(
                     run_dir / "nginx",
@@ -709,6 +737,8 @@ async def _supervise(
                     # The run's CRLs, as `testbed run` gives nginx: revoked devices are refused.
                     crl=crls.chain,
                     reloadable=driver is not None,
+                    http2=any(c.protocol != "http1" for c in scenario.cohorts),
+                    grpc_upstream=upstream,
                 )
             except (RuntimeError, trio.TooSlowError) as exc:
                 raise LoadError(f"--target nginx: nginx did not start: {exc}") from None
@@ -758,6 +788,15 @@ async def _supervise(
                     if proc.returncode is None:
                         proc.kill()
             nursery.cancel_scope.cancel()
+
+
+async def _serve_telemetry(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the telemetry gRPC service (a gRPC fleet's origin) until cancelled."""
+    from testbed.telemetry import serve_telemetry
+
+    async with serve_telemetry() as service:
+        task_status.started(service.port)
+        await trio.sleep_forever()
 
 
 def run_load(
@@ -810,6 +849,7 @@ def run_load(
             "step": plan.step,
             "repeat": plan.repeat,
             "closed": plan.closed,
+            "protocol": plan.protocol,
         },
         started_at=dt.datetime.now(dt.UTC).isoformat(),
     )

@@ -97,6 +97,13 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default="new-handshake",
         help="new-handshake (default), resume, keepalive or cookie",
     )
+    p.add_argument(
+        "--protocol",
+        choices=("http1", "h2", "grpc"),
+        help="what every device speaks: http1 (HTTP/1.1), h2 (HTTP/2, one stream per request)"
+        " or grpc (Report calls to the telemetry service, started here); default: each"
+        " cohort's client.protocol, http1 for a fleet",
+    )
     p.add_argument("--ca", type=Path, help="URL target: the CA that signed its server certificate")
     p.add_argument("--hostname", help="the SNI and Host to send (default: the URL's host)")
     p.add_argument("--path", default="/", help="the request path (default /)")
@@ -187,6 +194,7 @@ def _run(args: argparse.Namespace, render: Callable[[Path], Any] | None, stdout:
             timeout=args.timeout,
             repeat=args.repeat,
             no_events=args.no_events,
+            protocol=args.protocol,
         )
         outcome, steps = run_load(
             plan, Path(args.reports), progress=not args.no_progress, render=render
@@ -310,6 +318,7 @@ def json_figures(
         "sustained_rate_spread": rate_spread(rates) if len(rates) > 1 else None,
         "run_dir": str(outcome.run_dir),
         "mode": plan.mode,
+        "protocol": plan.protocol or "scenario",
         "target": plan.target,
         "report": str(outcome.run_dir / "report.html"),
         # Attempts per second of the generator's own CPU: its per-core capacity.

@@ -1,6 +1,20 @@
 """nginx on loopback: a generated config (ssl_verify_client optional + a $ssl_client_verify
 check), started, reloaded and stopped by a test or a run.
 
+HTTP/2: ``http2=True`` offers ALPN h2 beside http/1.1 (nginx 1.22 here: ``listen ... ssl
+http2``; 1.25.1 and later spell it ``http2 on;``, and accept the old form with a warning).
+gRPC: ``grpc_upstream="127.0.0.1:PORT"`` makes every hostname with a CA a gRPC edge: verified
+devices are passed to the upstream (``grpc_pass grpc://...``, HTTP/2 cleartext, the testbed's
+telemetry service), and denials speak gRPC as the enforcer's do: HTTP 200 with
+``content-type: application/grpc``, ``grpc-status: 16`` (UNAUTHENTICATED), a ``grpc-message``
+and, where nginx knows the reason, ``x-access-denied-reason`` -- a Trailers-Only response, which
+grpcio reads as the call's status. A missing certificate gets ``no_certificate`` (as over HTTP);
+a certificate that does not verify (expired, unknown CA, revoked by the CRL...) is nginx's
+internal status 495, sent to a named location by ``error_page 495``, whose ``grpc-message``
+carries ``$ssl_client_verify`` (``FAILED:certificate has expired``) and no reason header:
+nginx cannot name it in the enforcer's words, so a gRPC device classifies it as
+``grpc_unauthenticated``, the counterpart of the HTTP clients' ``http_400``.
+
 With a CRL file (``ssl_crl``), nginx checks revocation for every certificate of the client's
 path (it sets OpenSSL's ``X509_V_FLAG_CRL_CHECK_ALL``): the file must hold a CRL for the root
 and for each intermediate, not only for the devices' issuer, or every chain is refused. A new
@@ -56,8 +70,13 @@ async def start_nginx(
     server_name: str,
     crl: Path | None = None,
     reloadable: bool = False,
+    http2: bool = False,
+    grpc_upstream: str | None = None,
+    keepalive_requests: int | None = None,
 ) -> tuple[trio.Process, int]:
-    """Start nginx with ``ssl_verify_client optional`` and a ``$ssl_client_verify`` check."""
+    """Start nginx with ``ssl_verify_client optional`` and a ``$ssl_client_verify`` check
+    (``http2``: ALPN h2 too; ``grpc_upstream``: a gRPC edge in front of it;
+    ``keepalive_requests``: requests per connection)."""
     return await start_nginx_servers(
         folder,
         cert=cert,
@@ -66,6 +85,9 @@ async def start_nginx(
         depth=3,
         crl=crl,
         reloadable=reloadable,
+        http2=http2,
+        grpc_upstream=grpc_upstream,
+        keepalive_requests=keepalive_requests,
     )
 
 
@@ -93,11 +115,11 @@ async def stop_nginx(proc: trio.Process) -> None:
 
 SERVER_BLOCK = """
     server {{
-        listen 127.0.0.1:{port} ssl;
+        listen 127.0.0.1:{port} ssl{http2};
         server_name {server_name};
         ssl_certificate {cert};
         ssl_certificate_key {key};
-        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_protocols TLSv1.2 TLSv1.3;{keepalive}
 {verify}
         location / {{
 {body}
@@ -128,6 +150,27 @@ CHECKED_BODY = """            if ($ssl_client_verify != SUCCESS) {
             }
             return 200 "ok $ssl_client_s_dn\\n";"""
 
+# gRPC: the check as CHECKED_BODY, then grpc_pass; denials as Trailers-Only gRPC responses.
+GRPC_BODY = """            default_type application/grpc;
+            if ($ssl_client_verify != SUCCESS) {{
+                add_header grpc-status 16 always;
+                add_header grpc-message no_certificate always;
+                add_header X-Access-Denied-Reason no_certificate always;
+                return 200;
+            }}
+            grpc_pass grpc://{upstream};"""
+
+# A certificate that fails verification never reaches a location: nginx finalises the request
+# with 495 at the server level, where this error page turns it into a gRPC status.
+GRPC_CERT_ERROR = """
+        error_page 495 = @grpc_certificate_error;
+        location @grpc_certificate_error {
+            default_type application/grpc;
+            add_header grpc-status 16 always;
+            add_header grpc-message "client certificate: $ssl_client_verify" always;
+            return 200;
+        }"""
+
 NO_APPLICATION_BODY = """            add_header X-Access-Denied-Reason no_application always;
             return 404 "no application\\n";"""
 
@@ -142,14 +185,22 @@ def render_servers(
     depth: int = 5,
     crl: Path | None = None,
     status_port: int | None = None,
+    http2: bool = False,
+    grpc_upstream: str | None = None,
+    keepalive_requests: int | None = None,
 ) -> str:
     """An nginx configuration with one server per hostname (``None``: served, no application).
 
     A hostname with a CA file checks client certificates against it (``ssl_verify_client
     optional`` and a ``$ssl_client_verify`` check), and against ``crl`` when given (a CRL for
     every CA of the path); one without answers 404. ``status_port``: a plain-HTTP server there
-    answers the generation in ``generation.conf`` (see :func:`reload_nginx`).
+    answers the generation in ``generation.conf`` (see :func:`reload_nginx`). ``http2``: offer
+    ALPN h2 too; ``grpc_upstream`` (``host:port``, implies ``http2``): pass verified devices to
+    that gRPC server, and deny in gRPC (see the module's docstring). ``keepalive_requests``:
+    requests per connection (HTTP/2 too: after the last, nginx sends GOAWAY), as an edge
+    that wants a handshake per request would set it to 1.
     """
+    http2 = http2 or grpc_upstream is not None
     blocks = []
     if status_port is not None:
         blocks.append(STATUS_SERVER.format(port=status_port, dir=folder))
@@ -158,9 +209,23 @@ def render_servers(
         if client_ca and crl is not None:
             verify += CRL.format(crl=crl)
         body = CHECKED_BODY if client_ca else NO_APPLICATION_BODY
+        if client_ca and grpc_upstream is not None:
+            body = GRPC_BODY.format(upstream=grpc_upstream)
+            verify += GRPC_CERT_ERROR
         blocks.append(
             SERVER_BLOCK.format(
-                port=port, server_name=name, cert=cert, key=key, verify=verify, body=body
+                port=port,
+                server_name=name,
+                cert=cert,
+                key=key,
+                verify=verify,
+                body=body,
+                http2=" http2" if http2 else "",
+                keepalive=(
+                    f"\n        keepalive_requests {keepalive_requests};"
+                    if keepalive_requests
+                    else ""
+                ),
             )
         )
     # Only a master process reloads: nginx without one (the simpler default) stops accepting
@@ -183,6 +248,9 @@ async def start_nginx_servers(
     depth: int = 5,
     crl: Path | None = None,
     reloadable: bool = False,
+    http2: bool = False,
+    grpc_upstream: str | None = None,
+    keepalive_requests: int | None = None,
 ) -> tuple[trio.Process, int]:
     """Start nginx with one server per hostname (see :func:`render_servers`).
 
@@ -207,6 +275,9 @@ async def start_nginx_servers(
             depth=depth,
             crl=crl,
             status_port=status_port,
+            http2=http2,
+            grpc_upstream=grpc_upstream,
+            keepalive_requests=keepalive_requests,
         )
     )
     proc = await trio.lowlevel.open_process(

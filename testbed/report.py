@@ -499,6 +499,53 @@ def virtual_latency_note(summary: Mapping[str, Any]) -> str:
     return text
 
 
+def _protocols_html(summary: Mapping[str, Any]) -> str:
+    """Outcomes and latencies per protocol the devices spoke (only when not all HTTP/1.1)."""
+    protocols: Mapping[str, Any] = summary.get("protocols") or {}
+    if not protocols or set(protocols) == {"http1"}:
+        return ""
+    unit = "virtual ms" if summary["run"]["clock"] == "virtual" else "ms"
+    rows = []
+    for name, p in protocols.items():
+        n = p["attempts"]
+        statuses = ", ".join(f"{k} {v:,}" for k, v in (p.get("grpc_statuses") or {}).items())
+        lat = p.get("latency") or {}
+        rows.append(
+            [
+                _e(name),
+                _num(f"{n:,}"),
+                _num(fmt_share(p["matched_share"])),
+                _num(f"{p['false_accepts']:,}", " fa" if p["false_accepts"] else ""),
+                _num(f"{p['false_rejects']:,}"),
+                _num(f"{p['errors']:,}"),
+                _num(_count_share(p.get("full_handshakes", 0), n)),
+                _e(statuses or "-"),
+                *(_num(fmt_ms((lat.get(k) or {}).get("p50"))) for k in ("handshake", "first_byte")),
+                _num(fmt_ms((lat.get("total") or {}).get("p99"))),
+            ]
+        )
+    headers = [
+        "protocol",
+        "attempts",
+        "matched",
+        "false accepts",
+        "false rejects",
+        "errors",
+        "full handshakes",
+        "gRPC status",
+        f"handshake p50 ({unit})",
+        f"first byte p50 ({unit})",
+        f"total p99 ({unit})",
+    ]
+    return (
+        '<h2 id="protocols">Protocols</h2><p>What the devices spoke: HTTP/1.1, HTTP/2 (one '
+        "stream per request) or gRPC calls to the telemetry service, with the calls' gRPC "
+        "status codes. A gRPC handshake is the time to a READY channel (TCP, TLS and the "
+        "HTTP/2 preface together); its first byte is the first response message.</p>"
+        + _table(headers, rows)
+    )
+
+
 def _phases_html(summary: Mapping[str, Any]) -> str:
     unit = "virtual ms" if summary["run"]["clock"] == "virtual" else "ms"
     rows = []
@@ -647,6 +694,7 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
         f"<h3>Expected vs observed</h3>{_matrix_html(summary)}"
         f"<h2>Latency</h2>{_latency_html(summary)}"
         f"<h2>Phases</h2>{_phases_html(summary)}"
+        f"{_protocols_html(summary)}"
         f"{_steps_html(summary)}"
         f"<h2>Figures</h2>{_figures_html(images)}"
         f"<h2>Events</h2>{_events_html(summary)}"

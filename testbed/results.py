@@ -40,7 +40,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     new_connection INTEGER NOT NULL,
     resumed INTEGER NOT NULL,
     error TEXT,
-    cookie_sent INTEGER NOT NULL DEFAULT 0
+    cookie_sent INTEGER NOT NULL DEFAULT 0,
+    protocol TEXT NOT NULL DEFAULT 'http1',
+    grpc_status TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_cohort ON attempts (cohort);
 CREATE TABLE IF NOT EXISTS events (t REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -77,10 +79,18 @@ class AttemptRow:
     resumed: bool
     error: str | None = None
     cookie_sent: bool = False  # the device sent its CF_Authorization cookie
+    protocol: str = "http1"  # what the device spoke: http1, h2 or grpc
+    grpc_status: str | None = None  # a gRPC call's status code name (OK, UNAUTHENTICATED...)
 
 
 # Columns added after the first release, with what older databases hold instead.
-_ADDED = {"cookie_sent": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED = {
+    "cookie_sent": "INTEGER NOT NULL DEFAULT 0",
+    "protocol": "TEXT NOT NULL DEFAULT 'http1'",
+    "grpc_status": "TEXT",
+}
+# ... and how a reader of such a database spells that default.
+_READ_DEFAULT = {"cookie_sent": "0", "protocol": "'http1'", "grpc_status": "NULL"}
 
 
 def _missing_columns(db: sqlite3.Connection, schema: str = "main") -> list[str]:
@@ -218,7 +228,7 @@ class Results:
         """Every attempt, in the order written."""
         # A database written before a column was added reads as its default.
         missing = _missing_columns(self._db)
-        columns = ", ".join(f"0 AS {f}" if f in missing else f for f in _FIELDS)
+        columns = ", ".join(f"{_READ_DEFAULT[f]} AS {f}" if f in missing else f for f in _FIELDS)
         for row in self._db.execute(f"SELECT {columns} FROM attempts ORDER BY id"):
             values = dict(zip(_FIELDS, row, strict=True))
             values["new_connection"] = bool(values["new_connection"])

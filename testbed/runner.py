@@ -41,11 +41,14 @@ from rich.table import Table
 from devices.behaviour import run_behaviour
 from devices.client import Attempt, ClientOptions, DeviceClient
 from devices.client import Target as DeviceTarget
+from devices.grpc_client import GrpcDeviceClient
+from devices.h2_client import H2DeviceClient
 from devices.keystore import KeyStore, SoftwareKeyStore
 from devices.piv import MAX_RETRIES
 from devices.pki import issue_ca, issue_leaf, write_pem
 from enforcer import control
 from enforcer.accesslog import AccessLog
+from enforcer.application import origin_problem
 from enforcer.clock import Clock, TrioClock, WallClock
 from enforcer.config import load_config
 from enforcer.durations import parse_duration
@@ -54,7 +57,7 @@ from enforcer.server import Enforcer, open_listener, serve
 from testbed.network import link_pair
 from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
-from testbed.scenario import NGINX_REFUSED, CohortSpec, Event, Phase, Scenario
+from testbed.scenario import CohortSpec, Event, Phase, Scenario, grpc_run, refused_by_nginx
 from testbed.summary import fmt_rate, fmt_span
 from testbed.thresholds import Threshold
 
@@ -315,6 +318,35 @@ def _key_store(device_dir: Path, cohort: CohortSpec) -> KeyStore:
     return PivKeyStore(token, piv.slot, piv.pin)
 
 
+def make_client(
+    target: DeviceTarget,
+    store: KeyStore | None,
+    options: ClientOptions,
+    cohort: CohortSpec,
+    device_id: str,
+    limiter: trio.CapacityLimiter | None = None,
+) -> DeviceClient:
+    """The device client for a cohort's protocol: HTTP/1.1, HTTP/2 or gRPC (``limiter``
+    bounds the worker threads of gRPC calls)."""
+    if cohort.protocol == "h2":
+        return H2DeviceClient(target, store, options)
+    if cohort.protocol == "grpc":
+        return GrpcDeviceClient(
+            target,
+            store,
+            options,
+            device_id=device_id,
+            rpc=cohort.rpc,
+            watch_messages=cohort.watch_messages,
+            limiter=limiter,
+        )
+    return DeviceClient(target, store, options)
+
+
+# gRPC calls run in worker threads (grpcio blocks): this many at once per process.
+GRPC_THREADS = 64
+
+
 def arrival_times(phase: Phase, start: float) -> list[float]:
     """Scheduled times of a constant or ramping phase's attempts (open loop)."""
     if phase.arrival == "constant":
@@ -378,6 +410,7 @@ class Run:
         self._origin_listeners: list[trio.SocketListener] = []
         self.interrupted = False
         self._origin_port = 0
+        self.telemetry: Any = None  # the telemetry gRPC service, when this run started one
         self._cpu0 = 0.0
         self._links: Counter[str] = Counter()  # simulated connections opened, by device
 
@@ -411,6 +444,8 @@ class Run:
                 resumed=attempt.resumed,
                 error=attempt.error,
                 cookie_sent=attempt.cookie_sent,
+                protocol=attempt.protocol,
+                grpc_status=attempt.grpc_status,
             )
         )
         self.counts[attempt.outcome] += 1
@@ -479,6 +514,8 @@ class Run:
 
             self.crls = start_crls(s, self.run_dir, fleet, now)
             write_enforcer_config(s, self.run_dir, fleet, "http://127.0.0.1:9", now, crls=self.crls)
+            # A gRPC fleet's nginx passes verified devices to the telemetry service.
+            upstream = await self._start_origin(nursery) if grpc_run(s) else None
             try:
                 proc, port = await start_nginx(
                     self.run_dir / "nginx",
@@ -489,6 +526,8 @@ class Run:
                     # The same CRLs as the embedded enforcer's, one for each CA of the path.
                     crl=self.crls.chain,
                     reloadable=any(e.action == "revoke" for e in s.events),
+                    http2=any(c.protocol != "http1" for c in s.cohorts),
+                    grpc_upstream=upstream.removeprefix("grpc://") if upstream else None,
                 )
             except (RuntimeError, trio.TooSlowError) as exc:
                 raise RunError(
@@ -511,6 +550,13 @@ class Run:
         # The embedded enforcer.
         virtual = s.clock == "virtual"
         origin = "http://origin.invalid" if virtual else await self._start_origin(nursery)
+        problem = origin_problem(origin)
+        if problem is not None:
+            # grpc:// origins come with the enforcer's HTTP/2 origin client (issue 16).
+            raise RunError(
+                f"{s.path}: the embedded enforcer cannot take the telemetry service's origin"
+                f" ({problem}); run this gRPC fleet against target.kind = nginx"
+            )
         shard = self.shard if self.shards > 1 else None
         self.crls = start_crls(s, self.run_dir, fleet, now, shard)
         config = load_config(
@@ -535,10 +581,29 @@ class Run:
         return DeviceTarget("127.0.0.1", listener.socket.getsockname()[1], s.target.hostname, ca)
 
     async def _start_origin(self, nursery: trio.Nursery) -> str:
+        """Start the run's origin: the telemetry gRPC service for a gRPC fleet, else the echo
+        origin; return its URL."""
+        if grpc_run(self.scenario):
+            self._origin_port = await nursery.start(self._serve_telemetry, 0)
+            return f"grpc://127.0.0.1:{self._origin_port}"
         self._origin_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = self._origin_port = self._origin_listeners[0].socket.getsockname()[1]
         await self._run_origin(nursery)
         return f"http://127.0.0.1:{port}"
+
+    async def _serve_telemetry(
+        self, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve the telemetry service until stop_origin (or the run's end) cancels it."""
+        from testbed.telemetry import serve_telemetry
+
+        scope = trio.CancelScope()
+        self._origin_scope = scope
+        with scope:
+            async with serve_telemetry("127.0.0.1", port) as service:
+                self.telemetry = service
+                task_status.started(service.port)
+                await trio.sleep_forever()
 
     async def _run_origin(self, nursery: trio.Nursery) -> None:
         scope = trio.CancelScope()
@@ -566,7 +631,9 @@ class Run:
             return "origin stopped"
         if action == "start_origin":
             self.origin_up = True
-            if self._origin_port:
+            if self._origin_port and grpc_run(self.scenario):
+                await nursery.start(self._serve_telemetry, self._origin_port)
+            elif self._origin_port:
                 self._origin_listeners = await trio.open_tcp_listeners(
                     self._origin_port, host="127.0.0.1"
                 )
@@ -674,7 +741,7 @@ class Run:
             from testbed.nginx import reload_nginx
 
             await reload_nginx(*self._nginx)
-            refused = NGINX_REFUSED
+            refused = refused_by_nginx(self.scenario)
         else:
             assert self.enforcer is not None
             controller = self.enforcer.controller
@@ -786,6 +853,7 @@ class Run:
         async with trio.open_nursery() as nursery:
             target = self.target or await self.start_target(nursery, fleet, now)
             by_name = {c.name: c for c in s.cohorts}
+            limiter = trio.CapacityLimiter(GRPC_THREADS)
             self.members = fleet.members()
             for i, d in enumerate(self.members):
                 if i % self.shards != self.shard:
@@ -800,19 +868,21 @@ class Run:
                     clock_skew=cohort.clock_skew,
                 )
                 store = _key_store(d.fleet / "devices" / d.id, cohort)
-                if isinstance(store, SoftwareKeyStore):
+                client = make_client(
+                    self._device_target(target, d.id, nursery),
+                    store,
+                    options,
+                    cohort,
+                    d.id,
+                    limiter,
+                )
+                if isinstance(client, GrpcDeviceClient):
+                    client.load_credentials()
+                elif isinstance(store, SoftwareKeyStore):
                     # Load the key and chain now, as a device does when it boots, so that no
                     # attempt's latency includes reading the fleet's files.
-                    await store.handshake_context(target.make_context)
-                self.devices.append(
-                    Device(
-                        d.id,
-                        cohort,
-                        d.sha256,
-                        d.device.common_name,
-                        DeviceClient(self._device_target(target, d.id, nursery), store, options),
-                    )
-                )
+                    await store.handshake_context(client.target.make_context)
+                self.devices.append(Device(d.id, cohort, d.sha256, d.device.common_name, client))
             if self.ready is not None:
                 await trio.to_thread.run_sync(
                     self.ready.wait, START_TIMEOUT, abandon_on_cancel=True
@@ -1065,7 +1135,12 @@ def run_meta(scenario: Scenario) -> dict[str, Any]:
         # Where a virtual run's latencies come from: the simulated link's delays, in seconds.
         "network": dataclasses.asdict(scenario.network) if scenario.clock == "virtual" else None,
         "cohorts": {
-            c.name: {"size": c.size, "expected": c.expected, "defect": c.defect}
+            c.name: {
+                "size": c.size,
+                "expected": c.expected,
+                "defect": c.defect,
+                "protocol": c.protocol,
+            }
             for c in scenario.cohorts
         },
         "phases": [

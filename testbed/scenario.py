@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from devices.behaviour import Behaviour, BehaviourError, Periodic, parse_behaviour
@@ -23,6 +24,11 @@ CLOCKS = ("real", "virtual")
 TARGETS = ("embedded", "nginx", "external")
 ARRIVALS = ("constant", "ramping", "active")
 KEY_STORES = ("software", "piv")
+# What a cohort's devices speak (client.protocol): HTTP/1.1 (h11), HTTP/2 (h2) or gRPC calls to
+# the telemetry service (grpcio). Which key stores each can use: see PROTOCOL_KEY_STORES.
+PROTOCOLS = ("http1", "h2", "grpc")
+PROTOCOL_KEY_STORES = {"http1": KEY_STORES, "h2": KEY_STORES, "grpc": ("software",)}
+RPCS = ("report", "watch")
 EVENTS = (
     "revoke",
     "rotate_root",
@@ -38,6 +44,8 @@ ORIGIN_EVENTS = ("stop_origin", "start_origin")
 REVOCABLE_EVENTS = ("revoke", *ORIGIN_EVENTS)
 # nginx answers 400 to a client certificate that does not verify, a revoked one included.
 NGINX_REFUSED = "http_400"
+# ... and to a gRPC device, the gRPC denial testbed/nginx.py configures (no reason header).
+NGINX_REFUSED_GRPC = "grpc_unauthenticated"
 # Virtual runs without a network table: a LAN-to-cloud round trip, no jitter.
 DEFAULT_VIRTUAL_NETWORK = Network(rtt=0.020)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -105,6 +113,9 @@ class CohortSpec:
     clock_skew: float = 0.0
     piv: PivSettings = dataclasses.field(default_factory=PivSettings)
     pki: str = "fleet"
+    protocol: str = "http1"  # http1, h2 or grpc (client.protocol)
+    rpc: str = "report"  # grpc: the call each attempt makes (unary Report or streaming Watch)
+    watch_messages: int = 3  # grpc, rpc = "watch": commands each call reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,8 +280,34 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
         raise ScenarioError(r.path, "", str(exc)) from None
     client = r.sub("client")
     client.unknown(
-        {"keep_alive", "resume_sessions", "reuse_cookie", "always_new_handshake", "clock_skew"}
+        {
+            "keep_alive",
+            "resume_sessions",
+            "reuse_cookie",
+            "always_new_handshake",
+            "clock_skew",
+            "protocol",
+            "rpc",
+            "watch_messages",
+        }
     )
+    protocol = client.choice("protocol", PROTOCOLS, "http1")
+    key_store = r.choice("key_store", KEY_STORES, "software")
+    if key_store not in PROTOCOL_KEY_STORES[protocol]:
+        raise client.error(
+            "protocol",
+            f"{protocol} cannot use a {key_store} key store: grpcio takes the private key as PEM"
+            " bytes and a PIV token never exports it; use http1 or h2, or key_store = software",
+        )
+    if protocol != "grpc" and ("rpc" in client.table or "watch_messages" in client.table):
+        raise client.error(
+            "rpc" if "rpc" in client.table else "watch_messages",
+            'only a gRPC cohort makes calls: set protocol = "grpc" or remove it',
+        )
+    rpc = client.choice("rpc", RPCS, "report")
+    watch_messages = int(client.number("watch_messages", 3, minimum=1))
+    if watch_messages > 1000:
+        raise client.error("watch_messages", f"{watch_messages} is above 1000")
     piv = r.sub("piv")
     piv.unknown(
         {"slot", "pin", "pin_policy", "touch_policy", "touch_delay", "browser_pin_every_handshake"}
@@ -281,7 +318,7 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
         size=size,
         defect=defect,
         expected=expected,
-        key_store=r.choice("key_store", KEY_STORES, "software"),
+        key_store=key_store,
         key_type=key_type,
         behaviour=behaviour,
         keep_alive=client.get("keep_alive", bool, True, "true or false"),
@@ -299,6 +336,9 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
                 "browser_pin_every_handshake", bool, False, "true or false"
             ),
         ),
+        protocol=protocol,
+        rpc=rpc,
+        watch_messages=watch_messages,
     )
 
 
@@ -383,6 +423,47 @@ def _network(top: TableReader, clock: str) -> Network:
     return Network(rtt, jitter)
 
 
+def protocol_problem(
+    cohorts: Sequence[CohortSpec], clock: str, target_kind: str
+) -> tuple[str, str] | None:
+    """(field, problem) when a run cannot carry its cohorts' protocols, else None: gRPC in
+    virtual time, gRPC from a key store that cannot export its key, gRPC beside HTTP."""
+    grpc = [c for c in cohorts if c.protocol == "grpc"]
+    if grpc and clock == "virtual":
+        return (
+            "clock",
+            f"cohort {grpc[0].name} has client.protocol = grpc, which needs real sockets (grpcio"
+            ' runs its own): use clock = "real", or protocol http1 or h2',
+        )
+    for c in grpc:
+        if c.key_store not in PROTOCOL_KEY_STORES["grpc"]:
+            return (
+                "cohorts",
+                f"cohort {c.name}: grpc cannot use a {c.key_store} key store: grpcio takes the"
+                " private key as PEM bytes and a PIV token never exports it; use http1 or h2",
+            )
+    others = [c.name for c in cohorts if c.protocol != "grpc"]
+    if grpc and others and target_kind != "external":
+        # One application, one origin: the telemetry gRPC service answers gRPC calls only.
+        return (
+            "cohorts",
+            f"cohort {grpc[0].name} speaks grpc and cohort {others[0]} does not: the run's one"
+            " application has one origin (the telemetry gRPC service for grpc cohorts, the echo"
+            " origin for HTTP); give every cohort the same kind of protocol",
+        )
+    return None
+
+
+def grpc_run(scenario: Scenario) -> bool:
+    """The scenario's devices make gRPC calls (its origin is the telemetry service)."""
+    return any(c.protocol == "grpc" for c in scenario.cohorts)
+
+
+def refused_by_nginx(scenario: Scenario) -> str:
+    """What nginx's refusal of a certificate that does not verify looks like to the devices."""
+    return NGINX_REFUSED_GRPC if grpc_run(scenario) else NGINX_REFUSED
+
+
 def load_scenario(path: str | Path) -> Scenario:
     """Read and check a scenario file; raise :class:`ScenarioError` on the first problem."""
     p = Path(path)
@@ -427,6 +508,9 @@ def load_scenario(path: str | Path) -> Scenario:
     names = [c.name for c in cohorts]
     if len(set(names)) != len(names):
         raise top.error("cohorts", f"cohort names repeat: {names}")
+    problem = protocol_problem(cohorts, clock, target.kind)
+    if problem is not None:
+        raise top.error(*problem)
     if target.kind == "external" and any(c.defect == "revoked" for c in cohorts):
         # The run publishes CRLs to the targets it starts; an external one never sees them.
         raise top.error(

@@ -123,6 +123,10 @@ _REFUSAL_ALERTS = (
 )
 
 
+# gRPC statuses a target answers when it refuses the device, without a reason it can name.
+_GRPC_REFUSALS = ("grpc_unauthenticated", "grpc_permission_denied")
+
+
 @functools.cache  # a run has a handful of distinct outcomes and summaries read every attempt
 def outcome_kind(outcome: str) -> str:
     """Sort an outcome: ``allowed``, ``refused`` (the target decided against the device),
@@ -134,6 +138,8 @@ def outcome_kind(outcome: str) -> str:
         return "refused"
     if outcome.startswith("http_4"):
         return "refused"  # the target answered, and not with access (nginx's 400, a bare 403)
+    if outcome in _GRPC_REFUSALS:
+        return "refused"  # a gRPC denial without a reason code (nginx's, see testbed/nginx.py)
     if outcome.startswith("tls_error:") and outcome.endswith(_REFUSAL_ALERTS):
         return "refused"
     if outcome.startswith("key_store_error:"):
@@ -175,6 +181,8 @@ class _Group:
         self.outcomes: Counter[str] = Counter()
         self.expected: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
+        self.protocols: Counter[str] = Counter()
+        self.grpc_statuses: Counter[str] = Counter()
         self.matched = self.false_accepts = self.false_rejects = self.dropped = 0
         self.errors = self.decisions = 0
         # Per outcome expected at the attempt's time: how many attempts, and what they got.
@@ -206,9 +214,14 @@ class _Group:
         if reached(row.expected, row.outcome):
             self.decisions += 1
         self.by_expected[row.expected][row.outcome] += 1
+        self.protocols[row.protocol] += 1
+        if row.grpc_status is not None:
+            self.grpc_statuses[row.grpc_status] += 1
         if row.outcome != "allowed":
-            # The enforcer's reason header when it gave one, else how the attempt failed.
-            self.rejections[row.reason or row.outcome] += 1
+            # The enforcer's reason header when it gave one, else how the attempt failed; a
+            # gRPC call's status beside it (a denial's UNAUTHENTICATED or PERMISSION_DENIED).
+            key = row.reason or row.outcome
+            self.rejections[f"{key} [{row.grpc_status}]" if row.grpc_status else key] += 1
         if row.cookie_sent and row.outcome == "allowed":
             self.cookie_admitted += 1
         if row.new_connection:
@@ -252,6 +265,9 @@ class _Group:
                 )
             ],
             "unmatched_outcomes": self.unmatched(),
+            # What the devices spoke (http1, h2, grpc), and the gRPC calls' status codes.
+            "protocols": dict(self.protocols.most_common()),
+            "grpc_statuses": dict(self.grpc_statuses.most_common()),
             # How attempts got in, for comparing No Duration with cookies: a full handshake
             # with the certificate, a resumed TLS session, or the CF_Authorization cookie.
             "full_handshakes": self.new_connections - self.resumed,
@@ -327,6 +343,7 @@ def summarize(results: Results) -> dict[str, Any]:
     run = _Group()
     cohorts: dict[str, _Group] = {name: _Group() for name in cohorts_meta}
     phases: dict[str, _Group] = {str(p["name"]): _Group() for p in phases_meta}
+    protocols: dict[str, _Group] = {}
     phase_total: dict[str, _Latency] = defaultdict(_Latency)
     matrix: dict[str, Counter[str]] = defaultdict(Counter)
     timeline: list[tuple[float, str, float]] = []  # (scheduled, outcome, total_ms)
@@ -336,6 +353,7 @@ def summarize(results: Results) -> dict[str, Any]:
         run.add(row, latencies=False)
         _group(cohorts, row.cohort).add(row)
         _group(phases, row.phase).add(row, latencies=False)
+        _group(protocols, row.protocol).add(row)
         phase_total[row.phase].record(row.total_ms)
         matrix[row.expected][row.outcome] += 1
         timeline.append((row.scheduled, row.outcome, row.total_ms))
@@ -387,6 +405,11 @@ def summarize(results: Results) -> dict[str, Any]:
             for name, group in cohorts.items()
         },
         "phases": _phase_summaries(phases, phases_meta, phase_total),
+        # Per protocol the devices spoke: counts, gRPC statuses and latencies.
+        "protocols": {
+            name: {**group.counts(), "latency": group.latency_stats()}
+            for name, group in sorted(protocols.items())
+        },
         "matrix": {e: dict(o.most_common()) for e, o in sorted(matrix.items())},
         "series": _series(timeline, dropped, max(duration, span)),
         "events": events,
