@@ -292,6 +292,26 @@ async def test_a_request_body_streams_to_the_origin(served: Served) -> None:
     assert echo["headers"]["transfer-encoding"] == "chunked"  # else the origin gets it chunked
 
 
+async def test_a_body_too_slow_or_too_large_is_answered_on_its_stream(
+    serve_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import enforcer.http2
+
+    served = await serve_config(request_timeout=0.5)
+    monkeypatch.setattr(enforcer.http2, "MAX_BODY", 1000)
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        slow = client.start("/upload", method="POST", end=False)  # and never a DATA frame
+        await client.flush()
+        assert (await client.response(slow)).status == 408
+        large = await client.request("/upload", method="POST", body=b"x" * 5000)
+        assert large.status == 413
+        assert (await client.request("/")).status == 200  # the connection carries on
+    finally:
+        await client.aclose()
+    assert [r["status"] for r in requests(served)] == [408, 413, 200]
+
+
 async def test_a_slow_origin_slows_the_client(served: Served) -> None:
     # The origin is one end of a lockstep stream (no buffer at all: a write returns once the
     # origin read it), reading 4 KiB at a time with pauses. The enforcer must acknowledge the
