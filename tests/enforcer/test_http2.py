@@ -108,6 +108,25 @@ async def test_expiry_applies_to_the_next_stream(served: Served) -> None:
         await client.aclose()
 
 
+async def test_a_cookie_split_over_fields_admits_a_stream(served: Served) -> None:
+    # HTTP/2 clients may send each cookie as its own field (RFC 9113 §8.2.3).
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        cookie = (await client.request("/")).header("set-cookie")
+    finally:
+        await client.aclose()
+    assert cookie is not None
+    anonymous = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, None))
+    try:
+        fields = [("cookie", "theme=dark"), ("cookie", cookie.split(";")[0])]
+        response = await anonymous.request("/", headers=fields)
+        without = await anonymous.request("/")
+    finally:
+        await anonymous.aclose()
+    assert response.status == 200 and served.log()[-2]["admitted_by"] == "token"
+    assert (without.status, without.reason) == (403, "no_certificate")
+
+
 async def test_coalesced_stream_for_another_hostname_is_misdirected(served: Served) -> None:
     # Both demo hostnames share one edge certificate, so a browser-like client may reuse its
     # connection to AUTH_HOST for IOT_HOST (RFC 9113 §9.1.1): the stream gets 421, the
