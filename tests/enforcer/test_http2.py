@@ -444,6 +444,31 @@ async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> Non
         await client.aclose()
 
 
+async def test_a_stream_reset_as_it_opens_is_never_decided(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import enforcer.exchange
+
+    decided = []
+    original = enforcer.exchange.decide
+
+    def counting(*args: object, **kwargs: object) -> object:
+        decided.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(enforcer.exchange, "decide", counting)
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        sid = client.start("/reset")
+        client.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        await client.flush()  # HEADERS and RST_STREAM in one TLS record, so in one read
+        assert (await client.request("/after")).status == 200
+    finally:
+        await client.aclose()
+    assert [r["path"] for r in requests(served)] == ["/after"]
+    assert len(decided) == 1  # a rapid reset costs no decision (and no token signature)
+
+
 async def test_a_client_that_vanishes_ends_its_streams_quietly(served: Served) -> None:
     started, cancelled = trio.Event(), trio.Event()
 
