@@ -108,6 +108,25 @@ async def test_expiry_applies_to_the_next_stream(served: Served) -> None:
         await client.aclose()
 
 
+async def test_a_cookie_split_over_fields_admits_a_stream(served: Served) -> None:
+    # HTTP/2 clients may send each cookie as its own field (RFC 9113 §8.2.3).
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        cookie = (await client.request("/")).header("set-cookie")
+    finally:
+        await client.aclose()
+    assert cookie is not None
+    anonymous = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, None))
+    try:
+        fields = [("cookie", "theme=dark"), ("cookie", cookie.split(";")[0])]
+        response = await anonymous.request("/", headers=fields)
+        without = await anonymous.request("/")
+    finally:
+        await anonymous.aclose()
+    assert response.status == 200 and served.log()[-2]["admitted_by"] == "token"
+    assert (without.status, without.reason) == (403, "no_certificate")
+
+
 async def test_coalesced_stream_for_another_hostname_is_misdirected(served: Served) -> None:
     # Both demo hostnames share one edge certificate, so a browser-like client may reuse its
     # connection to AUTH_HOST for IOT_HOST (RFC 9113 §9.1.1): the stream gets 421, the
@@ -292,6 +311,26 @@ async def test_a_request_body_streams_to_the_origin(served: Served) -> None:
     assert echo["headers"]["transfer-encoding"] == "chunked"  # else the origin gets it chunked
 
 
+async def test_a_body_too_slow_or_too_large_is_answered_on_its_stream(
+    serve_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import enforcer.http2
+
+    served = await serve_config(request_timeout=0.5)
+    monkeypatch.setattr(enforcer.http2, "MAX_BODY", 1000)
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        slow = client.start("/upload", method="POST", end=False)  # and never a DATA frame
+        await client.flush()
+        assert (await client.response(slow)).status == 408
+        large = await client.request("/upload", method="POST", body=b"x" * 5000)
+        assert large.status == 413
+        assert (await client.request("/")).status == 200  # the connection carries on
+    finally:
+        await client.aclose()
+    assert [r["status"] for r in requests(served)] == [408, 413, 200]
+
+
 async def test_a_slow_origin_slows_the_client(served: Served) -> None:
     # The origin is one end of a lockstep stream (no buffer at all: a write returns once the
     # origin read it), reading 4 KiB at a time with pauses. The enforcer must acknowledge the
@@ -377,7 +416,8 @@ async def test_a_large_response_respects_a_small_client_window(served: Served) -
     assert response.largest_frame <= 1000 and response.data_frames >= size // 1000
 
 
-async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> None:
+def hang_the_origin(served: Served) -> tuple[trio.Event, trio.Event]:
+    """Make the origin (in-process) never answer; return its (started, cancelled) events."""
     started, cancelled = trio.Event(), trio.Event()
 
     async def hangs(*args: object) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -389,6 +429,11 @@ async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> Non
         raise AssertionError("unreachable")
 
     served.enforcer.origins.app = hangs
+    return started, cancelled
+
+
+async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> None:
+    started, cancelled = hang_the_origin(served)
     client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
     try:
         sid = client.start("/slow")
@@ -405,18 +450,33 @@ async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> Non
         await client.aclose()
 
 
+async def test_a_stream_reset_as_it_opens_is_never_decided(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import enforcer.exchange
+
+    decided = []
+    original = enforcer.exchange.decide
+
+    def counting(*args: object, **kwargs: object) -> object:
+        decided.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(enforcer.exchange, "decide", counting)
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        sid = client.start("/reset")
+        client.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        await client.flush()  # HEADERS and RST_STREAM in one TLS record, so in one read
+        assert (await client.request("/after")).status == 200
+    finally:
+        await client.aclose()
+    assert [r["path"] for r in requests(served)] == ["/after"]
+    assert len(decided) == 1  # a rapid reset costs no decision (and no token signature)
+
+
 async def test_a_client_that_vanishes_ends_its_streams_quietly(served: Served) -> None:
-    started, cancelled = trio.Event(), trio.Event()
-
-    async def hangs(*args: object) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        started.set()
-        try:
-            await trio.sleep_forever()
-        finally:
-            cancelled.set()
-        raise AssertionError("unreachable")
-
-    served.enforcer.origins.app = hangs
+    started, cancelled = hang_the_origin(served)
     client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
     client.start("/slow")
     await client.flush()
