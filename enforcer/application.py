@@ -11,6 +11,9 @@ from enforcer.policy import Policy
 
 COOKIE_NAME = "CF_Authorization"
 TOKEN_HEADER = "cf-access-jwt-assertion"
+# What non-browser clients send their token in (cloudflared access curl): read after the
+# assertion header; the cf-access- prefix is owned, so it never reaches the origin.
+CLIENT_TOKEN_HEADER = "cf-access-token"
 SAME_SITE_VALUES = ("None", "Lax", "Strict")
 # The application protocols the enforcer speaks, by their ALPN ids, in its order of preference.
 ALPN_PROTOCOLS = ("h2", "http/1.1")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enforcer.application import COOKIE_NAME, TOKEN_HEADER
+from enforcer.application import CLIENT_TOKEN_HEADER, COOKIE_NAME, TOKEN_HEADER
 from enforcer.chain import ChainResult, common_name, fingerprint
 from enforcer.decision import (
     AccessDecision,
@@ -298,6 +298,7 @@ class RequestPath:
         token = parse_cookie_header(header_values(request.headers, b"cookie"), COOKIE_NAME)
         if token is None:
             assertion = header_values(request.headers, TOKEN_HEADER.encode())
+            assertion = assertion or header_values(request.headers, CLIENT_TOKEN_HEADER.encode())
             token = assertion[0] if assertion else None
         chain_result = (
             self._validate(snapshot, hostname, now) if hostname and hostname == sni else None

@@ -127,6 +127,27 @@ async def test_a_cookie_split_over_fields_admits_a_stream(served: Served) -> Non
     assert (without.status, without.reason) == (403, "no_certificate")
 
 
+async def test_a_token_in_cf_access_token_admits_a_stream(served: Served) -> None:
+    # Non-browser clients (cloudflared access curl, gRPC metadata) send the token in a header.
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        cookie = (await client.request("/")).header("set-cookie")
+    finally:
+        await client.aclose()
+    assert cookie is not None
+    token = cookie.split(";")[0].split("=", 1)[1]
+    anonymous = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, None))
+    try:
+        response = await anonymous.request("/", headers=[("cf-access-token", token)])
+        forged = await anonymous.request("/", headers=[("cf-access-token", token[:-4] + "AAAA")])
+    finally:
+        await anonymous.aclose()
+    assert response.status == 200 and served.log()[-2]["admitted_by"] == "token"
+    # The client's header is the enforcer's to read, never the origin's.
+    assert "cf-access-token" not in json.loads(response.body)["headers"]
+    assert (forged.status, forged.reason) == (403, "no_certificate")
+
+
 async def test_coalesced_stream_for_another_hostname_is_misdirected(served: Served) -> None:
     # Both demo hostnames share one edge certificate, so a browser-like client may reuse its
     # connection to AUTH_HOST for IOT_HOST (RFC 9113 §9.1.1): the stream gets 421, the
