@@ -51,7 +51,7 @@ MAX_BODY = 1 << 20  # bytes of response body a device reads before giving up on 
 MAX_HEADER_LIST = 64 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE the device announces
 
 
-class _GracefulConnection(h2.connection.H2Connection):
+class GracefulH2Connection(h2.connection.H2Connection):
     """An h2 client connection on which streams a GOAWAY covers can still complete.
 
     h2 moves a connection to CLOSED on receiving GOAWAY and then refuses every frame
@@ -154,7 +154,7 @@ class H2DeviceClient(DeviceClient):
                 attempt.error = f"the server did not select h2 (ALPN: {selected or 'none'})"
                 await self._drop()
                 return False
-            conn = _GracefulConnection(
+            conn = GracefulH2Connection(
                 h2.config.H2Configuration(client_side=True, header_encoding=None)
             )
             conn.local_settings = h2.settings.Settings(

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import h11
+
+from devices.h2_client import GracefulH2Connection
 
 TIMEOUT = 15.0
 
@@ -180,7 +181,9 @@ class H2Connection:
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
-        self.h2 = h2.connection.H2Connection(
+        # A GOAWAY sent before the response of the stream it covers (No Duration) must not
+        # end the stream (python-hyper/h2#1181): see GracefulH2Connection.
+        self.h2 = GracefulH2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
         # Set when the server sent GOAWAY: streams above it are refused, none may start.

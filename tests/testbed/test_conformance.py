@@ -24,6 +24,7 @@ from testbed.conformance.strategies import (
     LeafSpec,
     PkiSpec,
     PolicySpec,
+    RequestSpec,
     RuleSpec,
 )
 from testbed.conformance.suite import check_cases, check_stateful
@@ -72,6 +73,51 @@ async def test_the_enforcer_agrees_with_the_model_step_by_step(builtin: AdminTar
     )
     assert result.passed, explain(result)
     assert result.examples >= 6
+
+
+@pytest.fixture
+async def builtin_h2(builtin: AdminTarget) -> AdminTarget:
+    builtin.caps = dataclasses.replace(builtin.caps, transport="h2")
+    return builtin
+
+
+async def test_the_enforcer_agrees_with_the_model_over_http2(builtin_h2: AdminTarget) -> None:
+    # The same cases as HTTP/2 streams: Host != SNI cases are coalescing (a stream whose
+    # :authority is not the connection's SNI), and No Duration's close is a GOAWAY.
+    result = await trio.to_thread.run_sync(
+        lambda: check_cases(builtin_h2, 30, SEED, shrink_seconds=20)
+    )
+    assert result.passed, explain(result)
+    stateful = await trio.to_thread.run_sync(
+        lambda: check_stateful(builtin_h2, 4, SEED, steps=15, shrink_seconds=20)
+    )
+    assert stateful.passed, explain(stateful)
+
+
+async def test_over_http2_coalescing_and_no_duration_are_checked(builtin_h2: AdminTarget) -> None:
+    coalesced = CaseSpec(request=RequestSpec(host_differs=True))
+    run = await trio.to_thread.run_sync(run_case, builtin_h2, coalesced)
+    fresh = run.steps[0]
+    assert fresh.observed is not None and fresh.observed.protocol == "HTTP/2"
+    assert (fresh.observed.status, fresh.observed.reason) == (421, "misdirected")
+    assert not run.divergent, run.report("builtin")
+    no_duration = await trio.to_thread.run_sync(
+        run_case, builtin_h2, CaseSpec(session_duration="0s")
+    )
+    first = no_duration.steps[0]
+    assert first.observed is not None and first.observed.closed  # the GOAWAY
+    assert not no_duration.divergent, no_duration.report("builtin")
+
+
+async def test_over_http2_a_missing_no_duration_goaway_is_caught(
+    builtin_h2: AdminTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from enforcer.http2 import H2Session
+
+    monkeypatch.setattr(H2Session, "no_duration_sni", lambda self, snapshot: False)
+    run = await trio.to_thread.run_sync(run_case, builtin_h2, CaseSpec(session_duration="0s"))
+    problems = [p for s in run.steps for p in s.problems]
+    assert any("a GOAWAY admitting no further stream" in p for p in problems), run.report("h2")
 
 
 async def test_a_url_target_runs_the_suite_without_a_clock(
@@ -266,6 +312,7 @@ async def test_nginx_stops_at_the_first_trusted_intermediate(tmp_path: Path) -> 
         (["--junit", "/nonexistent/dir/x.xml"], "--junit: folder /nonexistent/dir does not exist"),
         (["--target", "nginx", "--mutant", "ignore-expiry"], "--mutant: only the builtin target"),
         (["--mutant", "bogus"], "--mutant: unknown 'bogus'"),
+        (["--target", "nginx", "--http2"], "--http2: the nginx target is HTTP/1.1 only"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_option(
