@@ -444,6 +444,10 @@ class H2Session(RequestPath):
     async def _run(self, stream: _Stream, last: bool) -> None:
         try:
             with stream.scope:
+                if stream.done:
+                    # Reset in the same read that opened it (rapid reset): the decision, a
+                    # token signature among its costs, is never made for it.
+                    return
                 await self.exchange(stream.head, stream, last=last)
         except (h2.exceptions.ProtocolError, _ClientStalled) as exc:
             # The client reset the stream (or ended the connection) while we answered it,

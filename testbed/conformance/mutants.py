@@ -19,9 +19,9 @@ Setattr = Callable[[Any, str, Any], None]
 
 def ignore_expiry(setattr: Setattr) -> None:
     """Judge an expired leaf at its last valid second: expiry is ignored."""
-    import enforcer.server as server
+    import enforcer.exchange as exchange
 
-    original = server.check_chain
+    original = exchange.check_chain
 
     def check_chain(
         snapshot: Any, hostname: str, chain: Sequence[Any], now: dt.datetime, *rest: Any
@@ -30,15 +30,16 @@ def ignore_expiry(setattr: Setattr) -> None:
             now = chain[0].not_valid_after_utc
         return original(snapshot, hostname, chain, now, *rest)
 
-    setattr(server, "check_chain", check_chain)
+    setattr(exchange, "check_chain", check_chain)
 
 
 def cookie_under_no_duration(setattr: Setattr) -> None:
     """Honour a presented token even when the application has No Duration."""
+    import enforcer.exchange as exchange
     import enforcer.server as server
     from enforcer.decision import AdmittedBy, normalise_hostname
 
-    original = server.decide
+    original = exchange.decide
 
     def decide(request: Any, snapshot: Any, chain: Any, now: dt.datetime, *rest: Any) -> Any:
         app = snapshot.applications.get(normalise_hostname(request.host))
@@ -52,15 +53,17 @@ def cookie_under_no_duration(setattr: Setattr) -> None:
                 return decision
         return original(request, snapshot, chain, now, *rest)
 
+    # The request path (HTTP/1.1 and HTTP/2) and the WebSocket tunnels' re-checks.
+    setattr(exchange, "decide", decide)
     setattr(server, "decide", decide)
 
 
 def foreign_root(setattr: Setattr) -> None:
     """Validate against every uploaded root, whatever hostnames they are associated with."""
-    import enforcer.server as server
+    import enforcer.exchange as exchange
     from enforcer.chain import HostTrust
 
-    original = server.check_chain
+    original = exchange.check_chain
 
     def check_chain(
         snapshot: Any, hostname: str, chain: Sequence[Any], now: dt.datetime, *rest: Any
@@ -71,7 +74,7 @@ def foreign_root(setattr: Setattr) -> None:
         trust = {**snapshot.trust, hostname: everything}
         return original(dataclasses.replace(snapshot, trust=trust), hostname, chain, now, *rest)
 
-    setattr(server, "check_chain", check_chain)
+    setattr(exchange, "check_chain", check_chain)
 
 
 def skip_common_name(setattr: Setattr) -> None:
@@ -90,9 +93,9 @@ def skip_common_name(setattr: Setattr) -> None:
 
 def no_recheck(setattr: Setattr) -> None:
     """Trust a connection's first validation forever (no A14 re-check on kept-alive/resumed)."""
-    import enforcer.server as server
+    import enforcer.exchange as exchange
 
-    setattr(server, "still_valid", lambda result, snapshot, now: result.facts is not None)
+    setattr(exchange, "still_valid", lambda result, snapshot, now: result.facts is not None)
 
 
 MUTANTS: dict[str, tuple[str, Callable[[Setattr], None]]] = {

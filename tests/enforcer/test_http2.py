@@ -27,7 +27,7 @@ from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
 from tests.enforcer.test_live_checks import revoke
 from tests.h2wire import H2Client
-from tests.wire import Connection, client_context, receive_until, run
+from tests.wire import Connection, admin_call, client_context, receive_until, run
 
 
 def ctx_for(served: Served, device: str | None) -> ssl.SSLContext:
@@ -106,6 +106,25 @@ async def test_expiry_applies_to_the_next_stream(served: Served) -> None:
         assert (late.status, late.reason) == (403, "certificate_expired")
     finally:
         await client.aclose()
+
+
+async def test_a_cookie_split_over_fields_admits_a_stream(served: Served) -> None:
+    # HTTP/2 clients may send each cookie as its own field (RFC 9113 §8.2.3).
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        cookie = (await client.request("/")).header("set-cookie")
+    finally:
+        await client.aclose()
+    assert cookie is not None
+    anonymous = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, None))
+    try:
+        fields = [("cookie", "theme=dark"), ("cookie", cookie.split(";")[0])]
+        response = await anonymous.request("/", headers=fields)
+        without = await anonymous.request("/")
+    finally:
+        await anonymous.aclose()
+    assert response.status == 200 and served.log()[-2]["admitted_by"] == "token"
+    assert (without.status, without.reason) == (403, "no_certificate")
 
 
 async def test_coalesced_stream_for_another_hostname_is_misdirected(served: Served) -> None:
@@ -292,6 +311,26 @@ async def test_a_request_body_streams_to_the_origin(served: Served) -> None:
     assert echo["headers"]["transfer-encoding"] == "chunked"  # else the origin gets it chunked
 
 
+async def test_a_body_too_slow_or_too_large_is_answered_on_its_stream(
+    serve_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import enforcer.http2
+
+    served = await serve_config(request_timeout=0.5)
+    monkeypatch.setattr(enforcer.http2, "MAX_BODY", 1000)
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        slow = client.start("/upload", method="POST", end=False)  # and never a DATA frame
+        await client.flush()
+        assert (await client.response(slow)).status == 408
+        large = await client.request("/upload", method="POST", body=b"x" * 5000)
+        assert large.status == 413
+        assert (await client.request("/")).status == 200  # the connection carries on
+    finally:
+        await client.aclose()
+    assert [r["status"] for r in requests(served)] == [408, 413, 200]
+
+
 async def test_a_slow_origin_slows_the_client(served: Served) -> None:
     # The origin is one end of a lockstep stream (no buffer at all: a write returns once the
     # origin read it), reading 4 KiB at a time with pauses. The enforcer must acknowledge the
@@ -405,6 +444,31 @@ async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> Non
         await client.aclose()
 
 
+async def test_a_stream_reset_as_it_opens_is_never_decided(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import enforcer.exchange
+
+    decided = []
+    original = enforcer.exchange.decide
+
+    def counting(*args: object, **kwargs: object) -> object:
+        decided.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(enforcer.exchange, "decide", counting)
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        sid = client.start("/reset")
+        client.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        await client.flush()  # HEADERS and RST_STREAM in one TLS record, so in one read
+        assert (await client.request("/after")).status == 200
+    finally:
+        await client.aclose()
+    assert [r["path"] for r in requests(served)] == ["/after"]
+    assert len(decided) == 1  # a rapid reset costs no decision (and no token signature)
+
+
 async def test_a_client_that_vanishes_ends_its_streams_quietly(served: Served) -> None:
     started, cancelled = trio.Event(), trio.Event()
 
@@ -493,6 +557,25 @@ async def test_an_application_can_refuse_h2(serve_config, demo) -> None:
     assert await selected(AUTH_HOST, ["h2", "http/1.1"]) == "http/1.1"
     assert await selected(AUTH_HOST, ["h2"]) is None  # no overlap: HTTP/1.1 without ALPN
     assert await selected(IOT_HOST, ["h2", "http/1.1"]) == "h2"
+
+
+async def test_alpn_is_an_admin_api_application_field(serve_config) -> None:
+    served = await serve_config(admin=True)
+    app = f"/client/v4/accounts/demo/access/apps/config-0-{AUTH_HOST}"
+    code, env = await admin_call(served.admin_port, "GET", app)
+    assert code == 200 and env["result"]["alpn"] == ["h2", "http/1.1"]
+    code, env = await admin_call(served.admin_port, "PUT", app, {"alpn": ["h3"]})
+    assert code == 400 and "alpn" in json.dumps(env)
+    code, _ = await admin_call(served.admin_port, "PUT", app, {"alpn": ["http/1.1"]})
+    assert code == 200
+    ctx = ctx_for(served, "valid")
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    conn = await Connection.open(served.port, AUTH_HOST, ctx)  # a new TLS context applies
+    try:
+        assert conn.ssl_object.selected_alpn_protocol() == "http/1.1"
+        assert (await conn.request("/")).status == 200
+    finally:
+        await conn.aclose()
 
 
 def test_alpn_config_is_checked(demo) -> None:
