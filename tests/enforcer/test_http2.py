@@ -416,7 +416,8 @@ async def test_a_large_response_respects_a_small_client_window(served: Served) -
     assert response.largest_frame <= 1000 and response.data_frames >= size // 1000
 
 
-async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> None:
+def hang_the_origin(served: Served) -> tuple[trio.Event, trio.Event]:
+    """Make the origin (in-process) never answer; return its (started, cancelled) events."""
     started, cancelled = trio.Event(), trio.Event()
 
     async def hangs(*args: object) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -428,6 +429,11 @@ async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> Non
         raise AssertionError("unreachable")
 
     served.enforcer.origins.app = hangs
+    return started, cancelled
+
+
+async def test_a_client_reset_cancels_the_origin_exchange(served: Served) -> None:
+    started, cancelled = hang_the_origin(served)
     client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
     try:
         sid = client.start("/slow")
@@ -470,17 +476,7 @@ async def test_a_stream_reset_as_it_opens_is_never_decided(
 
 
 async def test_a_client_that_vanishes_ends_its_streams_quietly(served: Served) -> None:
-    started, cancelled = trio.Event(), trio.Event()
-
-    async def hangs(*args: object) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        started.set()
-        try:
-            await trio.sleep_forever()
-        finally:
-            cancelled.set()
-        raise AssertionError("unreachable")
-
-    served.enforcer.origins.app = hangs
+    started, cancelled = hang_the_origin(served)
     client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
     client.start("/slow")
     await client.flush()
