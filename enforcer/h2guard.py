@@ -54,6 +54,7 @@ decoded header list over ``max_header_bytes`` is ENHANCE_YOUR_CALM.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,8 @@ if TYPE_CHECKING:
     from enforcer.config import ServerSettings
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# A frame header: 24-bit length (as 16 + 8 bits), type, flags, R bit + 31-bit stream id.
+_HEADER = struct.Struct(">HBBBL")
 
 # Frame types (RFC 9113 §6) and the flags the guard reads.
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE = range(9)
@@ -308,27 +311,32 @@ class _FrameHeaders:
     """Finds the 9-byte frame headers in a byte stream fed in arbitrary chunks."""
 
     def __init__(self) -> None:
-        self._head = bytearray()
+        self._head = bytearray()  # a frame header split across chunks
         self._skip = 0  # payload bytes of the current frame still to come
 
     def feed(self, view: memoryview) -> Iterator[tuple[int, int, int, int]]:
         """Yield ``(type, flags, length, stream id)`` of each frame header completed by ``view``."""
         i, end = 0, len(view)
-        while i < end:
-            if self._skip:
-                n = min(self._skip, end - i)
-                self._skip -= n
-                i += n
-                continue
+        if self._skip:
+            i = min(self._skip, end)
+            self._skip -= i
+        if self._head and i < end:
             need = 9 - len(self._head)
             self._head += view[i : i + need]
             i += min(need, end - i)
             if len(self._head) < 9:
                 return
-            head = self._head
-            length = int.from_bytes(head[0:3], "big")
-            stream_id = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-            kind, flags = head[3], head[4]
-            head.clear()
-            self._skip = length
-            yield kind, flags, length, stream_id
+            hi, lo, kind, flags, stream_id = _HEADER.unpack(self._head)
+            self._head.clear()
+            length = hi << 8 | lo
+            i += length
+            yield kind, flags, length, stream_id & 0x7FFFFFFF
+        while i + 9 <= end:
+            hi, lo, kind, flags, stream_id = _HEADER.unpack_from(view, i)
+            length = hi << 8 | lo
+            i += 9 + length
+            yield kind, flags, length, stream_id & 0x7FFFFFFF
+        if i > end:
+            self._skip = i - end
+        elif i < end:
+            self._head += view[i:end]

@@ -723,6 +723,11 @@ async def origin_request(
             if reused and attempt == 1 and not streamed:
                 continue  # the origin closed an idle kept-alive connection: retry on a new one
             raise OriginError(f"origin {origin} failed: {exc!r}") from exc
+        except BaseException:
+            # Cancelled while the origin has the request (a client reset its HTTP/2 stream, or
+            # left): close the connection now rather than when the collector finds it.
+            await trio.aclose_forcefully(stream)
+            raise
         if isinstance(event, h11.ConnectionClosed) and reused and attempt == 1 and not streamed:
             await trio.aclose_forcefully(stream)
             continue
