@@ -181,6 +181,10 @@ class _Stream:
         close: bool,
     ) -> None:
         """Stream the origin's answer; its trailers (gRPC's status) end the stream."""
+        if close:
+            # A No Duration policy (S2) ends the connection: the GOAWAY leaves before the
+            # response, so a client knows it by the end of the stream, as with G4's.
+            self.s.goaway(self.s.highest_stream)
         await self._send_headers(self._response_head(response.status, [*response.headers, *extra]))
         fair = Fairness()
         try:
@@ -206,8 +210,6 @@ class _Stream:
             self.s.h2.end_stream(self.id)
             self.done = True
             await self.s.flush()
-        if close:
-            self.s.goaway(self.s.highest_stream)  # a No Duration policy (S2) ends the connection
 
     async def abort(self, why: str) -> None:
         """Reset this stream only: HTTP/2 cuts one response without the others."""

@@ -107,6 +107,12 @@ async def test_over_http2_coalescing_and_no_duration_are_checked(builtin_h2: Adm
     first = no_duration.steps[0]
     assert first.observed is not None and first.observed.closed  # the GOAWAY
     assert not no_duration.divergent, no_duration.report("builtin")
+    # A No Duration policy on an application with a duration: its GOAWAY must reach the
+    # client by the end of the stream it answers (found by --http2 --seed 1).
+    policy = CaseSpec(session_duration="15m", policies=(PolicySpec(session_duration="0s"),))
+    by_policy = await trio.to_thread.run_sync(run_case, builtin_h2, policy)
+    assert by_policy.steps[0].observed is not None and by_policy.steps[0].observed.closed
+    assert not by_policy.divergent, by_policy.report("builtin")
 
 
 async def test_over_http2_a_missing_no_duration_goaway_is_caught(
