@@ -52,6 +52,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/cookies.py
 	$(BIN)/python bench/loadgen.py
 	$(BIN)/python bench/fairness.py
+	$(BIN)/python bench/http2.py
+	$(BIN)/python bench/h2floods.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/
