@@ -380,6 +380,10 @@ def test_no_duration_beside_24h_grpc_devices_through_the_enforcer(tmp_path: Path
     detail = json.loads(meta_rows["target_detail"])
     assert [a["name"] for a in detail["applications"]] == ["live", "batch"]
     assert json.loads(meta_rows["cohorts"])["live-devices"]["application"] == "live"
+    # The report says which cohorts called which application, and with what session duration.
+    report = (run_dir / "report.html").read_text()
+    assert "session duration 0s (No Duration)" in report
+    assert "cohorts: batch-devices" in report
 
 
 def test_set_session_duration_changes_only_the_named_application(tmp_path: Path) -> None:
@@ -468,3 +472,39 @@ def test_connection_share_thresholds_parse_and_resolve() -> None:
     }
     assert metric(summary, "cohort.live.new_connections") == 0.75
     assert metric(summary, "cohort.live.full_handshakes") == 0.5
+
+
+def test_set_policy_changes_only_the_named_applications_devices(tmp_path: Path) -> None:
+    # Virtual time, http1: at 10 s batch takes a Common Name policy no device meets; its
+    # devices are expected (and observed) policy_denied from then on, live's still allowed.
+    events = (
+        '\n[[events]]\nat = "10s"\naction = "set_policy"\nvalue = "common_name:nobody"\n'
+        'application = "batch"\n'
+    )
+    phases = '\n[[phases]]\nname = "after"\nduration = "10s"\narrival = "constant"\nrate = 2\n'
+    path = two_apps(
+        tmp_path,
+        clock="virtual",
+        live_duration="24h",
+        # Without cookies: a session minted before the change would still admit (as Access's).
+        client="keep_alive = true, reuse_cookie = false",
+        cohort_extra="client = { reuse_cookie = false }\n",
+        duration="10s",
+        rate=2,
+        phases=phases,
+        events=events,
+        thresholds=[
+            "false_accepts == 0",
+            "cohort.live-devices.matched == 100%",
+            "cohort.batch-devices.matched == 100%",
+            "cohort.default-devices.matched == 100%",
+        ],
+    )
+    reports = tmp_path / "reports"
+    result = run_cli("run", str(path), "--reports", str(reports), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = reports.iterdir()
+    seen = set(rows(run_dir, "SELECT cohort, phase, outcome FROM attempts GROUP BY 1, 2, 3"))
+    assert ("batch-devices", "after", "denied:policy_denied") in seen
+    assert ("batch-devices", "steady", "allowed") in seen
+    assert {o for c, p, o in seen if c != "batch-devices"} == {"allowed"}
