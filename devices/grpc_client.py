@@ -21,6 +21,8 @@ every call gets a new channel, closed after it. Channels never share connections
 (``grpc.use_local_subchannel_pool``), and grpcio's own retries are off, so one attempt is one
 call. :attr:`GrpcDeviceClient.handshakes` counts the connections grpcio made ready (from the
 channel's connectivity callbacks, which grpcio delivers asynchronously: read it after a call).
+An attempt's ``new_connection`` does not wait for them: it is a new channel, or a kept one
+that was not READY when the call started (grpcio reconnects it for the call).
 
 Timings (seconds, on the wall clock: grpcio runs on real time only): ``handshake`` is TCP
 connect + TLS handshake + HTTP/2 preface, up to the channel being READY (grpcio does not
@@ -60,6 +62,20 @@ _HTTP_STATUS = re.compile(r"Received http2 header with status: (\d{3})")
 _REFUSED = ("Connection refused", "connection refused", "ECONNREFUSED")
 
 
+def _connectivity(channel: grpc.Channel) -> grpc.ChannelConnectivity | None:
+    """The channel's state now, without connecting (None if this grpcio cannot tell)."""
+    # grpcio has no public synchronous getter (subscribe() reports later, from a thread); its
+    # Channel wraps the core channel, which answers at once.
+    core = getattr(channel, "_channel", None)
+    check = getattr(core, "check_connectivity_state", None)
+    if check is None:
+        return None
+    from grpc import _common
+
+    state = _common.CYGRPC_CONNECTIVITY_STATE_TO_CHANNEL_CONNECTIVITY.get(check(False))
+    return state if isinstance(state, grpc.ChannelConnectivity) else None
+
+
 class GrpcUnsupported(ValueError):
     """A device that cannot make gRPC calls (its key store or its target); says why."""
 
@@ -76,6 +92,7 @@ class _Result:
     first_message: float = 0.0
     messages: int = 0
     new_channel: bool = False
+    reconnect: bool = False  # a kept channel that had to connect again (after a GOAWAY)
     ready: bool = False
 
 
@@ -210,6 +227,13 @@ class GrpcDeviceClient(DeviceClient):
                 result.ready = self._wait_ready(channel, max(0.0, deadline - start))
                 if result.ready:
                     result.handshake = time.perf_counter() - start
+            else:
+                # A kept channel that is not READY now (IDLE after the GOAWAY of an application
+                # with No Duration) connects again for this call. Asked here, synchronously:
+                # the connectivity callbacks come late and can miss a READY that lasted only
+                # one call.
+                state = _connectivity(channel)
+                result.reconnect = state is not None and state is not grpc.ChannelConnectivity.READY
             stub = telemetry.TelemetryStub(channel)
             self._sequence += 1
             sent = time.perf_counter()
@@ -282,7 +306,9 @@ class GrpcDeviceClient(DeviceClient):
             attempt.timings.total = trio.current_time() - start
             return attempt
         self._fill(attempt, result)
-        attempt.new_connection = result.new_channel or self.handshakes > handshakes
+        attempt.new_connection = (
+            result.new_channel or result.reconnect or self.handshakes > handshakes
+        )
         attempt.timings.total = trio.current_time() - start
         return attempt
 

@@ -284,6 +284,12 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
         dataclasses.replace(c, behaviour=behaviour, clock_skew=0.0, **MODES[plan.mode], **protocol)
         for c in specs
     )
+    declared = base.target.declared if base else ()
+    if plan.hostname and declared:
+        raise LoadError(
+            f"--hostname: {plan.scenario} declares [[target.applications]], each with its own"
+            " hostname; leave --hostname out"
+        )
     if plan.target in ("embedded", "nginx"):
         target = dataclasses.replace(
             base.target if base else ScenarioTarget(),
@@ -298,9 +304,11 @@ def build_scenario(plan: LoadPlan, specs: Sequence[CohortSpec], base: Scenario |
         url = urlsplit(plan.target)
         target = ScenarioTarget(
             kind="external",
-            hostname=plan.hostname or url.hostname or "",
+            hostname=plan.hostname or (declared[0].hostname if declared else url.hostname) or "",
             url=plan.target,
             ca=plan.ca,
+            # The scenario's applications: which hostname each cohort's devices send.
+            declared=declared,
         )
     kind = target.kind
     problem = protocol_problem(cohorts, "real", kind)
@@ -733,7 +741,7 @@ async def _supervise(
                     cert=run_dir / "edge" / "cert.pem",
                     key=run_dir / "edge" / "key.pem",
                     client_ca=fleet.client_ca(run_dir / "edge" / "client-ca.pem"),
-                    server_name=host,
+                    server_name=scenario.target.hostnames,
                     # The run's CRLs, as `testbed run` gives nginx: revoked devices are refused.
                     crl=crls.chain,
                     reloadable=driver is not None,

@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
@@ -67,7 +68,7 @@ async def start_nginx(
     cert: Path,
     key: Path,
     client_ca: Path,
-    server_name: str,
+    server_name: str | Sequence[str],
     crl: Path | None = None,
     reloadable: bool = False,
     http2: bool = False,
@@ -75,13 +76,16 @@ async def start_nginx(
     keepalive_requests: int | None = None,
 ) -> tuple[trio.Process, int]:
     """Start nginx with ``ssl_verify_client optional`` and a ``$ssl_client_verify`` check
-    (``http2``: ALPN h2 too; ``grpc_upstream``: a gRPC edge in front of it;
-    ``keepalive_requests``: requests per connection)."""
+    for a hostname (or several, each its own server with the same CA); ``http2``: ALPN h2
+    too; ``grpc_upstream``: a gRPC edge in front of it; ``keepalive_requests``: requests per
+    connection."""
+    names = [server_name] if isinstance(server_name, str) else list(server_name)
+    cas: dict[str, Path | None] = dict.fromkeys(names, client_ca)
     return await start_nginx_servers(
         folder,
         cert=cert,
         key=key,
-        client_cas={server_name: client_ca},
+        client_cas=cas,
         depth=3,
         crl=crl,
         reloadable=reloadable,

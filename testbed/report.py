@@ -279,6 +279,25 @@ def run_setup(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     kind = detail.get("kind") or meta.get("target")
     host = detail.get("hostname")
     rows = [("target", f"{target} (kind {kind}{f', hostname {host}' if host else ''})")]
+    cohorts_meta: Mapping[str, Any] = meta.get("cohorts") or {}
+    for app in detail.get("applications") or ():
+        # [[target.applications]]: each with its session duration and the cohorts calling it.
+        default = app is detail["applications"][0]
+        calling = [
+            name
+            for name, c in cohorts_meta.items()
+            if (c or {}).get("application") == app.get("name")
+            or (default and not (c or {}).get("application"))
+        ]
+        duration = app.get("session_duration")
+        rows.append(
+            (
+                f"application {app.get('name')}",
+                f"{app.get('hostname')}, session duration"
+                f" {'0s (No Duration)' if duration in ('0s', '0') else duration},"
+                f" policy {app.get('policy')}; cohorts: {', '.join(calling) or 'none'}",
+            )
+        )
     if detail.get("ca"):
         rows.append(("server CA", str(detail["ca"])))
     if load:

@@ -165,11 +165,15 @@ path = "{run}/{prefix}state.sqlite"
 key_file = "{run}/{prefix}signing-key.pem"
 
 [[edge_certificates]]
-hostnames = ["{host}"]
+hostnames = [{hosts}]
 certificate = "{run}/edge/cert.pem"
 private_key = "{run}/edge/key.pem"
 
 {roots}
+{applications}"""
+
+# One per application of the scenario's target, each with the run's one origin.
+_APPLICATION_TOML = """\
 [[applications]]
 name = "{name}"
 hostname = "{host}"
@@ -193,15 +197,16 @@ def write_edge(scenario: Scenario, run_dir: Path, now: dt.datetime) -> None:
     """Write the edge's server PKI for a run, once (shards share it)."""
     if (run_dir / "edge" / "key.pem").exists():
         return
-    host = scenario.target.hostname
+    hosts = scenario.target.hostnames
     edge_ca = issue_ca("testbed run edge CA", now)
+    # One certificate for every application's hostname, as an edge serving several has.
     edge = issue_leaf(
-        host,
+        hosts[0],
         edge_ca,
         not_before=now - dt.timedelta(days=1),
         not_after=now + dt.timedelta(days=400),
         client=False,
-        dns_names=[host],
+        dns_names=hosts,
     )
     write_pem(run_dir / "edge" / "ca.pem", edge_ca.cert_pem())
     write_pem(run_dir / "edge" / "cert.pem", edge.cert_pem(), edge_ca.cert_pem())
@@ -244,16 +249,17 @@ def write_enforcer_config(
     """Write the embedded enforcer's configuration (and its edge PKI) for a run or a shard."""
     write_edge(scenario, run_dir, now)
     crls = crls or start_crls(scenario, run_dir, fleet, now, shard)
-    host = scenario.target.hostname
+    hosts = scenario.target.hostnames
     roots = []
     for pki, pki_fleet in fleet.fleets:
-        # An untrusted PKI's root is known, but bound to another hostname (access-flow A5).
-        bound = host if pki.trusted else f"{pki.name}.elsewhere.invalid"
+        # A trusted PKI reaches every application; an untrusted PKI's root is known, but bound
+        # to another hostname (access-flow A5).
+        bound = _quoted(hosts if pki.trusted else [f"{pki.name}.elsewhere.invalid"])
         # The devices' issuer's CRL revokes the revoked cohort, as the fleet's operator would.
         crl = crls.issuing(pki.name)
         roots.append(
             f'[[roots]]\nid = "{pki.name}"\nname = "{pki.name} root"\n'
-            f'certificate = "{pki_fleet.upload}"\nassociated_hostnames = ["{bound}"]\n'
+            f'certificate = "{pki_fleet.upload}"\nassociated_hostnames = [{bound}]\n'
             + (f'crl = "{crl}"\n' if crl is not None else "")
         )
         known = pki_fleet.root / "ca" / "known-intermediates.pem"
@@ -278,21 +284,34 @@ def write_enforcer_config(
     prefix = _prefix(shard)
     path = run_dir / f"{prefix}enforcer.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
+    applications = [
+        _APPLICATION_TOML.format(
+            # The target's own application (no [[target.applications]]) is the scenario's.
+            name=app.name or scenario.name,
+            host=app.hostname,
+            session=app.session_duration,
+            origin=origin,
+            rule=_rule(app.policy),
+        )
+        for app in scenario.target.applications
+    ]
     path.write_text(
         _ENFORCER_TOML.format(
             name=scenario.name,
             run=run_dir,
             prefix=prefix,
-            host=host,
+            hosts=_quoted(hosts),
             roots="\n".join(roots),
             revoked="[" + ", ".join(f'"{fp}"' for fp in revoked) + "]",
-            session=scenario.target.session_duration,
             idle=scenario.target.idle_timeout,
-            origin=origin,
-            rule=_rule(scenario.target.policy),
+            applications="\n".join(applications),
         )
     )
     return path
+
+
+def _quoted(hostnames: Sequence[str]) -> str:
+    return ", ".join(f'"{h}"' for h in hostnames)
 
 
 def _key_store(device_dir: Path, cohort: CohortSpec) -> KeyStore:
@@ -522,7 +541,8 @@ class Run:
                     cert=self.run_dir / "edge" / "cert.pem",
                     key=self.run_dir / "edge" / "key.pem",
                     client_ca=fleet.client_ca(self.run_dir / "edge" / "client-ca.pem"),
-                    server_name=s.target.hostname,
+                    # Every application's hostname, each verified against the fleet's CAs.
+                    server_name=s.target.hostnames,
                     # The same CRLs as the embedded enforcer's, one for each CA of the path.
                     crl=self.crls.chain,
                     reloadable=any(e.action == "revoke" for e in s.events),
@@ -662,7 +682,7 @@ class Run:
         if action == "rotate_root":
             new = issue_ca(f"rotated {pki} root", self.clock.now())
             pem = new.cert_pem().decode()
-            host = self.scenario.target.hostname
+            hosts = self.scenario.target.hostnames
 
             def rotate(objects: Any, now: dt.datetime) -> control.Outcome:
                 added = control.create_root(
@@ -671,7 +691,7 @@ class Run:
                     {
                         "name": f"rotated {pki} root",
                         "certificate": pem,
-                        "associated_hostnames": [host],
+                        "associated_hostnames": hosts,
                     },
                     now,
                 )
@@ -683,7 +703,14 @@ class Run:
             await controller.write(rotate)
             self._untrust(pki)
             return f"{pki} root replaced by a new root: its devices are no longer trusted"
-        app = control.list_apps(controller.objects, account).result[0]
+        spec = self.scenario.target.application(event.application)
+        app = next(
+            a
+            for a in control.list_apps(controller.objects, account).result
+            if a["hostname"] == spec.hostname
+        )
+        # The application's name in what the run records (the target's own has none).
+        named = f" on {spec.name}" if spec.name else ""
         if action == "set_session_duration":
             await controller.write(
                 lambda objects, now: control.update_app(
@@ -695,7 +722,7 @@ class Run:
                     now,
                 )
             )
-            return f"session duration set to {event.value}"
+            return f"session duration set to {event.value}{named}"
         if action == "set_policy":
             value = event.value or "certificate"
             rule: dict[str, Any] = (
@@ -715,6 +742,8 @@ class Run:
             )
             wanted = value.split(":", 1)[1] if value.startswith("common_name:") else None
             for d in self.devices:
+                if self.scenario.target.application(d.cohort.application) != spec:
+                    continue  # another application's policy is unchanged
                 if (
                     wanted is not None
                     and d.cohort.expected == "allowed"
@@ -723,7 +752,7 @@ class Run:
                     d.expect("denied:policy_denied")
                 elif wanted is None and d.cohort.expected == "denied:policy_denied":
                     d.expect("allowed")
-            return f"policy set to {value}"
+            return f"policy set to {value}{named}"
         raise AssertionError(action)
 
     async def _revoke(self, event: Event) -> str:
@@ -853,6 +882,14 @@ class Run:
         async with trio.open_nursery() as nursery:
             target = self.target or await self.start_target(nursery, fleet, now)
             by_name = {c.name: c for c in s.cohorts}
+            # Each cohort's devices send their application's hostname (SNI, Host, :authority).
+            targets = {
+                c.name: dataclasses.replace(
+                    target,
+                    server_name=s.target.application(c.application).hostname or target.server_name,
+                )
+                for c in s.cohorts
+            }
             limiter = trio.CapacityLimiter(GRPC_THREADS)
             self.members = fleet.members()
             for i, d in enumerate(self.members):
@@ -869,7 +906,7 @@ class Run:
                 )
                 store = _key_store(d.fleet / "devices" / d.id, cohort)
                 client = make_client(
-                    self._device_target(target, d.id, nursery),
+                    self._device_target(targets[cohort.name], d.id, nursery),
                     store,
                     options,
                     cohort,
@@ -1130,6 +1167,8 @@ def run_meta(scenario: Scenario) -> dict[str, Any]:
             "session_duration": t.session_duration,
             "policy": t.policy,
             "enforcer_workers": t.workers,
+            # [[target.applications]]: each with its hostname, session duration and policy.
+            "applications": [dataclasses.asdict(a) for a in t.declared],
         },
         "timeout": scenario.timeout,
         # Where a virtual run's latencies come from: the simulated link's delays, in seconds.
@@ -1140,6 +1179,7 @@ def run_meta(scenario: Scenario) -> dict[str, Any]:
                 "expected": c.expected,
                 "defect": c.defect,
                 "protocol": c.protocol,
+                "application": t.application(c.application).name or None,
             }
             for c in scenario.cohorts
         },

@@ -49,6 +49,13 @@ NGINX_REFUSED_GRPC = "grpc_unauthenticated"
 # Virtual runs without a network table: a LAN-to-cloud round trip, no jitter.
 DEFAULT_VIRTUAL_NETWORK = Network(rtt=0.020)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A DNS name the edge certificate can hold: lower-case labels of letters, digits and '-'.
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+# Events that change one application (``application`` names it; default: the first).
+APPLICATION_EVENTS = ("set_session_duration", "set_policy")
+MAX_APPLICATIONS = 64
 
 
 class ScenarioError(Exception):
@@ -60,8 +67,22 @@ class ScenarioError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class Application:
+    """An application on the target: a hostname, its session duration and its policy."""
+
+    name: str  # "" for the target's own (a scenario without [[target.applications]])
+    hostname: str
+    session_duration: str = "24h"
+    policy: str = "certificate"  # "certificate" or "common_name:<CN>"
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
-    """What the fleet talks to."""
+    """What the fleet talks to.
+
+    ``hostname``, ``session_duration`` and ``policy`` are the default application's (the
+    first of ``declared``, when the scenario lists ``[[target.applications]]``).
+    """
 
     kind: str = "embedded"
     hostname: str = "auth.example.test"
@@ -71,6 +92,24 @@ class Target:
     ca: Path | None = None  # external: the CA that signed the edge's server certificate
     workers: int = 1
     idle_timeout: str = "30s"  # the embedded enforcer's keep-alive idle timeout
+    declared: tuple[Application, ...] = ()  # [[target.applications]], in the file's order
+
+    @property
+    def applications(self) -> tuple[Application, ...]:
+        """Every application on the target, the default one first."""
+        if self.declared:
+            return self.declared
+        return (Application("", self.hostname, self.session_duration, self.policy),)
+
+    def application(self, name: str | None) -> Application:
+        """The application called ``name`` (None: the default one)."""
+        apps = self.applications
+        return apps[0] if name is None else next(a for a in apps if a.name == name)
+
+    @property
+    def hostnames(self) -> list[str]:
+        """Every application's hostname, the default one first."""
+        return [a.hostname for a in self.applications]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +155,7 @@ class CohortSpec:
     protocol: str = "http1"  # http1, h2 or grpc (client.protocol)
     rpc: str = "report"  # grpc: the call each attempt makes (unary Report or streaming Watch)
     watch_messages: int = 3  # grpc, rpc = "watch": commands each call reads
+    application: str | None = None  # which of the target's applications (None: the default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +181,7 @@ class Event:
     share: float = 1.0
     value: str | None = None  # a duration, a CN, a clock advance
     pki: str | None = None  # rotate_root, remove_root: whose root (default: the first trusted)
+    application: str | None = None  # set_session_duration, set_policy (None: the default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,19 +216,85 @@ class Scenario:
         return sum(c.size for c in self.cohorts)
 
 
-def _target(r: TableReader, path: Path) -> Target:
-    r.unknown(
-        {"kind", "hostname", "session_duration", "policy", "url", "ca", "workers", "idle_timeout"}
-    )
-    kind = r.choice("kind", TARGETS, "embedded")
-    policy = r.get("policy", str, "certificate", "certificate or common_name:<CN>")
+def _policy(r: TableReader, default: str) -> str:
+    policy = r.get("policy", str, default, "certificate or common_name:<CN>")
     if policy != "certificate" and not (policy.startswith("common_name:") and len(policy) > 12):
         raise r.error("policy", f"{policy!r}: expected certificate or common_name:<CN>")
-    duration = r.get("session_duration", str, "24h", "a Go duration such as 0s or 24h")
+    return str(policy)
+
+
+def _session_duration(r: TableReader, default: str) -> str:
+    duration = r.get("session_duration", str, default, "a Go duration such as 0s or 24h")
     try:
         parse_duration(duration)
     except DurationError as exc:
         raise r.error("session_duration", str(exc)) from None
+    return str(duration)
+
+
+def _application(r: TableReader, session_duration: str, policy: str) -> Application:
+    r.unknown({"name", "hostname", "session_duration", "policy"})
+    name = r.get("name", str, what="an application name")
+    if not _NAME.fullmatch(name):
+        raise r.error("name", f"{name!r}: use letters, digits, '.', '_' and '-'")
+    hostname = r.get("hostname", str, what="the application's hostname").lower().rstrip(".")
+    if not _HOSTNAME.fullmatch(hostname):
+        raise r.error("hostname", f"{hostname!r} is not a DNS name such as app.example.test")
+    if hostname.endswith(".invalid"):
+        # The run binds untrusted roots and known intermediates to names under .invalid.
+        raise r.error("hostname", f"{hostname!r}: names under .invalid are the testbed's own")
+    return Application(name, hostname, _session_duration(r, session_duration), _policy(r, policy))
+
+
+def _applications(r: TableReader, session_duration: str, policy: str) -> tuple[Application, ...]:
+    """``[[target.applications]]``: checked for repeated names and hostnames."""
+    if "applications" not in r.table:
+        return ()
+    if "hostname" in r.table:
+        raise r.error(
+            "hostname",
+            "with [[target.applications]] each application has its own hostname: remove"
+            " target.hostname (the first application is the default one)",
+        )
+    apps = [_application(a, session_duration, policy) for a in r.tables("applications")]
+    if not apps:
+        raise r.error("applications", "expected at least one [[target.applications]]")
+    if len(apps) > MAX_APPLICATIONS:
+        raise r.error("applications", f"{len(apps)} applications: at most {MAX_APPLICATIONS}")
+    for field, values in (
+        ("name", [a.name for a in apps]),
+        ("hostname", [a.hostname for a in apps]),
+    ):
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                first = values.index(value)
+                raise r.error(
+                    f"applications[{i}].{field}",
+                    f"{value!r} is also applications[{first}]'s {field}: each application needs"
+                    f" its own {field}",
+                )
+    return tuple(apps)
+
+
+def _target(r: TableReader, path: Path) -> Target:
+    r.unknown(
+        {
+            "kind",
+            "hostname",
+            "session_duration",
+            "policy",
+            "url",
+            "ca",
+            "workers",
+            "idle_timeout",
+            "applications",
+        }
+    )
+    kind = r.choice("kind", TARGETS, "embedded")
+    # With [[target.applications]], these two are the applications' defaults.
+    policy = _policy(r, "certificate")
+    duration = _session_duration(r, "24h")
+    declared = _applications(r, duration, policy)
     url = r.get("url", str, None, "https://host:port")
     ca = r.get("ca", str, None, "a PEM file")
     if kind == "external":
@@ -208,15 +315,19 @@ def _target(r: TableReader, path: Path) -> Target:
         parse_duration(idle)
     except DurationError as exc:
         raise r.error("idle_timeout", str(exc)) from None
+    first = declared[0] if declared else None
     return Target(
         kind,
-        r.get("hostname", str, "auth.example.test", "a hostname").lower(),
-        duration,
-        policy,
+        first.hostname
+        if first
+        else r.get("hostname", str, "auth.example.test", "a hostname").lower(),
+        first.session_duration if first else duration,
+        first.policy if first else policy,
         url,
         ca_path,
         workers,
         idle,
+        declared,
     )
 
 
@@ -236,6 +347,17 @@ def _pki(r: TableReader, key_type: str, intermediates: int) -> PkiSpec:
     )
 
 
+def _unknown_application(name: str, target: Target) -> str:
+    if not target.declared:
+        return (
+            f"{name!r}: this target has one application (target.hostname); declare"
+            " [[target.applications]] to give it several"
+        )
+    return (
+        f"{name!r} is not one of the [[target.applications]]: {[a.name for a in target.declared]}"
+    )
+
+
 def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortSpec:
     r.unknown(
         {
@@ -249,6 +371,7 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
             "behaviour",
             "client",
             "piv",
+            "application",
         }
     )
     name = r.get("name", str, what="a cohort name")
@@ -264,7 +387,11 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
     key_type = r.get("key_type", str, None, f"one of {list(KEY_TYPES)}")
     if key_type is not None and key_type not in KEY_TYPES:
         raise r.error("key_type", f"{key_type!r} is not one of {list(KEY_TYPES)}")
-    policy = "common_name" if target.policy.startswith("common_name:") else "certificate"
+    application = r.get("application", str, None, "an application name")
+    if application is not None and application not in [a.name for a in target.declared]:
+        raise r.error("application", _unknown_application(application, target))
+    app = target.application(application)
+    policy = "common_name" if app.policy.startswith("common_name:") else "certificate"
     # A root bound to another hostname authorises nothing here, whatever else is wrong.
     path_keys = (key_type or pkis[pki].key_type, pkis[pki].key_type)
     default = (
@@ -339,6 +466,7 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
         protocol=protocol,
         rpc=rpc,
         watch_messages=watch_messages,
+        application=application,
     )
 
 
@@ -365,8 +493,8 @@ def _phase(r: TableReader) -> Phase:
     return phase
 
 
-def _event(r: TableReader, cohorts: set[str], pkis: dict[str, PkiSpec]) -> Event:
-    r.unknown({"at", "action", "cohort", "share", "value", "pki"})
+def _event(r: TableReader, cohorts: set[str], pkis: dict[str, PkiSpec], target: Target) -> Event:
+    r.unknown({"at", "action", "cohort", "share", "value", "pki", "application"})
     action = r.choice("action", EVENTS)
     event = Event(
         at=r.seconds("at"),
@@ -375,7 +503,17 @@ def _event(r: TableReader, cohorts: set[str], pkis: dict[str, PkiSpec]) -> Event
         share=r.number("share", 1.0),
         value=r.get("value", str, None, "a value"),
         pki=r.get("pki", str, None, "a PKI name"),
+        application=r.get("application", str, None, "an application name"),
     )
+    if event.application is not None:
+        if action not in APPLICATION_EVENTS:
+            raise r.error(
+                "application",
+                f"only {' and '.join(APPLICATION_EVENTS)} change one application; {action}"
+                " takes none",
+            )
+        if event.application not in [a.name for a in target.declared]:
+            raise r.error("application", _unknown_application(event.application, target))
     trusted = [name for name, spec in pkis.items() if spec.trusted]
     if event.pki is not None and (
         action not in ("rotate_root", "remove_root") or event.pki not in trusted
@@ -444,11 +582,11 @@ def protocol_problem(
             )
     others = [c.name for c in cohorts if c.protocol != "grpc"]
     if grpc and others and target_kind != "external":
-        # One application, one origin: the telemetry gRPC service answers gRPC calls only.
+        # One origin for every application: the telemetry gRPC service answers gRPC only.
         return (
             "cohorts",
-            f"cohort {grpc[0].name} speaks grpc and cohort {others[0]} does not: the run's one"
-            " application has one origin (the telemetry gRPC service for grpc cohorts, the echo"
+            f"cohort {grpc[0].name} speaks grpc and cohort {others[0]} does not: the run's"
+            " applications share one origin (the telemetry gRPC service for grpc cohorts, the echo"
             " origin for HTTP); give every cohort the same kind of protocol",
         )
     return None
@@ -519,7 +657,7 @@ def load_scenario(path: str | Path) -> Scenario:
     phases = tuple(_phase(r) for r in top.tables("phases"))
     if not phases:
         raise top.error("phases", "at least one [[phases]] is required")
-    events = tuple(_event(r, set(names), pkis) for r in top.tables("events"))
+    events = tuple(_event(r, set(names), pkis, target) for r in top.tables("events"))
     allowed = REVOCABLE_EVENTS if target.kind == "nginx" else ORIGIN_EVENTS
     if target.kind != "embedded" and any(e.action not in allowed for e in events):
         wrong = next(e.action for e in events if e.action not in allowed)

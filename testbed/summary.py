@@ -42,6 +42,11 @@ from testbed.results import AttemptRow, Results
 LATENCIES = ("total", "service", "handshake", "connect", "first_byte", "key_store")
 STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
 COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "decisions", "rate")
+# Per-cohort shares of attempts, by threshold name: ``cohort.<name>.new_connections == 100%``.
+COHORT_SHARES = {
+    "new_connections": "new_connection_share",
+    "full_handshakes": "full_handshake_share",
+}
 # Percentiles kept for the CDF plots: dense where tails live.
 CDF_PERCENTILES = (
     *(float(p) for p in range(0, 100)),
@@ -274,6 +279,9 @@ class _Group:
             "resumed": self.resumed,
             "cookie_admitted": self.cookie_admitted,
             "full_handshake_share": (self.new_connections - self.resumed) / n if n else None,
+            # Attempts that opened a connection (resumed or not): what No Duration costs.
+            "new_connections": self.new_connections,
+            "new_connection_share": self.new_connections / n if n else None,
         }
 
     def unmatched(self) -> dict[str, int]:
@@ -548,7 +556,9 @@ def metric(summary: Mapping[str, Any], name: str) -> float:
     Names: ``false_accepts``, ``false_rejects``, ``attempts``, ``dropped``, ``errors``,
     ``decisions`` (attempts that reached a decision or their expected outcome), ``rate``;
     ``<latency>.<stat>``; ``cohort.<name>.allowed`` (share), ``.matched`` (share),
-    ``.share:<outcome>`` or ``.<latency>.<stat>``. Unknown names raise :class:`KeyError`.
+    ``.new_connections`` (share of attempts that opened a connection), ``.full_handshakes``
+    (share that made a full handshake: a new connection, not resumed), ``.share:<outcome>`` or
+    ``.<latency>.<stat>``. Unknown names raise :class:`KeyError`.
     """
     totals = summary["totals"]
     if name in COUNTS:
@@ -578,6 +588,8 @@ def _cohort_metric(summary: Mapping[str, Any], name: str) -> float:
         return cohort["allowed"] / attempts if attempts else math.nan
     if what == "matched":
         return _number(cohort["matched_share"])
+    if what in COHORT_SHARES:
+        return _number(cohort[COHORT_SHARES[what]])
     if what.startswith("share:"):
         outcome = what[len("share:") :]
         if not outcome:
@@ -587,6 +599,7 @@ def _cohort_metric(summary: Mapping[str, Any], name: str) -> float:
         return _latency_metric(cohort["latency"], what, f"{name!r}: ")
     except KeyError:
         raise KeyError(
-            f"{name!r}: after cohort.{cohort_name}. expected allowed, matched, share:<outcome> "
-            f"or <latency>.<stat> with latency in {list(LATENCIES)} and stat in {list(STATS)}"
+            f"{name!r}: after cohort.{cohort_name}. expected allowed, matched, new_connections, "
+            f"full_handshakes, share:<outcome> or <latency>.<stat> with latency in"
+            f" {list(LATENCIES)} and stat in {list(STATS)}"
         ) from None

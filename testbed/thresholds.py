@@ -1,5 +1,6 @@
 """Thresholds in the style of k6: ``handshake.p95 < 50ms``, ``false_accepts == 0``,
-``errors <= 1%``, ``cohort.expired.share:denied:certificate_expired == 100%``. They decide a
+``errors <= 1%``, ``cohort.expired.share:denied:certificate_expired == 100%``,
+``cohort.live.full_handshakes == 100%``. They decide a
 run's exit code (with the gates of :mod:`testbed.verdict`).
 
 A count with ``%`` is a share of the attempts: ``errors <= 1%`` holds when at most one attempt
@@ -18,6 +19,9 @@ from typing import Any
 LATENCIES = ("total", "service", "handshake", "connect", "first_byte", "key_store")
 STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
 COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "decisions", "rate")
+# A cohort's shares of its attempts: allowed, matched (its expected outcome), opened a new
+# connection, made a full handshake (new and not resumed: what No Duration costs).
+COHORT_SHARES = ("allowed", "matched", "new_connections", "full_handshakes")
 # Counts that a ``%`` turns into a share of the attempts.
 SHARE_COUNTS = ("false_accepts", "false_rejects", "dropped", "errors", "decisions")
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -68,14 +72,14 @@ def _check_metric(name: str, cohorts: Sequence[str]) -> None:
             cohort = rest.partition(".")[0]
             raise ThresholdError(f"{name!r}: no cohort {cohort!r}; cohorts are {list(cohorts)}")
         what = rest[len(known[0]) + 1 :]
-        if what in ("allowed", "matched") or what.startswith("share:"):
+        if what in COHORT_SHARES or what.startswith("share:"):
             return
         sub = what.split(".", 1)
         if sub[0] in LATENCIES and len(sub) == 2 and sub[1] in STATS:
             return
         raise ThresholdError(
-            f"{name!r}: after cohort.<name>. expected allowed, matched, share:<outcome> or a "
-            f"latency such as total.p99"
+            f"{name!r}: after cohort.<name>. expected {', '.join(COHORT_SHARES)},"
+            " share:<outcome> or a latency such as total.p99"
         )
     raise ThresholdError(
         f"{name!r} is not a metric: use {', '.join(COUNTS)}, <latency>.<stat> with latency in "

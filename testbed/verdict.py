@@ -97,7 +97,10 @@ _HINTS = {
     },
     "run": {
         "ca": "set target.ca in the scenario to the CA that signed the target's certificate",
-        "hostname": "set target.hostname in the scenario to a name its certificate holds",
+        "hostname": (
+            "set target.hostname (or each [[target.applications]]'s hostname) in the scenario"
+            " to a name its certificate holds"
+        ),
     },
 }
 

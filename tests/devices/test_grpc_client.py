@@ -141,6 +141,8 @@ async def test_goaway_after_each_call_reconnects_a_kept_channel(
         assert service.count("Watch", "valid") == 3
     assert [a.outcome for a in attempts] == ["allowed"] * 3
     assert client.handshakes == 3
+    # Each attempt says it made a new connection, without waiting for grpcio's callbacks.
+    assert [a.new_connection for a in attempts] == [True] * 3
 
 
 async def test_an_encrypted_key_is_decrypted_in_memory(demo: DemoLayout, tmp_path: Path) -> None:

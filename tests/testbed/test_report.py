@@ -348,7 +348,10 @@ def test_metric_names(summary: dict[str, Any]) -> None:
         ("total.p42", "is not a latency statistic"),
         ("speed", "is not a metric"),
         ("cohort.nobody.allowed", "no such cohort"),
-        ("cohort.expired.denied", "expected allowed, matched, share:<outcome>"),
+        (
+            "cohort.expired.denied",
+            "expected allowed, matched, new_connections, full_handshakes, share:<outcome>",
+        ),
         ("cohort.expired.share:", "share: needs an outcome"),
         ("cohort.expired.total.p42", "expected allowed, matched"),
     ],

@@ -129,6 +129,43 @@ def check_claims(name: str, run_dir: Path) -> None:
         )
         assert share["no-duration"] == 1.0
         assert share["cookies"] < 0.5
+    if name == "grpc-fleet.toml":
+        # Every cohort made gRPC calls on its own application's hostname, and the enforcer
+        # agrees with the devices: one connection per call on No Duration (telemetry-live),
+        # about one per device on 24 h (telemetry-batch).
+        spec = tomllib.loads((SCENARIOS / name).read_text())
+        host = {a["name"]: a["hostname"] for a in spec["target"]["applications"]}
+        app_of = {c["name"]: host[c["application"]] for c in spec["cohorts"]}
+        assert rows(run_dir, "SELECT DISTINCT protocol FROM attempts") == [("grpc",)]
+        cohort_of = dict(rows(run_dir, "SELECT DISTINCT device, cohort FROM attempts"))
+        requests: dict[str, int] = defaultdict(int)
+        connections: dict[str, set[int]] = defaultdict(set)
+        for line in (run_dir / "access.log").read_text().splitlines():
+            entry = json.loads(line)
+            if "decision" not in entry:
+                continue  # a connection-level line (a handshake the client abandoned)
+            if entry["certificate"] is not None:
+                assert entry["sni"] == app_of[cohort_of[entry["certificate"]["common_name"]]]
+            if entry["decision"] == "allowed":
+                requests[entry["sni"]] += 1
+                connections[entry["sni"]].add(entry["connection"])
+        live, batch = host["telemetry-live"], host["telemetry-batch"]
+        assert len(connections[live]) == requests[live] > 0
+        batch_devices = sum(
+            c["size"]
+            for c in spec["cohorts"]
+            if c["application"] == "telemetry-batch" and "defect" not in c
+        )
+        assert len(connections[batch]) <= batch_devices < requests[batch]
+        new = dict(
+            rows(
+                run_dir,
+                "SELECT cohort, AVG(new_connection) FROM attempts WHERE outcome = 'allowed'"
+                " GROUP BY cohort",
+            )
+        )
+        assert new["live-reporters"] == new["live-watchers"] == 1.0
+        assert new["batch-reporters"] < 0.5 and new["batch-watchers"] < 0.5
     if name == "yubikey-fleet.toml":
         # Each wrong-PIN token answers CKR_PIN_INCORRECT three times, then CKR_PIN_LOCKED.
         seen: dict[str, list[str]] = defaultdict(list)

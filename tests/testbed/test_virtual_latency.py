@@ -140,3 +140,23 @@ def test_a_wrong_network_names_the_field(
         load_scenario(path)
     assert info.value.field == field
     assert problem in info.value.problem
+
+
+def test_bytes_sent_to_a_closed_end_do_not_lose_what_it_sent_before() -> None:
+    # A server that answers, sends GOAWAY and closes (HTTP/2 No Duration) while the client
+    # still sends (a WINDOW_UPDATE): the client reads the answer, then EOF, as over TCP.
+    import random
+
+    import trio
+    import trio.testing
+
+    from testbed.network import Network, link_pair
+
+    async def main() -> list[bytes]:
+        client, server = link_pair(Network(rtt=0.040), random.Random(1))
+        await server.send_all(b"response")
+        await server.aclose()
+        await client.send_all(b"late")  # taken, never delivered
+        return [await client.receive_some(), await client.receive_some()]
+
+    assert trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)) == [b"response", b""]
