@@ -60,7 +60,6 @@ from devices.behaviour import Closed
 from devices.client import DeviceClient
 from devices.client import Target as DeviceTarget
 from enforcer.accesslog import AccessLog
-from enforcer.application import origin_problem
 from enforcer.clock import WallClock
 from enforcer.config import load_config
 from enforcer.origin import serve_echo_origin_on
@@ -679,13 +678,6 @@ async def _supervise(
                 listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
                 origin = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
                 nursery.start_soon(serve_echo_origin_on, listeners)
-            problem = origin_problem(origin)
-            if problem is not None:
-                # grpc:// origins come with the enforcer's HTTP/2 origin client (issue 16).
-                raise LoadError(
-                    f"--target embedded: the enforcer cannot take the telemetry service's origin"
-                    f" ({problem}); load this gRPC fleet with --target nginx"
-                )
             config = write_enforcer_config(scenario, run_dir, fleet, origin, now, crls=crls)
             port = free_port()
             # With events, a target that follows its state database, where they are committed.

@@ -48,7 +48,6 @@ from devices.piv import MAX_RETRIES
 from devices.pki import issue_ca, issue_leaf, write_pem
 from enforcer import control
 from enforcer.accesslog import AccessLog
-from enforcer.application import origin_problem
 from enforcer.clock import Clock, TrioClock, WallClock
 from enforcer.config import load_config
 from enforcer.durations import parse_duration
@@ -570,13 +569,6 @@ class Run:
         # The embedded enforcer.
         virtual = s.clock == "virtual"
         origin = "http://origin.invalid" if virtual else await self._start_origin(nursery)
-        problem = origin_problem(origin)
-        if problem is not None:
-            # grpc:// origins come with the enforcer's HTTP/2 origin client (issue 16).
-            raise RunError(
-                f"{s.path}: the embedded enforcer cannot take the telemetry service's origin"
-                f" ({problem}); run this gRPC fleet against target.kind = nginx"
-            )
         shard = self.shard if self.shards > 1 else None
         self.crls = start_crls(s, self.run_dir, fleet, now, shard)
         config = load_config(

@@ -1,34 +1,17 @@
 """h2 and gRPC devices through the embedded enforcer (``testbed load --protocol``, scenarios
 with ``client.protocol``, No Duration on h2).
-
-The tests named ``test_after_enforcer_h2_*`` need the enforcer's HTTP/2 server (i16-server)
-and, for gRPC, its grpc:// origins (i16-origins): they skip until those are merged, and are
-then expected to pass as they are. Before then, a gRPC load on the embedded enforcer is
-refused with a clear message (exit 2).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from enforcer.application import origin_problem
 from tests.testbed.test_load_cli import load, rows
 from tests.testbed.test_protocols import scenario, small_fleet
 from tests.testbed.test_run import run_cli
-
-ENFORCER_H2 = importlib.util.find_spec("enforcer.http2") is not None
-ENFORCER_GRPC_ORIGIN = origin_problem("grpc://127.0.0.1:50051") is None
-after_enforcer_h2 = pytest.mark.skipif(
-    not ENFORCER_H2, reason="needs the enforcer's HTTP/2 server (i16-server)"
-)
-after_enforcer_grpc = pytest.mark.skipif(
-    not (ENFORCER_H2 and ENFORCER_GRPC_ORIGIN),
-    reason="needs the enforcer's HTTP/2 server and grpc:// origins (i16-server, i16-origins)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -40,23 +23,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # -- the embedded enforcer ------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(ENFORCER_GRPC_ORIGIN, reason="the enforcer takes grpc:// origins now")
-def test_a_grpc_load_on_an_enforcer_without_grpc_origins_exits_2(
-    fleet: Path, tmp_path: Path
-) -> None:
-    result, _ = load(
-        tmp_path / "reports",
-        *("--target", "embedded", "--fleet", str(fleet), "--protocol", "grpc"),
-        *("--rate", "5", "--duration", "1s"),
-    )
-    assert result.returncode == 2
-    assert "the enforcer cannot take the telemetry service's origin" in result.stderr
-
-
-@after_enforcer_grpc
-def test_after_enforcer_h2_grpc_load_through_the_embedded_enforcer(
-    fleet: Path, tmp_path: Path
-) -> None:
+def test_grpc_load_through_the_embedded_enforcer(fleet: Path, tmp_path: Path) -> None:
     result, run_dir = load(
         tmp_path / "reports",
         *("--target", "embedded", "--fleet", str(fleet), "--protocol", "grpc"),
@@ -72,10 +39,7 @@ def test_after_enforcer_h2_grpc_load_through_the_embedded_enforcer(
     assert seen == [("OK",), ("UNAUTHENTICATED",)]
 
 
-@after_enforcer_h2
-def test_after_enforcer_h2_h2_load_through_the_embedded_enforcer(
-    fleet: Path, tmp_path: Path
-) -> None:
+def test_h2_load_through_the_embedded_enforcer(fleet: Path, tmp_path: Path) -> None:
     result, _ = load(
         tmp_path / "reports",
         *("--target", "embedded", "--fleet", str(fleet), "--protocol", "h2"),
@@ -86,8 +50,7 @@ def test_after_enforcer_h2_h2_load_through_the_embedded_enforcer(
     assert set(figures["outcomes"]) == {"allowed", "denied:certificate_expired"}
 
 
-@after_enforcer_h2
-def test_after_enforcer_h2_no_duration_means_a_handshake_per_h2_request(tmp_path: Path) -> None:
+def test_no_duration_means_a_handshake_per_h2_request(tmp_path: Path) -> None:
     # session_duration 0s: the enforcer sends GOAWAY after each stream; the kept-alive h2
     # devices reconnect, so every attempt is a new connection with a full handshake.
     path = scenario(
@@ -110,8 +73,7 @@ def test_after_enforcer_h2_no_duration_means_a_handshake_per_h2_request(tmp_path
     assert attempts > 0 and new == attempts
 
 
-@after_enforcer_h2
-def test_after_enforcer_h2_h2_devices_in_virtual_time(tmp_path: Path) -> None:
+def test_h2_devices_in_virtual_time(tmp_path: Path) -> None:
     path = scenario(
         tmp_path,
         client='protocol = "h2"',
