@@ -264,6 +264,10 @@ def test_a_grpc_scenario_against_nginx_follows_a_revocation(tmp_path: Path) -> N
             "cohort.expired.matched == 100%",
             "cohort.healthy.share:allowed > 0%",
             "cohort.healthy.share:grpc_unauthenticated > 0%",
+            # The revocation reloads nginx: its old workers' GOAWAY can cut a Watch in flight,
+            # which the device reports as an error (grpcio's retries are off: one attempt is
+            # one call). Seen in 2 of 15 loaded runs, 1 call of 40 each.
+            "errors <= 10%",
         ],
         events='\n[[events]]\nat = "2s"\naction = "revoke"\ncohort = "healthy"\nshare = 0.5\n',
     )
@@ -277,6 +281,6 @@ def test_a_grpc_scenario_against_nginx_follows_a_revocation(tmp_path: Path) -> N
     late = rows(
         run_dir,
         "SELECT DISTINCT expected, outcome, grpc_status FROM attempts"
-        " WHERE cohort = 'healthy' AND outcome != 'allowed'",
+        " WHERE cohort = 'healthy' AND outcome != 'allowed' AND grpc_status != 'UNAVAILABLE'",
     )
     assert late == [("grpc_unauthenticated", "grpc_unauthenticated", "UNAUTHENTICATED")]
