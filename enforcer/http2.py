@@ -513,15 +513,30 @@ class H2Session(RequestPath):
             return
         raise _ClientStalled(f"the client's flow-control window stayed shut for {timeout:g} s")
 
-    async def flush(self) -> None:
-        """Send what h2 (and a GOAWAY of ours) produced, in the order produced."""
+    async def flush(self, *, timeout: float | None = None) -> None:
+        """Send what h2 (and a GOAWAY of ours) produced, in the order produced.
+
+        Once h2 has handed its bytes over they must reach the socket whole: a stream cancelled
+        mid-write (its client reset it) would otherwise cut a frame, or drop HEADERS whose
+        HPACK state the client's decoder then lacks, breaking every stream. So the write is
+        shielded from cancellation and bounded by its own deadline instead (``timeout``,
+        ``request_timeout`` by default): a client that reads nothing for that long has its
+        connection ended, as nginx's ``send_timeout`` does.
+        """
+        limit = self.e.settings.request_timeout if timeout is None else timeout
         async with self._write_lock:
             data = self.h2.data_to_send()
             if self._raw:
                 data += b"".join(self._raw)
                 self._raw.clear()
             if data:
-                await self.tls.send_all(data)
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + limit) as scope:
+                    await self.tls.send_all(data)
+                if scope.cancelled_caught:
+                    raise TLSError(
+                        f"the client read nothing for {limit:g} s (request_timeout): "
+                        "connection ended"
+                    )
                 self.guard.sent(data)
 
     async def _close_quietly(self) -> None:
@@ -532,7 +547,7 @@ class H2Session(RequestPath):
                     self.h2.close_connection(
                         last_stream_id=self.highest_stream if last is None else last
                     )
-                await self.flush()
+                await self.flush(timeout=1)
             except (TLSError, h2.exceptions.ProtocolError):
                 pass
 

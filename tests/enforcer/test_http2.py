@@ -437,6 +437,37 @@ async def test_a_large_response_respects_a_small_client_window(served: Served) -
     assert response.largest_frame <= 1000 and response.data_frames >= size // 1000
 
 
+async def test_a_client_that_reads_nothing_is_cut_after_request_timeout(serve_config) -> None:
+    served = await serve_config(request_timeout=1.0)
+    size = 64 * 1024 * 1024
+
+    async def huge(*args: object) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        return 200, [(b"content-type", b"application/octet-stream")], b"x" * size
+
+    served.enforcer.origins.app = huge
+    # Windows wide open, so the enforcer is held by the socket, not by flow control (which
+    # has its own bound); then the client never reads.
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"), window=2**31 - 1)
+    try:
+        client.conn.increment_flow_control_window(2**31 - 1 - 65535)
+        client.start("/huge")
+        await client.flush()
+        with trio.fail_after(30):
+            while not any(
+                r.get("event") == "tls_error" and "read nothing" in str(r.get("detail"))
+                for r in served.log()
+            ):
+                await trio.sleep(0.1)
+    finally:
+        await client.aclose()
+    served.enforcer.origins.app = None
+    other = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        assert (await other.request("/")).status == 200
+    finally:
+        await other.aclose()
+
+
 def hang_the_origin(served: Served) -> tuple[trio.Event, trio.Event]:
     """Make the origin (in-process) never answer; return its (started, cancelled) events."""
     started, cancelled = trio.Event(), trio.Event()
