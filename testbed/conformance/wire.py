@@ -93,7 +93,35 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
     return ctx
 
 
-class Connection:
+def tls_connect(
+    address: tuple[str, int], sni: str, ctx: ssl.SSLContext, session: ssl.SSLSession | None
+) -> ssl.SSLSocket:
+    """A TCP connection and a completed handshake for ``sni`` (resuming ``session`` if given)."""
+    raw = socket.create_connection(address, timeout=TIMEOUT)
+    try:
+        return ctx.wrap_socket(raw, server_hostname=sni, session=session)
+    except BaseException:
+        raw.close()
+        raise
+
+
+class _TLSConnection:
+    """What both transports know of their TLS connection."""
+
+    sock: ssl.SSLSocket
+
+    @property
+    def resumed(self) -> bool:
+        """True when the handshake resumed a session."""
+        return bool(self.sock.session_reused)
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        """The TLS session, for resuming later (TLS 1.3 tickets arrive with the first data)."""
+        return self.sock.session
+
+
+class Connection(_TLSConnection):
     """One TLS connection carrying HTTP/1.1 requests one after the other."""
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
@@ -109,23 +137,7 @@ class Connection:
         session: ssl.SSLSession | None = None,
     ) -> Connection:
         """Connect and complete the handshake for ``sni`` (resuming ``session`` if given)."""
-        raw = socket.create_connection(address, timeout=TIMEOUT)
-        try:
-            sock = ctx.wrap_socket(raw, server_hostname=sni, session=session)
-        except BaseException:
-            raw.close()
-            raise
-        return cls(sock)
-
-    @property
-    def resumed(self) -> bool:
-        """True when the handshake resumed a session."""
-        return bool(self.sock.session_reused)
-
-    @property
-    def session(self) -> ssl.SSLSession | None:
-        """The TLS session, for resuming later (TLS 1.3 tickets arrive with the first data)."""
-        return self.sock.session
+        return cls(tls_connect(address, sni, ctx, session))
 
     @property
     def usable(self) -> bool:
@@ -176,7 +188,7 @@ class Connection:
             self.sock.close()
 
 
-class H2Connection:
+class H2Connection(_TLSConnection):
     """One TLS connection carrying HTTP/2 streams one after the other (ALPN ``h2``)."""
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
@@ -202,12 +214,7 @@ class H2Connection:
     ) -> H2Connection:
         """Connect, complete the handshake for ``sni`` and check that ``h2`` was selected."""
         ctx.set_alpn_protocols(["h2"])
-        raw = socket.create_connection(address, timeout=TIMEOUT)
-        try:
-            sock = ctx.wrap_socket(raw, server_hostname=sni, session=session)
-        except BaseException:
-            raw.close()
-            raise
+        sock = tls_connect(address, sni, ctx, session)
         if sock.selected_alpn_protocol() != "h2":
             sock.close()
             raise WireError(
@@ -219,16 +226,6 @@ class H2Connection:
         except OSError as exc:
             sock.close()
             raise WireError(f"sending the HTTP/2 preface failed: {exc}") from exc
-
-    @property
-    def resumed(self) -> bool:
-        """True when the handshake resumed a session."""
-        return bool(self.sock.session_reused)
-
-    @property
-    def session(self) -> ssl.SSLSession | None:
-        """The TLS session, for resuming later."""
-        return self.sock.session
 
     @property
     def usable(self) -> bool:
