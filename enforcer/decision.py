@@ -41,6 +41,7 @@ from cryptography import x509
 from enforcer.application import Application
 from enforcer.chain import CertificateFacts, ChainResult, ValidationCache, validate_chain
 from enforcer.crl import Verdict as RevocationVerdict
+from enforcer.identity import Identity, ServiceTokenCredentials
 from enforcer.policy import Decision, RequestFacts, first_match
 from enforcer.reasons import Reason
 from enforcer.snapshot import Snapshot
@@ -64,6 +65,10 @@ class AccessRequest:
     host: str | None
     client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     token: str | None = None
+    # A person's identity just established by a login (the callback route); afterwards it
+    # arrives inside ``token``.
+    identity: Identity | None = None
+    service_token: ServiceTokenCredentials | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +87,7 @@ class AccessDecision:
     set_cookie: str | None = None  # sent to the client
     close_connection: bool = False
     claims: Mapping[str, Any] | None = None
+    identity: Identity | None = None  # the person admitted (from a login or the token)
 
     @property
     def allowed(self) -> bool:

@@ -22,6 +22,12 @@ class Reason(enum.StrEnum):
     TOKEN_EXPIRED = "token_expired"
     MISDIRECTED = "misdirected"
     NO_APPLICATION = "no_application"
+    # Identity (access-flow I1-I12)
+    LOGIN_REQUIRED = "login_required"
+    IDENTITY_DENIED = "identity_denied"
+    LOGIN_FAILED = "login_failed"
+    SERVICE_TOKEN_INVALID = "service_token_invalid"
+    SERVICE_TOKEN_EXPIRED = "service_token_expired"
 
 
 # Short bodies for denials: vague to the peer on purpose (the header carries the code, the
@@ -39,6 +45,11 @@ DENIAL_BODIES: dict[Reason, str] = {
     Reason.POLICY_DENIED: "Access denied by policy.",
     Reason.MISDIRECTED: "Misdirected request: Host does not match the TLS server name.",
     Reason.NO_APPLICATION: "No application is configured for this hostname.",
+    Reason.LOGIN_REQUIRED: "Login required: sign in with your identity provider.",
+    Reason.IDENTITY_DENIED: "Access denied for this identity.",
+    Reason.LOGIN_FAILED: "The login could not be completed; start again.",
+    Reason.SERVICE_TOKEN_INVALID: "The service token is invalid.",
+    Reason.SERVICE_TOKEN_EXPIRED: "The service token has expired.",
 }
 
 
@@ -62,4 +73,9 @@ GRPC_STATUS: dict[Reason, int] = {
     Reason.TOKEN_EXPIRED: 16,
     Reason.MISDIRECTED: 14,
     Reason.NO_APPLICATION: 12,
+    Reason.LOGIN_REQUIRED: 16,
+    Reason.IDENTITY_DENIED: 7,
+    Reason.LOGIN_FAILED: 16,
+    Reason.SERVICE_TOKEN_INVALID: 16,
+    Reason.SERVICE_TOKEN_EXPIRED: 16,
 }

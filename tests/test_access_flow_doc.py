@@ -85,6 +85,10 @@ def test_every_reason_code_is_documented_with_its_status() -> None:
             expected = "421"
         elif reason is Reason.NO_APPLICATION:
             expected = "404"
+        elif reason is Reason.LOGIN_REQUIRED:
+            expected = "401"
+        elif reason is Reason.LOGIN_FAILED:
+            expected = "400"
         else:
             expected = "403"
         assert rows[reason.value] == expected, (reason.value, rows[reason.value])
