@@ -23,6 +23,7 @@ from enforcer.controller import Controller
 from enforcer.origin import serve_echo_origin
 from enforcer.server import Enforcer, open_listener, serve
 from testbed.demo import DemoLayout, write_demo
+from tests.browser import open_browser  # noqa: F401 (a fixture: headless Chromium)
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
