@@ -32,6 +32,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -189,6 +190,32 @@ class Browser:
         from selenium.webdriver.common.by import By
 
         return str(await self.call(lambda: self.driver.find_element(By.TAG_NAME, "body").text))
+
+    async def submit_form(self, fields: dict[str, str]) -> None:
+        """Type ``fields`` (element id -> text) into the page's form and submit it."""
+        from selenium.webdriver.common.by import By
+
+        def fill() -> None:
+            element = None
+            for element_id, value in fields.items():
+                element = self.driver.find_element(By.ID, element_id)
+                element.clear()
+                element.send_keys(value)
+            assert element is not None, "no fields to fill"
+            element.submit()
+
+        await self.call(fill)
+
+    async def wait_for_host(self, host: str, timeout: float = 30) -> None:
+        """Wait until a page from ``host`` has loaded (after redirects, a form post)."""
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        def arrived(driver: Any) -> bool:
+            here = urlsplit(driver.current_url).hostname == host
+            return here and driver.execute_script("return document.readyState") == "complete"
+
+        # A bound on a wait, not a timed assertion: a loaded machine only waits longer.
+        await self.call(WebDriverWait(self.driver, timeout).until, arrived)
 
     async def cookies(self) -> list[dict[str, Any]]:
         """Cookies visible to the current page's URL (HttpOnly ones included)."""
