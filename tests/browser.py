@@ -97,8 +97,10 @@ def _run(cmd: Sequence[str], home: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr}")
 
 
-def make_nss_db(home: Path, trusted_cas: Sequence[Path], client: ClientCertificate | None) -> Path:
-    """Make ``home/.pki/nssdb`` trusting ``trusted_cas`` and holding ``client``; return it."""
+def make_nss_db(
+    home: Path, trusted_cas: Sequence[Path], clients: Sequence[ClientCertificate]
+) -> Path:
+    """Make ``home/.pki/nssdb`` trusting ``trusted_cas`` and holding ``clients``; return it."""
     db = home / ".pki" / "nssdb"
     db.mkdir(parents=True, mode=0o700)
     target = f"sql:{db}"
@@ -110,13 +112,13 @@ def make_nss_db(home: Path, trusted_cas: Sequence[Path], client: ClientCertifica
             # C: a trusted CA for TLS servers (the first field is SSL; S/MIME and code unused).
             _run(["certutil", "-A", "-d", target, "-n", f"test-ca-{i}-{j}", "-t", "C,,", "-i",
                   str(pem)], home)  # fmt: skip
-    if client is not None:
+    for i, client in enumerate(clients):
         certs = x509.load_pem_x509_certificates(client.chain.read_bytes())
         key = serialization.load_pem_private_key(client.key.read_bytes(), password=None)
-        p12 = home / "client.p12"
+        p12 = home / f"client-{i}.p12"
         p12.write_bytes(
             pkcs12.serialize_key_and_certificates(
-                b"test-client",
+                f"test-client-{i}".encode(),
                 key,  # type: ignore[arg-type]
                 certs[0],
                 certs[1:] or None,
@@ -259,6 +261,8 @@ async def open_browser(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
     ``await open_browser(hosts, trusted_cas, client)``: ``hosts`` map to 127.0.0.1 and get
     ``client`` (a :class:`ClientCertificate`, or None for no certificate at all) auto-selected.
+    ``also_holding``: more certificates in the NSS database, never auto-selected;
+    ``auto_select=False`` leaves the picker in place (headless, a page then never loads).
     """
     require_tools()
     browsers: list[Browser] = []
@@ -269,11 +273,14 @@ async def open_browser(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         trusted_cas: Sequence[Path],
         client: ClientCertificate | None,
         *,
+        also_holding: Sequence[ClientCertificate] = (),
         auto_select: bool = True,
     ) -> Browser:
         root = tmp_path / f"browser-{next(counter)}"
         home, profile = root / "home", root / "profile"
-        await trio.to_thread.run_sync(make_nss_db, home, trusted_cas, client)
+        # The others go in first: being first in the database is not what selects ``client``.
+        held = [*also_holding, *([client] if client else [])]
+        await trio.to_thread.run_sync(make_nss_db, home, trusted_cas, held)
         if client is not None and auto_select:
             prefs = auto_select_preferences(hosts, client.common_name())
             (profile / "Default").mkdir(parents=True)

@@ -66,3 +66,20 @@ async def test_chromium_without_a_certificate_gets_the_no_certificate_page(
     page = f"https://{AUTH_HOST}:{served.port}/hello"
     assert any(e.startswith(f"{page} - ") for e in errors), errors
     assert all("status of 403" in e for e in errors), errors
+
+
+async def test_chromium_sends_the_certificate_the_filter_names_among_several(
+    served: Served, open_browser: Callable[..., Any]
+) -> None:
+    # iot admits device-001 only: which of the two held certificates arrives decides the answer.
+    valid = ClientCertificate(*served.layout.device("valid"))
+    wrong_cn = ClientCertificate(*served.layout.device("wrong-cn"))
+    for selected, other, status, reason in (
+        (valid, wrong_cn, 200, None),
+        (wrong_cn, valid, 403, "policy_denied"),
+    ):
+        browser = await open_browser(HOSTS, [served.layout.edge_ca], selected, also_holding=[other])
+        await browser.get(f"https://{IOT_HOST}:{served.port}/which")
+        record = requests_for(served, "/which")[-1]
+        assert (record["status"], record["reason"]) == (status, reason)
+        assert record["certificate"]["common_name"] == selected.common_name()
