@@ -256,8 +256,8 @@ class TokenEndpoint:
 @pytest.fixture
 async def forged(
     serve_config: Callable[..., Any],
-    oidc_idp: OidcIdp,
-    nursery: trio.Nursery,  # noqa: F811
+    oidc_idp: OidcIdp,  # noqa: F811
+    nursery: trio.Nursery,
 ) -> tuple[LoginSetup, TokenEndpoint]:
     endpoint = TokenEndpoint()
     port = await nursery.start(endpoint.serve, oidc_idp.server_context())
