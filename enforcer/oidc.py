@@ -18,7 +18,7 @@ import dataclasses
 import datetime as dt
 import hmac
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote_plus, urlencode, urlsplit
 
@@ -113,9 +113,15 @@ class OidcClient:
     token is valid (that is the injected ``now`` of :func:`verify_id_token`).
     """
 
-    def __init__(self, origins: OriginPool, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(
+        self,
+        origins: OriginPool,
+        timeout: float = REQUEST_TIMEOUT,
+        monotonic: Callable[[], float] = trio.current_time,
+    ) -> None:
         self.origins = origins
         self.timeout = timeout
+        self.monotonic = monotonic  # seconds; tests step it to expire the caches
         # Keyed by everything that says where the document comes from: a provider changed
         # through the admin API (another issuer, CA or endpoint) never reuses a stale entry.
         self._metadata: dict[tuple[str, ...], tuple[ProviderMetadata, float]] = {}
@@ -182,7 +188,7 @@ class OidcClient:
             provider.certs_url or "",
         )
         cached = self._metadata.get(key)
-        if cached is not None and trio.current_time() < cached[1] + METADATA_LIFETIME:
+        if cached is not None and self.monotonic() < cached[1] + METADATA_LIFETIME:
             return cached[0]
         if provider.auth_url and provider.token_url and provider.certs_url:
             meta = ProviderMetadata(
@@ -208,7 +214,7 @@ class OidcClient:
                 if isinstance(methods, list)
                 else ("client_secret_basic",),
             )
-        self._metadata[key] = (meta, trio.current_time())
+        self._metadata[key] = (meta, self.monotonic())
         return meta
 
     async def _fetch_keys(self, provider: IdentityProvider, key: tuple[str, ...]) -> _Keys:
@@ -226,7 +232,7 @@ class OidcClient:
                 and jwk.get("use") != "enc"
             ):
                 keys[jwk["kid"]] = jwk
-        entry = _Keys(keys, trio.current_time())
+        entry = _Keys(keys, self.monotonic())
         self._keys[key] = entry
         return entry
 
@@ -235,17 +241,17 @@ class OidcClient:
         minute at most when ``kid`` is unknown (a forged kid cannot make us hammer the provider).
         """
         key = (provider.issuer_url, provider.ca_pem or "", provider.certs_url or "")
-        now = trio.current_time()
+        now = self.monotonic()
         entry = self._keys.get(key)
-        if entry is None or now >= entry.fetched + JWKS_LIFETIME:
+        fresh = entry is None or now >= entry.fetched + JWKS_LIFETIME
+        if entry is None or fresh:
             entry = await self._fetch_keys(provider, key)
         jwk = entry.keys.get(kid)
-        if jwk is None and now >= self._unknown_kid_fetch.get(key, -UNKNOWN_KID_INTERVAL) + (
-            UNKNOWN_KID_INTERVAL
-        ):
+        last = self._unknown_kid_fetch.get(key)
+        if jwk is None and not fresh and (last is None or now >= last + UNKNOWN_KID_INTERVAL):
+            # The provider may have rotated its keys since we fetched them.
             self._unknown_kid_fetch[key] = now
-            if entry.fetched < now or not entry.keys:
-                entry = await self._fetch_keys(provider, key)
+            entry = await self._fetch_keys(provider, key)
             jwk = entry.keys.get(kid)
         if jwk is None:
             raise IdTokenRejected("signature", f"the provider's JWKS has no key {kid!r}")

@@ -232,6 +232,14 @@ class TokenEndpoint:
         await trio.serve_listeners(self._one, listeners)
 
     async def _one(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        try:
+            await self._answer(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass  # a client that gave up (a refused certificate): nothing to answer
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _answer(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         conn = h11.Connection(h11.SERVER)
         body = b""
         with trio.move_on_after(10):
@@ -250,7 +258,6 @@ class TokenEndpoint:
             headers = [("content-type", "application/json"), ("content-length", str(len(answer)))]
             await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
             await stream.send_all(conn.send(h11.Data(data=answer)) + conn.send(h11.EndOfMessage()))
-        await trio.aclose_forcefully(stream)
 
 
 @pytest.fixture
