@@ -193,6 +193,13 @@ class Browser:
 
         return str(await self.call(lambda: self.driver.find_element(By.TAG_NAME, "body").text))
 
+    async def json(self) -> Any:
+        """The JSON document the page shows (Chromium puts a JSON response in a <pre>)."""
+        from selenium.webdriver.common.by import By
+
+        text = await self.call(lambda: self.driver.find_element(By.TAG_NAME, "pre").text)
+        return json.loads(text)
+
     async def submit_form(self, fields: dict[str, str]) -> None:
         """Type ``fields`` (element id -> text) into the page's form and submit it."""
         from selenium.webdriver.common.by import By

@@ -4,7 +4,6 @@ against a served enforcer whose application admits on a certificate alone (the d
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ async def test_chromium_selects_its_certificate_and_reaches_the_origin(
     browser = await open_browser(HOSTS, [served.layout.edge_ca], client)
     await browser.get(f"https://{AUTH_HOST}:{served.port}/hello")
 
-    echo = json.loads(await browser.text())  # the echo origin's JSON, as Chromium shows it
+    echo = await browser.json()  # the echo origin's JSON, as Chromium shows it
     assert echo["origin"] == "echo" and echo["path"] == "/hello"
     sha256 = requests_for(served, "/hello")[0]["certificate"]["sha256"]
     assert echo["headers"]["cf-client-cert-sha256"] == sha256

@@ -6,7 +6,6 @@ cannot see response headers)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -108,7 +107,7 @@ async def test_person_with_login_and_certificate_reaches_the_origin(
     await log_in(browser, login_app, idp, "alice@example.com")
 
     assert urlsplit(await browser.url()).path == "/hello"
-    echo = json.loads(await browser.text())
+    echo = await browser.json()
     assert echo["origin"] == "echo" and echo["path"] == "/hello"
     assert echo["headers"]["cf-access-authenticated-user-email"] == "alice@example.com"
     await browser.screenshot(tmp_path / "alice-origin.png")
