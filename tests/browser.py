@@ -15,14 +15,16 @@ outside the test's tmp dir is touched. (``--policy=`` on the command line is And
 the local test policy page needs a non-stable channel and a UI.) The setting is scoped to the
 test's hostnames and the leaf's subject common name.
 
-Hostnames (``auth.example.test``, the IdP's) reach 127.0.0.1 through ``--host-resolver-rules``;
-the ports stay in the URLs. Selenium is synchronous: every call runs in a worker thread
-(``trio.to_thread``) so the served enforcer and IdP keep running in the test's trio loop.
+Test hostnames (``auth.example.test``) reach 127.0.0.1 through ``--host-resolver-rules``; the
+ports stay in the URLs (the test IdP is addressed as https://127.0.0.1 already). Selenium is
+synchronous: every call runs in a worker thread (``trio.to_thread``) so the served enforcer
+and IdP keep running in the test's trio loop.
 Selenium uses Debian's ``/usr/bin/chromedriver`` (never selenium-manager, which downloads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -269,7 +271,8 @@ async def open_browser(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     ``await open_browser(hosts, trusted_cas, client)``: ``hosts`` map to 127.0.0.1 and get
     ``client`` (a :class:`ClientCertificate`, or None for no certificate at all) auto-selected.
     ``also_holding``: more certificates in the NSS database, never auto-selected;
-    ``auto_select=False`` leaves the picker in place (headless, a page then never loads).
+    ``auto_select=False`` leaves the picker in place: headless, nobody answers it, and a page
+    that asks for a certificate never loads (the load times out).
     """
     require_tools()
     browsers: list[Browser] = []
@@ -302,8 +305,12 @@ async def open_browser(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     try:
         yield start
     finally:
+        from selenium.common.exceptions import WebDriverException
+
         for browser in browsers:
-            with trio.CancelScope(shield=True):
+            # One browser that died already must not keep the others (and their chromedrivers)
+            # running: quit each, whatever the previous one did.
+            with trio.CancelScope(shield=True), contextlib.suppress(WebDriverException):
                 await trio.to_thread.run_sync(browser.driver.quit)
 
 
