@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from enforcer.accesslog import AccessLog
 from enforcer.clock import FixedClock
 from enforcer.server import Enforcer, open_listener, serve
-from testbed.demo import AUTH_HOST, DemoLayout
+from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout
 from tests.conftest import Served
 from tests.h2wire import H2Client, h2_context
 from tests.login_client import BROWSER_ACCEPT, LoginBrowser
@@ -59,6 +59,7 @@ class LoginSetup:
     idp: OidcIdp
     client: Client
     idp_id: str
+    hostname: str = AUTH_HOST
 
     def ctx(self, device: str | None = "valid") -> ssl.SSLContext:
         layout = self.served.layout
@@ -67,14 +68,18 @@ class LoginSetup:
         return client_context(layout.edge_ca, *layout.device(device))
 
     def browser(self, device: str | None = "valid", port: int | None = None) -> LoginBrowser:
-        return LoginBrowser(AUTH_HOST, port or self.served.port, self.ctx(device), self.idp)
+        return LoginBrowser(self.hostname, port or self.served.port, self.ctx(device), self.idp)
 
 
 async def configure(
-    served: Served, idp: OidcIdp, policy: dict[str, Any], **config: Any
+    served: Served,
+    idp: OidcIdp,
+    policy: dict[str, Any],
+    hostname: str = AUTH_HOST,
+    **config: Any,
 ) -> LoginSetup:
     """Register a client for this enforcer's port, add the provider and the app's policy."""
-    client = idp.register_client(callback_uris([AUTH_HOST], served.port))
+    client = idp.register_client(callback_uris([hostname], served.port))
     provider = await ok(
         served,
         "POST",
@@ -92,10 +97,10 @@ async def configure(
         },
     )
     apps = await ok(served, "GET", f"{ACC}/apps")
-    app = next(a for a in apps if a["domain"] == AUTH_HOST)
+    app = next(a for a in apps if a["domain"] == hostname)
     pid = app["policies"][0]["id"]
     await ok(served, "PUT", f"{ACC}/apps/{app['id']}/policies/{pid}", policy)
-    return LoginSetup(served, idp, client, provider["id"])
+    return LoginSetup(served, idp, client, provider["id"], hostname)
 
 
 @pytest.fixture
@@ -200,6 +205,29 @@ async def test_the_login_route_answers_on_http2(setup: LoginSetup) -> None:
     assert (response.header("set-cookie") or "").startswith("CF_Access_Login=")
     assert denied.status == 302
     assert denied.header("location") == "/cdn-cgi/access/login?redirect_url=%2F"
+
+
+async def test_a_login_under_no_duration_proves_the_device_on_every_request(
+    serve_config: Callable[..., Any],
+    oidc_idp: OidcIdp,  # noqa: F811
+) -> None:
+    served = await serve_config(admin=True)
+    setup = await configure(served, oidc_idp, PEOPLE_WITH_DEVICES, hostname=IOT_HOST)
+    browser = setup.browser()
+    hops = await browser.login("/", ALICE.email, ALICE.password)
+    callback = next(h for h in hops if "/cdn-cgi/access/callback" in h.url).response
+    assert callback.status == 302 and callback.header("connection") == "close"
+    final = hops[-1].response
+    assert final.status == 200, final.body
+    assert final.json()["headers"]["cf-access-authenticated-user-email"] == ALICE.email
+    # I9: the identity cookie says who, the certificate of each new handshake admits...
+    assert (await browser.request("/again")).status == 200
+    assert served.last()["admitted_by"] == "identity"
+    # ...and never admits without it.
+    alone = setup.browser(device=None)
+    alone.cookies().update(browser.cookies())
+    refused = await alone.request("/again")
+    assert (refused.status, refused.reason) == (403, "no_certificate")
 
 
 # ---- open redirects ----------------------------------------------------------------------------
