@@ -15,7 +15,7 @@ import jwt
 import pytest
 import trio
 
-from enforcer.identity import CALLBACK_PATH, LOGIN_PATH
+from enforcer.identity import CALLBACK_PATH, LOGIN_PATH, LOGOUT_PATH
 from testbed.demo import AUTH_HOST
 from tests.browser import Browser, ClientCertificate
 from tests.conftest import Served
@@ -80,6 +80,12 @@ def requests(served: Served) -> list[dict[str, Any]]:
     return [r for r in served.log() if "event" not in r]
 
 
+def steps_of(records: list[dict[str, Any]]) -> list[tuple[str, int, str | None]]:
+    """(path without query, status, reason or admitted_by) of each record but favicon loads."""
+    return [(r["path"].split("?")[0], r["status"], r["reason"] or r["admitted_by"])
+            for r in records if r["path"] != "/favicon.ico"]  # fmt: skip
+
+
 async def start(
     open_browser: Callable[..., Any], served: Served, idp: OidcIdp, device: str | None
 ) -> Browser:
@@ -120,19 +126,30 @@ async def test_person_with_login_and_certificate_reaches_the_origin(
 
     # The log tells the story: login required, the login route, the callback admitting the
     # identity with the certificate, then the session cookie on every request.
-    steps = [(r["path"].split("?")[0], r["status"], r["reason"] or r["admitted_by"])
-             for r in requests(login_app) if r["path"] != "/favicon.ico"]  # fmt: skip
-    assert steps == [
+    expected = [
         ("/hello", 302, "login_required"),
         (LOGIN_PATH.decode(), 302, None),
         (CALLBACK_PATH.decode(), 302, "identity"),
         ("/hello", 200, "token"),
     ]
+    assert steps_of(requests(login_app)) == expected
     assert {r["certificate"]["common_name"] for r in requests(login_app)} == {"device-001"}
     # The provider serves no favicon (its 404 is its own affair); nothing else may fail.
     errors = [e["message"] for e in await browser.console() if e["level"] == "SEVERE"]
     unexpected = [e for e in errors if not e.startswith(f"{idp.issuer}/favicon.ico ")]
     assert unexpected == [], errors
+
+    # Logout clears the cookie in the real browser (the clearing cookie's attributes must match
+    # the session's for that), and the session is over: the next visit needs a login again.
+    seen = len(requests(login_app))
+    await browser.get(f"https://{AUTH_HOST}:{login_app.port}{LOGOUT_PATH.decode()}")
+    assert "CF_Authorization" not in {c["name"] for c in await browser.cookies()}
+    await browser.get(f"https://{AUTH_HOST}:{login_app.port}/hello")
+    # The provider's own session signs her in again without its form.
+    assert steps_of(requests(login_app)[seen:]) == [
+        (LOGOUT_PATH.decode(), 200, None),
+        *expected,
+    ]
 
 
 async def test_person_without_a_certificate_is_refused_before_the_provider(
