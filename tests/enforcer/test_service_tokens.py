@@ -311,6 +311,8 @@ async def test_no_duration_person_session_over_tls(admin: Served) -> None:
     from testbed.demo import IOT_HOST
 
     iot = await app_id(admin, IOT_HOST)
+    # A provider people could log in with (without one no login could satisfy the policy).
+    await ok(admin, "POST", f"{ACC}/identity_providers", IDP, 201)
     person = {
         "name": "staff on devices",
         "decision": "allow",
