@@ -106,7 +106,8 @@ def classify(status: int, denied_reason: str | None) -> str:
     """Name the outcome of an HTTP response the way docs/access-flow.md does."""
     if 200 <= status < 400:
         return "allowed"
-    if status == 403 and denied_reason:
+    if status in (400, 401, 403) and denied_reason:
+        # 401 login_required and 400 login_failed are the enforcer's decisions too (I7, I3).
         return f"denied:{denied_reason}"
     return f"http_{status}"
 
