@@ -181,7 +181,6 @@ certificate = "{run}/edge/cert.pem"
 private_key = "{run}/edge/key.pem"
 
 {roots}
-{identity_providers}
 {applications}"""
 
 # One per application of the scenario's target, each with the run's one origin.
@@ -263,37 +262,6 @@ def _policies_toml(policy: str, service_tokens: bool) -> str:
         )
     )
     return "\n".join(out)
-
-
-_IDP_TOML = """\
-[[identity_providers]]
-id = "{id}"
-name = "{name}"
-type = "oidc"
-issuer_url = "{issuer_url}"
-client_id = "{client_id}"
-client_secret_env = "{client_secret_env}"
-scopes = [{scopes}]
-groups_claim = "{groups_claim}"
-email_claim_name = "{email_claim_name}"
-{ca}"""
-
-
-def _identity_provider_toml(scenario: Scenario) -> str:
-    idp = scenario.identity_provider
-    if idp is None:
-        return ""
-    return _IDP_TOML.format(
-        id=idp.id,
-        name=idp.name,
-        issuer_url=idp.issuer_url,
-        client_id=idp.client_id,
-        client_secret_env=idp.client_secret_env,
-        scopes=_quoted(idp.scopes),
-        groups_claim=idp.groups_claim,
-        email_claim_name=idp.email_claim_name,
-        ca=f'ca_file = "{idp.ca_file}"\n' if idp.ca_file else "",
-    )
 
 
 def write_edge(scenario: Scenario, run_dir: Path, now: dt.datetime) -> None:
@@ -414,7 +382,6 @@ def write_enforcer_config(
             revoked="[" + ", ".join(f'"{fp}"' for fp in revoked) + "]",
             idle=scenario.target.idle_timeout,
             applications="\n".join(applications),
-            identity_providers=_identity_provider_toml(scenario),
         )
     )
     return path
@@ -969,6 +936,27 @@ class Run:
             )
         return envelope.get("result")
 
+    async def _configure_identity_provider(self) -> None:
+        """Add the scenario's identity provider to the embedded enforcer (admin API): every
+        application of the account may then log its people in with it."""
+        idp = self.scenario.identity_provider
+        if idp is None or self.enforcer is None:
+            return
+        config: dict[str, Any] = {
+            "client_id": idp.client_id,
+            # Read now, from the variable the scenario names: never written in the run folder.
+            "client_secret": os.environ.get(idp.client_secret_env, ""),
+            "issuer_url": idp.issuer_url,
+            "scopes": list(idp.scopes),
+            "groups_claim": idp.groups_claim,
+            "email_claim_name": idp.email_claim_name,
+        }
+        if idp.ca_file is not None:
+            config["ca_pem"] = idp.ca_file.read_text()
+        await self.admin(
+            "POST", "identity_providers", {"name": idp.name, "type": "oidc", "config": config}
+        )
+
     async def _create_service_tokens(self) -> None:
         """Create each service-token cohort's tokens through the admin API (at run start)."""
         for d in self.devices:
@@ -1150,6 +1138,7 @@ class Run:
                     )
                 self.devices.append(device)
             self._add_clients(targets, nursery)
+            await self._configure_identity_provider()
             if any(d.cohort.kind == "service_tokens" for d in self.devices):
                 await self._create_service_tokens()
             if self.ready is not None:
@@ -1489,7 +1478,7 @@ def run_meta(scenario: Scenario) -> dict[str, Any]:
             None
             if scenario.identity_provider is None
             else {
-                "id": scenario.identity_provider.id,
+                "name": scenario.identity_provider.name,
                 "issuer_url": scenario.identity_provider.issuer_url,
                 "client_id": scenario.identity_provider.client_id,
             }

@@ -8,6 +8,7 @@ turns it into exit code 2 before provisioning or listening.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -192,7 +193,6 @@ class IdentityProviderSpec:
     issuer_url: str
     client_id: str
     client_secret_env: str  # the environment variable holding the client secret
-    id: str = "idp"
     name: str = "identity provider"
     ca_file: Path | None = None  # the CA of a provider behind a private CA
     scopes: tuple[str, ...] = ("openid", "email", "profile")
@@ -457,8 +457,6 @@ def _users(r: TableReader, size: int | None) -> tuple[tuple[tuple[str, str], ...
     if password is not None and env is not None:
         raise r.error("password_env", "give password or password_env, not both")
     if env is not None:
-        import os
-
         password = os.environ.get(env)
         if password is None:
             raise r.error("password_env", f"the environment variable {env} is not set")
@@ -721,7 +719,6 @@ def _identity_provider(top: TableReader) -> IdentityProviderSpec | None:
     r = top.sub("identity_provider")
     r.unknown(
         {
-            "id",
             "name",
             "issuer_url",
             "client_id",
@@ -735,18 +732,23 @@ def _identity_provider(top: TableReader) -> IdentityProviderSpec | None:
     issuer = r.get("issuer_url", str, what="the provider's issuer, https://...")
     if not re.fullmatch(r"https://[^/?#\s]+(/[^?#\s]*)?", issuer):
         raise r.error("issuer_url", f"{issuer!r}: expected an https URL (the provider's issuer)")
-    ident = r.get("id", str, "idp", "a provider id")
-    if not _NAME.fullmatch(ident):
-        raise r.error("id", f"{ident!r}: use letters, digits, '.', '_' and '-'")
     secret_env = r.get(
         "client_secret_env", str, what="the environment variable holding the client secret"
     )
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", secret_env):
         raise r.error("client_secret_env", f"{secret_env!r} is not an environment variable name")
+    if not os.environ.get(secret_env):
+        raise r.error(
+            "client_secret_env",
+            f"the environment variable {secret_env} is not set: export the client secret"
+            " registered at the provider in it",
+        )
     ca = r.get("ca_file", str, None, "a PEM file")
     ca_path = None
     if ca is not None:
         ca_path = Path(ca) if Path(ca).is_absolute() else r.path.parent / ca
+        if not ca_path.is_file():
+            raise r.error("ca_file", f"{ca_path} does not exist")
     scopes = r.get("scopes", list, ["openid", "email", "profile"], "a list of scopes")
     if "openid" not in scopes or not all(isinstance(x, str) and x for x in scopes):
         raise r.error("scopes", f"{scopes!r}: a list of scope names holding openid")
@@ -756,7 +758,6 @@ def _identity_provider(top: TableReader) -> IdentityProviderSpec | None:
         else issuer,
         client_id=r.get("client_id", str, what="the client id registered at the provider"),
         client_secret_env=secret_env,
-        id=ident,
         name=r.get("name", str, "identity provider", "a name"),
         ca_file=ca_path,
         scopes=tuple(scopes),
