@@ -413,23 +413,32 @@ class PersonClient:
             return False
         attempt.logged_in = True
         url = urllib.parse.urljoin(f"https://{self.host}{path}", _location(a) or "")
-        submitted: set[str] = set()
         for _ in range(MAX_HOPS):
             u = urllib.parse.urlsplit(url)
-            if u.hostname == self.host:
-                local = (u.path or "/") + (f"?{u.query}" if u.query else "")
-                if u.path == CALLBACK_PATH:
-                    attempt.login = trio.current_time() - start
-                    return await self._callback(attempt, local)
-                a = await self._enforcer(attempt, local, browser=True)
-                if a.status not in (301, 302, 303, 307, 308):
-                    attempt.login = trio.current_time() - start
-                    self._finish(attempt, a)
-                    return False
-                url = urllib.parse.urljoin(url, _location(a) or "")
+            if u.hostname != self.host:
+                url = await self.authorize(url)
                 continue
-            url = await self._provider_step(url, submitted)
+            local = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            if u.path == CALLBACK_PATH:
+                attempt.login = trio.current_time() - start
+                return await self._callback(attempt, local)
+            a = await self._enforcer(attempt, local, browser=True)
+            if a.status not in (301, 302, 303, 307, 308):
+                attempt.login = trio.current_time() - start
+                self._finish(attempt, a)
+                return False
+            url = urllib.parse.urljoin(url, _location(a) or "")
         raise LoginError("too_many_redirects", f"no callback after {MAX_HOPS} steps")
+
+    async def authorize(self, url: str) -> str:
+        """Follow the provider from ``url`` (its authorization endpoint), logging in on its
+        forms, until it sends the browser back to the application; return that URL."""
+        submitted: set[str] = set()
+        for _ in range(MAX_HOPS):
+            if urllib.parse.urlsplit(url).hostname == self.host:
+                return url
+            url = await self._provider_step(url, submitted)
+        raise LoginError("too_many_redirects", f"the provider did not redirect back: {url}")
 
     async def _provider_step(self, url: str, submitted: set[str]) -> str:
         """One page of the provider: follow its redirect or submit its form; the next URL."""
@@ -443,21 +452,22 @@ class PersonClient:
                 if not location:
                     raise LoginError("provider_error", f"{url}: {r.status} without a Location")
                 return urllib.parse.urljoin(url, location)
-            if r.status != 200:
-                raise LoginError(f"provider_http_{r.status}", f"{url}: {r.body[:200]!r}")
             forms = parse_forms(r.body.decode("utf-8", "replace"))
             form = next((f for f in forms if f.password), None) or (forms[0] if forms else None)
+            action = urllib.parse.urljoin(url, (form.action if form else "") or url)
+            if form is not None and form.password and action in submitted:
+                # The same login form again after the password (often with a 401 or 400): the
+                # provider refused it.
+                raise LoginError("credentials_rejected", f"{url}: {self.email}'s login refused")
+            if r.status != 200:
+                raise LoginError(f"provider_http_{r.status}", f"{url}: {r.body[:200]!r}")
             if form is None:
                 raise LoginError("no_login_form", f"{url}: a page without a form")
-            action = urllib.parse.urljoin(url, form.action or url)
             if form.password:
                 if form.username is None:
                     raise LoginError(
                         "no_login_form", f"{url}: no username field beside the password"
                     )
-                if action in submitted:
-                    # The same login form again after the password: the provider refused it.
-                    raise LoginError("credentials_rejected", f"{url}: {self.email}'s login refused")
                 submitted.add(action)
             encoded = urllib.parse.urlencode(fill(form, self.email, self.password))
             host = urllib.parse.urlsplit(action).netloc
