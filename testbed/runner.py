@@ -181,6 +181,7 @@ certificate = "{run}/edge/cert.pem"
 private_key = "{run}/edge/key.pem"
 
 {roots}
+{identity_providers}
 {applications}"""
 
 # One per application of the scenario's target, each with the run's one origin.
@@ -262,6 +263,39 @@ def _policies_toml(policy: str, service_tokens: bool) -> str:
         )
     )
     return "\n".join(out)
+
+
+# The scenario's [identity_provider], for every application of the account (no allowed_idps).
+# The client secret stays in the environment variable the scenario names: never on disk here.
+_IDP_TOML = """\
+[[identity_providers]]
+id = "idp"
+name = "{name}"
+type = "oidc"
+issuer_url = "{issuer_url}"
+client_id = "{client_id}"
+client_secret_env = "{client_secret_env}"
+scopes = [{scopes}]
+groups_claim = "{groups_claim}"
+email_claim_name = "{email_claim_name}"
+{ca}"""
+
+
+def identity_providers_toml(scenario: Scenario) -> str:
+    """The enforcer configuration's ``[[identity_providers]]`` for a scenario (or nothing)."""
+    idp = scenario.identity_provider
+    if idp is None:
+        return ""
+    return _IDP_TOML.format(
+        name=idp.name,
+        issuer_url=idp.issuer_url,
+        client_id=idp.client_id,
+        client_secret_env=idp.client_secret_env,
+        scopes=_quoted(idp.scopes),
+        groups_claim=idp.groups_claim,
+        email_claim_name=idp.email_claim_name,
+        ca=f'ca_file = "{idp.ca_file}"\n' if idp.ca_file else "",
+    )
 
 
 def write_edge(scenario: Scenario, run_dir: Path, now: dt.datetime) -> None:
@@ -382,6 +416,7 @@ def write_enforcer_config(
             revoked="[" + ", ".join(f'"{fp}"' for fp in revoked) + "]",
             idle=scenario.target.idle_timeout,
             applications="\n".join(applications),
+            identity_providers=identity_providers_toml(scenario),
         )
     )
     return path
@@ -744,14 +779,7 @@ class Run:
         if action == "advance_clock":
             delta = parse_duration(event.value or "0s")
             self.clock.offset += delta
-            for d in self.devices:
-                expires = self._token_expiry.get(d.id)
-                if (
-                    expires is not None
-                    and self.clock.now() >= expires
-                    and d.cohort.expected == "allowed"
-                ):
-                    d.expect("denied:service_token_expired")
+            self._tokens_expired()
             return f"enforcer clock advanced {event.value}"
         if action == "revoke_service_token":
             return await self._revoke_service_tokens(event)
@@ -936,27 +964,6 @@ class Run:
             )
         return envelope.get("result")
 
-    async def _configure_identity_provider(self) -> None:
-        """Add the scenario's identity provider to the embedded enforcer (admin API): every
-        application of the account may then log its people in with it."""
-        idp = self.scenario.identity_provider
-        if idp is None or self.enforcer is None:
-            return
-        config: dict[str, Any] = {
-            "client_id": idp.client_id,
-            # Read now, from the variable the scenario names: never written in the run folder.
-            "client_secret": os.environ.get(idp.client_secret_env, ""),
-            "issuer_url": idp.issuer_url,
-            "scopes": list(idp.scopes),
-            "groups_claim": idp.groups_claim,
-            "email_claim_name": idp.email_claim_name,
-        }
-        if idp.ca_file is not None:
-            config["ca_pem"] = idp.ca_file.read_text()
-        await self.admin(
-            "POST", "identity_providers", {"name": idp.name, "type": "oidc", "config": config}
-        )
-
     async def _create_service_tokens(self) -> None:
         """Create each service-token cohort's tokens through the admin API (at run start)."""
         for d in self.devices:
@@ -977,6 +984,25 @@ class Run:
                 self._token_expiry[d.id] = self.clock.now() + parse_duration(
                     d.cohort.token_duration
                 )
+
+    def _tokens_expired(self) -> None:
+        """Service tokens past their expiry on the enforcer's clock are expected refused."""
+        assert self.clock is not None
+        now = self.clock.now()
+        for d in self.devices:
+            expires = self._token_expiry.get(d.id)
+            if expires is not None and now >= expires:
+                del self._token_expiry[d.id]
+                if d.cohort.expected == "allowed":
+                    d.expect("denied:service_token_expired")
+
+    async def _expire_tokens(self) -> None:
+        """Follow the service tokens' expiry as the run's clock passes it (advance_clock
+        events check it themselves)."""
+        while self._token_expiry and self.clock is not None:
+            first = min(self._token_expiry.values())
+            await trio.sleep(max((first - self.clock.now()).total_seconds(), 0.0))
+            self._tokens_expired()
 
     async def _revoke_service_tokens(self, event: Event) -> str:
         """Delete a share of a service-token cohort's tokens through the admin API."""
@@ -1138,9 +1164,9 @@ class Run:
                     )
                 self.devices.append(device)
             self._add_clients(targets, nursery)
-            await self._configure_identity_provider()
             if any(d.cohort.kind == "service_tokens" for d in self.devices):
                 await self._create_service_tokens()
+                nursery.start_soon(self._expire_tokens)
             if self.ready is not None:
                 await trio.to_thread.run_sync(
                     self.ready.wait, START_TIMEOUT, abandon_on_cancel=True

@@ -26,8 +26,6 @@ from devices.person import CookieJar, LoginError, PersonClient, fill, parse_form
 from testbed.demo import AUTH_HOST
 from tests.oidc_idp import OidcIdp, oidc_idp  # noqa: F401 - the fixture
 
-
-
 VERIFIER = secrets.token_urlsafe(48)
 CHALLENGE = base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest()).rstrip(b"=")
 
