@@ -194,6 +194,9 @@ def token_refusal(
 
     Run on every use of a token, memoised or not: a few set or dict lookups, no decoding.
     """
+    nonce = claims.get("identity_nonce")
+    if nonce and nonce in snapshot.ended_identity_nonces:
+        return "its session was ended by a logout (access-flow I10)"
     cnf = claims.get("cnf")
     minted_for = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
     if minted_for is not None and minted_for in snapshot.revoked_x5t:

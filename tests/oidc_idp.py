@@ -93,6 +93,7 @@ class OidcIdp:
     signing_jwk: dict[str, Any]  # the provider's private signing key (RS256), as a JWK
     registration_token: str
     workdir: Path
+    ca: Issued  # the CA of the provider's certificate: tests issue their own https servers' too
 
     @property
     def signing_key(self) -> rsa.RSAPrivateKey:
@@ -105,6 +106,17 @@ class OidcIdp:
     def kid(self) -> str:
         """The key id of the provider's signing key."""
         return str(self.signing_jwk["kid"])
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server TLS context with a certificate of the provider's CA for 127.0.0.1."""
+        server = _server_cert(self.ca, dt.datetime.now(dt.UTC))
+        cert = self.workdir / f"extra-{secrets.token_hex(4)}.pem"
+        key = cert.with_suffix(".key")
+        write_pem(cert, server.cert_pem(), self.ca.cert_pem())
+        write_pem(key, server.key_pem(), private=True)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        return ctx
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client TLS context that trusts the provider's CA."""
@@ -242,6 +254,7 @@ def _start(workdir: Path, hostnames: Sequence[str]) -> tuple[subprocess.Popen[st
         signing_jwk=jwk,
         registration_token=registration_token,
         workdir=workdir,
+        ca=ca,
     )
     return process, idp
 
