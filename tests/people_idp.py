@@ -38,6 +38,7 @@ def point_at(idp: OidcIdp, source: Path, out_dir: Path) -> tuple[Path, dict[str,
     text = source.read_text()
     # The simulated people send Host without a port, so the enforcer's redirect URI has none.
     client = idp.register_client(callback_uris(scenario_hostnames(text), 443))
+    out_dir.mkdir(parents=True, exist_ok=True)
     ca = out_dir / "idp-ca.pem"
     ca.write_text(idp.ca_pem)
     table = (
