@@ -404,7 +404,7 @@ class PersonClient:
     async def _login(self, attempt: PersonAttempt, path: str) -> bool:
         """Navigate to ``path`` and log in; True once the session cookie is held, else the
         attempt holds the outcome."""
-        start = trio.current_time()
+        start, setup = trio.current_time(), _setup(attempt)
         a = await self._enforcer(attempt, path, browser=True)
         if not _login_redirect(a):
             # No login offered: the enforcer decided at once (a certificate refusal, a
@@ -420,15 +420,21 @@ class PersonClient:
                 continue
             local = (u.path or "/") + (f"?{u.query}" if u.query else "")
             if u.path == CALLBACK_PATH:
-                attempt.login = trio.current_time() - start
+                attempt.login = self._since(attempt, start, setup)
                 return await self._callback(attempt, local)
             a = await self._enforcer(attempt, local, browser=True)
             if a.status not in (301, 302, 303, 307, 308):
-                attempt.login = trio.current_time() - start
+                attempt.login = self._since(attempt, start, setup)
                 self._finish(attempt, a)
                 return False
             url = urllib.parse.urljoin(url, _location(a) or "")
         raise LoginError("too_many_redirects", f"no callback after {MAX_HOPS} steps")
+
+    @staticmethod
+    def _since(attempt: PersonAttempt, start: float, setup: float) -> float:
+        """Time since ``start``, less the enforcer connections opened meanwhile (their connect
+        and handshake are the attempt's own phases, not the login's)."""
+        return max(trio.current_time() - start - (_setup(attempt) - setup), 0.0)
 
     async def authorize(self, url: str) -> str:
         """Follow the provider from ``url`` (its authorization endpoint), logging in on its
@@ -503,6 +509,11 @@ class PersonClient:
             # cookie (No Duration keeps the token from the client).
             attempt.outcome = "login_error:no_session_cookie"
         return False
+
+
+def _setup(attempt: Attempt) -> float:
+    """Connection setup so far: connect and handshake (the handshake includes the key store)."""
+    return attempt.timings.connect + attempt.timings.handshake
 
 
 def _location(a: Attempt) -> str | None:

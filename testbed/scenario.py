@@ -260,10 +260,10 @@ class Scenario:
 
 
 POLICY_FORMS = (
-    "certificate, common_name:<CN>, email:<address>, email_domain:<domain> or group:<name>,"
-    " several joined with '+' (the first is the policy's include, the others its require:"
-    " email_domain:example.com+certificate is a login from example.com on a device with a"
-    " certificate)"
+    "certificate or common_name:<CN> (a device's), or a login's email:<address>,"
+    " email_domain:<domain> or group:<name>; several joined with '+' (the first is the policy's"
+    " include, the others its require: email_domain:example.com+certificate is a login from"
+    " example.com on a device with a certificate)"
 )
 
 

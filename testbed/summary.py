@@ -255,6 +255,10 @@ class _Group:
             # The handshake's time includes the key store's (PIN, touch, signature).
             b["tls"] += max(row.handshake_ms - row.key_store_ms, 0.0)
             b["first_byte"] += row.first_byte_ms
+            if row.logged_in:
+                # A person's session start: the login (navigation and provider) and callback.
+                b["login"] = b.get("login", 0.0) + row.login_ms
+                b["callback"] = b.get("callback", 0.0) + row.callback_ms
         if latencies:
             for name, ms in _phase_values(row):
                 self.latency[name].record(ms)
