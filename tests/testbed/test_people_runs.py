@@ -190,11 +190,13 @@ def test_people_log_in_beside_devices_and_service_tokens(
     assert {o for c, o in outcomes if c == "outsiders"} == {"denied:identity_denied"}
     assert {o for c, o in outcomes if c == "ci-bad-secret"} == {"denied:service_token_invalid"}
     # Revoked mid-run: the laptop's certificate (its session ends with it, J3) and the token.
-    assert {o for c, o in outcomes if c == "laptop-stolen"} == {"allowed", "denied:revoked"}
-    assert {o for c, o in outcomes if c == "ci-revoked"} == {
-        "allowed",
-        "denied:service_token_invalid",
-    }
+    # (Each was admitted before, unless a loaded machine delayed its first attempt past 3 s.)
+    stolen = {o for c, o in outcomes if c == "laptop-stolen"}
+    assert "denied:revoked" in stolen and stolen <= {"allowed", "denied:revoked"}
+    revoked = {o for c, o in outcomes if c == "ci-revoked"}
+    assert "denied:service_token_invalid" in revoked
+    assert revoked <= {"allowed", "denied:service_token_invalid"}
+    assert ("ci", "allowed") in outcomes
     # A login per session: each person's first request logged in (provider round trips and
     # callback timed), the session's later requests did not.
     logins = dict(
