@@ -98,6 +98,13 @@ application = "telemetry"
 size = 2
 behaviour = {{ kind = "periodic", interval = 0.5 }}
 
+# A device never logs in: on the people's application it is told so, 401 (never a redirect).
+[[cohorts]]
+name = "devices-on-app"
+application = "app"
+size = 1
+{GET}
+
 [[cohorts]]
 name = "ci"
 kind = "service_tokens"
@@ -124,7 +131,7 @@ size = 1
 name = "steady"
 duration = "6s"
 arrival = "active"
-devices = 11
+devices = 12
 
 [[events]]
 at = "3s"
@@ -181,6 +188,7 @@ def test_people_log_in_beside_devices_and_service_tokens(
         "outsiders",
         "wrong-password",
         "devices",
+        "devices-on-app",
         "ci",
         "ci-bad-secret",
         "ci-revoked",
@@ -188,6 +196,10 @@ def test_people_log_in_beside_devices_and_service_tokens(
     assert ("staff", "allowed") in outcomes and ("devices", "allowed") in outcomes
     assert {o for c, o in outcomes if c == "no-laptop"} == {"denied:no_certificate"}
     assert {o for c, o in outcomes if c == "outsiders"} == {"denied:identity_denied"}
+    assert {o for c, o in outcomes if c == "devices-on-app"} == {"denied:login_required"}
+    assert _rows(
+        run_dir, "SELECT DISTINCT status FROM attempts WHERE cohort = 'devices-on-app'"
+    ) == [(401,)]
     assert {o for c, o in outcomes if c == "ci-bad-secret"} == {"denied:service_token_invalid"}
     # Revoked mid-run: the laptop's certificate (its session ends with it, J3) and the token.
     # (Each was admitted before, unless a loaded machine delayed its first attempt past 3 s.)
