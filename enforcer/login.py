@@ -22,6 +22,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import sqlite3
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from enforcer.application import COOKIE_NAME, Application
 from enforcer.decision import AccessDecision, AccessRequest, decide
 from enforcer.http import header_values
 from enforcer.identity import CALLBACK_PATH, LOGIN_PATH, LOGOUT_PATH, IdentityProvider
-from enforcer.oidc import OidcError, identity_of
+from enforcer.oidc import OidcError, identity_from_id_token
 from enforcer.reasons import Reason
 from enforcer.snapshot import Snapshot
 from enforcer.tokens import ALGORITHM, TokenStatus, check, parse_cookie_header
@@ -416,7 +417,7 @@ class LoginRoute:
         oidc = self.path.e.oidc
         id_token = await oidc.exchange_code(provider, code, login.redirect_uri, login.code_verifier)
         claims = await oidc.id_token_claims(provider, id_token, login.nonce, self.now)
-        identity = identity_of(claims, provider, secrets.token_urlsafe(24))
+        identity = identity_from_id_token(claims, provider, secrets.token_urlsafe(24))
         hostname = self.app.hostname
         sni = self.path.tls.sni
         chain = self.path._validate(self.snapshot, hostname, self.now)
@@ -480,7 +481,9 @@ async def end_session(
     return True
 
 
-def _ip(peer: str | None) -> Any:
-    from enforcer.exchange import ip_or_none
-
-    return ip_or_none(peer)
+def _ip(peer: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # As exchange.ip_or_none (which imports this module, so not imported from there).
+    try:
+        return ipaddress.ip_address(peer) if peer else None
+    except ValueError:
+        return None

@@ -383,7 +383,7 @@ def verify_id_token(
     return claims
 
 
-def identity_of(
+def identity_from_id_token(
     claims: Mapping[str, Any], provider: IdentityProvider, identity_nonce: str
 ) -> Identity:
     """The person an ID token names (access-flow I4); a missing email is a failed login."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import ipaddress
 import json
 import os
@@ -95,7 +96,7 @@ class OidcIdp:
     workdir: Path
     ca: Issued  # the CA of the provider's certificate: tests issue their own https servers' too
 
-    @property
+    @functools.cached_property
     def signing_key(self) -> rsa.RSAPrivateKey:
         """The provider's private signing key, to sign crafted ID tokens with."""
         key = jwt.PyJWK(self.signing_jwk).key

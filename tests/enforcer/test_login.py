@@ -12,6 +12,7 @@ signed with the provider's real key (or another one).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import io
 import json
 import ssl
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from enforcer.accesslog import AccessLog
 from enforcer.clock import FixedClock
+from enforcer.login import LoginFailed, UsedStates
 from enforcer.server import Enforcer, open_listener, serve
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout
 from tests.conftest import Served
@@ -176,6 +178,10 @@ async def test_a_client_that_is_not_a_browser_gets_401_and_no_redirect(setup: Lo
     assert plain.header("location") is None
     post = await setup.browser().request("/", method="POST", body=b"x=1")
     assert (post.status, post.reason) == (401, "login_required")
+    head = await setup.browser().request("/x", method="HEAD")
+    assert (
+        head.status == 302 and head.header("location") == "/cdn-cgi/access/login?redirect_url=%2Fx"
+    )
 
 
 async def test_a_person_of_another_domain_is_denied_after_login(setup: LoginSetup) -> None:
@@ -520,3 +526,32 @@ async def test_logout_ends_the_session_on_every_worker(
 async def test_the_login_routes_take_get_only(setup: LoginSetup) -> None:
     response = await setup.browser().request("/cdn-cgi/access/login", method="POST", body=b"a=1")
     assert response.status == 405 and response.header("allow") == "GET"
+
+
+async def test_an_unreachable_provider_is_a_failed_login(
+    serve_config: Callable[..., Any],
+    oidc_idp: OidcIdp,  # noqa: F811
+) -> None:
+    served = await serve_config(admin=True)
+    # Nothing listens on port 9 of loopback: discovery fails, the login says so.
+    setup = await configure(served, oidc_idp, PEOPLE_WITH_DEVICES, issuer_url="https://127.0.0.1:9")
+    response = await setup.browser().request("/cdn-cgi/access/login")
+    assert (response.status, response.reason) == (400, "login_failed")
+    assert str(served.last()["detail"]).startswith("discovery:")
+    assert response.header("location") is None
+
+
+async def test_used_states_are_pruned_and_bounded(tmp_path: Any) -> None:
+    states = UsedStates(tmp_path / "state.sqlite", max_rows=2)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    t = int(now.timestamp())
+    await states.use("a", t + 600, now)
+    with pytest.raises(LoginFailed, match="already used"):
+        await states.use("a", t + 600, now)
+    await states.use("b", t + 600, now)
+    with pytest.raises(LoginFailed, match="logins in progress"):
+        await states.use("c", t + 600, now)
+    # Expired states leave the table: room again, and a state past its cookie is moot anyway.
+    later = now + dt.timedelta(minutes=11)
+    await states.use("c", t + 1260, later)
+    states.close()
