@@ -427,3 +427,26 @@ value = "30m"
     # advance (the runner follows expiry as the clock passes it, not only at the event).
     assert {o for c, o in outcomes if c == "ci"} == {"allowed", "denied:service_token_expired"}
     assert {o for c, o in outcomes if c == "ci-unknown"} == {"denied:service_token_invalid"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "email", "certificate", "expected"),
+    [
+        ("email_domain:example.com+certificate", "a@example.com", True, "allowed"),
+        ("email_domain:example.com+certificate", "a@EXAMPLE.com", True, "allowed"),
+        ("email_domain:example.com+certificate", "b@other.test", True, "denied:identity_denied"),
+        # No certificate: the policy cannot hold whatever the login (I7), so no login at all.
+        ("email_domain:example.com+certificate", "a@example.com", False, "denied:no_certificate"),
+        ("email_domain:example.com", "a@example.com", False, "allowed"),
+        ("email:a@example.com", "b@example.com", False, "denied:identity_denied"),
+        # A certificate policy admits the laptop without a login; without one it cannot.
+        ("certificate", "a@example.com", True, "allowed"),
+        ("certificate", "a@example.com", False, "denied:no_certificate"),
+    ],
+)
+def test_what_a_person_should_observe(
+    policy: str, email: str, certificate: bool, expected: str
+) -> None:
+    from testbed.scenario import person_outcome
+
+    assert person_outcome(policy, email, certificate) == expected
