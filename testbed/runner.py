@@ -63,7 +63,6 @@ from testbed.scenario import (
     Phase,
     Scenario,
     grpc_run,
-    person_outcome,
     policy_terms,
     refused_by_nginx,
 )
@@ -873,13 +872,8 @@ class Run:
             for d in self.devices:
                 if self.scenario.target.application(d.cohort.application) != spec:
                     continue  # another application's policy is unchanged
-                if d.cohort.kind == "people" and d.cohort.expected.startswith(
-                    ("allowed", "denied:identity_denied", "denied:no_certificate")
-                ):
-                    d.expect(person_outcome(value, d.email, d.cohort.with_certificate))
-                    continue
                 if d.cohort.kind != "devices":
-                    continue
+                    continue  # people are refused beside set_policy; tokens have their policy
                 if (
                     wanted is not None
                     and d.cohort.expected == "allowed"

@@ -1012,6 +1012,22 @@ def load_scenario(path: str | Path) -> Scenario:
     certified = {c.name for c in cohorts if c.provisioned}
     tokens = {c.name for c in cohorts if c.kind == "service_tokens"}
     events = tuple(_event(r, certified, pkis, target, tokens) for r in top.tables("events"))
+    for i, e in enumerate(events):
+        app = target.application(e.application)
+        people = [
+            c.name
+            for c in cohorts
+            if c.kind == "people" and target.application(c.application) == app
+        ]
+        if e.action == "set_policy" and people:
+            # A person's session outlives a policy change (the token admits, A4): what each
+            # should observe would depend on who holds a session at that instant.
+            raise top.error(
+                f"events[{i}].action",
+                f"set_policy on application {app.name or app.hostname!r}, which people cohort"
+                f" {people[0]} calls: their sessions outlive a policy change (A4), so the run"
+                " cannot say what each should observe; put the people on another application",
+            )
     allowed = REVOCABLE_EVENTS if target.kind == "nginx" else ORIGIN_EVENTS
     if target.kind != "embedded" and any(e.action not in allowed for e in events):
         wrong = next(e.action for e in events if e.action not in allowed)

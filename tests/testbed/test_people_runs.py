@@ -450,3 +450,13 @@ def test_what_a_person_should_observe(
     from testbed.scenario import person_outcome
 
     assert person_outcome(policy, email, certificate) == expected
+
+
+def test_set_policy_beside_people_is_refused(tmp_path: Path) -> None:
+    text = people(tmp_path).read_text() + (
+        '\n[[events]]\nat = "0.5s"\naction = "set_policy"\nvalue = "certificate"\n'
+    )
+    path = _write(tmp_path, text)
+    with pytest.raises(ScenarioError) as bad:
+        load_scenario(path)
+    assert bad.value.field == "events[0].action" and "sessions outlive" in bad.value.problem
