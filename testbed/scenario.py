@@ -672,6 +672,14 @@ def _client_cohort(
             else "denied:untrusted_issuer"
             for email, _ in users[: size or len(users)]
         }
+        groups = any(rule == "group" for rule, _ in policy_terms(app.policy))
+        if groups and "expected" not in r.table:
+            # Groups are the provider's claim: the scenario cannot tell who is in which.
+            raise r.error(
+                "expected",
+                f"policy {app.policy!r} names a group, which the identity provider decides:"
+                " set expected (allowed, or denied:identity_denied)",
+            )
         if len(seen) > 1 and "expected" not in r.table:
             raise r.error(
                 "users",

@@ -335,6 +335,7 @@ def test_people_cohorts_parse_with_expected_outcomes(tmp_path: Path) -> None:
         ({"people": 'users = ["a@example.com"]'}, "users[0]", "no password"),
         ({"people": 'password = "x"'}, "cohorts[0].users", "user_pattern"),
         ({"policy": "email_domain:"}, "target.policy", "not a policy term"),
+        ({"policy": "group:engineering+certificate"}, "cohorts[0].expected", "set expected"),
         (
             {"idp": IDP.replace("PEOPLE_TEST_SECRET", "PEOPLE_UNSET_VAR")},
             "client_secret_env",
