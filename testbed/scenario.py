@@ -275,6 +275,11 @@ def policy_terms(policy: str) -> tuple[tuple[str, str], ...]:
         if rule == "certificate" and not value:
             terms.append((rule, ""))
         elif rule in ("common_name", *IDENTITY_TERMS) and value:
+            if any(c in value for c in '"\\') or not value.isprintable():
+                # Values are written into the enforcer's TOML and compared as given.
+                raise ValueError(
+                    f"{part!r}: quotes, backslashes and control characters are refused"
+                )
             if rule == "email" and not _EMAIL.fullmatch(value):
                 raise ValueError(f"{part!r}: {value!r} is not an email address")
             terms.append((rule, value))
@@ -884,6 +889,11 @@ def _event(
             parse_duration(event.value or "")
         except DurationError as exc:
             raise r.error("value", str(exc)) from None
+    if action == "set_policy" and not (
+        event.value == "certificate" or (event.value or "").startswith("common_name:")
+    ):
+        # A device's policy: what a login policy admits depends on who holds a session.
+        raise r.error("value", 'set_policy needs value = "certificate" or "common_name:<CN>"')
     if action == "set_policy":
         try:
             policy_terms(event.value or "")
