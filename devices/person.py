@@ -385,14 +385,15 @@ class PersonClient:
         if self.session is None and not await self._login(attempt, path):
             return
         a = await self._enforcer(attempt, path, method=method, body=body)
-        if a.status == 401 or _login_redirect(a):
-            # The session ended on the enforcer (logout, revocation, expiry): log in again.
+        if (a.status == 401 or _login_redirect(a)) and not attempt.logged_in:
+            # The session ended on the enforcer (logout, revocation, expiry): log in again,
+            # once (a session just made and refused at once is the enforcer's answer).
             self.forget_session()
             if not await self._login(attempt, path):
                 return
             a = await self._enforcer(attempt, path, method=method, body=body)
         self._finish(attempt, a)
-        attempt.cookie_sent = True
+        attempt.cookie_sent = True  # the request went with the session cookie
 
     def _finish(self, attempt: PersonAttempt, a: Attempt) -> None:
         """Take the enforcer's answer as the attempt's outcome."""
