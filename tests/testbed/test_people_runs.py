@@ -247,6 +247,61 @@ def test_people_log_in_beside_devices_and_service_tokens(
     assert ">login<" in html and ">callback<" in html
 
 
+SESSIONS = f"""
+name = "people-sessions"
+seed = 9
+clock = "real"
+thresholds = ["false_accepts == 0"]
+
+[identity_provider]
+issuer_url = "https://127.0.0.1:1"
+client_id = "replaced"
+client_secret_env = "IDP_CLIENT_SECRET"
+
+[target]
+kind = "embedded"
+hostname = "app.example.test"
+session_duration = "2s"
+policy = "email_domain:example.com+certificate"
+
+[[cohorts]]
+name = "staff"
+kind = "people"
+users = ["alice@example.com"]
+password = "alice-password"
+{GET}
+
+[[phases]]
+name = "steady"
+duration = "5s"
+arrival = "active"
+devices = 1
+"""
+
+
+def test_a_login_per_session(oidc_idp: OidcIdp, tmp_path: Path) -> None:  # noqa: F811
+    # 2 s sessions, a request every 0.5 s for 5 s: the person logs in again as each session
+    # ends, and every request is admitted.
+    source = tmp_path / "people-sessions.toml"
+    source.write_text(SESSIONS)
+    scenario, env = point_at(oidc_idp, source, tmp_path / "pointed")
+    reports = tmp_path / "reports"
+    proc = subprocess.run(
+        [*TESTBED, "run", str(scenario), "--reports", str(reports), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    (run_dir,) = reports.iterdir()
+    rows = _rows(run_dir, "SELECT outcome, logged_in, cookie_sent FROM attempts ORDER BY id")
+    assert proc.returncode == 0, (rows, proc.stderr[-3000:])
+    assert {o for o, _, _ in rows} == {"allowed"}
+    logins = sum(logged for _, logged, _ in rows)
+    assert 2 <= logins < len(rows), rows  # several sessions, each with several requests
+
+
 def _write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
