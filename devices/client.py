@@ -106,7 +106,8 @@ def classify(status: int, denied_reason: str | None) -> str:
     """Name the outcome of an HTTP response the way docs/access-flow.md does."""
     if 200 <= status < 400:
         return "allowed"
-    if status == 403 and denied_reason:
+    if status in (400, 401, 403) and denied_reason:
+        # 401 login_required and 400 login_failed are the enforcer's decisions too (I7, I3).
         return f"denied:{denied_reason}"
     return f"http_{status}"
 
@@ -161,6 +162,7 @@ class DeviceClient:
         self._cookie: str | None = None
         self._cookie_expires: float | None = None
         self.handshakes = 0  # TLS handshakes completed (full or resumed), over all connections
+        self._context: ssl.SSLContext | None = None  # without a key store
 
     @property
     def cookie(self) -> str | None:
@@ -203,7 +205,11 @@ class DeviceClient:
                 ctx, cost = await self.key_store.handshake_context(self.target.make_context)
                 timings.key_store = trio.current_time() - start  # PIN prompts, touch waits
             else:
-                ctx = self.target.make_context()
+                # One context for the client's life: a TLS session resumes only on the context
+                # that made it (a key store keeps its own for the same reason).
+                if self._context is None:
+                    self._context = self.target.make_context()
+                ctx = self._context
             stream = trio.SSLStream(tcp, ctx, server_hostname=self.target.server_name)
             if self.options.resume_sessions and self._session is not None:
                 # trio.SSLStream takes no session argument; its SSLObject takes one before the

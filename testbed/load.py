@@ -819,6 +819,14 @@ def run_load(
             base = load_scenario(plan.scenario)
         except ScenarioError as exc:
             raise LoadError(str(exc)) from None
+        clients = [c.name for c in base.cohorts if c.kind != "devices"]
+        if clients:
+            # Its shards share one target the parent starts; logins and service tokens are
+            # `testbed run`'s (the run creates the tokens and configures the provider).
+            raise LoadError(
+                f"{plan.scenario}: cohorts: {clients[0]} is not a device cohort; `testbed load`"
+                " drives devices only: run people and service tokens with `testbed run`"
+            )
         specs = list(base.cohorts)
     else:
         assert plan.fleet is not None

@@ -106,7 +106,9 @@ def provision_pkis(scenario: Scenario, run_dir: Path, now: dt.datetime) -> RunFl
         cohorts = [
             Cohort(c.name, c.size, c.defect, c.key_type)
             for c in scenario.cohorts
-            if c.pki == pki.name
+            # People with a laptop certificate are provisioned like devices; service tokens
+            # and people without one have no certificate.
+            if c.pki == pki.name and c.provisioned
         ]
         size = sum(c.size for c in cohorts)
         fleet = provision(

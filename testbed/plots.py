@@ -46,6 +46,9 @@ _PHASES = (
     ("key_store", "key store", "#ff7f0e"),
     ("tls", "TLS handshake", "#9467bd"),
     ("first_byte", "first byte", "#17becf"),
+    # A person's first request of a session logs in first (people cohorts only).
+    ("login", "login (provider round trips)", "#bcbd22"),
+    ("callback", "login callback", "#8c564b"),
 )
 _DPI = 100
 
@@ -275,6 +278,8 @@ def phase_breakdown(summary: Mapping[str, Any], path: Path) -> Path:
     y = np.arange(len(rows))
     left = np.zeros(len(rows))
     for key, label, color in _PHASES:
+        if key in ("login", "callback") and not any(b.get(key) for _, b in rows):
+            continue  # no person logged in: no login segments (nor legend entries)
         widths = np.array([_nan(b.get(key)) for _, b in rows])
         widths = np.nan_to_num(widths)
         ax.barh(y, widths, left=left, color=color, label=label, height=0.6)

@@ -335,6 +335,20 @@ def run_setup(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     cohorts: Mapping[str, Any] = meta.get("cohorts") or {}
     devices = sum(int(c.get("size") or 0) for c in cohorts.values() if isinstance(c, Mapping))
     fleet = f"{devices:,} devices in {len(cohorts)} cohort{'s' if len(cohorts) != 1 else ''}"
+    clients = [c for c in cohorts.values() if isinstance(c, Mapping) and c.get("kind")]
+    people = sum(int(c.get("size") or 0) for c in clients if c.get("kind") == "people")
+    tokens = sum(int(c.get("size") or 0) for c in clients if c.get("kind") == "service_tokens")
+    if people or tokens:
+        # One run, both kinds of client: devices, people who log in, service tokens.
+        fleet = (
+            f"{devices - people - tokens:,} devices, {people:,} people and {tokens:,} service"
+            f" tokens in {len(cohorts)} cohort{'s' if len(cohorts) != 1 else ''}"
+        )
+    idp = meta.get("identity_provider")
+    if isinstance(idp, Mapping):
+        rows.append(
+            ("identity provider", f"{idp.get('issuer_url')} (client {idp.get('client_id')})")
+        )
     if load.get("fleet"):
         fleet += f", from {load['fleet']}"
     rows.append(("fleet", fleet))
@@ -404,6 +418,20 @@ def _thresholds_html(summary: Mapping[str, Any]) -> str:
     return _table(["threshold", "observed", "result"], rows, classes)
 
 
+PEOPLE_LATENCIES = ("login", "callback")
+
+
+def client_kind(cohort: Mapping[str, Any]) -> str:
+    """`` (people, with certificate)``, `` (service tokens)``, or nothing for devices."""
+    kind = cohort.get("kind") or "devices"
+    if kind == "people":
+        cert = "with certificate" if cohort.get("with_certificate") else "no certificate"
+        return f" (people, {cert}, {cohort.get('logins', 0):,} logins)"
+    if kind == "service_tokens":
+        return " (service tokens)"
+    return ""
+
+
 def _outcomes_html(summary: Mapping[str, Any]) -> str:
     rows = []
     for name, c in summary["cohorts"].items():
@@ -418,7 +446,7 @@ def _outcomes_html(summary: Mapping[str, Any]) -> str:
         )
         rows.append(
             [
-                _e(name),
+                _e(name + client_kind(c)),
                 _num(_e(c["size"])),
                 expected,
                 _num(f"{c['attempts']:,}"),
@@ -471,12 +499,17 @@ def _latency_html(summary: Mapping[str, Any]) -> str:
     rows = []
     for name in LATENCIES:
         s = summary["latency"][name]
+        if name in PEOPLE_LATENCIES and not s["count"]:
+            continue  # no person logged in: no login rows
         rows.append([_e(name), _num(f"{s['count']:,}"), *(_num(fmt_ms(s[k])) for k in TABLE_STATS)])
     unit = "virtual ms" if summary["run"]["clock"] == "virtual" else "ms"
     overall = _table([*headers[:1], headers[1], *(f"{h} ({unit})" for h in TABLE_STATS)], rows)
     cohort_rows = []
     for cname, c in summary["cohorts"].items():
-        for name in ("total", "handshake"):
+        kinds = (
+            ("total", "handshake", *PEOPLE_LATENCIES) if c.get("logins") else ("total", "handshake")
+        )
+        for name in kinds:
             s = c["latency"][name]
             cohort_rows.append(
                 [
@@ -834,7 +867,7 @@ def print_summary(summary: Mapping[str, Any] | Path, console: Console | None = N
         else:
             expected = str(by[0]["expected"] if by else c["expected"])
         cohorts.add_row(
-            escape(name),
+            escape(name + client_kind(c)),
             escape(expected),
             f"{c['attempts']:,}",
             fmt_share(c["matched_share"]),
@@ -852,6 +885,8 @@ def print_summary(summary: Mapping[str, Any] | Path, console: Console | None = N
         latency.add_column(stat, justify="right")
     for name in LATENCIES:
         s = summary["latency"][name]
+        if name in PEOPLE_LATENCIES and not s["count"]:
+            continue
         latency.add_row(name, f"{s['count']:,}", *(fmt_ms(s[k]) for k in TABLE_STATS))
     console.print(latency)
     if virtual:

@@ -42,7 +42,11 @@ CREATE TABLE IF NOT EXISTS attempts (
     error TEXT,
     cookie_sent INTEGER NOT NULL DEFAULT 0,
     protocol TEXT NOT NULL DEFAULT 'http1',
-    grpc_status TEXT
+    grpc_status TEXT,
+    kind TEXT NOT NULL DEFAULT 'devices',
+    login_ms REAL NOT NULL DEFAULT 0,
+    callback_ms REAL NOT NULL DEFAULT 0,
+    logged_in INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS attempts_cohort ON attempts (cohort);
 CREATE TABLE IF NOT EXISTS events (t REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -81,6 +85,10 @@ class AttemptRow:
     cookie_sent: bool = False  # the device sent its CF_Authorization cookie
     protocol: str = "http1"  # what the device spoke: http1, h2 or grpc
     grpc_status: str | None = None  # a gRPC call's status code name (OK, UNAUTHENTICATED...)
+    kind: str = "devices"  # the cohort's kind: devices, people or service_tokens
+    login_ms: float = 0.0  # a person's login before this request: navigation and provider
+    callback_ms: float = 0.0  # ... and the enforcer's callback
+    logged_in: bool = False  # this request logged in first
 
 
 # Columns added after the first release, with what older databases hold instead.
@@ -88,9 +96,21 @@ _ADDED = {
     "cookie_sent": "INTEGER NOT NULL DEFAULT 0",
     "protocol": "TEXT NOT NULL DEFAULT 'http1'",
     "grpc_status": "TEXT",
+    "kind": "TEXT NOT NULL DEFAULT 'devices'",
+    "login_ms": "REAL NOT NULL DEFAULT 0",
+    "callback_ms": "REAL NOT NULL DEFAULT 0",
+    "logged_in": "INTEGER NOT NULL DEFAULT 0",
 }
 # ... and how a reader of such a database spells that default.
-_READ_DEFAULT = {"cookie_sent": "0", "protocol": "'http1'", "grpc_status": "NULL"}
+_READ_DEFAULT = {
+    "cookie_sent": "0",
+    "protocol": "'http1'",
+    "grpc_status": "NULL",
+    "kind": "'devices'",
+    "login_ms": "0",
+    "callback_ms": "0",
+    "logged_in": "0",
+}
 
 
 def _missing_columns(db: sqlite3.Connection, schema: str = "main") -> list[str]:
@@ -234,6 +254,7 @@ class Results:
             values["new_connection"] = bool(values["new_connection"])
             values["resumed"] = bool(values["resumed"])
             values["cookie_sent"] = bool(values["cookie_sent"])
+            values["logged_in"] = bool(values["logged_in"])
             yield AttemptRow(**values)
 
     def events(self) -> list[tuple[float, str, str]]:

@@ -44,6 +44,7 @@ from devices.client import Target as DeviceTarget
 from devices.grpc_client import GrpcDeviceClient
 from devices.h2_client import H2DeviceClient
 from devices.keystore import KeyStore, SoftwareKeyStore
+from devices.person import PersonAttempt, PersonClient, ServiceTokenClient
 from devices.piv import MAX_RETRIES
 from devices.pki import issue_ca, issue_leaf, write_pem
 from enforcer import control
@@ -56,7 +57,15 @@ from enforcer.server import Enforcer, open_listener, serve
 from testbed.network import link_pair
 from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
-from testbed.scenario import CohortSpec, Event, Phase, Scenario, grpc_run, refused_by_nginx
+from testbed.scenario import (
+    CohortSpec,
+    Event,
+    Phase,
+    Scenario,
+    grpc_run,
+    policy_terms,
+    refused_by_nginx,
+)
 from testbed.summary import fmt_rate, fmt_span
 from testbed.thresholds import Threshold
 
@@ -93,8 +102,10 @@ class Device:
     cohort: CohortSpec
     sha256: str
     common_name: str
-    client: DeviceClient
+    client: DeviceClient | PersonClient | ServiceTokenClient
     busy: bool = False
+    email: str = ""  # a person's
+    token_id: str = ""  # a service token's id on the target
     pin_tries: int = 0  # wrong PINs this device has tried on its PIV token
     # When (trio time) each change of expectation took effect, and what it was before.
     changes: list[tuple[float, str]] = dataclasses.field(default_factory=list)
@@ -169,6 +180,7 @@ certificate = "{run}/edge/cert.pem"
 private_key = "{run}/edge/key.pem"
 
 {roots}
+{identity_providers}
 {applications}"""
 
 # One per application of the scenario's target, each with the run's one origin.
@@ -179,17 +191,110 @@ hostname = "{host}"
 session_duration = "{session}"
 origin = "{origin}"
 
+{policies}"""
+
+_POLICY_TOML = """\
 [[applications.policies]]
-name = "fleet"
-decision = "non_identity"
-include = [{rule}]
-"""
+name = "{name}"
+decision = "{decision}"
+include = [{include}]
+{require}"""
+
+# The enforcer's rule for each policy term of a scenario (testbed.scenario.policy_terms).
+_RULE_FIELDS = {
+    "common_name": "common_name",
+    "email": "email",
+    "email_domain": "domain",
+    "group": "name",
+}
 
 
-def _rule(policy: str) -> str:
-    if policy.startswith("common_name:"):
-        return f'{{ common_name = {{ common_name = "{policy.split(":", 1)[1]}" }} }}'
-    return "{ certificate = {} }"
+def policy_rules(policy: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A scenario policy's (include, require) rules in the admin API's shape."""
+    rules: list[dict[str, Any]] = [
+        {"certificate": {}} if rule == "certificate" else {rule: {_RULE_FIELDS[rule]: value}}
+        for rule, value in policy_terms(policy)
+    ]
+    return rules[:1], rules[1:]
+
+
+def policy_decision(policy: str) -> str:
+    """``allow`` for a policy with a login's terms, else ``non_identity`` (a device's)."""
+    return (
+        "allow"
+        if any(r in _RULE_FIELDS and r != "common_name" for r, _ in policy_terms(policy))
+        else "non_identity"
+    )
+
+
+def _toml_rules(rules: list[dict[str, Any]]) -> str:
+    return ", ".join(
+        "{ "
+        + ", ".join(
+            f"{k} = {{ " + ", ".join(f'{f} = "{v}"' for f, v in inner.items()) + " }"
+            for k, inner in rule.items()
+        )
+        + " }"
+        for rule in rules
+    )
+
+
+def _policies_toml(policy: str, service_tokens: bool) -> str:
+    """The application's policies: service tokens first (when a cohort uses them), then the
+    scenario's policy."""
+    out = []
+    if service_tokens:
+        out.append(
+            _POLICY_TOML.format(
+                name="service-tokens",
+                decision="non_identity",
+                include="{ any_valid_service_token = {} }",
+                require="",
+            )
+        )
+    include, require = policy_rules(policy)
+    out.append(
+        _POLICY_TOML.format(
+            name="fleet",
+            decision=policy_decision(policy),
+            include=_toml_rules(include),
+            require=f"require = [{_toml_rules(require)}]\n" if require else "",
+        )
+    )
+    return "\n".join(out)
+
+
+# The scenario's [identity_provider], for every application of the account (no allowed_idps).
+# The client secret stays in the environment variable the scenario names: never on disk here.
+_IDP_TOML = """\
+[[identity_providers]]
+id = "idp"
+name = "{name}"
+type = "oidc"
+issuer_url = "{issuer_url}"
+client_id = "{client_id}"
+client_secret_env = "{client_secret_env}"
+scopes = [{scopes}]
+groups_claim = "{groups_claim}"
+email_claim_name = "{email_claim_name}"
+{ca}"""
+
+
+def identity_providers_toml(scenario: Scenario) -> str:
+    """The enforcer configuration's ``[[identity_providers]]`` for a scenario (or nothing)."""
+    idp = scenario.identity_provider
+    if idp is None:
+        return ""
+    return _IDP_TOML.format(
+        name=idp.name,
+        issuer_url=idp.issuer_url,
+        client_id=idp.client_id,
+        client_secret_env=idp.client_secret_env,
+        scopes=_quoted(idp.scopes),
+        groups_claim=idp.groups_claim,
+        email_claim_name=idp.email_claim_name,
+        ca=f'ca_file = "{idp.ca_file}"\n' if idp.ca_file else "",
+    )
 
 
 def write_edge(scenario: Scenario, run_dir: Path, now: dt.datetime) -> None:
@@ -290,7 +395,13 @@ def write_enforcer_config(
             host=app.hostname,
             session=app.session_duration,
             origin=origin,
-            rule=_rule(app.policy),
+            policies=_policies_toml(
+                app.policy,
+                any(
+                    c.kind == "service_tokens" and scenario.target.application(c.application) == app
+                    for c in scenario.cohorts
+                ),
+            ),
         )
         for app in scenario.target.applications
     ]
@@ -304,6 +415,7 @@ def write_enforcer_config(
             revoked="[" + ", ".join(f'"{fp}"' for fp in revoked) + "]",
             idle=scenario.target.idle_timeout,
             applications="\n".join(applications),
+            identity_providers=identity_providers_toml(scenario),
         )
     )
     return path
@@ -431,6 +543,9 @@ class Run:
         self.telemetry: Any = None  # the telemetry gRPC service, when this run started one
         self._cpu0 = 0.0
         self._links: Counter[str] = Counter()  # simulated connections opened, by device
+        # When each service token expires on the enforcer's clock (advance_clock follows it).
+        self._token_expiry: dict[str, dt.datetime] = {}
+        self.extra_ids: list[str] = []  # clients without certificates, in every shard
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -464,6 +579,10 @@ class Run:
                 cookie_sent=attempt.cookie_sent,
                 protocol=attempt.protocol,
                 grpc_status=attempt.grpc_status,
+                kind=device.cohort.kind,
+                login_ms=attempt.login * 1000 if isinstance(attempt, PersonAttempt) else 0.0,
+                callback_ms=attempt.callback * 1000 if isinstance(attempt, PersonAttempt) else 0.0,
+                logged_in=isinstance(attempt, PersonAttempt) and attempt.logged_in,
             )
         )
         self.counts[attempt.outcome] += 1
@@ -659,7 +778,10 @@ class Run:
         if action == "advance_clock":
             delta = parse_duration(event.value or "0s")
             self.clock.offset += delta
+            self._tokens_expired()
             return f"enforcer clock advanced {event.value}"
+        if action == "revoke_service_token":
+            return await self._revoke_service_tokens(event)
         roots = control.list_roots(controller.objects, account).result
         pki = event.pki or next(p.name for p in self.scenario.pkis if p.trusted)
         fleet_root = next(r for r in roots if r["name"] == f"{pki} root")
@@ -717,25 +839,41 @@ class Run:
             return f"session duration set to {event.value}{named}"
         if action == "set_policy":
             value = event.value or "certificate"
-            rule: dict[str, Any] = (
-                {"common_name": {"common_name": value.split(":", 1)[1]}}
-                if value.startswith("common_name:")
-                else {"certificate": {}}
+            include, require = policy_rules(value)
+            policy: dict[str, Any] = {
+                "name": "fleet",
+                "decision": policy_decision(value),
+                "include": include,
+            }
+            if require:
+                policy["require"] = require
+            tokens = any(
+                c.kind == "service_tokens"
+                and self.scenario.target.application(c.application) == spec
+                for c in self.scenario.cohorts
             )
+            service = {
+                "name": "service-tokens",
+                "decision": "non_identity",
+                "include": [{"any_valid_service_token": {}}],
+            }
             await controller.write(
                 lambda objects, now: control.update_app(
                     objects,
                     account,
                     app["id"],
-                    {"policies": [{"name": "fleet", "include": [rule]}]},
+                    {"policies": [service, policy] if tokens else [policy]},
                     controller.limits,
                     now,
                 )
             )
-            wanted = value.split(":", 1)[1] if value.startswith("common_name:") else None
+            terms = policy_terms(value)
+            wanted = terms[0][1] if terms[0][0] == "common_name" and len(terms) == 1 else None
             for d in self.devices:
                 if self.scenario.target.application(d.cohort.application) != spec:
                     continue  # another application's policy is unchanged
+                if d.cohort.kind != "devices":
+                    continue  # people are refused beside set_policy; tokens have their policy
                 if (
                     wanted is not None
                     and d.cohort.expected == "allowed"
@@ -786,6 +924,93 @@ class Run:
             f" (CRL number {self.crls.number})"
         )
 
+    async def admin(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the embedded enforcer's admin API (its real routes and checks, in process);
+        return the envelope's result, or raise RunError with the API's errors."""
+        import json
+        import secrets
+
+        import h11
+
+        from enforcer.admin import AdminServer
+        from enforcer.config import AdminSettings
+
+        assert self.enforcer is not None
+        token = secrets.token_hex(16)
+        server = AdminServer(self.enforcer.controller, AdminSettings("127.0.0.1", 0, token))
+        data = b"" if body is None else json.dumps(body).encode()
+        request = h11.Request(
+            method=method,
+            target=f"/client/v4/accounts/demo/access/{path}",
+            headers=[
+                ("host", "admin"),
+                ("authorization", f"Bearer {token}"),
+                ("content-type", "application/json"),
+                ("content-length", str(len(data))),
+            ],
+        )
+        status, _, answer = await server.dispatch(request, data)
+        envelope = json.loads(answer or b"{}")
+        if status >= 300 or not envelope.get("success", False):
+            raise RunError(
+                f"{self.scenario.path}: the enforcer's admin API refused {method} {path}:"
+                f" {status} {envelope.get('errors')}"
+            )
+        return envelope.get("result")
+
+    async def _create_service_tokens(self) -> None:
+        """Create each service-token cohort's tokens through the admin API (at run start)."""
+        for d in self.devices:
+            if d.cohort.kind != "service_tokens":
+                continue
+            assert isinstance(d.client, ServiceTokenClient)
+            created = await self.admin(
+                "POST", "service_tokens", {"name": d.id, "duration": d.cohort.token_duration}
+            )
+            d.token_id = created["id"]
+            client_id, secret = created["client_id"], created["client_secret"]
+            if d.cohort.token_defect == "wrong_secret":
+                secret = ("0" if secret[0] != "0" else "1") + secret[1:]
+            elif d.cohort.token_defect == "unknown_client_id":
+                client_id = ("0" if client_id[0] != "0" else "1") + client_id[1:]
+            d.client.client_id, d.client.client_secret = client_id, secret
+            if self.clock is not None:
+                self._token_expiry[d.id] = self.clock.now() + parse_duration(
+                    d.cohort.token_duration
+                )
+
+    def _tokens_expired(self) -> None:
+        """Service tokens past their expiry on the enforcer's clock are expected refused."""
+        assert self.clock is not None
+        now = self.clock.now()
+        for d in self.devices:
+            expires = self._token_expiry.get(d.id)
+            if expires is not None and now >= expires:
+                del self._token_expiry[d.id]
+                if d.cohort.expected == "allowed":
+                    d.expect("denied:service_token_expired")
+
+    async def _expire_tokens(self) -> None:
+        """Follow the service tokens' expiry as the run's clock passes it (advance_clock
+        events check it themselves)."""
+        while self._token_expiry and self.clock is not None:
+            first = min(self._token_expiry.values())
+            await trio.sleep(max((first - self.clock.now()).total_seconds(), 0.0))
+            self._tokens_expired()
+
+    async def _revoke_service_tokens(self, event: Event) -> str:
+        """Delete a share of a service-token cohort's tokens through the admin API."""
+        mine = [d for d in self.devices if d.cohort.name == event.cohort]
+        chosen = (
+            self.events_rng.sample(mine, max(1, round(len(mine) * event.share))) if mine else []
+        )
+        for d in chosen:
+            await self.admin("DELETE", f"service_tokens/{d.token_id}")
+            self._token_expiry.pop(d.id, None)
+            if d.cohort.expected == "allowed":
+                d.expect("denied:service_token_invalid")
+        return f"revoked {len(chosen)} of {len(mine)} service tokens of cohort {event.cohort}"
+
     def _untrust(self, pki: str) -> None:
         # The PKI's root is no longer associated with the hostname: its chains are untrusted.
         for d in self.devices:
@@ -835,8 +1060,9 @@ class Run:
     async def active(self, phase: Phase, start: float) -> None:
         # Drawn from the whole fleet, so the same devices run whatever the number of shards.
         rng = random.Random(f"{self.scenario.seed}:active:{phase.name}")
-        chosen = rng.sample(self.members, min(phase.devices, len(self.members)))
-        seeds = {d.id: rng.randrange(2**32) for d in chosen}
+        ids = [m.id for m in self.members] + self.extra_ids
+        chosen = rng.sample(ids, min(phase.devices, len(ids)))
+        seeds = {d: rng.randrange(2**32) for d in chosen}
         mine = [d for d in self.devices if d.id in seeds]
         until = start + phase.duration
         async with trio.open_nursery() as nursery:
@@ -884,6 +1110,12 @@ class Run:
             }
             limiter = trio.CapacityLimiter(GRPC_THREADS)
             self.members = fleet.members()
+            # Each member's place in its cohort: a person's place picks their user.
+            seen: Counter[str] = Counter()
+            positions = {}
+            for m in self.members:
+                positions[m.id] = seen[m.cohort]
+                seen[m.cohort] += 1
             for i, d in enumerate(self.members):
                 if i % self.shards != self.shard:
                     continue  # another shard's device
@@ -911,7 +1143,24 @@ class Run:
                     # Load the key and chain now, as a device does when it boots, so that no
                     # attempt's latency includes reading the fleet's files.
                     await store.handshake_context(client.target.make_context)
-                self.devices.append(Device(d.id, cohort, d.sha256, d.device.common_name, client))
+                device = Device(d.id, cohort, d.sha256, d.device.common_name, client)
+                if cohort.kind == "people":
+                    device.email, password = cohort.user(positions[d.id])
+                    device.client = self._person(
+                        targets[cohort.name],
+                        d.id,
+                        nursery,
+                        cohort,
+                        device.email,
+                        password,
+                        store,
+                        options,
+                    )
+                self.devices.append(device)
+            self._add_clients(targets, nursery)
+            if any(d.cohort.kind == "service_tokens" for d in self.devices):
+                await self._create_service_tokens()
+                nursery.start_soon(self._expire_tokens)
             if self.ready is not None:
                 await trio.to_thread.run_sync(
                     self.ready.wait, START_TIMEOUT, abandon_on_cancel=True
@@ -944,6 +1193,58 @@ class Run:
             for d in self.devices:
                 await d.client.aclose()
             nursery.cancel_scope.cancel()
+
+    def _person(
+        self,
+        target: DeviceTarget,
+        device_id: str,
+        nursery: trio.Nursery,
+        cohort: CohortSpec,
+        email: str,
+        password: str,
+        store: KeyStore | None,
+        options: ClientOptions,
+    ) -> PersonClient:
+        idp = self.scenario.identity_provider
+        return PersonClient(
+            self._device_target(target, device_id, nursery),
+            email,
+            password,
+            store,
+            options,
+            idp_ca=idp.ca_file if idp else None,
+        )
+
+    def _add_clients(self, targets: dict[str, DeviceTarget], nursery: trio.Nursery) -> None:
+        """People without certificates and service tokens: clients with no fleet member."""
+        s = self.scenario
+        k = len(self.members)
+        for cohort in s.cohorts:
+            if cohort.provisioned:
+                continue
+            for i in range(cohort.size):
+                device_id = f"{cohort.name}-{i + 1:05d}"
+                self.extra_ids.append(device_id)
+                k += 1
+                if (k - 1) % self.shards != self.shard:
+                    continue  # another shard's client
+                options = ClientOptions(
+                    keep_alive=cohort.keep_alive,
+                    resume_sessions=cohort.resume_sessions,
+                    timeout=s.timeout,
+                )
+                target = targets[cohort.name]
+                if cohort.kind == "people":
+                    email, password = cohort.user(i)
+                    client: PersonClient | ServiceTokenClient = self._person(
+                        target, device_id, nursery, cohort, email, password, None, options
+                    )
+                else:
+                    email = ""
+                    client = ServiceTokenClient(
+                        self._device_target(target, device_id, nursery), "", "", options
+                    )
+                self.devices.append(Device(device_id, cohort, "", "", client, email=email))
 
     async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
         # Ctrl-C ends the run cleanly: what was written stays, and the report still renders.
@@ -1172,6 +1473,9 @@ def run_meta(scenario: Scenario) -> dict[str, Any]:
                 "defect": c.defect,
                 "protocol": c.protocol,
                 "application": t.application(c.application).name or None,
+                "kind": c.kind,
+                "with_certificate": c.provisioned,
+                "users": sorted({email for email, _ in c.users}) if c.kind == "people" else None,
             }
             for c in scenario.cohorts
         },
@@ -1189,6 +1493,16 @@ def run_meta(scenario: Scenario) -> dict[str, Any]:
             for i, p in enumerate(scenario.phases)
         ],
         "thresholds_declared": [t.text for t in scenario.thresholds],
+        # Where people log in (never the secret: only the variable that holds it).
+        "identity_provider": (
+            None
+            if scenario.identity_provider is None
+            else {
+                "name": scenario.identity_provider.name,
+                "issuer_url": scenario.identity_provider.issuer_url,
+                "client_id": scenario.identity_provider.client_id,
+            }
+        ),
     }
 
 

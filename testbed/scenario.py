@@ -8,6 +8,7 @@ turns it into exit code 2 before provisioning or listening.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ EVENTS = (
     "advance_clock",
     "stop_origin",
     "start_origin",
+    "revoke_service_token",
 )
 ORIGIN_EVENTS = ("stop_origin", "start_origin")
 # What an nginx target can follow: a CRL and a reload (it has no admin API).
@@ -56,6 +58,17 @@ _HOSTNAME = re.compile(
 # Events that change one application (``application`` names it; default: the first).
 APPLICATION_EVENTS = ("set_session_duration", "set_policy")
 MAX_APPLICATIONS = 64
+# What a cohort is made of: devices (a certificate, no login), people (a login at the identity
+# provider per session, with or without a laptop certificate) or service tokens (automated
+# clients presenting CF-Access-Client-Id/-Secret, no certificate).
+COHORT_KINDS = ("devices", "people", "service_tokens")
+# What is wrong with a service-token cohort's tokens (None: nothing).
+TOKEN_DEFECTS = ("wrong_secret", "unknown_client_id")
+MAX_PEOPLE = 10_000
+# Policy terms (application ``policy``, ``set_policy``): the certificate ones, and a login's.
+CERTIFICATE_TERMS = ("certificate", "common_name")
+IDENTITY_TERMS = ("email", "email_domain", "group")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 
 
 class ScenarioError(Exception):
@@ -156,6 +169,35 @@ class CohortSpec:
     rpc: str = "report"  # grpc: the call each attempt makes (unary Report or streaming Watch)
     watch_messages: int = 3  # grpc, rpc = "watch": commands each call reads
     application: str | None = None  # which of the target's applications (None: the default)
+    kind: str = "devices"  # devices, people or service_tokens (COHORT_KINDS)
+    # people: (email, password) of each person, cycled when the cohort is larger
+    users: tuple[tuple[str, str], ...] = ()
+    with_certificate: bool = True  # people: a laptop client certificate from the fleet
+    token_defect: str | None = None  # service_tokens: wrong_secret or unknown_client_id
+    token_duration: str = "8760h"  # service_tokens: the duration they are created with
+
+    @property
+    def provisioned(self) -> bool:
+        """The cohort's members get certificates from the fleet's PKI."""
+        return self.kind == "devices" or (self.kind == "people" and self.with_certificate)
+
+    def user(self, index: int) -> tuple[str, str]:
+        """The (email, password) of the cohort's ``index``-th person."""
+        return self.users[index % len(self.users)]
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityProviderSpec:
+    """``[identity_provider]``: the OpenID Connect provider people log in with (I1)."""
+
+    issuer_url: str
+    client_id: str
+    client_secret_env: str  # the environment variable holding the client secret
+    name: str = "identity provider"
+    ca_file: Path | None = None  # the CA of a provider behind a private CA
+    scopes: tuple[str, ...] = ("openid", "email", "profile")
+    groups_claim: str = "groups"
+    email_claim_name: str = "email"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +246,7 @@ class Scenario:
     network: Network = dataclasses.field(
         default_factory=Network
     )  # virtual runs: the simulated link between devices and edge
+    identity_provider: IdentityProviderSpec | None = None
 
     @property
     def duration(self) -> float:
@@ -216,11 +259,65 @@ class Scenario:
         return sum(c.size for c in self.cohorts)
 
 
+POLICY_FORMS = (
+    "certificate or common_name:<CN> (a device's), or a login's email:<address>,"
+    " email_domain:<domain> or group:<name>; several joined with '+' (the first is the policy's"
+    " include, the others its require: email_domain:example.com+certificate is a login from"
+    " example.com on a device with a certificate)"
+)
+
+
+def policy_terms(policy: str) -> tuple[tuple[str, str], ...]:
+    """The (rule, value) terms of a policy string; ValueError names what is wrong."""
+    terms = []
+    for part in policy.split("+"):
+        rule, _, value = part.partition(":")
+        if rule == "certificate" and not value:
+            terms.append((rule, ""))
+        elif rule in ("common_name", *IDENTITY_TERMS) and value:
+            if any(c in value for c in '"\\') or not value.isprintable():
+                # Values are written into the enforcer's TOML and compared as given.
+                raise ValueError(
+                    f"{part!r}: quotes, backslashes and control characters are refused"
+                )
+            if rule == "email" and not _EMAIL.fullmatch(value):
+                raise ValueError(f"{part!r}: {value!r} is not an email address")
+            terms.append((rule, value))
+        else:
+            raise ValueError(f"{policy!r}: {part!r} is not a policy term; expected {POLICY_FORMS}")
+    return tuple(terms)
+
+
+def needs_login(policy: str) -> bool:
+    """The policy holds only after a login (it has an identity term)."""
+    return any(rule in IDENTITY_TERMS for rule, _ in policy_terms(policy))
+
+
 def _policy(r: TableReader, default: str) -> str:
-    policy = r.get("policy", str, default, "certificate or common_name:<CN>")
-    if policy != "certificate" and not (policy.startswith("common_name:") and len(policy) > 12):
-        raise r.error("policy", f"{policy!r}: expected certificate or common_name:<CN>")
+    policy = r.get("policy", str, default, POLICY_FORMS)
+    try:
+        policy_terms(policy)
+    except ValueError as exc:
+        raise r.error("policy", str(exc)) from None
     return str(policy)
+
+
+def person_outcome(policy: str, email: str, with_certificate: bool) -> str:
+    """What a person with a valid certificate (or none) should observe under ``policy``
+    (docs/access-flow.md I5-I7): groups are the provider's, so a group term is not judged
+    here (a cohort under one declares ``expected``)."""
+    terms = policy_terms(policy)
+    if not with_certificate and any(rule in CERTIFICATE_TERMS for rule, _ in terms):
+        return "denied:no_certificate"  # I7: a policy needing a certificate cannot hold
+    if not needs_login(policy):
+        return "allowed"  # a certificate policy admits the laptop without a login
+    for rule, value in terms:
+        domain = email.rsplit("@", 1)[-1].lower()
+        if (rule == "email" and value.lower() != email.lower()) or (
+            rule == "email_domain" and value.lower() != domain
+        ):
+            return "denied:identity_denied"
+    return "allowed"
 
 
 def _session_duration(r: TableReader, default: str) -> str:
@@ -358,9 +455,62 @@ def _unknown_application(name: str, target: Target) -> str:
     )
 
 
+def _users(r: TableReader, size: int | None) -> tuple[tuple[tuple[str, str], ...], int]:
+    """A people cohort's users (``users`` listed, or ``user_pattern`` with ``{i}``) and size."""
+    password = r.get("password", str, None, "the people's password at the identity provider")
+    env = r.get("password_env", str, None, "an environment variable holding the password")
+    if password is not None and env is not None:
+        raise r.error("password_env", "give password or password_env, not both")
+    if env is not None:
+        password = os.environ.get(env)
+        if password is None:
+            raise r.error("password_env", f"the environment variable {env} is not set")
+    if ("users" in r.table) == ("user_pattern" in r.table):
+        raise r.error(
+            "users",
+            'a people cohort needs users = ["a@example.com", ...] or user_pattern ='
+            ' "user{i}@example.com" (one of them)',
+        )
+    users: list[tuple[str, str]] = []
+    if "user_pattern" in r.table:
+        pattern = r.get("user_pattern", str, what='a pattern such as "user{i}@example.com"')
+        if pattern.count("{i}") != 1 or not _EMAIL.fullmatch(pattern.replace("{i}", "1")):
+            raise r.error("user_pattern", f"{pattern!r}: expected an email with one {{i}}")
+        if size is None:
+            raise r.error("size", "a user_pattern cohort needs a size")
+        if password is None:
+            raise r.error("password", "the people of a user_pattern need a password")
+        users = [(pattern.replace("{i}", str(i)), password) for i in range(1, size + 1)]
+    else:
+        raw = r.get("users", list, what="a list of emails or {email, password} tables")
+        if not raw:
+            raise r.error("users", "expected at least one user")
+        for i, u in enumerate(raw):
+            where = f"users[{i}]"
+            if isinstance(u, dict):
+                extra = set(u) - {"email", "password"}
+                if extra:
+                    raise r.error(where, f"unknown keys {sorted(extra)}: expected email, password")
+                email, pw = u.get("email"), u.get("password", password)
+            else:
+                email, pw = u, password
+            if not isinstance(email, str) or not _EMAIL.fullmatch(email):
+                raise r.error(where, f"{email!r} is not an email address")
+            if not isinstance(pw, str):
+                raise r.error(where, f"{email}: no password (give password on the cohort or here)")
+            users.append((email, pw))
+    if len(users) > MAX_PEOPLE or (size or 0) > MAX_PEOPLE:
+        raise r.error("size", f"at most {MAX_PEOPLE} people in a cohort")
+    return tuple(users), size or len(users)
+
+
 def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortSpec:
+    kind = r.choice("kind", COHORT_KINDS, "devices")
+    if kind != "devices":
+        return _client_cohort(r, kind, target, pkis)
     r.unknown(
         {
+            "kind",
             "pki",
             "name",
             "size",
@@ -399,6 +549,9 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
         if pkis[pki].trusted
         else "denied:untrusted_issuer"
     )
+    if default == "allowed" and needs_login(app.policy):
+        # A device never logs in: a policy that needs a login answers 401 (I7).
+        default = "denied:login_required"
     expected = r.get("expected", str, default, "an outcome such as allowed")
     behaviour_raw = r.get("behaviour", dict, {"kind": "periodic"}, "a behaviour table")
     try:
@@ -470,6 +623,199 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
     )
 
 
+def _client_cohort(
+    r: TableReader, kind: str, target: Target, pkis: dict[str, PkiSpec]
+) -> CohortSpec:
+    """A cohort of people or of service tokens (``kind``)."""
+    common = {"kind", "name", "size", "expected", "behaviour", "client", "application"}
+    if kind == "people":
+        r.unknown(
+            common
+            | {"users", "user_pattern", "password", "password_env", "with_certificate", "pki"}
+            | {"key_type"}
+        )
+    else:
+        r.unknown(common | {"defect", "duration"})
+    name = r.get("name", str, what="a cohort name")
+    if not _NAME.fullmatch(name):
+        raise r.error("name", f"{name!r}: use letters, digits, '.', '_' and '-'")
+    size = int(r.number("size", minimum=1)) if "size" in r.table else None
+    application = r.get("application", str, None, "an application name")
+    if application is not None and application not in [a.name for a in target.declared]:
+        raise r.error("application", _unknown_application(application, target))
+    app = target.application(application)
+    client = r.sub("client")
+    client.unknown({"keep_alive", "resume_sessions"})
+    behaviour_raw = r.get("behaviour", dict, {"kind": "periodic"}, "a behaviour table")
+    try:
+        behaviour = parse_behaviour(behaviour_raw, r.field("behaviour"))
+    except BehaviourError as exc:
+        raise ScenarioError(r.path, "", str(exc)) from None
+    users: tuple[tuple[str, str], ...] = ()
+    with_certificate = False
+    pki = next(iter(pkis))
+    key_type = None
+    token_defect = None
+    duration = "8760h"
+    if kind == "people":
+        users, size = _users(r, size)
+        with_certificate = r.get("with_certificate", bool, True, "true or false")
+        if not with_certificate and ("pki" in r.table or "key_type" in r.table):
+            raise r.error(
+                "pki" if "pki" in r.table else "key_type",
+                "people without a certificate (with_certificate = false) have no PKI",
+            )
+        pki = r.get("pki", str, pki, "a PKI name")
+        if pki not in pkis:
+            raise r.error("pki", f"{pki!r} is not one of the [[pkis]]: {sorted(pkis)}")
+        key_type = r.get("key_type", str, None, f"one of {list(KEY_TYPES)}")
+        if key_type is not None and key_type not in KEY_TYPES:
+            raise r.error("key_type", f"{key_type!r} is not one of {list(KEY_TYPES)}")
+        seen = {
+            person_outcome(app.policy, email, with_certificate)
+            if pkis[pki].trusted or not with_certificate
+            else "denied:untrusted_issuer"
+            for email, _ in users[: size or len(users)]
+        }
+        groups = any(rule == "group" for rule, _ in policy_terms(app.policy))
+        if groups and "expected" not in r.table:
+            # Groups are the provider's claim: the scenario cannot tell who is in which.
+            raise r.error(
+                "expected",
+                f"policy {app.policy!r} names a group, which the identity provider decides:"
+                " set expected (allowed, or denied:identity_denied)",
+            )
+        if len(seen) > 1 and "expected" not in r.table:
+            raise r.error(
+                "users",
+                f"these people would observe different outcomes under policy {app.policy!r}:"
+                f" {sorted(seen)}; split them into cohorts, or set expected",
+            )
+        default = seen.pop()
+    else:
+        if size is None:
+            raise r.error("size", "a service_tokens cohort needs a size (tokens to create)")
+        token_defect = r.get("defect", str, None, f"one of {list(TOKEN_DEFECTS)}")
+        if token_defect is not None and token_defect not in TOKEN_DEFECTS:
+            raise r.error("defect", f"{token_defect!r} is not one of {list(TOKEN_DEFECTS)}")
+        duration = r.get("duration", str, "8760h", "a Go duration such as 1h or 8760h")
+        try:
+            if parse_duration(duration).total_seconds() <= 0:
+                raise DurationError("a service token's duration must be above 0")
+        except DurationError as exc:
+            raise r.error("duration", str(exc)) from None
+        default = "denied:service_token_invalid" if token_defect else "allowed"
+    assert size is not None
+    return CohortSpec(
+        name=name,
+        size=size,
+        defect=None,
+        expected=r.get("expected", str, default, "an outcome such as allowed"),
+        key_type=key_type,
+        behaviour=behaviour,
+        keep_alive=client.get("keep_alive", bool, True, "true or false"),
+        resume_sessions=client.get("resume_sessions", bool, True, "true or false"),
+        pki=pki,
+        application=application,
+        kind=kind,
+        users=users,
+        with_certificate=with_certificate,
+        token_defect=token_defect,
+        token_duration=duration,
+    )
+
+
+def _identity_provider(top: TableReader) -> IdentityProviderSpec | None:
+    """``[identity_provider]``: where the embedded enforcer sends people to log in."""
+    if "identity_provider" not in top.table:
+        return None
+    r = top.sub("identity_provider")
+    r.unknown(
+        {
+            "name",
+            "issuer_url",
+            "client_id",
+            "client_secret_env",
+            "ca_file",
+            "scopes",
+            "groups_claim",
+            "email_claim_name",
+        }
+    )
+    issuer = r.get("issuer_url", str, what="the provider's issuer, https://...")
+    if not re.fullmatch(r"https://[^/?#\s]+(/[^?#\s]*)?", issuer):
+        raise r.error("issuer_url", f"{issuer!r}: expected an https URL (the provider's issuer)")
+    secret_env = r.get(
+        "client_secret_env", str, what="the environment variable holding the client secret"
+    )
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", secret_env):
+        raise r.error("client_secret_env", f"{secret_env!r} is not an environment variable name")
+    if not os.environ.get(secret_env):
+        raise r.error(
+            "client_secret_env",
+            f"the environment variable {secret_env} is not set: export the client secret"
+            " registered at the provider in it",
+        )
+    ca = r.get("ca_file", str, None, "a PEM file")
+    ca_path = None
+    if ca is not None:
+        ca_path = Path(ca) if Path(ca).is_absolute() else r.path.parent / ca
+        if not ca_path.is_file():
+            raise r.error("ca_file", f"{ca_path} does not exist")
+    scopes = r.get("scopes", list, ["openid", "email", "profile"], "a list of scopes")
+    if "openid" not in scopes or not all(isinstance(x, str) and x for x in scopes):
+        raise r.error("scopes", f"{scopes!r}: a list of scope names holding openid")
+    return IdentityProviderSpec(
+        issuer_url=issuer.rstrip("/")
+        if issuer.endswith("/") and issuer.count("/") == 3
+        else issuer,
+        client_id=r.get("client_id", str, what="the client id registered at the provider"),
+        client_secret_env=secret_env,
+        name=r.get("name", str, "identity provider", "a name"),
+        ca_file=ca_path,
+        scopes=tuple(scopes),
+        groups_claim=r.get("groups_claim", str, "groups", "a claim name"),
+        email_claim_name=r.get("email_claim_name", str, "email", "a claim name"),
+    )
+
+
+def people_problem(
+    clock: str,
+    target_kind: str,
+    cohorts: Sequence[CohortSpec],
+    idp: IdentityProviderSpec | None,
+) -> tuple[str, str] | None:
+    """(field, problem) when a run cannot carry its people or service-token cohorts."""
+    people = [c for c in cohorts if c.kind == "people"]
+    tokens = [c for c in cohorts if c.kind == "service_tokens"]
+    if people and clock == "virtual":
+        # The provider is a real server on the wall clock: its codes, sessions and ID tokens
+        # expire by real seconds, and the enforcer would judge them by the virtual clock
+        # (iat/exp with 60 s of leeway). Mixing the two clocks would test nothing.
+        return (
+            "clock",
+            f"cohort {people[0].name} is kind = people: a login goes to a real identity provider"
+            ' on the wall clock, which virtual time cannot drive; use clock = "real"',
+        )
+    if (people or tokens) and target_kind != "embedded":
+        first = (people or tokens)[0]
+        return (
+            "target.kind",
+            f"cohort {first.name} is kind = {first.kind}: it needs the embedded enforcer (the"
+            " run configures its identity provider and creates its service tokens)",
+        )
+    if people and idp is None:
+        return (
+            "identity_provider",
+            f"cohort {people[0].name} is kind = people: add an [identity_provider] table"
+            " (issuer_url, client_id, client_secret_env, ca_file)",
+        )
+    grpc = [c for c in cohorts if c.protocol == "grpc"]
+    if grpc and (people or tokens):
+        return ("cohorts", "people and service tokens speak HTTP: not beside gRPC cohorts")
+    return None
+
+
 def _phase(r: TableReader) -> Phase:
     r.unknown({"name", "duration", "arrival", "rate", "from", "to", "devices"})
     arrival = r.choice("arrival", ARRIVALS)
@@ -493,7 +839,13 @@ def _phase(r: TableReader) -> Phase:
     return phase
 
 
-def _event(r: TableReader, cohorts: set[str], pkis: dict[str, PkiSpec], target: Target) -> Event:
+def _event(
+    r: TableReader,
+    cohorts: set[str],
+    pkis: dict[str, PkiSpec],
+    target: Target,
+    token_cohorts: set[str],
+) -> Event:
     r.unknown({"at", "action", "cohort", "share", "value", "pki", "application"})
     action = r.choice("action", EVENTS)
     event = Event(
@@ -522,7 +874,14 @@ def _event(r: TableReader, cohorts: set[str], pkis: dict[str, PkiSpec], target: 
     if action in ("rotate_root", "remove_root") and not trusted:
         raise r.error("action", f"{action} needs a trusted PKI, and none is")
     if action == "revoke" and event.cohort not in cohorts:
-        raise r.error("cohort", f"revoke needs a cohort, one of {sorted(cohorts)}")
+        raise r.error(
+            "cohort", f"revoke needs a cohort with certificates, one of {sorted(cohorts)}"
+        )
+    if action == "revoke_service_token" and event.cohort not in token_cohorts:
+        raise r.error(
+            "cohort",
+            f"revoke_service_token needs a service_tokens cohort, one of {sorted(token_cohorts)}",
+        )
     if not 0 < event.share <= 1:
         raise r.error("share", f"{event.share} is not in (0, 1]")
     if action == "set_session_duration":
@@ -533,7 +892,13 @@ def _event(r: TableReader, cohorts: set[str], pkis: dict[str, PkiSpec], target: 
     if action == "set_policy" and not (
         event.value == "certificate" or (event.value or "").startswith("common_name:")
     ):
+        # A device's policy: what a login policy admits depends on who holds a session.
         raise r.error("value", 'set_policy needs value = "certificate" or "common_name:<CN>"')
+    if action == "set_policy":
+        try:
+            policy_terms(event.value or "")
+        except ValueError as exc:
+            raise r.error("value", f"set_policy: {exc}") from None
     if action == "advance_clock":
         try:
             parse_duration(event.value or "")
@@ -620,6 +985,7 @@ def load_scenario(path: str | Path) -> Scenario:
             "events",
             "thresholds",
             "network",
+            "identity_provider",
         }
     )
     name = top.get("name", str, p.stem, "a name")
@@ -649,6 +1015,10 @@ def load_scenario(path: str | Path) -> Scenario:
     problem = protocol_problem(cohorts, clock, target.kind)
     if problem is not None:
         raise top.error(*problem)
+    idp = _identity_provider(top)
+    problem = people_problem(clock, target.kind, cohorts, idp)
+    if problem is not None:
+        raise top.error(*problem)
     if target.kind == "external" and any(c.defect == "revoked" for c in cohorts):
         # The run publishes CRLs to the targets it starts; an external one never sees them.
         raise top.error(
@@ -657,7 +1027,25 @@ def load_scenario(path: str | Path) -> Scenario:
     phases = tuple(_phase(r) for r in top.tables("phases"))
     if not phases:
         raise top.error("phases", "at least one [[phases]] is required")
-    events = tuple(_event(r, set(names), pkis, target) for r in top.tables("events"))
+    certified = {c.name for c in cohorts if c.provisioned}
+    tokens = {c.name for c in cohorts if c.kind == "service_tokens"}
+    events = tuple(_event(r, certified, pkis, target, tokens) for r in top.tables("events"))
+    for i, e in enumerate(events):
+        app = target.application(e.application)
+        people = [
+            c.name
+            for c in cohorts
+            if c.kind == "people" and target.application(c.application) == app
+        ]
+        if e.action == "set_policy" and people:
+            # A person's session outlives a policy change (the token admits, A4): what each
+            # should observe would depend on who holds a session at that instant.
+            raise top.error(
+                f"events[{i}].action",
+                f"set_policy on application {app.name or app.hostname!r}, which people cohort"
+                f" {people[0]} calls: their sessions outlive a policy change (A4), so the run"
+                " cannot say what each should observe; put the people on another application",
+            )
     allowed = REVOCABLE_EVENTS if target.kind == "nginx" else ORIGIN_EVENTS
     if target.kind != "embedded" and any(e.action not in allowed for e in events):
         wrong = next(e.action for e in events if e.action not in allowed)
@@ -692,4 +1080,5 @@ def load_scenario(path: str | Path) -> Scenario:
         timeout=top.seconds("timeout", "10s"),
         pkis=tuple(pki_list),
         network=network,
+        identity_provider=idp,
     )

@@ -39,7 +39,17 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from testbed.results import AttemptRow, Results
 
-LATENCIES = ("total", "service", "handshake", "connect", "first_byte", "key_store")
+LATENCIES = (
+    "total",
+    "service",
+    "handshake",
+    "connect",
+    "first_byte",
+    "key_store",
+    # A person's request that logged in first: the provider's round trips, the callback.
+    "login",
+    "callback",
+)
 STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
 COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "decisions", "rate")
 # Per-cohort shares of attempts, by threshold name: ``cohort.<name>.new_connections == 100%``.
@@ -112,6 +122,9 @@ def _phase_values(row: AttemptRow) -> Iterable[tuple[str, float]]:
             yield "key_store", row.key_store_ms
     if row.status is not None:
         yield "first_byte", row.first_byte_ms
+    if row.logged_in:
+        yield "login", row.login_ms
+        yield "callback", row.callback_ms
 
 
 # TLS alerts a server sends about the client's certificate: the target refused the device
@@ -147,6 +160,8 @@ def outcome_kind(outcome: str) -> str:
         return "refused"  # a gRPC denial without a reason code (nginx's, see testbed/nginx.py)
     if outcome.startswith("tls_error:") and outcome.endswith(_REFUSAL_ALERTS):
         return "refused"
+    if outcome == "login_error:credentials_rejected":
+        return "refused"  # the identity provider refused the person's password
     if outcome.startswith("key_store_error:"):
         return "device"
     return "error"
@@ -196,6 +211,7 @@ class _Group:
         self.error_examples: dict[str, str] = {}
         self.latency: dict[str, _Latency] = defaultdict(_Latency)
         self.new_connections = self.resumed = self.cookie_admitted = 0
+        self.logins = 0  # people's requests that logged in first
         # Sums over attempts that opened a connection, for the phase breakdown.
         self.breakdown = {"connect": 0.0, "key_store": 0.0, "tls": 0.0, "first_byte": 0.0}
 
@@ -227,6 +243,7 @@ class _Group:
             # gRPC call's status beside it (a denial's UNAUTHENTICATED or PERMISSION_DENIED).
             key = row.reason or row.outcome
             self.rejections[f"{key} [{row.grpc_status}]" if row.grpc_status else key] += 1
+        self.logins += row.logged_in
         if row.cookie_sent and row.outcome == "allowed":
             self.cookie_admitted += 1
         if row.new_connection:
@@ -238,6 +255,10 @@ class _Group:
             # The handshake's time includes the key store's (PIN, touch, signature).
             b["tls"] += max(row.handshake_ms - row.key_store_ms, 0.0)
             b["first_byte"] += row.first_byte_ms
+            if row.logged_in:
+                # A person's session start: the login (navigation and provider) and callback.
+                b["login"] = b.get("login", 0.0) + row.login_ms
+                b["callback"] = b.get("callback", 0.0) + row.callback_ms
         if latencies:
             for name, ms in _phase_values(row):
                 self.latency[name].record(ms)
@@ -445,6 +466,10 @@ def _cohort_summary(name: str, group: _Group, spec: Mapping[str, Any]) -> dict[s
         "name": name,
         "size": spec.get("size"),
         "expected": expected,
+        # What the cohort is made of (runs before people and service tokens: devices).
+        "kind": spec.get("kind") or "devices",
+        "with_certificate": spec.get("with_certificate", True),
+        "logins": group.logins,
         **group.counts(),
         "rejections": dict(group.rejections.most_common()),
         "latency": group.latency_stats(),

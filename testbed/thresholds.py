@@ -16,7 +16,17 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-LATENCIES = ("total", "service", "handshake", "connect", "first_byte", "key_store")
+# The same as testbed.summary.LATENCIES: a person's login and callback beside a device's phases.
+LATENCIES = (
+    "total",
+    "service",
+    "handshake",
+    "connect",
+    "first_byte",
+    "key_store",
+    "login",
+    "callback",
+)
 STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
 COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "decisions", "rate")
 # A cohort's shares of its attempts: allowed, matched (its expected outcome), opened a new

@@ -170,7 +170,8 @@ def test_a_virtual_grpc_run_exits_2_before_anything_starts(tmp_path: Path) -> No
 def test_results_written_before_protocols_read_as_http1(tmp_path: Path) -> None:
     db = tmp_path / "results.sqlite"
     con = sqlite3.connect(db)
-    fields = [f for f in AttemptRow.__dataclass_fields__ if f not in ("protocol", "grpc_status")]
+    later = ("protocol", "grpc_status", "kind", "login_ms", "callback_ms", "logged_in")
+    fields = [f for f in AttemptRow.__dataclass_fields__ if f not in later]
     con.execute(f"CREATE TABLE attempts (id INTEGER PRIMARY KEY, {', '.join(fields)})")
     con.execute("CREATE TABLE run (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     values = ["d", "c", "p", "allowed", 0, 0, 1, 0, 1, 1, 1, 2, "allowed", 200, None, 1, 0, None, 0]
@@ -186,6 +187,8 @@ def test_results_written_before_protocols_read_as_http1(tmp_path: Path) -> None:
     finally:
         results.close()
     assert row.protocol == "http1" and row.grpc_status is None
+    # ... and as devices' attempts: people and service tokens came later (issue 17).
+    assert row.kind == "devices" and not row.logged_in and row.login_ms == row.callback_ms == 0
 
 
 # -- runs and loads against nginx -----------------------------------------------------------------

@@ -86,12 +86,23 @@ def make_rows(seed: int = 7) -> list[AttemptRow]:
                 new_connection=new,
                 resumed=resumed,
                 error=kw.pop("error", None),
+                logged_in=kw.pop("logged_in", False),
+                login_ms=kw.pop("login_ms", 0.0),
+                callback_ms=kw.pop("callback_ms", 0.0),
             )
         )
         assert not kw, kw
 
     for i in range(200):
-        attempt("healthy", i, "allowed", queued_ms=rng.choice([0.0, 0.0, 0.0, 40.0]))
+        # Every tenth logged in first (a person's session start): login and callback timed.
+        login = {"logged_in": True, "login_ms": 90.0 + i, "callback_ms": 5.0 + i / 8}
+        attempt(
+            "healthy",
+            i,
+            "allowed",
+            queued_ms=rng.choice([0.0, 0.0, 0.0, 40.0]),
+            **(login if i % 10 == 0 else {}),
+        )
     for i in range(2):
         attempt(
             "healthy", i, "timeout", status=None, new_connection=False, total_ms=10_000.0,
@@ -181,6 +192,8 @@ def selected(rows: list[AttemptRow], latency: str) -> list[float]:
         return [r.connect_ms for r in rows if r.new_connection]
     if latency in ("handshake", "key_store"):
         return [getattr(r, f"{latency}_ms") for r in rows if r.new_connection and not r.resumed]
+    if latency in ("login", "callback"):
+        return [getattr(r, f"{latency}_ms") for r in rows if r.logged_in]
     return [r.first_byte_ms for r in rows if r.status is not None]
 
 

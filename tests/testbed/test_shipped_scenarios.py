@@ -25,6 +25,7 @@ import pytest
 
 from devices.piv import MAX_RETRIES
 from testbed.nginx import NGINX
+from tests.oidc_idp import oidc_idp  # noqa: F401 - the provider of the people scenarios
 
 TESTBED = [sys.executable, "-m", "testbed.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +36,8 @@ SHIPPED = sorted(p.name for p in SCENARIOS.glob("*.toml") if p.name not in NOT_S
 # How much smaller CI runs a long scenario: cohort sizes, active devices and `attempts > N`
 # thresholds divided by this; the duration and the events stay as shipped.
 SHRINK = {"week-in-virtual-time.toml": 20, "week-10k-in-virtual-time.toml": 200}
+# Scenarios whose people log in at an identity provider: run against the tests' real one.
+PEOPLE = {"people-and-devices.toml"}
 # Full-size runs of those, split between processes as their comments advise.
 FULL_WORKERS = {"week-in-virtual-time.toml": 1, "week-10k-in-virtual-time.toml": 2}
 
@@ -58,7 +61,13 @@ def shrunk(source: Path, factor: int, out: Path) -> Path:
     return path
 
 
-def run(scenario: Path, reports: Path, *extra: str, timeout: float) -> Path:
+def run(
+    scenario: Path,
+    reports: Path,
+    *extra: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> Path:
     """Run ``testbed run`` on ``scenario``; assert it exits 0 and return its run folder."""
     proc = subprocess.run(
         [*TESTBED, "run", str(scenario), "--reports", str(reports), "--no-progress", *extra],
@@ -66,6 +75,7 @@ def run(scenario: Path, reports: Path, *extra: str, timeout: float) -> Path:
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=env,
     )
     assert proc.returncode == 0, (
         f"{scenario.name} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
@@ -166,6 +176,14 @@ def check_claims(name: str, run_dir: Path) -> None:
         )
         assert new["live-reporters"] == new["live-watchers"] == 1.0
         assert new["batch-reporters"] < 0.5 and new["batch-watchers"] < 0.5
+    if name == "people-and-devices.toml":
+        # One login per person's session (two laptops of staff, one outsider), and the person
+        # without a certificate never went to the provider (I7).
+        logins = dict(rows(run_dir, "SELECT cohort, SUM(logged_in) FROM attempts GROUP BY cohort"))
+        assert logins["staff"] == 2 and logins["outsiders"] >= 1
+        assert logins["staff-without-laptop"] == 0 and logins["devices"] == 0
+        kinds = dict(rows(run_dir, "SELECT DISTINCT cohort, kind FROM attempts"))
+        assert kinds["staff"] == "people" and kinds["ci-jobs"] == "service_tokens"
     if name == "yubikey-fleet.toml":
         # Each wrong-PIN token answers CKR_PIN_INCORRECT three times, then CKR_PIN_LOCKED.
         seen: dict[str, list[str]] = defaultdict(list)
@@ -188,15 +206,26 @@ def test_every_shipped_scenario_is_checked() -> None:
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_scenario_passes_for_the_right_reasons(name: str, tmp_path: Path) -> None:
+def test_shipped_scenario_passes_for_the_right_reasons(
+    name: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     if name == "nginx.toml" and NGINX is None:
         pytest.skip("nginx is not installed")
     scenario = SCENARIOS / name
+    env = None
     if name in SHRINK:
         (tmp_path / "scenario").mkdir()
         scenario = shrunk(scenario, SHRINK[name], tmp_path / "scenario")
+    if name in PEOPLE:
+        # Its people log in at a provider the user runs: here, the tests' real one.
+        from tests.people_idp import point_at
+
+        (tmp_path / "scenario").mkdir(exist_ok=True)
+        scenario, env = point_at(
+            request.getfixturevalue("oidc_idp"), scenario, tmp_path / "scenario"
+        )
     reports = tmp_path / "reports"
-    run_dir = run(scenario, reports, timeout=240)
+    run_dir = run(scenario, reports, timeout=240, env=env)
     check_right_reasons(scenario, run_dir)
     check_claims(name, run_dir)
 
