@@ -197,6 +197,54 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
     async def policies_delete(c: _Call) -> Outcome:
         return await c.write(control.delete_policy, *c.params)
 
+    @route("GET", rf"{A}/identity_providers")
+    async def idps_list(c: _Call) -> Outcome:
+        return c.read(control.list_idps, c.params[0])
+
+    @route("POST", rf"{A}/identity_providers")
+    async def idps_create(c: _Call) -> Outcome:
+        return await c.write(control.create_idp, c.params[0], c.json())
+
+    @route("GET", rf"{A}/identity_providers/{_SEG}")
+    async def idps_get(c: _Call) -> Outcome:
+        return c.read(control.get_idp, *c.params)
+
+    @route("PUT", rf"{A}/identity_providers/{_SEG}")
+    async def idps_update(c: _Call) -> Outcome:
+        return await c.write(control.update_idp, *c.params, c.json())
+
+    @route("DELETE", rf"{A}/identity_providers/{_SEG}")
+    async def idps_delete(c: _Call) -> Outcome:
+        return await c.write(control.delete_idp, *c.params, now=False)
+
+    @route("GET", rf"{A}/service_tokens")
+    async def service_tokens_list(c: _Call) -> Outcome:
+        return c.read(control.list_service_tokens, c.params[0])
+
+    @route("POST", rf"{A}/service_tokens")
+    async def service_tokens_create(c: _Call) -> Outcome:
+        return await c.write(control.create_service_token, c.params[0], c.json())
+
+    @route("GET", rf"{A}/service_tokens/{_SEG}")
+    async def service_tokens_get(c: _Call) -> Outcome:
+        return c.read(control.get_service_token, *c.params)
+
+    @route("PUT", rf"{A}/service_tokens/{_SEG}")
+    async def service_tokens_update(c: _Call) -> Outcome:
+        return await c.write(control.update_service_token, *c.params, c.json())
+
+    @route("DELETE", rf"{A}/service_tokens/{_SEG}")
+    async def service_tokens_delete(c: _Call) -> Outcome:
+        return await c.write(control.delete_service_token, *c.params, now=False)
+
+    @route("POST", rf"{A}/service_tokens/{_SEG}/refresh")
+    async def service_tokens_refresh(c: _Call) -> Outcome:
+        return await c.write(control.refresh_service_token, *c.params)
+
+    @route("POST", rf"{A}/service_tokens/{_SEG}/rotate")
+    async def service_tokens_rotate(c: _Call) -> Outcome:
+        return await c.write(control.rotate_service_token, *c.params)
+
     @route("GET", rf"{A}/keys")
     async def keys_get(c: _Call) -> Outcome:
         controller = c.controller

@@ -66,6 +66,11 @@ class Application:
     cookie: CookieSettings = dataclasses.field(default_factory=CookieSettings)
     # ALPN ids the hostname negotiates (a subset of ALPN_PROTOCOLS, kept in that order).
     alpn: tuple[str, ...] = ALPN_PROTOCOLS
+    # The account that owns the application: its service tokens are the ones that count (I11).
+    account: str = ""
+    # Ids of the identity providers that may log this application's users in (access-flow I1):
+    # its ``allowed_idps``, or every provider of its account, resolved when the snapshot is built.
+    identity_providers: tuple[str, ...] = ()
 
     @property
     def no_duration(self) -> bool:

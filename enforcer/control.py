@@ -16,15 +16,17 @@ import datetime as dt
 import hashlib
 import re
 import secrets
+import ssl
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from enforcer import crl, managed_ca
+from enforcer import crl, managed_ca, service_tokens
 from enforcer.application import (
     ALPN_PROTOCOLS,
     SAME_SITE_VALUES,
@@ -45,7 +47,9 @@ from enforcer.chain import (
     split_anchor,
 )
 from enforcer.durations import DurationError, format_duration, parse_duration
+from enforcer.identity import IdentityProvider
 from enforcer.policy import Decision, PolicyError, parse_policy
+from enforcer.service_tokens import ServiceToken
 from enforcer.snapshot import RootCertificate, Snapshot
 from enforcer.store import Change, Objects
 from enforcer.tokens import KeyRing, RetiredKey, SigningKey
@@ -329,6 +333,7 @@ _APP_FIELDS = {
     "type",
     "alpn",
     "origin_ca",
+    "allowed_idps",
 }
 
 
@@ -383,6 +388,18 @@ def _app_fields(
         if problem := alpn_problem(alpn):
             raise ApiError(400, f"alpn: {problem}")
         obj["alpn"] = list(alpn_tuple(alpn))
+    if "allowed_idps" in body or creating:
+        allowed = _field(body, "allowed_idps", list, "a list of identity provider ids", [])
+        account = obj.get("account")
+        known = {i for i, p in objects.get(IDP_KIND, {}).items() if p.get("account") == account}
+        for idp in allowed:
+            if not isinstance(idp, str) or idp not in known:
+                raise ApiError(
+                    400,
+                    f"allowed_idps: {idp!r} is not an identity provider of account {account!r}; "
+                    f"known: {sorted(known)}",
+                )
+        obj["allowed_idps"] = list(dict.fromkeys(allowed))
     if "cookie" in body or creating:
         cookie = _field(body, "cookie", dict, "a cookie settings object", {})
         _only(cookie, {"path", "domain", "secure", "http_only", "same_site"})
@@ -1162,6 +1179,366 @@ def _revocation_index(objects: Objects, roots: Sequence[RootCertificate]) -> crl
     )
 
 
+# ---- identity providers and service tokens (access-flow I1, I11) ---------------------------
+
+IDP_KIND = "identity_provider"
+SERVICE_TOKEN_KIND = "service_token"
+SECRET_MASK = "********"
+# Algorithms an ID token may be signed with; ``none`` and HMAC (HS*) never (access-flow I1).
+IDP_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+_IDP_CONFIG_FIELDS = {
+    "client_id",
+    "client_secret",
+    "issuer_url",
+    "auth_url",
+    "token_url",
+    "certs_url",
+    "scopes",
+    "email_claim_name",
+    "groups_claim",
+    "pkce_enabled",
+    "allowed_algorithms",
+    "ca_pem",
+}
+
+
+def https_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an identity provider endpoint, or None when it can."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return f"expected an https:// URL with a host, got {url!r}"
+    if parts.fragment or parts.username or parts.password:
+        return f"{url!r}: no fragment or user info"
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return f"{url!r}: the port must be a number from 1 to 65535"
+    return None
+
+
+def idp_config(raw: Any, old: Mapping[str, Any] | None, where: str = "config") -> dict[str, Any]:
+    """Check an OIDC provider's ``config`` (access-flow I1); ``old``: the stored one on update.
+
+    A ``client_secret`` left out, or sent back masked, keeps the stored one.
+    """
+    if not isinstance(raw, Mapping):
+        raise ApiError(400, f"{where}: expected an object with client_id, issuer_url, ...")
+    extra = sorted(set(raw) - _IDP_CONFIG_FIELDS)
+    if extra:
+        raise ApiError(
+            400, f"{where}.{extra[0]}: unknown field; expected one of {sorted(_IDP_CONFIG_FIELDS)}"
+        )
+    base = dict(old or {})
+
+    def text(name: str, what: str, default: Any = ...) -> Any:
+        if name not in raw and name in base:
+            return base[name]
+        value = raw.get(name, default)
+        if value is ...:
+            raise ApiError(400, f"{where}.{name}: required field is missing ({what})")
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ApiError(400, f"{where}.{name}: expected {what}, got {value!r}")
+        return value
+
+    out: dict[str, Any] = {}
+    out["client_id"] = text("client_id", "the client id registered at the provider")
+    secret = raw.get("client_secret")
+    if (secret is None or secret == SECRET_MASK) and "client_secret" in base:
+        out["client_secret"] = base["client_secret"]
+    else:
+        out["client_secret"] = text("client_secret", "the client secret")
+    for name, required in (
+        ("issuer_url", True),
+        ("auth_url", False),
+        ("token_url", False),
+        ("certs_url", False),
+    ):
+        url = text(name, "an https:// URL", ... if required else None)
+        if url is not None:
+            url = url.strip()
+            if problem := https_url_problem(url):
+                raise ApiError(400, f"{where}.{name}: {problem}")
+            if name == "issuer_url":
+                url = url.rstrip("/")
+        out[name] = url
+    scopes = raw.get("scopes", base.get("scopes", ["openid", "email", "profile"]))
+    if (
+        not isinstance(scopes, list)
+        or not all(isinstance(x, str) and x and " " not in x for x in scopes)
+        or "openid" not in scopes
+    ):
+        raise ApiError(
+            400, f'{where}.scopes: expected a list of scope names holding "openid", got {scopes!r}'
+        )
+    out["scopes"] = list(dict.fromkeys(scopes))
+    out["email_claim_name"] = text("email_claim_name", "a claim name", "email")
+    out["groups_claim"] = text("groups_claim", "a claim name", "groups")
+    pkce = raw.get("pkce_enabled", base.get("pkce_enabled", True))
+    if not isinstance(pkce, bool):
+        raise ApiError(400, f"{where}.pkce_enabled: expected true or false, got {pkce!r}")
+    out["pkce_enabled"] = pkce
+    algs = raw.get(
+        "allowed_algorithms", base.get("allowed_algorithms", ["RS256", "ES256", "PS256", "EdDSA"])
+    )
+    if not isinstance(algs, list) or not algs:
+        raise ApiError(
+            400,
+            f"{where}.allowed_algorithms: expected a non-empty list drawn from "
+            f"{list(IDP_ALGORITHMS)}",
+        )
+    for alg in algs:
+        if alg not in IDP_ALGORITHMS:
+            raise ApiError(
+                400,
+                f"{where}.allowed_algorithms: {alg!r} is not allowed; use some of "
+                f"{list(IDP_ALGORITHMS)} (none and HS* never are)",
+            )
+    out["allowed_algorithms"] = list(dict.fromkeys(algs))
+    ca = raw.get("ca_pem", base.get("ca_pem"))
+    if ca is not None:
+        if not isinstance(ca, str):
+            raise ApiError(400, f"{where}.ca_pem: expected PEM CA certificates or null")
+        try:
+            ssl.create_default_context(cadata=ca)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ApiError(400, f"{where}.ca_pem: not PEM CA certificates: {exc}") from None
+    out["ca_pem"] = ca
+    return out
+
+
+def _idp_view(obj: Mapping[str, Any]) -> dict[str, Any]:
+    config = dict(obj["config"])
+    config["client_secret"] = SECRET_MASK  # never shown again
+    return {
+        "id": obj["id"],
+        "name": obj["name"],
+        "type": obj["type"],
+        "config": config,
+        "created_at": obj["created_at"],
+        "updated_at": obj["updated_at"],
+    }
+
+
+def _idp_fields(body: Body, obj: dict[str, Any], creating: bool) -> None:
+    _only(body, {"name", "type", "config", "id"})
+    if "name" in body or creating:
+        name = _field(body, "name", str, "a name for the identity provider")
+        if not name.strip():
+            raise ApiError(400, "name: must not be empty")
+        obj["name"] = name
+    kind = _field(body, "type", str, '"oidc"', obj.get("type", "oidc"))
+    if kind != "oidc":
+        raise ApiError(400, f'type: {kind!r} is not supported; only "oidc" is')
+    obj["type"] = kind
+    if "config" in body or creating:
+        obj["config"] = idp_config(_field(body, "config", dict, "an object"), obj.get("config"))
+
+
+def list_idps(objects: Objects, account: str) -> Outcome:
+    """List the account's identity providers (client secrets masked)."""
+    rows = [o for o in objects.get(IDP_KIND, {}).values() if o["account"] == account]
+    return Outcome([_idp_view(o) for o in sorted(rows, key=lambda o: (o["created_at"], o["id"]))])
+
+
+def get_idp(objects: Objects, account: str, oid: str) -> Outcome:
+    """Return one identity provider (client secret masked)."""
+    return Outcome(_idp_view(_owned(objects, IDP_KIND, account, oid, "identity provider")))
+
+
+def create_idp(objects: Objects, account: str, body: Body, now: dt.datetime) -> Outcome:
+    """Add an OpenID Connect provider to the account."""
+    _only(body, {"name", "type", "config"})
+    oid = str(uuid.uuid4())
+    obj: dict[str, Any] = {"id": oid, "account": account, "created_at": _iso(now)}
+    _idp_fields(body, obj, creating=True)
+    obj["updated_at"] = _iso(now)
+    return Outcome(_idp_view(obj), (Change(IDP_KIND, oid, obj),), 201)
+
+
+def update_idp(objects: Objects, account: str, oid: str, body: Body, now: dt.datetime) -> Outcome:
+    """Change an identity provider's name or config (a masked secret keeps the stored one)."""
+    obj = _owned(objects, IDP_KIND, account, oid, "identity provider")
+    if "id" in body and body["id"] != oid:
+        raise ApiError(400, "id: an identity provider's id never changes")
+    _idp_fields(body, obj, creating=False)
+    obj["updated_at"] = _iso(now)
+    return Outcome(_idp_view(obj), (Change(IDP_KIND, oid, obj),))
+
+
+def delete_idp(objects: Objects, account: str, oid: str) -> Outcome:
+    """Delete an identity provider; refused while an application names it in allowed_idps."""
+    _owned(objects, IDP_KIND, account, oid, "identity provider")
+    users = sorted(
+        a["id"] for a in objects.get("app", {}).values() if oid in (a.get("allowed_idps") or [])
+    )
+    if users:
+        raise ApiError(
+            409,
+            f"identity provider {oid} is in the allowed_idps of application(s) {users}: "
+            "remove it there first",
+        )
+    return Outcome({"id": oid}, (Change(IDP_KIND, oid, None),))
+
+
+def identity_provider_of(obj: Mapping[str, Any]) -> IdentityProvider:
+    """The request-time form of a stored identity provider."""
+    c = obj["config"]
+    return IdentityProvider(
+        id=obj["id"],
+        name=obj["name"],
+        issuer_url=c["issuer_url"],
+        client_id=c["client_id"],
+        client_secret=c["client_secret"],
+        scopes=tuple(c["scopes"]),
+        email_claim_name=c["email_claim_name"],
+        groups_claim=c["groups_claim"],
+        auth_url=c.get("auth_url"),
+        token_url=c.get("token_url"),
+        certs_url=c.get("certs_url"),
+        pkce_enabled=c["pkce_enabled"],
+        allowed_algorithms=tuple(c["allowed_algorithms"]),
+        ca_pem=c.get("ca_pem"),
+        type=obj["type"],
+    )
+
+
+def _allowed_idps(
+    app: Mapping[str, Any], providers: Sequence[Mapping[str, Any]]
+) -> tuple[str, ...]:
+    """The ids of the providers that may log an application's users in (access-flow I1)."""
+    mine = [p["id"] for p in providers if p["account"] == app["account"]]
+    allowed = app.get("allowed_idps")
+    if not allowed:
+        return tuple(mine)
+    return tuple(i for i in allowed if i in mine)
+
+
+def _service_token_view(obj: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ["id", "name", "client_id", "duration", "expires_at", "created_at", "updated_at"]
+    return {k: obj[k] for k in keys}
+
+
+def _token_duration(body: Body, default: str | None) -> dt.timedelta | None:
+    text = _duration(body, "duration", default)
+    if text is None:
+        return None
+    duration = parse_duration(text)
+    if duration <= dt.timedelta(0):
+        raise ApiError(400, "duration: a service token needs a duration above zero (e.g. 8760h)")
+    return duration
+
+
+def list_service_tokens(objects: Objects, account: str) -> Outcome:
+    """List the account's service tokens (never their secrets)."""
+    rows = [o for o in objects.get(SERVICE_TOKEN_KIND, {}).values() if o["account"] == account]
+    return Outcome(
+        [_service_token_view(o) for o in sorted(rows, key=lambda o: (o["created_at"], o["id"]))]
+    )
+
+
+def get_service_token(objects: Objects, account: str, oid: str) -> Outcome:
+    """Return one service token (never its secret)."""
+    return Outcome(
+        _service_token_view(_owned(objects, SERVICE_TOKEN_KIND, account, oid, "service token"))
+    )
+
+
+def create_service_token(objects: Objects, account: str, body: Body, now: dt.datetime) -> Outcome:
+    """Create a service token; the answer carries its ``client_secret``, this once only."""
+    _only(body, {"name", "duration"})
+    name = _field(body, "name", str, "a name for the service token")
+    if not name.strip():
+        raise ApiError(400, "name: must not be empty")
+    duration = _token_duration(body, format_duration(service_tokens.DEFAULT_DURATION))
+    assert duration is not None
+    secret = service_tokens.new_secret()
+    oid = service_tokens.new_id()
+    obj = {
+        "id": oid,
+        "account": account,
+        "name": name,
+        "client_id": service_tokens.new_client_id(),
+        "client_secret_sha256": service_tokens.secret_sha256(secret),
+        "duration": format_duration(duration),
+        "expires_at": _iso(now + duration),
+        "created_at": _iso(now),
+        "updated_at": _iso(now),
+    }
+    return Outcome(
+        {**_service_token_view(obj), "client_secret": secret},
+        (Change(SERVICE_TOKEN_KIND, oid, obj),),
+        201,
+    )
+
+
+def update_service_token(
+    objects: Objects, account: str, oid: str, body: Body, now: dt.datetime
+) -> Outcome:
+    """Rename a service token or change its duration (applied at the next refresh)."""
+    _only(body, {"name", "duration"})
+    obj = _owned(objects, SERVICE_TOKEN_KIND, account, oid, "service token")
+    if "name" in body:
+        name = _field(body, "name", str, "a name")
+        if not name.strip():
+            raise ApiError(400, "name: must not be empty")
+        obj["name"] = name
+    if "duration" in body:
+        duration = _token_duration(body, None)
+        assert duration is not None
+        obj["duration"] = format_duration(duration)
+    obj["updated_at"] = _iso(now)
+    return Outcome(_service_token_view(obj), (Change(SERVICE_TOKEN_KIND, oid, obj),))
+
+
+def refresh_service_token(objects: Objects, account: str, oid: str, now: dt.datetime) -> Outcome:
+    """Extend a service token: it expires one duration from now."""
+    obj = _owned(objects, SERVICE_TOKEN_KIND, account, oid, "service token")
+    obj["expires_at"] = _iso(now + parse_duration(obj["duration"]))
+    obj["updated_at"] = _iso(now)
+    return Outcome(_service_token_view(obj), (Change(SERVICE_TOKEN_KIND, oid, obj),))
+
+
+def rotate_service_token(objects: Objects, account: str, oid: str, now: dt.datetime) -> Outcome:
+    """Give a service token a new secret (answered this once); the old one stops at once."""
+    obj = _owned(objects, SERVICE_TOKEN_KIND, account, oid, "service token")
+    secret = service_tokens.new_secret()
+    obj["client_secret_sha256"] = service_tokens.secret_sha256(secret)
+    obj["updated_at"] = _iso(now)
+    return Outcome(
+        {**_service_token_view(obj), "client_secret": secret},
+        (Change(SERVICE_TOKEN_KIND, oid, obj),),
+    )
+
+
+def delete_service_token(objects: Objects, account: str, oid: str) -> Outcome:
+    """Revoke a service token: it stops admitting from the next request on."""
+    obj = _owned(objects, SERVICE_TOKEN_KIND, account, oid, "service token")
+    return Outcome(_service_token_view(obj), (Change(SERVICE_TOKEN_KIND, oid, None),))
+
+
+def service_token_of(obj: Mapping[str, Any]) -> ServiceToken:
+    """The request-time form of a stored service token."""
+    return ServiceToken(
+        id=obj["id"],
+        name=obj["name"],
+        client_id=obj["client_id"],
+        secret_sha256=obj["client_secret_sha256"],
+        expires_at=_parse_iso(obj["expires_at"]),
+        account=obj["account"],
+    )
+
+
 # ---- snapshots --------------------------------------------------------------------------------
 
 
@@ -1222,6 +1599,7 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
                 tuple(ca["hostnames"]),
             )
         )
+    providers = sorted(objects.get(IDP_KIND, {}).values(), key=lambda o: (o["created_at"], o["id"]))
     apps = []
     for obj in objects.get("app", {}).values():
         policies = tuple(
@@ -1246,6 +1624,8 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
                 origin_ca=obj.get("origin_ca"),
                 cookie=CookieSettings(**cookie),
                 alpn=tuple(obj.get("alpn", ALPN_PROTOCOLS)),
+                account=obj["account"],
+                identity_providers=_allowed_idps(obj, providers),
             )
         )
     keys = sorted(objects.get("signing_key", {}).values(), key=lambda k: k["created_at"])
@@ -1283,4 +1663,6 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
         key_profile=limits.key_profile,
         sessions_revoked_before=_sessions_revoked_before(objects),
         revocation=_revocation_index(objects, roots),
+        identity_providers=[identity_provider_of(o) for o in providers],
+        service_tokens=[service_token_of(o) for o in objects.get(SERVICE_TOKEN_KIND, {}).values()],
     )

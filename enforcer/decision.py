@@ -38,14 +38,24 @@ from typing import Any
 
 from cryptography import x509
 
+from enforcer import service_tokens
 from enforcer.application import Application
 from enforcer.chain import CertificateFacts, ChainResult, ValidationCache, validate_chain
 from enforcer.crl import Verdict as RevocationVerdict
 from enforcer.identity import Identity, ServiceTokenCredentials
-from enforcer.policy import Decision, RequestFacts, first_match
+from enforcer.policy import Decision, RequestFacts, evaluate
 from enforcer.reasons import Reason
+from enforcer.service_tokens import ServiceToken
 from enforcer.snapshot import Snapshot
-from enforcer.tokens import TokenMemo, TokenStatus, access_claims, check, mint
+from enforcer.tokens import (
+    IDENTITY_ONLY_CLAIM,
+    TokenMemo,
+    TokenStatus,
+    access_claims,
+    check,
+    identity_of,
+    mint,
+)
 
 
 class AdmittedBy(enum.StrEnum):
@@ -55,6 +65,8 @@ class AdmittedBy(enum.StrEnum):
     TOKEN = "token"
     BYPASS = "bypass"
     POLICY = "policy"  # a non-certificate rule (everyone, ip) in a non_identity/allow policy
+    IDENTITY = "identity"  # a policy, for a person whose identity is known (login or token)
+    SERVICE_TOKEN = "service_token"  # a policy, for a request with a valid service token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,42 +277,90 @@ def decide(
         notes.append(verdict.reason)
         admitted_detail = verdict.detail
 
-    if request.token is not None:
-        if app.no_duration:
-            notes.append(Reason.TOKEN_INVALID)  # a No Duration application never honours one
-            token_detail = "a No Duration application honours no token"
-        else:
-            checked = check(
-                request.token,
-                snapshot.keyring,
-                aud=app.aud,
-                issuer=snapshot.issuer,
-                now=now,
-                memo=tokens,
-            )
-            refused = None
-            if checked.status is TokenStatus.VALID:
-                refused = token_refusal(checked.claims or {}, app, snapshot, facts, now)
-            if checked.status is TokenStatus.EXPIRED:
-                notes.append(Reason.TOKEN_EXPIRED)
-                token_detail = checked.detail
-            elif checked.status is TokenStatus.INVALID or refused is not None:
-                notes.append(Reason.TOKEN_INVALID)
-                token_detail = refused or checked.detail
-            else:
-                return AccessDecision(
-                    200,
-                    detail=admitted_detail,
-                    notes=tuple(notes),
-                    application=app,
-                    admitted_by=AdmittedBy.TOKEN,
-                    certificate=facts,
-                    token=request.token,
-                    claims=checked.claims,
-                )
+    # Service token (I11): checked before anything admits, so that a bad one is noted even
+    # when a cookie admits, and names the denial when nothing does.
+    service_token: ServiceToken | None = None
+    service_refusal: tuple[Reason, str] | None = None
+    if request.service_token is not None:
+        service_token, service_refusal = _service_token(request.service_token, app, snapshot, now)
+        if service_refusal is not None:
+            notes.append(service_refusal[0])
 
-    policy = first_match(app.policies, RequestFacts(facts, request.client_ip))
+    # The person: just logged in (the callback), or named by a session token (I5, I8, I9).
+    identity = request.identity
+    token_identity = False  # the identity came from a presented token
+    if request.token is not None:
+        checked = check(
+            request.token,
+            snapshot.keyring,
+            aud=app.aud,
+            issuer=snapshot.issuer,
+            now=now,
+            memo=tokens,
+        )
+        refused = None
+        if checked.status is TokenStatus.VALID:
+            refused = token_refusal(checked.claims or {}, app, snapshot, facts, now)
+        claims = checked.claims or {}
+        person = identity_of(claims) if checked.status is TokenStatus.VALID else None
+        identity_only = app.no_duration or claims.get(IDENTITY_ONLY_CLAIM) is True
+        usable = checked.status is TokenStatus.VALID and refused is None
+        if identity_only and usable and person is not None:
+            # I9: the session token never admits on its own under No Duration, but a valid
+            # one, bound to the certificate just presented, says who the person is.
+            if identity is None:
+                identity = person
+                token_identity = True
+        elif app.no_duration:
+            notes.append(Reason.TOKEN_INVALID)  # a No Duration application honours no token
+            token_detail = "a No Duration application honours no token"
+            if not usable:
+                token_detail += f" ({refused or checked.detail})"
+        elif checked.status is TokenStatus.EXPIRED:
+            notes.append(Reason.TOKEN_EXPIRED)
+            token_detail = checked.detail
+        elif not usable or identity_only:
+            notes.append(Reason.TOKEN_INVALID)
+            token_detail = refused or checked.detail or "an identity-only token never admits"
+        else:
+            return AccessDecision(
+                200,
+                detail=admitted_detail,
+                notes=tuple(notes),
+                application=app,
+                admitted_by=AdmittedBy.TOKEN,
+                certificate=facts,
+                token=request.token,
+                claims=checked.claims,
+                identity=person,
+            )
+
+    evaluation = evaluate(
+        app.policies, RequestFacts(facts, request.client_ip, identity, service_token)
+    )
+    policy = evaluation.policy
     if policy is None:
+        if service_refusal is not None:
+            # A machine that presented a bad service token: it cannot log in either (I11).
+            return deny(*service_refusal, notes)
+        if evaluation.login_needed_by is not None:
+            needs = evaluation.login_needed_by.name
+            return AccessDecision(
+                401,
+                Reason.LOGIN_REQUIRED,
+                f"policy {needs!r} needs a login",
+                tuple(notes),
+                app,
+                needs,
+                certificate=facts,
+                close_connection=close,
+            )
+        if service_token is not None:
+            return deny(
+                Reason.POLICY_DENIED, f"no policy admits service token {service_token.id}", notes
+            )
+        if identity is not None:
+            return deny(Reason.IDENTITY_DENIED, f"no policy admits {identity.email}", notes)
         if facts is None:
             detail = "no client certificate and no valid token"
             if token_detail:
@@ -321,6 +381,7 @@ def decide(
             admitted_by=AdmittedBy.BYPASS,
             certificate=facts,
             close_connection=close,
+            identity=identity,
         )
 
     # An application's No Duration wins over a policy's duration: its TLS layer already refuses
@@ -330,26 +391,72 @@ def decide(
     else:
         duration = policy.session_duration
     no_duration = duration <= dt.timedelta(0)
-    claims = access_claims(
-        aud=app.aud,
-        issuer=snapshot.issuer,
-        now=now,
-        lifetime=snapshot.no_duration_token_lifetime if no_duration else duration,
-        common_name=facts.common_name if facts else None,
-        x5t_s256=facts.x5t_s256 if facts else None,
-        serial=facts.serial if facts else None,
-    )
+    idp = snapshot.identity_providers.get(identity.idp) if identity is not None else None
+
+    def claims_for(lifetime: dt.timedelta, identity_only: bool = False) -> dict[str, Any]:
+        return access_claims(
+            aud=app.aud,
+            issuer=snapshot.issuer,
+            now=now,
+            lifetime=lifetime,
+            common_name=(
+                service_token.client_id if service_token else facts.common_name if facts else None
+            ),
+            x5t_s256=facts.x5t_s256 if facts else None,
+            serial=facts.serial if facts else None,
+            identity=identity,
+            idp_type=idp.type if idp is not None else "oidc",
+            service_token_id=service_token.id if service_token else None,
+            identity_only=identity_only,
+        )
+
+    claims = claims_for(snapshot.no_duration_token_lifetime if no_duration else duration)
     token = mint(snapshot.keyring, claims)
+    set_cookie = None if no_duration else app.cookie.set_cookie(token, duration)
+    if no_duration and identity is not None and not token_identity:
+        # I9: a person just logged in under No Duration gets a cookie that carries the identity
+        # only (it never admits alone), for the policy's duration, else 24 hours.
+        lifetime = policy.session_duration or IDENTITY_SESSION_DEFAULT
+        if lifetime <= dt.timedelta(0):
+            lifetime = IDENTITY_SESSION_DEFAULT
+        session = mint(snapshot.keyring, claims_for(lifetime, identity_only=True))
+        set_cookie = app.cookie.set_cookie(session, lifetime)
+    if service_token is not None:
+        admitted_by = AdmittedBy.SERVICE_TOKEN
+    elif identity is not None:
+        admitted_by = AdmittedBy.IDENTITY
+    else:
+        admitted_by = AdmittedBy.CERTIFICATE if facts else AdmittedBy.POLICY
     return AccessDecision(
         200,
         detail=admitted_detail,
         notes=tuple(notes),
         application=app,
         policy=policy.name,
-        admitted_by=AdmittedBy.CERTIFICATE if facts else AdmittedBy.POLICY,
+        admitted_by=admitted_by,
         certificate=facts,
         token=token,
-        set_cookie=None if no_duration else app.cookie.set_cookie(token, duration),
+        set_cookie=set_cookie,
         close_connection=close or no_duration,
         claims=claims,
+        identity=identity,
     )
+
+
+# The identity cookie's lifetime under No Duration when the policy sets none (I9).
+IDENTITY_SESSION_DEFAULT = dt.timedelta(hours=24)
+
+
+def _service_token(
+    presented: ServiceTokenCredentials, app: Application, snapshot: Snapshot, now: dt.datetime
+) -> tuple[ServiceToken | None, tuple[Reason, str] | None]:
+    """The valid service token a request presents for ``app``, or why it is refused (I11)."""
+    verdict, token, detail = service_tokens.check(presented, snapshot.service_tokens, now)
+    if token is not None and app.account and token.account and token.account != app.account:
+        # Another account's token is as unknown here as one never created.
+        verdict, detail = service_tokens.TokenVerdict.INVALID, "unknown service token client id"
+    if verdict is service_tokens.TokenVerdict.VALID:
+        return token, None
+    if verdict is service_tokens.TokenVerdict.EXPIRED:
+        return None, (Reason.SERVICE_TOKEN_EXPIRED, detail)
+    return None, (Reason.SERVICE_TOKEN_INVALID, f"{detail} ({presented.client_id[:64]!r})")

@@ -1,4 +1,12 @@
-"""Access policies: rules over certificate facts, include/require/exclude, first match decides."""
+"""Access policies: rules over request facts, include/require/exclude, first match decides.
+
+Evaluation is three-valued (access-flow I7): without a person's identity an identity rule
+(``email``, ``email_domain``, ``group``, ``login_method``) is *unknown*, not false, since a
+login could make it true. Rules combine in Kleene's logic (include: any, require: all,
+exclude: none), and the first policy that holds decides, unless one that is still unknown
+comes first: then the request needs a login. A request that presents a valid service token is
+a machine, which never logs in: for it identity rules are false.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ from typing import Any
 
 from enforcer.chain import CertificateFacts
 from enforcer.durations import DurationError, format_duration, parse_duration
+from enforcer.identity import Identity
+from enforcer.service_tokens import ServiceToken
 
 
 class PolicyError(ValueError):
@@ -29,10 +39,46 @@ class Decision(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class RequestFacts:
-    """What rules may look at: the validated certificate (if any) and the client address."""
+    """What rules may look at: the validated certificate, the client address, the person's
+    identity (None: nobody logged in) and the service token (None: no valid one presented)."""
 
     certificate: CertificateFacts | None
     client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    identity: Identity | None = None
+    service_token: ServiceToken | None = None
+
+
+# Rules about a person: unknown until a login (access-flow I6, I7).
+IDENTITY_RULE_KINDS = frozenset({"email", "email_domain", "group", "login_method"})
+# Rules about a service token: known from the request's headers alone (I11).
+SERVICE_TOKEN_RULE_KINDS = frozenset({"service_token", "any_valid_service_token"})
+
+# A three-valued truth: True, False, or None for unknown (access-flow I7).
+Truth = bool | None
+
+
+def _any(values: Sequence[Truth]) -> Truth:
+    """Kleene disjunction: true if one is true, unknown if none is but one is unknown."""
+    if any(v is True for v in values):
+        return True
+    return None if any(v is None for v in values) else False
+
+
+def _all(values: Sequence[Truth]) -> Truth:
+    """Kleene conjunction: false if one is false, unknown if none is but one is unknown."""
+    if any(v is False for v in values):
+        return False
+    return None if any(v is None for v in values) else True
+
+
+def _not(value: Truth) -> Truth:
+    return None if value is None else not value
+
+
+def email_domain(email: str) -> str:
+    """The part of an email after its last ``@``, lower-cased (``""`` without one)."""
+    _, at, domain = email.rpartition("@")
+    return domain.lower() if at else ""
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -47,7 +93,27 @@ class Rule:
     value: str = ""
 
     def matches(self, facts: RequestFacts) -> bool:
-        """Tell whether the rule holds for these facts."""
+        """Tell whether the rule holds for these facts (an unknown rule does not)."""
+        return self.evaluate(facts) is True
+
+    def evaluate(self, facts: RequestFacts) -> Truth:
+        """True, False, or None when only a login can tell (an identity rule, no identity)."""
+        if self.kind in IDENTITY_RULE_KINDS:
+            person = facts.identity
+            if person is None:
+                # A valid service token is a machine: it cannot log in, so the rule is false.
+                return False if facts.service_token is not None else None
+            if self.kind == "email":
+                return person.email.lower() == self.value
+            if self.kind == "email_domain":
+                return email_domain(person.email) == self.value
+            if self.kind == "group":
+                return self.value in person.groups
+            return person.idp == self.value  # login_method
+        if self.kind == "service_token":
+            return facts.service_token is not None and facts.service_token.id == self.value
+        if self.kind == "any_valid_service_token":
+            return facts.service_token is not None
         cert = facts.certificate
         if self.kind == "everyone":
             return True
@@ -85,6 +151,12 @@ _RULE_KINDS: dict[str, tuple[str, Any] | None] = {
     "san_dns": ("pattern", str),
     "san_uri": ("pattern", str),
     "ip": ("ip", str),
+    "email": ("email", lambda v: str(v).strip().lower()),
+    "email_domain": ("domain", lambda v: str(v).strip().lower().removeprefix("@")),
+    "group": ("name", str),
+    "login_method": ("id", str),
+    "service_token": ("token_id", str),
+    "any_valid_service_token": None,
 }
 
 
@@ -104,6 +176,8 @@ def parse_rule(raw: object, where: str) -> Rule:
     if not isinstance(body, Mapping) or key not in body or not isinstance(body[key], str):
         raise PolicyError(f'{where}.{kind}: expected {{ {key} = "..." }}')
     value = normalise(body[key])
+    if not value and kind in IDENTITY_RULE_KINDS | SERVICE_TOKEN_RULE_KINDS:
+        raise PolicyError(f"{where}.{kind}.{key}: must not be empty")
     if kind == "ip":
         try:
             ipaddress.ip_network(value, strict=False)
@@ -162,11 +236,17 @@ class Policy:
         return out
 
     def matches(self, facts: RequestFacts) -> bool:
-        """Tell whether include, require and exclude all hold."""
-        return (
-            any(r.matches(facts) for r in self.include)
-            and all(r.matches(facts) for r in self.require)
-            and not any(r.matches(facts) for r in self.exclude)
+        """Tell whether include, require and exclude all hold (unknown does not hold)."""
+        return self.evaluate(facts) is True
+
+    def evaluate(self, facts: RequestFacts) -> Truth:
+        """Three-valued: include any, require all, exclude none, in Kleene's logic (I7)."""
+        return _all(
+            [
+                _any([r.evaluate(facts) for r in self.include]),
+                _all([r.evaluate(facts) for r in self.require]),
+                _not(_any([r.evaluate(facts) for r in self.exclude])),
+            ]
         )
 
 
@@ -206,9 +286,35 @@ def parse_policy(raw: object, where: str) -> Policy:
     return Policy(name, decision, lists["include"], lists["require"], lists["exclude"], duration)
 
 
-def first_match(policies: Sequence[Policy], facts: RequestFacts) -> Policy | None:
-    """Return the first policy, in order, whose rules hold; None when none does."""
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The policies' verdict: the policy that decides, or the one that needs a login first.
+
+    At most one is set; neither means no policy can hold (P7).
+    """
+
+    policy: Policy | None = None
+    login_needed_by: Policy | None = None
+
+    @property
+    def login_needed(self) -> bool:
+        """True when a policy that could hold after a login comes before any that holds."""
+        return self.login_needed_by is not None
+
+
+def evaluate(policies: Sequence[Policy], facts: RequestFacts) -> Evaluation:
+    """Evaluate policies in order (P3, I7): the first that holds decides; one that is unknown
+    before it means a login is needed; those that cannot hold are skipped."""
     for policy in policies:
-        if policy.matches(facts):
-            return policy
-    return None
+        truth = policy.evaluate(facts)
+        if truth is True:
+            return Evaluation(policy=policy)
+        if truth is None:
+            return Evaluation(login_needed_by=policy)
+    return Evaluation()
+
+
+def first_match(policies: Sequence[Policy], facts: RequestFacts) -> Policy | None:
+    """Return the policy that decides (see :func:`evaluate`); None when none does or a login
+    is needed first."""
+    return evaluate(policies, facts).policy

@@ -24,6 +24,8 @@ from enforcer.chain import (
     fingerprint,
 )
 from enforcer.crl import RevocationIndex
+from enforcer.identity import IdentityProvider
+from enforcer.service_tokens import ServiceToken
 from enforcer.tokens import KeyRing
 
 
@@ -75,6 +77,10 @@ class Snapshot:
     session_cutoffs: Mapping[str, int] = dataclasses.field(default_factory=dict)
     # CRLs in force and revocations by serial (see enforcer/crl.py); empty: nothing to check.
     revocation: RevocationIndex = dataclasses.field(default_factory=RevocationIndex)
+    # Identity providers by id, of every account (access-flow I1); applications name theirs.
+    identity_providers: Mapping[str, IdentityProvider] = dataclasses.field(default_factory=dict)
+    # Service tokens by client id, of every account (I11); a token counts for its account's apps.
+    service_tokens: Mapping[str, ServiceToken] = dataclasses.field(default_factory=dict)
     # ``revoked`` as RFC 8705 ``x5t#S256`` values (base64url), the form tokens carry in ``cnf``:
     # derived here once per snapshot so that checking a token is one set lookup per request.
     revoked_x5t: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
@@ -98,6 +104,8 @@ class Snapshot:
         sessions_revoked_before: Mapping[str, dt.datetime] | None = None,
         key_profile: KeyProfile = DEFAULT_KEY_PROFILE,
         revocation: RevocationIndex | None = None,
+        identity_providers: Sequence[IdentityProvider] = (),
+        service_tokens: Sequence[ServiceToken] = (),
     ) -> Snapshot:
         """Index applications by hostname and build each hostname's trust once."""
         hostnames = {h for r in roots for h in r.associated_hostnames}
@@ -125,6 +133,8 @@ class Snapshot:
                 host: session_cutoff(t) for host, t in (sessions_revoked_before or {}).items()
             },
             revocation=revocation or RevocationIndex(),
+            identity_providers={p.id: p for p in identity_providers},
+            service_tokens={t.client_id: t for t in service_tokens},
         )
 
 

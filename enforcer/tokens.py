@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import RSAAlgorithm
 
+from enforcer.identity import Identity
 from enforcer.lru import BoundedLRU
 from enforcer.private_files import tighten
 
@@ -126,8 +127,17 @@ def access_claims(
     common_name: str | None,
     x5t_s256: str | None,
     serial: str | None,
+    identity: Identity | None = None,
+    idp_type: str = "oidc",
+    service_token_id: str | None = None,
+    identity_only: bool = False,
 ) -> dict[str, Any]:
-    """Return the claims of an application token (access-flow A7)."""
+    """Return the claims of an application token (access-flow A7, I8, I9, I11).
+
+    ``identity`` adds a person's claims (``email``, ``sub``, ``idp``, ``identity_nonce``,
+    ``groups``); ``service_token_id`` names the service token that admitted; ``identity_only``
+    marks a No Duration session token that carries the identity but never admits alone (I9).
+    """
     iat = int(now.timestamp())
     claims: dict[str, Any] = {
         "aud": [aud],
@@ -143,7 +153,44 @@ def access_claims(
         claims["serial_number"] = serial
     if x5t_s256 is not None:
         claims["cnf"] = {"x5t#S256": x5t_s256}
+    if identity is not None:
+        claims.update(
+            email=identity.email,
+            sub=identity.sub,
+            idp={"id": identity.idp, "type": idp_type},
+            identity_nonce=identity.identity_nonce,
+            groups=list(identity.groups),
+        )
+        if identity.name is not None:
+            claims["name"] = identity.name
+    if service_token_id is not None:
+        claims["service_token_id"] = service_token_id
+    if identity_only:
+        claims[IDENTITY_ONLY_CLAIM] = True
     return claims
+
+
+# A token with this claim set carries a person's identity for No Duration (I9): never admits.
+IDENTITY_ONLY_CLAIM = "identity_only"
+
+
+def identity_of(claims: Mapping[str, Any]) -> Identity | None:
+    """The person a token's claims name (access-flow I8), or None when it names nobody."""
+    email = claims.get("email")
+    idp = claims.get("idp")
+    idp_id = idp.get("id") if isinstance(idp, Mapping) else None
+    if not isinstance(email, str) or not email or not isinstance(idp_id, str):
+        return None
+    groups = claims.get("groups")
+    sub, nonce, name = claims.get("sub"), claims.get("identity_nonce"), claims.get("name")
+    return Identity(
+        email=email,
+        sub=sub if isinstance(sub, str) else "",
+        idp=idp_id,
+        groups=tuple(g for g in groups if isinstance(g, str)) if isinstance(groups, list) else (),
+        name=name if isinstance(name, str) else None,
+        identity_nonce=nonce if isinstance(nonce, str) else "",
+    )
 
 
 class TokenStatus(enum.Enum):
