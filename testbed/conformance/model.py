@@ -43,16 +43,18 @@ People and service tokens (access-flow I5-I11), restated from the document:
   with it). With a duration above zero a valid session token admits on its own (A4).
 - After a login (an identity known), nothing admitting is ``identity_denied`` (D1, I5); without
   a certificate ``no_certificate`` is accepted too (I5 names the certificate's reason when the
-  certificate *fails*; the document is silent on one that is missing). A ``deny`` policy that
-  matches a person may be ``policy_denied`` (D1) or ``identity_denied`` (I5).
+  certificate *fails*; the document is silent on one that is missing), and beside a valid
+  service token ``policy_denied`` too (I11 names it for a valid token no policy admits). A
+  ``deny`` policy that matches a person may be ``policy_denied`` (D1) or ``identity_denied`` (I5).
 - A service token is valid until its expiry, expired when ``now`` is past it (strictly, like
   a certificate's notAfter, V9): the document says "a past expiry".
 - An invalid or expired service token when nothing admits is its own reason (I11); where a
   login could also admit (I7) either answer is accepted, and where a ``deny`` policy matched,
   ``policy_denied`` is accepted too.
-- I9: a person admitted on a No Duration application gets an identity-carrying cookie whose
-  lifetime is the matching policy's ``session_duration``, else 24 hours (a policy duration of
-  zero leaves the cookie unchecked); the connection still closes (A9).
+- I9: a person admitted on a No Duration application after a login gets an identity-carrying
+  cookie whose lifetime is the matching policy's ``session_duration``, else 24 hours (a policy
+  duration of zero leaves the cookie unchecked); whether a request that brought its session
+  token gets a new one is left open. The connection still closes (A9).
 """
 
 from __future__ import annotations
@@ -800,8 +802,14 @@ def a7_admit(
     now: dt.datetime,
     person: Person | None = None,
     service_token: ServiceToken | None = None,
+    logged_in: bool = True,
 ) -> Expected:
-    """A7-A9, I8, I9: admitted by a policy; a cookie exactly when the duration is above zero."""
+    """A7-A9, I8, I9: admitted by a policy; a cookie exactly when the duration is above zero.
+
+    ``logged_in``: the person comes from a login just made, not from a No Duration session
+    token (I9 gives the login an identity cookie; whether a request that brought its session
+    token gets a fresh one, the document does not say: not checked).
+    """
     if policy.decision == "bypass":
         return Expected(200, cookie=False, admitted_by="bypass", close=_app_close(app))
     by = "certificate" if certificate else "policy"
@@ -813,7 +821,7 @@ def a7_admit(
         lifetime = policy.session_duration
         if lifetime is None:
             lifetime = NO_DURATION_PERSON_LIFETIME
-        if lifetime <= ZERO:
+        if lifetime <= ZERO or not logged_in:
             return Expected(200, cookie=None, close=True, admitted_by=by, person=person)
         seconds = int(lifetime.total_seconds())
         return Expected(
@@ -864,7 +872,11 @@ def p7_nothing_matched(
         extra = {"identity_denied"} if facts.person is not None else set()
         return deny(403, token_state, *extra, close=close)
     if facts.person is not None:
+        # D1's identity_denied; beside it the device's (or a valid service token's) own
+        # reason, which the document also names for the same request.
         extra = set() if certificate else {"no_certificate"}
+        if token_state == "valid":
+            extra.add("policy_denied")
         return deny(403, "identity_denied", *extra, close=close)
     reason = "policy_denied" if certificate or token_state else "no_certificate"
     return deny(403, reason, close=close)
@@ -911,7 +923,8 @@ def expect(world: World, request: Request, now: dt.datetime) -> Expected:
         if token_state in ("service_token_invalid", "service_token_expired"):
             extra.add(token_state)
         return deny(403, "policy_denied", *extra, close=close)
-    return a7_admit(app, policy, bool(path), now, person, service_token)
+    logged_in = request.person is not None
+    return a7_admit(app, policy, bool(path), now, person, service_token, logged_in)
 
 
 def forbidden_admission(world: World, request: Request, now: dt.datetime) -> str | None:
