@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,15 @@ from enforcer.chain import (
     split_anchor,
 )
 from enforcer.durations import format_duration
+from enforcer.identity import IdentityProvider
 from enforcer.policy import PolicyError, parse_policy
+from enforcer.private_files import tighten
+from enforcer.service_tokens import (
+    CLIENT_ID_PATTERN,
+    DEFAULT_DURATION,
+    SECRET_SHA256_PATTERN,
+    ServiceToken,
+)
 from enforcer.snapshot import RootCertificate
 from enforcer.tokens import SigningKey, load_or_create_key
 from enforcer.tomltable import TableReader, read_toml
@@ -106,6 +115,15 @@ class AdminSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConfiguredServiceToken:
+    """A ``[[service_tokens]]`` table: a token whose secret the operator holds (only its hash
+    is in the file), and the duration a refresh extends it by."""
+
+    token: ServiceToken
+    duration: dt.timedelta = DEFAULT_DURATION
+
+
+@dataclasses.dataclass(frozen=True)
 class ManagedCA:
     """A zone whose managed CA the configuration creates, and the hostnames that trust it."""
 
@@ -141,6 +159,11 @@ class EnforcerConfig:
     managed_cas: tuple[ManagedCA, ...] = ()
     account_id: str = "demo"
     key_profile: KeyProfile = DEFAULT_KEY_PROFILE  # [validation]
+    # [[identity_providers]] and [[service_tokens]] (access-flow I1, I11): seeds, as O5 says.
+    identity_providers: tuple[IdentityProvider, ...] = ()
+    service_tokens: tuple[ConfiguredServiceToken, ...] = ()
+    # Hostname -> the ``allowed_idps`` of its [[applications]] table (empty: all providers).
+    allowed_idps: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def signing_key(self, now: dt.datetime) -> SigningKey:
         """Load the configured signing key (creating its file when missing), or make one."""
@@ -255,6 +278,7 @@ def _application(reader: TableReader) -> Application:
             "cookie",
             "alpn",
             "origin_ca",
+            "allowed_idps",
         }
     )
     hostname = reader.get("hostname", str, what="the application's hostname").lower().rstrip(".")
@@ -334,6 +358,8 @@ def load_config(path: str | Path) -> EnforcerConfig:
             "admin",
             "managed_ca",
             "validation",
+            "identity_providers",
+            "service_tokens",
         }
     )
 
@@ -451,6 +477,28 @@ def load_config(path: str | Path) -> EnforcerConfig:
 
     key_profile = _validation(top.sub("validation"))
 
+    providers = tuple(_identity_provider(r) for r in top.tables("identity_providers"))
+    provider_ids = [idp.id for idp in providers]
+    for i, pid in enumerate(provider_ids):
+        if pid in provider_ids[:i]:
+            raise ConfigError(p, f"identity_providers[{i}].id", f"{pid!r} is used twice")
+    allowed_idps: dict[str, tuple[str, ...]] = {}
+    for i, r in enumerate(top.tables("applications")):
+        names = r.get("allowed_idps", list, [], what="a list of [[identity_providers]] ids")
+        for name in names:
+            if name not in provider_ids:
+                raise r.error(
+                    "allowed_idps", f"{name!r} is not the id of an [[identity_providers]] table"
+                )
+        if names:
+            allowed_idps[apps[i].hostname] = tuple(dict.fromkeys(names))
+    tokens = tuple(_service_token(r, account_id) for r in top.tables("service_tokens"))
+    for i, tok in enumerate(tokens):
+        if any(t.token.id == tok.token.id for t in tokens[:i]):
+            raise ConfigError(p, f"service_tokens[{i}].id", f"{tok.token.id!r} is used twice")
+        if any(t.token.client_id == tok.token.client_id for t in tokens[:i]):
+            raise ConfigError(p, f"service_tokens[{i}].client_id", "is used twice")
+
     managed = []
     for r in top.tables("managed_ca"):
         r.unknown({"zone", "hostnames"})
@@ -471,6 +519,149 @@ def load_config(path: str | Path) -> EnforcerConfig:
         managed_cas=tuple(managed),
         account_id=account_id,
         key_profile=key_profile,
+        identity_providers=providers,
+        service_tokens=tokens,
+        allowed_idps=allowed_idps,
+    )
+
+
+_IDP_FIELDS = {
+    "id",
+    "name",
+    "type",
+    "client_id",
+    "client_secret",
+    "client_secret_file",
+    "client_secret_env",
+    "issuer_url",
+    "auth_url",
+    "token_url",
+    "certs_url",
+    "scopes",
+    "email_claim_name",
+    "groups_claim",
+    "pkce_enabled",
+    "allowed_algorithms",
+    "ca_file",
+}
+
+
+def _identity_provider(r: TableReader) -> IdentityProvider:
+    """An ``[[identity_providers]]`` table: an OpenID Connect provider (access-flow I1)."""
+    from enforcer.control import ApiError, idp_config  # the admin API's checks, the same rules
+
+    r.unknown(_IDP_FIELDS)
+    pid = _identifier(r, "id", None)
+    name = r.get("name", str, pid)
+    if r.get("type", str, "oidc") != "oidc":
+        raise r.error("type", f'{r.table["type"]!r} is not supported; only "oidc" is')
+    given = [
+        k for k in ("client_secret", "client_secret_file", "client_secret_env") if k in r.table
+    ]
+    if len(given) != 1:
+        raise r.error(
+            "client_secret",
+            "give exactly one of client_secret, client_secret_file or client_secret_env"
+            + (f" (got {given})" if given else ""),
+        )
+    if "client_secret_file" in r.table:
+        path = r.file("client_secret_file")
+        if path.exists():
+            tighten(path, "identity provider client secret")  # a secret on disk is 0600
+        _, data = r.read("client_secret_file")
+        secret = data.decode("utf-8", "replace").strip()
+    elif "client_secret_env" in r.table:
+        env = r.get("client_secret_env", str)
+        secret = os.environ.get(env, "")
+        if not secret:
+            raise r.error("client_secret_env", f"the environment variable {env} is unset or empty")
+    else:
+        secret = r.get("client_secret", str)
+    raw: dict[str, Any] = {
+        k: r.table[k]
+        for k in (
+            "client_id",
+            "issuer_url",
+            "auth_url",
+            "token_url",
+            "certs_url",
+            "scopes",
+            "email_claim_name",
+            "groups_claim",
+            "pkce_enabled",
+            "allowed_algorithms",
+        )
+        if k in r.table
+    }
+    raw["client_secret"] = secret
+    if "ca_file" in r.table:
+        _, ca = r.read("ca_file")
+        raw["ca_pem"] = ca.decode("utf-8", "replace")
+    try:
+        c = idp_config(raw, None, "")
+    except ApiError as exc:
+        field, _, problem = exc.message.partition(": ")
+        field = field.lstrip(".")
+        raise r.error("ca_file" if field == "ca_pem" else field, problem) from None
+    return IdentityProvider(
+        id=pid,
+        name=name,
+        issuer_url=c["issuer_url"],
+        client_id=c["client_id"],
+        client_secret=c["client_secret"],
+        scopes=tuple(c["scopes"]),
+        email_claim_name=c["email_claim_name"],
+        groups_claim=c["groups_claim"],
+        auth_url=c["auth_url"],
+        token_url=c["token_url"],
+        certs_url=c["certs_url"],
+        pkce_enabled=c["pkce_enabled"],
+        allowed_algorithms=tuple(c["allowed_algorithms"]),
+        ca_pem=c["ca_pem"],
+    )
+
+
+def _service_token(r: TableReader, account: str) -> ConfiguredServiceToken:
+    """A ``[[service_tokens]]`` table: client id, the secret's SHA-256 and the expiry (I11)."""
+    r.unknown({"id", "name", "client_id", "client_secret_sha256", "expires", "duration"})
+    client_id = r.get("client_id", str, what="32 hex characters and .access")
+    if not CLIENT_ID_PATTERN.fullmatch(client_id):
+        raise r.error(
+            "client_id", f"{client_id!r} is not 32 lowercase hex characters followed by .access"
+        )
+    digest = r.get("client_secret_sha256", str, what="the hex SHA-256 of the client secret")
+    digest = digest.lower().replace(":", "")
+    if not SECRET_SHA256_PATTERN.fullmatch(digest):
+        raise r.error(
+            "client_secret_sha256",
+            "expected 64 hex characters: the SHA-256 of the secret, as "
+            "`printf %s SECRET | sha256sum` prints it (never the secret itself)",
+        )
+    raw_expires = r.get("expires", (str, dt.datetime), what="a time such as 2027-01-01T00:00:00Z")
+    try:
+        expires = (
+            raw_expires
+            if isinstance(raw_expires, dt.datetime)
+            else dt.datetime.fromisoformat(raw_expires.replace("Z", "+00:00"))
+        )
+    except ValueError:
+        raise r.error("expires", f"{raw_expires!r} is not an ISO-8601 time") from None
+    if expires.tzinfo is None:
+        raise r.error("expires", f"{raw_expires!r} has no time zone; add Z or an offset")
+    duration = r.duration("duration", format_duration(DEFAULT_DURATION))
+    if duration <= dt.timedelta(0):
+        raise r.error("duration", "a service token needs a duration above zero (e.g. 8760h)")
+    token_id = _identifier(r, "id", client_id.removesuffix(".access"))
+    return ConfiguredServiceToken(
+        ServiceToken(
+            id=token_id,
+            name=r.get("name", str, token_id),
+            client_id=client_id,
+            secret_sha256=digest,
+            expires_at=expires.astimezone(dt.UTC),
+            account=account,
+        ),
+        duration,
     )
 
 

@@ -1391,6 +1391,22 @@ def delete_idp(objects: Objects, account: str, oid: str) -> Outcome:
     return Outcome({"id": oid}, (Change(IDP_KIND, oid, None),))
 
 
+def idp_object(idp: IdentityProvider, account: str, now: dt.datetime) -> dict[str, Any]:
+    """The stored form of an identity provider (the config file's seeds)."""
+    config = {k: getattr(idp, k) for k in _IDP_CONFIG_FIELDS}
+    config["scopes"] = list(idp.scopes)
+    config["allowed_algorithms"] = list(idp.allowed_algorithms)
+    return {
+        "id": idp.id,
+        "account": account,
+        "name": idp.name,
+        "type": idp.type,
+        "config": config,
+        "created_at": _iso(now),
+        "updated_at": _iso(now),
+    }
+
+
 def identity_provider_of(obj: Mapping[str, Any]) -> IdentityProvider:
     """The request-time form of a stored identity provider."""
     c = obj["config"]

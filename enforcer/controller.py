@@ -108,6 +108,7 @@ def seed_changes(config: EnforcerConfig, now: dt.datetime) -> list[Change]:
                     "origin_ca": app.origin_ca,
                     "cookie": dataclasses.asdict(app.cookie),
                     "alpn": list(app.alpn),
+                    "allowed_idps": list(config.allowed_idps.get(app.hostname, ())),
                     "policies": [
                         {"id": f"{oid}-policy-{j}", "precedence": j + 1, **p.to_dict()}
                         for j, p in enumerate(app.policies)
@@ -129,6 +130,27 @@ def seed_changes(config: EnforcerConfig, now: dt.datetime) -> list[Change]:
                     "private_key": key_pem,
                     "hostnames": list(ca.hostnames),
                     "created_at": _iso(now),
+                },
+            )
+        )
+    for idp in config.identity_providers:
+        changes.append(Change(control.IDP_KIND, idp.id, control.idp_object(idp, account, now)))
+    for configured in config.service_tokens:
+        tok = configured.token
+        changes.append(
+            Change(
+                control.SERVICE_TOKEN_KIND,
+                tok.id,
+                {
+                    "id": tok.id,
+                    "account": account,
+                    "name": tok.name,
+                    "client_id": tok.client_id,
+                    "client_secret_sha256": tok.secret_sha256,
+                    "duration": format_duration(configured.duration),
+                    "expires_at": _iso(tok.expires_at),
+                    "created_at": _iso(now),
+                    "updated_at": _iso(now),
                 },
             )
         )

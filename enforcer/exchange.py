@@ -42,6 +42,7 @@ from enforcer.decision import (
     still_valid,
 )
 from enforcer.http import ClientBodyError, TargetError, head_refusal, header_values, origin_form
+from enforcer.identity import CLIENT_ID_HEADER, CLIENT_SECRET_HEADER, ServiceTokenCredentials
 from enforcer.proxy import (
     OriginError,
     OriginResponse,
@@ -295,15 +296,16 @@ class RequestPath:
             )
             return
 
-        token = parse_cookie_header(header_values(request.headers, b"cookie"), COOKIE_NAME)
-        if token is None:
-            assertion = header_values(request.headers, TOKEN_HEADER.encode())
-            assertion = assertion or header_values(request.headers, CLIENT_TOKEN_HEADER.encode())
-            token = assertion[0] if assertion else None
         chain_result = (
             self._validate(snapshot, hostname, now) if hostname and hostname == sni else None
         )
-        access = AccessRequest(sni=sni, host=host, client_ip=ip_or_none(self.peer), token=token)
+        access = AccessRequest(
+            sni=sni,
+            host=host,
+            client_ip=ip_or_none(self.peer),
+            token=presented_token(request.headers),
+            service_token=presented_service_token(request.headers),
+        )
         decision = decide(access, snapshot, chain_result, now, self.e.token_memo)
         decision_ms = (time.perf_counter() - t0) * 1000
 
@@ -398,6 +400,7 @@ class RequestPath:
             else None,
             upgrade=upgrade,
             underscores=app.underscores_in_headers,
+            user_email=decision.identity.email if decision.identity else None,
         )
 
     async def _forward(
@@ -488,9 +491,42 @@ class RequestPath:
             "decision_ms": round(decision_ms, 3) if decision_ms is not None else None,
             "total_ms": round((time.perf_counter() - t0) * 1000, 3),
         }
+        if decision is not None and decision.identity is not None:
+            record["identity"] = {"email": decision.identity.email, "idp": decision.identity.idp}
+        presented = presented_service_token(request.headers)
+        if presented is not None:
+            # The client id only (never the secret), cut to a bounded length: it is the peer's.
+            record["service_token"] = presented.client_id[:MAX_LOGGED_CLIENT_ID]
         if request.stream_id is not None:
             record["stream"] = request.stream_id
         self.e.access_log.write(record)
+
+
+def presented_token(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The access token a request presents: its cookie, else the assertion or token header."""
+    token = parse_cookie_header(header_values(headers, b"cookie"), COOKIE_NAME)
+    if token is None:
+        assertion = header_values(headers, TOKEN_HEADER.encode())
+        assertion = assertion or header_values(headers, CLIENT_TOKEN_HEADER.encode())
+        token = assertion[0] if assertion else None
+    return token
+
+
+MAX_LOGGED_CLIENT_ID = 128
+
+
+def presented_service_token(
+    headers: Sequence[tuple[bytes, bytes]],
+) -> ServiceTokenCredentials | None:
+    """The service token a request presents (access-flow I11): both headers, else None.
+
+    A header sent twice is ambiguous and counts as the first value (as the token headers do).
+    """
+    ids = header_values(headers, CLIENT_ID_HEADER.encode())
+    secrets = header_values(headers, CLIENT_SECRET_HEADER.encode())
+    if not ids or not secrets:
+        return None
+    return ServiceTokenCredentials(ids[0].strip(), secrets[0].strip())
 
 
 def ip_or_none(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -45,6 +46,7 @@ import trio
 
 from enforcer.application import ORIGIN_SCHEMES, TLS_SCHEMES, origin_scheme
 from enforcer.http import HOP_BY_HOP, next_event, send
+from enforcer.identity import USER_EMAIL_HEADER
 from enforcer.origin_h2 import (
     H2Error,
     H2Origin,
@@ -130,6 +132,9 @@ class OriginResponse:
     trailers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
 
 
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]{1,320}")
+
+
 def forwarded_headers(
     client_headers: Sequence[tuple[bytes, bytes]],
     *,
@@ -140,10 +145,12 @@ def forwarded_headers(
     client_cert_sha256: str | None,
     upgrade: bytes | None = None,
     underscores: bool = False,
+    user_email: str | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """Return the headers sent to the origin: the client's, cleaned, plus the access headers.
 
-    ``underscores`` keeps client header names with ``_`` (never the enforcer's own ones).
+    ``underscores`` keeps client header names with ``_`` (never the enforcer's own ones);
+    ``user_email`` is the admitted person's (``Cf-Access-Authenticated-User-Email``, I8).
     """
     kept: list[tuple[bytes, bytes]] = []
     original_host = b""
@@ -181,6 +188,9 @@ def forwarded_headers(
     out.append((b"forwarded", forwarded_value(client_ip, original_host)))
     if token:
         out.append((b"cf-access-jwt-assertion", token.encode()))
+    if user_email and _HEADER_SAFE.fullmatch(user_email):
+        # The provider's claim: only a value that cannot split or end the header is forwarded.
+        out.append((USER_EMAIL_HEADER.encode(), user_email.encode()))
     if client_cert_der is not None and client_cert_sha256 is not None:
         out.append((b"cf-client-cert-der-base64", base64.b64encode(client_cert_der)))
         out.append((b"cf-client-cert-sha256", client_cert_sha256.encode()))

@@ -43,6 +43,8 @@ from enforcer.exchange import (
     Responder,
     ip_or_none,
     plain,
+    presented_service_token,
+    presented_token,
 )
 from enforcer.http import (
     HeadTimeout,
@@ -544,11 +546,21 @@ class _Session(RequestPath):
         every second.
         """
         host_values = header_values(request.headers, b"host")
+        # The credentials that admitted the opening request, and only those: its token (or,
+        # for a person under No Duration, the session token that named them), its service token.
+        token = None
+        if opened.admitted_by is AdmittedBy.TOKEN:
+            token = opened.token
+        elif opened.admitted_by is AdmittedBy.IDENTITY:
+            token = presented_token(request.headers)
         access = AccessRequest(
             sni=self.tls.sni,
             host=host_values[0] if len(host_values) == 1 else None,
             client_ip=ip_or_none(self.peer),
-            token=opened.token if opened.admitted_by is AdmittedBy.TOKEN else None,
+            token=token,
+            service_token=presented_service_token(request.headers)
+            if opened.admitted_by is AdmittedBy.SERVICE_TOKEN
+            else None,
         )
         last: tuple[Snapshot, dt.datetime, dt.datetime] | None = None
         while True:
@@ -628,6 +640,11 @@ def _recheck_after(decision: AccessDecision, snapshot: Snapshot, now: dt.datetim
         exp = decision.claims.get("exp")
         if isinstance(exp, int | float):
             times.append(dt.datetime.fromtimestamp(exp, dt.UTC))
+    service_token_id = decision.claims.get("service_token_id") if decision.claims else None
+    if decision.admitted_by is AdmittedBy.SERVICE_TOKEN and service_token_id is not None:
+        times += [
+            t.expires_at for t in snapshot.service_tokens.values() if t.id == service_token_id
+        ]
     times += [r.accepted_until + _JUST_AFTER for r in snapshot.keyring.retired]
     return min(t for t in times if t > now)  # the first is always later than now
 

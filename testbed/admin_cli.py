@@ -266,6 +266,44 @@ def add_admin_parser(enforcer_sub: argparse._SubParsersAction) -> None:  # type:
         "--before", help="account-wide: end tokens minted before this time (default now)"
     )
 
+    idps = sub.add_parser(
+        "idps", help="identity providers (OpenID Connect) that log people in"
+    ).add_subparsers(dest="op", required=True)
+    idps.add_parser("list")
+    iadd = idps.add_parser("add", help="add an OpenID Connect provider to the account")
+    iadd.add_argument("--name", required=True)
+    iadd.add_argument("--issuer-url", required=True, help="https:// issuer (discovery base)")
+    iadd.add_argument("--client-id", required=True)
+    secret = iadd.add_mutually_exclusive_group(required=True)
+    # Never on the command line itself: other users can read a process's arguments.
+    secret.add_argument("--client-secret-file", type=Path, help="file holding the client secret")
+    secret.add_argument("--client-secret-env", help="environment variable holding it")
+    iadd.add_argument("--scope", action="append", help="repeat; default openid email profile")
+    iadd.add_argument("--email-claim", help="the ID token claim holding the email (email)")
+    iadd.add_argument("--groups-claim", help="the ID token claim holding the groups (groups)")
+    for url in ("auth", "token", "certs"):
+        iadd.add_argument(f"--{url}-url", help=f"override discovery's {url} endpoint")
+    iadd.add_argument("--no-pkce", action="store_true", help="do not send a PKCE challenge")
+    iadd.add_argument("--algorithm", action="append", help="allowed ID token algorithm; repeat")
+    iadd.add_argument("--ca-file", type=Path, help="PEM CA that verifies the provider's https")
+    for name in ("show", "delete"):
+        idps.add_parser(name).add_argument("id")
+
+    tokens = sub.add_parser(
+        "service-tokens", help="service tokens (CF-Access-Client-Id/-Secret) for machines"
+    ).add_subparsers(dest="op", required=True)
+    tokens.add_parser("list")
+    tc = tokens.add_parser("create", help="create a token; its secret is printed this once")
+    tc.add_argument("--name", required=True)
+    tc.add_argument("--duration", help="Go duration until it expires (default 8760h)")
+    for name, what in (
+        ("show", "show a token (never its secret)"),
+        ("revoke", "delete the token: it stops admitting at once"),
+        ("refresh", "extend the token: it expires one duration from now"),
+        ("rotate", "a new secret, printed this once; the old one stops at once"),
+    ):
+        tokens.add_parser(name, help=what).add_argument("id")
+
     keys = sub.add_parser("keys", help="token signing keys").add_subparsers(
         dest="op", required=True
     )
@@ -557,6 +595,10 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
             )
             title = f"sessions of account {c.account} ended"
         return obj, show_one(obj, title)
+    if cmd == "idps":
+        return _idps(args, c)
+    if cmd == "service-tokens":
+        return _service_tokens(args, c)
     if cmd == "keys":
         obj = c.call("POST", A("/keys/rotate")) if op == "rotate" else c.call("GET", A("/keys"))
         if op == "rotate":
@@ -613,6 +655,92 @@ def _revocations(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callabl
         raise AdminError("revocations add: give --root ID --serial HEX, or --sha256 HEX")
     obj = c.call("POST", path, body)
     return obj, _fields(obj, "revoked")
+
+
+def _idps(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[Console], None]]:
+    """``idps list | add | show | delete``."""
+    path = c.account_path("/identity_providers")
+    if args.op == "list":
+        rows = [
+            {**{k: r[k] for k in ("id", "name", "type")}, "issuer_url": r["config"]["issuer_url"]}
+            for r in c.call("GET", path)
+        ]
+        return rows, lambda con: con.print(
+            _table("identity providers", rows, ["id", "name", "type", "issuer_url"])
+        )
+    if args.op == "add":
+        if args.client_secret_file is not None:
+            secret = args.client_secret_file.read_text().strip()
+        else:
+            secret = os.environ.get(args.client_secret_env, "")
+            if not secret:
+                raise AdminError(f"--client-secret-env: {args.client_secret_env} is unset or empty")
+        config: dict[str, Any] = {
+            "issuer_url": args.issuer_url,
+            "client_id": args.client_id,
+            "client_secret": secret,
+        }
+        optional = {
+            "scopes": args.scope,
+            "email_claim_name": args.email_claim,
+            "groups_claim": args.groups_claim,
+            "auth_url": args.auth_url,
+            "token_url": args.token_url,
+            "certs_url": args.certs_url,
+            "allowed_algorithms": args.algorithm,
+            "ca_pem": args.ca_file.read_text() if args.ca_file else None,
+        }
+        config.update({k: v for k, v in optional.items() if v is not None})
+        if args.no_pkce:
+            config["pkce_enabled"] = False
+        obj = c.call("POST", path, {"name": args.name, "type": "oidc", "config": config})
+    elif args.op == "delete":
+        obj = c.call("DELETE", f"{path}/{args.id}")
+        return obj, _fields(obj, "identity provider deleted")
+    else:
+        obj = c.call("GET", f"{path}/{args.id}")
+    flat = {k: v for k, v in obj.items() if k != "config"}
+    flat.update({k: v for k, v in obj["config"].items() if k != "ca_pem"})
+    return obj, _fields(flat, "identity provider")
+
+
+def _service_tokens(
+    args: argparse.Namespace, c: AdminClient
+) -> tuple[Any, Callable[[Console], None]]:
+    """``service-tokens list | create | show | revoke | refresh | rotate``."""
+    path = c.account_path("/service_tokens")
+    cols = ["id", "name", "client_id", "duration", "expires_at"]
+    if args.op == "list":
+        rows = c.call("GET", path)
+        return rows, lambda con: con.print(_table("service tokens", rows, cols))
+    if args.op == "create":
+        body = {"name": args.name}
+        if args.duration is not None:
+            body["duration"] = args.duration
+        obj = c.call("POST", path, body)
+    elif args.op == "revoke":
+        obj = c.call("DELETE", f"{path}/{args.id}")
+        return obj, _fields(obj, "service token revoked")
+    elif args.op in ("refresh", "rotate"):
+        obj = c.call("POST", f"{path}/{args.id}/{args.op}")
+    else:
+        obj = c.call("GET", f"{path}/{args.id}")
+    shown = _fields({k: v for k, v in obj.items() if k != "client_secret"}, "service token")
+    if "client_secret" not in obj:
+        return obj, shown
+
+    def render(con: Console) -> None:
+        shown(con)
+        # On lines of their own, never folded by a table: they are copied as they are.
+        con.print(f"client_id: {obj['client_id']}", highlight=False, soft_wrap=True)
+        con.print(f"client_secret: {obj['client_secret']}", highlight=False, soft_wrap=True)
+        con.print(
+            "[bold]Copy the client secret now: it is never shown again.[/] Clients send "
+            "CF-Access-Client-Id and CF-Access-Client-Secret headers.",
+            highlight=False,
+        )
+
+    return obj, render
 
 
 def _fields(obj: dict[str, Any], title: str) -> Callable[[Console], None]:
