@@ -743,6 +743,85 @@ def i7_first_policy(app: App, facts: Facts) -> Policy | Literal[True] | None:
     return None
 
 
+def _kleene_rule(rule: Rule, facts: Facts) -> bool | None:
+    if facts.person is None and rule.kind in IDENTITY_RULE_KINDS:
+        return None
+    return i6_rule_matches(rule, facts, facts.person)
+
+
+def _kleene_policy(policy: Policy, facts: Facts) -> bool | None:
+    def any3(values: list[bool | None]) -> bool | None:
+        return True if True in values else (None if None in values else False)
+
+    def all3(values: list[bool | None]) -> bool | None:
+        return False if False in values else (None if None in values else True)
+
+    include = any3([_kleene_rule(r, facts) for r in policy.include])
+    require = all3([_kleene_rule(r, facts) for r in policy.require])
+    excluded = any3([_kleene_rule(r, facts) for r in policy.exclude])
+    return all3([include, require, None if excluded is None else not excluded])
+
+
+def _policy_facts(world: World, request: Request, now: dt.datetime) -> tuple[App, Facts] | None:
+    """The application and the facts its policies see, when the request gets that far."""
+    if a2_host_matches_sni(request) is not None:
+        return None
+    app = world.apps.get(request.host.lower().rstrip("."))
+    if app is None:
+        return None
+    path: list[x509.Certificate] = []
+    if request.chain:
+        refused, path = a5_chain(world, app.hostname, request.chain, now)
+        if refused is not None:
+            return None
+    presented = request.chain[0] if request.chain else None
+    if a4_token_admits(app, request.token, now, world.revoked, presented):
+        return None
+    person = request.person
+    if person is None and app.session_duration <= ZERO:
+        person = i9_token_person(app, request.token, now, world.revoked, presented)
+    _, token = i11_service_token(world, request.service_token, now)
+    return app, Facts(path, request.client_ip, person, token)
+
+
+def _kleene_first(app: App, facts: Facts) -> Policy | Literal[True] | None:
+    for policy in app.policies:
+        value = _kleene_policy(policy, facts)
+        if value is None:
+            return True
+        if value:
+            return policy
+    return None
+
+
+def i7_readings_differ(world: World, request: Request, now: dt.datetime) -> bool:
+    """True when Kleene's connectives, read rule by rule, would decide otherwise than I7.
+
+    Not the model: a known divergence of an enforcer that evaluates I7 with Kleene's
+    three-valued connectives (``include email = a, exclude email = a`` then asks for a login
+    that can never admit) can be set aside with this, so that other divergences still show.
+    """
+    found = _policy_facts(world, request, now)
+    if found is None or found[1].person is not None:
+        return False
+    app, facts = found
+    return _kleene_first(app, facts) != i7_first_policy(app, facts)
+
+
+def machine_reading_differs(world: World, request: Request, now: dt.datetime) -> bool:
+    """True when reading identity rules as false beside a valid service token changes the answer.
+
+    Not the model either (I7 has no such exception): it sets aside the known divergence of an
+    enforcer that treats a request with a valid service token as a machine that never logs in.
+    """
+    found = _policy_facts(world, request, now)
+    if found is None or found[1].person is not None or found[1].service_token is None:
+        return False
+    app, facts = found
+    no_login = dataclasses.replace(app, identity_providers=())
+    return i7_first_policy(no_login, facts) != i7_first_policy(app, facts)
+
+
 # ---- I9, I11: identity in a No Duration session, service tokens ------------------------------
 
 

@@ -506,6 +506,7 @@ async def serve_builtin(nursery: trio.Nursery, folder: Path) -> AdminTarget:
             identity=True,
             service_tokens=True,
             in_process=True,
+            email_header=True,
         ),
         ("127.0.0.1", port),
         edge_ca,
