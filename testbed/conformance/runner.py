@@ -259,6 +259,16 @@ def _claim_problems(
     return out
 
 
+def _unverified_exp(token: str | None) -> dt.datetime | None:
+    """A JWT's ``exp``, read without verifying it (the model is told what the token says)."""
+    try:
+        payload = (token or "").split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _tamper(token: str) -> str:
     head, payload, sig = [*token.split("."), "", ""][:3]
     i = len(payload) // 2
@@ -566,8 +576,10 @@ def _token_steps(
     exp = first.expected.token_exp
     if token is None and app is not None and app.session_duration <= model.ZERO:
         # No Duration: the token only went to the origin; a client that got hold of it anyway
-        # must still be refused (A9).
-        token, exp = first.observed.forwarded_token(), at + dt.timedelta(days=1)
+        # must still be refused (A9). If it names a person, it still says who they are while
+        # it lasts (I9): its own exp is what the model needs then.
+        token = first.observed.forwarded_token()
+        exp = _unverified_exp(token) or at + dt.timedelta(days=1)
     if token is None or exp is None:
         return
     other = OTHER_HOST if host == APP_HOST else APP_HOST

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from testbed.conformance import model
 from testbed.conformance.strategies import (
@@ -441,9 +444,9 @@ def test_no_duration_with_a_person_checks_the_device_and_carries_the_identity() 
 
 
 def test_service_tokens() -> None:
-    st = model.ServiceToken("st-1", "client.access", "s3cret", T0 + dt.timedelta(hours=1))
+    made = model.ServiceToken("st-1", "client.access", "s3cret", T0 + dt.timedelta(hours=1))
     only = model.Policy("ci", "non_identity", (model.Rule("service_token", "st-1"),))
-    w, chain = people_world(only, tokens=(st,))
+    w, _ = people_world(only, tokens=(made,))
     good = model.Credentials("client.access", "s3cret")
     e = ask(w, (), service_token=good)
     assert (e.status, e.admitted_by, e.service_token) == (200, "policy", "client.access")
@@ -452,22 +455,151 @@ def test_service_tokens() -> None:
     unknown = model.Credentials("nobody.access", "s3cret")
     assert ask(w, (), service_token=unknown).reasons == {"service_token_invalid"}
     # Valid through its expiry second, expired after it.
-    assert ask(w, (), service_token=good, at=st.expires).status == 200
-    late = ask(w, (), service_token=good, at=st.expires + dt.timedelta(seconds=1))
+    assert ask(w, (), service_token=good, at=made.expires).status == 200
+    late = ask(w, (), service_token=good, at=made.expires + dt.timedelta(seconds=1))
     assert late.reasons == {"service_token_expired"}
     # A valid token that no policy admits is policy_denied (I11); none at all: no_certificate.
     other = model.Policy("other", "non_identity", (model.Rule("service_token", "st-2"),))
-    w, chain = people_world(other, tokens=(st,))
+    w, _ = people_world(other, tokens=(made,))
     assert ask(w, (), service_token=good).reasons == {"policy_denied"}
     assert ask(w, ()).reasons == {"no_certificate"}
     anyone = model.Policy("any", "non_identity", (model.Rule("any_valid_service_token"),))
-    w, chain = people_world(anyone, tokens=(st,))
+    w, _ = people_world(anyone, tokens=(made,))
     assert ask(w, (), service_token=good).status == 200
 
 
 def test_a_bad_service_token_beside_a_possible_login_may_say_either() -> None:
-    st = model.ServiceToken("st-1", "client.access", "s3cret", T0 + dt.timedelta(hours=1))
-    w, chain = people_world(model.Policy("people", "allow", (DOMAIN,)), tokens=(st,))
+    made = model.ServiceToken("st-1", "client.access", "s3cret", T0 + dt.timedelta(hours=1))
+    w, chain = people_world(model.Policy("people", "allow", (DOMAIN,)), tokens=(made,))
     e = ask(w, chain, service_token=model.Credentials("client.access", "guess"))
     assert e.accepts(401, "login_required") and e.accepts(403, "service_token_invalid")
     assert not e.accepts(403, "policy_denied") and not e.accepts(200, None)
+
+
+def test_the_known_readings_of_i7_are_told_apart() -> None:
+    a = model.Rule("email", "alice@example.com")
+    never = model.Policy("never", "allow", (a,), exclude=(a,))
+    w, chain = people_world(never)
+    request = model.Request(APP_HOST, APP_HOST, chain)
+    assert model.i7_readings_differ(w, request, T0)  # Kleene: a login; I7: nobody can
+    assert not model.i7_readings_differ(w, dataclasses.replace(request, person=ALICE), T0)
+    w, chain = people_world(LOGIN_AND_CERTIFICATE)
+    assert not model.i7_readings_differ(w, model.Request(APP_HOST, APP_HOST, chain), T0)
+    made = model.ServiceToken("st-1", "c.access", "s", T0 + dt.timedelta(hours=1))
+    both = model.Policy(
+        "both", "allow", (DOMAIN,), require=(model.Rule("any_valid_service_token"),)
+    )
+    w, chain = people_world(both, tokens=(made,))
+    machine = model.Request(
+        APP_HOST, APP_HOST, (), service_token=model.Credentials("c.access", "s")
+    )
+    assert model.expect(w, machine, T0).reasons == {"login_required"}
+    assert model.machine_reading_differs(w, machine, T0)
+    assert not model.machine_reading_differs(
+        w, dataclasses.replace(machine, service_token=None), T0
+    )
+
+
+# ---- the model against enforcer/policy.py, pure: the three-valued evaluation -----------------
+
+
+_VALUES = {
+    "email": ["alice@example.com", "ALICE@example.com", "bob@other.test"],
+    "email_domain": ["example.com", "other.test", "ample.com", "mail.example.com"],
+    "group": ["engineering", "sales"],
+    "login_method": [IDP_A, IDP_B],
+    "service_token": ["st-1", "st-2"],
+    "ip": ["127.0.0.0/8", "192.0.2.0/24"],
+}
+_KEYS = {
+    "email": "email",
+    "email_domain": "domain",
+    "group": "name",
+    "login_method": "id",
+    "service_token": "token_id",
+    "ip": "ip",
+}
+_PEOPLE = [
+    ALICE,
+    BOB,
+    model.Person("carol@example.com", IDP_A, frozenset({"sales"})),
+    model.Person("dave@mail.example.com", IDP_B, frozenset({"engineering", "sales"})),
+]
+
+
+@st.composite
+def _rules(draw: st.DrawFn) -> model.Rule:
+    kind = draw(st.sampled_from([*_VALUES, "everyone", "any_valid_service_token"]))
+    return model.Rule(kind, draw(st.sampled_from(_VALUES[kind])) if kind in _VALUES else "")
+
+
+@st.composite
+def _policies(draw: st.DrawFn) -> model.Policy:
+    return model.Policy(
+        "p",
+        draw(st.sampled_from(["allow", "non_identity"])),
+        tuple(draw(st.lists(_rules(), min_size=1, max_size=3))),
+        tuple(draw(st.lists(_rules(), max_size=2))),
+        tuple(draw(st.lists(_rules(), max_size=2))),
+    )
+
+
+def _enforcer_policy(policy: model.Policy) -> object:
+    from enforcer.policy import parse_policy
+
+    def body(rule: model.Rule) -> dict[str, dict[str, str]]:
+        return {rule.kind: {_KEYS[rule.kind]: rule.value} if rule.kind in _KEYS else {}}
+
+    return parse_policy(
+        {
+            "name": policy.name,
+            "decision": policy.decision,
+            "include": [body(r) for r in policy.include],
+            "require": [body(r) for r in policy.require],
+            "exclude": [body(r) for r in policy.exclude],
+        },
+        "policy",
+    )
+
+
+@settings(
+    max_examples=200 if os.environ.get("CI") else 500,
+    deadline=None,
+    derandomize=bool(os.environ.get("CI")),
+)
+@given(
+    _policies(),
+    st.sampled_from([None, *_PEOPLE]),
+    st.sampled_from([None, "st-1", "st-2"]),
+    st.sampled_from(["127.0.0.1", "192.0.2.7"]),
+)
+def test_the_three_valued_evaluation_matches_enforcer_policy(
+    policy: model.Policy, person: model.Person | None, token: str | None, ip: str
+) -> None:
+    """With a person the evaluation is two-valued and must agree exactly; without one the
+    enforcer's (Kleene) value must be the model's or unknown where the model's is known."""
+    import ipaddress
+
+    from enforcer.identity import Identity
+    from enforcer.policy import RequestFacts
+    from enforcer.service_tokens import ServiceToken
+
+    service = None
+    model_token = None
+    if token is not None:
+        expires = T0 + dt.timedelta(hours=1)
+        service = ServiceToken(token, token, f"{token}.access", "00" * 32, expires)
+        model_token = model.ServiceToken(token, f"{token}.access", "", expires)
+    identity = None
+    if person is not None:
+        identity = Identity(person.email, "sub", person.idp, tuple(sorted(person.groups)))
+    facts = RequestFacts(None, ipaddress.ip_address(ip), identity, service)
+    real = _enforcer_policy(policy).evaluate(facts)  # type: ignore[attr-defined]
+    app = model.App(APP_HOST, dt.timedelta(hours=24), (policy,), (IDP_A, IDP_B))
+    mine = model.i7_policy_value(policy, app, model.Facts((), ip, person, model_token))
+    if person is not None:
+        assert real is mine
+    elif service is None:
+        # Kleene's reading is weaker than "every / no identity": it may leave unknown what
+        # the document decides, never the other way round (the known i7-every-identity gap).
+        assert real is mine or real is None
