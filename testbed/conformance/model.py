@@ -46,8 +46,9 @@ People and service tokens (access-flow I5-I11), restated from the document:
   certificate *fails*; the document is silent on one that is missing), and beside a valid
   service token ``policy_denied`` too (I11 names it for a valid token no policy admits). A
   ``deny`` policy that matches a person may be ``policy_denied`` (D1) or ``identity_denied`` (I5).
-- A service token is valid until its expiry, expired when ``now`` is past it (strictly, like
-  a certificate's notAfter, V9): the document says "a past expiry".
+- A service token is valid before its expiry and expired after it. At the expiry instant
+  itself the document is silent ("a past expiry": J1 counts a token's ``exp`` reached as
+  expired, V9 counts a certificate's notAfter as still valid): both answers are accepted.
 - An invalid or expired service token when nothing admits is its own reason (I11); where a
   login could also admit (I7) either answer is accepted, and where a ``deny`` policy matched,
   ``policy_denied`` is accepted too.
@@ -963,6 +964,24 @@ def p7_nothing_matched(
 
 def expect(world: World, request: Request, now: dt.datetime) -> Expected:
     """What the enforcer must answer to ``request`` at ``now`` (access-flow A2-A9, I5-I11)."""
+    expected = _expect(world, request, now)
+    presented = request.service_token
+    edge = [
+        t
+        for t in world.service_tokens
+        if presented is not None and t.client_id == presented.client_id and t.expires == now
+    ]
+    if not edge:
+        return expected
+    # At its expiry instant a service token may be read as expired too (see the docstring).
+    earlier = dataclasses.replace(edge[0], expires=now - dt.timedelta(microseconds=1))
+    tokens = tuple(earlier if t is edge[0] else t for t in world.service_tokens)
+    other = _expect(dataclasses.replace(world, service_tokens=tokens), request, now)
+    also = {(other.status, r) for r in other.reasons} | set(other.also)
+    return dataclasses.replace(expected, also=expected.also | frozenset(also))
+
+
+def _expect(world: World, request: Request, now: dt.datetime) -> Expected:
     misdirected = a2_host_matches_sni(request)
     if misdirected is not None:
         return misdirected

@@ -454,8 +454,10 @@ def test_service_tokens() -> None:
     assert ask(w, (), service_token=bad_secret).reasons == {"service_token_invalid"}
     unknown = model.Credentials("nobody.access", "s3cret")
     assert ask(w, (), service_token=unknown).reasons == {"service_token_invalid"}
-    # Valid through its expiry second, expired after it.
-    assert ask(w, (), service_token=good, at=made.expires).status == 200
+    # Valid before its expiry, expired after it; at the instant itself either (the document
+    # does not say).
+    edge = ask(w, (), service_token=good, at=made.expires)
+    assert edge.status == 200 and edge.accepts(403, "service_token_expired")
     late = ask(w, (), service_token=good, at=made.expires + dt.timedelta(seconds=1))
     assert late.reasons == {"service_token_expired"}
     # A valid token that no policy admits is policy_denied (I11); none at all: no_certificate.
