@@ -39,6 +39,7 @@ from enforcer.chain import (
     fingerprint,
     split_anchor,
 )
+from enforcer.control import ApiError, idp_config  # the admin API's checks: the same rules
 from enforcer.durations import format_duration
 from enforcer.identity import IdentityProvider
 from enforcer.policy import PolicyError, parse_policy
@@ -548,8 +549,6 @@ _IDP_FIELDS = {
 
 def _identity_provider(r: TableReader) -> IdentityProvider:
     """An ``[[identity_providers]]`` table: an OpenID Connect provider (access-flow I1)."""
-    from enforcer.control import ApiError, idp_config  # the admin API's checks, the same rules
-
     r.unknown(_IDP_FIELDS)
     pid = _identifier(r, "id", None)
     name = r.get("name", str, pid)

@@ -573,6 +573,35 @@ def _sessions_revoked_before(objects: Objects) -> dict[str, dt.datetime]:
     return out
 
 
+# A person's session ended by a logout (access-flow I10): tokens carrying this
+# ``identity_nonce`` no longer admit. Kept until the session's token would have expired anyway.
+ENDED_SESSION_KIND = "ended_session"
+
+
+def end_identity_session(
+    objects: Objects, identity_nonce: str, expires: dt.datetime, now: dt.datetime
+) -> Outcome:
+    """End the session whose token carries ``identity_nonce``; drop records already moot."""
+    ended = objects.get(ENDED_SESSION_KIND, {})
+    changes = [
+        Change(ENDED_SESSION_KIND, nonce, None)
+        for nonce, obj in ended.items()
+        if _parse_iso(obj["expires"]) <= now
+    ]
+    if identity_nonce not in ended:
+        obj = {"identity_nonce": identity_nonce, "expires": _iso(expires), "ended_at": _iso(now)}
+        changes.append(Change(ENDED_SESSION_KIND, identity_nonce, obj))
+    return Outcome({"identity_nonce": identity_nonce}, tuple(changes))
+
+
+def _ended_identity_nonces(objects: Objects, now: dt.datetime) -> frozenset[str]:
+    return frozenset(
+        nonce
+        for nonce, obj in objects.get(ENDED_SESSION_KIND, {}).items()
+        if _parse_iso(obj["expires"]) > now
+    )
+
+
 def _find_policy(app: Mapping[str, Any], pid: str) -> dict[str, Any]:
     for p in app["policies"]:
         if p["id"] == pid:
@@ -1681,4 +1710,5 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
         revocation=_revocation_index(objects, roots),
         identity_providers=[identity_provider_of(o) for o in providers],
         service_tokens=[service_token_of(o) for o in objects.get(SERVICE_TOKEN_KIND, {}).values()],
+        ended_identity_nonces=_ended_identity_nonces(objects, now),
     )

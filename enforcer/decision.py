@@ -25,6 +25,15 @@ Order of the checks (access-flow A2-A9):
    ``bypass`` -> forwarded without a token, ``non_identity`` / ``allow`` -> admitted with a
    token, and a cookie when the session duration is above zero).
 6. Nothing matched: 403 with ``no_certificate`` when none was presented, else ``policy_denied``.
+
+Identity (access-flow I5-I11) adds inputs, not I/O: a presented service token is checked
+against the snapshot's tokens (SHA-256 of the secret, constant-time, expiry at ``now``) before
+step 4, and the person is the login callback's ``request.identity`` or the one a valid session
+token names. Evaluation is three-valued (enforcer/policy.py): a policy that could hold after a
+login, before any that holds, answers 401 ``login_required``; a known person nothing admits is
+403 ``identity_denied``; a bad service token names the denial when nothing admits. Under No
+Duration a session token never admits: a valid one, bound to the certificate presented, only
+says who the person is, and a login's admitted decision sets an identity-only cookie (I9).
 """
 
 from __future__ import annotations
@@ -194,6 +203,9 @@ def token_refusal(
 
     Run on every use of a token, memoised or not: a few set or dict lookups, no decoding.
     """
+    nonce = claims.get("identity_nonce")
+    if nonce and nonce in snapshot.ended_identity_nonces:
+        return "its session was ended by a logout (access-flow I10)"
     cnf = claims.get("cnf")
     minted_for = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
     if minted_for is not None and minted_for in snapshot.revoked_x5t:
@@ -251,7 +263,11 @@ def decide(
     close = app.no_duration
 
     def deny(
-        reason: Reason, detail: str, notes: Sequence[Reason], policy: str | None = None
+        reason: Reason,
+        detail: str,
+        notes: Sequence[Reason],
+        policy: str | None = None,
+        identity: Identity | None = None,  # who was denied, for the access log
     ) -> AccessDecision:
         return AccessDecision(
             403,
@@ -262,6 +278,7 @@ def decide(
             policy,
             certificate=chain.facts if chain is not None else None,
             close_connection=close,
+            identity=identity,
         )
 
     notes: list[Reason] = []
@@ -342,7 +359,7 @@ def decide(
     if policy is None:
         if service_refusal is not None:
             # A machine that presented a bad service token: it cannot log in either (I11).
-            return deny(*service_refusal, notes)
+            return deny(*service_refusal, notes, identity=identity)
         if evaluation.login_needed_by is not None:
             needs = evaluation.login_needed_by.name
             return AccessDecision(
@@ -360,7 +377,12 @@ def decide(
                 Reason.POLICY_DENIED, f"no policy admits service token {service_token.id}", notes
             )
         if identity is not None:
-            return deny(Reason.IDENTITY_DENIED, f"no policy admits {identity.email}", notes)
+            return deny(
+                Reason.IDENTITY_DENIED,
+                f"no policy admits {identity.email}",
+                notes,
+                identity=identity,
+            )
         if facts is None:
             detail = "no client certificate and no valid token"
             if token_detail:
@@ -369,7 +391,11 @@ def decide(
         return deny(Reason.POLICY_DENIED, "no policy admits this certificate", notes)
     if policy.decision is Decision.DENY:
         return deny(
-            Reason.POLICY_DENIED, f"deny policy {policy.name!r} matched", notes, policy.name
+            Reason.POLICY_DENIED,
+            f"deny policy {policy.name!r} matched",
+            notes,
+            policy.name,
+            identity,
         )
     if policy.decision is Decision.BYPASS:
         return AccessDecision(

@@ -27,10 +27,12 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlencode
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from enforcer import login
 from enforcer.application import CLIENT_TOKEN_HEADER, COOKIE_NAME, TOKEN_HEADER
 from enforcer.chain import ChainResult, common_name, fingerprint
 from enforcer.decision import (
@@ -42,7 +44,12 @@ from enforcer.decision import (
     still_valid,
 )
 from enforcer.http import ClientBodyError, TargetError, head_refusal, header_values, origin_form
-from enforcer.identity import CLIENT_ID_HEADER, CLIENT_SECRET_HEADER, ServiceTokenCredentials
+from enforcer.identity import (
+    CLIENT_ID_HEADER,
+    CLIENT_SECRET_HEADER,
+    LOGIN_PATH,
+    ServiceTokenCredentials,
+)
 from enforcer.proxy import (
     OriginError,
     OriginResponse,
@@ -296,6 +303,12 @@ class RequestPath:
             )
             return
 
+        if path in login.ROUTES and jwks_app is not None:
+            # The login routes answer on every application's hostname, before any policy.
+            route = login.LoginRoute(self, request, port, snapshot, jwks_app, now, t0, close_after)
+            await route.serve()
+            return
+
         chain_result = (
             self._validate(snapshot, hostname, now) if hostname and hostname == sni else None
         )
@@ -309,6 +322,10 @@ class RequestPath:
         decision = decide(access, snapshot, chain_result, now, self.e.token_memo)
         decision_ms = (time.perf_counter() - t0) * 1000
 
+        if decision.reason is Reason.LOGIN_REQUIRED and browser(request):
+            # I7: a browser is sent to log in, and comes back to this path afterwards.
+            await self._to_login(request, port, decision, now, t0, decision_ms, close_after)
+            return
         if not decision.allowed:
             await self._deny(
                 request,
@@ -377,6 +394,28 @@ class RequestPath:
         status, headers, body = denial(decision.status, reason, grpc=grpc_request(request.headers))
         self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=status)
         await port.answer(status, headers, body, close=close)
+
+    async def _to_login(
+        self,
+        request: RequestHead,
+        port: Responder,
+        decision: AccessDecision,
+        now: dt.datetime,
+        t0: float,
+        decision_ms: float,
+        close: bool,
+    ) -> None:
+        """Answer a browser that needs a login: 302 to the login route (access-flow I7)."""
+        query = urlencode({"redirect_url": request.target.decode("latin-1")})
+        location = f"{LOGIN_PATH.decode()}?{query}".encode()
+        self._log(request, now, t0, decision=decision, decision_ms=decision_ms, status=302)
+        await port.answer(
+            302,
+            [(b"location", location), (b"cache-control", b"no-store")],
+            b"",
+            close=decision.close_connection or close,
+            head=request.method == b"HEAD",
+        )
 
     def origin_headers(
         self, request: RequestHead, decision: AccessDecision, upgrade: bytes | None = None
@@ -500,6 +539,13 @@ class RequestPath:
         if request.stream_id is not None:
             record["stream"] = request.stream_id
         self.e.access_log.write(record)
+
+
+def browser(request: RequestHead) -> bool:
+    """A browser's navigation (I7): GET or HEAD accepting text/html."""
+    if request.method not in (b"GET", b"HEAD"):
+        return False
+    return any("text/html" in v.lower() for v in header_values(request.headers, b"accept"))
 
 
 def presented_token(headers: Sequence[tuple[bytes, bytes]]) -> str | None:

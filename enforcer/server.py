@@ -56,6 +56,8 @@ from enforcer.http import (
     send,
 )
 from enforcer.http2 import H2Session
+from enforcer.login import UsedStates
+from enforcer.oidc import OidcClient
 from enforcer.proxy import (
     Fairness,
     OriginError,
@@ -134,6 +136,9 @@ class Enforcer:
         # How the enforcer reaches origins (TCP, or in-memory streams in a simulation), and
         # the kept-alive connections it reuses.
         self.origins = OriginPool()
+        # People's logins (access-flow I1-I3): the providers' documents and keys cached for this
+        # process, and the used login states, shared with the other workers through the store.
+        self.oidc = OidcClient(self.origins)
         self._ids = itertools.count(1)
         self._tls_key: tuple[HostTLS, ...] | None = None
         self.contexts: ContextsBySNI | None = None
@@ -144,6 +149,7 @@ class Enforcer:
         # Worker processes share one database: each checks for others' commits per request.
         self._follow = follow_store
         self._data_version = store.data_version()
+        self.login_states = UsedStates(store.path)
         self.apply(self.controller.snapshot())
 
     @classmethod

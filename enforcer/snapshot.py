@@ -81,6 +81,8 @@ class Snapshot:
     identity_providers: Mapping[str, IdentityProvider] = dataclasses.field(default_factory=dict)
     # Service tokens by client id, of every account (I11); a token counts for its account's apps.
     service_tokens: Mapping[str, ServiceToken] = dataclasses.field(default_factory=dict)
+    # ``identity_nonce`` of sessions ended by a logout (I10): their tokens no longer admit.
+    ended_identity_nonces: frozenset[str] = frozenset()
     # ``revoked`` as RFC 8705 ``x5t#S256`` values (base64url), the form tokens carry in ``cnf``:
     # derived here once per snapshot so that checking a token is one set lookup per request.
     revoked_x5t: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
@@ -106,6 +108,7 @@ class Snapshot:
         revocation: RevocationIndex | None = None,
         identity_providers: Sequence[IdentityProvider] = (),
         service_tokens: Sequence[ServiceToken] = (),
+        ended_identity_nonces: frozenset[str] = frozenset(),
     ) -> Snapshot:
         """Index applications by hostname and build each hostname's trust once."""
         hostnames = {h for r in roots for h in r.associated_hostnames}
@@ -135,6 +138,7 @@ class Snapshot:
             revocation=revocation or RevocationIndex(),
             identity_providers={p.id: p for p in identity_providers},
             service_tokens={t.client_id: t for t in service_tokens},
+            ended_identity_nonces=ended_identity_nonces,
         )
 
 

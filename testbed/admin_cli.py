@@ -422,6 +422,8 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
             "roots": c.call("GET", A("/certificates")),
             "apps": c.call("GET", A("/apps")),
             "keys": c.call("GET", A("/keys")),
+            "identity_providers": c.call("GET", A("/identity_providers")),
+            "service_tokens": c.call("GET", A("/service_tokens")),
         }
         try:
             everything["managed_ca"] = c.call("GET", Z("/client_certificates/ca"))
@@ -451,6 +453,18 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
                 + (f"trusted on {_cell(ca['hostnames']) or 'no hostname'}" if ca else "none yet")
             )
             con.print(_table("client certificates", everything["client_certificates"], cert_cols))
+            idp_rows = [
+                {"id": i["id"], "name": i["name"], "issuer_url": i["config"]["issuer_url"]}
+                for i in everything["identity_providers"]
+            ]
+            con.print(_table("identity providers", idp_rows, ["id", "name", "issuer_url"]))
+            con.print(
+                _table(
+                    "service tokens",
+                    everything["service_tokens"],
+                    ["id", "name", "client_id", "expires_at"],
+                )
+            )
             con.print(
                 _table(
                     "signing keys",

@@ -298,6 +298,7 @@ def test_login_required_then_identity_admitted_with_claims(ring: KeyRing) -> Non
     assert identity_of(claims) == ALICE
     denied = decide(req(identity=BOB), snap, DEVICE, NOW)
     assert (denied.status, denied.reason) == (403, Reason.IDENTITY_DENIED)
+    assert denied.identity == BOB and denied.token is None and denied.set_cookie is None
 
 
 def test_the_session_token_carries_the_identity_and_admits(ring: KeyRing) -> None:

@@ -285,3 +285,89 @@ async def test_the_user_email_header_is_the_enforcers_own(admin: Served) -> None
     line = admin.last()
     assert line["identity"] == {"email": "alice@example.com", "idp": "idp-x"}
     assert line["admitted_by"] == "token"
+
+
+# ---- a person's session token on a No Duration application (I9) ---------------------------------
+
+
+def _x5t(cert_path) -> str:
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    der = x509.load_pem_x509_certificate(cert_path.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
+async def test_no_duration_person_session_over_tls(admin: Served) -> None:
+    from testbed.demo import IOT_HOST
+
+    iot = await app_id(admin, IOT_HOST)
+    person = {
+        "name": "staff on devices",
+        "decision": "allow",
+        "include": [{"email_domain": {"domain": "example.com"}}],
+        "require": [{"common_name": {"common_name": "device-001"}}],
+        "session_duration": "1h",
+    }
+    await ok(admin, "PUT", f"{ACC}/apps/{iot}", {"policies": [person]})
+    device = client_context(admin.layout.edge_ca, *admin.layout.device("valid"))
+    need = await get(admin.port, IOT_HOST, device)
+    assert (need.status, need.reason) == (401, "login_required")
+    assert need.header("connection") == "close"
+
+    snapshot = admin.enforcer.snapshot
+    app = snapshot.applications[IOT_HOST]
+
+    def session(email: str) -> tuple[str, str]:
+        who = Identity(email, "sub", "idp-x", (), None, "nonce")
+        claims = access_claims(
+            aud=app.aud,
+            issuer=snapshot.issuer,
+            now=admin.clock.now(),
+            lifetime=dt.timedelta(hours=1),
+            common_name="device-001",
+            x5t_s256=_x5t(admin.layout.device("valid")[0]),
+            serial=None,
+            identity=who,
+            identity_only=True,
+        )
+        return ("cookie", f"CF_Authorization={mint(snapshot.keyring, claims)}")
+
+    alice = session("alice@example.com")
+    admitted = await get(admin.port, IOT_HOST, device, headers=[alice])
+    assert admitted.status == 200 and admitted.header("set-cookie") is None
+    seen = json.loads(admitted.body)["headers"]
+    assert seen["cf-access-authenticated-user-email"] == "alice@example.com"
+    forwarded = jwt.decode(seen["cf-access-jwt-assertion"], options={"verify_signature": False})
+    assert forwarded["exp"] - forwarded["iat"] == 5 and forwarded["email"] == "alice@example.com"
+    line = admin.last()
+    assert line["admitted_by"] == "identity" and line["identity"]["email"] == "alice@example.com"
+
+    # The session never admits alone: without the certificate the policy cannot hold.
+    alone = await get(admin.port, IOT_HOST, client_context(admin.layout.edge_ca), headers=[alice])
+    assert (alone.status, alone.reason) == (403, "no_certificate")
+    # Beside another device's certificate it names nobody (token_invalid noted), and that
+    # device cannot satisfy the policy whoever logs in: policy_denied, no login offered.
+    other = client_context(admin.layout.edge_ca, *admin.layout.device("wrong-cn"))
+    assert (await get(admin.port, IOT_HOST, other, headers=[alice])).reason == "policy_denied"
+    assert admin.last()["notes"] == ["token_invalid"] and "identity" not in admin.last()
+    # Someone the policy does not admit.
+    bob = await get(admin.port, IOT_HOST, device, headers=[session("bob@other.test")])
+    assert (bob.status, bob.reason) == (403, "identity_denied")
+    assert admin.last()["identity"] == {"email": "bob@other.test", "idp": "idp-x"}
+    # Revoking the certificate ends the session (J3).
+    await ok(admin, "POST", f"{ACC}/revocations", {"fingerprint_sha256": _sha256_hex(admin)}, 201)
+    assert (await get(admin.port, IOT_HOST, device, headers=[alice])).reason == "revoked"
+
+
+def _sha256_hex(served: Served) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    cert = x509.load_pem_x509_certificate(served.layout.device("valid")[0].read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex()

@@ -1,0 +1,191 @@
+"""The relying party's caches and bounds (enforcer/oidc.py, access-flow I1), over real https.
+
+A small https server stands in for a provider's JWKS endpoint so that the test can count the
+enforcer's fetches and change the published keys; the cache's clock is stepped by hand (the
+``monotonic`` the OidcClient is given), never slept on.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from typing import Any
+
+import h11
+import jwt
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from enforcer.identity import IdentityProvider
+from enforcer.oidc import (
+    MAX_RESPONSE_BYTES,
+    IdTokenRejected,
+    OidcClient,
+    ProviderMetadata,
+    ProviderUnreachable,
+)
+from enforcer.proxy import OriginPool
+from tests.oidc_idp import OidcIdp, oidc_idp  # noqa: F401
+
+
+def jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    return {**out, "kid": kid, "alg": "RS256", "use": "sig"}
+
+
+class KeysServer:
+    """An https server publishing ``keys`` at /jwks (counted) and an oversized document at /big."""
+
+    def __init__(self) -> None:
+        self.keys: list[dict[str, Any]] = []
+        self.fetches = 0
+
+    async def serve(self, ctx: ssl.SSLContext, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_ssl_over_tcp_listeners(0, ctx, host="127.0.0.1")
+        task_status.started(listeners[0].transport_listener.socket.getsockname()[1])
+        await trio.serve_listeners(self._one, listeners)
+
+    async def _one(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        try:
+            await self._answer(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass  # a client that gave up (a refused certificate): nothing to answer
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _answer(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        conn = h11.Connection(h11.SERVER)
+        target = b""
+        with trio.move_on_after(10):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Request):
+                    target = event.target
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+            if target == b"/jwks":
+                self.fetches += 1
+                body = json.dumps({"keys": self.keys}).encode()
+            else:
+                body = b'{"keys": [' + b" " * (MAX_RESPONSE_BYTES + 1) + b"]}"
+            headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+            await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+
+
+@pytest.fixture
+async def keys_server(
+    oidc_idp: OidcIdp,  # noqa: F811
+    nursery: trio.Nursery,
+) -> tuple[KeysServer, str]:
+    server = KeysServer()
+    port = await nursery.start(server.serve, oidc_idp.server_context())
+    return server, f"https://127.0.0.1:{port}"
+
+
+def provider(base: str, ca_pem: str, certs: str = "/jwks") -> IdentityProvider:
+    # Every endpoint explicit: no discovery, only the JWKS is fetched.
+    return IdentityProvider(
+        id="p",
+        name="p",
+        issuer_url=base,
+        client_id="c",
+        client_secret="s",
+        auth_url=f"{base}/auth",
+        token_url=f"{base}/token",
+        certs_url=f"{base}{certs}",
+        ca_pem=ca_pem,
+    )
+
+
+async def test_the_jwks_is_cached_and_an_unknown_kid_refetches_at_most_once_a_minute(
+    keys_server: tuple[KeysServer, str],
+    oidc_idp: OidcIdp,  # noqa: F811
+) -> None:
+    server, base = keys_server
+    k1, k2 = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    server.keys = [jwk(k1, "k1")]
+    clock = [1000.0]
+    p = provider(base, oidc_idp.ca_pem)
+    async with OriginPool().running() as pool:
+        client = OidcClient(pool, monotonic=lambda: clock[0])
+        assert (await client.signing_key(p, "k1"))["kid"] == "k1"
+        assert (await client.signing_key(p, "k1"))["kid"] == "k1"
+        assert server.fetches == 1  # cached
+        # A kid it does not hold: fetched again once (the provider may have rotated)...
+        with pytest.raises(IdTokenRejected, match="no key 'k2'"):
+            await client.signing_key(p, "k2")
+        assert server.fetches == 2
+        # ...and not again within the minute, however many forged kids arrive.
+        for forged in ("k2", "k3", "k4"):
+            with pytest.raises(IdTokenRejected):
+                await client.signing_key(p, forged)
+        assert server.fetches == 2
+        # The provider rotates; a minute later its new key is found.
+        server.keys = [jwk(k1, "k1"), jwk(k2, "k2")]
+        clock[0] += 61
+        assert (await client.signing_key(p, "k2"))["kid"] == "k2"
+        assert server.fetches == 3
+        # After the cache lifetime a known kid refetches too.
+        clock[0] += 3601
+        await client.signing_key(p, "k1")
+        assert server.fetches == 4
+
+
+async def test_an_oversized_provider_answer_is_refused(
+    keys_server: tuple[KeysServer, str],
+    oidc_idp: OidcIdp,  # noqa: F811
+) -> None:
+    _, base = keys_server
+    async with OriginPool().running() as pool:
+        client = OidcClient(pool)
+        with pytest.raises(ProviderUnreachable, match=f"over {MAX_RESPONSE_BYTES} bytes"):
+            await client.signing_key(provider(base, oidc_idp.ca_pem, "/big"), "k1")
+
+
+async def test_a_provider_behind_an_unknown_ca_is_unreachable(
+    keys_server: tuple[KeysServer, str],
+) -> None:
+    _, base = keys_server
+    async with OriginPool().running() as pool:
+        client = OidcClient(pool)
+        with pytest.raises(ProviderUnreachable, match="jwks"):
+            await client.signing_key(provider(base, ca_pem=None), "k1")  # type: ignore[arg-type]
+
+
+async def test_discovery_of_the_real_provider(oidc_idp: OidcIdp) -> None:  # noqa: F811
+    p = IdentityProvider(
+        id="p",
+        name="p",
+        issuer_url=oidc_idp.issuer,
+        client_id="c",
+        client_secret="s",
+        ca_pem=oidc_idp.ca_pem,
+    )
+    async with OriginPool().running() as pool:
+        meta = await OidcClient(pool).metadata(p)
+        assert meta.authorization_endpoint.startswith(oidc_idp.issuer)
+        assert meta.token_auth_method == "client_secret_basic"
+        key = await OidcClient(pool).signing_key(p, oidc_idp.kid)
+        assert key["kid"] == oidc_idp.kid and "d" not in key  # the public half only
+        # An issuer that is not the document's own is refused (Discovery 4.3).
+        wrong = IdentityProvider(
+            id="p",
+            name="p",
+            issuer_url=oidc_idp.issuer + "/other",
+            client_id="c",
+            client_secret="s",
+            ca_pem=oidc_idp.ca_pem,
+        )
+        with pytest.raises(ProviderUnreachable):
+            await OidcClient(pool).metadata(wrong)
+
+
+def test_client_secret_post_only_when_basic_is_not_offered() -> None:
+    meta = ProviderMetadata("i", "a", "t", "j", ("client_secret_post",))
+    assert meta.token_auth_method == "client_secret_post"
+    both = ProviderMetadata("i", "a", "t", "j", ("client_secret_post", "client_secret_basic"))
+    assert both.token_auth_method == "client_secret_basic"
