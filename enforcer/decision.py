@@ -353,7 +353,9 @@ def decide(
             )
 
     evaluation = evaluate(
-        app.policies, RequestFacts(facts, request.client_ip, identity, service_token)
+        app.policies,
+        RequestFacts(facts, request.client_ip, identity, service_token),
+        app.identity_providers,
     )
     policy = evaluation.policy
     if policy is None:

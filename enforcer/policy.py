@@ -15,7 +15,7 @@ import datetime as dt
 import enum
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from enforcer.chain import CertificateFacts
@@ -239,15 +239,28 @@ class Policy:
         """Tell whether include, require and exclude all hold (unknown does not hold)."""
         return self.evaluate(facts) is True
 
-    def evaluate(self, facts: RequestFacts) -> Truth:
-        """Three-valued: include any, require all, exclude none, in Kleene's logic (I7)."""
-        return _all(
-            [
-                _any([r.evaluate(facts) for r in self.include]),
-                _all([r.evaluate(facts) for r in self.require]),
-                _not(_any([r.evaluate(facts) for r in self.exclude])),
-            ]
-        )
+    def evaluate(self, facts: RequestFacts, providers: Collection[str] | None = None) -> Truth:
+        """Three-valued (I7): True when it holds, False when no login could make it hold, None
+        when one could. ``providers``: the ids a login may come from (None: any)."""
+        include = [r.evaluate(facts) for r in self.include]
+        require = [r.evaluate(facts) for r in self.require]
+        exclude = [r.evaluate(facts) for r in self.exclude]
+        # Kleene's connectives first: include any, require all, exclude none.
+        truth = _all([_any(include), _all(require), _not(_any(exclude))])
+        if truth is not None:
+            return truth
+        # Unknown in Kleene's logic is not yet "a login could make it hold": a policy such as
+        # include email = a, exclude email = a holds for nobody. What is unknown are identity
+        # rules only, so the question is whether one person satisfies a conjunction of them.
+        must = [r for r, v in zip(self.require, require, strict=True) if v is None]
+        must_not = [r for r, v in zip(self.exclude, exclude, strict=True) if v is None]
+        if True in include:
+            options: list[list[Rule]] = [must]
+        else:
+            options = [[r, *must] for r, v in zip(self.include, include, strict=True) if v is None]
+        if any(_someone(option, must_not, providers) for option in options):
+            return None
+        return False
 
 
 def parse_policy(raw: object, where: str) -> Policy:
@@ -302,16 +315,53 @@ class Evaluation:
         return self.login_needed_by is not None
 
 
-def evaluate(policies: Sequence[Policy], facts: RequestFacts) -> Evaluation:
-    """Evaluate policies in order (P3, I7): the first that holds decides; one that is unknown
-    before it means a login is needed; those that cannot hold are skipped."""
+def evaluate(
+    policies: Sequence[Policy], facts: RequestFacts, providers: Collection[str] | None = None
+) -> Evaluation:
+    """Evaluate policies in order (P3, I7): the first that holds decides; one that a login
+    (with one of ``providers``; None: any) could make hold, before it, means a login is
+    needed; those that cannot hold are skipped."""
     for policy in policies:
-        truth = policy.evaluate(facts)
+        truth = policy.evaluate(facts, providers)
         if truth is True:
             return Evaluation(policy=policy)
         if truth is None:
             return Evaluation(login_needed_by=policy)
     return Evaluation()
+
+
+def _someone(
+    true: Sequence[Rule], false: Sequence[Rule], providers: Collection[str] | None
+) -> bool:
+    """Whether one person, logged in with one of ``providers``, makes every identity rule of
+    ``true`` hold and none of ``false``: a conjunction of literals, decided attribute by
+    attribute (an email and its domain, groups, the provider)."""
+
+    def values(rules: Sequence[Rule], kind: str) -> set[str]:
+        return {r.value for r in rules if r.kind == kind}
+
+    emails, not_emails = values(true, "email"), values(false, "email")
+    domains, not_domains = values(true, "email_domain"), values(false, "email_domain")
+    if len(emails) > 1 or len(domains) > 1 or emails & not_emails:
+        return False
+    if emails:
+        # email rules are stored lower-case, so the domain is the rule's own.
+        domains = domains | {email_domain(next(iter(emails)))}
+        if len(domains) > 1:
+            return False
+    if domains & not_domains:
+        return False
+    # Otherwise a fresh address (in the one domain, or in a fresh domain) avoids every
+    # excluded email and domain.
+    if values(true, "group") & values(false, "group"):
+        return False
+    idps, not_idps = values(true, "login_method"), values(false, "login_method")
+    if len(idps) > 1 or idps & not_idps:
+        return False
+    if providers is None:
+        return True  # a provider nobody named is always possible
+    candidates = set(providers) - not_idps
+    return bool(candidates & idps) if idps else bool(candidates)
 
 
 def first_match(policies: Sequence[Policy], facts: RequestFacts) -> Policy | None:

@@ -195,18 +195,31 @@ _RULES = st.sampled_from(
     exclude=st.lists(_RULES, max_size=2),
     certificate=st.booleans(),
 )
-def test_unknown_means_some_login_could_decide_either_way(
+def test_unknown_means_some_login_could_make_it_hold(
     include: list, require: list, exclude: list, certificate: bool
 ) -> None:
-    """Kleene soundness: a known result holds for every identity; unknown means two differ."""
+    """I7 exactly: False when nobody could satisfy it, None when someone could, True for all.
+
+    The candidates cover every distinction the sampled rules draw (their email, a fresh one in
+    their domain and outside it; with and without their group; their provider and another).
+    """
     p = policy(include=include, require=require, exclude=exclude)
     cert = facts() if certificate else None
     without = p.evaluate(RequestFacts(cert))
-    people = [ALICE, BOB, Identity("x@y.z", "s", "idp-9")]
+    people = [
+        Identity(email, "s", idp, groups)
+        for email in ("bob@other.test", "x@example.com", "x@fresh.test")
+        for groups in ((), ("engineering",))
+        for idp in ("idp-2", "idp-9")
+    ]
     with_each = {p.evaluate(RequestFacts(cert, identity=who)) for who in people}
     assert None not in with_each
-    if without is not None:
-        assert with_each == {without}
+    if without is True:
+        assert with_each == {True}
+    elif without is False:
+        assert with_each == {False}
+    else:
+        assert True in with_each
     # With a valid service token nothing is unknown: a machine never logs in.
     assert p.evaluate(RequestFacts(cert, service_token=TOKEN)) is not None
 
@@ -256,6 +269,7 @@ IDP = IdentityProvider("idp-1", "test", "https://idp.test", "client", "secret")
 def snapshot(
     ring: KeyRing, *policies, duration: str | dt.timedelta = dt.timedelta(hours=24), **app
 ) -> Snapshot:
+    app.setdefault("identity_providers", ("idp-1",))
     application = Application(
         "auth", "auth.test", "a" * 64, duration, tuple(policies), "http://o", account="demo", **app
     )
@@ -438,3 +452,66 @@ def test_minted_session_token_verifies_with_the_public_key(ring: KeyRing) -> Non
         options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
     )
     assert claims["email"] == ALICE.email
+
+
+def test_a_policy_no_login_can_satisfy_is_skipped_not_a_login() -> None:
+    """I7's "could hold after a login" exactly, not only Kleene's unknown."""
+    cert = RequestFacts(facts())
+    never = [
+        policy(
+            include=[{"email": {"email": "a@x.test"}}], exclude=[{"email": {"email": "a@x.test"}}]
+        ),
+        policy(
+            include=[{"email": {"email": "a@x.test"}}],
+            require=[{"email_domain": {"domain": "y.test"}}],
+        ),
+        policy(
+            include=[{"email_domain": {"domain": "x.test"}}],
+            require=[{"email_domain": {"domain": "y.test"}}],
+        ),
+        policy(include=[{"group": {"name": "g"}}], exclude=[{"group": {"name": "g"}}]),
+        policy(
+            include=[{"email": {"email": "a@x.test"}}],
+            exclude=[{"email_domain": {"domain": "X.test"}}],
+        ),
+        policy(include=[{"login_method": {"id": "p"}}], require=[{"login_method": {"id": "q"}}]),
+        policy(
+            include=[{"certificate": {}}],
+            require=[{"group": {"name": "g"}}],
+            exclude=[{"group": {"name": "g"}}],
+        ),
+    ]
+    for p in never:
+        assert p.evaluate(cert) is False, p
+        assert not evaluate([p], cert).login_needed
+    could = [
+        policy(
+            include=[{"email": {"email": "a@x.test"}}], exclude=[{"email": {"email": "b@x.test"}}]
+        ),
+        policy(
+            include=[{"email_domain": {"domain": "x.test"}}],
+            exclude=[{"email": {"email": "b@x.test"}}],
+        ),
+        policy(
+            include=[{"group": {"name": "g"}}, {"email": {"email": "a@x.test"}}],
+            exclude=[{"group": {"name": "g"}}],
+        ),
+        policy(include=[{"certificate": {}}], exclude=[{"login_method": {"id": "p"}}]),
+    ]
+    for p in could:
+        assert p.evaluate(cert) is None, p
+    # Logins come only from the application's providers: with none, nobody can log in.
+    by_p = policy(include=[{"login_method": {"id": "p"}}])
+    assert by_p.evaluate(cert, ("p", "q")) is None
+    assert by_p.evaluate(cert, ("q",)) is False
+    assert by_p.evaluate(cert, ()) is False
+    not_p = policy(include=[{"certificate": {}}], exclude=[{"login_method": {"id": "p"}}])
+    assert not_p.evaluate(cert, ("p",)) is False and not_p.evaluate(cert, ("p", "q")) is None
+    domain = policy(include=[{"email_domain": {"domain": "x.test"}}])
+    assert domain.evaluate(cert, ()) is False and domain.evaluate(cert, ("q",)) is None
+
+
+def test_without_identity_providers_identity_policies_are_skipped(ring: KeyRing) -> None:
+    snap = snapshot(ring, PERSON_POLICY, identity_providers=())
+    d = decide(req(), snap, DEVICE, NOW)
+    assert (d.status, d.reason) == (403, Reason.POLICY_DENIED)  # P1: no provider, no login

@@ -76,14 +76,18 @@ async def curl(
 
 
 @needs_curl
-async def test_a_service_token_admits_curl_and_its_headers_stay_at_the_edge(admin: Served) -> None:
+@pytest.mark.parametrize("protocol", ["--http1.1", "--http2"])
+async def test_a_service_token_admits_curl_and_its_headers_stay_at_the_edge(
+    admin: Served, protocol: str
+) -> None:
     made = await ok(admin, "POST", f"{ACC}/service_tokens", {"name": "ci job"}, 201)
     assert made["client_id"].endswith(".access") and len(made["client_id"]) == 39
     assert len(made["client_secret"]) == 64 and made["duration"] == "8760h"
     await machines_policy(admin, made["id"])
 
-    status, headers, body = await curl(admin, made["client_id"], made["client_secret"])
+    status, headers, body = await curl(admin, made["client_id"], made["client_secret"], protocol)
     assert status == 200, headers
+    assert admin.last()["http"] == ("HTTP/2" if protocol == "--http2" else "HTTP/1.1")
     seen = json.loads(body)["headers"]
     assert "cf-access-client-id" not in seen and "cf-access-client-secret" not in seen
     claims = jwt.decode(seen["cf-access-jwt-assertion"], options={"verify_signature": False})
@@ -95,10 +99,10 @@ async def test_a_service_token_admits_curl_and_its_headers_stay_at_the_edge(admi
     assert made["client_secret"] not in admin.log_buffer.getvalue()
 
     # Without the secret header it is no service token at all: the certificate path decides.
-    status, headers, _ = await curl(admin, made["client_id"], None)
+    status, headers, _ = await curl(admin, made["client_id"], None, protocol)
     assert (status, headers["x-access-denied-reason"]) == (403, "no_certificate")
     # A wrong secret, an unknown client id.
-    status, headers, _ = await curl(admin, made["client_id"], "0" * 64)
+    status, headers, _ = await curl(admin, made["client_id"], "0" * 64, protocol)
     assert (status, headers["x-access-denied-reason"]) == (403, "service_token_invalid")
     status, headers, _ = await curl(admin, "f" * 32 + ".access", made["client_secret"])
     assert (status, headers["x-access-denied-reason"]) == (403, "service_token_invalid")
@@ -307,6 +311,8 @@ async def test_no_duration_person_session_over_tls(admin: Served) -> None:
     from testbed.demo import IOT_HOST
 
     iot = await app_id(admin, IOT_HOST)
+    # A provider people could log in with (without one no login could satisfy the policy).
+    await ok(admin, "POST", f"{ACC}/identity_providers", IDP, 201)
     person = {
         "name": "staff on devices",
         "decision": "allow",
