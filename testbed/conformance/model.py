@@ -30,32 +30,24 @@ Where docs/access-flow.md is silent the model says what it chose:
 
 People and service tokens (access-flow I5-I11), restated from the document:
 
-- I7's three values are read literally: without an identity a policy *holds* when it holds for
-  every identity a login could bring, *cannot hold* when it holds for none, and otherwise
-  *could hold after a login*, which stops the evaluation (401 ``login_required``, or a browser's
-  302 to the login route). The model decides this by enumerating one identity per class the
-  policy's rules can tell apart (:func:`i7_candidate_people`), not with Kleene's three-valued
-  connectives: ``include email = a, exclude email = a`` cannot hold for anyone, so it is skipped.
-  A login can only come from one of the application's identity providers; an application with
-  none cannot log anyone in, so its identity rules are false.
+- I7: Kleene's connectives first (include any, require all, exclude none, an identity rule
+  unknown without a person); a policy they leave unknown could hold after a login only when
+  one person, logged in with one of the application's providers, satisfies it
+  (:func:`i7_candidate_people` enumerates one person per class the rules tell apart), else it
+  is skipped. A valid service token makes identity rules false (a machine); an invalid or
+  expired one that would need a login gets its own reason instead.
 - Identity arrives from a login (the callback: :attr:`Request.person`) or, on a No Duration
   application, inside the session token (I9: checked like a token, then the policies decide
   with it). With a duration above zero a valid session token admits on its own (A4).
-- After a login (an identity known), nothing admitting is ``identity_denied`` (D1, I5); without
-  a certificate ``no_certificate`` is accepted too (I5 names the certificate's reason when the
-  certificate *fails*; the document is silent on one that is missing), and beside a valid
-  service token ``policy_denied`` too (I11 names it for a valid token no policy admits). A
-  ``deny`` policy that matches a person may be ``policy_denied`` (D1) or ``identity_denied`` (I5).
-- A service token is valid before its expiry and expired after it. At the expiry instant
-  itself the document is silent ("a past expiry": J1 counts a token's ``exp`` reached as
-  expired, V9 counts a certificate's notAfter as still valid): both answers are accepted.
-- An invalid or expired service token when nothing admits is its own reason (I11); where a
-  login could also admit (I7) either answer is accepted, and where a ``deny`` policy matched,
-  ``policy_denied`` is accepted too.
-- I9: a person admitted on a No Duration application after a login gets an identity-carrying
-  cookie whose lifetime is the matching policy's ``session_duration``, else 24 hours (a policy
-  duration of zero leaves the cookie unchecked); whether a request that brought its session
-  token gets a new one is left open. The connection still closes (A9).
+- After a login nothing admitting is ``identity_denied``, even without a certificate; a
+  matching ``deny`` policy stays ``policy_denied`` (I8). Beside a valid service token that no
+  policy admits, I11 names ``policy_denied``: both are accepted there. Beside an invalid or
+  expired service token, when a ``deny`` policy matched, its reason and ``policy_denied`` are.
+- A service token is expired from its expiry instant on (I11: valid while ``now < expires``).
+- I9: the identity cookie is set only by the login's admitted decision when the duration in
+  force is zero (a No Duration application, or a ``0s`` policy, S2), for the policy's
+  ``session_duration``, else 24 hours (a ``0s`` policy duration leaves its lifetime unchecked);
+  a request that brought its session token gets none.
 """
 
 from __future__ import annotations
@@ -715,12 +707,14 @@ def i7_candidate_people(policy: Policy, app: App) -> list[Person]:
 
 def i7_policy_value(policy: Policy, app: App, facts: Facts) -> bool | None:
     """I7: True when it holds, False when it cannot, None when a login could make it hold."""
-    if facts.person is not None or not any(r.kind in IDENTITY_RULE_KINDS for r in _rules(policy)):
+    if facts.person is not None or facts.service_token is not None:
+        # A known person, or a machine (a valid service token: identity rules are false).
         return i6_policy_holds(policy, facts, facts.person)
-    outcomes = {i6_policy_holds(policy, facts, p) for p in i7_candidate_people(policy, app)}
-    if not outcomes:  # no provider can log anyone in: identity rules stay false
-        return i6_policy_holds(policy, facts, None)
-    return outcomes.pop() if len(outcomes) == 1 else None
+    value = _kleene_policy(policy, facts)
+    if value is not None:
+        return value
+    could = any(i6_policy_holds(policy, facts, p) for p in i7_candidate_people(policy, app))
+    return None if could else False
 
 
 def a5_policy_holds(policy: Policy, path: Sequence[x509.Certificate], client_ip: str) -> bool:
@@ -745,12 +739,14 @@ def i7_first_policy(app: App, facts: Facts) -> Policy | Literal[True] | None:
 
 
 def _kleene_rule(rule: Rule, facts: Facts) -> bool | None:
+    """A rule in three values: an identity rule is unknown without a person."""
     if facts.person is None and rule.kind in IDENTITY_RULE_KINDS:
         return None
     return i6_rule_matches(rule, facts, facts.person)
 
 
 def _kleene_policy(policy: Policy, facts: Facts) -> bool | None:
+    """P2 in Kleene's logic: include any, require all, exclude none (I7)."""
     def any3(values: list[bool | None]) -> bool | None:
         return True if True in values else (None if None in values else False)
 
@@ -761,66 +757,6 @@ def _kleene_policy(policy: Policy, facts: Facts) -> bool | None:
     require = all3([_kleene_rule(r, facts) for r in policy.require])
     excluded = any3([_kleene_rule(r, facts) for r in policy.exclude])
     return all3([include, require, None if excluded is None else not excluded])
-
-
-def _policy_facts(world: World, request: Request, now: dt.datetime) -> tuple[App, Facts] | None:
-    """The application and the facts its policies see, when the request gets that far."""
-    if a2_host_matches_sni(request) is not None:
-        return None
-    app = world.apps.get(request.host.lower().rstrip("."))
-    if app is None:
-        return None
-    path: list[x509.Certificate] = []
-    if request.chain:
-        refused, path = a5_chain(world, app.hostname, request.chain, now)
-        if refused is not None:
-            return None
-    presented = request.chain[0] if request.chain else None
-    if a4_token_admits(app, request.token, now, world.revoked, presented):
-        return None
-    person = request.person
-    if person is None and app.session_duration <= ZERO:
-        person = i9_token_person(app, request.token, now, world.revoked, presented)
-    _, token = i11_service_token(world, request.service_token, now)
-    return app, Facts(path, request.client_ip, person, token)
-
-
-def _kleene_first(app: App, facts: Facts) -> Policy | Literal[True] | None:
-    for policy in app.policies:
-        value = _kleene_policy(policy, facts)
-        if value is None:
-            return True
-        if value:
-            return policy
-    return None
-
-
-def i7_readings_differ(world: World, request: Request, now: dt.datetime) -> bool:
-    """True when Kleene's connectives, read rule by rule, would decide otherwise than I7.
-
-    Not the model: a known divergence of an enforcer that evaluates I7 with Kleene's
-    three-valued connectives (``include email = a, exclude email = a`` then asks for a login
-    that can never admit) can be set aside with this, so that other divergences still show.
-    """
-    found = _policy_facts(world, request, now)
-    if found is None or found[1].person is not None:
-        return False
-    app, facts = found
-    return _kleene_first(app, facts) != i7_first_policy(app, facts)
-
-
-def machine_reading_differs(world: World, request: Request, now: dt.datetime) -> bool:
-    """True when reading identity rules as false beside a valid service token changes the answer.
-
-    Not the model either (I7 has no such exception): it sets aside the known divergence of an
-    enforcer that treats a request with a valid service token as a machine that never logs in.
-    """
-    found = _policy_facts(world, request, now)
-    if found is None or found[1].person is not None or found[1].service_token is None:
-        return False
-    app, facts = found
-    no_login = dataclasses.replace(app, identity_providers=())
-    return i7_first_policy(no_login, facts) != i7_first_policy(app, facts)
 
 
 # ---- I9, I11: identity in a No Duration session, service tokens ------------------------------
@@ -860,7 +796,7 @@ def i11_service_token(
     token = next((t for t in world.service_tokens if t.client_id == presented.client_id), None)
     if token is None or token.secret != presented.secret:
         return "service_token_invalid", None
-    if now > token.expires:
+    if now >= token.expires:
         return "service_token_expired", None
     return "valid", token
 
@@ -887,8 +823,7 @@ def a7_admit(
     """A7-A9, I8, I9: admitted by a policy; a cookie exactly when the duration is above zero.
 
     ``logged_in``: the person comes from a login just made, not from a No Duration session
-    token (I9 gives the login an identity cookie; whether a request that brought its session
-    token gets a fresh one, the document does not say: not checked).
+    token (I9: only the login's decision sets the identity cookie).
     """
     if policy.decision == "bypass":
         return Expected(200, cookie=False, admitted_by="bypass", close=_app_close(app))
@@ -896,12 +831,15 @@ def a7_admit(
     client_id = service_token.client_id if service_token else None
     whole_now = now.replace(microsecond=0)
     duration = a9_effective_duration(app, policy)
-    if person is not None and app.session_duration <= ZERO:
-        # I9: the device is proved on every request; the cookie carries the person only.
+    if person is not None and duration <= ZERO:
+        # I9: the device is proved on every request; only a login's decision sets the cookie
+        # that carries the person, for the policy's duration, else 24 hours.
         lifetime = policy.session_duration
         if lifetime is None:
             lifetime = NO_DURATION_PERSON_LIFETIME
-        if lifetime <= ZERO or not logged_in:
+        if not logged_in:
+            return Expected(200, cookie=False, close=True, admitted_by=by, person=person)
+        if lifetime <= ZERO:
             return Expected(200, cookie=None, close=True, admitted_by=by, person=person)
         seconds = int(lifetime.total_seconds())
         return Expected(
@@ -936,11 +874,16 @@ def _app_close(app: App) -> bool | None:
 
 
 def i7_login(request: Request, close: bool | None, token_state: str | None) -> Expected:
-    """I7: a login could admit: a browser is sent to the login route, others get 401."""
-    also = frozenset({(403, token_state)}) if token_state not in (None, "valid") else frozenset()
+    """I7: a login could admit: a browser is sent to the login route, others get 401.
+
+    A bad service token gets its own reason instead: a machine cannot log in (I7, I11).
+    """
+    if token_state in ("service_token_invalid", "service_token_expired"):
+        assert token_state is not None
+        return deny(403, token_state, close=close)
     if request.browser:
-        return Expected(302, cookie=False, close=close, redirect=True, also=also)
-    return dataclasses.replace(deny(401, "login_required", close=close), also=also)
+        return Expected(302, cookie=False, close=close, redirect=True)
+    return deny(401, "login_required", close=close)
 
 
 def p7_nothing_matched(
@@ -952,11 +895,9 @@ def p7_nothing_matched(
         extra = {"identity_denied"} if facts.person is not None else set()
         return deny(403, token_state, *extra, close=close)
     if facts.person is not None:
-        # D1's identity_denied; beside it the device's (or a valid service token's) own
-        # reason, which the document also names for the same request.
-        extra = set() if certificate else {"no_certificate"}
-        if token_state == "valid":
-            extra.add("policy_denied")
+        # I8: identity_denied, even without a certificate; I11 names policy_denied for a
+        # valid service token no policy admits: both apply.
+        extra = {"policy_denied"} if token_state == "valid" else set()
         return deny(403, "identity_denied", *extra, close=close)
     reason = "policy_denied" if certificate or token_state else "no_certificate"
     return deny(403, reason, close=close)
@@ -964,21 +905,7 @@ def p7_nothing_matched(
 
 def expect(world: World, request: Request, now: dt.datetime) -> Expected:
     """What the enforcer must answer to ``request`` at ``now`` (access-flow A2-A9, I5-I11)."""
-    expected = _expect(world, request, now)
-    presented = request.service_token
-    edge = [
-        t
-        for t in world.service_tokens
-        if presented is not None and t.client_id == presented.client_id and t.expires == now
-    ]
-    if not edge:
-        return expected
-    # At its expiry instant a service token may be read as expired too (see the docstring).
-    earlier = dataclasses.replace(edge[0], expires=now - dt.timedelta(microseconds=1))
-    tokens = tuple(earlier if t is edge[0] else t for t in world.service_tokens)
-    other = _expect(dataclasses.replace(world, service_tokens=tokens), request, now)
-    also = {(other.status, r) for r in other.reasons} | set(other.also)
-    return dataclasses.replace(expected, also=expected.also | frozenset(also))
+    return _expect(world, request, now)
 
 
 def _expect(world: World, request: Request, now: dt.datetime) -> Expected:
@@ -1017,9 +944,9 @@ def _expect(world: World, request: Request, now: dt.datetime) -> Expected:
     if policy is None:
         return p7_nothing_matched(facts, bool(path), token_state, close)
     if policy.decision == "deny":
-        extra = {"identity_denied"} if person is not None else set()
+        extra = set()
         if token_state in ("service_token_invalid", "service_token_expired"):
-            extra.add(token_state)
+            extra.add(token_state)  # "when nothing admits", I11
         return deny(403, "policy_denied", *extra, close=close)
     logged_in = request.person is not None
     return a7_admit(app, policy, bool(path), now, person, service_token, logged_in)

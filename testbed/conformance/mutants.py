@@ -119,9 +119,9 @@ def require_ignores_identity(setattr: Setattr) -> None:
 
     original = Policy.evaluate
 
-    def evaluate(self: Any, facts: Any) -> Any:
+    def evaluate(self: Any, facts: Any, *rest: Any) -> Any:
         kept = tuple(r for r in self.require if r.kind not in IDENTITY_RULE_KINDS)
-        return original(dataclasses.replace(self, require=kept), facts)
+        return original(dataclasses.replace(self, require=kept), facts, *rest)
 
     setattr(Policy, "evaluate", evaluate)
 

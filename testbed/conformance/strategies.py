@@ -169,11 +169,6 @@ KNOWN_FAMILIES = {
     "DSA, RSA-1024, P-192, P-224, secp256k1, SHA-1): unsupported_key",
     "leaf-key-usage": "client leaves whose key usage lacks digitalSignature",
     "mixed-chain": "an uploaded intermediate below one that is not uploaded",
-    "i7-every-identity": "requests where I7 read as 'for every / for no identity' and Kleene's "
-    "three-valued connectives disagree (include email = a with exclude email = a, two "
-    "different emails, a login_method no allowed provider offers): not compared",
-    "service-token-never-logs-in": "requests with a valid service token and no person where "
-    "reading identity rules as false (a machine never logs in) changes the answer: not compared",
 }
 
 

@@ -507,6 +507,7 @@ async def serve_builtin(nursery: trio.Nursery, folder: Path) -> AdminTarget:
             service_tokens=True,
             in_process=True,
             email_header=True,
+            browser=True,
         ),
         ("127.0.0.1", port),
         edge_ca,

@@ -423,12 +423,13 @@ def test_no_duration_with_a_person_checks_the_device_and_carries_the_identity() 
     e = ask(w, chain, token=session)
     # The token does not admit on its own: the policies decide with its person (I9)...
     assert (e.status, e.admitted_by, e.person, e.close) == (200, "certificate", ALICE, True)
+    assert e.cookie is False  # only the login's decision sets the identity cookie (I9)
     # A login under No Duration gets an identity cookie for 24 h without a policy duration.
     e = ask(w, chain, person=ALICE)
     assert (e.cookie, e.cookie_max_age, e.close) == (True, 86400, True)
-    # Without a certificate the policy cannot hold (whether the token still names the person,
-    # with binding off, is left open: identity_denied is accepted beside no_certificate).
-    assert "no_certificate" in ask(w, (), token=session).reasons
+    # Without a certificate the policy cannot hold; the token (binding off) still names the
+    # person, so the denial is identity_denied (I8).
+    assert ask(w, (), token=session).reasons == {"identity_denied"}
     # Minted for another certificate, the token brings nobody: a login is needed.
     stolen = dataclasses.replace(session, certificate="00" * 32)
     assert ask(w, chain, token=stolen).reasons == {"login_required"}
@@ -454,12 +455,10 @@ def test_service_tokens() -> None:
     assert ask(w, (), service_token=bad_secret).reasons == {"service_token_invalid"}
     unknown = model.Credentials("nobody.access", "s3cret")
     assert ask(w, (), service_token=unknown).reasons == {"service_token_invalid"}
-    # Valid before its expiry, expired after it; at the instant itself either (the document
-    # does not say).
-    edge = ask(w, (), service_token=good, at=made.expires)
-    assert edge.status == 200 and edge.accepts(403, "service_token_expired")
-    late = ask(w, (), service_token=good, at=made.expires + dt.timedelta(seconds=1))
-    assert late.reasons == {"service_token_expired"}
+    # Valid before its expiry instant, expired from it on (I11, as J1's exp).
+    before = made.expires - dt.timedelta(seconds=1)
+    assert ask(w, (), service_token=good, at=before).status == 200
+    assert ask(w, (), service_token=good, at=made.expires).reasons == {"service_token_expired"}
     # A valid token that no policy admits is policy_denied (I11); none at all: no_certificate.
     other = model.Policy("other", "non_identity", (model.Rule("service_token", "st-2"),))
     w, _ = people_world(other, tokens=(made,))
@@ -470,36 +469,37 @@ def test_service_tokens() -> None:
     assert ask(w, (), service_token=good).status == 200
 
 
-def test_a_bad_service_token_beside_a_possible_login_may_say_either() -> None:
+def test_a_bad_service_token_is_refused_rather_than_sent_to_log_in() -> None:
     made = model.ServiceToken("st-1", "client.access", "s3cret", T0 + dt.timedelta(hours=1))
     w, chain = people_world(model.Policy("people", "allow", (DOMAIN,)), tokens=(made,))
     e = ask(w, chain, service_token=model.Credentials("client.access", "guess"))
-    assert e.accepts(401, "login_required") and e.accepts(403, "service_token_invalid")
-    assert not e.accepts(403, "policy_denied") and not e.accepts(200, None)
+    assert (e.status, e.reasons) == (403, {"service_token_invalid"})
+    assert ask(
+        w, chain, service_token=model.Credentials("client.access", "guess"), browser=True
+    ).reasons == {"service_token_invalid"}
 
 
-def test_the_known_readings_of_i7_are_told_apart() -> None:
-    a = model.Rule("email", "alice@example.com")
-    never = model.Policy("never", "allow", (a,), exclude=(a,))
-    w, chain = people_world(never)
-    request = model.Request(APP_HOST, APP_HOST, chain)
-    assert model.i7_readings_differ(w, request, T0)  # Kleene: a login; I7: nobody can
-    assert not model.i7_readings_differ(w, dataclasses.replace(request, person=ALICE), T0)
-    w, chain = people_world(LOGIN_AND_CERTIFICATE)
-    assert not model.i7_readings_differ(w, model.Request(APP_HOST, APP_HOST, chain), T0)
+def test_a_policy_every_person_satisfies_still_needs_the_login() -> None:
+    # Kleene leaves it unknown; every person a login can bring (only idp-a) satisfies it; a
+    # token is minted for a person, never for an absent one (I7).
+    via_a = model.Policy("a", "allow", (model.Rule("login_method", IDP_A),))
+    w, chain = people_world(via_a, providers=(IDP_A,))
+    assert ask(w, chain).reasons == {"login_required"}
+    # No provider at all: no login, the identity rule cannot hold.
+    w, chain = people_world(via_a, providers=())
+    assert ask(w, chain).reasons == {"policy_denied"}
+
+
+def test_a_valid_service_token_is_a_machine_that_never_logs_in() -> None:
     made = model.ServiceToken("st-1", "c.access", "s", T0 + dt.timedelta(hours=1))
     both = model.Policy(
         "both", "allow", (DOMAIN,), require=(model.Rule("any_valid_service_token"),)
     )
-    w, chain = people_world(both, tokens=(made,))
-    machine = model.Request(
-        APP_HOST, APP_HOST, (), service_token=model.Credentials("c.access", "s")
-    )
-    assert model.expect(w, machine, T0).reasons == {"login_required"}
-    assert model.machine_reading_differs(w, machine, T0)
-    assert not model.machine_reading_differs(
-        w, dataclasses.replace(machine, service_token=None), T0
-    )
+    w, _ = people_world(both, tokens=(made,))
+    machine = model.Credentials("c.access", "s")
+    assert ask(w, (), service_token=machine).reasons == {"policy_denied"}
+    assert ask(w, ()).reasons == {"no_certificate"}  # require cannot hold: no login either
+    assert ask(w, (), service_token=machine, person=ALICE).status == 200
 
 
 # ---- the model against enforcer/policy.py, pure: the three-valued evaluation -----------------
@@ -578,8 +578,8 @@ def _enforcer_policy(policy: model.Policy) -> object:
 def test_the_three_valued_evaluation_matches_enforcer_policy(
     policy: model.Policy, person: model.Person | None, token: str | None, ip: str
 ) -> None:
-    """With a person the evaluation is two-valued and must agree exactly; without one the
-    enforcer's (Kleene) value must be the model's or unknown where the model's is known."""
+    """Two-valued with a person or a valid service token, three-valued otherwise: the model's
+    I7 and enforcer/policy.py's must agree exactly."""
     import ipaddress
 
     from enforcer.identity import Identity
@@ -596,12 +596,7 @@ def test_the_three_valued_evaluation_matches_enforcer_policy(
     if person is not None:
         identity = Identity(person.email, "sub", person.idp, tuple(sorted(person.groups)))
     facts = RequestFacts(None, ipaddress.ip_address(ip), identity, service)
-    real = _enforcer_policy(policy).evaluate(facts)  # type: ignore[attr-defined]
+    real = _enforcer_policy(policy).evaluate(facts, (IDP_A, IDP_B))  # type: ignore[attr-defined]
     app = model.App(APP_HOST, dt.timedelta(hours=24), (policy,), (IDP_A, IDP_B))
     mine = model.i7_policy_value(policy, app, model.Facts((), ip, person, model_token))
-    if person is not None:
-        assert real is mine
-    elif service is None:
-        # Kleene's reading is weaker than "every / no identity": it may leave unknown what
-        # the document decides, never the other way round (the known i7-every-identity gap).
-        assert real is mine or real is None
+    assert real is mine
