@@ -217,8 +217,8 @@ async def test_a_leaf_that_may_not_sign_is_invalid_chain(builtin: AdminTarget) -
 MUTANT_RUNS = [
     ("ignore-expiry", 1, "certificate_expired"),
     ("cookie-under-no-duration", 1, "token replay"),
-    ("foreign-root", 1, "untrusted_issuer"),
-    ("skip-common-name", 1, "'common_name'"),
+    ("foreign-root", 2, "untrusted_issuer"),
+    ("skip-common-name", 2, "'common_name'"),
     ("identity-unknown-false", 1, "login_required"),
 ]
 
