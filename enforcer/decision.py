@@ -306,7 +306,8 @@ def decide(
     # The person: just logged in (the callback), or named by a session token (I5, I8, I9).
     identity = request.identity
     token_identity = False  # the identity came from a presented token
-    if request.token is not None:
+    # A login just made wins over any session the browser still holds (another person's).
+    if request.token is not None and identity is None:
         checked = check(
             request.token,
             snapshot.keyring,

@@ -515,3 +515,12 @@ def test_without_identity_providers_identity_policies_are_skipped(ring: KeyRing)
     snap = snapshot(ring, PERSON_POLICY, identity_providers=())
     d = decide(req(), snap, DEVICE, NOW)
     assert (d.status, d.reason) == (403, Reason.POLICY_DENIED)  # P1: no provider, no login
+
+
+def test_a_fresh_login_wins_over_an_older_session(ring: KeyRing) -> None:
+    snap = snapshot(ring, PERSON_POLICY)
+    alice = decide(req(identity=ALICE), snap, DEVICE, NOW)
+    carol = dataclasses.replace(ALICE, email="carol@example.com", sub="sub-carol")
+    switched = decide(req(identity=carol, token=alice.token), snap, DEVICE, NOW)
+    assert switched.admitted_by is AdmittedBy.IDENTITY and switched.identity == carol
+    assert switched.set_cookie is not None and switched.token != alice.token
