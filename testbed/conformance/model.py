@@ -747,6 +747,7 @@ def _kleene_rule(rule: Rule, facts: Facts) -> bool | None:
 
 def _kleene_policy(policy: Policy, facts: Facts) -> bool | None:
     """P2 in Kleene's logic: include any, require all, exclude none (I7)."""
+
     def any3(values: list[bool | None]) -> bool | None:
         return True if True in values else (None if None in values else False)
 

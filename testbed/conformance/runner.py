@@ -23,6 +23,7 @@ import hashlib
 import json
 import secrets
 import ssl
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -146,9 +147,14 @@ def compare(
     if obs.status != exp.status:
         problems.append(f"status {obs.status}, expected {exp.status}")
     if exp.redirect:
+        # I7: to the login route on this hostname, with the request's path ("/") to return to.
         location = obs.header("location") or ""
-        if obs.status == 302 and "/cdn-cgi/access/login" not in location:
-            problems.append(f"redirected to {location!r}, not to the login route (I7)")
+        target = urllib.parse.urlsplit(location)
+        back = urllib.parse.parse_qs(target.query).get("redirect_url")
+        if obs.status == 302 and (target.path != "/cdn-cgi/access/login" or back != ["/"]):
+            problems.append(
+                f"redirected to {location!r}, not to /cdn-cgi/access/login?redirect_url=/ (I7)"
+            )
         return
     if exp.reasons and obs.reason not in exp.reasons:
         problems.append(f"reason {obs.reason!r}, expected one of {sorted(exp.reasons)}")

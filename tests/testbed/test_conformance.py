@@ -295,6 +295,8 @@ def _people(
 PEOPLE_CASES = [
     # No login, a certificate: a login could admit (I7).
     ("login-required", _people(RequestSpec()), "login_required"),
+    # A browser is sent to the login route instead (I7).
+    ("browser-redirected", _people(RequestSpec(browser=True)), ""),
     # No certificate: "login AND certificate" cannot hold, no login is asked (I7).
     ("no-certificate-no-login", _people(RequestSpec(present_certificate=False)), "no_certificate"),
     # No Duration: a person's session token names them; the device is proved again (I9).
@@ -362,6 +364,8 @@ async def test_the_enforcer_and_the_model_agree_on_people_and_service_tokens(
     fresh = run.steps[0]
     assert fresh.observed is not None
     assert (fresh.observed.reason or "") == reason, run.report("builtin")
+    if spec.request.browser:
+        assert fresh.observed.status == 302, run.report("builtin")
     assert not run.divergent, run.report("builtin")
 
 
