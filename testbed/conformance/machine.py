@@ -7,6 +7,13 @@ the session duration changes, all through the enforcer's admin API. After every 
 answer must equal the model's for the state the machine tracks; after every step the
 invariants hold (no divergence so far, No Duration connections never serve a second request).
 
+With a target that expresses people and service tokens (issue 17), the operator also switches
+the application between three policy sets (devices only; a person from example.com AND a
+certificate; a service token or a certificate), and requests may carry a person's session token
+(minted with the enforcer's own key, bound to the device's certificate) and service-token
+headers, so that revocations, clock jumps and duration changes meet sessions of people
+(I8: revoking the certificate ends the session) and service tokens that expire (I11).
+
 It needs a target whose clock can be set: the built-in enforcer.
 """
 
@@ -30,11 +37,13 @@ from hypothesis.stateful import (
 
 from devices.pki import write_pem
 from testbed.conformance import model
-from testbed.conformance.runner import Divergence, Step, compare
+from testbed.conformance.runner import Divergence, Step, compare, person_of, session_claims
 from testbed.conformance.strategies import (
     APP_HOST,
     DAY,
     DURATIONS,
+    IDP_A,
+    IDP_B,
     IntermediateSpec,
     LeafSpec,
     PkiSpec,
@@ -48,7 +57,27 @@ from testbed.conformance.targets import AdminTarget, model_policy
 from testbed.conformance.wire import AnyConnection, WireError, client_context, open_connection
 
 POLICY = {"name": "valid certificate", "include": [{"certificate": {}}]}
+# Issue 17's policy sets (symbolic service-token ids are resolved per target).
+POLICY_SETS: dict[str, list[dict[str, Any]]] = {
+    "devices": [POLICY],
+    "people": [
+        {
+            "name": "people on our devices",
+            "decision": "allow",
+            "include": [{"email_domain": {"domain": "example.com"}}],
+            "require": [{"certificate": {}}],
+        }
+    ],
+    "machines": [
+        {
+            "name": "ci or devices",
+            "include": [{"service_token": {"token_id": "st-short"}}, {"certificate": {}}],
+        }
+    ],
+}
 DEVICES = ("a-long", "a-short", "b", "managed-1", "managed-2")
+# A probe: a device (None: no certificate), a person's session token, a service token.
+Probe = tuple[str | None, str | None, str | None]
 
 
 @dataclasses.dataclass
@@ -119,11 +148,14 @@ class ConformanceMachine(RuleBasedStateMachine):
                 if d.managed_id is not None:
                     a.call("PATCH", a.zone_path(f"/client_certificates/{d.managed_id}"), {})
         self.duration = "24h"
-        a.call(
-            "PUT",
-            a.account_path(f"/apps/{t.app_ids[APP_HOST]}"),
-            {"session_duration": self.duration, "policies": [POLICY]},
-        )
+        self.people = t.caps.identity and t.session_minter is not None
+        if self.people or t.caps.service_tokens:
+            t._identity_setup()
+        self.policy_set = "devices"
+        body: dict[str, Any] = {"session_duration": self.duration, "policies": [POLICY]}
+        if t.caps.identity:
+            body["allowed_idps"] = []
+        a.call("PUT", a.account_path(f"/apps/{t.app_ids[APP_HOST]}"), body)
         self.revoked: set[str] = set()
         self.now = self.t0
         self.anonymous = client_context(t.edge_ca)
@@ -188,17 +220,34 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     def world(self) -> model.World:
         """The model's view of the current configuration."""
+        t = self.target
         app = model.App(
             APP_HOST,
             dt.timedelta(seconds=DURATIONS[self.duration]),
-            (model_policy(POLICY),),
+            tuple(model_policy(b) for b in self._policies()),
+            tuple(t.ids[i] for i in (IDP_A, IDP_B)) if t.caps.identity else (),
         )
         return model.World(
             tuple(self.roots.values()),
             {APP_HOST: app},
             frozenset(self.revoked),
-            self.target.caps.max_chain_depth,
+            t.caps.max_chain_depth,
+            service_tokens=tuple(t.service_tokens.values()),
         )
+
+    def _policies(self) -> list[dict[str, Any]]:
+        """The current policy set, with the target's service-token ids."""
+        ids = self.target.ids
+
+        def resolve(rule: dict[str, Any]) -> dict[str, Any]:
+            if "service_token" in rule:
+                return {"service_token": {"token_id": ids[rule["service_token"]["token_id"]]}}
+            return rule
+
+        return [
+            {**b, **{k: [resolve(r) for r in b.get(k, [])] for k in ("include", "require")}}
+            for b in POLICY_SETS[self.policy_set]
+        ]
 
     # ---- rules: devices ----
 
@@ -206,7 +255,28 @@ class ConformanceMachine(RuleBasedStateMachine):
         target=connections,
         device=st.sampled_from((*DEVICES, None)),
         resume=st.booleans(),
+        with_cookie=st.booleans(),
+        person=st.sampled_from([None, None, "alice", "bob"]),
+        service_token=st.sampled_from([None, None, "st-long", "st-short", "wrong-secret"]),
     )
+    def visit(
+        self,
+        device: str | None,
+        resume: bool,
+        with_cookie: bool,
+        person: str | None,
+        service_token: str | None,
+    ) -> Conn:
+        """A device (or a client without a certificate) connects and sends a first request.
+
+        (Connecting alone was a rule of its own; hypothesis then drew few requests among the
+        operator's steps, so a visit is both.)
+        """
+        conn = self.connect(device, resume)
+        owner = device or "a-long"
+        self.request(conn, with_cookie, owner, person, service_token)
+        return conn
+
     def connect(self, device: str | None, resume: bool) -> Conn:
         """A device (or a client without a certificate) opens a connection."""
         d = self.devices[device] if device else None
@@ -225,11 +295,29 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.open.append(handle)
         return handle
 
-    @rule(conn=connections, with_cookie=st.booleans(), owner=st.sampled_from(DEVICES))
-    def request(self, conn: Conn, with_cookie: bool, owner: str) -> None:
-        """Send a request with the device's cookie or without; anonymous ones borrow one."""
+    @rule(
+        conn=connections,
+        with_cookie=st.booleans(),
+        owner=st.sampled_from(DEVICES),
+        person=st.sampled_from([None, None, "alice", "bob"]),
+        service_token=st.sampled_from([None, None, "st-long", "st-short", "wrong-secret"]),
+    )
+    def request(
+        self,
+        conn: Conn,
+        with_cookie: bool,
+        owner: str,
+        person: str | None,
+        service_token: str | None,
+    ) -> None:
+        """Send a request with the device's cookie or without; anonymous ones borrow one.
+
+        Without the cookie, a person's session token bound to the device's certificate may
+        ride instead (minted an hour ago, valid for a day), and service-token headers may too.
+        """
         if conn.closed or not conn.connection.usable:
             return
+        t = self.target
         d = conn.device
         holder = d if d is not None else self.devices[owner]
         token, headers = None, []
@@ -238,7 +326,25 @@ class ConformanceMachine(RuleBasedStateMachine):
                 APP_HOST, holder.cookie_exp, True, model.sha256_hex(holder.chain[0])
             )
             headers = [("cookie", f"CF_Authorization={holder.cookie}")]
-        request = model.Request(APP_HOST, APP_HOST, d.chain if d else (), token)
+        elif person is not None and self.people:
+            who = person_of(t, person)
+            bound = model.sha256_hex(holder.chain[0])
+            exp = self.now + dt.timedelta(days=1)
+            claims = session_claims(t, who, bound, self.now - dt.timedelta(hours=1), exp)
+            token = model.Token(APP_HOST, exp, True, bound, who)
+            headers = [("cookie", f"CF_Authorization={t.session_minter(claims)}")]
+        credentials = None
+        if service_token is not None and t.service_tokens:
+            known = t.service_tokens["st-short" if service_token == "st-short" else "st-long"]
+            secret = "0" * 64 if service_token == "wrong-secret" else known.secret
+            credentials = model.Credentials(known.client_id, secret)
+            headers += [
+                ("cf-access-client-id", credentials.client_id),
+                ("cf-access-client-secret", credentials.secret),
+            ]
+        request = model.Request(
+            APP_HOST, APP_HOST, d.chain if d else (), token, service_token=credentials
+        )
         expected = model.expect(self.world(), request, self.now)
         try:
             observed = conn.connection.request(APP_HOST, headers=headers)
@@ -265,6 +371,20 @@ class ConformanceMachine(RuleBasedStateMachine):
             if observed is not None and observed.cookie:
                 d.cookie, d.cookie_exp = observed.cookie, expected.token_exp
 
+    def _probe(self, probe: Probe) -> None:
+        """After an operator's step or the clock's, one device visits without its cookie.
+
+        Hypothesis draws few requests among many operator steps; a probe after each change
+        makes every change meet a request.
+        """
+        device, person, service_token = probe
+        conn = self.connect(device, False)
+        try:
+            self.request(conn, False, device or "a-long", person, service_token)
+        finally:
+            conn.closed = True
+            conn.connection.close()
+
     @rule(conn=connections)
     def hang_up(self, conn: Conn) -> None:
         """The client closes a connection."""
@@ -273,17 +393,33 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     # ---- rules: time and the operator ----
 
-    @rule(seconds=st.sampled_from([1, 59, 3600, DAY, 31 * DAY]))
-    def advance_clock(self, seconds: int) -> None:
+    @rule(
+        seconds=st.sampled_from([1, 59, 3600, DAY, 31 * DAY]),
+        probe=st.tuples(
+            st.sampled_from((*DEVICES, None)),
+            st.sampled_from([None, "alice", "bob"]),
+            st.sampled_from([None, "st-long", "st-short"]),
+        ),
+    )
+    def advance_clock(self, seconds: int, probe: Probe) -> None:
         """Time passes on the enforcer's injected clock."""
         self.now += dt.timedelta(seconds=seconds)
         self.target.set_time(self.now)
         self.log.append(
             f"advance clock {seconds}s -> t0+{(self.now - self.t0).total_seconds():.0f}s"
         )
+        self._probe(probe)
 
-    @rule(name=st.sampled_from(["managed-1", "managed-2"]), revoke=st.booleans())
-    def revoke_or_reactivate(self, name: str, revoke: bool) -> None:
+    @rule(
+        name=st.sampled_from(["managed-1", "managed-2"]),
+        revoke=st.booleans(),
+        probe=st.tuples(
+            st.sampled_from((*DEVICES, None)),
+            st.sampled_from([None, "alice", "bob"]),
+            st.sampled_from([None, "st-long", "st-short"]),
+        ),
+    )
+    def revoke_or_reactivate(self, name: str, revoke: bool, probe: Probe) -> None:
         """The operator revokes (or reactivates) a managed-CA certificate."""
         a, d = self.target.admin, self.devices[name]
         path = a.zone_path(f"/client_certificates/{d.managed_id}")
@@ -294,6 +430,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             a.call("PATCH", path, {})
             self.revoked.discard(model.sha256_hex(d.chain[0]))
         self.log.append(f"{'revoke' if revoke else 'reactivate'} {name}")
+        self._probe(probe)
 
     @rule()
     def rotate_root(self) -> None:
@@ -305,6 +442,26 @@ class ConformanceMachine(RuleBasedStateMachine):
             a.call("PUT", a.account_path(f"/certificates/{rid}"), {"associated_hostnames": hosts})
             self.roots[key] = dataclasses.replace(self.roots[key], hostnames=frozenset(hosts))
         self.log.append(f"rotate root -> {'B' if to_b else 'A'}")
+
+    @rule(
+        choice=st.sampled_from(sorted(POLICY_SETS)),
+        probe=st.tuples(
+            st.sampled_from((*DEVICES, None)),
+            st.sampled_from([None, "alice", "bob"]),
+            st.sampled_from([None, "st-long", "st-short"]),
+        ),
+    )
+    def set_policies(self, choice: str, probe: Probe) -> None:
+        """The operator switches the application's policies (devices, people, machines)."""
+        t = self.target
+        if choice != "devices" and not (t.caps.identity and t.caps.service_tokens):
+            return
+        self.policy_set = choice
+        a = t.admin
+        path = a.account_path(f"/apps/{t.app_ids[APP_HOST]}")
+        a.call("PUT", path, {"policies": self._policies()})
+        self.log.append(f"policies -> {choice}")
+        self._probe(probe)
 
     @rule(duration=st.sampled_from(["0s", "15m", "24h"]))
     def set_session_duration(self, duration: str) -> None:

@@ -27,6 +27,27 @@ Where docs/access-flow.md is silent the model says what it chose:
 - Name constraints (dNSName subtrees) of every CA below the anchor bind the leaf's SAN DNS
   names; a leaf without SAN must have a CN that is a DNS name inside them. SAN URIs are not
   constrained by dNSName subtrees.
+
+People and service tokens (access-flow I5-I11), restated from the document:
+
+- I7: Kleene's connectives first (include any, require all, exclude none, an identity rule
+  unknown without a person); a policy they leave unknown could hold after a login only when
+  one person, logged in with one of the application's providers, satisfies it
+  (:func:`i7_candidate_people` enumerates one person per class the rules tell apart), else it
+  is skipped. A valid service token makes identity rules false (a machine); an invalid or
+  expired one that would need a login gets its own reason instead.
+- Identity arrives from a login (the callback: :attr:`Request.person`) or, on a No Duration
+  application, inside the session token (I9: checked like a token, then the policies decide
+  with it). With a duration above zero a valid session token admits on its own (A4).
+- After a login nothing admitting is ``identity_denied``, even without a certificate; a
+  matching ``deny`` policy stays ``policy_denied`` (I8). Beside a valid service token that no
+  policy admits, I11 names ``policy_denied``: both are accepted there. Beside an invalid or
+  expired service token, when a ``deny`` policy matched, its reason and ``policy_denied`` are.
+- A service token is expired from its expiry instant on (I11: valid while ``now < expires``).
+- I9: the identity cookie is set only by the login's admitted decision when the duration in
+  force is zero (a No Duration application, or a ``0s`` policy, S2), for the policy's
+  ``session_duration``, else 24 hours (a ``0s`` policy duration leaves its lifetime unchecked);
+  a request that brought its session token gets none.
 """
 
 from __future__ import annotations
@@ -37,6 +58,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -45,7 +67,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorit
 
 ZERO = dt.timedelta(0)
 DECISIONS = ("non_identity", "allow", "deny", "bypass")
-RULE_KINDS = (
+CERTIFICATE_RULE_KINDS = (
     "everyone",
     "certificate",
     "common_name",
@@ -56,6 +78,11 @@ RULE_KINDS = (
     "san_uri",
     "ip",
 )
+# access-flow I6: rules about a person (unknown without a login) and about service tokens.
+IDENTITY_RULE_KINDS = ("email", "email_domain", "group", "login_method")
+SERVICE_TOKEN_RULE_KINDS = ("service_token", "any_valid_service_token")
+RULE_KINDS = (*CERTIFICATE_RULE_KINDS, *IDENTITY_RULE_KINDS, *SERVICE_TOKEN_RULE_KINDS)
+NO_DURATION_PERSON_LIFETIME = dt.timedelta(hours=24)  # I9: without a policy duration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +107,41 @@ class Policy:
 
 @dataclasses.dataclass(frozen=True)
 class App:
-    """An application: its hostname, session duration and ordered policies."""
+    """An application: its hostname, session duration, ordered policies and login providers."""
 
     hostname: str
     session_duration: dt.timedelta
     policies: tuple[Policy, ...]
+    # I1: ids of the identity providers that may log this application's users in.
+    identity_providers: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Person:
+    """A person's identity as a login establishes it (I4)."""
+
+    email: str
+    idp: str
+    groups: frozenset[str] = frozenset()
+    sub: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceToken:
+    """A service token created through the admin API (I11)."""
+
+    id: str
+    client_id: str
+    secret: str
+    expires: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """What a request presents in CF-Access-Client-Id / CF-Access-Client-Secret."""
+
+    client_id: str
+    secret: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +161,7 @@ class World:
     apps: Mapping[str, App]
     revoked: frozenset[str] = frozenset()  # SHA-256 hex of revoked leaves
     max_chain_depth: int | None = None  # intermediates allowed on a path (None: not judged)
+    service_tokens: tuple[ServiceToken, ...] = ()
     min_rsa_bits: int = 2048
     ec_curves: frozenset[str] = frozenset({"secp256r1", "secp384r1", "secp521r1"})
 
@@ -116,6 +174,7 @@ class Token:
     exp: dt.datetime
     genuine: bool = True  # signed by this enforcer and not tampered with
     certificate: str | None = None  # SHA-256 hex of the leaf it was minted for, if any
+    person: Person | None = None  # I8: a person's session token carries the identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +186,9 @@ class Request:
     chain: tuple[x509.Certificate, ...] = ()  # leaf first; empty: no certificate
     token: Token | None = None
     client_ip: str = "127.0.0.1"
+    person: Person | None = None  # I5: the identity a login (the callback) just established
+    service_token: Credentials | None = None
+    browser: bool = False  # I7: a GET with text/html in Accept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +206,17 @@ class Expected:
     admitted_by: str | None = None
     cookie_max_age: int | None = None
     token_exp: dt.datetime | None = None
+    # Other acceptable refusals (status, reason) where the document allows a different status.
+    also: frozenset[tuple[int, str]] = frozenset()
+    person: Person | None = None  # admitted as this person: I8 claims and the email header
+    redirect: bool = False  # I7: a 302 to the login route
+    service_token: str | None = None  # admitted beside this valid service token's client id
+
+    def accepts(self, status: int, reason: str | None) -> bool:
+        """True when a refusal with this status and reason is one the model allows."""
+        if (status, reason) in self.also:
+            return True
+        return status == self.status and (not self.reasons or reason in self.reasons)
 
     @property
     def admitted(self) -> bool:
@@ -155,8 +228,14 @@ class Expected:
         parts = [str(self.status)]
         if self.reasons:
             parts.append(" or ".join(sorted(self.reasons)))
+        for status, reason in sorted(self.also):
+            parts.append(f"or {status} {reason}")
+        if self.redirect:
+            parts.append("redirect to the login route")
         if self.admitted_by:
             parts.append(f"admitted by {self.admitted_by}")
+        if self.person:
+            parts.append(f"as {self.person.email}")
         if self.cookie is not None:
             parts.append("with cookie" if self.cookie else "no cookie")
         if self.cookie_max_age is not None:
@@ -529,12 +608,24 @@ def _glob(pattern: str, text: str) -> bool:
     return re.fullmatch(regex, text) is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What rules look at: the validated path, the address, the person, a valid service token."""
+
+    path: Sequence[x509.Certificate]  # empty: no (valid) certificate
+    client_ip: str
+    person: Person | None = None  # None: nobody logged in (identity rules unknown, I7)
+    service_token: ServiceToken | None = None  # only a valid one (I11)
+
+
 def a5_rule_matches(rule: Rule, path: Sequence[x509.Certificate], client_ip: str) -> bool:
-    """A5: one rule against the validated path (empty: no certificate) and the client address."""
+    """A5: one certificate or address rule against the validated path and the client address."""
     if rule.kind == "everyone":
         return True
     if rule.kind == "ip":
         return ipaddress.ip_address(client_ip) in ipaddress.ip_network(rule.value, strict=False)
+    if rule.kind in IDENTITY_RULE_KINDS or rule.kind in SERVICE_TOKEN_RULE_KINDS:
+        return False  # no person, no service token
     if not path:
         return False  # every other rule needs a valid certificate
     leaf = path[0]
@@ -552,18 +643,163 @@ def a5_rule_matches(rule: Rule, path: Sequence[x509.Certificate], client_ip: str
     return checks[rule.kind]()
 
 
-def a5_policy_holds(policy: Policy, path: Sequence[x509.Certificate], client_ip: str) -> bool:
-    """Policy: any include, all require, no exclude."""
+def domain_of(email: str) -> str:
+    """I6: the part of an email after its last ``@``, in lower case."""
+    return email.rpartition("@")[2].lower()
+
+
+def i6_rule_matches(rule: Rule, facts: Facts, person: Person | None) -> bool:
+    """I6: one rule of any kind, for a known person (or none) and a valid service token."""
+    if rule.kind in SERVICE_TOKEN_RULE_KINDS:
+        token = facts.service_token
+        if token is None:
+            return False
+        return rule.kind == "any_valid_service_token" or token.id == rule.value
+    if rule.kind in IDENTITY_RULE_KINDS:
+        if person is None:
+            return False
+        if rule.kind == "email":
+            return person.email.lower() == rule.value.lower()
+        if rule.kind == "email_domain":
+            return domain_of(person.email) == rule.value.lower()
+        if rule.kind == "group":
+            return rule.value in person.groups
+        return person.idp == rule.value  # login_method
+    return a5_rule_matches(rule, facts.path, facts.client_ip)
+
+
+def i6_policy_holds(policy: Policy, facts: Facts, person: Person | None) -> bool:
+    """P2: any include, all require, no exclude, for one (known or absent) person."""
     return (
-        any(a5_rule_matches(r, path, client_ip) for r in policy.include)
-        and all(a5_rule_matches(r, path, client_ip) for r in policy.require)
-        and not any(a5_rule_matches(r, path, client_ip) for r in policy.exclude)
+        any(i6_rule_matches(r, facts, person) for r in policy.include)
+        and all(i6_rule_matches(r, facts, person) for r in policy.require)
+        and not any(i6_rule_matches(r, facts, person) for r in policy.exclude)
     )
 
 
+def _rules(policy: Policy) -> tuple[Rule, ...]:
+    return (*policy.include, *policy.require, *policy.exclude)
+
+
+def i7_candidate_people(policy: Policy, app: App) -> list[Person]:
+    """One person per class of identities the policy's rules can tell apart (I7).
+
+    A rule compares the email with given addresses, the email's domain with given domains, the
+    groups with given names, the provider with given ids: an identity's answers depend only on
+    which of these it equals, so these people stand for every identity a login could bring.
+    """
+    rules = _rules(policy)
+    emails = {r.value.lower() for r in rules if r.kind == "email"}
+    emails |= {f"someone-else@{r.value.lower()}" for r in rules if r.kind == "email_domain"}
+    emails.add("someone-else@nowhere.invalid")
+    groups = sorted({r.value for r in rules if r.kind == "group"})
+    group_sets = [
+        frozenset(g for i, g in enumerate(groups) if mask >> i & 1)
+        for mask in range(2 ** len(groups))
+    ]
+    return [
+        Person(email, idp, gs)
+        for email in sorted(emails)
+        for idp in app.identity_providers
+        for gs in group_sets
+    ]
+
+
+def i7_policy_value(policy: Policy, app: App, facts: Facts) -> bool | None:
+    """I7: True when it holds, False when it cannot, None when a login could make it hold."""
+    if facts.person is not None or facts.service_token is not None:
+        # A known person, or a machine (a valid service token: identity rules are false).
+        return i6_policy_holds(policy, facts, facts.person)
+    value = _kleene_policy(policy, facts)
+    if value is not None:
+        return value
+    could = any(i6_policy_holds(policy, facts, p) for p in i7_candidate_people(policy, app))
+    return None if could else False
+
+
+def a5_policy_holds(policy: Policy, path: Sequence[x509.Certificate], client_ip: str) -> bool:
+    """Policy: any include, all require, no exclude (no person, no service token)."""
+    return i6_policy_holds(policy, Facts(path, client_ip), None)
+
+
 def a5_first_policy(app: App, path: Sequence[x509.Certificate], client_ip: str) -> Policy | None:
-    """Policies in order: the first that holds decides."""
+    """Policies in order: the first that holds decides (no person, no service token)."""
     return next((p for p in app.policies if a5_policy_holds(p, path, client_ip)), None)
+
+
+def i7_first_policy(app: App, facts: Facts) -> Policy | Literal[True] | None:
+    """P3 in three values: the first policy that holds, None when none does, True for a login."""
+    for policy in app.policies:
+        value = i7_policy_value(policy, app, facts)
+        if value is None:
+            return True
+        if value:
+            return policy
+    return None
+
+
+def _kleene_rule(rule: Rule, facts: Facts) -> bool | None:
+    """A rule in three values: an identity rule is unknown without a person."""
+    if facts.person is None and rule.kind in IDENTITY_RULE_KINDS:
+        return None
+    return i6_rule_matches(rule, facts, facts.person)
+
+
+def _kleene_policy(policy: Policy, facts: Facts) -> bool | None:
+    """P2 in Kleene's logic: include any, require all, exclude none (I7)."""
+
+    def any3(values: list[bool | None]) -> bool | None:
+        return True if True in values else (None if None in values else False)
+
+    def all3(values: list[bool | None]) -> bool | None:
+        return False if False in values else (None if None in values else True)
+
+    include = any3([_kleene_rule(r, facts) for r in policy.include])
+    require = all3([_kleene_rule(r, facts) for r in policy.require])
+    excluded = any3([_kleene_rule(r, facts) for r in policy.exclude])
+    return all3([include, require, None if excluded is None else not excluded])
+
+
+# ---- I9, I11: identity in a No Duration session, service tokens ------------------------------
+
+
+def i9_token_person(
+    app: App,
+    token: Token | None,
+    now: dt.datetime,
+    revoked: frozenset[str] = frozenset(),
+    presented: x509.Certificate | None = None,
+) -> Person | None:
+    """I9: on a No Duration application the session token brings its person, once checked.
+
+    Its signature, audience, expiry, binding to the certificate just presented and revocation
+    are checked as a token's (A4, J1-J3), but it never admits on its own.
+    """
+    if (
+        token is None
+        or token.person is None
+        or not token.genuine
+        or token.app_host != app.hostname
+        or not now < token.exp
+        or (token.certificate is not None and token.certificate in revoked)
+        or (presented is not None and token.certificate != sha256_hex(presented))
+    ):
+        return None
+    return token.person
+
+
+def i11_service_token(
+    world: World, presented: Credentials | None, now: dt.datetime
+) -> tuple[str | None, ServiceToken | None]:
+    """I11: the presented service token's state: None (none presented), valid, invalid, expired."""
+    if presented is None:
+        return None, None
+    token = next((t for t in world.service_tokens if t.client_id == presented.client_id), None)
+    if token is None or token.secret != presented.secret:
+        return "service_token_invalid", None
+    if now >= token.expires:
+        return "service_token_expired", None
+    return "valid", token
 
 
 # ---- A6-A9: the answer ------------------------------------------------------------------------
@@ -576,26 +812,61 @@ def a9_effective_duration(app: App, policy: Policy) -> dt.timedelta:
     return policy.session_duration
 
 
-def a7_admit(app: App, policy: Policy, certificate: bool, now: dt.datetime) -> Expected:
-    """A7-A9: admitted by a policy; a cookie exactly when the duration is above zero."""
+def a7_admit(
+    app: App,
+    policy: Policy,
+    certificate: bool,
+    now: dt.datetime,
+    person: Person | None = None,
+    service_token: ServiceToken | None = None,
+    logged_in: bool = True,
+) -> Expected:
+    """A7-A9, I8, I9: admitted by a policy; a cookie exactly when the duration is above zero.
+
+    ``logged_in``: the person comes from a login just made, not from a No Duration session
+    token (I9: only the login's decision sets the identity cookie).
+    """
     if policy.decision == "bypass":
         return Expected(200, cookie=False, admitted_by="bypass", close=_app_close(app))
-    duration = a9_effective_duration(app, policy)
+    by = "certificate" if certificate else "policy"
+    client_id = service_token.client_id if service_token else None
     whole_now = now.replace(microsecond=0)
+    duration = a9_effective_duration(app, policy)
+    if person is not None and duration <= ZERO:
+        # I9: the device is proved on every request; only a login's decision sets the cookie
+        # that carries the person, for the policy's duration, else 24 hours.
+        lifetime = policy.session_duration
+        if lifetime is None:
+            lifetime = NO_DURATION_PERSON_LIFETIME
+        if not logged_in:
+            return Expected(200, cookie=False, close=True, admitted_by=by, person=person)
+        if lifetime <= ZERO:
+            return Expected(200, cookie=None, close=True, admitted_by=by, person=person)
+        seconds = int(lifetime.total_seconds())
+        return Expected(
+            200,
+            cookie=True,
+            close=True,
+            admitted_by=by,
+            cookie_max_age=seconds,
+            token_exp=whole_now + dt.timedelta(seconds=seconds),
+            person=person,
+            service_token=client_id,
+        )
     if duration <= ZERO:
-        return Expected(200, cookie=False, close=True, admitted_by=_by(certificate))
+        return Expected(
+            200, cookie=False, close=True, admitted_by=by, person=person, service_token=client_id
+        )
     seconds = int(duration.total_seconds())
     return Expected(
         200,
         cookie=True,
-        admitted_by=_by(certificate),
+        admitted_by=by,
         cookie_max_age=seconds,
         token_exp=whole_now + dt.timedelta(seconds=seconds),
+        person=person,
+        service_token=client_id,
     )
-
-
-def _by(certificate: bool) -> str:
-    return "certificate" if certificate else "policy"
 
 
 def _app_close(app: App) -> bool | None:
@@ -603,8 +874,42 @@ def _app_close(app: App) -> bool | None:
     return True if app.session_duration <= ZERO else None
 
 
+def i7_login(request: Request, close: bool | None, token_state: str | None) -> Expected:
+    """I7: a login could admit: a browser is sent to the login route, others get 401.
+
+    A bad service token gets its own reason instead: a machine cannot log in (I7, I11).
+    """
+    if token_state in ("service_token_invalid", "service_token_expired"):
+        assert token_state is not None
+        return deny(403, token_state, close=close)
+    if request.browser:
+        return Expected(302, cookie=False, close=close, redirect=True)
+    return deny(401, "login_required", close=close)
+
+
+def p7_nothing_matched(
+    facts: Facts, certificate: bool, token_state: str | None, close: bool | None
+) -> Expected:
+    """P7, I5, I11: the reason when no policy holds."""
+    if token_state in ("service_token_invalid", "service_token_expired"):
+        assert token_state is not None
+        extra = {"identity_denied"} if facts.person is not None else set()
+        return deny(403, token_state, *extra, close=close)
+    if facts.person is not None:
+        # I8: identity_denied, even without a certificate; I11 names policy_denied for a
+        # valid service token no policy admits: both apply.
+        extra = {"policy_denied"} if token_state == "valid" else set()
+        return deny(403, "identity_denied", *extra, close=close)
+    reason = "policy_denied" if certificate or token_state else "no_certificate"
+    return deny(403, reason, close=close)
+
+
 def expect(world: World, request: Request, now: dt.datetime) -> Expected:
-    """What the enforcer must answer to ``request`` at ``now`` (access-flow A2-A9)."""
+    """What the enforcer must answer to ``request`` at ``now`` (access-flow A2-A9, I5-I11)."""
+    return _expect(world, request, now)
+
+
+def _expect(world: World, request: Request, now: dt.datetime) -> Expected:
     misdirected = a2_host_matches_sni(request)
     if misdirected is not None:
         return misdirected
@@ -621,13 +926,31 @@ def expect(world: World, request: Request, now: dt.datetime) -> Expected:
             return dataclasses.replace(refused, close=close)
     presented = request.chain[0] if request.chain else None
     if a4_token_admits(app, request.token, now, world.revoked, presented):
-        return Expected(200, cookie=None if path else False, admitted_by="token", close=close)
-    policy = a5_first_policy(app, path, request.client_ip)
+        assert request.token is not None
+        return Expected(
+            200,
+            cookie=None if path else False,
+            admitted_by="token",
+            close=close,
+            person=request.token.person,
+        )
+    person = request.person
+    if person is None and app.session_duration <= ZERO:
+        person = i9_token_person(app, request.token, now, world.revoked, presented)
+    token_state, service_token = i11_service_token(world, request.service_token, now)
+    facts = Facts(path, request.client_ip, person, service_token)
+    policy = i7_first_policy(app, facts)
+    if policy is True:
+        return i7_login(request, close, token_state)
     if policy is None:
-        return deny(403, "policy_denied" if path else "no_certificate", close=close)
+        return p7_nothing_matched(facts, bool(path), token_state, close)
     if policy.decision == "deny":
-        return deny(403, "policy_denied", close=close)
-    return a7_admit(app, policy, bool(path), now)
+        extra = set()
+        if token_state in ("service_token_invalid", "service_token_expired"):
+            extra.add(token_state)  # "when nothing admits", I11
+        return deny(403, "policy_denied", *extra, close=close)
+    logged_in = request.person is not None
+    return a7_admit(app, policy, bool(path), now, person, service_token, logged_in)
 
 
 def forbidden_admission(world: World, request: Request, now: dt.datetime) -> str | None:

@@ -99,12 +99,81 @@ def no_recheck(setattr: Setattr) -> None:
     setattr(exchange, "still_valid", lambda result, snapshot, now: result.facts is not None)
 
 
+def identity_unknown_false(setattr: Setattr) -> None:
+    """Read an identity rule as false without a login (I7's unknown): no login is ever asked."""
+    from enforcer.policy import IDENTITY_RULE_KINDS, Rule
+
+    original = Rule.evaluate
+
+    def evaluate(self: Any, facts: Any) -> Any:
+        if self.kind in IDENTITY_RULE_KINDS and facts.identity is None:
+            return False
+        return original(self, facts)
+
+    setattr(Rule, "evaluate", evaluate)
+
+
+def require_ignores_identity(setattr: Setattr) -> None:
+    """Leave identity rules out of ``require``: "login AND certificate" admits any person."""
+    from enforcer.policy import IDENTITY_RULE_KINDS, Policy
+
+    original = Policy.evaluate
+
+    def evaluate(self: Any, facts: Any, *rest: Any) -> Any:
+        kept = tuple(r for r in self.require if r.kind not in IDENTITY_RULE_KINDS)
+        return original(dataclasses.replace(self, require=kept), facts, *rest)
+
+    setattr(Policy, "evaluate", evaluate)
+
+
+def service_token_expiry_ignored(setattr: Setattr) -> None:
+    """Judge a service token at its last valid instant: its expiry is ignored."""
+    import enforcer.service_tokens as service_tokens
+
+    original = service_tokens.check
+
+    def check(presented: Any, tokens: Any, now: dt.datetime) -> Any:
+        token = tokens.get(presented.client_id)
+        if token is not None and now >= token.expires_at:
+            now = token.expires_at - dt.timedelta(seconds=1)
+        return original(presented, tokens, now)
+
+    setattr(service_tokens, "check", check)
+
+
+def email_domain_suffix(setattr: Setattr) -> None:
+    """Match ``email_domain`` as a suffix of the email (``ample.com`` admits example.com)."""
+    from enforcer.policy import Rule
+
+    original = Rule.evaluate
+
+    def evaluate(self: Any, facts: Any) -> Any:
+        if self.kind == "email_domain" and facts.identity is not None:
+            return facts.identity.email.lower().endswith(self.value)
+        return original(self, facts)
+
+    setattr(Rule, "evaluate", evaluate)
+
+
 MUTANTS: dict[str, tuple[str, Callable[[Setattr], None]]] = {
     "ignore-expiry": ("ignores certificate expiry", ignore_expiry),
     "cookie-under-no-duration": ("honours cookies under No Duration", cookie_under_no_duration),
     "foreign-root": ("accepts a root associated with another hostname", foreign_root),
     "skip-common-name": ("skips the Common Name check", skip_common_name),
     "no-recheck": ("never re-checks kept-alive or resumed connections", no_recheck),
+    "identity-unknown-false": (
+        "reads identity rules as false without a login (I7)",
+        identity_unknown_false,
+    ),
+    "require-ignores-identity": (
+        "ignores identity rules in require (I6)",
+        require_ignores_identity,
+    ),
+    "service-token-expiry-ignored": (
+        "ignores service-token expiry (I11)",
+        service_token_expiry_ignored,
+    ),
+    "email-domain-suffix": ("matches email_domain as a suffix (I6)", email_domain_suffix),
 }
 
 

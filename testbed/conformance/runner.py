@@ -19,8 +19,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import hashlib
 import json
+import secrets
 import ssl
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -30,6 +33,7 @@ from testbed.conformance import model
 from testbed.conformance.strategies import (
     APP_HOST,
     OTHER_HOST,
+    PEOPLE,
     Capabilities,
     CaseSpec,
 )
@@ -93,6 +97,15 @@ class Step:
             if r.token
             else ""
         )
+        if r.token is not None and r.token.person is not None:
+            bound = "no certificate" if r.token.certificate is None else r.token.certificate[:12]
+            sent += f" naming {r.token.person.email} (bound to {bound}, exp {r.token.exp:%H:%M:%S})"
+        if r.person is not None:
+            sent += f", logged in as {r.person.email} via {r.person.idp}"
+        if r.service_token is not None:
+            sent += f", service token {r.service_token.client_id[:12]}..."
+        if r.browser:
+            sent += ", Accept: text/html"
         note = f" ({self.note})" if self.note else ""
         lines = [f"  [{self.name}] at t0{offset:+.0f}s: {sent}{note}"]
         lines.append(f"      expected: {self.expected.describe()}")
@@ -129,12 +142,26 @@ def compare(
                 f"the model {'admits' if exp.admitted else 'refuses'}"
             )
         return
+    if (obs.status, obs.reason) in exp.also:
+        return  # another refusal the document allows (see model.Expected.also)
     if obs.status != exp.status:
         problems.append(f"status {obs.status}, expected {exp.status}")
+    if exp.redirect:
+        # I7: to the login route on this hostname, with the request's path ("/") to return to.
+        location = obs.header("location") or ""
+        target = urllib.parse.urlsplit(location)
+        back = urllib.parse.parse_qs(target.query).get("redirect_url")
+        if obs.status == 302 and (target.path != "/cdn-cgi/access/login" or back != ["/"]):
+            problems.append(
+                f"redirected to {location!r}, not to /cdn-cgi/access/login?redirect_url=/ (I7)"
+            )
+        return
     if exp.reasons and obs.reason not in exp.reasons:
         problems.append(f"reason {obs.reason!r}, expected one of {sorted(exp.reasons)}")
     if not exp.reasons and obs.reason is not None:
         problems.append(f"reason header {obs.reason!r} on an admitted request")
+    if admitted:
+        problems.extend(_forwarding_problems(step, exp, obs, caps))
     if not caps.tokens:
         return
     if exp.cookie is not None and bool(obs.cookie) != exp.cookie:
@@ -154,6 +181,28 @@ def compare(
         problems.append(
             f"the connection was kept open (access-flow A9: No Duration needs {needed})"
         )
+
+
+def _forwarding_problems(
+    step: Step, exp: model.Expected, obs: Observed, caps: Capabilities
+) -> list[str]:
+    """I8, I11: the person's email reaches the origin; a service token's headers never do."""
+    headers = obs.forwarded_headers()
+    if headers is None:
+        return []  # answered in process, or an origin that does not echo
+    out = []
+    if caps.email_header and exp.admitted_by != "bypass":
+        email = headers.get("cf-access-authenticated-user-email")
+        want = exp.person.email if exp.person is not None else None
+        if email != want:
+            out.append(
+                f"the origin got Cf-Access-Authenticated-User-Email {email!r}, "
+                f"expected {want!r} (I8)"
+            )
+    leaked = sorted({"cf-access-client-id", "cf-access-client-secret"} & set(headers))
+    if leaked:
+        out.append(f"the service token's headers {leaked} reached the origin (I11)")
+    return out
 
 
 def _claim_problems(
@@ -183,7 +232,40 @@ def _claim_problems(
         want = base64.urlsafe_b64encode(bytes.fromhex(model.sha256_hex(leaf))).rstrip(b"=").decode()
         if claims.get("cnf", {}).get("x5t#S256") != want:
             out.append("token cnf.x5t#S256 is not the leaf's SHA-256 (RFC 8705)")
+    person = exp.person
+    if person is not None:
+        # I8: the session token carries the person beside the certificate binding.
+        idp = claims.get("idp")
+        if claims.get("email") != person.email:
+            out.append(f"token email {claims.get('email')!r}, expected {person.email!r} (I8)")
+        if not isinstance(idp, dict) or idp.get("id") != person.idp:
+            out.append(f"token idp {idp!r}, expected id {person.idp!r} (I8)")
+        if sorted(claims.get("groups") or []) != sorted(person.groups):
+            out.append(f"token groups {claims.get('groups')!r}, expected {sorted(person.groups)}")
+        if not claims.get("identity_nonce"):
+            out.append("token has no identity_nonce (I8)")
+    elif "email" in claims:
+        out.append(f"token names a person ({claims['email']!r}) although nobody logged in")
+    if (
+        exp.service_token is not None
+        and leaf is None
+        and claims.get("common_name") != exp.service_token
+    ):
+        out.append(
+            f"token common_name {claims.get('common_name')!r}, expected the service "
+            f"token's client id {exp.service_token!r} (I11)"
+        )
     return out
+
+
+def _unverified_exp(token: str | None) -> dt.datetime | None:
+    """A JWT's ``exp``, read without verifying it (the model is told what the token says)."""
+    try:
+        payload = (token or "").split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _tamper(token: str) -> str:
@@ -194,7 +276,11 @@ def _tamper(token: str) -> str:
 
 
 def jump_target(
-    spec: CaseSpec, t0: dt.datetime, first: model.Expected, chain: Sequence[x509.Certificate]
+    spec: CaseSpec,
+    t0: dt.datetime,
+    first: model.Expected,
+    chain: Sequence[x509.Certificate],
+    world: model.World | None = None,
 ) -> dt.datetime:
     """The time of the later steps: the drawn jump, resolved against this case's boundaries."""
     second = dt.timedelta(seconds=1)
@@ -213,6 +299,10 @@ def jump_target(
         )
         + second,
     }
+    # The service token that expires within a case (the shortest-lived one).
+    short = min((t.expires for t in world.service_tokens), default=None) if world else None
+    candidates["st_short_expiry"] = short
+    candidates["st_short_expiry_plus_1s"] = short + second if short else None
     at = candidates.get(spec.jump) or t0
     return max(at, t0)  # the clock never runs backwards within a case
 
@@ -282,6 +372,9 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
         model.Token(APP_HOST, now + dt.timedelta(days=1), genuine=False) if req.junk_token else None
     )
     first_request = model.Request(req.sni, host, chain, junk)
+    first_headers = [("cookie", "CF_Authorization=not.a.token")] if junk else []
+    first_request, extra, session_headers = _identity_inputs(target, spec, first_request, leaf, now)
+    first_headers += session_headers
     try:
         conn = open_connection(caps.transport, target.address, req.sni, ctx)
     except (ssl.SSLError, OSError) as exc:
@@ -291,11 +384,10 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
         steps.append(Step("fresh", first_request, now, expected, None, [problem]))
         return run
     try:
-        junk_headers = [("cookie", "CF_Authorization=not.a.token")] if junk else []
-        first = step("fresh", first_request, now, conn, junk_headers)
+        first = step("fresh", first_request, now, conn, [*first_headers, *extra])
         judged = [first]  # the steps at which the enforcer validated the chain
         session = conn.session
-        later = jump_target(spec, t0, first.expected, chain) if caps.clock else target.now()
+        later = jump_target(spec, t0, first.expected, chain, world) if caps.clock else target.now()
         target.set_time(later)
         plain = dataclasses.replace(first_request, token=None)
         if first.observed is not None and not first.observed.closed and conn.usable:
@@ -303,11 +395,13 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
             # failure for the connection, so a client pipelining on a bad chain costs one
             # validation): only a new connection is judged again.
             stuck = first.expected if model.chain_refused(world, first_request, now) else None
-            kept = step("kept-alive", plain, later, conn, expected=stuck)
+            kept = step("kept-alive", plain, later, conn, extra, expected=stuck)
             if stuck is None:
                 judged.append(kept)
     finally:
         conn.close()
+    if req.login_person is not None and caps.in_process:
+        _callback_step(target, spec, world, plain, later, steps, leaf)
 
     app = world.apps.get(req.sni)
     if first.observed is not None and session is not None:
@@ -319,7 +413,7 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
                 # intermediates of every chain it validated (A14), passed or failed, and
                 # has none for a chain it never validated.
                 resumed = dataclasses.replace(plain, chain=plain.chain[:1])
-            s = step("resumed" if conn.resumed else "reconnected", resumed, later, conn)
+            s = step("resumed" if conn.resumed else "reconnected", resumed, later, conn, extra)
             if (
                 conn.resumed
                 and app is not None
@@ -335,6 +429,119 @@ def run_case(target: Target, spec: CaseSpec) -> CaseRun:
     if caps.tokens and first.observed is not None and first.observed.status == 200:
         _token_steps(target, prov, first, later, steps, leaf)
     return run
+
+
+def person_of(target: Any, name: str) -> model.Person:
+    """The model's person for a PEOPLE key, with the target's id of their provider."""
+    email, idp, groups = PEOPLE[name]
+    ids = getattr(target, "ids", {})
+    return model.Person(email, ids.get(idp, idp), frozenset(groups), sub=f"sub-{name}")
+
+
+def session_claims(
+    target: Any,
+    person: model.Person,
+    certificate: str | None,
+    iat: dt.datetime,
+    exp: dt.datetime,
+    host: str = APP_HOST,
+) -> dict[str, Any]:
+    """A person's session token claims, as access-flow A7 and I8 list them."""
+    claims: dict[str, Any] = {
+        "aud": [target.auds[host]],
+        "iss": target.issuer,
+        "iat": int(iat.timestamp()),
+        "nbf": int(iat.timestamp()),
+        "exp": int(exp.timestamp()),
+        "type": "app",
+        "sub": person.sub,
+        "common_name": "",
+        "email": person.email,
+        "idp": {"id": person.idp, "type": "oidc"},
+        "identity_nonce": secrets.token_hex(8),
+        "groups": sorted(person.groups),
+    }
+    if certificate is not None:
+        x5t = base64.urlsafe_b64encode(bytes.fromhex(certificate)).rstrip(b"=").decode()
+        claims["cnf"] = {"x5t#S256": x5t}
+    return claims
+
+
+def _identity_inputs(
+    target: Any,
+    spec: CaseSpec,
+    request: model.Request,
+    leaf: x509.Certificate | None,
+    now: dt.datetime,
+) -> tuple[model.Request, list[tuple[str, str]], list[tuple[str, str]]]:
+    """The first request's person (a session token), service token and browser Accept.
+
+    Returns the model's request, the headers every step sends (service token, Accept) and the
+    first step's session cookie.
+    """
+    req = spec.request
+    every: list[tuple[str, str]] = []
+    first: list[tuple[str, str]] = []
+    minter = getattr(target, "session_minter", None)
+    if req.session_person is not None and minter is not None:
+        person = person_of(target, req.session_person)
+        other = hashlib.sha256(b"another device").hexdigest()
+        certificate = {
+            "leaf": model.sha256_hex(leaf) if leaf is not None else None,
+            "none": None,
+            "other": other,
+        }[req.session_binding]
+        # Minted an hour before the case; expired one second before it, or valid for a day.
+        iat = now - dt.timedelta(hours=1)
+        exp = now - dt.timedelta(seconds=1) if req.session_expired else now + dt.timedelta(days=1)
+        value = minter(session_claims(target, person, certificate, iat, exp))
+        token = model.Token(APP_HOST, exp, True, certificate, person)
+        request = dataclasses.replace(request, token=token)
+        first.append(("cookie", f"CF_Authorization={value}"))
+    tokens = getattr(target, "service_tokens", {})
+    if req.service_token is not None and tokens:
+        long = tokens["st-long"]
+        credentials = {
+            "st-long": model.Credentials(long.client_id, long.secret),
+            "st-short": model.Credentials(tokens["st-short"].client_id, tokens["st-short"].secret),
+            "wrong-secret": model.Credentials(long.client_id, "0" * 64),
+            "unknown-id": model.Credentials("0" * 32 + ".access", long.secret),
+        }[req.service_token]
+        request = dataclasses.replace(request, service_token=credentials)
+        every += [
+            ("cf-access-client-id", credentials.client_id),
+            ("cf-access-client-secret", credentials.secret),
+        ]
+    if req.browser:
+        request = dataclasses.replace(request, browser=True)
+        every.append(("accept", "text/html,application/xhtml+xml,*/*;q=0.8"))
+    if target.caps.identity and (request.token is None or request.token.person is None):
+        # Nobody's email may reach the origin from the client: a forged header is stripped (F1).
+        every.append(("cf-access-authenticated-user-email", "forged@example.com"))
+    return request, every, first
+
+
+def _callback_step(
+    target: Any,
+    spec: CaseSpec,
+    world: model.World,
+    request: model.Request,
+    at: dt.datetime,
+    steps: list[Step],
+    leaf: x509.Certificate | None,
+) -> None:
+    """I5: the callback's decision, with the person a login established, decided in process."""
+    assert spec.request.login_person is not None
+    if request.sni != request.host or request.host != APP_HOST:
+        return
+    request = dataclasses.replace(
+        request, person=person_of(target, spec.request.login_person), browser=False
+    )
+    expected = model.expect(world, request, at)
+    observed = target.in_process(request, at)
+    s = Step("callback (in process)", request, at, expected, observed, [])
+    compare(s, target.caps, world, leaf)
+    steps.append(s)
 
 
 def _chain_remembered(steps: Sequence[Step]) -> bool:
@@ -368,8 +575,10 @@ def _token_steps(
     exp = first.expected.token_exp
     if token is None and app is not None and app.session_duration <= model.ZERO:
         # No Duration: the token only went to the origin; a client that got hold of it anyway
-        # must still be refused (A9).
-        token, exp = first.observed.forwarded_token(), at + dt.timedelta(days=1)
+        # must still be refused (A9). If it names a person, it still says who they are while
+        # it lasts (I9): its own exp is what the model needs then.
+        token = first.observed.forwarded_token()
+        exp = _unverified_exp(token) or at + dt.timedelta(days=1)
     if token is None or exp is None:
         return
     other = OTHER_HOST if host == APP_HOST else APP_HOST
@@ -380,7 +589,8 @@ def _token_steps(
     ]
     for name, where, value, genuine in replays:
         minted_for = model.sha256_hex(leaf) if leaf is not None else None
-        request = model.Request(where, where, (), model.Token(host, exp, genuine, minted_for))
+        token = model.Token(host, exp, genuine, minted_for, first.expected.person)
+        request = model.Request(where, where, (), token)
         conn = open_connection(
             target.caps.transport, target.address, where, prov.context_without_cert
         )

@@ -20,6 +20,15 @@ it (Ed25519, Ed448, DSA, RSA-1024, P-192, P-224, secp256k1, SHA-1); chains deepe
 target's ``max_chain_depth``; an intermediate uploaded as the trust anchor; CAs without key
 usage; critical EKUs and SANs; CAs with dNSName name constraints above leaves with and without
 SANs whose names fall inside or outside them.
+
+People and service tokens (issue 17, access-flow I5-I11), when the target can express them:
+identity rules (``email``, ``email_domain``, ``group``, ``login_method``) and service-token
+rules in include/require/exclude beside the certificate rules, with values drawn from small
+pools that hold the traps (a domain that is a suffix of another, an address in another case);
+requests that carry a person's session token (bound to the leaf, to no certificate or to
+another one; genuine, expired), a person established by a login (decided in process: the
+callback's path), service-token headers (valid, wrong secret, unknown id, one that expires
+within the case), and browsers (``Accept: text/html``).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import datetime as dt
 import hashlib
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -125,6 +134,17 @@ class Capabilities:
     # The wire the cases travel: "http1" (h11) or "h2" (one stream per request, :authority as
     # Host, so Host != SNI cases are connection coalescing).
     transport: str = "http1"
+    # Issue 17: identity rules and people's session tokens (needs a target that can mint
+    # session tokens with its own signing key: the built-in enforcer), service tokens created
+    # through the admin API, and the login route's redirect for browsers.
+    identity: bool = False
+    service_tokens: bool = False
+    browser: bool = False
+    # The target decides in process too (enforcer.decision.decide): a person established by a
+    # login (the callback's path, which needs an identity provider on the wire).
+    in_process: bool = False
+    # The origin gets the person's email in Cf-Access-Authenticated-User-Email (I8).
+    email_header: bool = False
 
     def draws_key_types(self, ca: bool = True) -> tuple[str, ...]:
         """The key types cases may use for CAs (or, with ``ca=False``, for leaves)."""
@@ -218,10 +238,35 @@ class PkiSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RuleSpec:
-    """A rule kind and whether its value is made to match the leaf."""
+    """A rule kind and whether its value is made to match the leaf (or, for identity and
+    service-token rules, the value itself: symbolic provider and token names are resolved
+    when the case is provisioned)."""
 
     kind: str
     match: bool = True
+    value: str = ""
+
+
+# People (symbolic provider names; the target maps them to the ids it created).
+IDP_A, IDP_B = "idp-a", "idp-b"
+PEOPLE: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "alice": ("alice@example.com", IDP_A, ("engineering",)),
+    "carol": ("carol@example.com", IDP_A, ("sales",)),
+    "bob": ("bob@other.test", IDP_B, ()),
+    "alice-upper": ("Alice@EXAMPLE.com", IDP_A, ("engineering",)),
+    "dave": ("dave@mail.example.com", IDP_B, ("engineering", "sales")),
+}
+# Values of identity rules; each pool holds a trap (a suffix domain, another case).
+IDENTITY_VALUES: dict[str, tuple[str, ...]] = {
+    "email": ("alice@example.com", "carol@example.com", "bob@other.test", "ALICE@example.com"),
+    "email_domain": ("example.com", "other.test", "ample.com", "Example.COM", "mail.example.com"),
+    "group": ("engineering", "sales", "admins"),
+    "login_method": (IDP_A, IDP_B),
+}
+SERVICE_TOKENS = ("st-long", "st-short")  # created once per target: 8760h and 1h
+ST_DURATIONS = {"st-long": "8760h", "st-short": "1h"}
+# What a request presents as a service token.
+ST_PRESENTED = ("st-long", "st-short", "wrong-secret", "unknown-id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +288,15 @@ class RequestSpec:
     host_differs: bool = False
     present_certificate: bool = True
     junk_token: bool = False
+    # Issue 17: a person's session token (a PEOPLE key), what it is bound to and whether it
+    # expired before the request; a person established by a login (decided in process);
+    # a service token presented (ST_PRESENTED); a browser's Accept.
+    session_person: str | None = None
+    session_binding: str = "leaf"  # leaf, none, other
+    session_expired: bool = False
+    login_person: str | None = None
+    service_token: str | None = None
+    browser: bool = False
 
 
 JUMPS = (
@@ -258,6 +312,7 @@ JUMPS = (
     "leaf_not_before",
     "first_window_edge_plus_1s",
 )
+SERVICE_TOKEN_JUMPS = ("st_short_expiry", "st_short_expiry_plus_1s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +324,8 @@ class CaseSpec:
     policies: tuple[PolicySpec, ...] = (PolicySpec(),)
     request: RequestSpec = RequestSpec()
     jump: str = "none"
+    # The providers that may log the application's users in (None: every one of the account).
+    allowed_idps: tuple[str, ...] | None = None
 
 
 # ---- strategies -------------------------------------------------------------------------------
@@ -456,10 +513,50 @@ _CERT_RULES = (
 
 
 @st.composite
-def rule_specs(draw: st.DrawFn) -> RuleSpec:
-    """A rule of any kind, made to match the leaf or not."""
-    kind = draw(st.sampled_from([*_CERT_RULES, "common_name", "everyone", "ip"]))
+def rule_specs(draw: st.DrawFn, caps: Capabilities | None = None) -> RuleSpec:
+    """A rule of any kind the target can express, made to match the leaf or not."""
+    kinds = [*_CERT_RULES, "common_name", "everyone", "ip"]
+    if caps is not None and caps.identity:
+        kinds += [*IDENTITY_VALUES, *IDENTITY_VALUES, "email_domain"]
+    if caps is not None and caps.service_tokens:
+        kinds += ["service_token", "any_valid_service_token"]
+    kind = draw(st.sampled_from(kinds))
+    if kind in IDENTITY_VALUES:
+        return RuleSpec(kind, value=draw(st.sampled_from(IDENTITY_VALUES[kind])))
+    if kind == "service_token":
+        return RuleSpec(kind, value=draw(st.sampled_from(SERVICE_TOKENS)))
+    if kind == "any_valid_service_token":
+        return RuleSpec(kind)
     return RuleSpec(kind, draw(st.integers(0, 2)) != 2)
+
+
+@st.composite
+def people_policy_specs(draw: st.DrawFn, caps: Capabilities) -> PolicySpec:
+    """The issue's shapes: a person (by domain, group, email) AND a certificate, and kin."""
+    person = draw(
+        st.sampled_from(
+            [
+                RuleSpec("email_domain", value="example.com"),
+                RuleSpec("group", value="engineering"),
+                RuleSpec("email", value="bob@other.test"),
+                RuleSpec("login_method", value=IDP_B),
+            ]
+        )
+    )
+    device = draw(
+        st.sampled_from([RuleSpec("certificate"), RuleSpec("common_name", draw(st.booleans()))])
+    )
+    shape = draw(st.integers(0, 3))
+    include, require = ((person,), (device,)) if shape != 1 else ((device,), (person,))
+    if shape == 3:
+        include, require = (person, device), ()
+    return PolicySpec(
+        decision=draw(st.sampled_from(["allow", "allow", "non_identity", "deny", "bypass"])),
+        include=include,
+        require=require,
+        exclude=(draw(rule_specs(caps)),) if draw(st.integers(0, 4)) == 4 else (),
+        session_duration=draw(st.sampled_from([None, None, "0s", "1h"])) if caps.tokens else None,
+    )
 
 
 @st.composite
@@ -467,15 +564,22 @@ def policy_specs(draw: st.DrawFn, caps: Capabilities) -> PolicySpec:
     """A policy of any decision with include/require/exclude rules."""
     if not caps.policies:
         return PolicySpec()
+    if (caps.identity or caps.service_tokens) and draw(st.integers(0, 2)) == 2:
+        if caps.identity and draw(st.booleans()):
+            return draw(people_policy_specs(caps))
+        return PolicySpec(
+            include=(draw(rule_specs(caps)),),
+            require=(draw(rule_specs(caps)),) if draw(st.booleans()) else (),
+        )
     if draw(st.booleans()):
         # The seeds' two policies, Valid Certificate and Common Name, half of the time.
         kind = draw(st.sampled_from(["certificate", "common_name"]))
         return PolicySpec(include=(RuleSpec(kind, draw(st.integers(0, 2)) != 2),))
     return PolicySpec(
         decision=draw(st.sampled_from(["non_identity", "non_identity", "allow", "deny", "bypass"])),
-        include=tuple(draw(st.lists(rule_specs(), min_size=1, max_size=2))),
-        require=tuple(draw(st.lists(rule_specs(), max_size=1))),
-        exclude=tuple(draw(st.lists(rule_specs(), max_size=1))),
+        include=tuple(draw(st.lists(rule_specs(caps), min_size=1, max_size=2))),
+        require=tuple(draw(st.lists(rule_specs(caps), max_size=1))),
+        exclude=tuple(draw(st.lists(rule_specs(caps), max_size=1))),
         session_duration=draw(st.sampled_from([None, None, None, "0s", "1h"]))
         if caps.tokens
         else None,
@@ -484,13 +588,28 @@ def policy_specs(draw: st.DrawFn, caps: Capabilities) -> PolicySpec:
 
 @st.composite
 def request_specs(draw: st.DrawFn, caps: Capabilities) -> RequestSpec:
-    """The first request's SNI, Host, certificate and junk token."""
-    return RequestSpec(
+    """The first request's SNI, Host, certificate, junk token, person and service token."""
+    spec = RequestSpec(
         sni=draw(st.sampled_from([APP_HOST] * 6 + [OTHER_HOST, NOAPP_HOST])),
         host_differs=caps.misdirected and draw(st.integers(0, 9)) == 9,
         present_certificate=draw(st.integers(0, 5)) != 5,
         junk_token=caps.tokens and draw(st.integers(0, 5)) == 5,
     )
+    people = sorted(PEOPLE)
+    if caps.identity and caps.tokens and not spec.junk_token and draw(st.integers(0, 2)) == 2:
+        spec = dataclasses.replace(
+            spec,
+            session_person=draw(st.sampled_from(people)),
+            session_binding=draw(st.sampled_from(["leaf", "leaf", "leaf", "none", "other"])),
+            session_expired=draw(st.integers(0, 5)) == 5,
+        )
+    if caps.identity and caps.in_process and draw(st.integers(0, 2)) == 2:
+        spec = dataclasses.replace(spec, login_person=draw(st.sampled_from(people)))
+    if caps.service_tokens and draw(st.integers(0, 2)) == 2:
+        spec = dataclasses.replace(spec, service_token=draw(st.sampled_from(ST_PRESENTED)))
+    if caps.browser and draw(st.integers(0, 3)) == 3:
+        spec = dataclasses.replace(spec, browser=True)
+    return spec
 
 
 def case_specs(caps: Capabilities | None = None) -> st.SearchStrategy[CaseSpec]:
@@ -498,6 +617,9 @@ def case_specs(caps: Capabilities | None = None) -> st.SearchStrategy[CaseSpec]:
     caps = caps or Capabilities()
     durations = list(DURATIONS) if caps.tokens else ["24h"]
     jumps = JUMPS if caps.clock else ("none",)
+    if caps.clock and caps.service_tokens:
+        jumps = (*jumps, *SERVICE_TOKEN_JUMPS)
+    idps = [None, None, (IDP_A,), (IDP_B,)] if caps.identity else [None]
     return st.builds(
         CaseSpec,
         pki=pki_specs(caps),
@@ -507,6 +629,7 @@ def case_specs(caps: Capabilities | None = None) -> st.SearchStrategy[CaseSpec]:
         ),
         request=request_specs(caps),
         jump=st.sampled_from(jumps),
+        allowed_idps=st.sampled_from(idps),
     )
 
 
@@ -749,16 +872,34 @@ def build_pki(spec: PkiSpec, t0: dt.datetime) -> BuiltPki:
     )
 
 
+# Identity and service-token rules in their API form: kind -> the inner key of the value.
+_VALUE_KEYS = {
+    "email": "email",
+    "email_domain": "domain",
+    "group": "name",
+    "login_method": "id",
+    "service_token": "token_id",
+}
+
+
 def rule_value(
-    rule: RuleSpec, leaf: x509.Certificate, issuer: x509.Certificate
+    rule: RuleSpec,
+    leaf: x509.Certificate,
+    issuer: x509.Certificate,
+    ids: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, str]]:
-    """A rule's API form, with a value that matches the leaf (or deliberately does not)."""
+    """A rule's API form, with a value that matches the leaf (or deliberately does not).
+
+    ``ids`` maps the symbolic provider and service-token names to the target's ids.
+    """
     from testbed.conformance.model import common_name_of, san_values, sha256_hex
 
     nowhere = hashlib.sha256(b"no such certificate").hexdigest()
     dns, _ = san_values(leaf)
-    if rule.kind in ("everyone", "certificate"):
+    if rule.kind in ("everyone", "certificate", "any_valid_service_token"):
         return {rule.kind: {}}
+    if rule.kind in _VALUE_KEYS:
+        return {rule.kind: {_VALUE_KEYS[rule.kind]: (ids or {}).get(rule.value, rule.value)}}
     values = {
         "common_name": ("common_name", common_name_of(leaf) or "", "someone-else"),
         "certificate_fingerprint": ("sha256", sha256_hex(leaf), nowhere),
@@ -777,13 +918,17 @@ def rule_value(
 
 
 def policy_body(
-    spec: PolicySpec, index: int, leaf: x509.Certificate | None, issuer: x509.Certificate
+    spec: PolicySpec,
+    index: int,
+    leaf: x509.Certificate | None,
+    issuer: x509.Certificate,
+    ids: Mapping[str, str] | None = None,
 ) -> dict[str, object]:
     """A policy's admin-API body for this leaf (a placeholder leaf when none was presented)."""
 
     def rules(items: Sequence[RuleSpec]) -> list[dict[str, dict[str, str]]]:
         assert leaf is not None
-        return [rule_value(r, leaf, issuer) for r in items]
+        return [rule_value(r, leaf, issuer, ids) for r in items]
 
     body: dict[str, object] = {
         "name": f"policy-{index}",

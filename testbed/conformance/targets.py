@@ -34,10 +34,14 @@ from testbed.conformance.runner import Provisioned, describe_pki
 from testbed.conformance.strategies import (
     APP_HOST,
     DURATIONS,
+    IDP_A,
+    IDP_B,
     NOAPP_HOST,
     OTHER_HOST,
     PROFILE_HASHES,
     PROFILE_KEY_TYPES,
+    SERVICE_TOKENS,
+    ST_DURATIONS,
     Capabilities,
     CaseSpec,
     build_pki,
@@ -47,7 +51,7 @@ from testbed.conformance.strategies import (
     policy_body,
     pooled_key,
 )
-from testbed.conformance.wire import client_context
+from testbed.conformance.wire import Observed, client_context
 
 ZONE = "conformance"
 ACCOUNT = "conformance"
@@ -62,6 +66,10 @@ class TargetError(Exception):
 def wall_now() -> dt.datetime:
     """The wall clock, to whole seconds: only for targets whose clock cannot be injected."""
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _parse_iso(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def model_policy(body: Mapping[str, Any]) -> model.Policy:
@@ -151,6 +159,16 @@ class AdminTarget:
         self._ca_cert: x509.Certificate | None = None
         # The stateful machine's roots and devices, built once per target and reset per run.
         self.machine_fixture: Any = None
+        # Issue 17: the identity providers and service tokens made once per target (symbolic
+        # name -> id, and the service tokens as the model sees them, secrets included).
+        self.ids: dict[str, str] = {}
+        self.service_tokens: dict[str, model.ServiceToken] = {}
+        # Set for an enforcer served in this process: mints a session token from claims with
+        # the enforcer's own signing key, and decides a request in process.
+        self.session_minter: Any = None
+        self.in_process: Any = None
+        self.issuer = ""
+        self.auds: dict[str, str] = {}
 
     # ---- set-up ----
 
@@ -175,6 +193,42 @@ class AdminTarget:
                 )
                 apps[host] = created["id"]
         self.app_ids = {h: apps[h] for h in (APP_HOST, OTHER_HOST)}
+        self.auds = {
+            app["domain"]: app["aud"]
+            for app in a.call("GET", a.account_path("/apps"))
+            if app["domain"] in self.app_ids
+        }
+
+    def _identity_setup(self) -> None:
+        """Two identity providers and two service tokens, made once (at the target's base time).
+
+        The providers are never contacted: logins are not made on the wire here (the login
+        helper's tests do that against a real provider); session tokens are minted instead.
+        """
+        if self.ids:
+            return
+        a = self.admin
+        for name in (IDP_A, IDP_B):
+            body = {
+                "name": f"conformance {name}",
+                "type": "oidc",
+                "config": {
+                    "client_id": f"conformance-{name}",
+                    "client_secret": secrets.token_hex(16),
+                    "issuer_url": f"https://{name}.conformance.invalid",
+                },
+            }
+            self.ids[name] = a.call("POST", a.account_path("/identity_providers"), body)["id"]
+        for name in SERVICE_TOKENS:
+            made = a.call(
+                "POST",
+                a.account_path("/service_tokens"),
+                {"name": f"conformance {name}", "duration": ST_DURATIONS[name]},
+            )
+            self.ids[name] = made["id"]
+            self.service_tokens[name] = model.ServiceToken(
+                made["id"], made["client_id"], made["client_secret"], _parse_iso(made["expires_at"])
+            )
 
     def now(self) -> dt.datetime:
         """The target's time."""
@@ -215,6 +269,8 @@ class AdminTarget:
         pki = build_pki(spec.pki, t0)
         a = self.admin
         try:
+            if self.caps.identity or self.caps.service_tokens:
+                self._identity_setup()
             self.clear_roots()
             # The last certificate of the PEM is the trust anchor (the root or an intermediate).
             self.upload_root([*pki.uploaded, pki.anchor], spec.pki.root_hostnames)
@@ -255,12 +311,19 @@ class AdminTarget:
             else:
                 assert pki.leaf is not None
                 chain, issuer = (pki.leaf, *pki.presented), pki.issuer
-            bodies = [policy_body(p, i, chain[0], issuer) for i, p in enumerate(spec.policies)]
-            a.call(
-                "PUT",
-                a.account_path(f"/apps/{self.app_ids[APP_HOST]}"),
-                {"session_duration": spec.session_duration, "policies": bodies},
-            )
+            bodies = [
+                policy_body(p, i, chain[0], issuer, self.ids) for i, p in enumerate(spec.policies)
+            ]
+            app_body: dict[str, Any] = {
+                "session_duration": spec.session_duration,
+                "policies": bodies,
+            }
+            providers: tuple[str, ...] = ()
+            if self.caps.identity:
+                allowed = [self.ids[i] for i in spec.allowed_idps or ()]
+                app_body["allowed_idps"] = allowed  # empty: every provider of the account
+                providers = tuple(allowed) or (self.ids[IDP_A], self.ids[IDP_B])
+            a.call("PUT", a.account_path(f"/apps/{self.app_ids[APP_HOST]}"), app_body)
         except AdminError as exc:
             raise TargetError(
                 f"{self.name}: provisioning through the admin API failed: {exc}"
@@ -270,12 +333,22 @@ class AdminTarget:
                 APP_HOST,
                 dt.timedelta(seconds=DURATIONS[spec.session_duration]),
                 tuple(model_policy(b) for b in bodies),
+                providers,
             ),
             OTHER_HOST: model.App(
-                OTHER_HOST, dt.timedelta(hours=24), (model_policy(VALID_CERTIFICATE),)
+                OTHER_HOST,
+                dt.timedelta(hours=24),
+                (model_policy(VALID_CERTIFICATE),),
+                (self.ids[IDP_A], self.ids[IDP_B]) if self.caps.identity else (),
             ),
         }
-        world = model.World(tuple(roots), apps, revoked, self.caps.max_chain_depth)
+        world = model.World(
+            tuple(roots),
+            apps,
+            revoked,
+            self.caps.max_chain_depth,
+            service_tokens=tuple(self.service_tokens.values()),
+        )
         with_cert, without = _contexts(self.folder, self.edge_ca, chain, leaf_key)
         summary = describe_pki(world, chain, t0, _apps_text(apps, bodies))
         return Provisioned(t0, world, chain, with_cert, without, summary)
@@ -428,7 +501,14 @@ async def serve_builtin(nursery: trio.Nursery, folder: Path) -> AdminTarget:
     admin = AdminClient(f"http://127.0.0.1:{admin_port}", token, ACCOUNT, ZONE)
     target = AdminTarget(
         "builtin",
-        Capabilities(max_chain_depth=BUILTIN_MAX_CHAIN_DEPTH),
+        Capabilities(
+            max_chain_depth=BUILTIN_MAX_CHAIN_DEPTH,
+            identity=True,
+            service_tokens=True,
+            in_process=True,
+            email_header=True,
+            browser=True,
+        ),
         ("127.0.0.1", port),
         edge_ca,
         admin,
@@ -436,8 +516,71 @@ async def serve_builtin(nursery: trio.Nursery, folder: Path) -> AdminTarget:
         clock,
         base,
     )
+    target.session_minter = lambda claims: _mint(enforcer, claims)
+    target.in_process = lambda request, at: decide_in_process(enforcer, request, at, target.ids)
+    target.issuer = enforcer.snapshot.issuer
     await trio.to_thread.run_sync(target.prepare, f"http://127.0.0.1:{origin_port}")
     return target
+
+
+def _mint(enforcer: Any, claims: Mapping[str, Any]) -> str:
+    """Sign claims with the enforcer's current signing key, as its own tokens are (A7)."""
+    from enforcer.tokens import mint
+
+    return mint(enforcer.snapshot.keyring, claims)
+
+
+def decide_in_process(
+    enforcer: Any, request: model.Request, at: dt.datetime, ids: Mapping[str, str]
+) -> Observed:
+    """Decide ``request`` with the served enforcer's own snapshot, as its callback route would.
+
+    The login callback establishes an identity before the decision (I5); without an identity
+    provider on the wire this is how the suite reaches that path: ``enforcer.decision.decide``
+    with ``AccessRequest.identity`` set, the certificate validated by ``check_chain``.
+    """
+    import ipaddress
+
+    from enforcer.decision import AccessRequest, check_chain, decide, normalise_hostname
+    from enforcer.identity import Identity, ServiceTokenCredentials
+
+    snapshot = enforcer.snapshot
+    host = normalise_hostname(request.host) or ""
+    chain = check_chain(snapshot, host, request.chain, at) if request.chain else None
+    person = request.person
+    identity = None
+    if person is not None:
+        identity = Identity(
+            email=person.email,
+            sub=person.sub or person.email,
+            idp=person.idp,
+            groups=tuple(sorted(person.groups)),
+            identity_nonce=secrets.token_hex(8),
+        )
+    credentials = None
+    if request.service_token is not None:
+        credentials = ServiceTokenCredentials(
+            request.service_token.client_id, request.service_token.secret
+        )
+    decision = decide(
+        AccessRequest(
+            request.sni,
+            request.host,
+            ipaddress.ip_address(request.client_ip),
+            None,
+            identity,
+            credentials,
+        ),
+        snapshot,
+        chain,
+        at,
+    )
+    headers: list[tuple[str, str]] = []
+    if decision.reason is not None:
+        headers.append(("x-access-denied-reason", str(decision.reason)))
+    if decision.set_cookie:
+        headers.append(("set-cookie", decision.set_cookie))
+    return Observed(decision.status, headers, b"", decision.close_connection, protocol="in-process")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,12 +72,20 @@ class Observed:
 
     def forwarded_token(self) -> str | None:
         """The token the origin received, when the origin echoes request headers as JSON."""
+        return self.forwarded("cf-access-jwt-assertion")
+
+    def forwarded_headers(self) -> dict[str, str] | None:
+        """The request headers the origin received (lower-case names), when it echoes them."""
         try:
             echoed = json.loads(self.body)
         except ValueError:
             return None
-        headers = echoed.get("headers", {}) if isinstance(echoed, dict) else {}
-        value = headers.get("cf-access-jwt-assertion")
+        headers = echoed.get("headers") if isinstance(echoed, dict) else None
+        return headers if isinstance(headers, dict) else None
+
+    def forwarded(self, name: str) -> str | None:
+        """One header the origin received, when the origin echoes request headers as JSON."""
+        value = (self.forwarded_headers() or {}).get(name)
         return value if isinstance(value, str) else None
 
 

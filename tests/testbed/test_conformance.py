@@ -19,6 +19,7 @@ from testbed.cli import main
 from testbed.conformance import mutants
 from testbed.conformance.runner import run_case
 from testbed.conformance.strategies import (
+    IDP_B,
     CaseSpec,
     IntermediateSpec,
     LeafSpec,
@@ -214,10 +215,11 @@ async def test_a_leaf_that_may_not_sign_is_invalid_chain(builtin: AdminTarget) -
 # Each mutant, a seed with which the search meets it early (the search is the same as for
 # any seed; fixed seeds keep the test's time down), and what the shrunk case must show.
 MUTANT_RUNS = [
-    ("ignore-expiry", 3, "certificate_expired"),
+    ("ignore-expiry", 1, "certificate_expired"),
     ("cookie-under-no-duration", 1, "token replay"),
-    ("foreign-root", 1, "untrusted_issuer"),
-    ("skip-common-name", 1, "'common_name'"),
+    ("foreign-root", 2, "untrusted_issuer"),
+    ("skip-common-name", 2, "'common_name'"),
+    ("identity-unknown-false", 1, "login_required"),
 ]
 
 
@@ -261,6 +263,196 @@ async def test_the_unbroken_enforcer_passes_the_same_cases(builtin: AdminTarget)
     for spec in specs:
         run = await trio.to_thread.run_sync(run_case, builtin, spec)
         assert not run.divergent, run.report("builtin")
+
+
+# ---- people and service tokens (issue 17, access-flow I5-I11) -------------------------------
+
+DOMAIN = RuleSpec("email_domain", value="example.com")
+CERTIFICATE = RuleSpec("certificate")
+# The issue's policy: a person from our domain, on a device with our certificate.
+LOGIN_AND_CERTIFICATE = PolicySpec("allow", include=(DOMAIN,), require=(CERTIFICATE,))
+CI_TOKEN = PolicySpec(include=(RuleSpec("service_token", value="st-short"),))
+
+
+def _people(
+    request: RequestSpec,
+    *policies: PolicySpec,
+    duration: str = "24h",
+    jump: str = "none",
+    allowed: tuple[str, ...] | None = None,
+) -> CaseSpec:
+    return CaseSpec(
+        policies=policies or (LOGIN_AND_CERTIFICATE,),
+        session_duration=duration,
+        request=request,
+        jump=jump,
+        allowed_idps=allowed,
+    )
+
+
+# Each case: what it shows, and the reasons of its first step ("" for admitted) and of its
+# in-process callback step when it has one.
+PEOPLE_CASES = [
+    # No login, a certificate: a login could admit (I7).
+    ("login-required", _people(RequestSpec()), "login_required"),
+    # A browser is sent to the login route instead (I7).
+    ("browser-redirected", _people(RequestSpec(browser=True)), ""),
+    # No certificate: "login AND certificate" cannot hold, no login is asked (I7).
+    ("no-certificate-no-login", _people(RequestSpec(present_certificate=False)), "no_certificate"),
+    # No Duration: a person's session token names them; the device is proved again (I9).
+    ("no-duration-alice", _people(RequestSpec(session_person="alice"), duration="0s"), ""),
+    (
+        "no-duration-bob",
+        _people(RequestSpec(session_person="bob"), duration="0s"),
+        "identity_denied",
+    ),
+    (
+        "no-duration-dave",
+        _people(RequestSpec(session_person="dave"), duration="0s"),
+        "identity_denied",
+    ),
+    (
+        "no-duration-expired-session",
+        _people(RequestSpec(session_person="alice", session_expired=True), duration="0s"),
+        "login_required",
+    ),
+    (
+        "no-duration-stolen-session",
+        _people(RequestSpec(session_person="alice", session_binding="other"), duration="0s"),
+        "login_required",
+    ),
+    # A duration above zero: the session token admits on its own (A4), as the person (I8).
+    ("session-admits", _people(RequestSpec(session_person="bob")), ""),
+    # The callback's decision, in process (I5).
+    ("callback-alice", _people(RequestSpec(login_person="alice-upper")), "login_required"),
+    ("callback-bob", _people(RequestSpec(login_person="bob"), duration="0s"), "login_required"),
+    # Service tokens (I11).
+    (
+        "service-token",
+        _people(RequestSpec(present_certificate=False, service_token="st-short"), CI_TOKEN),
+        "",
+    ),
+    (
+        "service-token-expires",
+        _people(
+            RequestSpec(present_certificate=False, service_token="st-short"),
+            CI_TOKEN,
+            jump="st_short_expiry",
+        ),
+        "",
+    ),
+    (
+        "service-token-wrong-secret",
+        _people(RequestSpec(present_certificate=False, service_token="wrong-secret"), CI_TOKEN),
+        "service_token_invalid",
+    ),
+    (
+        "service-token-valid-not-admitted",
+        _people(RequestSpec(present_certificate=False, service_token="st-long"), CI_TOKEN),
+        "policy_denied",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"), [c[1:] for c in PEOPLE_CASES], ids=[c[0] for c in PEOPLE_CASES]
+)
+async def test_the_enforcer_and_the_model_agree_on_people_and_service_tokens(
+    builtin: AdminTarget, spec: CaseSpec, reason: str
+) -> None:
+    run = await trio.to_thread.run_sync(run_case, builtin, spec)
+    fresh = run.steps[0]
+    assert fresh.observed is not None
+    assert (fresh.observed.reason or "") == reason, run.report("builtin")
+    if spec.request.browser:
+        assert fresh.observed.status == 302, run.report("builtin")
+    assert not run.divergent, run.report("builtin")
+
+
+async def test_people_cases_check_the_identity_they_carry(builtin: AdminTarget) -> None:
+    # The callback under No Duration: admitted as bob (login_method), with an identity cookie
+    # for 24 h (I9); the origin got alice's email on the wire when her session admitted (I8).
+    via_b = PolicySpec("allow", include=(RuleSpec("login_method", value=IDP_B),))
+    run = await trio.to_thread.run_sync(
+        run_case, builtin, _people(RequestSpec(login_person="bob"), via_b, duration="0s")
+    )
+    callback = next(s for s in run.steps if s.name.startswith("callback"))
+    assert callback.observed is not None and callback.observed.max_age == 86400
+    assert callback.expected.person is not None and not run.divergent, run.report("builtin")
+    run = await trio.to_thread.run_sync(
+        run_case, builtin, _people(RequestSpec(session_person="alice"), duration="0s")
+    )
+    fresh = run.steps[0]
+    assert fresh.observed is not None
+    assert fresh.observed.forwarded("cf-access-authenticated-user-email") == "alice@example.com"
+    assert not run.divergent, run.report("builtin")
+
+
+# Each new mutant, a case that must catch it, and what the divergence must show.
+IDENTITY_MUTANTS = [
+    ("identity-unknown-false", _people(RequestSpec()), "expected one of ['login_required']"),
+    (
+        "require-ignores-identity",
+        _people(
+            RequestSpec(session_person="bob"),
+            PolicySpec("allow", include=(CERTIFICATE,), require=(DOMAIN,)),
+            duration="0s",
+        ),
+        "status 200, expected 403",
+    ),
+    (
+        "service-token-expiry-ignored",
+        _people(
+            RequestSpec(present_certificate=False, service_token="st-short"),
+            CI_TOKEN,
+            jump="st_short_expiry",
+        ),
+        "expected one of ['service_token_expired']",
+    ),
+    (
+        "email-domain-suffix",
+        _people(
+            RequestSpec(session_person="alice"),
+            PolicySpec("allow", include=(RuleSpec("email_domain", value="ample.com"),)),
+            duration="0s",
+        ),
+        "status 200, expected 403",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutant", "spec", "evidence"), IDENTITY_MUTANTS, ids=[m[0] for m in IDENTITY_MUTANTS]
+)
+async def test_identity_mutants_are_caught(
+    builtin: AdminTarget,
+    monkeypatch: pytest.MonkeyPatch,
+    mutant: str,
+    spec: CaseSpec,
+    evidence: str,
+) -> None:
+    unbroken = await trio.to_thread.run_sync(run_case, builtin, spec)
+    assert not unbroken.divergent, unbroken.report("builtin")
+    mutants.MUTANTS[mutant][1](monkeypatch.setattr)
+    run = await trio.to_thread.run_sync(run_case, builtin, spec)
+    problems = [p for s in run.steps for p in s.problems]
+    assert any(evidence in p for p in problems), run.report(mutant)
+
+
+async def test_what_the_suite_found_in_i7_stays_fixed(builtin: AdminTarget) -> None:
+    # Found by this suite while issue 17 was built: the enforcer asked for a login that no
+    # person could satisfy (Kleene's connectives alone), and asked a machine with a valid
+    # service token to log in. docs/access-flow.md I7 now says both precisely.
+    email = RuleSpec("email", value="alice@example.com")
+    never = PolicySpec("allow", include=(email,), exclude=(email,))  # holds for nobody
+    run = await trio.to_thread.run_sync(run_case, builtin, _people(RequestSpec(), never))
+    assert run.steps[0].expected.reasons == {"policy_denied"}
+    assert not run.divergent, run.report("builtin")
+    both = PolicySpec("allow", include=(DOMAIN,), require=(RuleSpec("any_valid_service_token"),))
+    spec = _people(RequestSpec(present_certificate=False, service_token="st-long"), both)
+    run = await trio.to_thread.run_sync(run_case, builtin, spec)
+    assert run.steps[0].expected.reasons == {"policy_denied"}
+    assert not run.divergent, run.report("builtin")
 
 
 # ---- nginx ---------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from testbed.conformance import model
 from testbed.conformance.strategies import (
@@ -48,8 +51,9 @@ def world(
 
 
 def ask(w: model.World, chain: tuple, **kw: object) -> model.Expected:
+    at = kw.pop("at", T0)
     request = model.Request(APP_HOST, APP_HOST, chain)
-    return model.expect(w, dataclasses.replace(request, **kw), kw.pop("at", T0))  # type: ignore[arg-type]
+    return model.expect(w, dataclasses.replace(request, **kw), at)  # type: ignore[arg-type]
 
 
 def test_valid_certificate_is_admitted_with_a_cookie_for_the_duration() -> None:
@@ -315,3 +319,284 @@ def test_name_constraints_bind_san_and_san_less_leaves(
 def test_a_critical_san_beside_a_subject_is_invalid_chain() -> None:
     w, chain = world(PkiSpec(leaf=LeafSpec(san_dns=("d1.fleet.test",), san_critical=True)))
     assert ask(w, chain).reasons == {"invalid_chain"}
+
+
+# ---- people and service tokens (access-flow I5-I11) -------------------------------------------
+
+IDP_A, IDP_B = "idp-a", "idp-b"
+ALICE = model.Person("alice@example.com", IDP_A, frozenset({"engineering"}))
+BOB = model.Person("bob@other.test", IDP_B)
+DOMAIN = model.Rule("email_domain", "example.com")
+CERT = model.Rule("certificate")
+LOGIN_AND_CERTIFICATE = model.Policy("people", "allow", (DOMAIN,), require=(CERT,))
+
+
+def people_world(
+    *policies: model.Policy,
+    duration: dt.timedelta = dt.timedelta(hours=24),
+    providers: tuple[str, ...] = (IDP_A, IDP_B),
+    tokens: tuple[model.ServiceToken, ...] = (),
+) -> tuple[model.World, tuple]:
+    w, chain = world(duration=duration, policies=policies)
+    app = dataclasses.replace(w.apps[APP_HOST], identity_providers=providers)
+    return dataclasses.replace(w, apps={**w.apps, APP_HOST: app}, service_tokens=tokens), chain
+
+
+def test_login_and_certificate_is_one_policy() -> None:
+    w, chain = people_world(LOGIN_AND_CERTIFICATE)
+    # No login yet, a certificate: a login could admit (I7): 401, a browser is redirected.
+    e = ask(w, chain)
+    assert (e.status, e.reasons) == (401, {"login_required"})
+    assert ask(w, chain, browser=True).redirect
+    # No certificate: the policy cannot hold whatever the login, so no login is asked (I7).
+    assert ask(w, ()).reasons == {"no_certificate"}
+    assert ask(w, (), browser=True).reasons == {"no_certificate"}
+    # After a login with both: admitted as the person, with a cookie carrying them (I5, I8).
+    e = ask(w, chain, person=ALICE)
+    assert (e.status, e.person, e.cookie) == (200, ALICE, True)
+    # A person from another domain: identity_denied (D1, I5).
+    assert ask(w, chain, person=BOB).reasons == {"identity_denied"}
+
+
+def test_the_first_policy_that_could_hold_after_a_login_stops_the_evaluation() -> None:
+    people = model.Policy("people", "allow", (DOMAIN,))
+    devices = model.Policy("devices", "non_identity", (CERT,))
+    w, chain = people_world(people, devices)
+    assert ask(w, chain).reasons == {"login_required"}  # the device policy is never reached
+    w, chain = people_world(devices, people)
+    assert ask(w, chain).admitted_by == "certificate"
+    assert ask(w, ()).reasons == {"login_required"}
+
+
+def test_three_values_are_about_every_identity_not_kleene() -> None:
+    # include email = a AND exclude email = a can hold for nobody: skipped, not a login.
+    a = model.Rule("email", "alice@example.com")
+    never = model.Policy("never", "allow", (a,), exclude=(a,))
+    w, chain = people_world(never, model.Policy("devices", "non_identity", (CERT,)))
+    assert ask(w, chain).admitted_by == "certificate"
+    # include certificate OR email: holds for every identity with a certificate.
+    either = model.Policy("either", "non_identity", (CERT, a))
+    w, chain = people_world(either)
+    assert ask(w, chain).admitted_by == "certificate"
+    assert ask(w, ()).reasons == {"login_required"}
+    # exclude email alone: a login could still make it hold (anyone but alice).
+    but = model.Policy("but", "non_identity", (CERT,), exclude=(a,))
+    w, chain = people_world(but)
+    assert ask(w, chain).reasons == {"login_required"}
+    assert ask(w, chain, person=ALICE).reasons == {"identity_denied"}
+
+
+def test_a_login_method_no_allowed_provider_offers_cannot_hold() -> None:
+    via_b = model.Policy("b", "allow", (model.Rule("login_method", IDP_B),))
+    w, chain = people_world(via_b, providers=(IDP_A,))
+    assert ask(w, chain).reasons == {"policy_denied"}
+    w, chain = people_world(via_b, providers=(IDP_A, IDP_B))
+    assert ask(w, chain).reasons == {"login_required"}
+    assert ask(w, chain, person=BOB).status == 200
+
+
+@pytest.mark.parametrize(
+    ("rule", "person", "matches"),
+    [
+        (model.Rule("email", "ALICE@example.COM"), ALICE, True),
+        (model.Rule("email", "alice@example.co"), ALICE, False),
+        (model.Rule("email_domain", "EXAMPLE.com"), ALICE, True),
+        # The part after the last @, exactly: a suffix is not the domain.
+        (model.Rule("email_domain", "ample.com"), ALICE, False),
+        (model.Rule("email_domain", "com"), ALICE, False),
+        (model.Rule("email_domain", "other.test"), model.Person("x@y@other.test", IDP_A), True),
+        (model.Rule("group", "engineering"), ALICE, True),
+        (model.Rule("group", "sales"), ALICE, False),
+        (model.Rule("login_method", IDP_A), ALICE, True),
+        (model.Rule("login_method", IDP_B), ALICE, False),
+    ],
+)
+def test_identity_rules(rule: model.Rule, person: model.Person, matches: bool) -> None:
+    w, chain = people_world(model.Policy("p", "allow", (rule,)))
+    assert (ask(w, chain, person=person).status == 200) is matches
+
+
+def test_no_duration_with_a_person_checks_the_device_and_carries_the_identity() -> None:
+    w, chain = people_world(LOGIN_AND_CERTIFICATE, duration=dt.timedelta(0))
+    leaf = model.sha256_hex(chain[0])
+    session = model.Token(APP_HOST, T0 + dt.timedelta(hours=1), True, leaf, ALICE)
+    e = ask(w, chain, token=session)
+    # The token does not admit on its own: the policies decide with its person (I9)...
+    assert (e.status, e.admitted_by, e.person, e.close) == (200, "certificate", ALICE, True)
+    assert e.cookie is False  # only the login's decision sets the identity cookie (I9)
+    # A login under No Duration gets an identity cookie for 24 h without a policy duration.
+    e = ask(w, chain, person=ALICE)
+    assert (e.cookie, e.cookie_max_age, e.close) == (True, 86400, True)
+    # Without a certificate the policy cannot hold; the token (binding off) still names the
+    # person, so the denial is identity_denied (I8).
+    assert ask(w, (), token=session).reasons == {"identity_denied"}
+    # Minted for another certificate, the token brings nobody: a login is needed.
+    stolen = dataclasses.replace(session, certificate="00" * 32)
+    assert ask(w, chain, token=stolen).reasons == {"login_required"}
+    # An expired or bogus session token brings nobody either: a login is needed again.
+    assert ask(w, chain, token=session, at=session.exp).reasons == {"login_required"}
+    bogus = dataclasses.replace(session, genuine=False)
+    assert ask(w, chain, token=bogus).reasons == {"login_required"}
+    # With a duration above zero the same token admits on its own (A4), as the person.
+    w, chain = people_world(LOGIN_AND_CERTIFICATE)
+    session = dataclasses.replace(session, certificate=model.sha256_hex(chain[0]))
+    e = ask(w, chain, token=session)
+    assert (e.admitted_by, e.person) == ("token", ALICE)
+
+
+def test_service_tokens() -> None:
+    made = model.ServiceToken("st-1", "client.access", "s3cret", T0 + dt.timedelta(hours=1))
+    only = model.Policy("ci", "non_identity", (model.Rule("service_token", "st-1"),))
+    w, _ = people_world(only, tokens=(made,))
+    good = model.Credentials("client.access", "s3cret")
+    e = ask(w, (), service_token=good)
+    assert (e.status, e.admitted_by, e.service_token) == (200, "policy", "client.access")
+    bad_secret = model.Credentials("client.access", "guess")
+    assert ask(w, (), service_token=bad_secret).reasons == {"service_token_invalid"}
+    unknown = model.Credentials("nobody.access", "s3cret")
+    assert ask(w, (), service_token=unknown).reasons == {"service_token_invalid"}
+    # Valid before its expiry instant, expired from it on (I11, as J1's exp).
+    before = made.expires - dt.timedelta(seconds=1)
+    assert ask(w, (), service_token=good, at=before).status == 200
+    assert ask(w, (), service_token=good, at=made.expires).reasons == {"service_token_expired"}
+    # A valid token that no policy admits is policy_denied (I11); none at all: no_certificate.
+    other = model.Policy("other", "non_identity", (model.Rule("service_token", "st-2"),))
+    w, _ = people_world(other, tokens=(made,))
+    assert ask(w, (), service_token=good).reasons == {"policy_denied"}
+    assert ask(w, ()).reasons == {"no_certificate"}
+    anyone = model.Policy("any", "non_identity", (model.Rule("any_valid_service_token"),))
+    w, _ = people_world(anyone, tokens=(made,))
+    assert ask(w, (), service_token=good).status == 200
+
+
+def test_a_bad_service_token_is_refused_rather_than_sent_to_log_in() -> None:
+    made = model.ServiceToken("st-1", "client.access", "s3cret", T0 + dt.timedelta(hours=1))
+    w, chain = people_world(model.Policy("people", "allow", (DOMAIN,)), tokens=(made,))
+    e = ask(w, chain, service_token=model.Credentials("client.access", "guess"))
+    assert (e.status, e.reasons) == (403, {"service_token_invalid"})
+    assert ask(
+        w, chain, service_token=model.Credentials("client.access", "guess"), browser=True
+    ).reasons == {"service_token_invalid"}
+
+
+def test_a_policy_every_person_satisfies_still_needs_the_login() -> None:
+    # Kleene leaves it unknown; every person a login can bring (only idp-a) satisfies it; a
+    # token is minted for a person, never for an absent one (I7).
+    via_a = model.Policy("a", "allow", (model.Rule("login_method", IDP_A),))
+    w, chain = people_world(via_a, providers=(IDP_A,))
+    assert ask(w, chain).reasons == {"login_required"}
+    # No provider at all: no login, the identity rule cannot hold.
+    w, chain = people_world(via_a, providers=())
+    assert ask(w, chain).reasons == {"policy_denied"}
+
+
+def test_a_valid_service_token_is_a_machine_that_never_logs_in() -> None:
+    made = model.ServiceToken("st-1", "c.access", "s", T0 + dt.timedelta(hours=1))
+    both = model.Policy(
+        "both", "allow", (DOMAIN,), require=(model.Rule("any_valid_service_token"),)
+    )
+    w, _ = people_world(both, tokens=(made,))
+    machine = model.Credentials("c.access", "s")
+    assert ask(w, (), service_token=machine).reasons == {"policy_denied"}
+    assert ask(w, ()).reasons == {"no_certificate"}  # require cannot hold: no login either
+    assert ask(w, (), service_token=machine, person=ALICE).status == 200
+
+
+# ---- the model against enforcer/policy.py, pure: the three-valued evaluation -----------------
+
+
+_VALUES = {
+    "email": ["alice@example.com", "ALICE@example.com", "bob@other.test"],
+    "email_domain": ["example.com", "other.test", "ample.com", "mail.example.com"],
+    "group": ["engineering", "sales"],
+    "login_method": [IDP_A, IDP_B],
+    "service_token": ["st-1", "st-2"],
+    "ip": ["127.0.0.0/8", "192.0.2.0/24"],
+}
+_KEYS = {
+    "email": "email",
+    "email_domain": "domain",
+    "group": "name",
+    "login_method": "id",
+    "service_token": "token_id",
+    "ip": "ip",
+}
+_PEOPLE = [
+    ALICE,
+    BOB,
+    model.Person("carol@example.com", IDP_A, frozenset({"sales"})),
+    model.Person("dave@mail.example.com", IDP_B, frozenset({"engineering", "sales"})),
+]
+
+
+@st.composite
+def _rules(draw: st.DrawFn) -> model.Rule:
+    kind = draw(st.sampled_from([*_VALUES, "everyone", "any_valid_service_token"]))
+    return model.Rule(kind, draw(st.sampled_from(_VALUES[kind])) if kind in _VALUES else "")
+
+
+@st.composite
+def _policies(draw: st.DrawFn) -> model.Policy:
+    return model.Policy(
+        "p",
+        draw(st.sampled_from(["allow", "non_identity"])),
+        tuple(draw(st.lists(_rules(), min_size=1, max_size=3))),
+        tuple(draw(st.lists(_rules(), max_size=2))),
+        tuple(draw(st.lists(_rules(), max_size=2))),
+    )
+
+
+def _enforcer_policy(policy: model.Policy) -> object:
+    from enforcer.policy import parse_policy
+
+    def body(rule: model.Rule) -> dict[str, dict[str, str]]:
+        return {rule.kind: {_KEYS[rule.kind]: rule.value} if rule.kind in _KEYS else {}}
+
+    return parse_policy(
+        {
+            "name": policy.name,
+            "decision": policy.decision,
+            "include": [body(r) for r in policy.include],
+            "require": [body(r) for r in policy.require],
+            "exclude": [body(r) for r in policy.exclude],
+        },
+        "policy",
+    )
+
+
+@settings(
+    max_examples=200 if os.environ.get("CI") else 500,
+    deadline=None,
+    derandomize=bool(os.environ.get("CI")),
+)
+@given(
+    _policies(),
+    st.sampled_from([None, *_PEOPLE]),
+    st.sampled_from([None, "st-1", "st-2"]),
+    st.sampled_from(["127.0.0.1", "192.0.2.7"]),
+)
+def test_the_three_valued_evaluation_matches_enforcer_policy(
+    policy: model.Policy, person: model.Person | None, token: str | None, ip: str
+) -> None:
+    """Two-valued with a person or a valid service token, three-valued otherwise: the model's
+    I7 and enforcer/policy.py's must agree exactly."""
+    import ipaddress
+
+    from enforcer.identity import Identity
+    from enforcer.policy import RequestFacts
+    from enforcer.service_tokens import ServiceToken
+
+    service = None
+    model_token = None
+    if token is not None:
+        expires = T0 + dt.timedelta(hours=1)
+        service = ServiceToken(token, token, f"{token}.access", "00" * 32, expires)
+        model_token = model.ServiceToken(token, f"{token}.access", "", expires)
+    identity = None
+    if person is not None:
+        identity = Identity(person.email, "sub", person.idp, tuple(sorted(person.groups)))
+    facts = RequestFacts(None, ipaddress.ip_address(ip), identity, service)
+    real = _enforcer_policy(policy).evaluate(facts, (IDP_A, IDP_B))  # type: ignore[attr-defined]
+    app = model.App(APP_HOST, dt.timedelta(hours=24), (policy,), (IDP_A, IDP_B))
+    mine = model.i7_policy_value(policy, app, model.Facts((), ip, person, model_token))
+    assert real is mine
