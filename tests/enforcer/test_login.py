@@ -24,9 +24,11 @@ import h11
 import jwt
 import pytest
 import trio
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from enforcer.accesslog import AccessLog
+from enforcer.chain import fingerprint
 from enforcer.clock import FixedClock
 from enforcer.login import LoginFailed, UsedStates
 from enforcer.server import Enforcer, open_listener, serve
@@ -170,6 +172,27 @@ async def test_a_person_logs_in_and_reaches_the_origin_with_their_identity(
     # The session cookie admits the next request without a login.
     again = await browser.request("/next")
     assert again.status == 200 and setup.served.last()["admitted_by"] == "token"
+
+
+async def test_revoking_the_certificate_ends_the_persons_session(setup: LoginSetup) -> None:
+    # I8: the session token is bound to the device certificate presented at the login, so
+    # revoking that certificate ends the person's session, with or without the certificate.
+    browser = setup.browser()
+    hops = await browser.login("/", ALICE.email, ALICE.password)
+    assert hops[-1].response.status == 200
+    cert_path, _ = setup.served.layout.device("valid")
+    leaf = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    await ok(
+        setup.served, "POST", f"{ACC}/revocations", {"fingerprint_sha256": fingerprint(leaf)}
+    )
+    again = await browser.request("/after")
+    assert (again.status, again.header("x-access-denied-reason")) == (403, "revoked")
+    # The cookie alone, on a connection without the certificate, admits nothing either.
+    alone = LoginBrowser(setup.hostname, setup.served.port, setup.ctx(None), setup.idp)
+    alone.cookies().update(browser.cookies())
+    refused = await alone.request("/after", headers=[("accept", "application/json")])
+    assert refused.status in (401, 403) and setup.served.last()["decision"] == "denied"
+    assert "token_invalid" in setup.served.last()["notes"]
 
 
 async def test_a_client_that_is_not_a_browser_gets_401_and_no_redirect(setup: LoginSetup) -> None:
