@@ -39,7 +39,11 @@ from enforcer.chain import (
     fingerprint,
     split_anchor,
 )
-from enforcer.control import ApiError, idp_config  # the admin API's checks: the same rules
+from enforcer.control import (
+    IDP_CONFIG_FIELDS,
+    ApiError,
+    idp_config,
+)  # the admin API's checks: the same rules
 from enforcer.durations import format_duration
 from enforcer.identity import IdentityProvider
 from enforcer.policy import PolicyError, parse_policy
@@ -526,23 +530,13 @@ def load_config(path: str | Path) -> EnforcerConfig:
     )
 
 
-_IDP_FIELDS = {
+# The admin API's config fields, with the secret and the CA read from files or the environment.
+_IDP_FIELDS = set(IDP_CONFIG_FIELDS - {"ca_pem"}) | {
     "id",
     "name",
     "type",
-    "client_id",
-    "client_secret",
     "client_secret_file",
     "client_secret_env",
-    "issuer_url",
-    "auth_url",
-    "token_url",
-    "certs_url",
-    "scopes",
-    "email_claim_name",
-    "groups_claim",
-    "pkce_enabled",
-    "allowed_algorithms",
     "ca_file",
 }
 
@@ -577,20 +571,7 @@ def _identity_provider(r: TableReader) -> IdentityProvider:
     else:
         secret = r.get("client_secret", str)
     raw: dict[str, Any] = {
-        k: r.table[k]
-        for k in (
-            "client_id",
-            "issuer_url",
-            "auth_url",
-            "token_url",
-            "certs_url",
-            "scopes",
-            "email_claim_name",
-            "groups_claim",
-            "pkce_enabled",
-            "allowed_algorithms",
-        )
-        if k in r.table
+        k: r.table[k] for k in IDP_CONFIG_FIELDS - {"client_secret", "ca_pem"} if k in r.table
     }
     raw["client_secret"] = secret
     if "ca_file" in r.table:

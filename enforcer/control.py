@@ -1226,20 +1226,23 @@ IDP_ALGORITHMS = (
     "ES512",
     "EdDSA",
 )
-_IDP_CONFIG_FIELDS = {
-    "client_id",
-    "client_secret",
-    "issuer_url",
-    "auth_url",
-    "token_url",
-    "certs_url",
-    "scopes",
-    "email_claim_name",
-    "groups_claim",
-    "pkce_enabled",
-    "allowed_algorithms",
-    "ca_pem",
-}
+# The fields of an identity provider's ``config`` (the config file reads the same ones).
+IDP_CONFIG_FIELDS = frozenset(
+    {
+        "client_id",
+        "client_secret",
+        "issuer_url",
+        "auth_url",
+        "token_url",
+        "certs_url",
+        "scopes",
+        "email_claim_name",
+        "groups_claim",
+        "pkce_enabled",
+        "allowed_algorithms",
+        "ca_pem",
+    }
+)
 
 
 def https_url_problem(url: str) -> str | None:
@@ -1263,10 +1266,10 @@ def idp_config(raw: Any, old: Mapping[str, Any] | None, where: str = "config") -
     """
     if not isinstance(raw, Mapping):
         raise ApiError(400, f"{where}: expected an object with client_id, issuer_url, ...")
-    extra = sorted(set(raw) - _IDP_CONFIG_FIELDS)
+    extra = sorted(set(raw) - IDP_CONFIG_FIELDS)
     if extra:
         raise ApiError(
-            400, f"{where}.{extra[0]}: unknown field; expected one of {sorted(_IDP_CONFIG_FIELDS)}"
+            400, f"{where}.{extra[0]}: unknown field; expected one of {sorted(IDP_CONFIG_FIELDS)}"
         )
     base = dict(old or {})
 
@@ -1422,7 +1425,7 @@ def delete_idp(objects: Objects, account: str, oid: str) -> Outcome:
 
 def idp_object(idp: IdentityProvider, account: str, now: dt.datetime) -> dict[str, Any]:
     """The stored form of an identity provider (the config file's seeds)."""
-    config = {k: getattr(idp, k) for k in _IDP_CONFIG_FIELDS}
+    config = {k: getattr(idp, k) for k in IDP_CONFIG_FIELDS}
     config["scopes"] = list(idp.scopes)
     config["allowed_algorithms"] = list(idp.allowed_algorithms)
     return {

@@ -182,9 +182,7 @@ async def test_revoking_the_certificate_ends_the_persons_session(setup: LoginSet
     assert hops[-1].response.status == 200
     cert_path, _ = setup.served.layout.device("valid")
     leaf = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    await ok(
-        setup.served, "POST", f"{ACC}/revocations", {"fingerprint_sha256": fingerprint(leaf)}
-    )
+    await ok(setup.served, "POST", f"{ACC}/revocations", {"fingerprint_sha256": fingerprint(leaf)})
     again = await browser.request("/after")
     assert (again.status, again.header("x-access-denied-reason")) == (403, "revoked")
     # The cookie alone, on a connection without the certificate, admits nothing either.
