@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-import h11
 import jwt
 import pytest
 import trio
@@ -35,6 +34,7 @@ from enforcer.server import Enforcer, open_listener, serve
 from testbed.demo import AUTH_HOST, IOT_HOST, DemoLayout
 from tests.conftest import Served
 from tests.h2wire import H2Client, h2_context
+from tests.https_stub import JsonStub
 from tests.login_client import BROWSER_ACCEPT, LoginBrowser
 from tests.oidc_idp import USERS, Client, OidcIdp, callback_uris, oidc_idp  # noqa: F401
 from tests.wire import admin_call, client_context, get
@@ -274,45 +274,18 @@ async def test_the_login_never_redirects_off_the_hostname(setup: LoginSetup, tar
 # ---- forged ID tokens, delivered by a token endpoint the provider's token_url names -----------
 
 
-class TokenEndpoint:
+class TokenEndpoint(JsonStub):
     """An https token endpoint answering whatever ID token a test forged (a hostile provider)."""
 
     def __init__(self) -> None:
         self.id_token = ""
         self.requests: list[dict[str, str]] = []
 
-    async def serve(self, ctx: ssl.SSLContext, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_ssl_over_tcp_listeners(0, ctx, host="127.0.0.1")
-        task_status.started(listeners[0].transport_listener.socket.getsockname()[1])
-        await trio.serve_listeners(self._one, listeners)
-
-    async def _one(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        try:
-            await self._answer(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            pass  # a client that gave up (a refused certificate): nothing to answer
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    async def _answer(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        conn = h11.Connection(h11.SERVER)
-        body = b""
-        with trio.move_on_after(10):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Data):
-                    body += bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
-            self.requests.append({k: v[0] for k, v in parse_qs(body.decode()).items()})
-            answer = json.dumps(
-                {"access_token": "x", "token_type": "Bearer", "id_token": self.id_token}
-            ).encode()
-            headers = [("content-type", "application/json"), ("content-length", str(len(answer)))]
-            await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
-            await stream.send_all(conn.send(h11.Data(data=answer)) + conn.send(h11.EndOfMessage()))
+    def answer(self, target: bytes, body: bytes) -> bytes:
+        """Record the form the enforcer posted; answer the forged ID token."""
+        self.requests.append({k: v[0] for k, v in parse_qs(body.decode()).items()})
+        tokens = {"access_token": "x", "token_type": "Bearer", "id_token": self.id_token}
+        return json.dumps(tokens).encode()
 
 
 @pytest.fixture

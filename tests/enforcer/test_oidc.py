@@ -8,10 +8,8 @@ enforcer's fetches and change the published keys; the cache's clock is stepped b
 from __future__ import annotations
 
 import json
-import ssl
 from typing import Any
 
-import h11
 import jwt
 import pytest
 import trio
@@ -26,6 +24,7 @@ from enforcer.oidc import (
     ProviderUnreachable,
 )
 from enforcer.proxy import OriginPool
+from tests.https_stub import JsonStub
 from tests.oidc_idp import OidcIdp, oidc_idp  # noqa: F401
 
 
@@ -34,46 +33,19 @@ def jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
     return {**out, "kid": kid, "alg": "RS256", "use": "sig"}
 
 
-class KeysServer:
+class KeysServer(JsonStub):
     """An https server publishing ``keys`` at /jwks (counted) and an oversized document at /big."""
 
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
         self.fetches = 0
 
-    async def serve(self, ctx: ssl.SSLContext, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_ssl_over_tcp_listeners(0, ctx, host="127.0.0.1")
-        task_status.started(listeners[0].transport_listener.socket.getsockname()[1])
-        await trio.serve_listeners(self._one, listeners)
-
-    async def _one(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        try:
-            await self._answer(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            pass  # a client that gave up (a refused certificate): nothing to answer
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    async def _answer(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        conn = h11.Connection(h11.SERVER)
-        target = b""
-        with trio.move_on_after(10):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Request):
-                    target = event.target
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
-            if target == b"/jwks":
-                self.fetches += 1
-                body = json.dumps({"keys": self.keys}).encode()
-            else:
-                body = b'{"keys": [' + b" " * (MAX_RESPONSE_BYTES + 1) + b"]}"
-            headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
-            await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
-            await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+    def answer(self, target: bytes, body: bytes) -> bytes:
+        """The keys at /jwks (counted), a document over the size limit anywhere else."""
+        if target == b"/jwks":
+            self.fetches += 1
+            return json.dumps({"keys": self.keys}).encode()
+        return b'{"keys": [' + b" " * (MAX_RESPONSE_BYTES + 1) + b"]}"
 
 
 @pytest.fixture
