@@ -18,6 +18,7 @@ accepted as a login cookie, nor a login cookie as a session token. Every failure
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -274,6 +275,18 @@ class UsedStates:
         if problem is not None:
             raise LoginFailed("state", problem)
 
+    async def forget(self, state: str) -> None:
+        """Drop a used state whose login failed at the provider, so failed callbacks (codes
+        an attacker made up) cannot fill the table and lock people out; a code that worked
+        keeps its state used until it expires."""
+        digest = hashlib.sha256(state.encode()).hexdigest()
+        async with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                await trio.to_thread.run_sync(self._forget, digest)
+
+    def _forget(self, digest: str) -> None:
+        self._db.execute("DELETE FROM login_states WHERE state = ?", (digest,))
+
 
 @dataclasses.dataclass
 class LoginRoute:
@@ -415,7 +428,14 @@ class LoginRoute:
         # Used before the exchange: a replay racing the first use is refused too.
         await self.path.e.login_states.use(login.state, login.exp, self.now)
         oidc = self.path.e.oidc
-        id_token = await oidc.exchange_code(provider, code, login.redirect_uri, login.code_verifier)
+        try:
+            id_token = await oidc.exchange_code(
+                provider, code, login.redirect_uri, login.code_verifier
+            )
+        except OidcError:
+            # The provider took no code from this state: nothing was logged in with it.
+            await self.path.e.login_states.forget(login.state)
+            raise
         claims = await oidc.id_token_claims(provider, id_token, login.nonce, self.now)
         identity = identity_from_id_token(claims, provider, secrets.token_urlsafe(24))
         hostname = self.app.hostname
@@ -474,6 +494,8 @@ async def end_session(
     nonce = (checked.claims or {}).get("identity_nonce")
     if checked.status is not TokenStatus.VALID or not isinstance(nonce, str) or not nonce:
         return False
+    if nonce in snapshot.ended_identity_nonces:
+        return True  # already ended: a repeated logout writes nothing (each write is durable)
     expires = dt.datetime.fromtimestamp(float((checked.claims or {})["exp"]), dt.UTC)
     await enforcer.controller.write(
         lambda objects, at: control.end_identity_session(objects, nonce, expires, at)

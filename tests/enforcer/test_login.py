@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import sqlite3
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -444,6 +445,22 @@ async def test_a_callback_needs_this_browsers_login_cookie(
     assert str(setup.served.last()["detail"]).startswith("login_cookie:")
 
 
+async def test_a_made_up_code_leaves_no_used_state_behind(setup: LoginSetup) -> None:
+    # A callback whose code the provider refuses logged nobody in: its state is not kept as
+    # used, so made-up callbacks cannot fill the used-state table and lock people out.
+    browser = setup.browser()
+    state, _ = await start_login(browser)
+    for _ in range(2):
+        bogus = await browser.request(f"/cdn-cgi/access/callback?code=made-up&state={state}")
+        assert (bogus.status, bogus.reason) == (400, "login_failed")
+        assert str(setup.served.last()["detail"]).startswith("token:")
+    db = sqlite3.connect(setup.served.controller.store.path)
+    try:
+        assert db.execute("SELECT COUNT(*) FROM login_states").fetchone() == (0,)
+    finally:
+        db.close()
+
+
 async def test_a_login_cookie_is_not_a_session(setup: LoginSetup) -> None:
     browser = setup.browser()
     await start_login(browser)
@@ -509,6 +526,12 @@ async def test_logout_ends_the_session_on_every_worker(
         assert (old.status, old.reason) == (401, "login_required")
         assert served.last()["notes"] == ["token_invalid"]
         # (the same cookie and certificate were admitted on the other worker before the logout)
+    # Logging out again with the ended session writes nothing more to the state database.
+    generation = setup.served.controller.store.generation()
+    browser.cookies()["CF_Authorization"] = session
+    repeat = await browser.request("/cdn-cgi/access/logout")
+    assert repeat.status == 200
+    assert setup.served.controller.store.generation() == generation
     # A browser with the old cookie is sent to log in again.
     browser.cookies()["CF_Authorization"] = session
     again = await browser.request("/")
