@@ -392,6 +392,11 @@ def identity_from_id_token(
         raise IdTokenRejected(
             "email", f"the ID token has no usable {provider.email_claim_name!r} claim"
         )
+    if claims.get("email_verified") is False:
+        # The provider itself says the address is unproven (anyone may have typed it): rules
+        # on email and email_domain must not trust it. A provider that omits the claim is
+        # taken at its word, as most enterprise providers only issue verified addresses.
+        raise IdTokenRejected("email", f"the provider has not verified {email[:320]!r}")
     groups = claims.get(provider.groups_claim)
     if isinstance(groups, str):
         groups = [groups]

@@ -362,6 +362,10 @@ def forgeries(setup: LoginSetup, nonce: str) -> dict[str, tuple[str, str]]:
             "azp",
         ),
         "no email": (sign(setup, id_token(setup, nonce, email=None)), "email"),
+        "email not verified": (
+            sign(setup, id_token(setup, nonce, email_verified=False)),
+            "email",
+        ),
     }
 
 
@@ -393,7 +397,7 @@ async def test_forged_id_tokens_are_refused(forged: tuple[LoginSetup, TokenEndpo
         refused[attack] = (response.status, response.reason, detail.split(":", 1)[0])
         assert refused[attack] == (400, "login_failed", check), (attack, detail)
         assert not any(c.startswith("CF_Authorization=") for c in response.all("set-cookie"))
-    assert len(refused) == 12
+    assert len(refused) == 13
 
 
 async def test_a_state_is_used_once_on_every_worker(
