@@ -206,6 +206,11 @@ def token_refusal(
     nonce = claims.get("identity_nonce")
     if nonce and nonce in snapshot.ended_identity_nonces:
         return "its session was ended by a logout (access-flow I10)"
+    idp = claims.get("idp")
+    if isinstance(idp, Mapping) and idp.get("id") not in app.identity_providers:
+        # A person's session lasts only while their provider may log them in here: deleting
+        # the provider, or dropping it from allowed_idps, ends its sessions (I8).
+        return f"its identity provider {str(idp.get('id'))[:64]!r} no longer logs users in here"
     cnf = claims.get("cnf")
     minted_for = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
     if minted_for is not None and minted_for in snapshot.revoked_x5t:

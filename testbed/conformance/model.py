@@ -597,7 +597,13 @@ def a4_token_admits(
         and now < token.exp
         and token.certificate not in revoked
         and (presented is None or token.certificate == sha256_hex(presented))
+        and i8_provider_still_allowed(app, token)
     )
+
+
+def i8_provider_still_allowed(app: App, token: Token) -> bool:
+    """I8: a person's session lasts only while their provider may log them in to the app."""
+    return token.person is None or token.person.idp in app.identity_providers
 
 
 # ---- A5: policies -----------------------------------------------------------------------------
@@ -783,6 +789,7 @@ def i9_token_person(
         or not now < token.exp
         or (token.certificate is not None and token.certificate in revoked)
         or (presented is not None and token.certificate != sha256_hex(presented))
+        or not i8_provider_still_allowed(app, token)
     ):
         return None
     return token.person

@@ -327,6 +327,30 @@ def test_the_session_token_carries_the_identity_and_admits(ring: KeyRing) -> Non
     assert decide(req(identity=ALICE), snap, bad, NOW).reason is Reason.REVOKED
 
 
+def test_removing_the_provider_ends_its_sessions(ring: KeyRing) -> None:
+    snap = snapshot(ring, PERSON_POLICY)
+    session = decide(req(identity=ALICE), snap, DEVICE, NOW).token
+    assert session is not None
+    assert decide(req(token=session), snap, DEVICE, NOW).admitted_by is AdmittedBy.TOKEN
+    # The provider deleted, or no longer in the application's allowed_idps: the token is
+    # refused and the person must log in again (with a provider that may still log them in).
+    gone = snapshot(ring, PERSON_POLICY, identity_providers=())
+    refused = decide(req(token=session), gone, DEVICE, NOW)
+    assert refused.admitted_by is None and Reason.TOKEN_INVALID in refused.notes
+    # A device's token, which names no provider, is not affected.
+    device_token = decide(
+        req(),
+        snapshot(
+            ring, policy("d", "non_identity", include=[{"certificate": {}}]), identity_providers=()
+        ),
+        DEVICE,
+        NOW,
+    ).token
+    assert device_token is not None
+    kept = decide(req(token=device_token), gone, DEVICE, NOW)
+    assert kept.admitted_by is AdmittedBy.TOKEN
+
+
 def test_no_duration_with_a_person(ring: KeyRing) -> None:
     """I9: the session token never admits alone; bound to the certificate, it names the person."""
     hourly = policy("people", session_duration="1h", **PERSON_WITH_DEVICE)
