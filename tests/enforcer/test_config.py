@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from enforcer.config import ConfigError, load_config
-from testbed.demo import DemoLayout
+from testbed.demo import DemoLayout, write_demo
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def variant(demo: DemoLayout, tmp_path: Path, old: str, new: str) -> Path:
@@ -27,6 +29,24 @@ def test_the_demo_config_loads(demo: DemoLayout) -> None:
     config = load_config(demo.config)
     assert {a.hostname for a in config.applications} == {"auth.example.test", "iot.example.test"}
     assert len(config.roots[0].intermediates) == 1
+
+
+def test_the_example_config_loads_as_shipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # scenarios/enforcer.example.toml documents every field: it must load as the README says,
+    # beside a demo written to ../demo, with the admin token in the environment.
+    write_demo(tmp_path / "demo", 0, "http://127.0.0.1:9000")
+    (tmp_path / "scenarios").mkdir()
+    example = tmp_path / "scenarios" / "enforcer.example.toml"
+    example.write_text((ROOT / "scenarios" / "enforcer.example.toml").read_text())
+    monkeypatch.setenv("TESTBED_ADMIN_TOKEN", "0123456789abcdef0123")
+    config = load_config(example)
+    assert [p.id for p in config.identity_providers] == ["corp"]
+    assert [t.token.id for t in config.service_tokens] == ["ci"]
+    assert config.allowed_idps["auth.example.test"] == ("corp",)
+    auth = next(a for a in config.applications if a.hostname == "auth.example.test")
+    assert [p.name for p in auth.policies][-2:] == ["CI jobs", "staff on managed laptops"]
 
 
 @pytest.mark.parametrize(
