@@ -18,8 +18,8 @@ import dataclasses
 import datetime as dt
 import hmac
 import json
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 import jwt
@@ -35,7 +35,12 @@ REQUEST_TIMEOUT = 10.0  # seconds for one whole request to the provider
 METADATA_LIFETIME = 3600.0  # seconds a discovery document is reused
 JWKS_LIFETIME = 3600.0  # seconds a JWKS is reused
 UNKNOWN_KID_INTERVAL = 60.0  # at most one JWKS fetch a minute for a key id not held (I1)
+# After a failed discovery or JWKS fetch, logins fail at once for this long instead of asking
+# the provider again: anyone can start a login, and a provider that is down or slow must not
+# cost one outgoing connection (and a task waiting REQUEST_TIMEOUT) per request.
+RETRY_AFTER_FAILURE = 10.0
 LEEWAY = dt.timedelta(seconds=60)  # clock skew allowed on exp / iat / nbf (I3)
+_T = TypeVar("_T")
 NEVER_ALLOWED = ("none",)  # and every HS*: a client secret is not a provider's signature
 
 
@@ -127,6 +132,33 @@ class OidcClient:
         self._metadata: dict[tuple[str, ...], tuple[ProviderMetadata, float]] = {}
         self._keys: dict[tuple[str, ...], _Keys] = {}
         self._unknown_kid_fetch: dict[tuple[str, ...], float] = {}
+        # One fetch at a time per document, and its failure remembered (RETRY_AFTER_FAILURE).
+        self._locks: dict[tuple[str, ...], trio.Lock] = {}
+        self._failures: dict[tuple[str, ...], tuple[OidcError, float]] = {}
+
+    async def _fetch_once(
+        self,
+        key: tuple[str, ...],
+        fetch: Callable[[], Awaitable[_T]],
+        cached: Callable[[], _T | None],
+    ) -> _T:
+        """Run ``fetch`` for ``key`` one task at a time: tasks that waited take what it got
+        (``cached``), and a failure is answered again, without a fetch, for a while."""
+        async with self._locks.setdefault(key, trio.Lock()):
+            hit = cached()
+            if hit is not None:
+                return hit
+            failed = self._failures.get(key)
+            if failed is not None and self.monotonic() < failed[1] + RETRY_AFTER_FAILURE:
+                exc = failed[0]
+                raise type(exc)(exc.check, f"{exc.message} (not asked again for a few seconds)")
+            try:
+                result = await fetch()
+            except OidcError as exc:
+                self._failures[key] = (exc, self.monotonic())
+                raise
+            self._failures.pop(key, None)
+            return result
 
     async def fetch(
         self,
@@ -187,9 +219,20 @@ class OidcClient:
             provider.token_url or "",
             provider.certs_url or "",
         )
-        cached = self._metadata.get(key)
-        if cached is not None and self.monotonic() < cached[1] + METADATA_LIFETIME:
-            return cached[0]
+
+        def cached() -> ProviderMetadata | None:
+            entry = self._metadata.get(key)
+            fresh = entry is not None and self.monotonic() < entry[1] + METADATA_LIFETIME
+            return entry[0] if entry is not None and fresh else None
+
+        hit = cached()
+        if hit is not None:
+            return hit
+        return await self._fetch_once(
+            ("metadata", *key), lambda: self._discover(provider, key), cached
+        )
+
+    async def _discover(self, provider: IdentityProvider, key: tuple[str, ...]) -> ProviderMetadata:
         if provider.auth_url and provider.token_url and provider.certs_url:
             meta = ProviderMetadata(
                 provider.issuer_url, provider.auth_url, provider.token_url, provider.certs_url
@@ -217,7 +260,19 @@ class OidcClient:
         self._metadata[key] = (meta, self.monotonic())
         return meta
 
-    async def _fetch_keys(self, provider: IdentityProvider, key: tuple[str, ...]) -> _Keys:
+    async def _fetch_keys(
+        self, provider: IdentityProvider, key: tuple[str, ...], since: float | None = None
+    ) -> _Keys:
+        # ``since``: a fetch made after that (by a task this one waited for) is taken as is.
+        def cached() -> _Keys | None:
+            entry = self._keys.get(key)
+            return (
+                entry if entry is not None and since is not None and entry.fetched > since else None
+            )
+
+        return await self._fetch_once(("jwks", *key), lambda: self._get_keys(provider, key), cached)
+
+    async def _get_keys(self, provider: IdentityProvider, key: tuple[str, ...]) -> _Keys:
         meta = await self.metadata(provider)
         doc = await self._json(meta.jwks_uri, provider, "jwks")
         raw = doc.get("keys")
@@ -245,13 +300,13 @@ class OidcClient:
         entry = self._keys.get(key)
         fresh = entry is None or now >= entry.fetched + JWKS_LIFETIME
         if entry is None or fresh:
-            entry = await self._fetch_keys(provider, key)
+            entry = await self._fetch_keys(provider, key, since=now - JWKS_LIFETIME)
         jwk = entry.keys.get(kid)
         last = self._unknown_kid_fetch.get(key)
         if jwk is None and not fresh and (last is None or now >= last + UNKNOWN_KID_INTERVAL):
             # The provider may have rotated its keys since we fetched them.
             self._unknown_kid_fetch[key] = now
-            entry = await self._fetch_keys(provider, key)
+            entry = await self._fetch_keys(provider, key, since=now)
             jwk = entry.keys.get(kid)
         if jwk is None:
             raise IdTokenRejected("signature", f"the provider's JWKS has no key {kid!r}")

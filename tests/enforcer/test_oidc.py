@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from enforcer.identity import IdentityProvider
 from enforcer.oidc import (
     MAX_RESPONSE_BYTES,
+    RETRY_AFTER_FAILURE,
     IdTokenRejected,
     OidcClient,
     ProviderMetadata,
@@ -39,9 +40,11 @@ class KeysServer(JsonStub):
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
         self.fetches = 0
+        self.requests = 0  # of any kind
 
     def answer(self, target: bytes, body: bytes) -> bytes:
         """The keys at /jwks (counted), a document over the size limit anywhere else."""
+        self.requests += 1
         if target == b"/jwks":
             self.fetches += 1
             return json.dumps({"keys": self.keys}).encode()
@@ -105,6 +108,38 @@ async def test_the_jwks_is_cached_and_an_unknown_kid_refetches_at_most_once_a_mi
         clock[0] += 3601
         await client.signing_key(p, "k1")
         assert server.fetches == 4
+
+
+async def test_a_failing_provider_is_asked_once_per_retry_interval(
+    keys_server: tuple[KeysServer, str],
+    oidc_idp: OidcIdp,  # noqa: F811
+) -> None:
+    # Anyone can start a login: twenty at once while the provider answers nothing usable cost
+    # one request to it, and the next ones fail at once until RETRY_AFTER_FAILURE has passed.
+    server, base = keys_server
+    broken = IdentityProvider(
+        id="p", name="p", issuer_url=base, client_id="c", client_secret="s", ca_pem=oidc_idp.ca_pem
+    )  # no explicit endpoints: discovery, which this server answers with an oversized document
+    clock = [1000.0]
+    async with OriginPool().running() as pool:
+        client = OidcClient(pool, monotonic=lambda: clock[0])
+        failures: list[str] = []
+
+        async def start_login() -> None:
+            try:
+                await client.metadata(broken)
+            except ProviderUnreachable as exc:
+                failures.append(exc.check)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(start_login)
+        await start_login()
+        assert failures == ["discovery"] * 21
+        assert server.requests == 1
+        clock[0] += RETRY_AFTER_FAILURE + 1
+        await start_login()
+        assert server.requests == 2
 
 
 async def test_an_oversized_provider_answer_is_refused(
