@@ -9,7 +9,8 @@ ID token (enforcer/oidc.py) and hands the identity to the pure ``decide`` with t
 connection's certificate; admitted, the browser goes back to ``redirect_url`` with its session
 cookie. ``GET /cdn-cgi/access/logout`` clears the session cookie and ends the session.
 
-The login cookie is a JWT signed by the enforcer's current signing key, with ``type: "login"``
+The login cookie is a JWT MACed (HS256) with a secret derived from the enforcer's current
+signing key (``SigningKey.mac_key``), with ``type: "login"``
 and the audience ``login:<aud>``: a session token (``type: "app"``, audience ``<aud>``) is never
 accepted as a login cookie, nor a login cookie as a session token. Every failure answers 400
 ``login_failed``; the access log's detail names the check that failed.
@@ -42,7 +43,7 @@ from enforcer.identity import CALLBACK_PATH, LOGIN_PATH, LOGOUT_PATH, IdentityPr
 from enforcer.oidc import OidcError, identity_from_id_token
 from enforcer.reasons import Reason
 from enforcer.snapshot import Snapshot
-from enforcer.tokens import ALGORITHM, TokenStatus, check, parse_cookie_header
+from enforcer.tokens import TokenStatus, check, parse_cookie_header
 
 if TYPE_CHECKING:  # exchange imports this module
     from enforcer.exchange import RequestHead, RequestPath, Responder
@@ -52,6 +53,9 @@ LOGIN_COOKIE = "CF_Access_Login"
 LOGIN_LIFETIME = dt.timedelta(minutes=10)
 LOGIN_TYPE = "login"
 LOGIN_AUDIENCE_PREFIX = "login:"
+# HMAC with the signing key's derived secret: only the enforcer reads its login cookies, and
+# minting one for anyone who asks must stay cheap (an RS256 signature is ~1 ms here).
+LOGIN_ALGORITHM = "HS256"
 MAX_REDIRECT_URL = 1024  # the cookie carries it: a browser keeps cookies up to 4 KiB
 MAX_QUERY_FIELDS = 16
 MAX_USED_STATES = 100_000  # rows of the used-state table (each lives 10 minutes at most)
@@ -162,7 +166,7 @@ def mint_login_cookie(snapshot: Snapshot, app: Application, login: LoginCookie) 
         claims["code_verifier"] = login.code_verifier
     ring = snapshot.keyring
     return jwt.encode(
-        claims, ring.current.private_key, ALGORITHM, headers={"kid": ring.current.kid}
+        claims, ring.current.mac_key, LOGIN_ALGORITHM, headers={"kid": ring.current.kid}
     )
 
 
@@ -177,8 +181,8 @@ def read_login_cookie(
             raise LoginFailed("login_cookie", f"signed by an unknown key {kid!r}")
         claims: dict[str, Any] = jwt.decode(
             value,
-            key.public_key,
-            algorithms=[ALGORITHM],
+            key.mac_key,
+            algorithms=[LOGIN_ALGORITHM],
             audience=login_audience(app),
             issuer=snapshot.issuer,
             options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},

@@ -11,8 +11,11 @@ signed with the provider's real key (or another one).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
+import hashlib
+import hmac
 import io
 import json
 import sqlite3
@@ -25,6 +28,7 @@ import jwt
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from enforcer.accesslog import AccessLog
@@ -477,6 +481,40 @@ async def test_a_login_cookie_is_not_a_session(setup: LoginSetup) -> None:
     )
     assert (response.status, response.reason) == (401, "login_required")
     assert setup.served.last()["notes"] == ["token_invalid"]
+
+
+def hs256(claims: dict[str, Any], secret: bytes, kid: str) -> str:
+    # By hand: pyjwt itself refuses a PEM key as an HMAC secret, an attacker does not.
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    body = b64(json.dumps(claims).encode())
+    mac = hmac.new(secret, header + b"." + body, hashlib.sha256).digest()
+    return (header + b"." + body + b"." + b64(mac)).decode()
+
+
+async def test_a_login_cookie_cannot_be_forged_with_public_material(setup: LoginSetup) -> None:
+    # The login cookie is an HMAC under a secret derived from the private signing key: the
+    # public key (a classic HS256/RS256 confusion) or the published JWK cannot make one.
+    browser = setup.browser()
+    state, _ = await start_login(browser)
+    claims = jwt.decode(browser.cookies()["CF_Access_Login"], options={"verify_signature": False})
+    ring = setup.served.enforcer.snapshot.keyring
+    public_pem = ring.current.public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    for secret in (public_pem, json.dumps(dict(ring.current.public_jwk)).encode()):
+        forged = hs256(claims, secret, ring.current.kid)
+        browser.cookies()["CF_Access_Login"] = forged
+        response = await browser.request(f"/cdn-cgi/access/callback?code=c&state={state}")
+        assert (response.status, response.reason) == (400, "login_failed")
+        assert str(setup.served.last()["detail"]).startswith("login_cookie:")
+    # The control: the same hand-made cookie under the enforcer's own secret gets past the
+    # cookie check (and fails later, at the provider, on the made-up code).
+    browser.cookies()["CF_Access_Login"] = hs256(claims, ring.current.mac_key, ring.current.kid)
+    control = await browser.request(f"/cdn-cgi/access/callback?code=c&state={state}")
+    assert control.status == 400 and str(setup.served.last()["detail"]).startswith("token:")
 
 
 async def test_the_provider_saying_no_is_a_failed_login(setup: LoginSetup) -> None:
