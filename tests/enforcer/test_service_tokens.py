@@ -262,11 +262,13 @@ async def test_the_user_email_header_is_the_enforcers_own(admin: Served) -> None
     assert response.status == 200
     assert "cf-access-authenticated-user-email" not in json.loads(response.body)["headers"]
 
-    # A person's session token (minted with the enforcer's own key, as a login would): the
-    # origin gets the person's email, never the client's copy.
+    # A person's session token (minted with the enforcer's own key, as a login would, for a
+    # provider that may log users in here, I8): the origin gets the person's email, never the
+    # client's copy.
+    idp = (await ok(admin, "POST", f"{ACC}/identity_providers", IDP, 201))["id"]
     snapshot = admin.enforcer.snapshot
     app = snapshot.applications[AUTH_HOST]
-    alice = Identity("alice@example.com", "sub-a", "idp-x", ("engineering",), None, "nonce")
+    alice = Identity("alice@example.com", "sub-a", idp, ("engineering",), None, "nonce")
     claims = access_claims(
         aud=app.aud,
         issuer=snapshot.issuer,
@@ -287,7 +289,7 @@ async def test_the_user_email_header_is_the_enforcers_own(admin: Served) -> None
         "alice@example.com"
     )
     line = admin.last()
-    assert line["identity"] == {"email": "alice@example.com", "idp": "idp-x"}
+    assert line["identity"] == {"email": "alice@example.com", "idp": idp}
     assert line["admitted_by"] == "token"
 
 
@@ -312,7 +314,7 @@ async def test_no_duration_person_session_over_tls(admin: Served) -> None:
 
     iot = await app_id(admin, IOT_HOST)
     # A provider people could log in with (without one no login could satisfy the policy).
-    await ok(admin, "POST", f"{ACC}/identity_providers", IDP, 201)
+    idp = (await ok(admin, "POST", f"{ACC}/identity_providers", IDP, 201))["id"]
     person = {
         "name": "staff on devices",
         "decision": "allow",
@@ -330,7 +332,7 @@ async def test_no_duration_person_session_over_tls(admin: Served) -> None:
     app = snapshot.applications[IOT_HOST]
 
     def session(email: str) -> tuple[str, str]:
-        who = Identity(email, "sub", "idp-x", (), None, "nonce")
+        who = Identity(email, "sub", idp, (), None, "nonce")
         claims = access_claims(
             aud=app.aud,
             issuer=snapshot.issuer,
@@ -365,7 +367,7 @@ async def test_no_duration_person_session_over_tls(admin: Served) -> None:
     # Someone the policy does not admit.
     bob = await get(admin.port, IOT_HOST, device, headers=[session("bob@other.test")])
     assert (bob.status, bob.reason) == (403, "identity_denied")
-    assert admin.last()["identity"] == {"email": "bob@other.test", "idp": "idp-x"}
+    assert admin.last()["identity"] == {"email": "bob@other.test", "idp": idp}
     # Revoking the certificate ends the session (J3).
     await ok(admin, "POST", f"{ACC}/revocations", {"fingerprint_sha256": _sha256_hex(admin)}, 201)
     assert (await get(admin.port, IOT_HOST, device, headers=[alice])).reason == "revoked"
