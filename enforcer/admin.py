@@ -252,8 +252,9 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
 
     @route("POST", rf"{A}/keys/rotate")
     async def keys_rotate(c: _Call) -> Outcome:
+        body = c.json()
         return await c.controller.write(
-            lambda objects, now: control.rotate_keys(objects, c.controller.limits, now)
+            lambda objects, now: control.rotate_keys(objects, c.controller.limits, now, body)
         )
 
     @route("GET", rf"{Z}/certificate_authorities/hostname_associations")

@@ -55,7 +55,7 @@ from enforcer.service_tokens import (
     ServiceToken,
 )
 from enforcer.snapshot import RootCertificate
-from enforcer.tokens import SigningKey, load_or_create_key
+from enforcer.tokens import ALGORITHMS, DEFAULT_ALGORITHM, SigningKey, load_or_create_key
 from enforcer.tomltable import TableReader, read_toml
 
 DEFAULT_ISSUER = "https://access.testbed.local"
@@ -169,12 +169,16 @@ class EnforcerConfig:
     service_tokens: tuple[ConfiguredServiceToken, ...] = ()
     # Hostname -> the ``allowed_idps`` of its [[applications]] table (empty: all providers).
     allowed_idps: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # [signing] algorithm: what the state's first key signs (later keys: the rotate route).
+    signing_algorithm: str = DEFAULT_ALGORITHM
 
     def signing_key(self, now: dt.datetime) -> SigningKey:
         """Load the configured signing key (creating its file when missing), or make one."""
         try:
             return load_or_create_key(
-                str(self.signing_key_file) if self.signing_key_file else None, now
+                str(self.signing_key_file) if self.signing_key_file else None,
+                now,
+                self.signing_algorithm,
             )
         except (OSError, ValueError) as exc:
             raise ConfigError(self.path, "signing.key_file", str(exc)) from None
@@ -427,7 +431,8 @@ def load_config(path: str | Path) -> EnforcerConfig:
     )
 
     g = top.sub("signing")
-    g.unknown({"key_file", "issuer", "grace_period", "no_duration_token_lifetime"})
+    g.unknown({"key_file", "algorithm", "issuer", "grace_period", "no_duration_token_lifetime"})
+    algorithm = g.choice("algorithm", ALGORITHMS, DEFAULT_ALGORITHM)
     key_file = g.file("key_file") if "key_file" in g.table else None
 
     edges = tuple(_edge(r) for r in top.tables("edge_certificates"))
@@ -515,6 +520,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
         roots=roots,
         applications=apps,
         signing_key_file=key_file,
+        signing_algorithm=algorithm,
         issuer=g.get("issuer", str, DEFAULT_ISSUER),
         grace_period=g.duration("grace_period", "24h"),
         no_duration_token_lifetime=g.duration("no_duration_token_lifetime", "5s"),

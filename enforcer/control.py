@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from enforcer import crl, managed_ca, service_tokens
+from enforcer import crl, managed_ca, service_tokens, tokens
 from enforcer.application import (
     ALPN_PROTOCOLS,
     SAME_SITE_VALUES,
@@ -795,13 +795,18 @@ def zone_crl(objects: Objects, zone: str, now: dt.datetime) -> bytes:
 # ---- signing keys -----------------------------------------------------------------------------
 
 
-def new_signing_key_object(key: rsa.RSAPrivateKey, now: dt.datetime) -> dict[str, Any]:
+def new_signing_key_object(key: tokens.PrivateKey, now: dt.datetime) -> dict[str, Any]:
     """Describe a signing key as a stored object (it becomes the current key)."""
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     kid = SigningKey.from_private_key(key, now).kid
     return {"kid": kid, "private_key": pem, "created_at": _iso(now), "accepted_until": None}
+
+
+def _key_algorithm(obj: Mapping[str, Any]) -> str:
+    """The token algorithm of a stored signing key (from its private key)."""
+    return _signing_key(obj, _parse_iso(obj["created_at"])).algorithm
 
 
 def get_keys(objects: Objects, limits: Limits, now: dt.datetime) -> Outcome:
@@ -812,10 +817,12 @@ def get_keys(objects: Objects, limits: Limits, now: dt.datetime) -> Outcome:
         {
             "current_kid": current[-1]["kid"] if current else None,
             "last_key_rotation_at": current[-1]["created_at"] if current else None,
+            "algorithm": _key_algorithm(current[-1]) if current else None,
             "grace_period": format_duration(limits.grace_period),
             "keys": [
                 {
                     "kid": k["kid"],
+                    "algorithm": _key_algorithm(k),
                     "created_at": k["created_at"],
                     "accepted_until": k["accepted_until"],
                 }
@@ -826,10 +833,26 @@ def get_keys(objects: Objects, limits: Limits, now: dt.datetime) -> Outcome:
     )
 
 
-def rotate_keys(objects: Objects, limits: Limits, now: dt.datetime) -> Outcome:
-    """Make a new current signing key; the previous one stays accepted for the grace period."""
+def rotate_keys(
+    objects: Objects, limits: Limits, now: dt.datetime, body: Body | None = None
+) -> Outcome:
+    """Make a new current signing key; the previous one stays accepted for the grace period.
+
+    ``body`` may name the new key's ``algorithm`` (RS256, ES256 or EdDSA); without it the new
+    key signs with the current key's algorithm. The key ring is global (one per enforcer).
+    """
+    body = {} if body is None else body
+    _only(body, {"algorithm"})
+    stored = objects.get("signing_key", {}).values()
+    current = sorted(
+        (k for k in stored if k["accepted_until"] is None), key=lambda k: k["created_at"]
+    )
+    default = _key_algorithm(current[-1]) if current else tokens.DEFAULT_ALGORITHM
+    algorithm = _field(body, "algorithm", str, f"one of {list(tokens.ALGORITHMS)}", default)
+    if algorithm not in tokens.ALGORITHMS:
+        raise ApiError(400, f"algorithm: {algorithm!r} is not one of {list(tokens.ALGORITHMS)}")
     changes = []
-    for k in objects.get("signing_key", {}).values():
+    for k in stored:
         if k["accepted_until"] is None:
             changes.append(
                 Change(
@@ -840,11 +863,12 @@ def rotate_keys(objects: Objects, limits: Limits, now: dt.datetime) -> Outcome:
             )
         elif _parse_iso(k["accepted_until"]) < now:
             changes.append(Change("signing_key", k["kid"], None))  # past its grace period
-    new = new_signing_key_object(
-        rsa.generate_private_key(public_exponent=65537, key_size=2048), now
-    )
+    new = new_signing_key_object(tokens.generate_key(algorithm), now)
     changes.append(Change("signing_key", new["kid"], new))
-    return Outcome({"kid": new["kid"], "created_at": new["created_at"]}, tuple(changes))
+    return Outcome(
+        {"kid": new["kid"], "algorithm": algorithm, "created_at": new["created_at"]},
+        tuple(changes),
+    )
 
 
 # ---- revocation: a CRL per uploaded root, revocations by serial or fingerprint -------------
@@ -1618,7 +1642,9 @@ def _parse_cached(pem: str, parse: Callable[[str], Any]) -> Any:
 def _signing_key(obj: Mapping[str, Any], now: dt.datetime) -> SigningKey:
     def load(pem: str) -> SigningKey:
         key = serialization.load_pem_private_key(pem.encode(), password=None)
-        assert isinstance(key, rsa.RSAPrivateKey)
+        assert isinstance(
+            key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+        )
         return SigningKey.from_private_key(key, _parse_iso(obj["created_at"]))
 
     return _parse_cached(obj["private_key"], load)  # type: ignore[no-any-return]

@@ -1,4 +1,4 @@
-"""Access tokens: RS256 JWTs minted after a certificate admits a request, and their checks.
+"""Access tokens: JWTs (RS256 by default, ES256 or EdDSA) minted after an admission, and checks.
 
 Signing keys live in a :class:`KeyRing`: one current key that signs, and previous keys that
 stay published in ``/cdn-cgi/access/certs`` and accepted until their grace period ends. Every
@@ -21,27 +21,75 @@ from typing import Any
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
-from jwt.algorithms import RSAAlgorithm
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from enforcer.identity import Identity
 from enforcer.lru import BoundedLRU
 from enforcer.private_files import tighten
 
-ALGORITHM = "RS256"
+# The token algorithms (access-flow A7, J1): RS256 is the default, as Cloudflare Access signs.
+DEFAULT_ALGORITHM = "RS256"
+ALGORITHMS = ("RS256", "ES256", "EdDSA")
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+class UnsupportedKeyError(ValueError):
+    """A private key no token algorithm signs with (only RSA, P-256 and Ed25519 do)."""
+
+
+def algorithm_of(key: PrivateKey | PublicKey) -> str:
+    """The token algorithm a key signs with: RSA RS256, EC P-256 ES256, Ed25519 EdDSA."""
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        if isinstance(key.curve, ec.SECP256R1):
+            return "ES256"
+        raise UnsupportedKeyError(
+            f"an EC key on {key.curve.name} signs no token algorithm (ES256 needs P-256)"
+        )
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    raise UnsupportedKeyError(
+        f"a {type(key).__name__} signs no token algorithm (RSA, EC P-256 or Ed25519 do)"
+    )
+
+
+def generate_key(algorithm: str) -> PrivateKey:
+    """A new private key for ``algorithm`` (RSA-2048, EC P-256 or Ed25519)."""
+    if algorithm == "RS256":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if algorithm == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if algorithm == "EdDSA":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"unknown token algorithm {algorithm!r}: one of {list(ALGORITHMS)}")
+
+
+def _public_jwk(key: PublicKey) -> dict[str, Any]:
+    """The public JWK of ``key`` (kty RSA, EC with crv/x/y, or OKP with crv/x)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return json.loads(RSAAlgorithm.to_jwk(key))  # type: ignore[no-any-return]
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return json.loads(ECAlgorithm.to_jwk(key))  # type: ignore[no-any-return]
+    return json.loads(OKPAlgorithm.to_jwk(key))  # type: ignore[no-any-return]
 
 
 @dataclasses.dataclass(frozen=True)
 class SigningKey:
-    """An RSA signing key with its key id and the self-signed certificate that publishes it."""
+    """A signing key with its key id and the self-signed certificate that publishes it."""
 
     kid: str
-    private_key: rsa.RSAPrivateKey = dataclasses.field(repr=False)
+    private_key: PrivateKey = dataclasses.field(repr=False)
     public_jwk: Mapping[str, Any]
     public_cert_pem: str
     # Derived once: every token check verifies with it.
-    public_key: rsa.RSAPublicKey = dataclasses.field(init=False, repr=False, compare=False)
+    public_key: PublicKey = dataclasses.field(init=False, repr=False, compare=False)
+    # The one algorithm this key signs and verifies (J1: never the one a token header claims).
+    algorithm: str = dataclasses.field(init=False, compare=False)
     # A secret derived from the private key for the enforcer's own short-lived cookies (the
     # login cookie, access-flow I2), which only the enforcer reads: an HMAC costs microseconds
     # where an RSA signature costs a millisecond, and anyone may ask for a login cookie.
@@ -49,6 +97,7 @@ class SigningKey:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "public_key", self.private_key.public_key())
+        object.__setattr__(self, "algorithm", algorithm_of(self.private_key))
         der = self.private_key.private_bytes(
             serialization.Encoding.DER,
             serialization.PrivateFormat.PKCS8,
@@ -58,14 +107,15 @@ class SigningKey:
         object.__setattr__(self, "mac_key", mac)
 
     @classmethod
-    def from_private_key(cls, key: rsa.RSAPrivateKey, created: dt.datetime) -> SigningKey:
+    def from_private_key(cls, key: PrivateKey, created: dt.datetime) -> SigningKey:
         """Wrap a key; its kid is the SHA-256 of its public key, so it is stable across restarts."""
+        algorithm = algorithm_of(key)
         public_der = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         kid = hashlib.sha256(public_der).hexdigest()
-        jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
-        jwk.update({"kid": kid, "alg": ALGORITHM, "use": "sig"})
+        jwk = _public_jwk(key.public_key())
+        jwk.update({"kid": kid, "alg": algorithm, "use": "sig"})
         name = x509.Name(
             [x509.NameAttribute(NameOID.COMMON_NAME, f"access signing key {kid[:16]}")]
         )
@@ -77,7 +127,8 @@ class SigningKey:
             .serial_number(int(kid[:30], 16))
             .not_valid_before(created - dt.timedelta(days=1))
             .not_valid_after(created + dt.timedelta(days=3650))
-            .sign(key, hashes.SHA256())
+            # Ed25519 signs the message itself: no separate hash.
+            .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
         )
         pem = cert.public_bytes(serialization.Encoding.PEM).decode()
         return cls(kid=kid, private_key=key, public_jwk=jwk, public_cert_pem=pem)
@@ -121,11 +172,11 @@ class KeyRing:
 
 
 def mint(ring: KeyRing, claims: Mapping[str, Any]) -> str:
-    """Sign ``claims`` with the ring's current key (RS256, ``kid`` in the header)."""
+    """Sign ``claims`` with the ring's current key (its algorithm, ``kid`` in the header)."""
     return jwt.encode(
         dict(claims),
         ring.current.private_key,
-        algorithm=ALGORITHM,
+        algorithm=ring.current.algorithm,
         headers={"kid": ring.current.kid},
     )
 
@@ -224,7 +275,7 @@ class TokenCheck:
 
 @dataclasses.dataclass(frozen=True)
 class _Verified:
-    """A token whose RS256 signature verified under the key ``kid`` with public JWK ``jwk``."""
+    """A token whose signature verified under the key ``kid`` with public JWK ``jwk``."""
 
     kid: str
     jwk: Mapping[str, Any]
@@ -270,16 +321,17 @@ def _verify_signature(
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
         return TokenCheck(TokenStatus.INVALID, detail=f"malformed: {exc}")
-    if header.get("alg") != ALGORITHM:
-        return TokenCheck(TokenStatus.INVALID, detail=f"algorithm {header.get('alg')!r} refused")
     key = next((k for k in ring.accepted(now) if k.kid == header.get("kid")), None)
     if key is None:
         return TokenCheck(TokenStatus.INVALID, detail=f"unknown kid {header.get('kid')!r}")
+    # The key the kid names decides the algorithm; a header claiming another one is refused.
+    if header.get("alg") != key.algorithm:
+        return TokenCheck(TokenStatus.INVALID, detail=f"algorithm {header.get('alg')!r} refused")
     try:
         claims = jwt.decode(
             token,
             key.public_key,
-            algorithms=[ALGORITHM],
+            algorithms=[key.algorithm],
             audience=aud,
             issuer=issuer,
             options={
@@ -353,16 +405,28 @@ def check(
     return TokenCheck(TokenStatus.VALID, claims=dict(claims))
 
 
-def load_or_create_key(path: str | None, now: dt.datetime) -> SigningKey:
-    """Load an RSA private key PEM from ``path``, creating it (mode 0600) when missing."""
+def load_or_create_key(
+    path: str | None, now: dt.datetime, algorithm: str = DEFAULT_ALGORITHM
+) -> SigningKey:
+    """Load a private key PEM for ``algorithm`` from ``path``, creating it (0600) when missing."""
     if path is not None and os.path.exists(path):
         tighten(Path(path), "signing key")
         with open(path, "rb") as f:
-            key = serialization.load_pem_private_key(f.read(), password=None)
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError(f"{path}: the signing key must be an RSA private key (RS256)")
-        return SigningKey.from_private_key(key, now)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            loaded = serialization.load_pem_private_key(f.read(), password=None)
+        if not isinstance(
+            loaded, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+        ):
+            raise UnsupportedKeyError(
+                f"{path}: the signing key must be an RSA, EC P-256 or Ed25519 private key"
+            )
+        found = algorithm_of(loaded)
+        if found != algorithm:
+            raise UnsupportedKeyError(
+                f"{path}: the key signs {found}, not the configured {algorithm}: point key_file "
+                f"at a {algorithm} key (or a missing file, created) or set algorithm = {found!r}"
+            )
+        return SigningKey.from_private_key(loaded, now)
+    key = generate_key(algorithm)
     if path is not None:
         pem = key.private_bytes(
             serialization.Encoding.PEM,

@@ -310,6 +310,10 @@ def add_admin_parser(enforcer_sub: argparse._SubParsersAction) -> None:  # type:
     keys.add_parser("show")
     keys.add_parser(
         "rotate", help="new signing key; the previous one stays accepted for the grace period"
+    ).add_argument(
+        "--algorithm",
+        choices=("RS256", "ES256", "EdDSA"),
+        help="the new key's token algorithm (default: the current key's)",
     )
 
 
@@ -614,11 +618,17 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
     if cmd == "service-tokens":
         return _service_tokens(args, c)
     if cmd == "keys":
-        obj = c.call("POST", A("/keys/rotate")) if op == "rotate" else c.call("GET", A("/keys"))
+        if op == "rotate":
+            body = {"algorithm": args.algorithm} if args.algorithm else None
+            obj = c.call("POST", A("/keys/rotate"), body)
+        else:
+            obj = c.call("GET", A("/keys"))
         if op == "rotate":
             return obj, show_one(obj, "new signing key")
         return obj, lambda con: con.print(
-            _table("signing keys", obj["keys"], ["kid", "created_at", "accepted_until"])
+            _table(
+                "signing keys", obj["keys"], ["kid", "algorithm", "created_at", "accepted_until"]
+            )
         )
     raise AdminError(f"unknown admin command {cmd}")
 
