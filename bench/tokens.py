@@ -1,5 +1,5 @@
 """What a token costs per request for each algorithm: the enforcer's mint + verify beside a
-plain ``cryptography`` sign + verify loop, same key type, same run (access-flow A7, J1).
+plain ``cryptography`` sign + verify loop, same key type, same run (access-flow A7, J1, J7).
 
 For each of RS256 (RSA-2048), ES256 (EC P-256) and EdDSA (Ed25519):
 

@@ -1,4 +1,4 @@
-"""Token algorithms (issue 18): RS256 by default, ES256 and EdDSA by setting (access-flow A7, J1).
+"""Token algorithms: RS256 by default, ES256 and EdDSA by setting (access-flow A7, A11, J1, J7).
 
 Over real TLS to a served enforcer: for each algorithm a device is admitted and its token is
 verified as an origin would, with pyjwt and the JWKS fetched from ``/cdn-cgi/access/certs``;
