@@ -288,6 +288,15 @@ async def test_issue_revoke_and_keys_through_the_cli(
         await admin(admin_port, "keys", "rotate")
         after = await admin_json(admin_port, "keys", "show")
         assert len(after["keys"]) == 2 and after["current_kid"] != before["current_kid"]
+        assert before["algorithm"] == after["algorithm"] == "RS256"
+        # The token algorithm changes at a rotation naming it (access-flow J7); the RS256 keys
+        # stay published through their grace period.
+        ed = await admin_json(admin_port, "keys", "rotate", "--algorithm", "EdDSA")
+        assert ed["algorithm"] == "EdDSA"
+        shown = await admin_json(admin_port, "keys", "show")
+        assert shown["algorithm"] == "EdDSA" and shown["current_kid"] == ed["kid"]
+        assert sorted(k["algorithm"] for k in shown["keys"]) == ["EdDSA", "RS256", "RS256"]
+        assert (await run(base)).stdout == b"200"
     finally:
         assert await stop(proc) == 0
 
