@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/fairness.py
 	$(BIN)/python bench/http2.py
 	$(BIN)/python bench/h2floods.py
+	$(BIN)/python bench/tokens.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/
