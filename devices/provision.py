@@ -69,7 +69,8 @@ each, ~80 times a device's key and certificate. So by default none is made: no c
 testbed reads them (key stores load key.pem), and :func:`export_p12` writes them, password
 protected as ever, for the devices that need one (``testbed fleet export-p12``). ``p12=True``
 makes them all up front; ``p12_kdf_rounds`` lowers their cost; the protection is moot here
-since key.pem is unencrypted beside it. RSA-2048 device keys take tens of milliseconds each to generate: keep such cohorts small.
+since key.pem is unencrypted beside it. RSA-2048 device keys take tens of milliseconds each to
+generate: keep such cohorts small.
 """
 
 from __future__ import annotations
@@ -837,10 +838,9 @@ def export_p12(
         done: list[Device] = []
         for device in wanted:
             chain = _load_certs(root / device.cert_path)
+            key_pem = _read_file(root / device.key_path, "key_path")
             try:
-                key = _load_key(_read_file(root / device.key_path, "key_path"))
-            except FleetError:
-                raise
+                key = _load_key(key_pem)
             except ValueError as exc:
                 raise FleetError(
                     f"{root / device.key_path} (inventory field key_path): not a private key"
@@ -874,11 +874,13 @@ def _read_file(path: Path, field: str) -> bytes:
 
 
 def _load_certs(path: Path) -> list[x509.Certificate]:
+    data = _read_file(path, "cert_path")
     try:
-        chain = x509.load_pem_x509_certificates(_read_file(path, "cert_path"))
+        return x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise FleetError(f"{path} (inventory field cert_path): not PEM certificates ({exc})")
-    return chain
+        raise FleetError(
+            f"{path} (inventory field cert_path): not PEM certificates ({exc})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
