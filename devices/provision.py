@@ -32,7 +32,8 @@ Layout of ``DIR``::
                                 missing-intermediate and self-signed)
     devices/<id>/key.pem        the private key, PKCS#8 PEM, unencrypted, mode 0600
     devices/<id>/device.p12     PKCS#12 of key, leaf and the same chain as cert.pem, mode 0600,
-                                password ``testbed`` unless told otherwise (skipped with p12=False)
+                                password ``testbed`` unless told otherwise; made on demand by
+                                :func:`export_p12` (or up front with p12=True)
     inventory.sqlite            table ``devices`` (one row per device) and table ``fleet``
 
 The ``devices`` table: id, cohort, key_store (``software``), key_type, serial and sha256
@@ -64,8 +65,12 @@ policy is **Valid Certificate**:
   fleet's root instead would admit these devices.
 
 PKCS#12 files are expensive: ``BestAvailableEncryption`` (PBKDF2, 20,000 rounds) costs ~10 ms
-each. ``p12_kdf_rounds`` lowers that; the protection is moot here since key.pem is unencrypted
-beside it. RSA-2048 device keys take tens of milliseconds each to generate: keep such cohorts small.
+each, ~80 times a device's key and certificate. So by default none is made: no consumer in the
+testbed reads them (key stores load key.pem), and :func:`export_p12` writes them, password
+protected as ever, for the devices that need one (``testbed fleet export-p12``). ``p12=True``
+makes them all up front; ``p12_kdf_rounds`` lowers their cost; the protection is moot here
+since key.pem is unencrypted beside it. RSA-2048 device keys take tens of milliseconds each to
+generate: keep such cohorts small.
 """
 
 from __future__ import annotations
@@ -360,6 +365,7 @@ class _Issuer:
     def __init__(self, job: _Job) -> None:
         self.job = job
         self.devices = f"{job.out}/devices"
+        self.devices_fd = -1  # open while issue() runs
         self.signers: dict[str, tuple[x509.Name, PrivateKey, bytes, list[x509.Certificate]]] = {}
         for label, ca in job.cas.items():
             key = _load_key(ca.key_pem)
@@ -369,16 +375,8 @@ class _Issuer:
         self.extensions: dict[tuple[str, str, bool], list[x509.Extension[x509.ExtensionType]]] = {}
         password = job.p12_password
         self.encryption: serialization.KeySerializationEncryption | None = None
-        if password is not None and job.p12_kdf_rounds is None:
-            self.encryption = serialization.BestAvailableEncryption(password)
-        elif password is not None:
-            self.encryption = (
-                serialization.PrivateFormat.PKCS12.encryption_builder()
-                .kdf_rounds(job.p12_kdf_rounds or 1)
-                .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
-                .hmac_hash(hashes.SHA256())
-                .build(password)
-            )
+        if password is not None:
+            self.encryption = _p12_encryption(password, job.p12_kdf_rounds)
         self.sha256 = hashes.SHA256()
 
     def window(self, defect: str | None) -> tuple[dt.datetime, dt.datetime]:
@@ -420,27 +418,31 @@ class _Issuer:
         expected = expected_outcome(defect, key_types=(key_type, issuer_type))
         window = (_iso(start), _iso(end), defect, expected)
         rows: list[Row] = []
-        for number in chunk.numbers:
-            device_id = f"{job.cn_prefix}{number:0{job.width}d}"
-            cn = f"rogue-{number:0{job.width}d}" if defect == "wrong-cn" else device_id
-            key = generate_key(key_type)
-            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-            if defect == "self-signed":
-                issuer_name, issuer_key, sign_hash = subject, key, signature_hash(key)
-                extensions = leaf_extensions(key, key_type)
-            cert = x509.CertificateBuilder(
-                issuer_name,
-                subject,
-                key.public_key(),
-                x509.random_serial_number(),
-                start,
-                end,
-                extensions,
-            ).sign(issuer_key, sign_hash)
-            paths = self.write(device_id, key, cert, chain_pem, chain)
-            serial = format(cert.serial_number, "x")
-            sha256 = cert.fingerprint(self.sha256).hex()
-            rows.append((device_id, *same, serial, sha256, cn, *window, *paths))
+        self.devices_fd = os.open(self.devices, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for number in chunk.numbers:
+                device_id = f"{job.cn_prefix}{number:0{job.width}d}"
+                cn = f"rogue-{number:0{job.width}d}" if defect == "wrong-cn" else device_id
+                key = generate_key(key_type)
+                subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+                if defect == "self-signed":
+                    issuer_name, issuer_key, sign_hash = subject, key, signature_hash(key)
+                    extensions = leaf_extensions(key, key_type)
+                cert = x509.CertificateBuilder(
+                    issuer_name,
+                    subject,
+                    key.public_key(),
+                    x509.random_serial_number(),
+                    start,
+                    end,
+                    extensions,
+                ).sign(issuer_key, sign_hash)
+                paths = self.write(device_id, key, cert, chain_pem, chain)
+                serial = format(cert.serial_number, "x")
+                sha256 = cert.fingerprint(self.sha256).hex()
+                rows.append((device_id, *same, serial, sha256, cn, *window, *paths))
+        finally:
+            os.close(self.devices_fd)
         return rows
 
     def write(
@@ -452,22 +454,38 @@ class _Issuer:
         chain: list[x509.Certificate],
     ) -> tuple[str, str, str | None]:
         """Write one device's files; return their paths relative to the fleet folder."""
-        # Plain strings, not pathlib: at 100,000 devices its overhead shows.
-        folder = f"{self.devices}/{device_id}"
-        os.mkdir(folder)
+        # Plain strings, not pathlib: at 100,000 devices its overhead shows. Names relative to
+        # the open devices/ folder (openat) spare the kernel the walk down the absolute path.
+        at = self.devices_fd
+        os.mkdir(device_id, dir_fd=at)
         rel = f"devices/{device_id}"
-        _write(f"{folder}/cert.pem", cert.public_bytes(_PEM) + chain_pem, 0o644)
-        _write(f"{folder}/key.pem", _key_pem(key), 0o600)
+        _write(f"{device_id}/cert.pem", cert.public_bytes(_PEM) + chain_pem, 0o644, at)
+        _write(f"{device_id}/key.pem", _key_pem(key), 0o600, at)
         if self.encryption is None:
             return f"{rel}/cert.pem", f"{rel}/key.pem", None
         p12 = pkcs12.serialize_key_and_certificates(
             device_id.encode(), key, cert, chain or None, self.encryption
         )
-        _write(f"{folder}/device.p12", p12, 0o600)
+        _write(f"{device_id}/device.p12", p12, 0o600, at)
         return f"{rel}/cert.pem", f"{rel}/key.pem", f"{rel}/device.p12"
 
 
 _WORKER: _Issuer | None = None
+
+
+def _p12_encryption(
+    password: bytes, kdf_rounds: int | None
+) -> serialization.KeySerializationEncryption:
+    """How device.p12 files are encrypted: the best available, or PBES2 at ``kdf_rounds``."""
+    if kdf_rounds is None:
+        return serialization.BestAvailableEncryption(password)
+    return (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(kdf_rounds)
+        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+        .hmac_hash(hashes.SHA256())
+        .build(password)
+    )
 
 
 def _load_key(pem: bytes) -> PrivateKey:
@@ -481,10 +499,11 @@ def _key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _write(path: str | Path, data: bytes, mode: int) -> None:
+def _write(path: str | Path, data: bytes, mode: int, dir_fd: int | None = None) -> None:
     # os.open sets the mode at creation: a private key is never readable by others, even briefly.
     # Raw os.write, not a file object: that saves three system calls per file at fleet scale.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(path, flags, mode, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -642,7 +661,7 @@ def provision(
     *,
     key_type: str = "ec-p256",
     intermediates: int = 1,
-    p12: bool = True,
+    p12: bool = False,
     p12_password: str = DEFAULT_P12_PASSWORD,
     p12_kdf_rounds: int | None = None,
     workers: int | None = None,
@@ -705,7 +724,8 @@ def provision(
             "intermediates": str(intermediates),
             "root_sha256": root_sha256,
             # key.pem beside every device.p12 is unencrypted anyway: the password guards nothing.
-            "p12_password": p12_password if p12 else "",
+            # Recorded even when no PKCS#12 is made yet: export_p12 uses it later.
+            "p12_password": p12_password,
         }
         _write_inventory(partial / "inventory.sqlite", rows, facts)
         _replace(partial, out)
@@ -769,6 +789,105 @@ def _replace(partial: Path, out: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     out.chmod(0o777 & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------
+# PKCS#12 on demand
+
+
+class FleetError(ValueError):
+    """A fleet folder or a request about it is unusable; the message names the file or field."""
+
+
+def export_p12(
+    root: Path,
+    ids: Iterable[str] | None = None,
+    *,
+    password: str | None = None,
+    kdf_rounds: int | None = None,
+) -> list[Device]:
+    """Write ``devices/<id>/device.p12`` (mode 0600) for ``ids`` (default: every device).
+
+    The PKCS#12 holds key.pem's key, the leaf and the chain in cert.pem, encrypted like those
+    :func:`provision` makes with ``p12=True`` under ``password`` (default: the fleet's recorded
+    ``p12_password``). A device.p12 already there is replaced. The inventory's ``p12_path`` is
+    set for each device in one transaction. Returns the exported devices, ordered by id.
+    """
+    inventory = root / "inventory.sqlite"
+    if not inventory.is_file():
+        raise FleetError(f"{inventory}: missing; {root} is not a fleet")
+    if kdf_rounds is not None and kdf_rounds < 1:
+        raise FleetError(f"PKCS#12 KDF rounds {kdf_rounds}: expected 1 or more")
+    con = sqlite3.connect(inventory)
+    try:
+        facts = dict(con.execute("SELECT key, value FROM fleet").fetchall())
+        if password is None:
+            password = facts.get("p12_password") or ""
+            if not password:
+                raise FleetError(
+                    f"{inventory}: fleet field p12_password is empty (provisioned with --no-p12);"
+                    " give a password"
+                )
+        if not password:
+            raise FleetError("the PKCS#12 password must not be empty")
+        rows = con.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY id").fetchall()
+        devices = {row[0]: Device(*row) for row in rows}
+        if ids is None:
+            wanted = list(devices.values())
+        else:
+            wanted = []
+            for device_id in dict.fromkeys(ids):
+                if device_id not in devices:
+                    raise FleetError(f"{inventory}: no device with id {device_id!r}")
+                wanted.append(devices[device_id])
+            wanted.sort(key=lambda d: d.id)
+        encryption = _p12_encryption(password.encode(), kdf_rounds)
+        done: list[Device] = []
+        for device in wanted:
+            chain = _load_certs(root / device.cert_path)
+            key_pem = _read_file(root / device.key_path, "key_path")
+            try:
+                key = _load_key(key_pem)
+            except ValueError as exc:
+                raise FleetError(
+                    f"{root / device.key_path} (inventory field key_path): not a private key"
+                    f" ({exc})"
+                ) from None
+            p12_rel = str(Path(device.key_path).parent / "device.p12")
+            p12_path = root / p12_rel
+            data = pkcs12.serialize_key_and_certificates(
+                device.id.encode(), key, chain[0], chain[1:] or None, encryption
+            )
+            p12_path.unlink(missing_ok=True)  # O_EXCL below: never write through a symlink
+            _write(p12_path, data, 0o600)
+            done.append(dataclasses.replace(device, p12_path=p12_rel))
+        with con:
+            con.executemany(
+                "UPDATE devices SET p12_path = ? WHERE id = ?", [(d.p12_path, d.id) for d in done]
+            )
+            con.execute(
+                "INSERT OR REPLACE INTO fleet (key, value) VALUES ('p12_password', ?)", (password,)
+            )
+    finally:
+        con.close()
+    return done
+
+
+def _read_file(path: Path, field: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FleetError(f"{path} (inventory field {field}): {exc.strerror or exc}") from None
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    data = _read_file(path, "cert_path")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise FleetError(
+            f"{path} (inventory field cert_path): not PEM certificates ({exc})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

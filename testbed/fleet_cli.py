@@ -27,8 +27,10 @@ from devices.provision import (
     DEFECTS,
     MAX_INTERMEDIATES,
     Cohort,
+    FleetError,
     check_out_dir,
     expected_outcome,
+    export_p12,
     parse_cohort,
     plan_cohorts,
     provision,
@@ -52,9 +54,10 @@ example:
   testbed fleet provision --size 1000 --out fleet --cohort expired=50:expired \\
       --cohort rogue=10:wrong-cn --cohort lost=5:missing-intermediate
 
-Upload DIR/ca/upload.pem to the enforcer. Each DIR/devices/<id>/ holds cert.pem, key.pem and
-device.p12 (password '{DEFAULT_P12_PASSWORD}' unless --p12-password). DIR/inventory.sqlite
-lists every device with its expected outcome.
+Upload DIR/ca/upload.pem to the enforcer. Each DIR/devices/<id>/ holds cert.pem and key.pem;
+device.p12 (password '{DEFAULT_P12_PASSWORD}' unless --p12-password) is made on demand by
+`testbed fleet export-p12 --fleet DIR [--id ID ...]`, or up front with --p12 (slow: ~10 ms a
+device). DIR/inventory.sqlite lists every device with its expected outcome.
 """
 
 
@@ -129,9 +132,15 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "beside it is unencrypted anyway; env TESTBED_P12_KDF_ROUNDS)",
     )
     p.add_argument(
+        "--p12",
+        action="store_true",
+        help="also make every device.p12 now (its encryption is ~80x a device's other cost; "
+        "by default they are made on demand by 'testbed fleet export-p12')",
+    )
+    p.add_argument(
         "--no-p12",
         action="store_true",
-        help="skip device.p12 (its encryption is most of the time spent)",
+        help="record no PKCS#12 password either (export-p12 then needs --password)",
     )
     p.add_argument(
         "--workers",
@@ -158,6 +167,35 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "--force",
         action="store_true",
         help="replace a fleet already in --out (never a folder holding anything else)",
+    )
+    e = actions.add_parser(
+        "export-p12",
+        help="write device.p12 files for a provisioned fleet's devices",
+        description="Write DIR/devices/<id>/device.p12 (mode 0600, password protected) for the "
+        "given devices, or all of them, and record them in the inventory.",
+    )
+    e.add_argument("--fleet", metavar="DIR", required=True, help="the provisioned fleet folder")
+    e.add_argument(
+        "--id",
+        action="append",
+        default=None,
+        metavar="ID",
+        help="a device id; repeatable (default: every device)",
+    )
+    e.add_argument(
+        "--password",
+        metavar="P",
+        default=_env("P12_PASSWORD"),
+        help="PKCS#12 password (default: the one recorded at provisioning, normally "
+        f"{DEFAULT_P12_PASSWORD!r}; env TESTBED_P12_PASSWORD)",
+    )
+    e.add_argument(
+        "--kdf-rounds",
+        metavar="N",
+        type=int,
+        default=_env("P12_KDF_ROUNDS"),
+        help="PBKDF2 rounds (default: cryptography's best available encryption, 20,000 rounds; "
+        "env TESTBED_P12_KDF_ROUNDS)",
     )
 
 
@@ -200,8 +238,10 @@ def _check(args: argparse.Namespace) -> None:
         )
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers: expected 1 or more, got {args.workers}")
+    if args.p12 and args.no_p12:
+        raise UsageError("--p12: cannot be combined with --no-p12")
     if not args.no_p12 and not args.p12_password:
-        raise UsageError("--p12-password: must not be empty (--no-p12 skips device.p12)")
+        raise UsageError("--p12-password: must not be empty (--no-p12 records none)")
     if args.p12_kdf_rounds is not None and args.p12_kdf_rounds < 1:
         raise UsageError(f"--p12-kdf-rounds: expected 1 or more, got {args.p12_kdf_rounds}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]*", args.cn_prefix):
@@ -239,8 +279,13 @@ def _notes(out: Path, cohorts: list[Cohort], args: argparse.Namespace) -> list[s
     if "wrong-cn" in defects:
         outcome = expected_outcome("wrong-cn", "common_name")
         notes.append(f"wrong-cn: under a Common Name policy these are {outcome}.")
-    if not args.no_p12:
+    if args.p12:
         notes.append(f"device.p12 password: {args.p12_password!r}")
+    elif not args.no_p12:
+        notes.append(
+            f"device.p12 files: 'testbed fleet export-p12 --fleet {out}' makes them "
+            f"(password {args.p12_password!r})."
+        )
     return notes
 
 
@@ -253,6 +298,8 @@ def _fail(err: Console, message: str) -> int:
 def run_fleet(args: argparse.Namespace) -> int:
     """Run ``testbed fleet ...``."""
     err = Console(stderr=True, soft_wrap=True)
+    if args.action == "export-p12":
+        return _run_export(args, err)
     try:
         cohorts = _cohorts(args)
         now = _now(args.now)
@@ -287,8 +334,8 @@ def run_fleet(args: argparse.Namespace) -> int:
                 now,
                 key_type=args.key_type,
                 intermediates=args.intermediates,
-                p12=not args.no_p12,
-                p12_password=args.p12_password,
+                p12=args.p12,
+                p12_password="" if args.no_p12 else args.p12_password,
                 p12_kdf_rounds=args.p12_kdf_rounds,
                 workers=args.workers,
                 cn_prefix=args.cn_prefix,
@@ -316,4 +363,25 @@ def run_fleet(args: argparse.Namespace) -> int:
     )
     for note in _notes(out, cohorts, args):
         console.print(note, markup=False, highlight=False)
+    return 0
+
+
+def _run_export(args: argparse.Namespace, err: Console) -> int:
+    """Run ``testbed fleet export-p12``."""
+    if args.kdf_rounds is not None and args.kdf_rounds < 1:
+        return _fail(err, f"--kdf-rounds: expected 1 or more, got {args.kdf_rounds}")
+    if args.password is not None and not args.password:
+        return _fail(err, "--password: must not be empty")
+    root = Path(args.fleet)
+    if not (root / "inventory.sqlite").is_file():
+        return _fail(err, f"--fleet: {root / 'inventory.sqlite'} is missing; not a fleet folder")
+    try:
+        done = export_p12(root, args.id, password=args.password, kdf_rounds=args.kdf_rounds)
+    except FleetError as exc:
+        return _fail(err, str(exc))
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(err, f"cannot write to {root}: {exc.strerror or exc}{where}")
+        return EXIT_FAILED
+    print(f"Wrote {len(done)} device.p12 files under {root / 'devices'} (mode 0600).")
     return 0

@@ -48,10 +48,14 @@ def eku_of(cert: x509.Certificate) -> list[x509.ObjectIdentifier]:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
-    """20 devices: 4 healthy, then 2 of every defect, with PKCS#12 files."""
+    """20 devices: 4 healthy, then 2 of every defect, with PKCS#12 files made on demand."""
     out = tmp_path_factory.mktemp("fleet") / "fleet"
     cohorts = plan_cohorts(20, [Cohort(f"c-{d}", 2, d) for d in DEFECTS])
-    return provision(out, cohorts, NOW, workers=1)
+    fleet = provision(out, cohorts, NOW, workers=1)
+    # The default makes no PKCS#12: every PKCS#12 test below checks export_p12's files.
+    assert not list(out.glob("devices/*/device.p12"))
+    assert len(prov.export_p12(out)) == 20
+    return fleet
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +238,7 @@ def test_intermediates(tmp_path: Path, count: int) -> None:
 )
 def test_key_types(tmp_path: Path, key_type: str, kind: type) -> None:
     cohorts = [Cohort("healthy", 1), Cohort("odd", 1, "self-signed", key_type="ec-p256")]
-    fleet = provision(tmp_path / "f", cohorts, NOW, key_type=key_type, p12_kdf_rounds=1)
+    fleet = provision(tmp_path / "f", cohorts, NOW, key_type=key_type, p12=True, p12_kdf_rounds=1)
     first, second = fleet.devices()
     assert (first.key_type, second.key_type) == (key_type, "ec-p256")
     key = serialization.load_pem_private_key((fleet.root / first.key_path).read_bytes(), None)
@@ -445,6 +449,7 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         "lost=1:missing-intermediate",
         "--workers",
         "2",
+        "--p12",
         "--p12-kdf-rounds",
         "1",
         "--intermediates",
@@ -464,6 +469,53 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     forced = subprocess.run([*args, "--force"], capture_output=True, text=True, timeout=120)
     assert forced.returncode == 0, forced.stderr
     assert {d.sha256 for d in prov.read_inventory(out)}.isdisjoint(d.sha256 for d in rows)
+
+
+def test_default_makes_no_p12_and_export_makes_one_on_demand(tmp_path: Path) -> None:
+    fleet = provision(tmp_path / "f", [Cohort("healthy", 3)], NOW, workers=1)
+    assert all(d.p12_path is None for d in fleet.devices())
+    assert not list(fleet.root.glob("devices/*/device.p12"))
+    (done,) = prov.export_p12(fleet.root, ["device-002"], kdf_rounds=1)
+    path = fleet.root / "devices" / "device-002" / "device.p12"
+    assert done.p12_path == "devices/device-002/device.p12" and path.is_file()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [d.p12_path for d in fleet.devices()] == [None, done.p12_path, None]
+    key, cert, _ = pkcs12.load_key_and_certificates(path.read_bytes(), b"testbed")
+    assert cert == certs(fleet.root / done.cert_path)[0]
+    assert key is not None and key.public_key() == cert.public_key()
+    for wrong in (b"wrong", None):
+        with pytest.raises(ValueError):
+            pkcs12.load_key_and_certificates(path.read_bytes(), wrong)
+    # Exported again with another password: replaced, and the new password recorded.
+    prov.export_p12(fleet.root, ["device-002"], password="other", kdf_rounds=1)
+    pkcs12.load_key_and_certificates(path.read_bytes(), b"other")
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(prov.FleetError, match="no device with id 'device-009'"):
+        prov.export_p12(fleet.root, ["device-009"])
+
+
+def test_cli_export_p12(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "f"
+    assert main(["fleet", "provision", "--size", "3", "--out", str(out)]) == 0
+    assert "export-p12" in capsys.readouterr().out
+    export = ["fleet", "export-p12", "--fleet", str(out), "--kdf-rounds", "1"]
+    assert main([*export, "--id", "device-003"]) == 0
+    rows = prov.read_inventory(out)
+    assert [d.p12_path for d in rows] == [None, None, "devices/device-003/device.p12"]
+    pkcs12.load_key_and_certificates((out / str(rows[2].p12_path)).read_bytes(), b"testbed")
+    capsys.readouterr()
+    assert main([*export, "--id", "nope"]) == 2
+    assert "inventory.sqlite" in (err := capsys.readouterr().err) and "'nope'" in err
+    assert main(["fleet", "export-p12", "--fleet", str(tmp_path)]) == 2
+    assert "--fleet" in (err := capsys.readouterr().err) and "not a fleet" in err
+    assert main([*export, "--kdf-rounds", "0"]) == 2
+    assert "--kdf-rounds" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    assert main(["fleet", "provision", "--size", "1", "--out", str(bare), "--no-p12"]) == 0
+    assert main(["fleet", "export-p12", "--fleet", str(bare)]) == 2
+    assert "p12_password" in capsys.readouterr().err
+    assert main(["fleet", "export-p12", "--fleet", str(bare), "--password", "pw"]) == 0
+    assert (bare / "devices" / "device-001" / "device.p12").stat().st_mode & 0o777 == 0o600
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):
