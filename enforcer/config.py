@@ -42,6 +42,7 @@ from enforcer.chain import (
 from enforcer.control import (
     IDP_CONFIG_FIELDS,
     ApiError,
+    identity_provider_of,
     idp_config,
 )  # the admin API's checks: the same rules
 from enforcer.durations import format_duration
@@ -589,22 +590,7 @@ def _identity_provider(r: TableReader) -> IdentityProvider:
         field, _, problem = exc.message.partition(": ")
         field = field.lstrip(".")
         raise r.error("ca_file" if field == "ca_pem" else field, problem) from None
-    return IdentityProvider(
-        id=pid,
-        name=name,
-        issuer_url=c["issuer_url"],
-        client_id=c["client_id"],
-        client_secret=c["client_secret"],
-        scopes=tuple(c["scopes"]),
-        email_claim_name=c["email_claim_name"],
-        groups_claim=c["groups_claim"],
-        auth_url=c["auth_url"],
-        token_url=c["token_url"],
-        certs_url=c["certs_url"],
-        pkce_enabled=c["pkce_enabled"],
-        allowed_algorithms=tuple(c["allowed_algorithms"]),
-        ca_pem=c["ca_pem"],
-    )
+    return identity_provider_of({"id": pid, "name": name, "type": "oidc", "config": c})
 
 
 def _service_token(r: TableReader, account: str) -> ConfiguredServiceToken:

@@ -39,18 +39,10 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from testbed.results import AttemptRow, Results
 
-LATENCIES = (
-    "total",
-    "service",
-    "handshake",
-    "connect",
-    "first_byte",
-    "key_store",
-    # A person's request that logged in first: the provider's round trips, the callback.
-    "login",
-    "callback",
-)
-STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
+# The latencies (a device's phases, a person's login and callback) and their statistics:
+# thresholds name the same ones.
+from testbed.thresholds import LATENCIES, STATS
+
 COUNTS = ("false_accepts", "false_rejects", "attempts", "dropped", "errors", "decisions", "rate")
 # Per-cohort shares of attempts, by threshold name: ``cohort.<name>.new_connections == 100%``.
 COHORT_SHARES = {

@@ -16,7 +16,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-# The same as testbed.summary.LATENCIES: a person's login and callback beside a device's phases.
+# What a run's summary measures (testbed.summary uses these): a device's phases, and a
+# person's login and callback.
 LATENCIES = (
     "total",
     "service",
