@@ -127,9 +127,9 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         metavar="N",
         type=int,
         default=_env("P12_KDF_ROUNDS"),
-        help="PBKDF2 rounds of device.p12 (default: cryptography's best available encryption, "
-        "20,000 rounds, ~10 ms a file; 2048, OpenSSL's default, is ~4x faster, and key.pem "
-        "beside it is unencrypted anyway; env TESTBED_P12_KDF_ROUNDS)",
+        help="PBKDF2 rounds of device.p12 (default 2048, what `openssl pkcs12 -export` uses: "
+        "PBES2 AES-256-CBC, HMAC-SHA256 MAC; key.pem beside it is unencrypted anyway; "
+        "env TESTBED_P12_KDF_ROUNDS)",
     )
     p.add_argument(
         "--p12",
@@ -194,7 +194,7 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         metavar="N",
         type=int,
         default=_env("P12_KDF_ROUNDS"),
-        help="PBKDF2 rounds (default: cryptography's best available encryption, 20,000 rounds; "
+        help="PBKDF2 rounds (default 2048, what `openssl pkcs12 -export` uses; "
         "env TESTBED_P12_KDF_ROUNDS)",
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.server
+import os
 import shutil
 import sqlite3
 import ssl
@@ -646,3 +647,50 @@ def test_workers_start_safely_beside_other_threads(tmp_path: Path) -> None:
         stop.set()
         other.join()
     assert len(fleet.devices()) == 4
+
+
+def _openssl() -> str:
+    """The real openssl CLI; skipped without it, except on CI (CI=1), where it fails."""
+    found = shutil.which("openssl")
+    if found is None:
+        message = "missing openssl: .ci/run installs it (apt-get install openssl)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def test_p12_files_use_openssls_defaults_and_openssl_reads_them(tmp_path: Path) -> None:
+    """Up front (--p12) and on demand (export-p12): what `openssl pkcs12 -export` would write."""
+    openssl = _openssl()
+    made = provision(tmp_path / "up", [Cohort("healthy", 2)], NOW, workers=1, p12=True)
+    later = provision(tmp_path / "later", [Cohort("healthy", 2)], NOW, workers=1)
+    prov.export_p12(later.root, ["device-001"])
+    for fleet in (made, later):
+        device = fleet.devices()[0]
+        path = fleet.root / str(device.p12_path)
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert (fleet.root / device.key_path).stat().st_mode & 0o777 == 0o600
+        info = subprocess.run(
+            [openssl, "pkcs12", "-info", "-noout", "-in", str(path), "-passin", "pass:testbed"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+        # OpenSSL 3's `pkcs12 -export` defaults, as `openssl pkcs12 -info` prints them.
+        assert "MAC: sha256, Iteration 2048" in info, info
+        bags = "PBES2, PBKDF2, AES-256-CBC, Iteration 2048, PRF hmacWithSHA256"
+        assert info.count(bags) == 2, info  # the certificates' bag and the key's
+        pem = subprocess.run(
+            [openssl, "pkcs12", "-in", str(path), "-passin", "pass:testbed", "-nodes"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        key = serialization.load_pem_private_key(pem, None)
+        assert key.public_key() == certs(fleet.root / device.cert_path)[0].public_key()
+        assert certs(fleet.root / device.cert_path)[0] in x509.load_pem_x509_certificates(pem)
+        wrong = subprocess.run(
+            [openssl, "pkcs12", "-in", str(path), "-passin", "pass:wrong", "-nodes"],
+            capture_output=True,
+        )
+        assert wrong.returncode != 0 and b"PRIVATE KEY" not in wrong.stdout
