@@ -367,7 +367,6 @@ class _Issuer:
     def __init__(self, job: _Job) -> None:
         self.job = job
         self.devices = f"{job.out}/devices"
-        self.devices_fd = -1  # open while issue() runs
         self.signers: dict[str, tuple[x509.Name, PrivateKey, bytes, list[x509.Certificate]]] = {}
         for label, ca in job.cas.items():
             key = _load_key(ca.key_pem)
@@ -420,56 +419,67 @@ class _Issuer:
         expected = expected_outcome(defect, key_types=(key_type, issuer_type))
         window = (_iso(start), _iso(end), defect, expected)
         rows: list[Row] = []
-        self.devices_fd = os.open(self.devices, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for number in chunk.numbers:
-                device_id = f"{job.cn_prefix}{number:0{job.width}d}"
-                cn = f"rogue-{number:0{job.width}d}" if defect == "wrong-cn" else device_id
-                key = generate_key(key_type)
-                subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-                if defect == "self-signed":
-                    issuer_name, issuer_key, sign_hash = subject, key, signature_hash(key)
-                    extensions = leaf_extensions(key, key_type)
-                cert = x509.CertificateBuilder(
-                    issuer_name,
-                    subject,
-                    key.public_key(),
-                    x509.random_serial_number(),
-                    start,
-                    end,
-                    extensions,
-                ).sign(issuer_key, sign_hash)
-                paths = self.write(device_id, key, cert, chain_pem, chain)
-                serial = format(cert.serial_number, "x")
-                sha256 = cert.fingerprint(self.sha256).hex()
-                rows.append((device_id, *same, serial, sha256, cn, *window, *paths))
-        finally:
-            os.close(self.devices_fd)
+        files: list[tuple[str, bytes, bytes, bytes | None]] = []
+        for number in chunk.numbers:
+            device_id = f"{job.cn_prefix}{number:0{job.width}d}"
+            cn = f"rogue-{number:0{job.width}d}" if defect == "wrong-cn" else device_id
+            key = generate_key(key_type)
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+            if defect == "self-signed":
+                issuer_name, issuer_key, sign_hash = subject, key, signature_hash(key)
+                extensions = leaf_extensions(key, key_type)
+            cert = x509.CertificateBuilder(
+                issuer_name,
+                subject,
+                key.public_key(),
+                x509.random_serial_number(),
+                start,
+                end,
+                extensions,
+            ).sign(issuer_key, sign_hash)
+            paths, serialised = self.serialise(device_id, key, cert, chain_pem, chain)
+            files.append(serialised)
+            serial = format(cert.serial_number, "x")
+            sha256 = cert.fingerprint(self.sha256).hex()
+            rows.append((device_id, *same, serial, sha256, cn, *window, *paths))
+        # The chunk's files are written together, after its certificates: measured faster than
+        # writing each device's as it is made (bench/README.md, provisioning).
+        self.write(files)
         return rows
 
-    def write(
+    def serialise(
         self,
         device_id: str,
         key: PrivateKey,
         cert: x509.Certificate,
         chain_pem: bytes,
         chain: list[x509.Certificate],
-    ) -> tuple[str, str, str | None]:
-        """Write one device's files; return their paths relative to the fleet folder."""
-        # Plain strings, not pathlib: at 100,000 devices its overhead shows. Names relative to
-        # the open devices/ folder (openat) spare the kernel the walk down the absolute path.
-        at = self.devices_fd
-        os.mkdir(device_id, dir_fd=at)
+    ) -> tuple[tuple[str, str, str | None], tuple[str, bytes, bytes, bytes | None]]:
+        """One device's paths relative to the fleet folder, and its files' bytes."""
         rel = f"devices/{device_id}"
-        _write(f"{device_id}/cert.pem", cert.public_bytes(_PEM) + chain_pem, 0o644, at)
-        _write(f"{device_id}/key.pem", _key_pem(key), 0o600, at)
+        cert_pem, key_pem = cert.public_bytes(_PEM) + chain_pem, _key_pem(key)
         if self.encryption is None:
-            return f"{rel}/cert.pem", f"{rel}/key.pem", None
+            return (f"{rel}/cert.pem", f"{rel}/key.pem", None), (device_id, cert_pem, key_pem, None)
         p12 = pkcs12.serialize_key_and_certificates(
             device_id.encode(), key, cert, chain or None, self.encryption
         )
-        _write(f"{device_id}/device.p12", p12, 0o600, at)
-        return f"{rel}/cert.pem", f"{rel}/key.pem", f"{rel}/device.p12"
+        paths = (f"{rel}/cert.pem", f"{rel}/key.pem", f"{rel}/device.p12")
+        return paths, (device_id, cert_pem, key_pem, p12)
+
+    def write(self, files: list[tuple[str, bytes, bytes, bytes | None]]) -> None:
+        """Write devices' folders and files (key.pem and device.p12 0600)."""
+        # Plain strings, not pathlib: at 100,000 devices its overhead shows. Names relative to
+        # the open devices/ folder (openat) spare the kernel the walk down the absolute path.
+        at = os.open(self.devices, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for device_id, cert_pem, key_pem, p12 in files:
+                os.mkdir(device_id, dir_fd=at)
+                _write(f"{device_id}/cert.pem", cert_pem, 0o644, at)
+                _write(f"{device_id}/key.pem", key_pem, 0o600, at)
+                if p12 is not None:
+                    _write(f"{device_id}/device.p12", p12, 0o600, at)
+        finally:
+            os.close(at)
 
 
 _WORKER: _Issuer | None = None

@@ -266,7 +266,7 @@ def test_a_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Mon
     calls = 0
     real = prov._Issuer.write
 
-    def flaky(self: prov._Issuer, *args: object) -> tuple[str, str, str | None]:
+    def flaky(self: prov._Issuer, *args: object) -> None:
         nonlocal calls
         calls += 1
         if calls == 5:
