@@ -15,7 +15,10 @@ extensions), sign, and serialise the key and the certificate to PEM, in ONE proc
 processes (up to W times faster) and we write two files and a folder per device (slower).
 
 ``--p12-size N`` adds a run of N devices with every PKCS#12 made up front (``p12=True``, the
-default encryption) to show what the on-demand default saves.
+parameters ``openssl pkcs12 -export`` uses by default) to show what the on-demand default saves.
+
+It prints whether issue 18's goal 3 holds: 100,000 devices in under 60 s (projected from the
+rate when ``--size`` is smaller) and at least 0.5x the plain loop's rate.
 
 The machine is small, shared and noisy, and file-system speed varies between runs (a large
 delete just before slows the next run), so compare figures from one run.
@@ -47,6 +50,8 @@ from devices.pki import issue_ca
 from devices.provision import Cohort, provision
 
 TARGET = 100_000
+GOAL_SECONDS = 60.0
+GOAL_RATIO = 0.5
 
 
 def plain_loop(seconds: float, now: dt.datetime) -> tuple[int, float]:
@@ -101,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now(dt.UTC)
     console = Console(width=max(100, Console().width))
 
-    console.print(f"plain loop: 1 process, {args.plain_seconds:g} s ...", highlight=False)
-    plain_count, plain_s = plain_loop(args.plain_seconds, now)
-    plain_rate = plain_count / plain_s
+    # The plain loop runs half before the fleets and half after, so a neighbour's load that
+    # comes or goes during the run weighs on both sides of the ratio.
+    half = args.plain_seconds / 2
+    console.print(f"plain loop: 1 process, {half:g} s ...", highlight=False)
+    plain_count, plain_s = plain_loop(half, now)
 
     runs: list[tuple[str, int, dict[str, bool]]] = [("fleet, default options", args.size, {})]
     if args.p12_size:
@@ -115,9 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{label}: {size} devices ...", highlight=False)
             fleet = provision(base / f"fleet-{i}", [Cohort("healthy", size)], now, **options)
             results.append((label, size, fleet.elapsed))
+        console.print(f"plain loop again: 1 process, {half:g} s ...", highlight=False)
+        count, seconds = plain_loop(half, now)
+        plain_count, plain_s = plain_count + count, plain_s + seconds
     finally:
         # Deleted only at the end: a large delete slows the file system for the next run.
         shutil.rmtree(base, ignore_errors=True)
+    plain_rate = plain_count / plain_s
 
     workers = os.cpu_count() or 1
     table = Table(title=f"device certificates per second ({args.tmp})")
@@ -144,10 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     _, size, elapsed = results[0]
     rate = size / elapsed
+    ratio = rate / plain_rate
+    # Goal 3 of issue 18: 100,000 devices with the default options in under 60 s, and at least
+    # half the plain single-core loop's rate measured in the same run.
+    projected = TARGET / rate if size != TARGET else elapsed
+    holds = projected < GOAL_SECONDS and ratio >= GOAL_RATIO
     console.print(
         f"Default options: {size:,} devices in {elapsed:.1f} s, {rate:.0f} devices/s, "
-        f"{rate / plain_rate:.2f}x the plain single-core loop ({plain_rate:.0f}/s; goal: "
-        f"{TARGET:,} in under 60 s and 0.5x).",
+        f"{ratio:.2f}x the plain single-core loop ({plain_rate:.0f}/s).",
+        highlight=False,
+    )
+    console.print(
+        f"goal 3 ({TARGET:,} devices in under {GOAL_SECONDS:g} s and >= {GOAL_RATIO}x the plain "
+        f"loop): {'HOLDS' if holds else 'DOES NOT HOLD'} ({TARGET:,} devices "
+        f"{'in' if size == TARGET else 'projected at'} {projected:.1f} s, ratio {ratio:.2f})",
         highlight=False,
     )
     record = {
@@ -159,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         "plain_per_s": round(plain_rate, 1),
         "default_per_s": round(rate, 1),
         "default_wall_s": round(elapsed, 2),
-        "ratio": round(rate / plain_rate, 3),
+        "ratio": round(ratio, 3),
+        "goal_seconds_for_100k": round(projected, 1),
+        "goal_holds": holds,
         "p12_up_front_per_s": (
             round(results[1][1] / results[1][2], 1) if len(results) > 1 else None
         ),
