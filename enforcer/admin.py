@@ -102,6 +102,17 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
     async def mtls_put(c: _Call) -> Outcome:
         return await c.write(control.set_mtls, c.params[0], c.json())
 
+    @route("GET", rf"{A}/signing")
+    async def signing_get(c: _Call) -> Outcome:
+        return c.read(control.get_signing, c.params[0])
+
+    @route("PUT", rf"{A}/signing")
+    async def signing_put(c: _Call) -> Outcome:
+        account, body, limits = c.params[0], c.json(), c.controller.limits
+        return await c.controller.write(
+            lambda objects, now: control.set_signing(objects, account, body, limits, now)
+        )
+
     @route("GET", rf"{A}/certificates")
     async def roots_list(c: _Call) -> Outcome:
         return c.read(control.list_roots, c.params[0])

@@ -170,8 +170,10 @@ class EnforcerConfig:
     service_tokens: tuple[ConfiguredServiceToken, ...] = ()
     # Hostname -> the ``allowed_idps`` of its [[applications]] table (empty: all providers).
     allowed_idps: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    # [signing] algorithm: what the state's first key signs (later keys: the rotate route).
+    # [signing] algorithm: the enforcer's default token algorithm, what the state's first key
+    # signs (later: the rotate route). [[accounts]] token_algorithm: an account's own (J7).
     signing_algorithm: str = DEFAULT_ALGORITHM
+    account_algorithms: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def signing_key(self, now: dt.datetime) -> SigningKey:
         """Load the configured signing key (creating its file when missing), or make one."""
@@ -370,6 +372,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
             "validation",
             "identity_providers",
             "service_tokens",
+            "accounts",
         }
     )
 
@@ -510,6 +513,14 @@ def load_config(path: str | Path) -> EnforcerConfig:
         if any(t.token.client_id == tok.token.client_id for t in tokens[:i]):
             raise ConfigError(p, f"service_tokens[{i}].client_id", "is used twice")
 
+    account_algorithms: dict[str, str] = {}
+    for i, r in enumerate(top.tables("accounts")):
+        r.unknown({"id", "token_algorithm"})
+        aid = _identifier(r, "id", None)
+        if aid in account_algorithms:
+            raise ConfigError(p, f"accounts[{i}].id", f"{aid!r} is used twice")
+        account_algorithms[aid] = r.choice("token_algorithm", ALGORITHMS)
+
     managed = []
     for r in top.tables("managed_ca"):
         r.unknown({"zone", "hostnames"})
@@ -534,6 +545,7 @@ def load_config(path: str | Path) -> EnforcerConfig:
         identity_providers=providers,
         service_tokens=tokens,
         allowed_idps=allowed_idps,
+        account_algorithms=account_algorithms,
     )
 
 

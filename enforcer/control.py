@@ -18,7 +18,7 @@ import re
 import secrets
 import ssl
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -809,15 +809,91 @@ def _key_algorithm(obj: Mapping[str, Any]) -> str:
     return _signing_key(obj, _parse_iso(obj["created_at"])).algorithm
 
 
-def get_keys(objects: Objects, limits: Limits, now: dt.datetime) -> Outcome:
-    """Describe the signing keys: the current one and those in their grace period."""
+# The enforcer's default token algorithm (J7): what accounts without a setting of their own sign
+# with. One object; a state made before it existed has none, and then the newest current key's
+# algorithm is the default, as it was.
+SIGNING_KIND = "signing"
+SIGNING_DEFAULT = "default"
+
+
+def _current_keys(objects: Objects) -> dict[str, dict[str, Any]]:
+    """Algorithm -> its current key (the newest key without ``accepted_until``)."""
+    keys = sorted(objects.get("signing_key", {}).values(), key=lambda k: k["created_at"])
+    return {_key_algorithm(k): k for k in keys if k["accepted_until"] is None}
+
+
+def default_algorithm(objects: Objects) -> str:
+    """The token algorithm of accounts without one of their own (access-flow J7)."""
+    stored = objects.get(SIGNING_KIND, {}).get(SIGNING_DEFAULT)
+    if stored is not None:
+        return str(stored["algorithm"])
     keys = sorted(objects.get("signing_key", {}).values(), key=lambda k: k["created_at"])
     current = [k for k in keys if k["accepted_until"] is None]
+    return _key_algorithm(current[-1]) if current else tokens.DEFAULT_ALGORITHM
+
+
+def _account_algorithm(objects: Objects, account: str) -> str | None:
+    """The account's own token algorithm, or None when it follows the default."""
+    value = objects.get("account", {}).get(account, {}).get("token_algorithm")
+    return str(value) if value is not None else None
+
+
+def _algorithms_in_use(objects: Objects) -> set[str]:
+    """The default algorithm and every account's own: each needs a current key."""
+    used = {default_algorithm(objects)}
+    used |= {
+        str(a["token_algorithm"])
+        for a in objects.get("account", {}).values()
+        if a.get("token_algorithm") is not None
+    }
+    return used
+
+
+def settle_keys(
+    objects: Objects, limits: Limits, now: dt.datetime, rotate: Iterable[str] = ()
+) -> list[Change]:
+    """Changes giving each algorithm in use one current key (a new one for ``rotate``'s).
+
+    A replaced key, or the key of an algorithm nobody uses any more, enters its grace period
+    (accepted until ``now`` plus the grace period, J7, A11); keys past their grace are dropped.
+    """
+    rotating = set(rotate)
+    in_use = _algorithms_in_use(objects)
+    current = _current_keys(objects)
+    changes: list[Change] = []
+    for k in objects.get("signing_key", {}).values():
+        if k["accepted_until"] is None:
+            algorithm = _key_algorithm(k)
+            keep = current.get(algorithm) is k and algorithm in in_use
+            if not keep or algorithm in rotating:
+                retired = {**k, "accepted_until": _iso(now + limits.grace_period)}
+                changes.append(Change("signing_key", k["kid"], retired))
+        elif _parse_iso(k["accepted_until"]) < now:
+            changes.append(Change("signing_key", k["kid"], None))  # past its grace period
+    for algorithm in sorted(in_use):
+        if algorithm in rotating or algorithm not in current:
+            new = new_signing_key_object(tokens.generate_key(algorithm), now)
+            changes.append(Change("signing_key", new["kid"], new))
+    return changes
+
+
+def get_keys(objects: Objects, limits: Limits, now: dt.datetime) -> Outcome:
+    """Describe the signing keys: the current ones and those in their grace period."""
+    keys = sorted(objects.get("signing_key", {}).values(), key=lambda k: k["created_at"])
+    current = _current_keys(objects)
+    default = default_algorithm(objects)
+    signs = current.get(default)
     return Outcome(
         {
-            "current_kid": current[-1]["kid"] if current else None,
-            "last_key_rotation_at": current[-1]["created_at"] if current else None,
-            "algorithm": _key_algorithm(current[-1]) if current else None,
+            "current_kid": signs["kid"] if signs else None,
+            "last_key_rotation_at": signs["created_at"] if signs else None,
+            "algorithm": default,
+            "current_keys": {a: k["kid"] for a, k in sorted(current.items())},
+            "account_algorithms": {
+                aid: a["token_algorithm"]
+                for aid, a in sorted(objects.get("account", {}).items())
+                if a.get("token_algorithm") is not None
+            },
             "grace_period": format_duration(limits.grace_period),
             "keys": [
                 {
@@ -833,42 +909,98 @@ def get_keys(objects: Objects, limits: Limits, now: dt.datetime) -> Outcome:
     )
 
 
+def _algorithm_field(body: Body, default: Any = ...) -> str | None:
+    """The body's ``algorithm``: one of the token algorithms (or null where allowed)."""
+    allowed = f"one of {list(tokens.ALGORITHMS)}"
+    if default is None:
+        value = _field(body, "algorithm", (str, type(None)), f"{allowed}, or null", ...)
+    else:
+        value = _field(body, "algorithm", str, allowed, default)
+    if value is not None and value not in tokens.ALGORITHMS:
+        raise ApiError(400, f"algorithm: {value!r} is not one of {list(tokens.ALGORITHMS)}")
+    return value  # type: ignore[no-any-return]
+
+
 def rotate_keys(
     objects: Objects, limits: Limits, now: dt.datetime, body: Body | None = None
 ) -> Outcome:
-    """Make a new current signing key; the previous one stays accepted for the grace period.
+    """Make new current signing keys; the replaced ones stay accepted for the grace period.
 
-    ``body`` may name the new key's ``algorithm`` (RS256, ES256 or EdDSA); without it the new
-    key signs with the current key's algorithm. The key ring is global (one per enforcer).
+    Without a body every current key is replaced by a new key of its algorithm. ``algorithm``
+    (RS256, ES256 or EdDSA) replaces only that algorithm's key; an algorithm nobody uses yet
+    becomes the enforcer's default (J7: what a one-account enforcer did before per-account
+    settings, switching its algorithm at a rotation).
     """
     body = {} if body is None else body
     _only(body, {"algorithm"})
-    stored = objects.get("signing_key", {}).values()
-    current = sorted(
-        (k for k in stored if k["accepted_until"] is None), key=lambda k: k["created_at"]
+    changes: list[Change] = []
+    after = objects
+    if "algorithm" in body:
+        algorithm = _algorithm_field(body, tokens.DEFAULT_ALGORITHM)
+        assert algorithm is not None
+        if algorithm not in _algorithms_in_use(objects):
+            setting = Change(SIGNING_KIND, SIGNING_DEFAULT, {"algorithm": algorithm})
+            changes.append(setting)
+            after = apply_changes(objects, [setting])
+        rotate = {algorithm}
+    else:
+        algorithm = default_algorithm(objects)
+        rotate = _algorithms_in_use(objects)
+    changes += settle_keys(after, limits, now, rotate)
+    new = {c.id: c.body for c in changes if c.kind == "signing_key" and c.body is not None}
+    made = sorted(
+        ((_key_algorithm(v), v) for v in new.values() if v["accepted_until"] is None),
+        key=lambda m: m[0],
     )
-    default = _key_algorithm(current[-1]) if current else tokens.DEFAULT_ALGORITHM
-    algorithm = _field(body, "algorithm", str, f"one of {list(tokens.ALGORITHMS)}", default)
-    if algorithm not in tokens.ALGORITHMS:
-        raise ApiError(400, f"algorithm: {algorithm!r} is not one of {list(tokens.ALGORITHMS)}")
-    changes = []
-    for k in stored:
-        if k["accepted_until"] is None:
-            changes.append(
-                Change(
-                    "signing_key",
-                    k["kid"],
-                    {**k, "accepted_until": _iso(now + limits.grace_period)},
-                )
-            )
-        elif _parse_iso(k["accepted_until"]) < now:
-            changes.append(Change("signing_key", k["kid"], None))  # past its grace period
-    new = new_signing_key_object(tokens.generate_key(algorithm), now)
-    changes.append(Change("signing_key", new["kid"], new))
+    (signs,) = [v for a, v in made if a == algorithm]
     return Outcome(
-        {"kid": new["kid"], "algorithm": algorithm, "created_at": new["created_at"]},
+        {
+            "kid": signs["kid"],
+            "algorithm": algorithm,
+            "created_at": signs["created_at"],
+            "default_algorithm": default_algorithm(after),
+            "rotated": {a: v["kid"] for a, v in made},
+        },
         tuple(changes),
     )
+
+
+def get_signing(objects: Objects, account: str) -> Outcome:
+    """The account's token algorithm: its own setting, or the enforcer's default."""
+    own = _account_algorithm(objects, account)
+    algorithm = own or default_algorithm(objects)
+    key = _current_keys(objects).get(algorithm)
+    return Outcome(
+        {
+            "account_id": account,
+            "algorithm": algorithm,
+            "setting": own,
+            "kid": key["kid"] if key else None,
+        }
+    )
+
+
+def set_signing(
+    objects: Objects, account: str, body: Body, limits: Limits, now: dt.datetime
+) -> Outcome:
+    """Set the account's token algorithm (null: follow the enforcer's default), access-flow J7.
+
+    Its tokens are signed from now on with the current key of that algorithm (made when no
+    account used it yet). Tokens already minted keep verifying while their key is accepted: a
+    key no account uses any more enters its grace period, like a rotated one.
+    """
+    _only(body, {"algorithm"})
+    own = _algorithm_field(body, None)
+    acc = _account(objects, account)
+    if own is None:
+        acc.pop("token_algorithm", None)
+    else:
+        acc["token_algorithm"] = own
+    setting = Change("account", account, acc)
+    after = apply_changes(objects, [setting])
+    changes = (setting, *settle_keys(after, limits, now))
+    outcome = get_signing(apply_changes(after, changes[1:]), account)
+    return Outcome(outcome.result, changes)
 
 
 # ---- revocation: a CRL per uploaded root, revocations by serial or fingerprint -------------
@@ -1703,17 +1835,28 @@ def build_snapshot(objects: Objects, generation: int, limits: Limits, now: dt.da
             )
         )
     keys = sorted(objects.get("signing_key", {}).values(), key=lambda k: k["created_at"])
-    current = [k for k in keys if k["accepted_until"] is None]
+    current = {a: _signing_key(k, now) for a, k in _current_keys(objects).items()}
     if not current:
         raise ValueError("the state has no current signing key")
+    default = default_algorithm(objects)
+    # The default's key signs for accounts without a setting; a state that somehow lacks it
+    # (never made by these operations) falls back to the newest current key.
+    newest = [k for k in keys if k["accepted_until"] is None][-1]
+    signs = current.get(default) or _signing_key(newest, now)
     ring = KeyRing(
-        _signing_key(current[-1], now),
+        signs,
         tuple(
             RetiredKey(_signing_key(k, now), _parse_iso(k["accepted_until"]))
             for k in reversed(keys)
             if k["accepted_until"] is not None
         ),
         limits.grace_period,
+        others=tuple(k for k in current.values() if k is not signs),
+        account_algorithms={
+            aid: a["token_algorithm"]
+            for aid, a in objects.get("account", {}).items()
+            if a.get("token_algorithm") in current
+        },
     )
     revoked = {
         o["fingerprint_sha256"]

@@ -445,7 +445,8 @@ def decide(
         )
 
     claims = claims_for(snapshot.no_duration_token_lifetime if no_duration else duration)
-    token = mint(snapshot.keyring, claims)
+    # The application's account picks the key (its token algorithm, access-flow J7).
+    token = mint(snapshot.keyring, claims, app.account)
     set_cookie = None if no_duration else app.cookie.set_cookie(token, duration)
     if no_duration and identity is not None and not token_identity:
         # I9: a person just logged in under No Duration gets a cookie that carries the identity
@@ -453,7 +454,7 @@ def decide(
         lifetime = policy.session_duration or IDENTITY_SESSION_DEFAULT
         if lifetime <= dt.timedelta(0):
             lifetime = IDENTITY_SESSION_DEFAULT
-        session = mint(snapshot.keyring, claims_for(lifetime, identity_only=True))
+        session = mint(snapshot.keyring, claims_for(lifetime, identity_only=True), app.account)
         set_cookie = app.cookie.set_cookie(session, lifetime)
     if service_token is not None:
         admitted_by = AdmittedBy.SERVICE_TOKEN

@@ -1,6 +1,7 @@
 """Access tokens: JWTs (RS256 by default, ES256 or EdDSA) minted after an admission, and checks.
 
-Signing keys live in a :class:`KeyRing`: one current key that signs, and previous keys that
+Signing keys live in a :class:`KeyRing`: one current key per algorithm in use (the default
+algorithm's, and those some account's setting names: access-flow J7), and previous keys that
 stay published in ``/cdn-cgi/access/certs`` and accepted until their grace period ends. Every
 check takes ``now``; pyjwt's own clock checks are switched off so that time stays injected.
 """
@@ -144,21 +145,49 @@ class RetiredKey:
 
 @dataclasses.dataclass(frozen=True)
 class KeyRing:
-    """The current signing key and the retired keys still inside their grace period."""
+    """The current signing keys and the retired keys still inside their grace period.
+
+    ``current`` signs for every account without a token algorithm of its own (the enforcer's
+    default algorithm); ``others`` holds the current key of each other algorithm some account
+    chose, and ``account_algorithms`` names those accounts' algorithms (J7). The key a token is
+    signed with is thus an input of the decision, chosen by :meth:`signer`.
+    """
 
     current: SigningKey
     retired: tuple[RetiredKey, ...] = ()
     grace_period: dt.timedelta = dt.timedelta(hours=24)
+    others: tuple[SigningKey, ...] = ()
+    account_algorithms: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        by_algorithm = {k.algorithm: k for k in self.others}
+        by_algorithm[self.current.algorithm] = self.current
+        missing = set(self.account_algorithms.values()) - set(by_algorithm)
+        if missing:
+            raise ValueError(f"no current signing key for {sorted(missing)}")
+        signers = {a: by_algorithm[alg] for a, alg in self.account_algorithms.items()}
+        object.__setattr__(self, "_signers", signers)
+
+    def signer(self, account: str | None) -> SigningKey:
+        """The key that signs ``account``'s tokens: the newest current key of its algorithm."""
+        signers: dict[str, SigningKey] = self._signers  # type: ignore[attr-defined]
+        return signers.get(account, self.current) if account is not None else self.current
 
     def accepted(self, now: dt.datetime) -> list[SigningKey]:
-        """Return the keys whose signatures are accepted at ``now`` (current first)."""
-        return [self.current, *(r.key for r in self.retired if now <= r.accepted_until)]
+        """Return the keys whose signatures are accepted at ``now`` (current ones first)."""
+        return [
+            self.current,
+            *self.others,
+            *(r.key for r in self.retired if now <= r.accepted_until),
+        ]
 
     def rotated(self, new_key: SigningKey, now: dt.datetime) -> KeyRing:
-        """Return a ring where ``new_key`` signs and the current key enters its grace period."""
+        """Return a ring where ``new_key`` signs by default and the default key enters grace."""
         keep = tuple(r for r in self.retired if now <= r.accepted_until)
-        return KeyRing(
-            new_key, (RetiredKey(self.current, now + self.grace_period), *keep), self.grace_period
+        return dataclasses.replace(
+            self,
+            current=new_key,
+            retired=(RetiredKey(self.current, now + self.grace_period), *keep),
         )
 
     def jwks(self, now: dt.datetime) -> dict[str, Any]:
@@ -171,13 +200,11 @@ class KeyRing:
         }
 
 
-def mint(ring: KeyRing, claims: Mapping[str, Any]) -> str:
-    """Sign ``claims`` with the ring's current key (its algorithm, ``kid`` in the header)."""
+def mint(ring: KeyRing, claims: Mapping[str, Any], account: str | None = None) -> str:
+    """Sign ``claims`` with the key of ``account``'s algorithm (its ``kid`` in the header)."""
+    key = ring.signer(account)
     return jwt.encode(
-        dict(claims),
-        ring.current.private_key,
-        algorithm=ring.current.algorithm,
-        headers={"kid": ring.current.kid},
+        dict(claims), key.private_key, algorithm=key.algorithm, headers={"kid": key.kid}
     )
 
 
