@@ -157,6 +157,14 @@ def seed_changes(config: EnforcerConfig, now: dt.datetime) -> list[Change]:
     key = config.signing_key(now)
     key_obj = new_signing_key_object(key.private_key, now)
     changes.append(Change("signing_key", key_obj["kid"], key_obj))
+    # Token algorithms (access-flow J7): the default, and the accounts' own with a key each.
+    default = {"algorithm": config.signing_algorithm}
+    changes.append(Change(control.SIGNING_KIND, control.SIGNING_DEFAULT, default))
+    for aid, algorithm in sorted(config.account_algorithms.items()):
+        so_far = apply_changes({}, changes).get("account", {})
+        acc = dict(so_far.get(aid, {"id": aid, "mtls_enabled": False}))
+        changes.append(Change("account", aid, {**acc, "token_algorithm": algorithm}))
+    changes += control.settle_keys(apply_changes({}, changes), limits_of(config), now)
     for fp in sorted(config.revoked):
         changes.append(Change("revocation", fp, {"fingerprint": fp}))
     return changes
