@@ -309,12 +309,22 @@ def add_admin_parser(enforcer_sub: argparse._SubParsersAction) -> None:  # type:
     )
     keys.add_parser("show")
     keys.add_parser(
-        "rotate", help="new signing key; the previous one stays accepted for the grace period"
+        "rotate", help="new signing keys; the replaced ones stay accepted for the grace period"
     ).add_argument(
         "--algorithm",
         choices=("RS256", "ES256", "EdDSA"),
-        help="the new key's token algorithm (default: the current key's)",
+        help="replace only this algorithm's key (one nobody uses becomes the default; "
+        "default: replace every current key)",
     )
+
+    signing = sub.add_parser(
+        "signing", help="the account's token algorithm (access-flow J7)"
+    ).add_subparsers(dest="op", required=True)
+    signing.add_parser("show")
+    signing.add_parser("set", help="sign the account's tokens with ALGORITHM").add_argument(
+        "algorithm", choices=("RS256", "ES256", "EdDSA")
+    )
+    signing.add_parser("default", help="follow the enforcer's default algorithm again")
 
 
 def _table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Table:
@@ -617,6 +627,16 @@ def _dispatch(args: argparse.Namespace, c: AdminClient) -> tuple[Any, Callable[[
         return _idps(args, c)
     if cmd == "service-tokens":
         return _service_tokens(args, c)
+    if cmd == "signing":
+        if op == "show":
+            result = c.call("GET", A("/signing"))
+        else:
+            chosen = args.algorithm if op == "set" else None
+            result = c.call("PUT", A("/signing"), {"algorithm": chosen})
+        own = "its own setting" if result["setting"] else "the enforcer's default"
+        return result, lambda con: con.print(
+            f"account {c.account}: tokens {result['algorithm']} ({own}), key {result['kid']}"
+        )
     if cmd == "keys":
         if op == "rotate":
             body = {"algorithm": args.algorithm} if args.algorithm else None

@@ -297,6 +297,17 @@ async def test_issue_revoke_and_keys_through_the_cli(
         assert shown["algorithm"] == "EdDSA" and shown["current_kid"] == ed["kid"]
         assert sorted(k["algorithm"] for k in shown["keys"]) == ["EdDSA", "RS256", "RS256"]
         assert (await run(base)).stdout == b"200"
+        # The account's own token algorithm (J7): set, shown, and back to the default.
+        es = await admin_json(admin_port, "signing", "set", "ES256")
+        assert es["algorithm"] == es["setting"] == "ES256"
+        shown = await admin_json(admin_port, "keys", "show")
+        assert shown["current_keys"]["ES256"] == es["kid"] and shown["algorithm"] == "EdDSA"
+        assert list(shown["account_algorithms"].values()) == ["ES256"]
+        assert (await run(base)).stdout == b"200"
+        printed = (await admin(admin_port, "signing", "show")).stdout.decode()
+        assert "tokens ES256 (its own setting)" in printed
+        back = await admin_json(admin_port, "signing", "default")
+        assert back["algorithm"] == "EdDSA" and back["setting"] is None
     finally:
         assert await stop(proc) == 0
 
