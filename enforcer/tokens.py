@@ -158,6 +158,10 @@ class KeyRing:
     grace_period: dt.timedelta = dt.timedelta(hours=24)
     others: tuple[SigningKey, ...] = ()
     account_algorithms: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+    # Account -> its signing key, derived once per snapshot: a look-up per minted token.
+    _signers: Mapping[str, SigningKey] = dataclasses.field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         by_algorithm = {k.algorithm: k for k in self.others}
@@ -170,8 +174,7 @@ class KeyRing:
 
     def signer(self, account: str | None) -> SigningKey:
         """The key that signs ``account``'s tokens: the newest current key of its algorithm."""
-        signers: dict[str, SigningKey] = self._signers  # type: ignore[attr-defined]
-        return signers.get(account, self.current) if account is not None else self.current
+        return self._signers.get(account, self.current) if account is not None else self.current
 
     def accepted(self, now: dt.datetime) -> list[SigningKey]:
         """Return the keys whose signatures are accepted at ``now`` (current ones first)."""

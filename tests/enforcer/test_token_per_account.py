@@ -18,7 +18,9 @@ from pathlib import Path
 import jwt
 import pytest
 
+from enforcer import tokens
 from enforcer.config import ConfigError, load_config
+from enforcer.tokens import KeyRing, SigningKey, TokenStatus, generate_key
 from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
 from tests.enforcer.test_admin_api import ok, refused
@@ -274,3 +276,21 @@ async def test_the_config_seeds_account_algorithms(serve_config, demo, tmp_path:
     assert (await ok(served, "GET", f"{DEMO}/mtls"))["enabled"] is True  # merged, not replaced
     signing = await ok(served, "GET", f"{OTHER}/signing")
     assert signing["algorithm"] == signing["setting"] == "ES256"
+
+
+def test_the_ring_signs_each_account_with_its_algorithms_key() -> None:
+    """Pure: the key is an input; an account names an algorithm the ring must hold a key for."""
+    now = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    rs, es = (SigningKey.from_private_key(generate_key(a), now) for a in ("RS256", "ES256"))
+    ring = KeyRing(rs, others=(es,), account_algorithms={"b": "ES256"})
+    claims = tokens.access_claims(
+        aud="a", issuer="i", now=now, lifetime=dt.timedelta(hours=1), common_name="d",
+        x5t_s256=None, serial=None,
+    )  # fmt: skip
+    for account, key in (("a", rs), ("b", es), (None, rs)):
+        token = tokens.mint(ring, claims, account)
+        assert jwt.get_unverified_header(token)["kid"] == key.kid
+        assert tokens.check(token, ring, aud="a", issuer="i", now=now).status == TokenStatus.VALID
+    assert [k.kid for k in ring.accepted(now)] == [rs.kid, es.kid]
+    with pytest.raises(ValueError, match=r"no current signing key for \['EdDSA'\]"):
+        KeyRing(rs, others=(es,), account_algorithms={"c": "EdDSA"})
