@@ -24,6 +24,7 @@ from enforcer.tokens import KeyRing, SigningKey, TokenStatus, generate_key
 from testbed.demo import AUTH_HOST, IOT_HOST
 from tests.conftest import Served
 from tests.enforcer.test_admin_api import ok, refused
+from tests.enforcer.test_sessions import serve_again
 from tests.wire import client_context, get
 
 DEMO = "/client/v4/accounts/demo/access"
@@ -294,3 +295,15 @@ def test_the_ring_signs_each_account_with_its_algorithms_key() -> None:
     assert [k.kid for k in ring.accepted(now)] == [rs.kid, es.kid]
     with pytest.raises(ValueError, match=r"no current signing key for \['EdDSA'\]"):
         KeyRing(rs, others=(es,), account_algorithms={"c": "EdDSA"})
+
+
+async def test_the_setting_and_its_keys_survive_a_restart(serve_config, nursery) -> None:
+    served = await two_accounts(serve_config)
+    es = await ok(served, "PUT", f"{OTHER}/signing", {"algorithm": "ES256"})
+    before = await token_of(served, IOT_HOST)
+    again = await serve_again(nursery, served)
+    after = await token_of(again, IOT_HOST)
+    assert jwt.get_unverified_header(after)["kid"] == es["kid"]
+    assert jwt.get_unverified_header(await token_of(again, AUTH_HOST))["alg"] == "RS256"
+    assert await admits(again, IOT_HOST, before)
+    assert shape(await jwks(again)) == [("EC", "P-256"), ("RSA", None)]
