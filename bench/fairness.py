@@ -274,7 +274,9 @@ def main() -> int:
     err = (tmp / ("enforcer.err" if args.testbed is None else "baseline.err")).read_text(
         errors="replace"
     )
-    err_lines = [x for x in err.splitlines() if x.strip() and "listening on" not in x]
+    err_lines = [
+        x for x in err.splitlines() if x.strip() and "listening on" not in x and "stopped" not in x
+    ]
     if err_lines:
         console.print("enforcer stderr:\n" + "\n".join(err_lines[-30:]), markup=False)
     for r in out.values():
