@@ -4,7 +4,9 @@ Theory of operation. Logging must never stop or kill serving, whoever reads the 
 whose reader stalls fills after ~64 KiB and then blocks every write; a pipe whose reader died
 fails every write with EPIPE. So the trio loop never writes to the target itself:
 :meth:`AccessLog.write` encodes the record and appends it to a buffer bounded in bytes, and a
-writer thread drains the buffer into the file descriptor. When the buffer is full the record is
+writer thread drains the buffer into the file descriptor, in batches: it gathers records for
+up to :data:`GATHER_SECONDS` after the first, so a busy server wakes it once per batch, not
+once per request. When the buffer is full the record is
 dropped and counted (:attr:`AccessLog.dropped`); the next record that fits is preceded by an
 ``access_log_dropped`` line saying how many were lost, and closing logs the total. When the
 target is broken (EPIPE, or any write error) the writer stops writing for good and every later
@@ -34,6 +36,11 @@ import trio
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER_BYTES = 4 * 1024 * 1024
+# Once a record is queued the writer gathers more for this long (or until GATHER_BYTES are
+# queued) before writing: waking a thread per record cost the serving thread a futex wake and
+# a GIL hand-off per request (issue 18's profile); under load one wake now carries many lines.
+GATHER_SECONDS = 0.02
+GATHER_BYTES = 64 * 1024
 # How long closing waits for the writer to drain (a stalled reader may never take the rest).
 CLOSE_TIMEOUT = 2.0
 
@@ -97,8 +104,9 @@ class AccessLog:
             if self._unreported:
                 data = _dropped_line(self._unreported, self.dropped, record.get("time")) + data
                 self._unreported = 0
-            # The writer only waits on an empty queue: wake it on that edge, not per record.
-            if not self._queue:
+            # The writer waits on an empty queue (wake it on that edge, not per record), then
+            # gathers: cut its gathering short once a batch is worth a write of its own.
+            if not self._queue or self._queued < GATHER_BYTES <= self._queued + len(data):
                 self._cond.notify()
             self._queue.append(data)
             self._queued += len(data)
@@ -154,14 +162,19 @@ class AccessLog:
             with self._cond:
                 while not self._queue and not self._closing and not self._reopen:
                     self._cond.wait()
+                if not self._closing and not self._reopen and self._queued < GATHER_BYTES:
+                    self._cond.wait(GATHER_SECONDS)  # notified early by close, reopen, size
                 batch = b"".join(self._queue)
                 count = len(self._queue)
                 self._queue.clear()
                 self._queued = 0
                 reopen, self._reopen = self._reopen, False
                 closing = self._closing
-            if reopen:
+            # Records queued before the signal belong to the old file (they may have waited
+            # in the gather); a broken target is reopened first, so the batch is not lost.
+            if reopen and self.broken is not None:
                 self._reopen_file()
+                reopen = False
             if batch and self.broken is None:
                 try:
                     _write_all(self._fd, batch)
@@ -177,6 +190,8 @@ class AccessLog:
             elif batch:
                 with self._cond:
                     self.dropped += count
+            if reopen:
+                self._reopen_file()
             if closing:
                 return
 
