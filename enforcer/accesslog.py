@@ -13,7 +13,11 @@ target is broken (EPIPE, or any write error) the writer stops writing for good a
 record counts as dropped. A file target is reopened on :meth:`AccessLog.reopen` (SIGHUP, see
 :func:`keep_access_log`), so logrotate can rename it and signal.
 
-An in-memory target (a ``StringIO``, as tests use) cannot block: it is written at once.
+A regular file cannot stall on a reader either: it is written at once from the serving thread
+(one ``write()`` per record, as nginx writes its access log), which spares the thread hand-off
+per record that issue 18's profile found (a futex wake and a GIL switch per request). Pipes,
+FIFOs, terminals and sockets go through the writer thread. An in-memory target (a
+``StringIO``, as tests use) cannot block either: it is written at once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import weakref
@@ -71,6 +76,9 @@ class AccessLog:
             else:
                 target.flush()  # what was printed before goes first
                 self._fd = fd
+        # A regular file has no reader that could stall or die: write it at once from the
+        # serving thread, as nginx writes its access log (one write() per record, no thread).
+        self._direct = self._fd >= 0 and stat.S_ISREG(os.fstat(self._fd).st_mode)
         self._limit = buffer_bytes
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued = 0
@@ -79,7 +87,7 @@ class AccessLog:
         self._closing = False
         self._reopen = False
         self._thread: threading.Thread | None = None
-        if self._text is None:
+        if self._text is None and not self._direct:
             self._thread = threading.Thread(
                 target=self._drain, name="access-log-writer", daemon=True
             )
@@ -93,6 +101,9 @@ class AccessLog:
             self._write_text(line)
             return
         data = line.encode("utf-8", "backslashreplace")
+        if self._direct:
+            self._write_direct(data)
+            return
         with self._cond:
             if self.broken is not None or self._closing:
                 self.dropped += 1
@@ -115,6 +126,17 @@ class AccessLog:
         """Reopen a file target before the next write (after logrotate renamed it)."""
         if self._path is None:
             return
+        if self._direct:
+            self._reopen_file()  # the serving thread is the only writer: reopen now
+            self._direct = stat.S_ISREG(os.fstat(self._fd).st_mode)
+            if not self._direct and self._thread is None:
+                # Renamed and replaced by a FIFO: from now on through the writer thread.
+                self._thread = threading.Thread(
+                    target=self._drain, name="access-log-writer", daemon=True
+                )
+                self._thread.start()
+                _open_logs.add(self)
+            return
         with self._cond:
             self._reopen = True
             self._cond.notify()
@@ -123,6 +145,14 @@ class AccessLog:
         """Write what is buffered (waiting at most a moment), then close a file this log opened."""
         _open_logs.discard(self)
         if self._text is not None:
+            return
+        if self._thread is None:  # written directly: nothing is buffered
+            if not self._closing:
+                self._closing = True
+                if self.dropped:
+                    log.warning("access log: %d record(s) dropped in all", self.dropped)
+                if self._owns_fd:
+                    os.close(self._fd)
             return
         with self._cond:
             if self._closing:
@@ -135,6 +165,15 @@ class AccessLog:
             log.warning("access log: %d record(s) dropped in all", self.dropped)
         if self._owns_fd and not self._thread.is_alive():
             os.close(self._fd)
+
+    def _write_direct(self, data: bytes) -> None:
+        if self.broken is not None or self._closing:
+            self.dropped += 1
+            return
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            self._stop(exc.strerror or str(exc))
 
     def _write_text(self, line: str) -> None:
         if self.broken is not None:
