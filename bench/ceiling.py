@@ -26,7 +26,9 @@ server's calls are timed) and one RS256 token signature (``cryptography``, RSA-2
 v1.5, as ``pyjwt`` signs). What is left is Python (trio, h11 on both sides, the origin hop, the
 access log) and the kernel. Last, the **attainable ratio**: a server that did everything nginx
 does at nginx's own cost and then signed the RS256 token access-flow A7 requires per admitted
-request would reach ``nginx / (nginx + RS256)`` of nginx per CPU-second, and no more.
+request would reach ``nginx / (nginx + RS256)`` of nginx per CPU-second, and no more. The
+split and the bound are printed per token algorithm the handshakes bench measured (RS256 and
+ES256: one more ECDSA P-256 signature instead of the RSA one), against nginx and nginx-proxy.
 
 The ceiling is computed per core from ``openssl speed`` (the system OpenSSL, which nginx and
 the client use) and, as a cross-check, from the same operations timed through
@@ -66,7 +68,19 @@ PROFILES: dict[str, dict[str, int]] = {
     "enforcer, validation cache miss": {
         "x25519": 2, "ecdsa_sign": 1, "ecdsa_verify": 4, "rsa_sign": 1,
     },
+    "enforcer-ES256, validation cache hit": {  # the token is one more ECDSA P-256 signature
+        "x25519": 2, "ecdsa_sign": 2, "ecdsa_verify": 2, "rsa_sign": 0,
+    },
 }  # fmt: skip
+# The handshakes bench's target each profile's measured figure comes from (None: not measured).
+MEASURED_AS = {
+    "nginx": "nginx",
+    "enforcer, validation cache hit": "enforcer",
+    "enforcer, validation cache miss": None,  # the bench's fleet returns: it measures hits
+    "enforcer-ES256, validation cache hit": "enforcer-ES256",
+}
+# The signature each token algorithm costs per admitted request, as cryptography_speed names it.
+TOKEN_OPS = {"RS256": ("enforcer", "rsa_sign"), "ES256": ("enforcer-ES256", "ecdsa_sign")}
 
 
 def openssl_speed(seconds: int) -> dict[str, float]:
@@ -98,12 +112,14 @@ def openssl_speed(seconds: int) -> dict[str, float]:
 
 
 def _rate(op: Callable[[], object], seconds: float) -> float:
-    n, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
+    # Per CPU-second of this process (as ``openssl speed`` counts user time): on a busy machine
+    # wall time would charge the loop for the neighbours' use of the cores.
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds:
         for _ in range(20):
             op()
         n += 20
-    return n / elapsed
+    return n / max(time.process_time() - cpu, 1e-9)
 
 
 def cryptography_speed(seconds: float) -> dict[str, float]:
@@ -188,27 +204,39 @@ def ceiling(rates: dict[str, float], profile: dict[str, int]) -> float:
 
 
 def attribution(
-    enf: dict[str, Any], ngx: dict[str, Any], handshake_ms: float, lib: dict[str, float]
+    enf: dict[str, Any],
+    ngx: dict[str, Any],
+    proxy: dict[str, Any],
+    handshake_ms: float,
+    token_ms: float,
 ) -> dict[str, Any] | None:
-    """The enforcer's CPU per handshake split into OpenSSL, RS256 and the rest; the bound."""
+    """The enforcer's CPU per handshake split into OpenSSL, the token and the rest; the bound."""
     if not enf.get("per_server_cpu_s") or not ngx.get("per_server_cpu_s"):
         return None
     total, nginx = 1000 / enf["per_server_cpu_s"], 1000 / ngx["per_server_cpu_s"]
-    rs256 = 1000 / lib["rsa_sign"]
-    return {
+    out = {
         "enforcer_ms": round(total, 3),
         "openssl_handshake_ms": round(handshake_ms, 3),
-        "rs256_ms": round(rs256, 3),
-        "rest_ms": round(total - handshake_ms - rs256, 3),
+        "token_ms": round(token_ms, 3),
+        "rest_ms": round(total - handshake_ms - token_ms, 3),
         "nginx_ms": round(nginx, 3),
         "measured_ratio": round(nginx / total, 3),
-        "attainable_ratio": round(nginx / (nginx + rs256), 3),
+        "attainable_ratio": round(nginx / (nginx + token_ms), 3),
     }
+    if proxy.get("per_server_cpu_s"):
+        # nginx-proxy's figure leaves out the echo origin's CPU, as the enforcer's does.
+        nginx_proxy = 1000 / proxy["per_server_cpu_s"]
+        out |= {
+            "nginx_proxy_ms": round(nginx_proxy, 3),
+            "measured_ratio_to_nginx_proxy": round(nginx_proxy / total, 3),
+            "attainable_ratio_to_nginx_proxy": round(nginx_proxy / (nginx_proxy + token_ms), 3),
+        }
+    return out
 
 
-def split_table(split: dict[str, Any]) -> Table:
+def split_table(split: dict[str, Any], algorithm: str) -> Table:
     """CPU per full handshake, where it goes (1 worker)."""
-    table = Table(title="CPU per full mTLS handshake, 1 worker (ms)")
+    table = Table(title=f"CPU per full mTLS handshake, 1 worker, {algorithm} tokens (ms)")
     table.add_column("part")
     table.add_column("ms", justify="right")
     table.add_column("share of the enforcer's", justify="right")
@@ -216,11 +244,14 @@ def split_table(split: dict[str, Any]) -> Table:
     for label, key in (
         ("enforcer, measured (1 / handshakes per server CPU-s)", "enforcer_ms"),
         ("  OpenSSL server handshake (pyOpenSSL loop, same context)", "openssl_handshake_ms"),
-        ("  RS256 token signature (cryptography loop; access-flow A7)", "rs256_ms"),
+        (f"  {algorithm} token signature (cryptography loop; access-flow A7)", "token_ms"),
         ("  the rest: Python (trio, h11 twice, origin hop, access log) and the kernel", "rest_ms"),
         ("nginx, measured (its whole handshake and request)", "nginx_ms"),
+        ("nginx-proxy, measured (the same, forwarded to the echo origin)", "nginx_proxy_ms"),
     ):
-        share = f"{split[key] / total:.0%}" if key != "nginx_ms" else "-"
+        if key not in split:
+            continue
+        share = f"{split[key] / total:.0%}" if not key.startswith("nginx") else "-"
         table.add_row(label, f"{split[key]:.2f}", share)
     return table
 
@@ -269,10 +300,8 @@ def main() -> int:
         table.add_column(col, justify="left" if col == "server" else "right")
     rows: dict[str, Any] = {}
     for name, profile in PROFILES.items():
-        target = "nginx" if name == "nginx" else "enforcer"
-        got = one.get(target, {}).get("per_server_cpu_s")
-        # The bench's fleet mostly returns: its enforcer figure belongs beside the hit profile.
-        show = got if name != "enforcer, validation cache miss" else None
+        target = MEASURED_AS[name]
+        show = one.get(target, {}).get("per_server_cpu_s") if target else None
         top = ceiling(speed, profile)
         rows[name] = {"ops": profile, "ceiling_openssl_speed": round(top),
                       "ceiling_cryptography": round(ceiling(lib, profile)),
@@ -294,21 +323,34 @@ def main() -> int:
         f"{enf.get('returning_share')}",
         markup=False,
     )
-    split = attribution(enf, ngx, server_handshake_ms(min(3.0, args.seconds * 1.5)), lib)
-    if split:
-        console.print(split_table(split))
-        console.print(
-            f"attainable ratio with the RS256 token per admitted request (access-flow A7): nginx "
-            f"{split['nginx_ms']:.2f} ms / (nginx + RS256 {split['rs256_ms']:.2f} ms) = "
+    handshake_ms = server_handshake_ms(min(3.0, args.seconds * 1.5))
+    splits: dict[str, Any] = {}
+    for alg, (target, op) in TOKEN_OPS.items():
+        split = attribution(
+            one.get(target, {}), ngx, one.get("nginx-proxy", {}), handshake_ms, 1000 / lib[op]
+        )
+        if not split:
+            continue
+        splits[alg] = split
+        console.print(split_table(split, alg))
+        line = (
+            f"{alg}: attainable ratio with the token per admitted request (access-flow A7): nginx "
+            f"{split['nginx_ms']:.2f} ms / (nginx + {alg} {split['token_ms']:.2f} ms) = "
             f"[bold]{split['attainable_ratio']:.2f}[/] per CPU-second; measured "
             f"{split['measured_ratio']:.2f}"
         )
+        if "nginx_proxy_ms" in split:
+            line += (
+                f"; to nginx-proxy attainable {split['attainable_ratio_to_nginx_proxy']:.2f}, "
+                f"measured [bold]{split['measured_ratio_to_nginx_proxy']:.2f}[/]"
+            )
+        console.print(line)
     record = {
         "bench": "ceiling", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(), "openssl_speed": {k: round(v) for k, v in speed.items()},
         "cryptography": {k: round(v) for k, v in lib.items()}, "profiles": rows,
         "handshakes": {"enforcer": enf, "nginx": ngx, "ratio": one.get("ratio")},
-        "split": split,
+        "split": splits.get("RS256"), "splits": splits, "goals": bench.get("goals", []),
     }  # fmt: skip
     print(json.dumps(record, separators=(",", ":")), flush=True)
     print(f"rerun: cd {shlex.quote(os.getcwd())} && {shlex.join(sys.orig_argv)}", flush=True)

@@ -13,9 +13,12 @@ Targets, both on 127.0.0.1, both up for the whole run and measured in alternatin
 the same client processes (see ``harness.py``), for each worker count in ``--workers``:
 
 * the enforcer (``testbed enforcer serve --workers N``) for ``auth.example.test``: it validates
-  the chain (or finds it in its validation cache), evaluates the policy, mints an RS256 token
+  the chain (or finds it in its validation cache), evaluates the policy, mints a token
   (``Set-Cookie`` and the assertion header), forwards the request to an echo origin (a separate
-  process on the same cores) and writes a JSON access-log line;
+  process on the same cores) and writes a JSON access-log line. One enforcer per token
+  algorithm in ``--algorithms`` (RS256, the default, and ES256), each with its own key and
+  state, all measured in the same windows, with ratios to each peer (issue 18 goal 1:
+  enforcer / nginx-proxy per server CPU-second >= 0.8 with RS256, >= 1.0 with ES256);
 * nginx (``worker_processes N``) with ``ssl_verify_client optional`` against the fleet root
   (depth 2), answering 403 unless ``$ssl_client_verify = SUCCESS``, else ``200 "ok"``.
 
@@ -98,7 +101,23 @@ PEERS = (
     ("nginx-proxy", "ratio_to_nginx_proxy"),
     ("baseline", "ratio_to_baseline"),
 )
-TARGETS = ("enforcer", "baseline", "nginx", "nginx-proxy")
+ALGORITHMS = ("RS256", "ES256", "EdDSA")
+# Issue 18 goal 1: enforcer / nginx-proxy full handshakes per server CPU-second, 1 worker.
+GOALS = {"RS256": 0.8, "ES256": 1.0}
+
+
+def enforcer_name(algorithm: str) -> str:
+    """The target name of the enforcer signing its tokens with ``algorithm``."""
+    return "enforcer" if algorithm == "RS256" else f"enforcer-{algorithm}"
+
+
+def ratio_key(key: str, algorithm: str) -> str:
+    """The JSON key of a ratio for the enforcer with ``algorithm`` (RS256's keep their names)."""
+    return key if algorithm == "RS256" else f"{algorithm}_{key}"
+
+
+ALGORITHM_OF = {enforcer_name(a): a for a in ALGORITHMS}
+TARGETS = (*(enforcer_name(a) for a in ALGORITHMS), "baseline", "nginx", "nginx-proxy")
 
 
 def measure_workers(
@@ -107,7 +126,9 @@ def measure_workers(
     """Start both servers with ``workers`` workers and measure them in alternating windows."""
     servers = {}
     try:
-        servers["enforcer"] = (start_enforcer(bed, port := free_port(), workers), port)
+        for alg in args.algorithms:
+            proc = start_enforcer(bed, port := free_port(), workers, algorithm=alg)
+            servers[enforcer_name(alg)] = (proc, port)
         if args.baseline:
             baseline = start_enforcer(bed, port := free_port(), workers, args.baseline)
             servers["baseline"] = (baseline, port)
@@ -138,17 +159,36 @@ def measure_workers(
         for proc, _ in servers.values():
             stop(proc)
     out: dict[str, Any] = {n: summarise(w, args.duration, workers) for n, w in windows.items()}
-    for peer, key in PEERS:
-        if peer not in out:
-            continue
-        enf, other = out["enforcer"], out[peer]
-        out[key] = ratio(enf["per_s"], other["per_s"])
-        out[f"{key}_per_round"] = [
-            ratio(len(e["latencies"]), len(n["latencies"]))
-            for e, n in zip(windows["enforcer"], windows[peer], strict=True)
-        ]
-        out[f"{key}_per_server_cpu_s"] = ratio(enf["per_server_cpu_s"], other["per_server_cpu_s"])
+    for alg in args.algorithms:
+        name = enforcer_name(alg)
+        for peer, key in PEERS:
+            if peer not in out:
+                continue
+            enf, other, key = out[name], out[peer], ratio_key(key, alg)
+            out[key] = ratio(enf["per_s"], other["per_s"])
+            out[f"{key}_per_round"] = [
+                ratio(len(e["latencies"]), len(n["latencies"]))
+                for e, n in zip(windows[name], windows[peer], strict=True)
+            ]
+            out[f"{key}_per_server_cpu_s"] = ratio(
+                enf["per_server_cpu_s"], other["per_server_cpu_s"]
+            )
     return out
+
+
+def goal_lines(results: dict[str, Any]) -> list[str]:
+    """Issue 18 goal 1 per algorithm: enforcer / nginx-proxy per server CPU-second, 1 worker."""
+    one, lines = results.get("1", {}), []
+    for alg, target in GOALS.items():
+        got = one.get(f"{ratio_key('ratio_to_nginx_proxy', alg)}_per_server_cpu_s")
+        if got is None:
+            continue
+        verdict = "met" if got >= target else "NOT met"
+        lines.append(
+            f"goal 1, {alg}: enforcer / nginx-proxy per server CPU-second, 1 worker: {got} "
+            f"(goal >= {target}): {verdict}"
+        )
+    return lines
 
 
 def main() -> int:
@@ -169,7 +209,16 @@ def main() -> int:
         help="another build's testbed executable (e.g. a main checkout's .venv/bin/testbed): "
         "its enforcer is measured in the same windows, and the ratio to it printed",
     )
+    ap.add_argument(
+        "--algorithms",
+        default="RS256,ES256",
+        help="token algorithms: one enforcer per algorithm, measured in the same windows "
+        f"(RS256,ES256; any of {','.join(ALGORITHMS)})",
+    )
     args = ap.parse_args()
+    args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    if not args.algorithms or set(args.algorithms) - set(ALGORITHMS):
+        ap.error(f"--algorithms: a comma-separated list of {', '.join(ALGORITHMS)}")
     worker_counts = [int(w) for w in args.workers.split(",")]
     if args.duration <= 0 or args.clients < 1 or min(worker_counts) < 1 or args.fleet < 1:
         ap.error("--duration must be > 0; --clients, --workers and --fleet 1 or more")
@@ -208,23 +257,34 @@ def main() -> int:
                 workers, name, str(r["per_s"]), str(r["p50_ms"]), str(r["p99_ms"]),
                 str(r["errors"]), str(r["per_server_cpu_s"]), str(r["server_busy"]),
                 str(r["client_cpu_share"]), str(r["returning_share"]),
-                str(res.get("ratio")) if name == "enforcer" else "",
+                str(res.get(ratio_key("ratio", ALGORITHM_OF[name])))
+                if name in ALGORITHM_OF else "",
             )  # fmt: skip
     console.print(table)
     for workers, res in results.items():
-        for peer, key in PEERS:
-            if key in res:
-                console.print(
-                    f"{workers} worker(s): ratio enforcer/{peer} [bold]{res[key]}[/bold] "
-                    f"(per window {res[f'{key}_per_round']}), per server CPU-second "
-                    f"{res[f'{key}_per_server_cpu_s']}"
-                )
+        for alg in args.algorithms:
+            for peer, key in PEERS:
+                key = ratio_key(key, alg)
+                if key in res:
+                    console.print(
+                        f"{workers} worker(s): ratio {enforcer_name(alg)}/{peer} "
+                        f"[bold]{res[key]}[/bold] (per window {res[f'{key}_per_round']}), "
+                        f"per server CPU-second [bold]{res[f'{key}_per_server_cpu_s']}[/bold]"
+                    )
         for name in TARGETS:
             for kind, n in res.get(name, {}).get("error_kinds", {}).items():
                 console.print(f"{workers} worker(s), {name}: {n} x {kind}", markup=False)
+    goals = goal_lines(results)
+    for line in goals:
+        console.print(line, markup=False)
     log_kinds = access_log_summary(bed.access_log)  # readiness probes show up as tls_error
     console.print(f"enforcer access log (warm-ups included): {log_kinds}", markup=False)
-    err = (tmp / "enforcer.err").read_text(errors="replace").splitlines()
+    err = [
+        line
+        for alg in args.algorithms
+        if (path := tmp / f"{enforcer_name(alg)}.err").exists()
+        for line in path.read_text(errors="replace").splitlines()
+    ]
     err = [x for x in err if "listening on" not in x and "stopped" not in x and x.strip()]
     if err:
         console.print("enforcer stderr:\n" + "\n".join(err[-60:]), markup=False)
@@ -238,6 +298,7 @@ def main() -> int:
         "bench": "handshakes", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(), "duration_s": args.duration, "rounds": args.rounds,
         "warmup_s": args.warmup, "clients": args.clients, "fleet": args.fleet,
+        "algorithms": args.algorithms, "goals": goals,
         "workers": results, "enforcer_access_log": log_kinds,
         "enforcer_stderr_lines": len(err), "notes": notes,
     }  # fmt: skip

@@ -230,16 +230,46 @@ def start_server(cmd: list[str], port: int, what: str, err: Path) -> subprocess.
     return proc
 
 
+def algorithm_config(bed: Testbed, algorithm: str) -> Path:
+    """The bench's enforcer config with tokens signed by ``algorithm`` (RS256: the config itself).
+
+    Another algorithm gets its own key file and state file beside the config (the state's first
+    key is what the enforcer signs with), so both enforcers can run at once.
+    """
+    if algorithm == "RS256":
+        return bed.layout.config
+    conf = bed.layout.config.read_text(encoding="utf-8")
+    for old, new in (
+        ('key_file = "signing-key.pem"', f'key_file = "signing-key-{algorithm}.pem"\n'
+                                          f'algorithm = "{algorithm}"'),
+        ('path = "state.sqlite"', f'path = "state-{algorithm}.sqlite"'),
+    ):  # fmt: skip
+        if old not in conf:
+            raise SystemExit(f"{bed.layout.config}: no '{old}' line to rewrite")
+        conf = conf.replace(old, new, 1)
+    path = bed.layout.config.with_name(f"enforcer-{algorithm}.toml")
+    path.write_text(conf, encoding="utf-8")
+    return path
+
+
 def start_enforcer(
-    bed: Testbed, port: int, workers: int, testbed: str | None = None
+    bed: Testbed,
+    port: int,
+    workers: int,
+    testbed: str | None = None,
+    algorithm: str = "RS256",
 ) -> subprocess.Popen[bytes]:
     """Start ``testbed enforcer serve`` with ``workers`` processes (another build's ``testbed``
-    executable when given: a baseline, e.g. main's, to measure against in the same run)."""
-    err = bed.tmp / ("enforcer.err" if testbed is None else "baseline.err")
+    executable when given: a baseline, e.g. main's, to measure against in the same run), its
+    tokens signed with ``algorithm``."""
+    what = ("enforcer" if testbed is None else "baseline") + (
+        "" if algorithm == "RS256" else f"-{algorithm}"
+    )
+    err = bed.tmp / f"{what}.err"
     exe = testbed or str(Path(sys.executable).with_name("testbed"))
-    cmd = [exe, "enforcer", "serve", "--config", str(bed.layout.config)]
+    cmd = [exe, "enforcer", "serve", "--config", str(algorithm_config(bed, algorithm))]
     cmd += ["--port", str(port), "--workers", str(workers)]
-    return start_server(cmd, port, "enforcer" if testbed is None else "baseline", err)
+    return start_server(cmd, port, what, err)
 
 
 def start_nginx(

@@ -4,14 +4,20 @@ Theory of operation. Logging must never stop or kill serving, whoever reads the 
 whose reader stalls fills after ~64 KiB and then blocks every write; a pipe whose reader died
 fails every write with EPIPE. So the trio loop never writes to the target itself:
 :meth:`AccessLog.write` encodes the record and appends it to a buffer bounded in bytes, and a
-writer thread drains the buffer into the file descriptor. When the buffer is full the record is
+writer thread drains the buffer into the file descriptor, in batches: it gathers records for
+up to :data:`GATHER_SECONDS` after the first, so a busy server wakes it once per batch, not
+once per request. When the buffer is full the record is
 dropped and counted (:attr:`AccessLog.dropped`); the next record that fits is preceded by an
 ``access_log_dropped`` line saying how many were lost, and closing logs the total. When the
 target is broken (EPIPE, or any write error) the writer stops writing for good and every later
 record counts as dropped. A file target is reopened on :meth:`AccessLog.reopen` (SIGHUP, see
 :func:`keep_access_log`), so logrotate can rename it and signal.
 
-An in-memory target (a ``StringIO``, as tests use) cannot block: it is written at once.
+A regular file cannot stall on a reader either: it is written at once from the serving thread
+(one ``write()`` per record, as nginx writes its access log), which spares the thread hand-off
+per record that issue 18's profile found (a futex wake and a GIL switch per request). Pipes,
+FIFOs, terminals and sockets go through the writer thread. An in-memory target (a
+``StringIO``, as tests use) cannot block either: it is written at once.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import weakref
@@ -34,6 +41,11 @@ import trio
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER_BYTES = 4 * 1024 * 1024
+# Once a record is queued the writer gathers more for this long (or until GATHER_BYTES are
+# queued) before writing: waking a thread per record cost the serving thread a futex wake and
+# a GIL hand-off per request (issue 18's profile); under load one wake now carries many lines.
+GATHER_SECONDS = 0.02
+GATHER_BYTES = 64 * 1024
 # How long closing waits for the writer to drain (a stalled reader may never take the rest).
 CLOSE_TIMEOUT = 2.0
 
@@ -64,6 +76,9 @@ class AccessLog:
             else:
                 target.flush()  # what was printed before goes first
                 self._fd = fd
+        # A regular file has no reader that could stall or die: write it at once from the
+        # serving thread, as nginx writes its access log (one write() per record, no thread).
+        self._direct = self._fd >= 0 and stat.S_ISREG(os.fstat(self._fd).st_mode)
         self._limit = buffer_bytes
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued = 0
@@ -72,7 +87,7 @@ class AccessLog:
         self._closing = False
         self._reopen = False
         self._thread: threading.Thread | None = None
-        if self._text is None:
+        if self._text is None and not self._direct:
             self._thread = threading.Thread(
                 target=self._drain, name="access-log-writer", daemon=True
             )
@@ -86,6 +101,9 @@ class AccessLog:
             self._write_text(line)
             return
         data = line.encode("utf-8", "backslashreplace")
+        if self._direct:
+            self._write_direct(data)
+            return
         with self._cond:
             if self.broken is not None or self._closing:
                 self.dropped += 1
@@ -97,8 +115,9 @@ class AccessLog:
             if self._unreported:
                 data = _dropped_line(self._unreported, self.dropped, record.get("time")) + data
                 self._unreported = 0
-            # The writer only waits on an empty queue: wake it on that edge, not per record.
-            if not self._queue:
+            # The writer waits on an empty queue (wake it on that edge, not per record), then
+            # gathers: cut its gathering short once a batch is worth a write of its own.
+            if not self._queue or self._queued < GATHER_BYTES <= self._queued + len(data):
                 self._cond.notify()
             self._queue.append(data)
             self._queued += len(data)
@@ -106,6 +125,17 @@ class AccessLog:
     def reopen(self) -> None:
         """Reopen a file target before the next write (after logrotate renamed it)."""
         if self._path is None:
+            return
+        if self._direct:
+            self._reopen_file()  # the serving thread is the only writer: reopen now
+            self._direct = stat.S_ISREG(os.fstat(self._fd).st_mode)
+            if not self._direct and self._thread is None:
+                # Renamed and replaced by a FIFO: from now on through the writer thread.
+                self._thread = threading.Thread(
+                    target=self._drain, name="access-log-writer", daemon=True
+                )
+                self._thread.start()
+                _open_logs.add(self)
             return
         with self._cond:
             self._reopen = True
@@ -115,6 +145,14 @@ class AccessLog:
         """Write what is buffered (waiting at most a moment), then close a file this log opened."""
         _open_logs.discard(self)
         if self._text is not None:
+            return
+        if self._thread is None:  # written directly: nothing is buffered
+            if not self._closing:
+                self._closing = True
+                if self.dropped:
+                    log.warning("access log: %d record(s) dropped in all", self.dropped)
+                if self._owns_fd:
+                    os.close(self._fd)
             return
         with self._cond:
             if self._closing:
@@ -127,6 +165,15 @@ class AccessLog:
             log.warning("access log: %d record(s) dropped in all", self.dropped)
         if self._owns_fd and not self._thread.is_alive():
             os.close(self._fd)
+
+    def _write_direct(self, data: bytes) -> None:
+        if self.broken is not None or self._closing:
+            self.dropped += 1
+            return
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            self._stop(exc.strerror or str(exc))
 
     def _write_text(self, line: str) -> None:
         if self.broken is not None:
@@ -154,14 +201,19 @@ class AccessLog:
             with self._cond:
                 while not self._queue and not self._closing and not self._reopen:
                     self._cond.wait()
+                if not self._closing and not self._reopen and self._queued < GATHER_BYTES:
+                    self._cond.wait(GATHER_SECONDS)  # notified early by close, reopen, size
                 batch = b"".join(self._queue)
                 count = len(self._queue)
                 self._queue.clear()
                 self._queued = 0
                 reopen, self._reopen = self._reopen, False
                 closing = self._closing
-            if reopen:
+            # Records queued before the signal belong to the old file (they may have waited
+            # in the gather); a broken target is reopened first, so the batch is not lost.
+            if reopen and self.broken is not None:
                 self._reopen_file()
+                reopen = False
             if batch and self.broken is None:
                 try:
                     _write_all(self._fd, batch)
@@ -177,6 +229,8 @@ class AccessLog:
             elif batch:
                 with self._cond:
                     self.dropped += count
+            if reopen:
+                self._reopen_file()
             if closing:
                 return
 

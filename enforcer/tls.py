@@ -35,6 +35,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _openssl_lib
 
 from enforcer.clienthello import ClientHelloReader, NotClientHello
@@ -229,17 +230,15 @@ class ServerTLSStream:
     async def _flush(self) -> None:
         # Take OpenSSL's output under the lock: with a sender and a receiver task on one
         # connection (a WebSocket tunnel), records must reach the socket in the order made.
+        # Reading exactly what is pending spares the WantReadError of an empty BIO.
         conn = self.connection
         async with self._send_lock:
-            out = bytearray()
-            while True:
-                try:
-                    out += bytes(conn.bio_read(_RECEIVE_SIZE))
-                except SSL.WantReadError:
-                    break
+            out = b""
+            while n := _pending_output(conn):
+                out += conn.bio_read(n)
             if out:
                 try:
-                    await self.transport.send_all(bytes(out))
+                    await self.transport.send_all(out)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise TLSError(f"connection lost: {exc}") from exc
 
@@ -353,6 +352,13 @@ class ServerTLSStream:
         """The application protocol ALPN selected (``h2``, ``http/1.1``), None without ALPN."""
         selected = self.connection.get_alpn_proto_negotiated()
         return selected.decode("ascii") if selected else None
+
+
+def _pending_output(conn: SSL.Connection) -> int:
+    """Bytes OpenSSL has written to the connection's outgoing memory BIO and not yet read."""
+    # BIO_get_mem_data returns the length held (the pointer is not wanted): reading exactly
+    # that much spares the WantReadError pyOpenSSL raises when bio_read finds the BIO empty.
+    return int(_openssl_lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL))
 
 
 def _describe(exc: SSL.Error) -> str:

@@ -216,3 +216,27 @@ def test_a_broken_pipe_stops_writing_and_counts(tmp_path: Path) -> None:
     access_log.close()
     assert access_log.dropped == 5 and "broken pipe" in (access_log.broken or "")
     target.close()
+
+
+def test_a_regular_file_is_written_at_once_without_a_writer_thread(tmp_path: Path) -> None:
+    # Issue 18: a thread woken per record cost the serving thread a futex wake and a GIL
+    # hand-off per request. A regular file has no reader to stall on: written in write().
+    before = {t.ident for t in threading.enumerate()}
+    log_file = tmp_path / "access.log"
+    access_log = AccessLog(str(log_file))
+    try:
+        access_log.write({"time": "t", "path": "/first"})
+        assert paths(log_file) == ["/first"]  # no waiting: the line is there when write returns
+        started = [t for t in threading.enumerate() if t.ident not in before]
+        assert not [t for t in started if t.name == "access-log-writer"]
+        # logrotate: rename, reopen; the next line goes to the new file, none is lost.
+        log_file.rename(tmp_path / "access.log.1")
+        access_log.reopen()
+        access_log.write({"time": "t", "path": "/second"})
+        assert paths(log_file) == ["/second"]
+        assert paths(tmp_path / "access.log.1") == ["/first"]
+    finally:
+        access_log.close()
+    access_log.write({"time": "t", "path": "/after-close"})
+    assert access_log.dropped == 1
+    assert paths(log_file) == ["/second"]
