@@ -71,7 +71,7 @@ def run_generator(url: str, ca: Path, fleet: Path, devices: int, duration: int) 
         )
     line = next(x for x in out.stdout.splitlines() if x.startswith("{"))
     figures = json.loads(line)
-    latency = figures["latency"]
+    latency = figures["latency_ms"]["total"]
     return {
         "handshakes": figures["attempts"],
         "per_s": figures["rate"],
@@ -118,8 +118,9 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     provision(fleet, [Cohort("healthy", args.devices)], now, p12=False, workers=1)
     edge = work / "run"
 
-    class _Target:  # write_edge reads only the hostname
+    class _Target:  # write_edge reads only the hostnames
         hostname = HOST
+        hostnames = (HOST,)
 
     class _Scenario:
         target = _Target()
