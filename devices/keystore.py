@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL
 
 from devices.pki import PrivateKey
@@ -92,10 +93,10 @@ def _read(path: Path, what: str) -> bytes:
         raise KeyStoreError(f"{path}: cannot read the {what} file: {e.strerror or e}") from e
 
 
-def _check_key(path: Path, data: bytes, password: bytes | None) -> None:
-    """Raise a KeyStoreError saying exactly what is wrong with a PEM private key file, if any."""
+def _check_key(path: Path, data: bytes, password: bytes | None) -> PrivateKeyTypes:
+    """Return the key; raise a KeyStoreError saying exactly what is wrong with it, if anything."""
     try:
-        serialization.load_pem_private_key(data, password)
+        return serialization.load_pem_private_key(data, password)
     except TypeError as e:
         # cryptography signals a password/encryption mismatch with TypeError.
         if password is None:
@@ -196,17 +197,14 @@ class SoftwareKeyStore:
     def _build_openssl(self, make_context: Callable[[], SSL.Context]) -> SSL.Context:
         # The same diagnosis first, so both TLS libraries fail with the same messages.
         _read(self.cert_path, "certificate")
-        _check_key(self.key_path, _read(self.key_path, "private key"), self._password)
+        key = _check_key(self.key_path, _read(self.key_path, "private key"), self._password)
         ctx = make_context()
         try:
             ctx.use_certificate_chain_file(str(self.cert_path))
         except SSL.Error as e:
             raise KeyStoreError(f"{self.cert_path}: cannot load the certificate chain ({e})") from e
-        if self._password is not None:
-            password = self._password
-            ctx.set_passwd_cb(lambda *_: password)
         try:
-            ctx.use_privatekey_file(str(self.key_path))
+            ctx.use_privatekey(key)  # type: ignore[arg-type]
             ctx.check_privatekey()
         except SSL.Error as e:
             raise KeyStoreError(

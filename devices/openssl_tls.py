@@ -73,7 +73,8 @@ def client_context(ca_file: Path | None, server_name: str, alpn: Sequence[str]) 
         ok = _lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
     if ok != 1:
         raise ValueError(f"cannot check the server certificate against {server_name!r}")
-    ctx.set_alpn_protos([p.encode() for p in alpn])
+    if alpn:
+        ctx.set_alpn_protos([p.encode() for p in alpn])
     return ctx
 
 
