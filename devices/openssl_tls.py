@@ -28,6 +28,7 @@ two go through the ``cryptography`` bindings pyOpenSSL itself is built on (``Ope
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 import ssl
@@ -78,12 +79,21 @@ def client_context(ca_file: Path | None, server_name: str, alpn: Sequence[str]) 
     return ctx
 
 
+@functools.lru_cache(maxsize=256)
+def ip_family(host: str) -> int | None:
+    """``AF_INET`` or ``AF_INET6`` for an IP address, None for a name (a device's few targets:
+    parsed once, not per connection)."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
 async def open_socket(host: str, port: int) -> socket.socket:
     """Connect a non-blocking TCP socket to ``host:port`` (an IP address directly, a name with
     trio's happy eyeballs), with Nagle off: a TLS flight then the request must not wait."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
+    family = ip_family(host)
+    if family is None:
         tcp = await trio.open_tcp_stream(host, port)
         sock = socket.socket(fileno=tcp.socket.detach())
     else:
@@ -117,9 +127,7 @@ class OpenSSLStream(trio.abc.Stream):
         self._sock: socket.socket | None = sock
         self._conn = SSL.Connection(ctx, sock)
         self._conn.set_connect_state()
-        try:
-            ipaddress.ip_address(server_name)
-        except ValueError:  # SNI carries names only (RFC 6066), as the standard library sends it
+        if ip_family(server_name) is None:  # SNI carries names only (RFC 6066), as ssl sends it
             self._conn.set_tlsext_host_name(server_name.encode("idna"))
         if session is not None:
             self._conn.set_session(session)
