@@ -248,6 +248,19 @@ class DeviceClient:
             and (self.key_store is None or hasattr(self.key_store, "openssl_context"))
         )
 
+    async def preload(self) -> None:
+        """Load the key and chain into the TLS context the next connection will use, as a
+        device does when it boots (so that no attempt's latency includes reading files)."""
+        if self._native_tls():
+            if self.key_store is not None:
+                cast(OpenSSLKeyStore, self.key_store).openssl_context(
+                    self.target.make_openssl_context
+                )
+            elif self._openssl_context is None:
+                self._openssl_context = self.target.make_openssl_context()
+        elif self.key_store is not None:
+            await self.key_store.handshake_context(self.target.make_context)
+
     def _request_event(self, method: str, path: str, headers: list[tuple[str, str]]) -> h11.Request:
         """The h11 request, built (and validated) once while the same one is sent again."""
         key = (method, path, tuple(headers))
