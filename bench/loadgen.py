@@ -10,6 +10,12 @@ certificate (leaf + one intermediate) per request, then ``GET /``, against the s
 * ``openssl s_time -new -www /`` with one device's certificate: one connection at a time, in
   C; its CPU is the process's user + system time (``RUSAGE_CHILDREN``).
 
+* a plain pyOpenSSL loop (``--no-floor`` leaves it out): the generator's own TLS
+  (:func:`devices.openssl_tls.client_context`, a context per device with its certificate and
+  key, cycling through the same devices) in a blocking loop in one thread: connect, handshake,
+  ``GET /``, read the answer, close; its CPU is that thread's. No trio, no h11, no results: the
+  floor the generator's Python sits on, and what a generator could reach on this TLS.
+
 The per-core figure is handshakes per CPU-second of the client itself, which the noise of a
 shared machine disturbs far less than handshakes per wall second. The ratio
 generator/s_time is the number to compare between runs; issue 18's goal is >= 1.0, and the
@@ -31,6 +37,7 @@ import datetime as dt
 import json
 import re
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,9 +47,11 @@ from typing import Any
 
 import trio
 from ceiling import ceiling, openssl_speed  # bench/ceiling.py, beside this script
+from OpenSSL import SSL
 from rich.console import Console
 from rich.table import Table
 
+from devices.openssl_tls import client_context
 from devices.provision import Cohort, provision, read_inventory
 from testbed.nginx import NGINX, start_nginx, stop_nginx
 from testbed.runner import write_edge
@@ -131,6 +140,43 @@ def run_s_time(port: int, ca: Path, cert: Path, key: Path, duration: int) -> dic
     }
 
 
+def run_floor(port: int, ca: Path, fleet: Path, devices: int, duration: int) -> dict[str, Any]:
+    """The plain pyOpenSSL loop (see the module doc) for ``duration`` seconds."""
+    contexts = []
+    for device in read_inventory(fleet)[:devices]:
+        ctx = client_context(ca, HOST, ("http/1.1",))
+        ctx.use_certificate_chain_file(str(fleet / device.cert_path))
+        ctx.use_privatekey_file(str(fleet / device.key_path))
+        contexts.append(ctx)
+    request = f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
+    n = 0
+    cpu0, started = time.thread_time(), time.perf_counter()
+    while time.perf_counter() - started < duration:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        conn = SSL.Connection(contexts[n % len(contexts)], sock)
+        conn.set_connect_state()
+        conn.set_tlsext_host_name(HOST.encode())
+        conn.do_handshake()
+        conn.sendall(request)
+        answer = b""
+        while True:  # nginx closes after the answer (Connection: close)
+            try:
+                chunk = conn.recv(65536)
+            except (SSL.ZeroReturnError, SSL.SysCallError):
+                break
+            if not chunk:
+                break
+            answer += chunk
+        if not answer.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"the floor loop got {answer[:60]!r}")
+        conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        sock.close()
+        n += 1
+    cpu, wall = time.thread_time() - cpu0, time.perf_counter() - started
+    return {"handshakes": n, "per_s": n / wall, "cpu_s": cpu, "per_cpu_s": n / cpu, "wall_s": wall}
+
+
 async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Provision the fleet, start nginx, run both clients against it."""
     now = dt.datetime.now(dt.UTC)
@@ -158,11 +204,19 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         device = read_inventory(fleet)[0]
         gen: dict[str, Any] | None = None
         s_time: dict[str, Any] | None = None
+        floor: dict[str, Any] | None = None
         windows: list[float] = []
+        clients = ("generator", "s_time") + (() if args.no_floor else ("floor",))
         for k in range(args.rounds):
-            order = ("generator", "s_time") if k % 2 == 0 else ("s_time", "generator")
+            order = clients if k % 2 == 0 else clients[::-1]
             pair: dict[str, dict[str, Any]] = {}
             for client in order:
+                if client == "floor":
+                    pair[client] = await trio.to_thread.run_sync(
+                        run_floor, port, ca, fleet, args.devices, args.duration
+                    )
+                    floor = _add(floor, pair[client])
+                    continue
                 if client == "generator":
                     pair[client] = await trio.to_thread.run_sync(
                         run_generator,
@@ -186,7 +240,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 windows.append(pair["generator"]["per_cpu_s"] / pair["s_time"]["per_cpu_s"])
     finally:
         await stop_nginx(proc)
-    return {"generator": gen, "s_time": s_time, "windows": windows}
+    return {"generator": gen, "s_time": s_time, "floor": floor, "windows": windows}
 
 
 def main() -> None:
@@ -194,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=8, help="seconds per window")
     parser.add_argument("--rounds", type=int, default=2, help="windows per client (alternating)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the plain pyOpenSSL loop")
     parser.add_argument("--devices", type=int, default=16, help="generator devices (closed loop)")
     parser.add_argument("--speed-seconds", type=int, default=2, help="per openssl speed test")
     args = parser.parse_args()
@@ -222,6 +277,15 @@ def main() -> None:
         f"{s_time['cpu_s']:.2f}",
         f"{s_time['per_cpu_s']:.1f}" if s_time["per_cpu_s"] else "-",
     )
+    floor = figures["floor"]
+    if floor is not None:
+        table.add_row(
+            "plain pyOpenSSL loop (the generator's TLS, no trio/h11/results)",
+            str(floor["handshakes"]),
+            f"{floor['per_s']:.1f}",
+            f"{floor['cpu_s']:.2f}",
+            f"{floor['per_cpu_s']:.1f}",
+        )
     table.add_row("ceiling (openssl speed, public-key work only)", "", "", "", f"{top:.0f}")
     console = Console()
     console.print(table)
@@ -229,6 +293,14 @@ def main() -> None:
         f"generator/s_time per core: [bold]{ratio_cpu:.2f}[/]; per wall second: {ratio_wall:.2f}"
         f" (generator p50 {gen['p50_ms']:.1f} ms, p99 {gen['p99_ms']:.1f} ms)"
     )
+    floor_ratio = (
+        floor["per_cpu_s"] / s_time["per_cpu_s"] if floor and s_time["per_cpu_s"] else None
+    )
+    if floor_ratio is not None:
+        console.print(
+            f"plain pyOpenSSL loop/s_time per core: {floor_ratio:.2f} (the generator's TLS"
+            f" without its Python: generator/floor {gen['per_cpu_s'] / floor['per_cpu_s']:.2f})"
+        )
     held = ratio_cpu is not None and ratio_cpu >= GOAL
     console.print(
         f"per window pair: {', '.join(f'{r:.2f}' for r in figures['windows'])};"
@@ -247,6 +319,12 @@ def main() -> None:
                 "devices": args.devices,
                 **{f"generator_{k}": v for k, v in gen.items()},
                 **{f"s_time_{k}": v for k, v in s_time.items()},
+                **{f"floor_{k}": v for k, v in (floor or {}).items()},
+                "floor_per_s_time": (
+                    floor["per_cpu_s"] / s_time["per_cpu_s"]
+                    if floor and s_time["per_cpu_s"]
+                    else None
+                ),
                 "rounds": args.rounds,
                 "ratio_per_core": ratio_cpu,
                 "ratio_per_core_windows": figures["windows"],
