@@ -7,6 +7,13 @@ connection, a TLS session to resume, and a ``CF_Authorization`` cookie. A reques
 and the outcome in the words of docs/access-flow.md: ``allowed``, ``denied:<code>``,
 ``tls_error:<alert or eof>``, ``http_<status>``, ``timeout`` or ``connect_error``.
 
+TLS over a TCP address is pyOpenSSL in socket mode (:mod:`devices.openssl_tls`: the OpenSSL
+``cryptography`` bundles, the enforcer's own) when the key store can hand its key to it (a
+software store, or none); a hardware token (:mod:`devices.piv`), an in-memory connection (a
+simulation) or a subclass that opts out (the HTTP/2 client) use the standard library's ``ssl``
+through ``trio.SSLStream``. Both verify the server alike, resume sessions alike and name their
+failures alike.
+
 Timing uses ``trio.current_time()``, so on trio's MockClock the key store's simulated costs
 (PIN verify, touch, on-token signature) show up exactly while the network costs nothing.
 """
@@ -22,12 +29,17 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import ClassVar, cast
 
 import h11
 import trio
 import trio_websocket
+from OpenSSL import SSL
 
-from devices.keystore import KeyStore, KeyStoreError
+from devices.keystore import KeyStore, KeyStoreError, OpenSSLKeyStore
+from devices.openssl_tls import OpenSSLStream, client_context, open_socket
+
+TLSStream = trio.SSLStream[trio.SocketStream] | OpenSSLStream
 
 COOKIE_NAME = "CF_Authorization"
 
@@ -51,6 +63,10 @@ class Target:
         ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
         ctx.set_alpn_protocols(list(self.alpn))
         return ctx
+
+    def make_openssl_context(self) -> SSL.Context:
+        """Return a fresh pyOpenSSL client context that trusts this target's server certificate."""
+        return client_context(self.ca_file, self.server_name, self.alpn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,14 +131,32 @@ def classify(status: int, denied_reason: str | None) -> str:
 def tls_error_name(exc: BaseException) -> str:
     """Name a TLS failure: the alert or library reason, or ``eof``."""
     cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ssl.SSLError):
+    while cause is not None and not isinstance(cause, ssl.SSLError | SSL.Error):
         cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, SSL.Error):
+        return _openssl_error_name(cause)
     if isinstance(cause, ssl.SSLError):
         reason = getattr(cause, "reason", None) or cause.__class__.__name__
         if isinstance(cause, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
             return "tls_error:eof"
         return f"tls_error:{str(reason).lower()}"
     return "tls_error:eof"
+
+
+def _openssl_error_name(exc: SSL.Error) -> str:
+    """Name a pyOpenSSL failure as :func:`tls_error_name` names the standard library's."""
+    if isinstance(exc, SSL.SysCallError | SSL.ZeroReturnError):
+        return "tls_error:eof"  # the server closed or reset the connection
+    # [(library, function, reason)], the reason in words ("tlsv1 alert unknown ca"): the
+    # standard library names the same error by its code, TLSV1_ALERT_UNKNOWN_CA.
+    errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    reasons = [e[2] for e in errors if isinstance(e, tuple) and len(e) == 3 and e[2]]
+    if not reasons:
+        return "tls_error:eof"
+    reason = str(reasons[-1]).lower().replace(" ", "_")
+    if reason == "unexpected_eof_while_reading":
+        return "tls_error:eof"
+    return f"tls_error:{reason}"
 
 
 async def open_tcp(host: str, port: int) -> trio.SocketStream:
@@ -145,6 +179,9 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
 class DeviceClient:
     """A device's connection, TLS session and cookie for one target."""
 
+    # pyOpenSSL in socket mode where it can (see the module doc); a subclass may opt out.
+    native_tls: ClassVar[bool] = True
+
     def __init__(
         self,
         target: Target,
@@ -156,13 +193,16 @@ class DeviceClient:
         self._now = now or (lambda: dt.datetime.now(dt.UTC))
         self.key_store = key_store
         self.options = options or ClientOptions()
-        self._stream: trio.SSLStream[trio.SocketStream] | None = None
+        self._stream: TLSStream | None = None
         self._h11: h11.Connection | None = None
-        self._session: ssl.SSLSession | None = None
+        self._session: ssl.SSLSession | SSL.Session | None = None
         self._cookie: str | None = None
         self._cookie_expires: float | None = None
         self.handshakes = 0  # TLS handshakes completed (full or resumed), over all connections
         self._context: ssl.SSLContext | None = None  # without a key store
+        self._openssl_context: SSL.Context | None = None  # without a key store
+        # A load test sends the same request again and again: h11 validates it once.
+        self._last_request: tuple[object, h11.Request] | None = None
 
     @property
     def cookie(self) -> str | None:
@@ -176,22 +216,99 @@ class DeviceClient:
         """This device's idea of the time: the injected clock plus its skew."""
         return self._now() + dt.timedelta(seconds=self.options.clock_skew)
 
-    def _server_certificate_problem(self, stream: trio.SSLStream[trio.SocketStream]) -> str | None:
-        cert = stream.getpeercert()
-        if not cert or self.options.clock_skew == 0:
+    def _server_certificate_problem(self, stream: TLSStream) -> str | None:
+        if self.options.clock_skew == 0:
             return None
+        if isinstance(stream, OpenSSLStream):
+            leaf = stream.server_certificate()
+            if leaf is None:
+                return None
+            not_before = leaf.not_valid_before_utc.timestamp()
+            not_after = leaf.not_valid_after_utc.timestamp()
+        else:
+            cert = stream.getpeercert()
+            if not cert:
+                return None
+            not_before = ssl.cert_time_to_seconds(str(cert["notBefore"]))
+            not_after = ssl.cert_time_to_seconds(str(cert["notAfter"]))
         now = self.device_now().timestamp()
-        if now < ssl.cert_time_to_seconds(str(cert["notBefore"])):
+        if now < not_before:
             return "tls_error:server_certificate_not_yet_valid"
-        if now > ssl.cert_time_to_seconds(str(cert["notAfter"])):
+        if now > not_after:
             return "tls_error:server_certificate_expired"
         return None
+
+    def _native_tls(self) -> bool:
+        """True when this connection's TLS is pyOpenSSL in socket mode (see the module doc)."""
+        return (
+            self.native_tls
+            and self.target.connect is None
+            # Not isinstance(..., OpenSSLKeyStore): a runtime protocol check costs more per
+            # attempt than this whole test (bench/loadgen.py's profile).
+            and (self.key_store is None or hasattr(self.key_store, "openssl_context"))
+        )
+
+    async def preload(self) -> None:
+        """Load the key and chain into the TLS context the next connection will use, as a
+        device does when it boots (so that no attempt's latency includes reading files)."""
+        if self._native_tls():
+            if self.key_store is not None:
+                cast(OpenSSLKeyStore, self.key_store).openssl_context(
+                    self.target.make_openssl_context
+                )
+            elif self._openssl_context is None:
+                self._openssl_context = self.target.make_openssl_context()
+        elif self.key_store is not None:
+            await self.key_store.handshake_context(self.target.make_context)
+
+    def _request_event(self, method: str, path: str, headers: list[tuple[str, str]]) -> h11.Request:
+        """The h11 request, built (and validated) once while the same one is sent again."""
+        key = (method, path, tuple(headers))
+        if self._last_request is None or self._last_request[0] != key:
+            self._last_request = (key, h11.Request(method=method, target=path, headers=headers))
+        return self._last_request[1]
 
     def forget_cookie(self) -> None:
         """Drop the cookie (as a device that restarts would)."""
         self._cookie = self._cookie_expires = None
 
-    async def _connect(self, timings: Timings) -> trio.SSLStream[trio.SocketStream]:
+    async def _connect_openssl(self, timings: Timings) -> OpenSSLStream:
+        start = trio.current_time()
+        sock = await open_socket(self.target.host, self.target.port)
+        timings.connect = trio.current_time() - start
+        try:
+            start = trio.current_time()
+            if self.key_store is not None:
+                store = cast(OpenSSLKeyStore, self.key_store)
+                ctx = store.openssl_context(self.target.make_openssl_context)
+            else:
+                # One context for the client's life, as on the standard library's path.
+                if self._openssl_context is None:
+                    self._openssl_context = self.target.make_openssl_context()
+                ctx = self._openssl_context
+            session = self._session if self.options.resume_sessions else None
+            stream = OpenSSLStream(
+                sock,
+                ctx,
+                self.target.server_name,
+                session if isinstance(session, SSL.Session) else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        timings.key_store = trio.current_time() - start
+        try:
+            start = trio.current_time()
+            await stream.do_handshake()
+            timings.handshake = trio.current_time() - start + timings.key_store
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    async def _connect(self, timings: Timings) -> TLSStream:
+        if self._native_tls():
+            return await self._connect_openssl(timings)
         start = trio.current_time()
         if self.target.connect is not None:
             tcp = await self.target.connect()
@@ -211,7 +328,7 @@ class DeviceClient:
                     self._context = self.target.make_context()
                 ctx = self._context
             stream = trio.SSLStream(tcp, ctx, server_hostname=self.target.server_name)
-            if self.options.resume_sessions and self._session is not None:
+            if self.options.resume_sessions and isinstance(self._session, ssl.SSLSession):
                 # trio.SSLStream takes no session argument; its SSLObject takes one before the
                 # handshake starts.
                 stream._ssl_object.session = self._session
@@ -281,7 +398,7 @@ class DeviceClient:
         sent_at = trio.current_time()
         response: h11.Response | None = None
         try:
-            data = conn.send(h11.Request(method=method, target=path, headers=hdrs))
+            data = conn.send(self._request_event(method, path, hdrs))
             if body:
                 data += conn.send(h11.Data(data=body))
             data += conn.send(h11.EndOfMessage())
@@ -321,7 +438,7 @@ class DeviceClient:
         if self.options.resume_sessions and attempt.new_connection:
             # TLS 1.3 tickets arrive after the handshake: take the session after the first
             # response on a new connection (reading it is not free, so only then).
-            self._session = stream._ssl_object.session
+            self._session = tls_session(stream)
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
             await self._drop()
         else:
@@ -351,7 +468,7 @@ class DeviceClient:
             await self._drop()
             return False
         attempt.new_connection = True
-        attempt.resumed = self._stream._ssl_object.session_reused
+        attempt.resumed = session_reused(self._stream)
         return True
 
     def _take_cookie(self, attempt: Attempt) -> None:
@@ -368,7 +485,9 @@ class DeviceClient:
 
     async def _drop(self) -> None:
         stream, self._stream, self._h11 = self._stream, None, None
-        if stream is not None:
+        if isinstance(stream, OpenSSLStream):
+            stream.close()  # nothing to wait for: no checkpoint, no cancelled scope
+        elif stream is not None:
             await trio.aclose_forcefully(stream)
 
     async def aclose(self) -> None:
@@ -442,6 +561,20 @@ class DeviceClient:
             attempt.outcome = "timeout"
         else:
             attempt.outcome, attempt.error = tls_error_name(exc), _describe(exc)
+
+
+def tls_session(stream: TLSStream) -> ssl.SSLSession | SSL.Session | None:
+    """The TLS session a later connection can resume, whichever library the stream uses."""
+    if isinstance(stream, OpenSSLStream):
+        return stream.session
+    return stream._ssl_object.session
+
+
+def session_reused(stream: TLSStream) -> bool:
+    """True when the stream's handshake resumed a session."""
+    if isinstance(stream, OpenSSLStream):
+        return stream.session_reused
+    return stream._ssl_object.session_reused
 
 
 _WS_FAILURES = (

@@ -44,6 +44,7 @@ from devices.client import (
     _describe,
     classify,
     tls_error_name,
+    tls_session,
 )
 from devices.keystore import KeyStore
 
@@ -106,6 +107,10 @@ def _text(pairs: Sequence[tuple[bytes | str, bytes | str]]) -> list[tuple[str, s
 
 class H2DeviceClient(DeviceClient):
     """A device's HTTP/2 connection, TLS session and cookie for one target."""
+
+    # The standard library's TLS: its ALPN refusal ("no application protocol") is what this
+    # client names alpn_error:refused; the HTTP/1.1 load path is the one pyOpenSSL speeds up.
+    native_tls = False
 
     def __init__(
         self,
@@ -229,7 +234,7 @@ class H2DeviceClient(DeviceClient):
         self._take_cookie(attempt)
         if self.options.resume_sessions and attempt.new_connection:
             # TLS 1.3 tickets arrive after the handshake (see DeviceClient).
-            self._session = self._stream._ssl_object.session
+            self._session = tls_session(self._stream)
         if self._goaway or fresh:
             await self._drop()
         return False

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from OpenSSL import SSL
 
 from devices.pki import PrivateKey
 
 __all__ = [
     "KeyStore",
     "KeyStoreError",
+    "OpenSSLKeyStore",
     "SoftwareKeyStore",
     "write_encrypted_key",
     "write_private_file",
@@ -48,6 +51,16 @@ class KeyStore(Protocol):
         loads its chain and key into it. Time the store spent awaiting (a touch) has already
         passed on trio's clock when this returns and is not part of the returned cost.
         """
+        ...
+
+
+@runtime_checkable
+class OpenSSLKeyStore(Protocol):
+    """A key store that can also hand its chain and key to pyOpenSSL (devices.openssl_tls)."""
+
+    def openssl_context(self, make_context: Callable[[], SSL.Context]) -> SSL.Context:
+        """Return a pyOpenSSL client context (from ``make_context()``, built once and kept)
+        holding this device's certificate chain and private key; no key-store cost."""
         ...
 
 
@@ -80,10 +93,10 @@ def _read(path: Path, what: str) -> bytes:
         raise KeyStoreError(f"{path}: cannot read the {what} file: {e.strerror or e}") from e
 
 
-def _check_key(path: Path, data: bytes, password: bytes | None) -> None:
-    """Raise a KeyStoreError saying exactly what is wrong with a PEM private key file, if any."""
+def _check_key(path: Path, data: bytes, password: bytes | None) -> PrivateKeyTypes:
+    """Return the key; raise a KeyStoreError saying exactly what is wrong with it, if anything."""
     try:
-        serialization.load_pem_private_key(data, password)
+        return serialization.load_pem_private_key(data, password)
     except TypeError as e:
         # cryptography signals a password/encryption mismatch with TypeError.
         if password is None:
@@ -116,6 +129,7 @@ class SoftwareKeyStore:
         # that speaks h2 to one target and HTTP/1.1 to another keeps both. Keyed by identity,
         # and bounded: a key store serves a device's few targets.
         self._contexts: dict[Callable[[], ssl.SSLContext], ssl.SSLContext] = {}
+        self._openssl: dict[Callable[[], SSL.Context], SSL.Context] = {}
 
     def __repr__(self) -> str:
         return f"SoftwareKeyStore(cert_path={self.cert_path!r}, key_path={self.key_path!r})"
@@ -132,6 +146,16 @@ class SoftwareKeyStore:
                 self._contexts.clear()
             ctx = self._contexts[make_context] = self._build(make_context)
         return ctx, 0.0
+
+    def openssl_context(self, make_context: Callable[[], SSL.Context]) -> SSL.Context:
+        """Return the cached pyOpenSSL client context (built on first use), as
+        :meth:`handshake_context` does for the standard library's."""
+        ctx = self._openssl.get(make_context)
+        if ctx is None:
+            if len(self._openssl) >= 8:
+                self._openssl.clear()
+            ctx = self._openssl[make_context] = self._build_openssl(make_context)
+        return ctx
 
     def pem_credentials(self) -> tuple[bytes, bytes]:
         """Return the certificate chain and the private key as PEM bytes (the key unencrypted).
@@ -167,5 +191,24 @@ class SoftwareKeyStore:
                 ) from e
             raise KeyStoreError(
                 f"{self.cert_path}: cannot load the certificate chain ({e.reason or e})"
+            ) from e
+        return ctx
+
+    def _build_openssl(self, make_context: Callable[[], SSL.Context]) -> SSL.Context:
+        # The same diagnosis first, so both TLS libraries fail with the same messages.
+        _read(self.cert_path, "certificate")
+        key = _check_key(self.key_path, _read(self.key_path, "private key"), self._password)
+        ctx = make_context()
+        try:
+            ctx.use_certificate_chain_file(str(self.cert_path))
+        except SSL.Error as e:
+            raise KeyStoreError(f"{self.cert_path}: cannot load the certificate chain ({e})") from e
+        try:
+            ctx.use_privatekey(key)  # type: ignore[arg-type]
+            ctx.check_privatekey()
+        except SSL.Error as e:
+            raise KeyStoreError(
+                f"{self.key_path}: the private key does not match the certificate in "
+                f"{self.cert_path}"
             ) from e
         return ctx

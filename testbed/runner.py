@@ -1142,7 +1142,7 @@ class Run:
                 elif isinstance(store, SoftwareKeyStore):
                     # Load the key and chain now, as a device does when it boots, so that no
                     # attempt's latency includes reading the fleet's files.
-                    await store.handshake_context(client.target.make_context)
+                    await client.preload()
                 device = Device(d.id, cohort, d.sha256, d.device.common_name, client)
                 if cohort.kind == "people":
                     device.email, password = cohort.user(positions[d.id])
