@@ -26,6 +26,7 @@ from enforcer.config import AdminSettings
 from enforcer.control import ApiError, Outcome
 from enforcer.controller import Controller
 from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond, send
+from enforcer.sockets import linger
 
 log = logging.getLogger(__name__)
 MAX_ADMIN_BODY = 1024 * 1024
@@ -33,10 +34,10 @@ MAX_ADMIN_BODY = 1024 * 1024
 # that sends one byte a second is cut. Between requests a kept-alive connection may idle longer.
 ADMIN_REQUEST_TIMEOUT = 10.0
 ADMIN_IDLE_TIMEOUT = 60.0
-# After refusing a request without reading its body, read and discard at most this much (and
-# for at most LINGER_SECONDS) before closing, so that the refusal is not lost to a TCP reset.
+# After refusing a request without reading its body, read and discard at most this much
+# (within the time bounds of enforcer.sockets.linger) before closing, so that the refusal is
+# not lost to a TCP reset.
 LINGER_BYTES = MAX_ADMIN_BODY + 65536
-LINGER_SECONDS = 2.0
 # JSON bodies are small objects: deeper nesting is refused before any handler recurses into it.
 MAX_JSON_DEPTH = 32
 _SEG = r"([A-Za-z0-9._:-]+)"
@@ -494,16 +495,8 @@ async def _refuse(
     """Answer and close without reading the request's body (a bounded lingering close)."""
     await respond(conn, stream, status, [("content-type", ctype), ("connection", "close")], data)
     # Closing with unread bytes makes the kernel send a reset, which can destroy the answer
-    # before the client reads it; so stop sending, then discard what the client still sends,
-    # bounded in bytes and time (nginx's lingering close).
-    with trio.move_on_after(LINGER_SECONDS):
-        await stream.send_eof()
-        discarded = 0
-        while discarded < LINGER_BYTES:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            discarded += len(chunk)
+    # before the client reads it (see enforcer/sockets.py).
+    await linger(stream, LINGER_BYTES)
 
 
 async def serve_admin(

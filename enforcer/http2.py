@@ -302,8 +302,13 @@ class H2Session(RequestPath):
         self._nursery: trio.Nursery | None = None
         self._broken: TLSError | None = None
 
-    async def serve(self) -> None:
-        """Serve streams until the client leaves, idles out, or a GOAWAY drained them."""
+    async def serve(self) -> bool:
+        """Serve streams until the client leaves, idles out, or a GOAWAY drained them.
+
+        True when it ended with our graceful GOAWAY: the client may still be sending frames,
+        so the close lingers (enforcer/server.py).
+        """
+        graceful = False
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)  # 65535: RFC 9113's
         await self.flush()
@@ -311,7 +316,7 @@ class H2Session(RequestPath):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    await self._receive_loop(nursery)
+                    graceful = await self._receive_loop(nursery)
                 except TLSError as exc:
                     self._broken = exc  # raised below, outside the nursery's exception group
                 nursery.cancel_scope.cancel()  # the client left: its streams cannot finish
@@ -320,11 +325,12 @@ class H2Session(RequestPath):
                 await self._close_quietly()
         if self._broken is not None:
             raise self._broken
+        return graceful
 
-    async def _receive_loop(self, nursery: trio.Nursery) -> None:
+    async def _receive_loop(self, nursery: trio.Nursery) -> bool:
         while True:
             if self._goaway_last is not None and not self.streams:
-                return  # drained after a graceful GOAWAY
+                return True  # drained after a graceful GOAWAY
             with trio.CancelScope() as scope:
                 self._receiving = scope
                 self._set_idle_deadline()
@@ -334,21 +340,21 @@ class H2Session(RequestPath):
                 if self._goaway_last is None and not self.streams:
                     self.goaway(self.highest_stream)  # idle: tell the client, then close
                     await self.flush()
-                    return
+                    return True
                 continue  # the last stream after a GOAWAY ended: loop to return
             if not data:
-                return
+                return False
             # The guard sees the raw frames first: a flood ends before h2 decodes its header
             # blocks or a stream of it reaches the origin.
             if (verdict := self.guard.received(data)) is not None:
                 self._flood(verdict)
-                return
+                return False
             try:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
                 # h2 has queued a GOAWAY with the error's code; it leaves with the close.
                 log.info("connection %d: HTTP/2 protocol error: %s", self.conn_id, exc)
-                return
+                return False
             for event in events:
                 self._dispatch(event, nursery)
             await self.flush()

@@ -70,13 +70,20 @@ from enforcer.proxy import (
 )
 from enforcer.reasons import Reason
 from enforcer.snapshot import Snapshot
-from enforcer.sockets import serve_tcp
+from enforcer.sockets import TCPStream, linger, serve_tcp
 from enforcer.tls import ContextsBySNI, HostTLS, IntermediatesMemo, ServerTLSStream, TLSError
 from enforcer.tokens import TokenMemo
 
 log = logging.getLogger(__name__)
 # The memo of failed chains' intermediates gets this fraction of intermediates_memo_bytes.
 FAILED_MEMO_SHARE = 16
+# A lingering close (enforcer/sockets.py) drops at most this much: the largest body a client
+# may legitimately still be sending when answered (MAX_BODY, what an admitted request may
+# send), plus room for TLS records' and frames' overhead. Less would let the reset come back
+# for exactly the clients that upload; an HTTP/2 client can have even less in flight (its
+# flow-control window). The bytes are read raw, never decrypted: a peer keeping a connection
+# lingering costs reads of at most this much, for at most LINGER_SECONDS.
+LINGER_BYTES = MAX_BODY + 65536
 
 
 def tls_hosts(
@@ -185,6 +192,7 @@ class Enforcer:
         self.refresh()
         assert self.contexts is not None
         tls = ServerTLSStream(transport, self.contexts)
+        lingering = False  # the close is ours and the client may still be sending
         try:
             with trio.move_on_after(self.settings.handshake_timeout) as scope:
                 await tls.do_handshake()
@@ -198,7 +206,7 @@ class Enforcer:
             )
             alpn = tls.alpn()
             if alpn == "h2":
-                await H2Session(self, conn).serve()
+                lingering = await H2Session(self, conn).serve()
                 return
             app = self.snapshot.applications.get(tls.sni or "")
             if app is not None and "http/1.1" not in app.alpn:
@@ -208,7 +216,7 @@ class Enforcer:
                     conn_id, peer, tls.sni, f"ALPN {alpn!r}: this hostname speaks h2 only"
                 )
                 return
-            await _Session(self, conn).serve()
+            lingering = await _Session(self, conn).serve()
         except TLSError as exc:
             self._log_tls(conn_id, peer, tls.sni, str(exc))
         except Exception:
@@ -216,8 +224,17 @@ class Enforcer:
             log.exception("connection %d: unexpected error", conn_id)
             self._log_tls(conn_id, peer, tls.sni, "internal error (see the server log)")
         finally:
-            with trio.CancelScope(shield=True):
-                await tls.aclose()
+            try:
+                # Only over TCP: resets are TCP's, and a simulated link loses nothing.
+                if lingering and isinstance(transport, TCPStream):
+                    # The last response must leave whole (shielded, as in aclose); the
+                    # lingering is not shielded, so that stopping the server ends it.
+                    with trio.CancelScope(shield=True):
+                        await tls.send_close_notify()
+                    await linger(transport, LINGER_BYTES)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await tls.aclose()
 
     def _client_chain(self, tls: ServerTLSStream) -> list[x509.Certificate]:
         # A resumed session carries only the leaf: the intermediates come from the memos that
@@ -256,8 +273,13 @@ class _Session(RequestPath):
         self.requests = 0
         self._method = b"GET"  # the current request's, for the framing of its response
 
-    async def serve(self) -> None:
-        """Serve requests until the connection ends, closes or times out."""
+    async def serve(self) -> bool:
+        """Serve requests until the connection ends, closes or times out.
+
+        True when we close it by choice while the client may still be sending (a body we did
+        not read, or bytes after the request): then the close lingers. A client that went
+        quiet, or broke the protocol, is just closed.
+        """
         settings = self.e.settings
         while True:
             try:
@@ -270,12 +292,12 @@ class _Session(RequestPath):
                     timeout=settings.request_timeout,
                 )
             except HeadTimeout:
-                return  # closed without an answer, as nginx does on client_header_timeout
+                return False  # closed without an answer, as nginx on client_header_timeout
             except h11.RemoteProtocolError as exc:
                 await self._protocol_error(exc)
-                return
+                return False
             if not isinstance(event, h11.Request):
-                return  # ConnectionClosed, PAUSED or garbage after a response: nothing to answer
+                return False  # ConnectionClosed, PAUSED or garbage after a response
             self.requests += 1
             self._method = event.method
             head = RequestHead(
@@ -289,16 +311,25 @@ class _Session(RequestPath):
             await self.exchange(
                 head, self, last=self.requests >= settings.max_requests_per_connection
             )
-            if self.h11.our_state in (h11.MUST_CLOSE, h11.SWITCHED_PROTOCOL):
-                return  # aclose() sends what is held
-            if self.h11.their_state is not h11.DONE:
-                return  # MUST_CLOSE, or a body left unread: the connection cannot carry more
+            if self.h11.our_state is h11.SWITCHED_PROTOCOL:
+                return False  # a tunnel ended
+            if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
+                # MUST_CLOSE, or a body left unread: the connection cannot carry more; the
+                # close sends what is held.
+                return self._client_may_send()
             self.tls.hold_output = False
             await self.tls.flush()  # the connection stays: the response must not wait
             try:
                 self.h11.start_next_cycle()
             except h11.LocalProtocolError:
-                return
+                return False
+
+    def _client_may_send(self) -> bool:
+        """True when the client may still be sending: a body unread, or bytes past the request."""
+        # As nginx's ``lingering_close on``: a request read whole, with nothing after it, closes
+        # at once (its client has nothing left to send).
+        finished = self.h11.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+        return not finished or bool(self.h11.trailing_data[0])
 
     async def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):

@@ -20,6 +20,13 @@ loses no bytes.
 The accept loop checkpoints at every batch, keeps at most ``max_connections`` handlers running
 (the rest wait in the kernel's backlog, as nginx's ``worker_connections`` do) and logs running
 out of descriptors once, then at most one summary per :data:`ACCEPT_ERROR_LOG_INTERVAL`.
+
+Lingering close (:func:`linger`, nginx's ``lingering_close``). Closing a TCP socket whose
+receive queue still holds bytes, or that gets more afterwards, makes the kernel answer with a
+reset; a client still sending its request body then sees its send fail, or loses the response
+it had not read yet, instead of our last answer. So a server that answers and closes while the
+peer may still be sending first shuts down its sending side, then reads and drops what comes,
+bounded in bytes, in total time and in time between reads, and only then closes.
 """
 
 from __future__ import annotations
@@ -45,6 +52,15 @@ CALLS_PER_CHECKPOINT = 16
 BYTES_PER_CHECKPOINT = 256 * 1024
 ACCEPT_ERROR_PAUSE = 0.1
 ACCEPT_ERROR_LOG_INTERVAL = 10.0
+# A lingering close ends at the peer's EOF, or after this long in all, or once the peer sent
+# nothing for LINGER_IDLE (it has stopped sending: what it sent is drained). nginx's
+# lingering_time / lingering_timeout are 30 s / 5 s for clients anywhere on the Internet;
+# clients here are devices on the same network, which send what is left of a body within
+# milliseconds, and a lingering connection still holds a connection slot.
+LINGER_SECONDS = 2.0
+LINGER_IDLE = 0.5
+# Each read drops at most this much: what a lingering connection holds is never more.
+_LINGER_READ = 16384
 
 
 class TCPStream(trio.abc.HalfCloseableStream):
@@ -130,6 +146,34 @@ class TCPStream(trio.abc.HalfCloseableStream):
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
         await trio.lowlevel.checkpoint()
+
+
+async def linger(
+    stream: trio.abc.HalfCloseableStream,
+    max_bytes: int,
+    *,
+    seconds: float | None = None,
+    idle: float | None = None,
+) -> None:
+    """Stop sending, then drop what the peer still sends, within bounds; the caller closes."""
+    seconds = LINGER_SECONDS if seconds is None else seconds
+    idle = LINGER_IDLE if idle is None else idle
+    # Every read is a checkpoint within the stream's budget (trio.SocketStream: always; ours:
+    # every few calls), and the bytes are counted and dropped at once: a peer that keeps
+    # sending costs at most ``max_bytes`` of reads and ``seconds`` of a connection slot.
+    with trio.move_on_after(seconds):
+        try:
+            await stream.send_eof()
+            discarded = 0
+            while discarded < max_bytes:
+                with trio.move_on_after(idle):
+                    n = len(await stream.receive_some(_LINGER_READ))
+                    if n:
+                        discarded += n
+                        continue
+                return  # the peer's EOF, or it went quiet
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return  # it reset or closed first: nothing left to protect
 
 
 async def open_tcp(host: str, port: int) -> TCPStream:

@@ -316,17 +316,22 @@ class ServerTLSStream:
         """Send whatever OpenSSL has produced and not yet sent."""
         await self._flush()
 
-    async def aclose(self) -> None:
-        """Send close_notify when possible, then close the socket."""
+    async def send_close_notify(self) -> None:
+        """Send what is held, then close_notify, within a second; the socket stays open."""
         try:
             if self._conn is not None:
                 with trio.move_on_after(1):
-                    if not self._eof:
+                    if not self._eof and not self._conn.get_shutdown() & SSL.SENT_SHUTDOWN:
                         with contextlib.suppress(SSL.Error):
                             self._conn.shutdown()
                     await self._flush()  # a held response, then close_notify
         except TLSError:
             pass
+
+    async def aclose(self) -> None:
+        """Send close_notify when possible, then close the socket."""
+        try:
+            await self.send_close_notify()
         finally:
             await self.transport.aclose()
 
