@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/http2.py
 	$(BIN)/python bench/h2floods.py
 	$(BIN)/python bench/tokens.py
+	$(BIN)/python bench/connections.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/
