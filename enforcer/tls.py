@@ -256,16 +256,9 @@ class ServerTLSStream:
             try:
                 result = fn()
             except SSL.WantReadError:
-                await self._flush()
-                if self._eof:
-                    raise TLSError("the peer closed the connection mid-message") from None
-                data = await self._receive_raw()
-                if data:
-                    conn.bio_write(data)
-                else:
-                    self._eof = True
-                    conn.bio_shutdown()
-                continue
+                # Waited for below, outside this clause: while the exception lives, its
+                # traceback keeps pyOpenSSL's receive buffer (64 KiB per idle connection).
+                pass
             except SSL.ZeroReturnError:
                 raise
             except SSL.SysCallError as exc:
@@ -274,9 +267,19 @@ class ServerTLSStream:
             except SSL.Error as exc:
                 await self._flush_quietly()  # deliver our alert before giving up
                 raise TLSError(_describe(exc)) from exc
-            if flush_after:
-                await self._flush()
-            return result
+            else:
+                if flush_after:
+                    await self._flush()
+                return result
+            await self._flush()
+            if self._eof:
+                raise TLSError("the peer closed the connection mid-message")
+            data = await self._receive_raw()
+            if data:
+                conn.bio_write(data)
+            else:
+                self._eof = True
+                conn.bio_shutdown()
 
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(TLSError):
