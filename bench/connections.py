@@ -140,6 +140,12 @@ def raise_nofile(wanted: int) -> tuple[int, int]:
 def _devices_main(plan: dict[str, Any], out: Any, cmds: Any) -> None:
     """One process, one trio loop, every device: open, hold with telemetry, report, close."""
     out.put(("started", memory(os.getpid())))
+    if plan["profile_devices"]:
+        import cProfile
+
+        run = "trio.run(_hold_devices, plan, out, cmds)"
+        cProfile.runctx(run, globals(), locals(), plan["profile_devices"])
+        return
     trio.run(_hold_devices, plan, out, cmds)
 
 
@@ -339,6 +345,7 @@ def main() -> int:
     ap.add_argument("--fleet", type=int, default=0, help="device certificates (0: one each)")
     ap.add_argument("--open-concurrency", type=int, default=64, help="handshakes in flight (64)")
     ap.add_argument("--timeout", type=float, default=60.0, help="device request timeout s (60)")
+    ap.add_argument("--profile-devices", help="write a cProfile of the device process here")
     ap.add_argument("--skip-nginx", action="store_true", help="measure the enforcer only")
     ap.add_argument("--testbed", help="another build's testbed executable (a baseline)")
     args = ap.parse_args()
@@ -357,6 +364,12 @@ def main() -> int:
         eport, nport, oport = free_port(), free_port(), free_port()
         t0 = time.monotonic()
         bed = make_testbed(tmp, args.fleet or n, eport, oport)
+        # The enforcer's worker_connections: room for every held connection.
+        conf = bed.layout.config.read_text(encoding="utf-8")
+        if "\n[server]\n" not in conf:
+            raise SystemExit(f"{bed.layout.config}: no [server] table to add max_connections to")
+        conf = conf.replace("\n[server]\n", f"\n[server]\nmax_connections = {n + 512}\n", 1)
+        bed.layout.config.write_text(conf, encoding="utf-8")
         print(f"fleet of {len(bed.devices)} devices in {time.monotonic() - t0:.1f} s", flush=True)
         plan = {
             "connections": n,
@@ -365,6 +378,7 @@ def main() -> int:
             "websocket_share": args.websocket_share,
             "open_concurrency": args.open_concurrency,
             "timeout": args.timeout,
+            "profile_devices": args.profile_devices,
             "edge_ca": str(bed.edge_ca),
             "devices": [(str(c), str(k)) for c, k in bed.devices],
         }
