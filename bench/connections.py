@@ -343,7 +343,7 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=10.0, help="s between telemetry (10)")
     ap.add_argument("--websocket-share", type=float, default=0.5, help="tunnels' share (0.5)")
     ap.add_argument("--fleet", type=int, default=0, help="device certificates (0: one each)")
-    ap.add_argument("--open-concurrency", type=int, default=64, help="handshakes in flight (64)")
+    ap.add_argument("--open-concurrency", type=int, default=16, help="handshakes in flight (16)")
     ap.add_argument("--timeout", type=float, default=60.0, help="device request timeout s (60)")
     ap.add_argument("--profile-devices", help="write a cProfile of the device process here")
     ap.add_argument("--skip-nginx", action="store_true", help="measure the enforcer only")
