@@ -352,8 +352,9 @@ def main() -> int:
     n = args.connections
     # Per connection: the enforcer holds the client's socket and, for a tunnel, the origin's;
     # nginx the same; the device process one socket each. Plus room for files and pipes.
-    nofile = raise_nofile(3 * n + 1024)
-    if nofile[0] < 2 * n + 256:
+    sockets = n + round(n * args.websocket_share)
+    nofile = raise_nofile(sockets + 1024)
+    if nofile[0] < sockets + 256:
         raise SystemExit(f"RLIMIT_NOFILE is {nofile}: too low for {n} connections")
     why = None if args.skip_nginx else nginx_missing()
     if why:
@@ -391,7 +392,7 @@ def main() -> int:
                 ndir = tmp / "nginx"
                 ndir.mkdir()
                 conf = NGINX_CONF.format(
-                    nofile=nofile[0], worker_connections=3 * n + 512, tmp=ndir, host=HOST,
+                    nofile=nofile[0], worker_connections=sockets + 512, tmp=ndir, host=HOST,
                     port=nport, server_name=AUTH_HOST, edge=bed.layout.root / "edge",
                     client_ca=bed.fleet_root, origin_port=oport,
                 )  # fmt: skip
