@@ -16,9 +16,10 @@ Memory is read from ``/proc/PID/smaps_rollup``: RSS (the headline), PSS and USS
 (Private_Clean + Private_Dirty), for the enforcer's single process and for nginx's single
 worker (the master process holds no connections). Per connection = (held - before) / number
 of connections, where "before" is the server after one warm-up request and "held" the last
-sample at the end of the hold, taken between two telemetry rounds' messages. The device side
-is the RSS of the one trio process holding all the devices (the product's
-``devices.client.DeviceClient`` with a ``SoftwareKeyStore`` per device), whole and per
+sample at the end of the hold (telemetry is spread over the interval, so at any instant nearly
+every connection is idle). The device side is the RSS of the one trio process holding all
+the devices (the product's ``devices.client.DeviceClient`` with a ``SoftwareKeyStore`` per
+device), whole and per
 connection. Targets are measured one after the other (memory does not move with the CPU
 noise of neighbours the way throughput does); the nginx ratio comes from the same run.
 """
