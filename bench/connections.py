@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -286,7 +287,7 @@ def measure(target: str, port: int, server_pid: int, plan: dict[str, Any]) -> di
         cmds.put("close")
         _, closed_state, errors = out.get(timeout=300)
     finally:
-        proc.join(timeout=60)
+        proc.join(timeout=0 if sys.exc_info()[0] else 60)
         if proc.is_alive():
             proc.terminate()
     n = held_state["open"] or 1
@@ -350,6 +351,8 @@ def main() -> int:
     ap.add_argument("--skip-nginx", action="store_true", help="measure the enforcer only")
     ap.add_argument("--testbed", help="another build's testbed executable (a baseline)")
     args = ap.parse_args()
+    # SIGTERM (timeout, a stopped job) unwinds like Ctrl-C, so the servers are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     n = args.connections
     # Per connection: the enforcer holds the client's socket and, for a tunnel, the origin's;
     # nginx the same; the device process one socket each. Plus room for files and pipes.
