@@ -45,8 +45,10 @@ format: $(STAMP)
 # ceiling and the split of the enforcer's CPU beside them, the same handshakes counted in
 # instructions (callgrind: a figure the machine's noise does not move), then cookie reuse on
 # kept-alive connections, the load generator against openssl s_time, and good clients' latency
-# beside slow-drip ClientHello attackers (fairness); last, goal 3: 100,000 devices provisioned
-# with the default options beside a plain single-core loop (bench/provision.py).
+# beside slow-drip ClientHello attackers (fairness); goal 3: 100,000 devices provisioned with
+# the default options beside a plain single-core loop (bench/provision.py); last, memory per
+# held connection: 10,000 mTLS connections and WebSocket tunnels through one worker, beside
+# nginx (connections.py).
 bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/instructions.py
@@ -57,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/h2floods.py
 	$(BIN)/python bench/tokens.py
 	$(BIN)/python bench/provision.py
+	$(BIN)/python bench/connections.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/
