@@ -45,7 +45,8 @@ format: $(STAMP)
 # ceiling and the split of the enforcer's CPU beside them, the same handshakes counted in
 # instructions (callgrind: a figure the machine's noise does not move), then cookie reuse on
 # kept-alive connections, the load generator against openssl s_time, and good clients' latency
-# beside slow-drip ClientHello attackers (fairness).
+# beside slow-drip ClientHello attackers (fairness), and a virtual week's CPU per attempt beside
+# the build before (bench/virtual_week.py; --full for the 10,000-device week).
 bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/instructions.py
@@ -55,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/http2.py
 	$(BIN)/python bench/h2floods.py
 	$(BIN)/python bench/tokens.py
+	$(BIN)/python bench/virtual_week.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/
