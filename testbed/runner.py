@@ -118,7 +118,7 @@ class BufferedLogFile(io.TextIOBase):
     def flush(self) -> None:
         """Hand the buffer to the OS, at most every LOG_FLUSH_SECONDS (AccessLog asks per line)."""
         now = time.monotonic()
-        if now - self._flushed >= LOG_FLUSH_SECONDS:
+        if now - self._flushed >= LOG_FLUSH_SECONDS and not self._file.closed:
             self._flushed = now
             self._file.flush()
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from enforcer.accesslog import AccessLog
+from testbed import runner
 from testbed.results import BATCH_ROWS, Results, ResultsWriter
 from tests.testbed.test_run import ROOT, run_cli
 from tests.testbed.test_shards import _row
@@ -160,3 +162,20 @@ def test_a_process_killed_mid_batch_keeps_whole_batches_and_claims_nothing(
     assert len(rows) < 2 * BATCH_ROWS + 100
     assert [r.device for r in rows] == [f"d{i}" for i in range(len(rows))]
     assert "finished_at" not in meta and "thresholds" not in meta
+
+
+def test_a_virtual_runs_access_log_reaches_its_file_and_closes_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "LOG_FLUSH_SECONDS", 0.0)  # every line handed to the OS
+    path = tmp_path / "access.log"
+    log_file = runner.BufferedLogFile(str(path))
+    access_log = AccessLog(log_file)  # type: ignore[arg-type]
+    access_log.write({"event": "request", "n": 1})
+    assert path.read_text().count("\n") == 1  # flushed at once with no delay configured
+    access_log.write({"event": "request", "n": 2})
+    log_file.close()  # closing flushes through IOBase.close: no error on the closed file
+    log_file.close()
+    assert [line.count('"n"') for line in path.read_text().splitlines()] == [1, 1]
+    access_log.write({"event": "request", "n": 3})  # after the run: dropped, not raised
+    assert access_log.dropped == 1
