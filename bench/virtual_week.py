@@ -182,8 +182,12 @@ def main() -> int:
         if "baseline" in best:
             this, base = best["this"], best["baseline"]
             ratio = float(this["cpu_ms_per_attempt"]) / float(base["cpu_ms_per_attempt"])  # type: ignore[arg-type]
-            sched = float(this["schedule_cpu_ms_per_attempt"]) / float(  # type: ignore[arg-type]
-                base["schedule_cpu_ms_per_attempt"]  # type: ignore[arg-type]
+            # Builds before 95c6950+1 recorded no cpu_seconds for a virtual run (0.0 here).
+            base_sched = float(base["schedule_cpu_ms_per_attempt"])  # type: ignore[arg-type]
+            sched = (
+                float(this["schedule_cpu_ms_per_attempt"]) / base_sched  # type: ignore[arg-type]
+                if base_sched
+                else float("nan")
             )
             same = all(f["outcomes"] == base["outcomes"] for runs in figures.values() for f in runs)
             print(

@@ -1137,7 +1137,7 @@ class Run:
         finally:
             if self._log_file is not None:
                 self._log_file.close()
-            if self.start:
+            if self._cpu0:  # the schedule started (self.start is 0.0 on a MockClock)
                 # What this process spent from the start: a load generator near a whole core
                 # is measuring itself, not its target.
                 self.writer.set_meta(cpu_seconds=time.process_time() - self._cpu0)

@@ -102,6 +102,12 @@ def test_a_virtual_run_keeps_its_outcome_counts_per_seed_whatever_the_workers(
         run_dir = next(reports.glob("days-*"))
         counts, per_device[workers] = _outcomes(run_dir)
         assert dict(counts) == PINNED
+        # What the schedule cost in CPU is recorded (a MockClock starts at 0.0: not a flag).
+        dbs = [run_dir / "results.sqlite"] if workers == 1 else run_dir.glob("shards/*.sqlite")
+        for db in dbs:
+            results = Results(db)
+            assert results.meta().get("cpu_seconds", 0) > 0
+            results.close()
         # Every attempt's access-log line reached the file by the run's end.
         logs = (
             [run_dir / "access.log"] if workers == 1 else list(run_dir.glob("shards/*access.log"))
