@@ -103,7 +103,11 @@ def test_a_virtual_run_keeps_its_outcome_counts_per_seed_whatever_the_workers(
         counts, per_device[workers] = _outcomes(run_dir)
         assert dict(counts) == PINNED
         # What the schedule cost in CPU is recorded (a MockClock starts at 0.0: not a flag).
-        dbs = [run_dir / "results.sqlite"] if workers == 1 else run_dir.glob("shards/*.sqlite")
+        dbs = (
+            [run_dir / "results.sqlite"]
+            if workers == 1
+            else run_dir.glob("shards/*-results.sqlite")
+        )
         for db in dbs:
             results = Results(db)
             assert results.meta().get("cpu_seconds", 0) > 0
