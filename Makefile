@@ -46,9 +46,10 @@ format: $(STAMP)
 # instructions (callgrind: a figure the machine's noise does not move), then cookie reuse on
 # kept-alive connections, the load generator against openssl s_time, and good clients' latency
 # beside slow-drip ClientHello attackers (fairness); goal 3: 100,000 devices provisioned with
-# the default options beside a plain single-core loop (bench/provision.py); last, memory per
-# held connection: 10,000 mTLS connections and WebSocket tunnels through one worker, beside
-# nginx (connections.py).
+# the default options beside a plain single-core loop (bench/provision.py); a virtual week's CPU
+# per attempt beside the build before (bench/virtual_week.py; --full for the 10,000-device
+# week); last, memory per held connection: 10,000 mTLS connections and WebSocket tunnels
+# through one worker, beside nginx (connections.py).
 bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/instructions.py
@@ -59,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/h2floods.py
 	$(BIN)/python bench/tokens.py
 	$(BIN)/python bench/provision.py
+	$(BIN)/python bench/virtual_week.py
 	$(BIN)/python bench/connections.py
 
 clean:

@@ -93,7 +93,9 @@ def shard_main(job: ShardJob) -> None:
         target=job.target,
         ready=job.ready,
         # Even a single shard writes its own file: the parent merges, and watches as it goes.
-        writer=ResultsWriter(shard_results(job.run_dir, job.shard)),
+        writer=ResultsWriter(
+            shard_results(job.run_dir, job.shard), batched=job.scenario.clock == "virtual"
+        ),
     )
     try:
         if job.scenario.clock == "virtual":
