@@ -64,7 +64,13 @@ share = 0.5
 """
 
 # What the build before batched results and the run-thread access log counted for this seed
-# (main at 8f45cb3, --workers 1 and 2 alike).
+# (main at 8f45cb3, --workers 1 and 2 alike). Unchanged when the scenario's idle_timeout began
+# to reach the enforcer (devices keep their connections: 17 new connections of 270 sensor
+# attempts instead of 270), because the revocation now takes effect at its 48h on the virtual
+# clock (runner.event_instant): before, virtual time ran on while the enforcer committed the
+# new CRL in a thread, by however much the devices got done in those wall milliseconds, and
+# with cheaper kept-alive attempts that was hours (two lost devices' first attempts after 48h,
+# at 48.7h and 50.8h, were still allowed: 76 allowed / 22 revoked instead of 74 / 24).
 PINNED = {
     ("expired", "denied:certificate_expired"): 16,
     ("gateways", "allowed"): 80,
@@ -118,7 +124,73 @@ def test_a_virtual_run_keeps_its_outcome_counts_per_seed_whatever_the_workers(
         )
         lines = sum(len(f.read_text().splitlines()) for f in logs)
         assert lines >= sum(PINNED.values())
+        _revoked_at_48h(run_dir)
     assert per_device[1] == per_device[2]
+
+
+def _revoked_at_48h(run_dir: Path) -> None:
+    """The revocation takes effect at its instant: allowed before 48h, refused from then on."""
+    results = Results(run_dir / "results.sqlite")
+    try:
+        rows = [r for r in results.attempts() if r.cohort == "lost"]
+    finally:
+        results.close()
+    revoked = {r.device for r in rows if r.outcome == "denied:revoked"}
+    assert len(revoked) == 3  # share = 0.5 of 6
+    for r in rows:
+        refused = r.device in revoked and r.scheduled >= 48 * 3600
+        assert r.outcome == ("denied:revoked" if refused else "allowed"), r
+        assert r.expected == r.outcome, r
+    # Kept-alive connections too: a revoked device is refused on the connection it kept.
+    assert any(r.outcome == "denied:revoked" and not r.new_connection for r in rows)
+
+
+KEPT = """
+name = "kept"
+seed = 7
+clock = "virtual"
+thresholds = ["false_accepts == 0"]
+
+[target]
+kind = "embedded"
+idle_timeout = "{idle}"
+
+[[cohorts]]
+name = "sensors"
+size = 3
+behaviour = {{ kind = "periodic", interval = 21600, jitter = 0.2 }}
+
+[[phases]]
+name = "day"
+duration = "30h"
+arrival = "active"
+devices = 3
+"""
+
+
+@pytest.mark.parametrize(("idle", "kept"), [("12h", True), ("1h", False)])
+def test_a_virtual_run_keeps_its_connections_between_reports_as_idle_timeout_says(
+    tmp_path: Path, idle: str, kept: bool
+) -> None:
+    path = tmp_path / "kept.toml"
+    path.write_text(KEPT.format(idle=idle))
+    reports = tmp_path / "r"
+    done = run_cli("run", str(path), "--reports", str(reports), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    results = Results(next(reports.glob("kept-*")) / "results.sqlite")
+    try:
+        rows = list(results.attempts())
+    finally:
+        results.close()
+    assert {r.outcome for r in rows} == {"allowed"}
+    assert len(rows) >= 3 * 4  # every 6 h (+-20 %) for 30 h
+    # 6-hourly reports: a 12h idle timeout keeps each device's first connection all day
+    # (the enforcer's own default, 60 s, would close it); 1h closes it between reports.
+    new = Counter(r.device for r in rows if r.new_connection)
+    if kept:
+        assert new == Counter({d: 1 for d in {r.device for r in rows}})
+    else:
+        assert all(r.new_connection for r in rows)
 
 
 def test_a_batch_is_committed_whole_or_not_at_all(tmp_path: Path) -> None:
