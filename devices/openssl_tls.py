@@ -133,10 +133,13 @@ class OpenSSLStream(trio.abc.Stream):
             self._conn.set_session(session)
         self._calls = 0
 
-    async def _wait(self, want: SSL.WantReadError | SSL.WantWriteError) -> None:
+    async def _wait(self, readable: bool) -> None:
+        # Called outside the ``except`` clause that saw WantRead/WantWrite: while that
+        # exception lives, its traceback keeps pyOpenSSL's 64 KiB receive buffer, which an
+        # idle kept-alive connection would then hold for as long as it waits.
         sock = self._socket()
         self._calls = 0
-        if isinstance(want, SSL.WantReadError):
+        if readable:
             await trio.lowlevel.wait_readable(sock)
         else:
             await trio.lowlevel.wait_writable(sock)
@@ -160,10 +163,13 @@ class OpenSSLStream(trio.abc.Stream):
             try:
                 self._conn.do_handshake()
                 return
-            except (SSL.WantReadError, SSL.WantWriteError) as want:
-                await self._wait(want)
+            except SSL.WantReadError:
+                readable = True
+            except SSL.WantWriteError:
+                readable = False
             except SSL.Error as exc:
                 raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+            await self._wait(readable)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data`` (encrypted)."""
@@ -173,10 +179,14 @@ class OpenSSLStream(trio.abc.Stream):
             self._socket()
             try:
                 view = view[self._conn.send(view) :]
-            except (SSL.WantReadError, SSL.WantWriteError) as want:
-                await self._wait(want)
+                continue
+            except SSL.WantReadError:
+                readable = True
+            except SSL.WantWriteError:
+                readable = False
             except SSL.Error as exc:
                 raise trio.BrokenResourceError(f"TLS send failed: {exc}") from exc
+            await self._wait(readable)
 
     async def wait_send_all_might_not_block(self) -> None:
         """Return when the socket can take more bytes."""
@@ -189,14 +199,17 @@ class OpenSSLStream(trio.abc.Stream):
             self._socket()
             try:
                 return self._conn.recv(max_bytes or _RECEIVE_SIZE)
-            except (SSL.WantReadError, SSL.WantWriteError) as want:
-                await self._wait(want)
+            except SSL.WantReadError:
+                readable = True
+            except SSL.WantWriteError:
+                readable = False
             except SSL.ZeroReturnError:
                 return b""
             except SSL.Error as exc:
                 # Without close_notify (SysCallError: EOF or reset) too: a truncated response
                 # must not pass for a whole one, as trio.SSLStream treats it.
                 raise trio.BrokenResourceError(f"TLS receive failed: {exc}") from exc
+            await self._wait(readable)
 
     def close(self) -> None:
         """Close the socket now, sending nothing."""

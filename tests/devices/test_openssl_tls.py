@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from devices.client import ClientOptions, DeviceClient, Target
 from devices.keystore import KeyStoreError, SoftwareKeyStore, write_encrypted_key
@@ -155,9 +156,10 @@ async def test_key_store_problems_are_named_on_the_pyopenssl_path(
     assert other_cert.exists()
 
 
-async def test_a_server_that_always_has_bytes_ready_cannot_starve_other_tasks(
+def stdlib_server_and_client(
     tmp_path: Path,
-) -> None:
+) -> tuple[trio.SSLStream[trio.SocketStream], OpenSSLStream]:
+    """A stdlib TLS server and our client over a socket pair (neither has shaken hands yet)."""
     import datetime as dt
 
     now = dt.datetime.now(dt.UTC)
@@ -182,6 +184,13 @@ async def test_a_server_that_always_has_bytes_ready_cannot_starve_other_tasks(
         trio.SocketStream(trio.socket.from_stdlib_socket(theirs)), server_ctx, server_side=True
     )
     stream = OpenSSLStream(mine, client_context(tmp_path / "ca.pem", "edge.test", ()), "edge.test")
+    return server, stream
+
+
+async def test_a_server_that_always_has_bytes_ready_cannot_starve_other_tasks(
+    tmp_path: Path,
+) -> None:
+    server, stream = stdlib_server_and_client(tmp_path)
     ticks = 0
     reads_between: list[int] = []
 
@@ -214,3 +223,28 @@ async def test_a_server_that_always_has_bytes_ready_cannot_starve_other_tasks(
     # trio runs a batch of ready tasks in random order: the client may go first in two batches
     # in a row, so the other task waits two budgets at most.
     assert max(reads_between) <= 2 * (CALLS_PER_CHECKPOINT + 1)
+
+
+async def test_an_idle_connection_pins_no_receive_buffer(tmp_path: Path) -> None:
+    """Waiting for the server happens outside the WantReadError: a live one pins 64 KiB."""
+    import gc
+
+    from OpenSSL import SSL
+
+    server, stream = stdlib_server_and_client(tmp_path)
+    received: list[bytes] = []
+
+    async def read() -> None:
+        received.append(await stream.receive_some())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        await stream.do_handshake()
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, SSL.WantReadError)]
+        await server.send_all(b"telemetry")
+    stream.close()
+    await trio.aclose_forcefully(server)
+    assert received == [b"telemetry"]
