@@ -245,10 +245,15 @@ def decide(
     chain: ChainResult | None,
     now: dt.datetime,
     tokens: TokenMemo | None = None,
+    *,
+    issue_token: bool = True,
 ) -> AccessDecision:
     """Decide one request (access-flow A2-A9); ``chain``: the presented chain's validation, if any.
 
     ``tokens``, owned by the caller, memoises token signature checks (see :class:`TokenMemo`).
+    ``issue_token=False`` decides without signing the token an admission would carry (its
+    claims are still built): for a caller that only needs the verdict, such as an open
+    tunnel's re-check, since a signature (RSA by default) costs more than the rest together.
     """
     sni = normalise_hostname(request.sni)
     host = normalise_hostname(request.host)
@@ -446,9 +451,9 @@ def decide(
 
     claims = claims_for(snapshot.no_duration_token_lifetime if no_duration else duration)
     # The application's account picks the key (its token algorithm, access-flow J7).
-    token = mint(snapshot.keyring, claims, app.account)
-    set_cookie = None if no_duration else app.cookie.set_cookie(token, duration)
-    if no_duration and identity is not None and not token_identity:
+    token = mint(snapshot.keyring, claims, app.account) if issue_token else None
+    set_cookie = None if no_duration or token is None else app.cookie.set_cookie(token, duration)
+    if issue_token and no_duration and identity is not None and not token_identity:
         # I9: a person just logged in under No Duration gets a cookie that carries the identity
         # only (it never admits alone), for the policy's duration, else 24 hours.
         lifetime = policy.session_duration or IDENTITY_SESSION_DEFAULT

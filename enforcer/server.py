@@ -57,6 +57,7 @@ from enforcer.http import (
 )
 from enforcer.http2 import H2Session
 from enforcer.login import UsedStates
+from enforcer.metronome import Metronome
 from enforcer.oidc import OidcClient
 from enforcer.proxy import (
     Fairness,
@@ -157,6 +158,8 @@ class Enforcer:
         self._follow = follow_store
         self._data_version = store.data_version()
         self.login_states = UsedStates(store.path)
+        # Open tunnels re-decide their access on this one beat (see enforcer/metronome.py).
+        self.tunnel_beat = Metronome(_TUNNEL_RECHECK, on_beat=self.refresh)
         self.apply(self.controller.snapshot())
 
     @classmethod
@@ -579,8 +582,8 @@ class _Session(RequestPath):
         A decision is a pure function of its inputs, so while the snapshot is the same object
         and ``now`` has not crossed the next instant at which one of its time checks flips
         (:func:`_recheck_after`), the last one still holds and is not made again: a new one
-        mints a token (an RSA signature), which thousands of open tunnels could not afford
-        every second.
+        validates the chain again, and thousands of open tunnels need not do that every
+        second; none of them signs a token (``issue_token=False``).
         """
         host_values = header_values(request.headers, b"host")
         # The credentials that admitted the opening request, and only those: its token (or,
@@ -601,14 +604,16 @@ class _Session(RequestPath):
         )
         last: tuple[Snapshot, dt.datetime, dt.datetime] | None = None
         while True:
-            await trio.sleep(_TUNNEL_RECHECK)
-            self.e.refresh()
+            # One beat for every tunnel of this enforcer, which also picks up other workers'
+            # commits once for all of them (Enforcer.tunnel_beat).
+            await self.e.tunnel_beat.wait()
             snapshot = self.e.snapshot
             now = self.e.clock.now()
             if last is not None and snapshot is last[0] and last[1] <= now < last[2]:
                 continue
             chain = self._validate(snapshot, hostname, now) if self.chain else None
-            decision = decide(access, snapshot, chain, now, self.e.token_memo)
+            # Only the verdict matters here: a token would be signed for nobody.
+            decision = decide(access, snapshot, chain, now, self.e.token_memo, issue_token=False)
             if not decision.allowed:
                 return decision
             last = (snapshot, now, _recheck_after(decision, snapshot, now))
