@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 from rich.console import Console
@@ -212,13 +213,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
-def _render(run_dir: Path) -> None:
+def _render(run_dir: Path, summary: dict[str, Any] | None = None) -> None:
     try:
-        from testbed.report import print_summary, render
+        from testbed.report import load_summary, print_summary, write_report
     except ImportError:  # pragma: no cover - reports arrive with their module
         return
-    render(run_dir)
-    print_summary(run_dir)  # its console: the terminal's width, or wide in a log
+    summary = summary if summary is not None else load_summary(run_dir)
+    write_report(run_dir, summary)
+    print_summary(summary)  # its console: the terminal's width, or wide in a log
 
 
 def demo_instructions(layout: DemoLayout) -> str:

@@ -69,6 +69,7 @@ from testbed.results import ResultsWriter, shard_results
 from testbed.runner import (
     Device,
     OffsetClock,
+    Render,
     Run,
     RunOutcome,
     finish_run,
@@ -805,7 +806,7 @@ def run_load(
     *,
     console: Console | None = None,
     progress: bool = True,
-    render: Callable[[Path], Any] | None = None,
+    render: Render | None = None,
 ) -> tuple[RunOutcome, list[StepResult]]:
     """Run a load test; write its results and report; return the outcome and any steps."""
     from testbed.nginx import NGINX

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -20,7 +20,7 @@ from enforcer.durations import DurationError, parse_duration
 
 if TYPE_CHECKING:
     from testbed.load import LoadPlan, StepResult
-    from testbed.runner import RunOutcome
+    from testbed.runner import Render, RunOutcome
 
 EXIT_USAGE = 2
 VERDICTS = {0: "pass", 1: "fail", 130: "interrupted"}
@@ -158,7 +158,7 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def run_load_cli(args: argparse.Namespace, render: Callable[[Path], Any] | None) -> int:
+def run_load_cli(args: argparse.Namespace, render: Render | None) -> int:
     """Run ``testbed load``."""
     if not args.json:
         return _run(args, render, sys.stdout)
@@ -169,7 +169,7 @@ def run_load_cli(args: argparse.Namespace, render: Callable[[Path], Any] | None)
         return _run(args, render, stdout)
 
 
-def _run(args: argparse.Namespace, render: Callable[[Path], Any] | None, stdout: TextIO) -> int:
+def _run(args: argparse.Namespace, render: Render | None, stdout: TextIO) -> int:
     from testbed.load import LoadError, LoadPlan, parse_rate_pair, parse_step, run_load
 
     try:

@@ -72,6 +72,10 @@ from testbed.summary import fmt_rate, fmt_span
 from testbed.thresholds import Threshold
 
 EXIT_OK, EXIT_THRESHOLDS, EXIT_INTERRUPTED = 0, 1, 130
+
+# Writes a finished run's report: called with the run directory and, when the run was judged,
+# the summary it was judged on (None after an interruption: the report reads the results).
+Render = Callable[[Path, "dict[str, Any] | None"], Any]
 START_TIMEOUT = 300.0  # seconds shards wait for each other to be ready
 
 
@@ -1395,7 +1399,7 @@ def run_scenario(
     *,
     console: Console | None = None,
     progress: bool = True,
-    render: Callable[[Path], Any] | None = None,
+    render: Render | None = None,
     workers: int = 1,
     max_errors: float | None = None,
 ) -> RunOutcome:
@@ -1589,7 +1593,7 @@ def finish_run(
     writer: ResultsWriter,
     began: float,
     interrupted: bool,
-    render: Callable[[Path], Any] | None,
+    render: Render | None,
     *,
     thresholds: Sequence[Threshold] | None = None,
     console: Console | None = None,
@@ -1608,10 +1612,10 @@ def finish_run(
             wall_seconds=time.perf_counter() - began,
         )
     judged = gates(scenario.thresholds) if thresholds is None else thresholds
-    verdicts = _judge(judged, run_dir, writer) if not interrupted else []
+    verdicts, summary = _judge(judged, run_dir, writer) if not interrupted else ([], None)
     writer.close()
     if render is not None:
-        render(run_dir)
+        render(run_dir, summary)
     if interrupted:
         return RunOutcome(run_dir, EXIT_INTERRUPTED, [])
     print_failures(verdicts, console or Console(stderr=True))
@@ -1622,7 +1626,12 @@ def finish_run(
 
 def _judge(
     thresholds: Sequence[Threshold], run_dir: Path, writer: ResultsWriter
-) -> list[tuple[str, str, bool]]:
+) -> tuple[list[tuple[str, str, bool]], dict[str, Any]]:
+    """Judge the run and record the verdicts; return them and the run's summary with them.
+
+    The summary is read once for the verdicts and the report alike: reading 300,000 attempts
+    takes seconds, and a split run's parent does it after every shard has finished.
+    """
     from testbed.results import Results
     from testbed.summary import summarize
     from testbed.verdict import judge
@@ -1634,4 +1643,6 @@ def _judge(
         results.close()
     verdicts = judge(thresholds, summary)
     writer.thresholds(verdicts)
-    return verdicts
+    # As summarize() reads them back from the thresholds table just written.
+    summary["thresholds"] = [{"expression": e, "observed": o, "ok": ok} for e, o, ok in verdicts]
+    return verdicts, summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from enforcer.accesslog import AccessLog
 from testbed import runner
+from testbed.report import load_summary
 from testbed.results import BATCH_ROWS, Results, ResultsWriter
 from tests.testbed.test_run import ROOT, run_cli
 from tests.testbed.test_shards import _row
@@ -125,6 +127,11 @@ def test_a_virtual_run_keeps_its_outcome_counts_per_seed_whatever_the_workers(
         lines = sum(len(f.read_text().splitlines()) for f in logs)
         assert lines >= sum(PINNED.values())
         _revoked_at_48h(run_dir)
+        # The report shows the summary the run was judged on (read once), which is what the
+        # results say once the verdicts are recorded.
+        written = json.loads((run_dir / "summary.json").read_text())
+        assert written == json.loads(json.dumps(load_summary(run_dir)))
+        assert written["thresholds"] and all(t["ok"] for t in written["thresholds"])
     assert per_device[1] == per_device[2]
 
 
