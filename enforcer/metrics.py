@@ -276,6 +276,7 @@ class Readiness:
 
     def __init__(self, enforcer: Enforcer) -> None:
         self.enforcer = enforcer
+        self.cache_seconds = READY_CACHE_SECONDS
         self._checked_at = -float("inf")
         self._result: dict[str, str] = {}
         self._lock = trio.Lock()
@@ -283,7 +284,7 @@ class Readiness:
     async def check(self) -> tuple[bool, dict[str, str]]:
         """Whether the enforcer is ready, and each check's outcome (``ok`` or why not)."""
         async with self._lock:  # one probe at a time; waiters get its result
-            if trio.current_time() - self._checked_at >= READY_CACHE_SECONDS:
+            if trio.current_time() - self._checked_at >= self.cache_seconds:
                 self._result = await self._probe()
                 self._checked_at = trio.current_time()
         return all(v == "ok" for v in self._result.values()), dict(self._result)
