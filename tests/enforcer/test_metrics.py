@@ -260,3 +260,28 @@ async def test_the_cli_refuses_a_bad_metrics_port(demo: DemoLayout) -> None:
     )
     assert result.returncode == 2
     assert b"--metrics-port: 70000 is not a TCP port" in result.stderr
+
+
+async def test_the_grafana_dashboard_queries_only_exposed_metrics(
+    served: Served, nursery: trio.Nursery
+) -> None:
+    import json
+    import re
+
+    port = await operations_port(served, nursery)
+    text = (await scrape(port))[1]
+    # (prometheus-client's *_created series, one per counter in one process, are left out.)
+    families = {
+        f.name for f in text_string_to_metric_families(text) if not f.name.endswith("_created")
+    }
+    dashboard = json.loads(
+        (Path(__file__).parents[2] / "deploy/grafana-dashboard.json").read_text()
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    used = {n for e in exprs for n in re.findall(r"\benforcer_[a-z_]+", e)}
+    unknown = {n for n in used if re.sub(r"_(total|bucket|count|sum)$", "", n) not in families}
+    assert not unknown, f"the dashboard queries metrics the enforcer does not expose: {unknown}"
+    # Every metric the enforcer exposes is on the dashboard.
+    shown = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in used}
+    assert families <= shown, f"not on the dashboard: {families - shown}"
