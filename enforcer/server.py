@@ -195,11 +195,11 @@ class Enforcer:
         started = time.perf_counter()
         metrics = self.metrics
         metrics.connections_accepted.inc()
-        metrics.connections_open.inc()
         self.refresh()
         assert self.contexts is not None
         tls = ServerTLSStream(transport, self.contexts)
         lingering = False  # the close is ours and the client may still be sending
+        metrics.connections_open.inc()  # and down in the finally below
         try:
             with trio.move_on_after(self.settings.handshake_timeout) as scope:
                 await tls.do_handshake()

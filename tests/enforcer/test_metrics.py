@@ -285,3 +285,18 @@ async def test_the_grafana_dashboard_queries_only_exposed_metrics(
     # Every metric the enforcer exposes is on the dashboard.
     shown = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in used}
     assert families <= shown, f"not on the dashboard: {families - shown}"
+
+
+async def test_an_open_websocket_tunnel_is_counted(served: Served, nursery: trio.Nursery) -> None:
+    from tests.enforcer.test_hostile_origin import websocket
+
+    port = await operations_port(served, nursery)
+    async with websocket(served.port, device(served, "valid")) as ws:
+        await ws.send_message("ping")
+        await ws.get_message()
+        m = parse((await scrape(port))[1])
+        assert value(m, "enforcer_tunnels_open") == 1
+        assert value(m, "enforcer_connections_open") == 1
+    with trio.fail_after(10):
+        while value(parse((await scrape(port))[1]), "enforcer_tunnels_open") != 0:
+            await trio.sleep(0.05)
