@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -300,3 +302,60 @@ async def test_an_open_websocket_tunnel_is_counted(served: Served, nursery: trio
     with trio.fail_after(10):
         while value(parse((await scrape(port))[1]), "enforcer_tunnels_open") != 0:
             await trio.sleep(0.05)
+
+
+def test_accept_errors_are_counted() -> None:
+    # In a process of its own with a low descriptor limit (as tests/enforcer/test_sockets.py
+    # does): the accept loop hits EMFILE, and each failure reaches the metric.
+    script = textwrap.dedent(
+        """
+        import functools, resource, socket, trio
+        from enforcer.metrics import EnforcerMetrics
+        from enforcer.sockets import TCPStream, serve_tcp
+
+        metrics = EnforcerMetrics()
+
+        async def handler(stream: TCPStream) -> None:
+            try:
+                await stream.receive_some()
+            except trio.BrokenResourceError:
+                pass
+            finally:
+                await stream.aclose()
+
+        async def main() -> None:
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(256)
+            port = listener.getsockname()[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    functools.partial(serve_tcp, on_accept_error=metrics.accept_errors.inc),
+                    listener,
+                    handler,
+                    nursery,
+                )
+                clients = []
+                while True:
+                    try:
+                        clients.append(socket.create_connection(("127.0.0.1", port)))
+                    except OSError:
+                        break
+                    await trio.sleep(0)
+                clients.pop().close()
+                clients.append(socket.create_connection(("127.0.0.1", port)))
+                await trio.sleep(0.5)
+                for c in clients:
+                    c.close()
+                nursery.cancel_scope.cancel()
+            print(metrics.render().decode())
+
+        trio.run(main)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert value(parse(out.stdout), "enforcer_accept_errors_total") >= 1
