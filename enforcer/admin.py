@@ -404,7 +404,7 @@ class AdminServer:
     async def _operation(self, request: h11.Request, path: str) -> tuple[int, str, bytes]:
         """Answer /metrics, /healthz or /readyz."""
         assert self.operations is not None
-        if request.method not in (b"GET", b"HEAD"):
+        if request.method != b"GET":
             status, data = _error(
                 405, f"{request.method.decode()} is not allowed on {path}; use GET"
             )
