@@ -9,6 +9,7 @@ without it the answer is 401 and nothing changes. Writes go through the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import json
@@ -22,10 +23,11 @@ import h11
 import trio
 
 from enforcer import control
-from enforcer.config import AdminSettings
+from enforcer.config import AdminSettings, is_loopback
 from enforcer.control import ApiError, Outcome
 from enforcer.controller import Controller
 from enforcer.http import BodyTooLarge, header_values, next_event, read_body, respond, send
+from enforcer.metrics import CONTENT_TYPE, EnforcerMetrics, Readiness
 from enforcer.sockets import linger
 
 log = logging.getLogger(__name__)
@@ -351,30 +353,85 @@ def _error(status: int, message: str, code: int | None = None) -> tuple[int, byt
     return status, envelope(None, [{"code": err.code, "message": message}])
 
 
+# The operations endpoints (docs/metrics.md). The probes answer anyone (a kubelet probes the
+# pod's address and carries no token); /metrics needs the admin token unless the listener is
+# bound to loopback.
+METRICS_PATH, HEALTH_PATH, READY_PATH = "/metrics", "/healthz", "/readyz"
+PROBE_PATHS = frozenset({HEALTH_PATH, READY_PATH})
+
+
+@dataclasses.dataclass(frozen=True)
+class Operations:
+    """What the operations endpoints read: the enforcer's metrics and readiness."""
+
+    metrics: EnforcerMetrics
+    readiness: Readiness
+
+
 class AdminServer:
-    """Serves the admin API for one controller."""
+    """Serves the admin API for one controller, and the operations endpoints."""
 
     def __init__(
         self,
-        controller: Controller,
-        settings: AdminSettings,
+        controller: Controller | None,
+        settings: AdminSettings | None,
         *,
         request_timeout: float = ADMIN_REQUEST_TIMEOUT,
+        operations: Operations | None = None,
+        loopback: bool = False,
     ) -> None:
         self.controller = controller
-        self._token = f"Bearer {settings.token}".encode()
+        # Without admin settings (a metrics listener and no [admin]) no token opens anything.
+        self._token = f"Bearer {settings.token}".encode() if settings is not None else None
         self.request_timeout = request_timeout
+        self.operations = operations
+        self.loopback = loopback
 
     def _authorised(self, request: h11.Request) -> bool:
+        if self._token is None:
+            return False
         values = header_values(request.headers, b"authorization")
         # compare_digest: the token must not leak through timing.
         return len(values) == 1 and hmac.compare_digest(values[0].encode("latin-1"), self._token)
 
+    def _open(self, request: h11.Request) -> bool:
+        """True for an operations endpoint that needs no token here."""
+        if self.operations is None:
+            return False
+        path = request.target.split(b"?", 1)[0].decode("latin-1")
+        return path in PROBE_PATHS or (path == METRICS_PATH and self.loopback)
+
+    async def _operation(self, request: h11.Request, path: str) -> tuple[int, str, bytes]:
+        """Answer /metrics, /healthz or /readyz."""
+        assert self.operations is not None
+        if request.method != b"GET":
+            status, data = _error(
+                405, f"{request.method.decode()} is not allowed on {path}; use GET"
+            )
+            return status, "application/json", data
+        if path == HEALTH_PATH:
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+        if path == READY_PATH:
+            ready, checks = await self.operations.readiness.check()
+            body: dict[str, Any] = {"ready": ready}
+            # The checks name origins and their errors: only for this machine or the token.
+            if self.loopback or self._authorised(request):
+                body["checks"] = checks
+            return 200 if ready else 503, "application/json", (json.dumps(body) + "\n").encode()
+        return 200, CONTENT_TYPE, self.operations.metrics.render()
+
     async def dispatch(self, request: h11.Request, body: bytes) -> tuple[int, str, bytes]:
         """Route one request; return (status, content type, body)."""
+        path = request.target.split(b"?", 1)[0].decode("latin-1")
+        operation = self.operations is not None and (path in PROBE_PATHS or path == METRICS_PATH)
+        if operation and (self._open(request) or self._authorised(request)):
+            return await self._operation(request, path)
         if not self._authorised(request):
             return _unauthorised()
         url = urlsplit(request.target.decode("latin-1"))
+        if self.controller is None:  # a metrics listener: no API
+            status, data = _error(404, f"no route {url.path} (this listener serves metrics)")
+            return status, "application/json", data
         method = request.method.decode()
         allowed = []
         for route_method, pattern, handler in ROUTES:
@@ -384,6 +441,7 @@ class AdminServer:
             if route_method != method:
                 allowed.append(route_method)
                 continue
+            assert self.controller is not None
             call = _Call(self.controller, match.groups(), parse_qs(url.query), body)
             try:
                 result = await handler(call)
@@ -410,7 +468,7 @@ class AdminServer:
                 if event is None:
                     return  # closed, idle or too slow: nothing to answer
                 # Authenticate on the head alone: a stranger's body is never read.
-                if not self._authorised(event):
+                if not self._authorised(event) and not self._open(event):
                     await _refuse(conn, stream, *_unauthorised())
                     return
                 too_large = _declared_too_large(event)
@@ -505,10 +563,32 @@ async def serve_admin(
     listener: trio.SocketListener,
     *,
     request_timeout: float = ADMIN_REQUEST_TIMEOUT,
+    operations: Operations | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the admin API on a bound listener until cancelled."""
-    server = AdminServer(controller, settings, request_timeout=request_timeout)
+    """Serve the admin API (and the operations endpoints, if given) until cancelled."""
+    server = AdminServer(
+        controller,
+        settings,
+        request_timeout=request_timeout,
+        operations=operations,
+        loopback=is_loopback(settings.host),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(trio.serve_listeners, server.handle, [listener]))
+        task_status.started(listener.socket.getsockname()[1])
+
+
+async def serve_operations(
+    operations: Operations,
+    settings: AdminSettings | None,
+    listener: trio.SocketListener,
+    host: str,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve only /metrics, /healthz and /readyz (``server.metrics_port``) until cancelled."""
+    server = AdminServer(None, settings, operations=operations, loopback=is_loopback(host))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(trio.serve_listeners, server.handle, [listener]))
         task_status.started(listener.socket.getsockname()[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -62,6 +63,10 @@ from enforcer.tomltable import TableReader, read_toml
 DEFAULT_ISSUER = "https://access.testbed.local"
 
 
+# What /readyz needs of the configured origins: every one reachable, at least one, or none.
+READINESS_ORIGINS = ("all", "any", "none")
+
+
 class ConfigError(Exception):
     """A configuration problem, located by file and field."""
 
@@ -108,6 +113,11 @@ class ServerSettings:
     h2_max_outbound_control_frames: int = 1000  # Envoy max_outbound_control_frames
     h2_max_empty_frames: int = 1  # Envoy max_consecutive_inbound_frames_with_empty_payload
     h2_premature_reset_streams: int = 100  # Envoy overload.premature_reset_total_stream_count
+    # /metrics, /healthz and /readyz on a listener of their own (docs/metrics.md); without a
+    # token only on loopback. readiness_origins: which origins /readyz needs reachable.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    readiness_origins: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,6 +405,9 @@ def load_config(path: str | Path) -> EnforcerConfig:
             "h2_header_table_size",
             "h2_initial_window_size",
             *H2_FLOOD_LIMITS,
+            "metrics_host",
+            "metrics_port",
+            "readiness_origins",
         }
     )
     port = s.get("port", int, 8443)
@@ -422,8 +435,14 @@ def load_config(path: str | Path) -> EnforcerConfig:
         if not low <= value <= high:
             raise s.error(name, f"{value} is not between {low} and {high}")
         limits[name] = value
+    metrics_port = s.get("metrics_port", int, None)
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise s.error("metrics_port", f"{metrics_port} is not a TCP port (0-65535)")
     server = ServerSettings(
         host=s.get("host", str, "127.0.0.1"),
+        metrics_host=s.get("metrics_host", str, "127.0.0.1"),
+        metrics_port=metrics_port,
+        readiness_origins=s.choice("readiness_origins", READINESS_ORIGINS, "all"),
         port=port,
         access_log=s.get("access_log", str, "-"),
         handshake_timeout=s.duration("handshake_timeout", "10s").total_seconds(),
@@ -487,6 +506,13 @@ def load_config(path: str | Path) -> EnforcerConfig:
             port=admin_port,
             token=_admin_token(a),
             account_id=account_id,
+        )
+
+    if server.metrics_port is not None and admin is None and not is_loopback(server.metrics_host):
+        raise s.error(
+            "metrics_host",
+            f"{server.metrics_host} is not a loopback address: metrics there need the admin "
+            "token, so configure [admin] (or keep metrics_host on 127.0.0.1)",
         )
 
     key_profile = _validation(top.sub("validation"))
@@ -673,6 +699,16 @@ def _identifier(r: TableReader, name: str, default: str | None) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._:-]+", value):
         raise r.error(name, f"{value!r}: use letters, digits and . _ : - only")
     return str(value)
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or ``localhost``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _admin_token(a: TableReader) -> str:

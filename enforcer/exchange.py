@@ -50,6 +50,7 @@ from enforcer.identity import (
     LOGIN_PATH,
     ServiceTokenCredentials,
 )
+from enforcer.metrics import NO_APPLICATION
 from enforcer.proxy import (
     OriginError,
     OriginResponse,
@@ -456,6 +457,8 @@ class RequestPath:
         extra: list[tuple[bytes, bytes]] = []
         if decision.set_cookie:
             extra.append((b"set-cookie", decision.set_cookie.encode()))
+        origin_seconds, origin_errors = self.e.metrics.origin(app.hostname)
+        sent = time.perf_counter()
         try:
             async with origin_request(
                 app.origin,
@@ -468,8 +471,10 @@ class RequestPath:
                 content_length=request_content_length(request.headers),
                 origin_ca=app.origin_ca,
             ) as response:
+                origin_seconds.observe(time.perf_counter() - sent)
                 await port.relay(response, extra, log_status, close=decision.close_connection)
         except OriginError as exc:
+            origin_errors.inc()
             log.warning("connection %d: %s", self.conn_id, exc)
             if port.started:
                 await port.abort(f"origin failed mid-response: {exc}")
@@ -493,6 +498,14 @@ class RequestPath:
         """Write the access-log line of a request; ``refused`` names a refusal before deciding."""
         cert = decision.certificate if decision else None
         leaf = self.chain[0] if self.chain else None
+        outcome = (
+            ("allowed" if decision.allowed else "denied")
+            if decision
+            else ("refused" if refused else "served")
+        )
+        reason = decision.reason.value if decision and decision.reason else None
+        app = decision.application if decision else None
+        self.e.metrics.decided(app.hostname if app else NO_APPLICATION, outcome, reason or "none")
         record = {
             "time": now.isoformat(),
             "connection": self.conn_id,
@@ -503,10 +516,8 @@ class RequestPath:
             "method": request.method.decode("latin-1"),
             "path": request.target.decode("latin-1"),
             "status": status if status is not None else (decision.status if decision else None),
-            "decision": "allowed"
-            if decision and decision.allowed
-            else ("denied" if decision else "refused" if refused else "served"),
-            "reason": decision.reason.value if decision and decision.reason else None,
+            "decision": outcome,
+            "reason": reason,
             "detail": decision.detail if decision and decision.detail else refused,
             "notes": [n.value for n in decision.notes] if decision else [],
             "policy": decision.policy if decision else None,

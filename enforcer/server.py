@@ -57,6 +57,7 @@ from enforcer.http import (
 )
 from enforcer.http2 import H2Session
 from enforcer.login import UsedStates
+from enforcer.metrics import EnforcerMetrics, Readiness
 from enforcer.metronome import Metronome
 from enforcer.oidc import OidcClient
 from enforcer.proxy import (
@@ -161,6 +162,9 @@ class Enforcer:
         # Open tunnels re-decide their access on this one beat (see enforcer/metronome.py).
         self.tunnel_beat = Metronome(_TUNNEL_RECHECK, on_beat=self.refresh)
         self.apply(self.controller.snapshot())
+        self.metrics = EnforcerMetrics()
+        self.metrics.watch(self.validations, self.token_memo, self.access_log)
+        self.readiness = Readiness(self)
 
     @classmethod
     def from_config(
@@ -192,21 +196,30 @@ class Enforcer:
         conn_id = next(self._ids)
         peer = _peer_ip(transport)
         started = time.perf_counter()
+        metrics = self.metrics
+        metrics.connections_accepted.inc()
         self.refresh()
         assert self.contexts is not None
         tls = ServerTLSStream(transport, self.contexts)
         lingering = False  # the close is ours and the client may still be sending
+        metrics.connections_open.inc()  # and down in the finally below
         try:
             with trio.move_on_after(self.settings.handshake_timeout) as scope:
                 await tls.do_handshake()
             if scope.cancelled_caught:
                 self._log_tls(conn_id, peer, tls.sni, "handshake timed out")
                 return
-            handshake_ms = (time.perf_counter() - started) * 1000
+            handshake_seconds = time.perf_counter() - started
+            handshake_ms = handshake_seconds * 1000
             chain = self._client_chain(tls)
-            conn = Established(
-                tls, conn_id, peer, handshake_ms, chain, tls.session_reused(), tls.protocol()
-            )
+            resumed = tls.session_reused()
+            if resumed:
+                metrics.handshakes_resumed.inc()
+                metrics.handshake_resumed_seconds.observe(handshake_seconds)
+            else:
+                metrics.handshakes_full.inc()
+                metrics.handshake_full_seconds.observe(handshake_seconds)
+            conn = Established(tls, conn_id, peer, handshake_ms, chain, resumed, tls.protocol())
             alpn = tls.alpn()
             if alpn == "h2":
                 lingering = await H2Session(self, conn).serve()
@@ -236,6 +249,7 @@ class Enforcer:
                         await tls.send_close_notify()
                     await linger(transport, LINGER_BYTES)
             finally:
+                metrics.connections_open.dec()
                 with trio.CancelScope(shield=True):
                     await tls.aclose()
 
@@ -249,6 +263,7 @@ class Enforcer:
         return chain
 
     def _log_tls(self, conn_id: int, peer: str | None, sni: str | None, detail: str) -> None:
+        self.metrics.tls_errors.inc()
         self.access_log.write(
             {
                 "time": self.clock.now().isoformat(),
@@ -477,6 +492,7 @@ class _Session(RequestPath):
             )
         except OriginError as exc:
             log.warning("connection %d: %s", self.conn_id, exc)
+            self.e.metrics.origin(app.hostname)[1].inc()
             await self._plain(502, "The origin is unreachable.\n", close=True)
             return
         if not isinstance(result, Tunnel):
@@ -550,6 +566,7 @@ class _Session(RequestPath):
                     await self.tls.send_all(frame)
             done.cancel()
 
+        self.e.metrics.tunnels_open.inc()
         try:
             if client_bytes:
                 await origin.send_all(bytes(client_bytes))
@@ -561,6 +578,7 @@ class _Session(RequestPath):
         except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
+            self.e.metrics.tunnels_open.dec()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(origin)
 
@@ -734,7 +752,11 @@ async def serve(
         # The origin pool's HTTP/2 connections live as long as serving does.
         async with enforcer.origins.running(), trio.open_nursery() as nursery:
             nursery.start_soon(
-                functools.partial(serve_tcp, max_connections=enforcer.settings.max_connections),
+                functools.partial(
+                    serve_tcp,
+                    max_connections=enforcer.settings.max_connections,
+                    on_accept_error=enforcer.metrics.accept_errors.inc,
+                ),
                 sock,
                 enforcer.handle,
                 nursery,

@@ -232,6 +232,7 @@ async def serve_tcp(
     *,
     max_connections: int = 1024,
     error_log_interval: float = ACCEPT_ERROR_LOG_INTERVAL,
+    on_accept_error: Callable[[], object] | None = None,
 ) -> None:
     """Accept connections until cancelled: a ``handler`` task each, ``max_connections`` at once."""
     if max_connections < 1:
@@ -268,6 +269,8 @@ async def serve_tcp(
                 if exc.errno not in _RESOURCE_ERRNOS:
                     raise
                 errors.failed(exc)
+                if on_accept_error is not None:
+                    on_accept_error()
                 await trio.sleep(ACCEPT_ERROR_PAUSE)
                 break
             if errors.failing:

@@ -33,6 +33,10 @@ from enforcer.private_files import tighten
 # The token algorithms (access-flow A7, J1): RS256 is the default, as Cloudflare Access signs.
 DEFAULT_ALGORITHM = "RS256"
 ALGORITHMS = ("RS256", "ES256", "EdDSA")
+# Tokens signed and signatures verified in this process, by algorithm: plain counts (this
+# module stays free of I/O), which enforcer/metrics.py copies into its counters.
+MINTED: dict[str, int] = dict.fromkeys(ALGORITHMS, 0)
+VERIFIED: dict[str, int] = dict.fromkeys(ALGORITHMS, 0)
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
@@ -206,6 +210,7 @@ class KeyRing:
 def mint(ring: KeyRing, claims: Mapping[str, Any], account: str | None = None) -> str:
     """Sign ``claims`` with the key of ``account``'s algorithm (its ``kid`` in the header)."""
     key = ring.signer(account)
+    MINTED[key.algorithm] += 1
     return jwt.encode(
         dict(claims), key.private_key, algorithm=key.algorithm, headers={"kid": key.kid}
     )
@@ -373,6 +378,7 @@ def _verify_signature(
         )
     except jwt.PyJWTError as exc:
         return TokenCheck(TokenStatus.INVALID, detail=str(exc))
+    VERIFIED[key.algorithm] += 1
     return _Verified(key.kid, key.public_jwk, claims)
 
 

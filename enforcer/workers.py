@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -13,10 +14,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from enforcer.accesslog import AccessLog, keep_access_log
-from enforcer.admin import serve_admin
+from enforcer.admin import Operations, serve_admin, serve_operations
 from enforcer.clock import WallClock
 from enforcer.config import ConfigError, EnforcerConfig, load_config
 from enforcer.controller import crl_files, keep_crls_fresh, open_state
+from enforcer.metrics import keep_metrics, shared_metrics_dir, worker_exited
 from enforcer.server import Enforcer, open_listener, serve
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,13 @@ async def serve_config(
     refresh_crls: bool = True,
     on_listening: Callable[[int, int | None], None] | None = None,
     also: Sequence[Callable[[], Awaitable[None]]] = (),
+    on_metrics: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve one configuration (and its admin API) on one trio loop until a signal stops it."""
+    """Serve one configuration (and its admin API) on one trio loop until a signal stops it.
+
+    The worker with the admin API also serves ``server.metrics_port`` (every worker's
+    metrics, merged: see enforcer/metrics.py).
+    """
     enforcer = Enforcer(
         config, WallClock(), AccessLog(config.server.access_log), follow_store=follow_store
     )
@@ -50,6 +57,14 @@ async def serve_config(
     admin_listener = None
     if with_admin and config.admin is not None:
         admin_listener = await open_listener(config.admin.host, config.admin.port)
+    metrics_listener = None
+    if with_admin and config.server.metrics_port is not None:
+        metrics_listener = await open_listener(
+            config.server.metrics_host, config.server.metrics_port
+        )
+        if on_metrics:
+            on_metrics(metrics_listener.socket.getsockname()[1])
+    operations = Operations(enforcer.metrics, enforcer.readiness)
     if on_listening:
         on_listening(
             listener.socket.getsockname()[1],
@@ -59,8 +74,25 @@ async def serve_config(
         nursery.start_soon(stop_on_signal, nursery.cancel_scope)
         nursery.start_soon(keep_access_log, enforcer.access_log)
         nursery.start_soon(serve, enforcer, listener)
+        nursery.start_soon(keep_metrics, enforcer.metrics)
         if admin_listener is not None and config.admin is not None:
-            nursery.start_soon(serve_admin, enforcer.controller, config.admin, admin_listener)
+            nursery.start_soon(
+                functools.partial(
+                    serve_admin,
+                    enforcer.controller,
+                    config.admin,
+                    admin_listener,
+                    operations=operations,
+                )
+            )
+        if metrics_listener is not None:
+            nursery.start_soon(
+                serve_operations,
+                operations,
+                config.admin,
+                metrics_listener,
+                config.server.metrics_host,
+            )
         if refresh_crls:
             # One process fetches CRLs; the state store carries them to the other workers.
             nursery.start_soon(keep_crls_fresh, enforcer.controller, crl_files(config))
@@ -68,8 +100,14 @@ async def serve_config(
             nursery.start_soon(task)
 
 
-def _worker(config_path: str, host: str, port: int, index: int) -> None:
+def _worker(
+    config_path: str, host: str, port: int, index: int, metrics_port: int | None = None
+) -> None:
     config = load_config(config_path)
+    if metrics_port is not None:
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, metrics_port=metrics_port)
+        )
     # Every worker follows the shared state database; the first also serves the admin API.
     trio.run(
         functools.partial(
@@ -85,8 +123,23 @@ def _worker(config_path: str, host: str, port: int, index: int) -> None:
     )
 
 
-def run_workers(config_path: str, host: str, port: int, workers: int) -> int:
+def run_workers(
+    config_path: str, host: str, port: int, workers: int, *, metrics_port: int | None = None
+) -> int:
     """Run ``workers`` processes on one port until Ctrl-C or SIGTERM; return an exit code."""
+    # The workers' metrics meet in a private directory this process creates and removes.
+    with shared_metrics_dir() as metrics_dir:
+        return _run_workers(config_path, host, port, workers, metrics_port, metrics_dir)
+
+
+def _run_workers(
+    config_path: str,
+    host: str,
+    port: int,
+    workers: int,
+    metrics_port: int | None,
+    metrics_dir: str,
+) -> int:
     config = load_config(config_path)
     if port == 0:
         raise ConfigError(config.path, "server.port", "--workers > 1 needs a fixed port, not 0")
@@ -95,7 +148,7 @@ def run_workers(config_path: str, host: str, port: int, workers: int) -> int:
     store.close()
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(config_path, host, port, i), daemon=True)
+        ctx.Process(target=_worker, args=(config_path, host, port, i, metrics_port), daemon=True)
         for i in range(workers)
     ]
 
@@ -123,5 +176,7 @@ def run_workers(config_path: str, host: str, port: int, workers: int) -> int:
                 p.terminate()
         for p in procs:
             p.join(timeout=5)
+            if p.pid is not None and p.exitcode is not None:
+                worker_exited(p.pid, metrics_dir)
     failed = [p.exitcode for p in procs if p.exitcode not in (0, -signal.SIGTERM, None)]
     return 1 if failed else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
@@ -13,7 +14,7 @@ from typing import Any
 import trio
 from rich.console import Console
 
-from enforcer.config import ConfigError, load_config
+from enforcer.config import ConfigError, is_loopback, load_config
 from enforcer.origin import serve_echo_origin_on
 from enforcer.server import ListenError
 from enforcer.workers import run_workers, serve_config
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_env("WORKERS", "1"),
         help="worker processes sharing the port (env TESTBED_WORKERS)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics, /healthz and /readyz on this port (default: the config's "
+        "server.metrics_port; see docs/metrics.md)",
     )
 
     add_admin_parser(enf)
@@ -153,9 +161,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = int(args.port) if args.port is not None else config.server.port
     if args.workers < 1:
         return _fail("--workers: expected 1 or more")
+    if args.metrics_port is not None:
+        if not 0 <= args.metrics_port <= 65535:
+            return _fail(f"--metrics-port: {args.metrics_port} is not a TCP port (0-65535)")
+        server = dataclasses.replace(config.server, metrics_port=args.metrics_port)
+        config = dataclasses.replace(config, server=server)
+        if config.admin is None and not is_loopback(server.metrics_host):
+            return _fail(
+                f"--metrics-port: server.metrics_host {server.metrics_host} is not a loopback "
+                "address, so metrics need the admin token: configure [admin]"
+            )
     try:
         if args.workers > 1:
-            return run_workers(args.config, host, port, args.workers)
+            return run_workers(
+                args.config, host, port, args.workers, metrics_port=args.metrics_port
+            )
 
         def listening(bound: int, admin: int | None) -> None:
             extra = f", admin API on {config.admin.host}:{admin}" if config.admin else ""
@@ -167,7 +187,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         # The state is opened and the snapshot built before anything listens, so a bad
         # config or state fails with exit 2 first.
-        trio.run(lambda: serve_config(config, host, port, on_listening=listening))
+        def metrics_listening(bound: int) -> None:
+            print(
+                f"enforcer: metrics on http://{config.server.metrics_host}:{bound}/metrics",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        trio.run(
+            lambda: serve_config(
+                config, host, port, on_listening=listening, on_metrics=metrics_listening
+            )
+        )
         print("enforcer: stopped", file=sys.stderr)
     except ConfigError as exc:
         return _fail(str(exc))
