@@ -4,6 +4,7 @@ a full mTLS handshake to a served enforcer, and the token's errors under their C
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pkcs11.exceptions as p11e
 import pytest
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devices.client import DeviceClient, Target
@@ -30,7 +31,9 @@ from devices.pkcs11 import (
     store_certificate,
     token_session,
 )
+from devices.pki import issue_ca
 from testbed.demo import AUTH_HOST
+from testbed.nginx import NGINX, start_nginx, stop_nginx
 from tests.conftest import Served
 from tests.wire import admin_call
 
@@ -226,3 +229,51 @@ def test_configuration_errors_name_the_problem(token: SoftToken, tmp_path: Path)
     assert token_session(from_file).session() is not None
     with pytest.raises(TokenError, match="NO_SUCH_TOKEN"):
         token_session(token.config(token="nope")).session()
+
+
+async def test_handshake_to_nginx_signed_on_the_token(
+    served: Served, token: SoftToken, tmp_path: Path
+) -> None:
+    if NGINX is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed (see .ci/run)")
+        pytest.skip("nginx is installed by .ci/run")
+    now = dt.datetime.now(dt.UTC)
+    ca = issue_ca("token test CA", now)
+    csr = generate_on_token(token.config(), "ec-p256", "token-nginx")
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(ca.certificate.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(ca.key, hashes.SHA256())
+    )
+    store_certificate(token.config(), leaf)  # the chain comes from the token
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_bytes(ca.cert_pem())
+    layout = served.layout
+    proc, port = await start_nginx(
+        tmp_path / "nginx",
+        cert=layout.root / "edge" / "cert.pem",
+        key=layout.root / "edge" / "key.pem",
+        client_ca=client_ca,
+        server_name=AUTH_HOST,
+    )
+    try:
+        target = Target("127.0.0.1", port, AUTH_HOST, layout.edge_ca)
+        client = DeviceClient(target, Pkcs11KeyStore(token.config()))
+        attempt = await client.request("/")
+        await client.aclose()
+        # And a server this device must not trust: verified and refused before any request.
+        wrong = Target("127.0.0.1", port, AUTH_HOST, client_ca)
+        refused = DeviceClient(wrong, Pkcs11KeyStore(token.config()))
+        distrusted = await refused.request("/")
+        await refused.aclose()
+    finally:
+        await stop_nginx(proc)
+    assert attempt.outcome == "allowed", attempt.error
+    assert attempt.timings.key_store > 0
+    assert distrusted.outcome == "tls_error:certificate_verify_failed"
