@@ -28,6 +28,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from pkcs11.util.ec import encode_ecdsa_signature, encode_named_curve_parameters
 from devices.keystore import KeyStoreError
 
 __all__ = [
+    "TOKEN_KEY_TYPES",
     "Pkcs11Config",
     "Pkcs11KeyStore",
     "TokenError",
@@ -51,7 +53,9 @@ __all__ = [
     "ckr_name",
     "generate_on_token",
     "reinitialize",
+    "store_certificate",
     "token_session",
+    "token_uri",
 ]
 
 # python-pkcs11 names its exceptions after the CKR_* values in CamelCase; these few are spelt
@@ -457,6 +461,25 @@ class Pkcs11KeyStore:
         self.key.session.removed = False
 
 
+#: Key types :func:`generate_on_token` makes (named as in :data:`devices.pki.KEY_TYPES`).
+TOKEN_KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
+
+
+def token_uri(config: Pkcs11Config) -> str:
+    """The RFC 7512 ``pkcs11:`` URI of the private key ``config`` names (for inventories)."""
+    parts = []
+    if config.token is not None:
+        parts.append(f"token={urllib.parse.quote(config.token, safe='')}")
+    if config.slot is not None:
+        parts.append(f"slot-id={config.slot}")
+    if config.key_label is not None:
+        parts.append(f"object={urllib.parse.quote(config.key_label, safe='')}")
+    if config.key_id is not None:
+        parts.append("id=" + "".join(f"%{b:02x}" for b in config.key_id))
+    parts.append("type=private")
+    return "pkcs11:" + ";".join(parts)
+
+
 def generate_on_token(
     config: Pkcs11Config, key_type: str, common_name: str, org: str | None = None
 ) -> x509.CertificateSigningRequest:
@@ -475,7 +498,7 @@ def generate_on_token(
     public_template = {Attribute.VERIFY: True, Attribute.TOKEN: True, **attrs}
 
     def generate(s: Any) -> Any:
-        if key_type in ("ec-p256", "ec-p384"):
+        if key_type in TOKEN_KEY_TYPES[:2]:
             curve = "secp256r1" if key_type == "ec-p256" else "secp384r1"
             params = s.create_domain_parameters(
                 KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve)}, local=True

@@ -32,6 +32,8 @@ from devices.pkcs11 import (
     token_session,
 )
 from devices.pki import issue_ca
+from devices.provision import read_inventory
+from testbed.cli import main
 from testbed.demo import AUTH_HOST
 from testbed.nginx import NGINX, start_nginx, stop_nginx
 from tests.conftest import Served
@@ -54,6 +56,14 @@ def softhsm_module() -> Path:
             pytest.fail("SoftHSM2 is not installed (apt-get install softhsm2; see .ci/run)")
         pytest.skip("SoftHSM2 is not installed (apt-get install softhsm2)")
     return found
+
+
+def need_nginx() -> None:
+    """Skip without nginx, except on CI, where it must be there."""
+    if NGINX is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed (see .ci/run)")
+        pytest.skip("nginx is installed by .ci/run")
 
 
 @dataclasses.dataclass
@@ -234,10 +244,7 @@ def test_configuration_errors_name_the_problem(token: SoftToken, tmp_path: Path)
 async def test_handshake_to_nginx_signed_on_the_token(
     served: Served, token: SoftToken, tmp_path: Path
 ) -> None:
-    if NGINX is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed (see .ci/run)")
-        pytest.skip("nginx is installed by .ci/run")
+    need_nginx()
     now = dt.datetime.now(dt.UTC)
     ca = issue_ca("token test CA", now)
     csr = generate_on_token(token.config(), "ec-p256", "token-nginx")
@@ -277,3 +284,51 @@ async def test_handshake_to_nginx_signed_on_the_token(
     assert attempt.outcome == "allowed", attempt.error
     assert attempt.timings.key_store > 0
     assert distrusted.outcome == "tls_error:certificate_verify_failed"
+
+
+async def test_fleet_provisioned_into_the_token(
+    served: Served, token: SoftToken, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    need_nginx()
+    out = tmp_path / "fleet"
+    base = ["fleet", "provision", "--size", "3", "--out", str(out), "--cohort", "old=1:expired"]
+    pkcs11_args = ["--key-store", "pkcs11", "--module", str(token.module), "--token", LABEL]
+    # Bad options first: each named, exit 2, nothing made.
+    assert main([*base, "--key-store", "pkcs11", "--token", LABEL]) == 2
+    assert main([*base, *pkcs11_args, "--pin-env", "NO_SUCH_PIN_VARIABLE"]) == 2
+    assert main([*base, *pkcs11_args, "--pin-env", "TEST_TOKEN_PIN", "--p12"]) == 2
+    assert "--p12: a key on a token" in capsys.readouterr().err
+    assert not out.exists()
+    assert (
+        await trio.to_thread.run_sync(main, [*base, *pkcs11_args, "--pin-env", "TEST_TOKEN_PIN"])
+        == 0
+    )
+    devices = read_inventory(out)
+    assert [d.key_store for d in devices] == ["pkcs11"] * 3
+    assert devices[0].key_path == (
+        "pkcs11:token=devices;object=device-001;id=%64%65%76%69%63%65%2d%30%30%31;type=private"
+    )
+    assert not list(out.glob("devices/*/key.pem"))  # no key left the token
+    config = token.config("device-001")
+    leaf = x509.load_pem_x509_certificates((out / devices[0].cert_path).read_bytes())[0]
+    assert Pkcs11KeyStore(config).key.certificate_der() == leaf.public_bytes(
+        serialization.Encoding.DER
+    )
+    # The fleet's CA trusted by nginx: the token's devices get in, the expired one does not.
+    proc, port = await start_nginx(
+        tmp_path / "nginx",
+        cert=served.layout.root / "edge" / "cert.pem",
+        key=served.layout.root / "edge" / "key.pem",
+        client_ca=out / "ca" / "upload.pem",
+        server_name=AUTH_HOST,
+    )
+    outcomes = {}
+    try:
+        for d in devices:
+            target = Target("127.0.0.1", port, AUTH_HOST, served.layout.edge_ca)
+            client = DeviceClient(target, Pkcs11KeyStore(token.config(d.id), out / d.cert_path))
+            outcomes[d.id] = (await client.request("/")).outcome
+            await client.aclose()
+    finally:
+        await stop_nginx(proc)
+    assert outcomes == {"device-001": "allowed", "device-002": "allowed", "device-003": "http_400"}
