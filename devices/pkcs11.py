@@ -210,12 +210,11 @@ class TokenSession:
         self._generation = -1
         self.removed = False  # set by a scenario's "token removed" event
         self.logins = 0  # sessions opened and logged in (one per insertion)
-        # The PIN the token refused, and how often in a row: a device stops presenting it after
-        # MAX_PIN_FAILURES, as a YubiKey blocks after three (SoftHSM2 never blocks a PIN).
-        self._refused: tuple[str, int] | None = None
+        self.pin: str | None = None  # the PIN the open session logged in with
 
-    def session(self) -> Any:
-        """The open, logged-in session (opened now if needed); raises :class:`TokenError`."""
+    def session(self, pin: str | None = None) -> Any:
+        """The open, logged-in session (opened now if needed, logging in with ``pin``, by
+        default the configured PIN source's); raises :class:`TokenError`."""
         with self.lock:
             if self.removed:
                 raise TokenError(
@@ -225,13 +224,7 @@ class TokenSession:
             if self._session is not None and self._generation == module.generation:
                 return self._session
             self._session = None
-            pin = self.config.pin()
-            if self._refused is not None and self._refused == (pin, MAX_PIN_FAILURES):
-                raise TokenError(
-                    "CKR_PIN_LOCKED",
-                    f"{self.config.where}: the token refused this PIN {MAX_PIN_FAILURES} times; "
-                    "the device no longer presents it (change the PIN source)",
-                )
+            pin = self.config.pin() if pin is None else pin
             try:
                 if self.config.slot is not None:
                     slots = [
@@ -253,15 +246,22 @@ class TokenSession:
                     token = module.lib.get_token(token_label=self.config.token)
                 self._session = token.open(user_pin=pin, rw=True)
             except p11e.PKCS11Error as e:
-                code = ckr_name(e)
-                if code == "CKR_PIN_INCORRECT":
-                    count = self._refused[1] if self._refused and self._refused[0] == pin else 0
-                    self._refused = (pin, count + 1)
-                raise TokenError(code, f"{self.config.where}: opening a session") from e
-            self._refused = None
+                raise TokenError(ckr_name(e), f"{self.config.where}: opening a session") from e
+            self.pin = pin
             self._generation = module.generation
             self.logins += 1
             return self._session
+
+    def change_pin(self, new_pin: str) -> None:
+        """Set the token's user PIN (C_SetPIN from the PIN this session logged in with), then
+        close the session: every device logs in again, with whatever PIN it knows."""
+        with self.lock:
+            session = self.session()
+            try:
+                session.set_pin(self.pin, new_pin)
+            except p11e.PKCS11Error as e:
+                raise TokenError(ckr_name(e), f"{self.config.where}: changing the PIN") from e
+            self.close()
 
     def close(self) -> None:
         """Close the session (a later :meth:`session` opens a new one)."""
@@ -397,6 +397,9 @@ class Pkcs11KeyStore:
         self.cert_path = Path(cert_path) if cert_path is not None else None
         self.key = TokenKey(config)
         self._chain_pem: bytes | None = None
+        # The PIN the token refused, and how often in a row: this device stops presenting it
+        # after MAX_PIN_FAILURES, as a YubiKey blocks after three (SoftHSM2 never blocks).
+        self._refused: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
         return f"Pkcs11KeyStore({self.config.where}, key={self.config.key_label!r})"
@@ -434,13 +437,32 @@ class Pkcs11KeyStore:
         """For one handshake: the chain (PEM), a signer that signs on the token, and the cost
         record that signer fills (the token's real signing time). Opens the session now."""
         chain = self.chain_pem()
-        self.key.session.session()
+        self._log_in()
         cost = SignCost()
 
         def signer(digest: bytes, hash_name: str, padding: str | None) -> bytes:
             return self.sign(cost, digest, hash_name, padding)
 
         return chain, signer, cost
+
+    def _log_in(self) -> None:
+        """Make sure the token's session is open, presenting this device's PIN if it is not."""
+        pin = self.config.pin()
+        if self._refused == (pin, MAX_PIN_FAILURES):
+            raise TokenError(
+                "CKR_PIN_LOCKED",
+                f"{self.config.where}: the token refused this PIN {MAX_PIN_FAILURES} times; "
+                "the device no longer presents it (a YubiKey would now be blocked; change the "
+                "PIN source to try another)",
+            )
+        try:
+            self.key.session.session(pin)
+        except TokenError as e:
+            if e.code == "CKR_PIN_INCORRECT":
+                count = self._refused[1] if self._refused and self._refused[0] == pin else 0
+                self._refused = (pin, count + 1)
+            raise
+        self._refused = None
 
     def sign(self, cost: SignCost, digest: bytes, hash_name: str, padding: str | None) -> bytes:
         """Sign ``digest`` on the token, adding the token's time to ``cost``."""
@@ -608,3 +630,93 @@ def store_certificate(config: Pkcs11Config, cert: x509.Certificate) -> None:
         )
 
     token_session(config).call("storing the certificate", put)
+
+
+#: CKA_ID prefix of keys the testbed imported itself (a run may replace those, never others).
+IMPORTED_ID_PREFIX = b"mtls-testbed:"
+
+
+def import_key(config: Pkcs11Config, key_pem: bytes, cert: x509.Certificate) -> bool:
+    """Put a device's software key (PEM) on the token under ``config.key_label`` (sensitive,
+    not extractable from then on), unless the token already holds the key of ``cert`` there.
+
+    A key under that label that belongs to another certificate is replaced only if the testbed
+    imported it (its CKA_ID starts with :data:`IMPORTED_ID_PREFIX`); otherwise this refuses.
+    Returns True when a key was imported.
+    """
+    from pkcs11.util.ec import decode_ec_private_key
+    from pkcs11.util.rsa import decode_rsa_private_key
+
+    key = serialization.load_pem_private_key(key_pem, None)
+    wanted = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if (
+        key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        != wanted
+    ):
+        raise KeyStoreError(f"{config.where}: the key to import does not match its certificate")
+    label = config.key_label
+    if label is None:
+        raise KeyStoreError(f"{config.where}: importing a key needs a key label")
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        attrs = decode_ec_private_key(
+            key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+    elif isinstance(key, rsa.RSAPrivateKey):
+        attrs = decode_rsa_private_key(
+            key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+    else:
+        raise TokenError("CKR_KEY_TYPE_INCONSISTENT", f"{config.where}: EC or RSA keys only")
+
+    def put(session: Any) -> bool:
+        found = list(session.get_objects({Attribute.LABEL: label}))
+        for obj in found:
+            if obj[Attribute.CLASS] == ObjectClass.CERTIFICATE and bytes(
+                obj[Attribute.VALUE]
+            ) == cert.public_bytes(serialization.Encoding.DER):
+                return False  # already there, with this certificate
+        for obj in found:
+            ident = bytes(obj[Attribute.ID]) if obj[Attribute.CLASS] != ObjectClass.DATA else b""
+            if not ident.startswith(IMPORTED_ID_PREFIX):
+                raise KeyStoreError(
+                    f"{config.where}: the token holds another key or certificate labelled "
+                    f"{label!r}, not imported by the testbed; use another key_label"
+                )
+        for obj in found:
+            obj.destroy()
+        ident = IMPORTED_ID_PREFIX + label.encode()
+        common = {Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: ident}
+        session.create_object(
+            {
+                **attrs,
+                **common,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.SIGN: True,
+            }
+        )
+        session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.CERTIFICATE,
+                Attribute.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
+                Attribute.VALUE: cert.public_bytes(serialization.Encoding.DER),
+                Attribute.SUBJECT: cert.subject.public_bytes(),
+                **common,
+            }
+        )
+        return True
+
+    return bool(token_session(config).call("importing a key", put))
