@@ -192,9 +192,6 @@ def reinitialize(module: Path) -> None:
         sessions = [s for key, s in _SESSIONS.items() if key[0] == module]
     for s in sessions:
         s.close()
-    with _REGISTRY_LOCK:
-        for key in [k for k in _SESSIONS if k[0] == module]:
-            del _SESSIONS[key]
     if loaded is not None:
         loaded.lib.reinitialize()
         loaded.generation += 1
@@ -252,6 +249,11 @@ class TokenSession:
             self.logins += 1
             return self._session
 
+    @property
+    def closed(self) -> bool:
+        """True when no session is open (the next use opens one and logs in)."""
+        return self._session is None
+
     def change_pin(self, new_pin: str) -> None:
         """Set the token's user PIN (C_SetPIN from the PIN this session logged in with), then
         close the session: every device logs in again, with whatever PIN it knows."""
@@ -282,17 +284,21 @@ class TokenSession:
             except p11e.PKCS11Error as e:
                 code = ckr_name(e)
                 if code in _GONE:
-                    self._session = None
+                    self.close()  # and log out: the next call opens and logs in afresh
                 raise TokenError(code, f"{self.config.where}: {what}") from e
 
 
 def token_session(config: Pkcs11Config) -> TokenSession:
-    """The shared session of the token ``config`` names (one per module, label and slot)."""
+    """The shared session of the token ``config`` names (one per module, label and slot; one
+    login per token, as PKCS#11 has it: the PIN source of the configuration that opened it)."""
     key = (Path(config.module), config.token, config.slot)
     with _REGISTRY_LOCK:
         found = _SESSIONS.get(key)
         if found is None:
             found = _SESSIONS[key] = TokenSession(config)
+        elif found.closed:
+            # Not logged in: the next login uses this configuration's PIN source.
+            found.config = config
         return found
 
 
