@@ -206,6 +206,7 @@ class DeviceClient:
         self._openssl_context: SSL.Context | None = None  # without a key store
         # A load test sends the same request again and again: h11 validates it once.
         self._last_request: tuple[object, h11.Request] | None = None
+        self._reconnect = False  # the next request opens a new connection (see reconnect)
 
     @property
     def cookie(self) -> str | None:
@@ -274,6 +275,11 @@ class DeviceClient:
         if self._last_request is None or self._last_request[0] != key:
             self._last_request = (key, h11.Request(method=method, target=path, headers=headers))
         return self._last_request[1]
+
+    def reconnect(self) -> None:
+        """Make the next request open a new connection (a new handshake through the key store);
+        a request in flight finishes on the current one (it is not closed under it)."""
+        self._reconnect = True
 
     def forget_cookie(self) -> None:
         """Drop the cookie (as a device that restarts would)."""
@@ -414,7 +420,13 @@ class DeviceClient:
         headers: Sequence[tuple[str, str]],
     ) -> bool:
         """Fill ``attempt``; return True when a reused connection turned out to be closed."""
-        if self._stream is None or self.options.always_new_handshake or not self.options.keep_alive:
+        if (
+            self._stream is None
+            or self.options.always_new_handshake
+            or not self.options.keep_alive
+            or self._reconnect
+        ):
+            self._reconnect = False
             if not await self._open(attempt):
                 return False
             self._h11 = h11.Connection(h11.CLIENT)

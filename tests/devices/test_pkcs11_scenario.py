@@ -104,12 +104,17 @@ def test_a_token_cohort_runs_through_removal_reinsertion_and_a_pin_change(
     def during(start: float, end: float) -> set[str]:
         return {o for at, o, *_ in rows if start <= at < end}
 
-    assert during(0, 1.1) == {"allowed"}
-    assert during(1.3, 2.1) == {"key_store_error:CKR_DEVICE_REMOVED"}
-    assert during(2.3, 2.9) == {"allowed"}
+    # By scheduled time; an attempt that started late on this shared machine may run into the
+    # next event, which the runner allows (either side's expectation), so each stretch shows
+    # its own outcome and at most its neighbour's.
+    removed = "key_store_error:CKR_DEVICE_REMOVED"
+    refused = {"key_store_error:CKR_PIN_INCORRECT", "key_store_error:CKR_PIN_LOCKED"}
+    assert "allowed" in during(0, 1.1) <= {"allowed", removed}
+    assert removed in during(1.3, 2.1) <= {removed, "allowed"}
+    assert "allowed" in during(2.3, 2.9) <= {"allowed"} | refused
     # The token's PIN changed; the devices' PIN source did not: refused, then not presented.
-    assert during(3.1, 4) <= {"key_store_error:CKR_PIN_INCORRECT", "key_store_error:CKR_PIN_LOCKED"}
-    assert during(3.1, 4)
+    assert during(3.3, 4) and during(3.3, 4) <= refused
+    # Every attempt saw what the runner expected of it then (the runner's own judgement).
     assert all(o == e for _, o, e, *_ in rows), [r for r in rows if r[1] != r[2]]
     # Full handshakes on the token record its signing time in the key_store phase.
     assert any(ks > 0 and hs >= ks for _, o, _, ks, hs in rows if o == "allowed")
