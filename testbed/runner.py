@@ -983,8 +983,8 @@ class Run:
     async def _token_event(self, event: Event) -> str:
         """A pkcs11 cohort's token removed, reinserted, or its PIN changed.
 
-        The devices drop their connections at once (a device whose token goes away or whose
-        PIN changes starts over), so that their next attempt is a new handshake on the token.
+        The devices reconnect for their next attempt (a device whose token goes away or whose
+        PIN changes starts over), so that it is a new handshake on the token.
         """
         from devices.pkcs11 import Pkcs11KeyStore
 
@@ -1017,7 +1017,9 @@ class Run:
             elif spec.pkcs11 is not None and spec.pkcs11.pin_env != event.value:
                 d.expect(PIN_INCORRECT)  # its PIN source still holds the old PIN
         for d in mine:
-            await d.client.aclose()
+            if isinstance(d.client, DeviceClient):
+                # Not closed under an attempt in flight: its next request reconnects.
+                d.client.reconnect()
         return f"{event.action.replace('_', ' ')}: cohort {event.cohort} ({len(mine)} devices)"
 
     async def _revoke(self, event: Event) -> str:
