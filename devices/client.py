@@ -38,8 +38,9 @@ from OpenSSL import SSL
 
 from devices.keystore import KeyStore, KeyStoreError, OpenSSLKeyStore
 from devices.openssl_tls import OpenSSLStream, client_context, open_socket
+from devices.signer_tls import SignerTLSError, SignerTLSStream
 
-TLSStream = trio.SSLStream[trio.SocketStream] | OpenSSLStream
+TLSStream = trio.SSLStream[trio.SocketStream] | OpenSSLStream | SignerTLSStream
 
 COOKIE_NAME = "CF_Authorization"
 
@@ -131,8 +132,10 @@ def classify(status: int, denied_reason: str | None) -> str:
 def tls_error_name(exc: BaseException) -> str:
     """Name a TLS failure: the alert or library reason, or ``eof``."""
     cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ssl.SSLError | SSL.Error):
+    while cause is not None and not isinstance(cause, ssl.SSLError | SSL.Error | SignerTLSError):
         cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, SignerTLSError):
+        return f"tls_error:{cause.name}"
     if isinstance(cause, SSL.Error):
         return _openssl_error_name(cause)
     if isinstance(cause, ssl.SSLError):
@@ -203,6 +206,7 @@ class DeviceClient:
         self._openssl_context: SSL.Context | None = None  # without a key store
         # A load test sends the same request again and again: h11 validates it once.
         self._last_request: tuple[object, h11.Request] | None = None
+        self._reconnect = False  # the next request opens a new connection (see reconnect)
 
     @property
     def cookie(self) -> str | None:
@@ -219,7 +223,7 @@ class DeviceClient:
     def _server_certificate_problem(self, stream: TLSStream) -> str | None:
         if self.options.clock_skew == 0:
             return None
-        if isinstance(stream, OpenSSLStream):
+        if isinstance(stream, OpenSSLStream | SignerTLSStream):
             leaf = stream.server_certificate()
             if leaf is None:
                 return None
@@ -246,12 +250,16 @@ class DeviceClient:
             # Not isinstance(..., OpenSSLKeyStore): a runtime protocol check costs more per
             # attempt than this whole test (bench/loadgen.py's profile).
             and (self.key_store is None or hasattr(self.key_store, "openssl_context"))
+            and not getattr(self.key_store, "external_signer", False)
         )
 
     async def preload(self) -> None:
         """Load the key and chain into the TLS context the next connection will use, as a
         device does when it boots (so that no attempt's latency includes reading files)."""
-        if self._native_tls():
+        if getattr(self.key_store, "external_signer", False):
+            # A token: open (and log in) its session and read the chain, off the event loop.
+            await trio.to_thread.run_sync(self.key_store.tls_signer)  # type: ignore[union-attr]
+        elif self._native_tls():
             if self.key_store is not None:
                 cast(OpenSSLKeyStore, self.key_store).openssl_context(
                     self.target.make_openssl_context
@@ -267,6 +275,11 @@ class DeviceClient:
         if self._last_request is None or self._last_request[0] != key:
             self._last_request = (key, h11.Request(method=method, target=path, headers=headers))
         return self._last_request[1]
+
+    def reconnect(self) -> None:
+        """Make the next request open a new connection (a new handshake through the key store);
+        a request in flight finishes on the current one (it is not closed under it)."""
+        self._reconnect = True
 
     def forget_cookie(self) -> None:
         """Drop the cookie (as a device that restarts would)."""
@@ -306,7 +319,36 @@ class DeviceClient:
             raise
         return stream
 
+    async def _connect_signer(self, timings: Timings) -> SignerTLSStream:
+        """TLS whose CertificateVerify the key store signs (a PKCS#11 token): tlslite-ng."""
+        start = trio.current_time()
+        sock = await open_socket(self.target.host, self.target.port)
+        timings.connect = trio.current_time() - start
+        stream = SignerTLSStream(sock)
+        try:
+            chain, signer, cost = self.key_store.tls_signer()  # type: ignore[union-attr]
+            session = self._session if self.options.resume_sessions else None
+            start = trio.current_time()
+            await stream.do_handshake(
+                chain,
+                signer,
+                self.target.server_name,
+                self.target.ca_file,
+                self.target.alpn,
+                self._now(),
+                session if not isinstance(session, ssl.SSLSession | SSL.Session) else None,
+            )
+            timings.handshake = trio.current_time() - start
+            # The token's real signing time, measured around each call into it (PKCS#11).
+            timings.key_store = cost.seconds
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
     async def _connect(self, timings: Timings) -> TLSStream:
+        if getattr(self.key_store, "external_signer", False) and self.target.connect is None:
+            return await self._connect_signer(timings)
         if self._native_tls():
             return await self._connect_openssl(timings)
         start = trio.current_time()
@@ -378,7 +420,13 @@ class DeviceClient:
         headers: Sequence[tuple[str, str]],
     ) -> bool:
         """Fill ``attempt``; return True when a reused connection turned out to be closed."""
-        if self._stream is None or self.options.always_new_handshake or not self.options.keep_alive:
+        if (
+            self._stream is None
+            or self.options.always_new_handshake
+            or not self.options.keep_alive
+            or self._reconnect
+        ):
+            self._reconnect = False
             if not await self._open(attempt):
                 return False
             self._h11 = h11.Connection(h11.CLIENT)
@@ -485,7 +533,7 @@ class DeviceClient:
 
     async def _drop(self) -> None:
         stream, self._stream, self._h11 = self._stream, None, None
-        if isinstance(stream, OpenSSLStream):
+        if isinstance(stream, OpenSSLStream | SignerTLSStream):
             stream.close()  # nothing to wait for: no checkpoint, no cancelled scope
         elif stream is not None:
             await trio.aclose_forcefully(stream)
@@ -565,14 +613,14 @@ class DeviceClient:
 
 def tls_session(stream: TLSStream) -> ssl.SSLSession | SSL.Session | None:
     """The TLS session a later connection can resume, whichever library the stream uses."""
-    if isinstance(stream, OpenSSLStream):
-        return stream.session
+    if isinstance(stream, OpenSSLStream | SignerTLSStream):
+        return stream.session  # type: ignore[no-any-return]
     return stream._ssl_object.session
 
 
 def session_reused(stream: TLSStream) -> bool:
     """True when the stream's handshake resumed a session."""
-    if isinstance(stream, OpenSSLStream):
+    if isinstance(stream, OpenSSLStream | SignerTLSStream):
         return stream.session_reused
     return stream._ssl_object.session_reused
 

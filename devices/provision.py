@@ -99,6 +99,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from devices.pkcs11 import (
+    TOKEN_KEY_TYPES,
+    Pkcs11Config,
+    generate_on_token,
+    store_certificate,
+    token_uri,
+)
 from devices.pki import (
     KEY_TYPES,
     Issued,
@@ -349,6 +356,9 @@ class _Job:
     width: int
     p12_password: bytes | None
     p12_kdf_rounds: int | None
+    # Devices' keys made on this PKCS#11 token (labelled and id'd by device id) instead of in
+    # key.pem; one issuing process, since every key comes from the one token.
+    token: Pkcs11Config | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,7 +424,7 @@ class _Issuer:
         sign_hash = signature_hash(issuer_key)
         start, end = self.window(defect)
         # Certificates keep whole seconds, as _iso does: the chunk shares one validity window.
-        same = (chunk.cohort, KEY_STORE, key_type)
+        same = (chunk.cohort, KEY_STORE if job.token is None else "pkcs11", key_type)
         issuer_type = "ed25519" if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else ""
         expected = expected_outcome(defect, key_types=(key_type, issuer_type))
         window = (_iso(start), _iso(end), defect, expected)
@@ -423,8 +433,23 @@ class _Issuer:
         for number in chunk.numbers:
             device_id = f"{job.cn_prefix}{number:0{job.width}d}"
             cn = f"rogue-{number:0{job.width}d}" if defect == "wrong-cn" else device_id
-            key = generate_key(key_type)
             subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+            if job.token is not None:
+                rows.append(
+                    self.issue_on_token(
+                        device_id,
+                        cn,
+                        key_type,
+                        (issuer_name, issuer_key),
+                        (start, end),
+                        extensions,
+                        chain_pem,
+                        same,
+                        window,
+                    )
+                )
+                continue
+            key = generate_key(key_type)
             if defect == "self-signed":
                 issuer_name, issuer_key, sign_hash = subject, key, signature_hash(key)
                 extensions = leaf_extensions(key, key_type)
@@ -444,8 +469,44 @@ class _Issuer:
             rows.append((device_id, *same, serial, sha256, cn, *window, *paths))
         # The chunk's files are written together, after its certificates: measured faster than
         # writing each device's as it is made (bench/README.md, provisioning).
-        self.write(files)
+        if files:
+            self.write(files)
         return rows
+
+    def issue_on_token(
+        self,
+        device_id: str,
+        cn: str,
+        key_type: str,
+        issuer: tuple[x509.Name, PrivateKey],
+        window: tuple[dt.datetime, dt.datetime],
+        extensions: list[x509.Extension[x509.ExtensionType]],
+        chain_pem: bytes,
+        same: tuple[str, str, str],
+        described: tuple[str, str, str | None, str],
+    ) -> Row:
+        """One device whose key pair is generated on the token: its CSR is signed there, the
+        certificate stored there beside the key and in cert.pem; no key file is written."""
+        assert self.job.token is not None
+        config = dataclasses.replace(self.job.token, key_label=device_id, key_id=device_id.encode())
+        csr = generate_on_token(config, key_type, cn)
+        cert = x509.CertificateBuilder(
+            issuer[0],
+            csr.subject,
+            csr.public_key(),
+            x509.random_serial_number(),
+            window[0],
+            window[1],
+            extensions,
+        ).sign(issuer[1], signature_hash(issuer[1]))
+        store_certificate(config, cert)
+        rel = f"devices/{device_id}"
+        os.mkdir(f"{self.devices}/{device_id}")
+        _write(f"{self.devices}/{device_id}/cert.pem", cert.public_bytes(_PEM) + chain_pem, 0o644)
+        serial = format(cert.serial_number, "x")
+        sha256 = cert.fingerprint(self.sha256).hex()
+        uri = token_uri(config)
+        return (device_id, *same, serial, sha256, cn, *described, f"{rel}/cert.pem", uri, None)
 
     def serialise(
         self,
@@ -690,8 +751,10 @@ def provision(
     force: bool = False,
     name: str | None = None,
     on_progress: Callable[[int], None] | None = None,
+    token: Pkcs11Config | None = None,
 ) -> Fleet:
-    """Provision ``cohorts`` (see :func:`plan_cohorts`) into ``out``, all or nothing."""
+    """Provision ``cohorts`` (see :func:`plan_cohorts`) into ``out``, all or nothing; with
+    ``token``, every device's key pair is generated on that PKCS#11 token."""
     began = time.perf_counter()
     if now.tzinfo is None:
         raise ValueError(f"now {now.isoformat()} has no time zone; pass an aware datetime")
@@ -711,6 +774,17 @@ def provision(
     if total < 1:
         raise ValueError("the fleet has no devices")
     check_out_dir(out, force=force)
+    if token is not None:
+        if p12:
+            raise ValueError("a key on a PKCS#11 token cannot be exported into a device.p12")
+        if any(c.defect == "self-signed" and c.size for c in cohorts):
+            raise ValueError("self-signed devices cannot be provisioned into a PKCS#11 token")
+        if key_type not in TOKEN_KEY_TYPES:
+            raise ValueError(
+                f"key type {key_type!r} cannot be generated on a PKCS#11 token here; "
+                f"expected one of {', '.join(TOKEN_KEY_TYPES)}"
+            )
+        workers = 1  # one token: its keys are made one after another
     if workers is None:
         workers = 1 if total < 200 else os.cpu_count() or 1
     workers = max(1, workers)
@@ -732,6 +806,7 @@ def provision(
             width=max(3, len(str(total))),
             p12_password=p12_password.encode() if p12 else None,
             p12_kdf_rounds=p12_kdf_rounds,
+            token=token,
         )
         chunks = list(_chunks(cohorts, job, key_type, workers))
         rows = _issue_all(job, chunks, workers, on_progress)
@@ -745,8 +820,12 @@ def provision(
             "root_sha256": root_sha256,
             # key.pem beside every device.p12 is unencrypted anyway: the password guards nothing.
             # Recorded even when no PKCS#12 is made yet: export_p12 uses it later.
-            "p12_password": p12_password,
+            "p12_password": "" if token is not None else p12_password,
         }
+        if token is not None:
+            facts["key_store"] = "pkcs11"
+            facts["pkcs11_module"] = str(token.module)
+            facts["pkcs11_token"] = token.token or f"slot {token.slot}"
         _write_inventory(partial / "inventory.sqlite", rows, facts)
         _replace(partial, out)
     except BaseException:

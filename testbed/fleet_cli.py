@@ -21,6 +21,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from devices.keystore import KeyStoreError
+from devices.pkcs11 import TOKEN_KEY_TYPES, Pkcs11Config
 from devices.pki import KEY_TYPES
 from devices.provision import (
     DEFAULT_P12_PASSWORD,
@@ -168,6 +170,44 @@ def add_fleet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         action="store_true",
         help="replace a fleet already in --out (never a folder holding anything else)",
     )
+    p.add_argument(
+        "--key-store",
+        choices=("software", "pkcs11"),
+        default=_env("FLEET_KEY_STORE", "software"),
+        help="where device keys are made: key.pem files (software, default) or a PKCS#11 "
+        "token (pkcs11: generated there, never extractable; the CSR is signed there and the "
+        "certificate stored beside the key; env TESTBED_FLEET_KEY_STORE)",
+    )
+    p.add_argument(
+        "--module",
+        metavar="PATH",
+        default=_env("PKCS11_MODULE"),
+        help="PKCS#11 module of --key-store pkcs11, e.g. /usr/lib/softhsm/libsofthsm2.so or "
+        "Yubico's libykcs11.so (env TESTBED_PKCS11_MODULE)",
+    )
+    p.add_argument(
+        "--token",
+        metavar="LABEL",
+        default=_env("PKCS11_TOKEN"),
+        help="label of the token (env TESTBED_PKCS11_TOKEN)",
+    )
+    p.add_argument(
+        "--slot",
+        metavar="ID",
+        type=int,
+        default=_env("PKCS11_SLOT"),
+        help="slot id of the token, instead of or besides its label (env TESTBED_PKCS11_SLOT)",
+    )
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument(
+        "--pin-env",
+        metavar="VAR",
+        help="environment variable holding the token's user PIN (default TESTBED_PKCS11_PIN "
+        "unless --pin-file; never give a PIN on the command line)",
+    )
+    pin.add_argument(
+        "--pin-file", metavar="FILE", help="file whose first line is the token's user PIN"
+    )
     e = actions.add_parser(
         "export-p12",
         help="write device.p12 files for a provisioned fleet's devices",
@@ -248,6 +288,29 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--cn-prefix: {args.cn_prefix!r}: expected letters, digits, '.', '_' or '-'"
         )
+    if args.key_store == "pkcs11":
+        if not args.module:
+            raise UsageError("--module: required with --key-store pkcs11")
+        if not Path(args.module).is_file():
+            raise UsageError(f"--module: {args.module}: no such file")
+        if args.token is None and args.slot is None:
+            raise UsageError("--token: name the token (or --slot) with --key-store pkcs11")
+        if args.p12:
+            raise UsageError("--p12: a key on a token cannot be exported into a device.p12")
+        if args.key_type not in TOKEN_KEY_TYPES:
+            raise UsageError(
+                f"--key-type: {args.key_type} cannot be generated on a token here; "
+                f"expected one of {', '.join(TOKEN_KEY_TYPES)}"
+            )
+        if args.pin_file is not None and not Path(args.pin_file).is_file():
+            raise UsageError(f"--pin-file: {args.pin_file}: no such file")
+        if args.pin_file is None and not os.environ.get(args.pin_env or "TESTBED_PKCS11_PIN"):
+            raise UsageError(
+                f"--pin-env: the environment variable {args.pin_env or 'TESTBED_PKCS11_PIN'} "
+                "(the token's user PIN) is not set"
+            )
+    elif args.module or args.token or args.slot is not None or args.pin_env or args.pin_file:
+        raise UsageError("--module/--token/--slot/--pin-*: only with --key-store pkcs11")
     try:
         check_out_dir(Path(args.out), force=args.force)
     except ValueError as exc:
@@ -279,7 +342,12 @@ def _notes(out: Path, cohorts: list[Cohort], args: argparse.Namespace) -> list[s
     if "wrong-cn" in defects:
         outcome = expected_outcome("wrong-cn", "common_name")
         notes.append(f"wrong-cn: under a Common Name policy these are {outcome}.")
-    if args.p12:
+    if args.key_store == "pkcs11":
+        notes.append(
+            f"Keys live on token {args.token or args.slot} ({args.module}), labelled by device "
+            "id; the inventory's key_path is each key's pkcs11: URI."
+        )
+    elif args.p12:
         notes.append(f"device.p12 password: {args.p12_password!r}")
     elif not args.no_p12:
         notes.append(
@@ -308,6 +376,16 @@ def run_fleet(args: argparse.Namespace) -> int:
         return _fail(err, str(exc))
     out = Path(args.out)
     total = sum(c.size for c in cohorts)
+    token = None
+    if args.key_store == "pkcs11":
+        token = Pkcs11Config(
+            Path(args.module),
+            token=args.token,
+            slot=args.slot,
+            pin_env=None if args.pin_file else (args.pin_env or "TESTBED_PKCS11_PIN"),
+            pin_file=Path(args.pin_file) if args.pin_file else None,
+            key_label="(per device)",
+        )
     # No auto-refresh: a refresh thread would keep provision() from forking its workers.
     progress = Progress(
         TextColumn("issuing"),
@@ -341,12 +419,16 @@ def run_fleet(args: argparse.Namespace) -> int:
                 cn_prefix=args.cn_prefix,
                 force=args.force,
                 on_progress=advance,
+                token=token,
             )
     except KeyboardInterrupt:
         err.print(f"fleet: interrupted; nothing was written to {out}", markup=False)
         return 130
     except ValueError as exc:  # what the checks above did not foresee, e.g. a racing writer
         return _fail(err, str(exc))
+    except KeyStoreError as exc:  # the token: wrong PIN, no such token, full...
+        _fail(err, f"--key-store pkcs11: {exc}; nothing written to {out}")
+        return EXIT_FAILED
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         _fail(

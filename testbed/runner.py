@@ -60,6 +60,7 @@ from testbed.network import link_pair
 from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
 from testbed.scenario import (
+    TOKEN_EVENTS,
     CohortSpec,
     Event,
     Phase,
@@ -499,6 +500,8 @@ def _key_store(device_dir: Path, cohort: CohortSpec) -> KeyStore:
     cert, key = device_dir / "cert.pem", device_dir / "key.pem"
     if cohort.key_store == "software":
         return SoftwareKeyStore(cert, key)
+    if cohort.key_store == "pkcs11":
+        return _pkcs11_key_store(device_dir, cohort)
     from devices.piv import PivKeyStore, PivToken
 
     piv = cohort.piv
@@ -516,6 +519,23 @@ def _key_store(device_dir: Path, cohort: CohortSpec) -> KeyStore:
         touch_policy=piv.touch_policy,
     )
     return PivKeyStore(token, piv.slot, piv.pin)
+
+
+def _pkcs11_key_store(device_dir: Path, cohort: CohortSpec) -> KeyStore:
+    """A device of a pkcs11 cohort: its fleet key put on the token (unless already there)."""
+    from cryptography import x509
+
+    from devices.pkcs11 import Pkcs11KeyStore, import_key
+
+    assert cohort.pkcs11 is not None
+    config = cohort.pkcs11.config(device_dir.name)
+    cert = device_dir / "cert.pem"
+    import_key(
+        config,
+        (device_dir / "key.pem").read_bytes(),
+        x509.load_pem_x509_certificate(cert.read_bytes()),
+    )
+    return Pkcs11KeyStore(config, cert)
 
 
 def make_client(
@@ -849,6 +869,8 @@ class Run:
             return "origin started"
         if action == "revoke":
             return await self._revoke(event)
+        if action in TOKEN_EVENTS:
+            return await self._token_event(event)
         assert self.enforcer is not None and self.clock is not None
         controller = self.enforcer.controller
         account = "demo"
@@ -961,6 +983,48 @@ class Run:
                     d.expect("allowed")
             return f"policy set to {value}{named}"
         raise AssertionError(action)
+
+    async def _token_event(self, event: Event) -> str:
+        """A pkcs11 cohort's token removed, reinserted, or its PIN changed.
+
+        The devices reconnect for their next attempt (a device whose token goes away or whose
+        PIN changes starts over), so that it is a new handshake on the token.
+        """
+        from devices.pkcs11 import Pkcs11KeyStore
+
+        spec = next(c for c in self.scenario.cohorts if c.name == event.cohort)
+        mine = [d for d in self.devices if d.cohort.name == event.cohort]
+        stores = [
+            d.client.key_store
+            for d in mine
+            if isinstance(d.client, DeviceClient) and isinstance(d.client.key_store, Pkcs11KeyStore)
+        ]
+        if event.action == "pin_changed":
+            new_pin = os.environ.get(event.value or "")
+            if not new_pin:
+                raise RunError(f"pin_changed: the environment variable {event.value} is not set")
+            if stores:
+                # In this thread, with no checkpoint until every device's expectation follows:
+                # no attempt may see the new PIN under the old expectation.
+                stores[0].key.session.change_pin(new_pin)
+        for d in mine:
+            store = getattr(d.client, "key_store", None)
+            if isinstance(store, Pkcs11KeyStore):
+                if event.action == "token_removed":
+                    store.remove()
+                elif event.action == "token_reinserted":
+                    store.reinsert()
+            if event.action == "token_removed":
+                d.expect("key_store_error:CKR_DEVICE_REMOVED")
+            elif event.action == "token_reinserted":
+                d.expect(spec.expected)
+            elif spec.pkcs11 is not None and spec.pkcs11.pin_env != event.value:
+                d.expect(PIN_INCORRECT)  # its PIN source still holds the old PIN
+        for d in mine:
+            if isinstance(d.client, DeviceClient):
+                # Not closed under an attempt in flight: its next request reconnects.
+                d.client.reconnect()
+        return f"{event.action.replace('_', ' ')}: cohort {event.cohort} ({len(mine)} devices)"
 
     async def _revoke(self, event: Event) -> str:
         """Revoke a share of a cohort: new CRLs, put in force on the target this run started."""

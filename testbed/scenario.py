@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from devices.behaviour import Behaviour, BehaviourError, Periodic, parse_behaviour
+from devices.pkcs11 import Pkcs11Config
 from devices.pki import KEY_TYPES
 from devices.provision import DEFECTS, expected_outcome
 from enforcer.durations import DurationError, parse_duration
@@ -24,11 +25,15 @@ from testbed.thresholds import Threshold, ThresholdError, parse_threshold
 CLOCKS = ("real", "virtual")
 TARGETS = ("embedded", "nginx", "external")
 ARRIVALS = ("constant", "ramping", "active")
-KEY_STORES = ("software", "piv")
+KEY_STORES = ("software", "piv", "pkcs11")
 # What a cohort's devices speak (client.protocol): HTTP/1.1 (h11), HTTP/2 (h2) or gRPC calls to
 # the telemetry service (grpcio). Which key stores each can use: see PROTOCOL_KEY_STORES.
 PROTOCOLS = ("http1", "h2", "grpc")
-PROTOCOL_KEY_STORES = {"http1": KEY_STORES, "h2": KEY_STORES, "grpc": ("software",)}
+PROTOCOL_KEY_STORES = {
+    "http1": KEY_STORES,
+    "h2": ("software", "piv"),  # a PKCS#11 key signs through tlslite-ng: HTTP/1.1 only
+    "grpc": ("software",),
+}
 RPCS = ("report", "watch")
 EVENTS = (
     "revoke",
@@ -40,7 +45,12 @@ EVENTS = (
     "stop_origin",
     "start_origin",
     "revoke_service_token",
+    "token_removed",
+    "token_reinserted",
+    "pin_changed",
 )
+# Events on a pkcs11 cohort's token (``cohort`` names it).
+TOKEN_EVENTS = ("token_removed", "token_reinserted", "pin_changed")
 ORIGIN_EVENTS = ("stop_origin", "start_origin")
 # What an nginx target can follow: a CRL and a reload (it has no admin API).
 REVOCABLE_EVENTS = ("revoke", *ORIGIN_EVENTS)
@@ -138,6 +148,51 @@ class PivSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pkcs11Settings:
+    """Where a pkcs11 cohort's keys are: ``key_store = { kind = "pkcs11", ... }``."""
+
+    module: Path
+    token: str | None = None
+    slot: int | None = None
+    pin_env: str | None = None  # the environment variable holding the user PIN
+    pin_file: Path | None = None  # or a file holding it
+    key_label: str = "{id}"  # each device's key label; {id} is the device id
+
+    def config(self, device_id: str) -> Pkcs11Config:
+        """The PKCS#11 location of one device's key."""
+        return Pkcs11Config(
+            self.module,
+            token=self.token,
+            slot=self.slot,
+            pin_env=self.pin_env,
+            pin_file=self.pin_file,
+            key_label=self.key_label.replace("{id}", device_id),
+        )
+
+
+def _pkcs11_settings(r: TableReader) -> Pkcs11Settings:
+    """``key_store = { kind = "pkcs11", module, token | slot, pin_env | pin_file, key_label }``."""
+    r.unknown({"kind", "module", "token", "slot", "pin_env", "pin_file", "key_label"})
+    module = r.file("module")
+    if not module.is_file():
+        raise r.error("module", f"{module}: no such PKCS#11 module")
+    token = r.get("token", str, None, "a token label")
+    slot = r.get("slot", int, None, "a slot id")
+    if token is None and slot is None:
+        raise r.error("token", "name the token (its label) or its slot")
+    pin_env = r.get("pin_env", str, None, "an environment variable name")
+    pin_file = r.file("pin_file") if "pin_file" in r.table else None
+    if (pin_env is None) == (pin_file is None):
+        raise r.error(
+            "pin_env", "give the user PIN as exactly one of pin_env or pin_file (never inline)"
+        )
+    key_label = r.get("key_label", str, "{id}", "a key label, {id} for the device id")
+    if not key_label:
+        raise r.error("key_label", "must not be empty")
+    return Pkcs11Settings(module, token, slot, pin_env, pin_file, key_label)
+
+
+@dataclasses.dataclass(frozen=True)
 class PkiSpec:
     """A CA hierarchy that issues some cohorts' certificates."""
 
@@ -164,6 +219,7 @@ class CohortSpec:
     always_new_handshake: bool = False
     clock_skew: float = 0.0
     piv: PivSettings = dataclasses.field(default_factory=PivSettings)
+    pkcs11: Pkcs11Settings | None = None  # key_store = "pkcs11": where the keys are
     pki: str = "fleet"
     protocol: str = "http1"  # http1, h2 or grpc (client.protocol)
     rpc: str = "report"  # grpc: the call each attempt makes (unary Report or streaming Watch)
@@ -572,12 +628,28 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
         }
     )
     protocol = client.choice("protocol", PROTOCOLS, "http1")
-    key_store = r.choice("key_store", KEY_STORES, "software")
+    pkcs11 = None
+    if isinstance(r.table.get("key_store"), dict):
+        store = r.sub("key_store")
+        key_store = store.choice("kind", KEY_STORES)
+        if key_store != "pkcs11":
+            raise store.error(
+                "kind", f'a table configures "pkcs11"; write key_store = "{key_store}"'
+            )
+        pkcs11 = _pkcs11_settings(store)
+    else:
+        key_store = r.choice("key_store", KEY_STORES, "software")
+        if key_store == "pkcs11":
+            raise r.error(
+                "key_store",
+                'pkcs11 needs a table: { kind = "pkcs11", module, token, pin_env, key_label }',
+            )
     if key_store not in PROTOCOL_KEY_STORES[protocol]:
         raise client.error(
             "protocol",
             f"{protocol} cannot use a {key_store} key store: grpcio takes the private key as PEM"
-            " bytes and a PIV token never exports it; use http1 or h2, or key_store = software",
+            " bytes and a token never exports it (and a pkcs11 key signs through an HTTP/1.1-only"
+            " client); use http1, or key_store = software",
         )
     if protocol != "grpc" and ("rpc" in client.table or "watch_messages" in client.table):
         raise client.error(
@@ -599,6 +671,7 @@ def _cohort(r: TableReader, target: Target, pkis: dict[str, PkiSpec]) -> CohortS
         defect=defect,
         expected=expected,
         key_store=key_store,
+        pkcs11=pkcs11,
         key_type=key_type,
         behaviour=behaviour,
         keep_alive=client.get("keep_alive", bool, True, "true or false"),
@@ -845,6 +918,7 @@ def _event(
     pkis: dict[str, PkiSpec],
     target: Target,
     token_cohorts: set[str],
+    pkcs11_cohorts: set[str],
 ) -> Event:
     r.unknown({"at", "action", "cohort", "share", "value", "pki", "application"})
     action = r.choice("action", EVENTS)
@@ -884,6 +958,10 @@ def _event(
         )
     if not 0 < event.share <= 1:
         raise r.error("share", f"{event.share} is not in (0, 1]")
+    if action in TOKEN_EVENTS and event.cohort not in pkcs11_cohorts:
+        raise r.error("cohort", f"{action} needs a pkcs11 cohort, one of {sorted(pkcs11_cohorts)}")
+    if action == "pin_changed" and not event.value:
+        raise r.error("value", "pin_changed needs value = the environment variable of the new PIN")
     if action == "set_session_duration":
         try:
             parse_duration(event.value or "")
@@ -1012,6 +1090,12 @@ def load_scenario(path: str | Path) -> Scenario:
     names = [c.name for c in cohorts]
     if len(set(names)) != len(names):
         raise top.error("cohorts", f"cohort names repeat: {names}")
+    on_token = next((c.name for c in cohorts if c.key_store == "pkcs11"), None)
+    if on_token is not None and clock == "virtual":
+        # A token signs in real time over real sockets; virtual runs use in-memory streams.
+        raise top.error(
+            "clock", f'cohort {on_token} keeps its keys on a PKCS#11 token: use clock = "real"'
+        )
     problem = protocol_problem(cohorts, clock, target.kind)
     if problem is not None:
         raise top.error(*problem)
@@ -1029,7 +1113,10 @@ def load_scenario(path: str | Path) -> Scenario:
         raise top.error("phases", "at least one [[phases]] is required")
     certified = {c.name for c in cohorts if c.provisioned}
     tokens = {c.name for c in cohorts if c.kind == "service_tokens"}
-    events = tuple(_event(r, certified, pkis, target, tokens) for r in top.tables("events"))
+    on_tokens = {c.name for c in cohorts if c.key_store == "pkcs11"}
+    events = tuple(
+        _event(r, certified, pkis, target, tokens, on_tokens) for r in top.tables("events")
+    )
     for i, e in enumerate(events):
         app = target.application(e.application)
         people = [
