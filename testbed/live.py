@@ -310,6 +310,7 @@ class LiveRun:
                     "matched": g.matched,
                     "matched_share": g.matched / g.attempts if g.attempts else None,
                     "false_accepts": g.false_accepts,
+                    "false_rejects": g.false_rejects,
                     "errors": g.errors,
                 }
                 for name, g in self.cohorts.items()
@@ -389,7 +390,7 @@ class LiveRun:
                 family.add_metric([c["name"]], c[name])
             yield family
         yield CounterMetricFamily(
-            "testbed_run_dropped", "Attempts that could not start on time", value=self.dropped
+            "testbed_run_dropped", "Attempts that could not start on time", value=t["dropped"]
         )
         hist = HistogramMetricFamily(
             "testbed_run_attempt_duration_seconds",
@@ -713,7 +714,8 @@ class LiveOutputs:
                 point = self.live.tick()
                 if dashboard is not None:
                     await dashboard.broadcast(self.live.update(point))
-                if interval is not None and time.monotonic() - last_line >= interval:
+                running = self.live.status in ("waiting", "running")
+                if running and interval is not None and time.monotonic() - last_line >= interval:
                     last_line = time.monotonic()
                     print(self.live.progress_line(), file=self.out, flush=True)
             # The end: the last second, the final state, then the pages are told it is over.
@@ -881,3 +883,32 @@ def _interval(text: str) -> float:
     if not value >= 0 or value == math.inf:
         raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {text!r}")
     return value
+
+
+def finishing(
+    outputs: LiveOutputs | None, render: Callable[[Path], Any] | None
+) -> Callable[[Path], Any] | None:
+    """``render`` preceded by the live outputs' end: the pages get the run's verdicts (read
+    from its results) as soon as they are judged, not after the report's plots are drawn."""
+    if outputs is None:
+        return render
+
+    def wrapped(run_dir: Path) -> Any:
+        verdicts = _read_verdicts(run_dir / "results.sqlite")
+        # An interrupted run is not judged: it has no verdicts.
+        outputs.finish("finished" if verdicts else "interrupted", verdicts or None)
+        return render(run_dir) if render is not None else None
+
+    return wrapped
+
+
+def _read_verdicts(path: Path) -> list[tuple[str, str, bool]]:
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = db.execute("SELECT expression, observed, ok FROM thresholds ORDER BY position")
+            return [(e, o, bool(k)) for e, o, k in rows]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []

@@ -69,6 +69,7 @@ from testbed.live import (
     LiveOptions,
     LiveOutputs,
     ResultsFeed,
+    finishing,
     live_for,
     live_options,
 )
@@ -878,7 +879,7 @@ def run_load(
             without,
             console,
             progress,
-            render,
+            finishing(outputs, render),
             run_dir,
             repeats,
             outputs,
@@ -889,7 +890,7 @@ def run_load(
         raise
     if outputs is not None:
         status = "interrupted" if outcome.exit_code == EXIT_INTERRUPTED else "finished"
-        outputs.finish(status, outcome.verdicts if status == "finished" else None)
+        outputs.finish(status, outcome.thresholds if status == "finished" else None)
     return outcome, steps
 
 

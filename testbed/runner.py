@@ -56,7 +56,15 @@ from enforcer.config import load_config
 from enforcer.durations import parse_duration
 from enforcer.origin import _echo, echo_app, serve_echo_origin_on
 from enforcer.server import Enforcer, open_listener, serve
-from testbed.live import LiveError, LiveOptions, LiveOutputs, ResultsFeed, live_for, live_options
+from testbed.live import (
+    LiveError,
+    LiveOptions,
+    LiveOutputs,
+    ResultsFeed,
+    finishing,
+    live_for,
+    live_options,
+)
 from testbed.network import link_pair
 from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
@@ -1442,6 +1450,7 @@ def run_scenario(
         except LiveError as exc:
             raise RunError(str(exc)) from None
     try:
+        render = finishing(outputs, render)
         outcome = _run_scenario(
             scenario, run_dir, console, progress, render, workers, judged, outputs
         )
@@ -1451,7 +1460,7 @@ def run_scenario(
         raise
     if outputs is not None:
         status = "interrupted" if outcome.exit_code == EXIT_INTERRUPTED else "finished"
-        outputs.finish(status, outcome.verdicts if status == "finished" else None)
+        outputs.finish(status, outcome.thresholds if status == "finished" else None)
     return outcome
 
 
