@@ -58,7 +58,7 @@
     ctx.restore();
   }
 
-  function chartWidth() { return Math.max(320, Math.min(720, (window.innerWidth - 80) / 2)); }
+  function chartWidth() { return Math.max(300, Math.min(760, (window.innerWidth - 120) / 2)); }
 
   function makeCharts() {
     const width = chartWidth();
