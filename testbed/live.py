@@ -254,8 +254,10 @@ class LiveRun:
         if self.wall_start is None:
             return 0.0
         if self.status != "running" and self.run_time:
-            return self.run_time
-        return max(time.time() - self.wall_start, 0.0)
+            return min(self.run_time, self.duration)
+        # Capped at the planned length, as the run's summary counts its rate: attempts still
+        # finishing after the schedule's end do not make the run longer.
+        return min(max(time.time() - self.wall_start, 0.0), self.duration)
 
     def state(self) -> dict[str, Any]:
         """Everything but the series, as the dashboard shows it (JSON-ready)."""
@@ -676,6 +678,8 @@ class LiveOutputs:
         try:
             trio.run(self._main)
         except BaseException as exc:  # reported to __enter__ when it happens at start
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]  # the nursery's wrapping of a port that is taken
             if not self._ready.is_set():
                 self._error = exc
             else:
@@ -714,7 +718,7 @@ class LiveOutputs:
                 point = self.live.tick()
                 if dashboard is not None:
                     await dashboard.broadcast(self.live.update(point))
-                running = self.live.status in ("waiting", "running")
+                running = self.live.status == "running"
                 if running and interval is not None and time.monotonic() - last_line >= interval:
                     last_line = time.monotonic()
                     print(self.live.progress_line(), file=self.out, flush=True)
