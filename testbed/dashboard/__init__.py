@@ -47,7 +47,7 @@ _FILES = {
 
 def asset(name: str) -> bytes:
     """One of the page's files, as shipped in the package."""
-    return resources.files("testbed").joinpath("dashboard", name).read_bytes()
+    return resources.files("testbed.dashboard").joinpath(name).read_bytes()
 
 
 def dumps(message: Any) -> str:
