@@ -97,6 +97,7 @@ class Dashboard:
         self.clients: dict[int, trio.MemorySendChannel[str]] = {}
         self._next = 0
         self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self.closing = False  # the run is over: pages are told so, and stop reconnecting
 
     async def serve(
         self,
@@ -191,7 +192,9 @@ class Dashboard:
                 async with receive:
                     async for message in receive:
                         await ws.send_message(message)
-                await ws.aclose(1000, "run finished")
+                # The run's end closes every page's queue; a page too far behind has its own
+                # closed early, and reconnects.
+                await ws.aclose(1000, "run finished" if self.closing else "too far behind")
             except trio_websocket.ConnectionClosed:
                 pass
             finally:
@@ -213,6 +216,7 @@ class Dashboard:
 
     async def close_all(self) -> None:
         """End every page's stream after what was queued: each socket closes with 1000."""
+        self.closing = True
         for key, send in list(self.clients.items()):
             self.clients.pop(key, None)
             await send.aclose()
