@@ -493,9 +493,16 @@ class ResultsFeed:
         self.sources += [_Source(p, False, None) for p in events]
         self.meta = meta or (attempts[0] if attempts else None)
         self.shards = shards
+        # The live thread polls every second and the run's end polls once more, from its own
+        # thread: one at a time, or a row would be counted twice.
+        self._lock = threading.Lock()
 
     def poll(self, live: LiveRun) -> None:
         """Add the new attempts, drops and events; note when the schedule started."""
+        with self._lock:
+            self._poll(live)
+
+    def _poll(self, live: LiveRun) -> None:
         if live.wall_start is None and self.meta is not None:
             epoch = _read_meta(self.meta).get("start_epoch")
             if isinstance(epoch, int | float):
