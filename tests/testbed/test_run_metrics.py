@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -185,3 +186,135 @@ def test_a_bad_metrics_port_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--metrics-port: expected a port between 0 and 65535, got 70000" in result.stderr
+
+
+def _rows() -> list[Any]:
+    from testbed.results import AttemptRow
+
+    out = []
+    outcomes = [
+        ("healthy", "allowed", "allowed"),
+        ("healthy", "allowed", "denied:revoked"),  # a false reject
+        ("expired", "denied:certificate_expired", "denied:certificate_expired"),
+        ("expired", "denied:certificate_expired", "allowed"),  # a false accept
+        ("healthy", "allowed", "timeout"),  # an error
+    ]
+    for i in range(500):
+        cohort, expected, outcome = outcomes[i % len(outcomes)]
+        out.append(
+            AttemptRow(
+                device=f"d{i % 7}",
+                cohort=cohort,
+                phase="steady",
+                expected=expected,
+                scheduled=i * 0.1,
+                started=i * 0.1,
+                connect_ms=1.0,
+                key_store_ms=0.5,
+                handshake_ms=3.0 + i % 11,
+                first_byte_ms=2.0,
+                service_ms=5.0 + i % 13,
+                total_ms=5.0 + (i * 37) % 101,
+                outcome=outcome,
+                status=200 if outcome == "allowed" else 403,
+                reason=None,
+                new_connection=i % 3 == 0,
+                resumed=False,
+            )
+        )
+    return out
+
+
+def test_live_figures_are_the_summary_of_what_was_written(tmp_path: Path) -> None:
+    from testbed.live import LiveRun, ResultsFeed, _Collector
+    from testbed.results import Results, ResultsWriter
+    from testbed.summary import summarize
+    from testbed.thresholds import parse_threshold
+
+    path = tmp_path / "results.sqlite"
+    writer = ResultsWriter(path)
+    writer.set_meta(cohorts={"healthy": {"expected": "allowed"}, "expired": {}}, start_epoch=1000.0)
+    rows = _rows()
+    for row in rows[:200]:
+        writer.attempt(row)
+    writer.event(0.0, "phase", "steady")
+    writer.dropped(3.0, "-", "steady")
+    thresholds = [parse_threshold(t, ["healthy"]) for t in ("false_accepts == 0", "total.p99 < 1s")]
+    live = LiveRun(
+        scenario="s",
+        clock="virtual",
+        duration=50.0,
+        cohorts={"healthy": {"expected": "allowed"}, "expired": {}},
+        phases=[{"name": "steady", "start": 0, "duration": 50}],
+        thresholds=thresholds,
+    )
+    feed = ResultsFeed([path])
+    feed.poll(live)
+    feed.poll(live)  # nothing new: nothing counted twice
+    assert live.state()["totals"]["attempts"] == 200
+    for row in rows[200:]:
+        writer.attempt(row)
+    feed.poll(live)
+    writer.close()
+
+    results = Results(path)
+    try:
+        summary = summarize(results)
+    finally:
+        results.close()
+    state = live.state()
+    totals = summary["totals"]
+    for key in ("attempts", "false_accepts", "false_rejects", "errors", "matched"):
+        assert state["totals"][key] == totals[key], key
+    assert state["totals"]["dropped"] == 1
+    assert state["totals"]["outcomes"] == totals["outcomes"]
+    for stat in ("p50", "p90", "p99"):
+        assert state["totals"][stat] == summary["latency"]["total"][stat]
+    assert {c["name"]: c["matched"] for c in state["cohorts"]} == {
+        name: c["matched"] for name, c in summary["cohorts"].items() if c["attempts"]
+    }
+    assert state["markers"] == [
+        {"wall": state["markers"][0]["wall"], "t": 0.0, "kind": "phase", "detail": "steady"}
+    ]
+    assert state["status"] == "running" and state["wall_start"] == 1000.0
+    # Thresholds as they stand: the false accepts fail it, the latency holds.
+    assert [(t["expression"], t["ok"]) for t in state["thresholds"]] == [
+        ("false_accepts == 0", False),
+        ("total.p99 < 1s", True),
+    ]
+    assert "FALSE ACCEPTS 100" in live.progress_line()
+
+    # The scrape reads the same figures.
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(live))
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+    attempts = {
+        (s.labels["cohort"], s.labels["outcome"]): s.value
+        for s in families["testbed_run_attempts"].samples
+    }
+    assert sum(attempts.values()) == 500
+    assert attempts[("expired", "allowed")] == 100
+    fa = {s.labels["cohort"]: s.value for s in families["testbed_run_false_accepts"].samples}
+    assert fa == {"healthy": 0, "expired": 100}
+    count = [
+        s
+        for s in families["testbed_run_attempt_duration_seconds"].samples
+        if s.name.endswith("_count")
+    ]
+    assert count[0].value == 500
+
+
+def test_the_series_is_a_ring_buffer() -> None:
+    from testbed.live import SERIES_POINTS, LiveRun
+
+    live = LiveRun(scenario="s", clock="real", duration=1.0, cohorts={}, phases=[])
+    for k in range(SERIES_POINTS + 10):
+        live.tick(now=float(k))
+    snapshot = live.snapshot()
+    assert len(snapshot["series"]) == SERIES_POINTS
+    assert snapshot["series"][0]["t"] == 10.0
