@@ -98,6 +98,7 @@ class Dashboard:
         self._next = 0
         self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
         self.closing = False  # the run is over: pages are told so, and stop reconnecting
+        self.pages = 0  # WebSockets open (the run's end waits for them to close, briefly)
 
     async def serve(
         self,
@@ -117,37 +118,46 @@ class Dashboard:
         async with listener:
             while True:
                 stream = await listener.accept()
-                if self._connections.available_tokens == 0:
+                try:
+                    # Taken here, before the task starts: the cap holds however fast they come.
+                    self._connections.acquire_on_behalf_of_nowait(stream)
+                except trio.WouldBlock:
                     await stream.aclose()  # over the cap: no work for this one
                     continue
                 nursery.start_soon(self._connection, stream)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        async with self._connections, stream:
-            try:
-                head, request, conn = await self._read_head(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                return
-            if request is None:
-                await _respond(conn, stream, 400, "text/plain", b"bad request\n")
-                return
-            path = request.target.decode("ascii", "replace").split("?", 1)[0]
-            upgrade = any(
-                name == b"upgrade" and value.lower() == b"websocket"
-                for name, value in request.headers
-            )
-            if path == "/ws" and upgrade:
-                await self._websocket(head, stream)
-            elif request.method != b"GET":
-                await _respond(conn, stream, 405, "text/plain", b"GET only\n")
-            elif path == "/state.json":
-                body = dumps(self.live.snapshot()).encode()
-                await _respond(conn, stream, 200, "application/json", body)
-            elif path in _FILES:
-                name, kind = _FILES[path]
-                await _respond(conn, stream, 200, kind, asset(name))
-            else:
-                await _respond(conn, stream, 404, "text/plain", b"not found\n")
+        try:
+            async with stream:
+                await self._handle(stream)
+        finally:
+            self._connections.release_on_behalf_of(stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        """Answer one connection: the page's files, its state, or its WebSocket."""
+        try:
+            head, request, conn = await self._read_head(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            return
+        if request is None:
+            await _respond(conn, stream, 400, "text/plain", b"bad request\n")
+            return
+        path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        upgrade = any(
+            name == b"upgrade" and value.lower() == b"websocket" for name, value in request.headers
+        )
+        if path == "/ws" and upgrade:
+            await self._websocket(head, stream)
+        elif request.method != b"GET":
+            await _respond(conn, stream, 405, "text/plain", b"GET only\n")
+        elif path == "/state.json":
+            body = dumps(self.live.snapshot()).encode()
+            await _respond(conn, stream, 200, "application/json", body)
+        elif path in _FILES:
+            name, kind = _FILES[path]
+            await _respond(conn, stream, 200, kind, asset(name))
+        else:
+            await _respond(conn, stream, 404, "text/plain", b"not found\n")
 
     async def _read_head(
         self, stream: trio.SocketStream
@@ -186,6 +196,7 @@ class Dashboard:
             self._next += 1
             # The snapshot first, then the updates queued after it: none is missed.
             self.clients[key] = send
+            self.pages += 1
             try:
                 await ws.send_message(dumps(self.live.snapshot()))
                 nursery.start_soon(_drain, ws)
@@ -199,6 +210,7 @@ class Dashboard:
                 pass
             finally:
                 self.clients.pop(key, None)
+                self.pages -= 1
                 nursery.cancel_scope.cancel()
 
     async def broadcast(self, message: Any) -> None:
@@ -222,7 +234,7 @@ class Dashboard:
             await send.aclose()
         # Let the pages' tasks send what they hold and close (bounded: a stuck page is left).
         with trio.move_on_after(5):
-            while self._connections.borrowed_tokens:
+            while self.pages:
                 await trio.sleep(0.05)
 
 

@@ -9,6 +9,7 @@ and compares the page's final figures with the run's results database.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.browser import Browser, png_size
@@ -201,3 +203,82 @@ async def test_dashboard_follows_a_run_in_chromium(
     # browser reached nothing but the run's own server).
     logs = await browser.console()
     assert not [e for e in logs if e.get("level") == "SEVERE"], logs
+
+
+def _live() -> Any:
+    from testbed.live import LiveRun
+
+    return LiveRun(
+        scenario="s",
+        clock="real",
+        duration=10.0,
+        cohorts={"healthy": {"expected": "allowed"}},
+        phases=[{"name": "p", "start": 0, "duration": 10}],
+    )
+
+
+async def _get(port: int, raw: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(raw)
+        answer = b""
+        # The server answers and closes: a request it did not read whole may end in a reset.
+        with contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+        return answer
+
+
+async def test_the_server_answers_files_errors_and_caps_its_pages() -> None:
+    import json
+
+    import trio_websocket
+
+    from testbed.dashboard import MAX_CLIENTS, Dashboard
+
+    dashboard = Dashboard(_live())
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(dashboard.serve, "127.0.0.1", 0)
+        page = await _get(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert page.startswith(b"HTTP/1.1 200 ")
+        assert b"content-type: text/html" in page.lower() and b"uPlot.iife.min.js" in page
+        chart = await _get(port, b"GET /uPlot.iife.min.js HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert chart.startswith(b"HTTP/1.1 200 ") and b"uPlot" in chart
+        state = await _get(port, b"GET /state.json HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert json.loads(state.split(b"\r\n\r\n", 1)[1])["type"] == "snapshot"
+        missing = await _get(port, b"GET /../../etc/passwd HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert missing.startswith(b"HTTP/1.1 404 ")
+        garbage = await _get(port, b"\x16\x03\x01 not http at all\r\n\r\n")
+        assert garbage.startswith(b"HTTP/1.1 400 ")
+        huge = await _get(port, b"GET / HTTP/1.1\r\nx: " + b"a" * 20000 + b"\r\n\r\n")
+        assert huge.startswith(b"HTTP/1.1 400 ")
+
+        # Pages up to the cap get a snapshot; one more is refused with 503.
+        async with contextlib.AsyncExitStack() as stack:
+            pages = []
+            for _ in range(MAX_CLIENTS):
+                ws = await stack.enter_async_context(
+                    trio_websocket.open_websocket("127.0.0.1", port, "/ws", use_ssl=False)
+                )
+                assert json.loads(await ws.get_message())["type"] == "snapshot"
+                pages.append(ws)
+            upgrade = (
+                b"GET /ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+            )
+            refused = await _get(port, upgrade)
+            assert refused.startswith(b"HTTP/1.1 503 "), refused
+            # An update reaches every page, then the end closes them with 1000.
+            await dashboard.broadcast({"type": "update", "n": 1})
+            await dashboard.close_all()
+            for ws in pages:
+                assert json.loads(await ws.get_message()) == {"type": "update", "n": 1}
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason.code == 1000
+                assert closed.value.reason.reason == "run finished"
+                # trio-websocket's client leaves its socket open when the server ends the TCP
+                # connection after a completed close handshake (its reader just stops): close
+                # it here, or the test leaks a socket per page.
+                await ws._stream.aclose()
+        nursery.cancel_scope.cancel()
