@@ -30,6 +30,7 @@ from testbed.demo import (
     write_demo,
 )
 from testbed.fleet_cli import add_fleet_parser, run_fleet
+from testbed.live import add_live_arguments, options_from
 from testbed.load_cli import add_load_parser, run_load_cli
 from testbed.report_cli import add_report_parser, run_report_cli
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where run folders go (env TESTBED_REPORTS)",
     )
     run.add_argument("--no-progress", action="store_true", help="no live display")
+    add_live_arguments(run)
     run.add_argument(
         "--max-errors",
         type=_share,
@@ -232,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             render=_render,
             workers=args.workers,
             max_errors=args.max_errors,
+            live=options_from(args),
         )
     except RunError as exc:
         return _fail(str(exc))

@@ -64,9 +64,19 @@ from enforcer.clock import WallClock
 from enforcer.config import load_config
 from enforcer.origin import serve_echo_origin_on
 from enforcer.server import Enforcer
+from testbed.live import (
+    LiveError,
+    LiveOptions,
+    LiveOutputs,
+    ResultsFeed,
+    finishing,
+    live_for,
+    live_options,
+)
 from testbed.pkis import RunFleet, open_fleet, provision_pkis
 from testbed.results import ResultsWriter, shard_results
 from testbed.runner import (
+    EXIT_INTERRUPTED,
     Device,
     OffsetClock,
     Render,
@@ -807,14 +817,19 @@ def run_load(
     console: Console | None = None,
     progress: bool = True,
     render: Render | None = None,
+    live: LiveOptions | None = None,
 ) -> tuple[RunOutcome, list[StepResult]]:
-    """Run a load test; write its results and report; return the outcome and any steps."""
+    """Run a load test; write its results and report; return the outcome and any steps.
+
+    ``live``: the dashboard, metrics endpoint and progress line (outside a terminal the
+    progress line replaces the live table)."""
     from testbed.nginx import NGINX
 
     check_plan(plan)
     if plan.target == "nginx" and NGINX is None:
         raise LoadError("--target nginx: nginx is not installed (apt-get install nginx)")
     base = None
+    fleet: RunFleet | None = None  # provisioned for a scenario's fleet, in the run folder
     if plan.scenario is not None:
         try:
             base = load_scenario(plan.scenario)
@@ -840,11 +855,77 @@ def run_load(
     scenario = dataclasses.replace(scenario, events=events)
     console = console or Console(stderr=True)
     run_dir = run_dir_for(scenario, reports.resolve())
+    # Outside a terminal the live outputs' thread prints the progress lines.
+    options = live_options(live, progress and not console.is_terminal)
+    progress = progress and console.is_terminal
+    repeats = _plan_repeats(plan, scenario, run_dir)
+    outputs = None
+    if options.any:
+        outputs = LiveOutputs(
+            live_for(scenario, load_thresholds(plan, scenario), options),
+            _live_feed(plan, run_dir, repeats),
+            options,
+        )
+        try:
+            outputs.__enter__()
+        except LiveError as exc:
+            raise LoadError(str(exc)) from None
+    try:
+        outcome, steps = _run_load(
+            plan,
+            scenario,
+            base,
+            fleet,
+            events,
+            without,
+            console,
+            progress,
+            finishing(outputs, render),
+            run_dir,
+            repeats,
+            outputs,
+        )
+    except BaseException:
+        if outputs is not None:
+            outputs.finish("failed", None)
+        raise
+    if outputs is not None:
+        status = "interrupted" if outcome.exit_code == EXIT_INTERRUPTED else "finished"
+        outputs.finish(status, outcome.thresholds if status == "finished" else None)
+    return outcome, steps
+
+
+def _live_feed(plan: LoadPlan, run_dir: Path, repeats: Sequence[_Repeat]) -> ResultsFeed:
+    """Where a load's live figures come from: its shards' files (every repeat's), and the
+    parent's results for the events it applies."""
+    paths, keys = [], []
+    for r in repeats:
+        for k in range(plan.workers):
+            paths.append(shard_results(r.dir, k))
+            keys.append(str(k) if len(repeats) == 1 else f"{r.n}/{k}")
+    return ResultsFeed(paths, shards=True, keys=keys, events=[run_dir / "results.sqlite"])
+
+
+def _run_load(
+    plan: LoadPlan,
+    scenario: Scenario,
+    base: Scenario | None,
+    fleet: RunFleet | None,
+    events: Sequence[Event],
+    without: list[str],
+    console: Console,
+    progress: bool,
+    render: Render | None,
+    run_dir: Path,
+    repeats: list[_Repeat],
+    outputs: LiveOutputs | None,
+) -> tuple[RunOutcome, list[StepResult]]:
     run_dir.mkdir(parents=True)
     now = dt.datetime.now(dt.UTC)
     began = time.perf_counter()
     if base is not None:
         fleet = provision_pkis(scenario, run_dir, now)
+    assert fleet is not None
     writer = ResultsWriter(run_dir / "results.sqlite")
     writer.set_meta(
         **run_meta(scenario),
@@ -864,7 +945,6 @@ def run_load(
     )
     if without:
         writer.set_meta(events_not_applied=without)
-    repeats = _plan_repeats(plan, scenario, run_dir)
     try:
         done = trio.run(
             _supervise, plan, scenario, run_dir, fleet, now, console, progress, repeats, writer
@@ -878,6 +958,10 @@ def run_load(
         _expect_after_events(run_dir / "results.sqlite", done[0].changes)
     last = done[-1].ended
     writer.set_meta(generator_cpu_seconds=sum(r.ended.cpu_seconds for r in done))
+    if outputs is not None:
+        for k, code in last.failed:
+            outputs.live.set_shard(str(k), "failed", detail=f"exit code {code}")
+        outputs.live.finish("reporting", None)  # the schedule is over; the report is rendered
     if last.failed:
         writer.set_meta(failed_shards=[k for k, _ in last.failed])
         finish_run(scenario, run_dir, writer, began, True, render)

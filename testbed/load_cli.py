@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from enforcer.durations import DurationError, parse_duration
+from testbed.live import add_live_arguments, options_from
 
 if TYPE_CHECKING:
     from testbed.load import LoadPlan, StepResult
@@ -143,6 +144,7 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="--scenario: load its fleet without its timed events (a load cannot apply them)",
     )
     p.add_argument("--no-progress", action="store_true", help="no live display")
+    add_live_arguments(p)
     p.add_argument(
         "--json",
         action="store_true",
@@ -197,7 +199,11 @@ def _run(args: argparse.Namespace, render: Render | None, stdout: TextIO) -> int
             protocol=args.protocol,
         )
         outcome, steps = run_load(
-            plan, Path(args.reports), progress=not args.no_progress, render=render
+            plan,
+            Path(args.reports),
+            progress=not args.no_progress,
+            render=render,
+            live=options_from(args),
         )
     except LoadError as exc:
         if args.json:

@@ -56,6 +56,15 @@ from enforcer.config import load_config
 from enforcer.durations import parse_duration
 from enforcer.origin import _echo, echo_app, serve_echo_origin_on
 from enforcer.server import Enforcer, open_listener, serve
+from testbed.live import (
+    LiveError,
+    LiveOptions,
+    LiveOutputs,
+    ResultsFeed,
+    finishing,
+    live_for,
+    live_options,
+)
 from testbed.network import link_pair
 from testbed.pkis import Member, RunCrls, RunFleet, provision_pkis
 from testbed.results import AttemptRow, ResultsWriter, shard_results
@@ -1466,12 +1475,14 @@ def run_scenario(
     render: Render | None = None,
     workers: int = 1,
     max_errors: float | None = None,
+    live: LiveOptions | None = None,
 ) -> RunOutcome:
     """Run a checked scenario; write its results and report; return the exit code to use.
 
     It is judged on its thresholds and the default gates; ``max_errors`` (a share) replaces
     the 1% error budget, which a scenario otherwise overrides by declaring an ``errors``
-    threshold of its own.
+    threshold of its own. ``live``: the dashboard, metrics endpoint and progress line
+    (outside a terminal the progress line replaces the live table).
     """
     from testbed.nginx import NGINX
     from testbed.verdict import gates
@@ -1491,6 +1502,46 @@ def run_scenario(
         )
     console = console or Console(stderr=True)
     run_dir = run_dir_for(scenario, reports.resolve())
+    judged = gates(scenario.thresholds, max_errors=max_errors)
+    # Outside a terminal the live outputs' thread prints the progress lines.
+    options = live_options(live, progress and not console.is_terminal)
+    progress = progress and console.is_terminal
+    if workers > 1:
+        feed = ResultsFeed([shard_results(run_dir, k) for k in range(workers)], shards=True)
+    else:
+        feed = ResultsFeed([run_dir / "results.sqlite"])
+    outputs = None
+    if options.any:
+        outputs = LiveOutputs(live_for(scenario, judged, options), feed, options)
+        try:
+            outputs.__enter__()
+        except LiveError as exc:
+            raise RunError(str(exc)) from None
+    try:
+        render = finishing(outputs, render)
+        outcome = _run_scenario(
+            scenario, run_dir, console, progress, render, workers, judged, outputs
+        )
+    except BaseException:
+        if outputs is not None:
+            outputs.finish("failed", None)
+        raise
+    if outputs is not None:
+        status = "interrupted" if outcome.exit_code == EXIT_INTERRUPTED else "finished"
+        outputs.finish(status, outcome.thresholds if status == "finished" else None)
+    return outcome
+
+
+def _run_scenario(
+    scenario: Scenario,
+    run_dir: Path,
+    console: Console,
+    progress: bool,
+    render: Render | None,
+    workers: int,
+    judged: Sequence[Threshold],
+    outputs: LiveOutputs | None,
+) -> RunOutcome:
     run_dir.mkdir(parents=True)
     now = dt.datetime.now(dt.UTC)
     began = time.perf_counter()
@@ -1514,6 +1565,9 @@ def run_scenario(
                 ),
             )
         )
+        if outputs is not None:
+            for k, code in ended.failed:
+                outputs.live.set_shard(str(k), "failed", detail=f"exit code {code}")
         if ended.failed:
             # Not a verdict on the target: the run is incomplete, like an interrupted one.
             writer.set_meta(failed_shards=[k for k, _ in ended.failed])
@@ -1535,7 +1589,8 @@ def run_scenario(
             # A target that cannot start fails inside the run's nursery: RunError, exit 2.
             reraise_first(group, RunError)
         interrupted = run.interrupted
-    judged = gates(scenario.thresholds, max_errors=max_errors)
+    if outputs is not None:
+        outputs.live.finish("reporting", None)  # the schedule is over; the report is rendered
     return finish_run(
         scenario, run_dir, writer, began, interrupted, render, thresholds=judged, console=console
     )
