@@ -1398,8 +1398,11 @@ def run_scenario(
     render: Callable[[Path], Any] | None = None,
     workers: int = 1,
     max_errors: float | None = None,
+    cluster: Any = None,
 ) -> RunOutcome:
     """Run a checked scenario; write its results and report; return the exit code to use.
+
+    With ``cluster`` (a :class:`testbed.cluster.Cluster`), its ``workers`` shards run there.
 
     It is judged on its thresholds and the default gates; ``max_errors`` (a share) replaces
     the 1% error budget, which a scenario otherwise overrides by declaring an ``errors``
@@ -1412,6 +1415,11 @@ def run_scenario(
         # Checked before anything is written: a missing program is not worth a run folder.
         raise RunError(
             f"{scenario.path}: target.kind: nginx is not installed (apt-get install nginx)"
+        )
+    if cluster is not None and scenario.clock != "virtual":
+        raise RunError(
+            f"--cluster: `testbed run` runs on a cluster on the virtual clock only ({scenario.path}"
+            f" has clock = {scenario.clock!r}); use `testbed load --cluster` on the real clock"
         )
     if workers > 1 and scenario.clock != "virtual":
         # On the real clock, shards of one run would each start their own target: a different
@@ -1430,15 +1438,17 @@ def run_scenario(
     # A virtual run's wall time is its CPU: its attempts are committed in batches.
     writer = ResultsWriter(run_dir / "results.sqlite", batched=scenario.clock == "virtual")
     writer.set_meta(**run_meta(scenario), workers=workers)
-    if workers > 1:
+    if workers > 1 or cluster is not None:
         from testbed.shards import jobs_for, run_shards
 
         write_edge(scenario, run_dir, now)
         writer.set_meta(started_at=dt.datetime.now(dt.UTC).isoformat())
+        jobs = jobs_for(scenario, run_dir, fleet, now, workers)
         ended = trio.run(
             functools.partial(
                 run_shards,
-                jobs_for(scenario, run_dir, fleet, now, workers),
+                jobs,
+                executor=cluster.shards(jobs) if cluster is not None else None,
                 console=console,
                 progress=progress,
                 title=lambda t: (
@@ -1449,6 +1459,8 @@ def run_scenario(
         if ended.failed:
             # Not a verdict on the target: the run is incomplete, like an interrupted one.
             writer.set_meta(failed_shards=[k for k, _ in ended.failed])
+            if ended.cluster.get("lost_shards"):
+                writer.set_meta(lost_shards=ended.cluster["lost_shards"])
             finish_run(scenario, run_dir, writer, began, True, render)
             raise RunError(
                 "shard "
