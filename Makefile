@@ -49,7 +49,8 @@ format: $(STAMP)
 # the default options beside a plain single-core loop (bench/provision.py); a virtual week's CPU
 # per attempt beside the build before (bench/virtual_week.py; --full for the 10,000-device
 # week); last, memory per held connection: 10,000 mTLS connections and WebSocket tunnels
-# through one worker, beside nginx (connections.py).
+# through one worker, beside nginx (connections.py); the Dask engine's overhead: a load on
+# `--cluster local:2` beside `--workers 2` (cluster.py).
 bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/instructions.py
@@ -62,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/provision.py
 	$(BIN)/python bench/virtual_week.py
 	$(BIN)/python bench/connections.py
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/

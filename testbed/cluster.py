@@ -576,8 +576,15 @@ class ClusterShards:
         }
 
     def messages(self) -> list[str]:
-        """One line per shard that did not end well."""
-        out = []
+        """What the cluster did (one line), then one line per shard that did not end well."""
+        report = self.report(self.shards[0].job.run_dir)
+        shipped = sum(s.shipped_bytes for s in self.shards)
+        out = [
+            f"cluster {self.cluster.address}: {len(self.shards)} shards on"
+            f" {len({s.worker for s in self.shards})} workers, start skew"
+            f" {report['start_skew_s'] * 1000:.1f} ms, fleet slices {shipped / 1024:.0f} KiB"
+            f" shipped (packed in {self.pack_seconds:.2f} s)"
+        ]
         for s in self.shards:
             if s.lost:
                 out.append(
