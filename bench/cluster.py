@@ -36,9 +36,25 @@ def load(fleet: Path, reports: Path, duration: float, devices: int, how: list[st
     """One ``testbed load`` run; its figures and the command's wall time."""
     began = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "testbed.cli", "load", "--fleet", str(fleet)]
-        + ["--target", "embedded", "--closed", str(devices), "--duration", f"{duration}s"]
-        + ["--reports", str(reports), "--no-progress", "--json", *how],
+        [
+            sys.executable,
+            "-m",
+            "testbed.cli",
+            "load",
+            "--fleet",
+            str(fleet),
+            "--target",
+            "embedded",
+            "--closed",
+            str(devices),
+            "--duration",
+            f"{duration}s",
+            "--reports",
+            str(reports),
+            "--no-progress",
+            "--json",
+            *how,
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
