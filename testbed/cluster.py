@@ -295,12 +295,11 @@ def shard_task(
 ) -> dict[str, Any]:
     """Run one shard on this Dask worker and stream its results back (the shard's task)."""
     import trio
-    import trio.testing
     from distributed import Event, Queue, get_worker
-    from rich.console import Console
 
-    from testbed.results import ResultsWriter, shard_results
+    from testbed.results import shard_results
     from testbed.runner import Run
+    from testbed.shards import run_job
 
     claim = Event(f"{run}-claimed-{job.shard}")
     if claim.is_set():
@@ -321,7 +320,6 @@ def shard_task(
         job = unpack_job(job, blob, roots, base)
         job = dataclasses.replace(job, ready=_Start(run, job.shard) if job.ready else None)
         db_path = shard_results(job.run_dir, job.shard)
-        writer = ResultsWriter(db_path, batched=job.scenario.clock == "virtual")
 
         class ClusterRun(Run):
             async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
@@ -333,16 +331,6 @@ def shard_task(
                 self.interrupted = True
                 scope.cancel()
 
-        shard_run = ClusterRun(
-            job.scenario,
-            job.run_dir,
-            Console(stderr=True),
-            shard=job.shard,
-            shards=job.shards,
-            target=job.target,
-            ready=job.ready,
-            writer=writer,
-        )
         last = dict.fromkeys(TABLES, 0)
         done = threading.Event()
         sent = [0]
@@ -355,14 +343,8 @@ def shard_task(
         thread = threading.Thread(target=streamer, name=f"stream-{job.shard}", daemon=True)
         thread.start()
         try:
-            if job.scenario.clock == "virtual":
-                clock = trio.testing.MockClock(autojump_threshold=0)
-                trio.run(shard_run.main, job.fleet, job.now, False, clock=clock)
-            else:
-                trio.run(shard_run.main, job.fleet, job.now, False)
-            writer.set_meta(interrupted=shard_run.interrupted)
+            run_job(job, ClusterRun)
         finally:
-            writer.close()
             done.set()
             thread.join()
             sent[0] += _stream(db_path, queue, last, end=True)

@@ -85,7 +85,12 @@ def shard_main(job: ShardJob) -> None:
     # Until the run's own signal handling is in place, a Ctrl-C (which reaches the whole
     # process group) must not kill the shard with a traceback: the parent forwards SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    run = Run(
+    run_job(job)
+
+
+def run_job(job: ShardJob, run_class: type[Run] = Run) -> Run:
+    """Run one shard's schedule in this thread to its end, writing its own results file."""
+    run = run_class(
         job.scenario,
         job.run_dir,
         Console(stderr=True),
@@ -107,6 +112,7 @@ def shard_main(job: ShardJob) -> None:
         run.writer.set_meta(interrupted=run.interrupted)
     finally:
         run.writer.close()
+    return run
 
 
 class ShardProgress:

@@ -90,15 +90,10 @@ def _wait_for_workers(address: str, n: int) -> None:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Twenty healthy devices and four expired ones."""
+    """Twenty healthy devices and four expired ones (test_load.py's fleet)."""
     root = tmp_path_factory.mktemp("cluster") / "fleet"
-    provision(
-        root,
-        [Cohort("healthy", 20), Cohort("expired", 4, "expired")],
-        dt.datetime.now(dt.UTC),
-        p12=False,
-        workers=1,
-    )
+    cohorts = [Cohort("healthy", 20), Cohort("expired", 4, "expired")]
+    provision(root, cohorts, dt.datetime.now(dt.UTC), p12=False, workers=1)
     return root
 
 
@@ -247,32 +242,7 @@ async def test_ctrl_c_stops_every_shard_and_writes_the_report(
 ) -> None:
     address, _, folder = cluster
     reports = tmp_path / "r"
-    proc = await trio.lowlevel.open_process(
-        [
-            *TESTBED,
-            "load",
-            "--fleet",
-            str(fleet),
-            "--reports",
-            str(reports),
-            "--no-progress",
-            "--target",
-            "embedded",
-            "--rate",
-            "10",
-            "--duration",
-            "120s",
-            "--cluster",
-            address,
-            "--keys-in-memory",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with trio.fail_after(60):
-        while not all(_attempts(shard_results(d, k)) >= 3 for d in [_run(reports)] for k in (0, 1)):
-            await trio.sleep(0.2)
+    proc = await _started_load(fleet, reports, address, "120s", "--keys-in-memory")
     # --keys-in-memory: the shards' device keys are in RAM (/dev/shm), none in the workers'
     # own directories on disk.
     in_ram = list(Path("/dev/shm").glob("testbed-shard-*/run*/devices/*/key.pem"))
@@ -326,6 +296,24 @@ def test_a_local_cluster_runs_the_load(fleet: Path, tmp_path: Path) -> None:
     assert _attempts(run_dir / "results.sqlite") == 20
 
 
+async def _started_load(
+    fleet: Path, reports: Path, address: str, duration: str, *args: str
+) -> trio.Process:
+    """A load at 10/s on the cluster, once both shards have streamed a few attempts."""
+    command = ["load", "--fleet", str(fleet), "--reports", str(reports), "--no-progress"]
+    command += ["--target", "embedded", "--rate", "10", "--duration", duration]
+    proc = await trio.lowlevel.open_process(
+        [*TESTBED, *command, "--cluster", address, *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with trio.fail_after(60):
+        while not all(_attempts(shard_results(_run(reports), k)) >= 3 for k in (0, 1)):
+            await trio.sleep(0.2)
+    return proc
+
+
 def _run(reports: Path) -> Path:
     runs = sorted(reports.glob("load-*"))
     return runs[-1] if runs else reports / "none"
@@ -337,31 +325,7 @@ async def test_a_killed_worker_is_reported_lost_and_never_rerun(
 ) -> None:
     address, pids, _ = cluster
     reports = tmp_path / "r"
-    proc = await trio.lowlevel.open_process(
-        [
-            *TESTBED,
-            "load",
-            "--fleet",
-            str(fleet),
-            "--reports",
-            str(reports),
-            "--no-progress",
-            "--target",
-            "embedded",
-            "--rate",
-            "10",
-            "--duration",
-            "8s",
-            "--cluster",
-            address,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with trio.fail_after(60):
-        while not all(_attempts(shard_results(d, k)) >= 3 for d in [_run(reports)] for k in (0, 1)):
-            await trio.sleep(0.2)
+    proc = await _started_load(fleet, reports, address, "8s")
     os.kill(pids[1], signal.SIGKILL)
     with trio.fail_after(90):
         code = await proc.wait()
