@@ -603,6 +603,8 @@ def open_cluster(args: Any) -> tuple[Cluster | None, int]:
     if args.cluster is None:
         if args.keys_in_memory:
             raise ClusterError("--keys-in-memory: only with --cluster")
-        return None, args.workers or 1
+        return None, 1 if args.workers is None else args.workers
+    if args.workers is not None and args.workers < 1:
+        raise ClusterError(f"--workers: expected 1 or more, got {args.workers}")
     cluster = Cluster(args.cluster, keys_in_memory=args.keys_in_memory)
-    return cluster, args.workers or len(cluster.workers)
+    return cluster, len(cluster.workers) if args.workers is None else args.workers
