@@ -437,13 +437,15 @@ class ClusterShards:
                 self.started = True
         present = set(self.cluster._workers())
         for s in self._pending():
-            if s.future.status == "error":
+            if s.future.status == "finished":
+                # Its end marker was put before it returned (the queue lives on the
+                # scheduler, so its worker may even be gone by now).
+                self._drain(s)
+            elif s.future.status == "error":
                 s.error = repr(s.future.exception())
             elif s.worker not in present:
                 s.lost = True
                 s.future.cancel()
-            elif s.future.status == "finished":
-                self._drain(s)  # its end marker was put before it returned
 
     def _drain(self, s: _Shard) -> None:
         from testbed.results import shard_results
