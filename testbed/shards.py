@@ -14,6 +14,12 @@ clock the parent starts the target once (``testbed load``) and the shards only c
 Stopping: Ctrl-C reaches the parent, which asks every shard to stop with SIGTERM; each shard
 ends like a single-process run on Ctrl-C. A shard whose parent dies (even by SIGKILL) is sent
 SIGTERM by the kernel (``PR_SET_PDEATHSIG``), so no shard outlives its run.
+
+Executors: :func:`run_shards` drives the same jobs through an executor; the default,
+:class:`ShardProcesses`, runs them as local processes; :class:`testbed.cluster.ClusterShards`
+(``--cluster``) runs them as tasks on a Dask cluster and streams their rows into the same
+``RUN_DIR/shards/<k>-results.sqlite`` files, so progress, ``--step`` judging and the merge are
+the same code for both.
 """
 
 from __future__ import annotations
