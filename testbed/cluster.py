@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -96,6 +97,7 @@ class Cluster:
                     processes=True,
                     host="127.0.0.1",
                     dashboard_address=None,
+                    silence_logs=logging.ERROR,  # its scheduler's INFO lines are not ours
                 )
                 self.client = Client(self._local)
             else:
@@ -115,7 +117,11 @@ class Cluster:
             raise ClusterError(f"--cluster {address}: the scheduler has no workers")
 
     def _workers(self) -> list[str]:
-        return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        # Asked of the scheduler each time: ``Client.scheduler_info()`` returns a cache that
+        # its periodic refresh can replace with one holding no workers at all, which would
+        # look like every worker lost.
+        identity = self.client.sync(self.client.scheduler.identity, n_workers=-1)
+        return sorted(identity["workers"])
 
     @property
     def target_host(self) -> str:
