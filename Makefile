@@ -50,7 +50,8 @@ format: $(STAMP)
 # per attempt beside the build before (bench/virtual_week.py; --full for the 10,000-device
 # week); last, memory per held connection: 10,000 mTLS connections and WebSocket tunnels
 # through one worker, beside nginx (connections.py); full handshakes with the device key in a
-# SoftHSM2 token beside the software key store (pkcs11_handshakes.py).
+# SoftHSM2 token beside the software key store (pkcs11_handshakes.py); the Dask engine's
+# overhead: a load on `--cluster local:2` beside `--workers 2` (cluster.py).
 bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/instructions.py
@@ -64,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/virtual_week.py
 	$(BIN)/python bench/connections.py
 	$(BIN)/python bench/pkcs11_handshakes.py
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) reports/*/

@@ -104,10 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers",
         type=int,
-        default=1,
         help="virtual clock: split the fleet between N processes, each with its own embedded"
-        " enforcer (the same seed gives the same outcomes for active phases whatever N)",
+        " enforcer (the same seed gives the same outcomes for active phases whatever N);"
+        " default 1, or one per Dask worker with --cluster",
     )
+    from testbed.cluster import add_cluster_options
+
+    add_cluster_options(run)
 
     demo = enf.add_parser(
         "demo", help="write a demo PKI and configuration into a folder and serve it"
@@ -215,29 +218,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run ``testbed run SCENARIO``."""
+    from testbed.cluster import ClusterError, open_cluster
     from testbed.runner import RunError, run_scenario
     from testbed.scenario import ScenarioError, load_scenario
 
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         return _fail(f"--workers: expected 1 or more, got {args.workers}")
     try:
         scenario = load_scenario(args.scenario)
     except ScenarioError as exc:
         return _fail(str(exc))
     console = Console(stderr=True)
+    cluster = None
     try:
+        cluster, workers = open_cluster(args)
         outcome = run_scenario(
             scenario,
             Path(args.reports),
             console=console,
             progress=not args.no_progress,
             render=_render,
-            workers=args.workers,
+            workers=workers,
             max_errors=args.max_errors,
             live=options_from(args),
+            cluster=cluster,
         )
-    except RunError as exc:
+    except (RunError, ClusterError) as exc:
         return _fail(str(exc))
+    finally:
+        if cluster is not None:
+            cluster.close()
     out = Console(soft_wrap=True)  # a long run folder path stays whole in a CI log
     if outcome.exit_code == 130:
         out.print(

@@ -669,11 +669,15 @@ async def _supervise(
     progress: bool,
     repeats: Sequence[_Repeat],
     writer: ResultsWriter,
+    cluster: Any = None,
 ) -> list[_Repeat]:
     """Start the target, run the shards against it (once per repeat), stop the target."""
     from testbed.nginx import free_port, start_nginx, stop_nginx, wait_listening
 
     host = scenario.target.hostname
+    # On a Dask cluster the embedded target listens on this host's address facing the
+    # scheduler, which the workers are told (testbed.cluster).
+    listen = cluster.target_host if cluster is not None else "127.0.0.1"
     driver = _event_driver(scenario, run_dir, console, fleet, writer) if scenario.events else None
     async with trio.open_nursery() as nursery:
         proc: trio.Process | None = None
@@ -710,7 +714,7 @@ async def _supervise(
                 proc = await trio.lowlevel.open_process(
                     [
                         *serve,
-                        *("--host", "127.0.0.1", "--port", str(port)),
+                        *("--host", listen, "--port", str(port)),
                         *("--workers", str(scenario.target.workers)),
                     ],
                     stdout=subprocess.DEVNULL,
@@ -730,7 +734,7 @@ async def _supervise(
                 driver.enforcer = Enforcer(
                     load_config(config), driver.clock, AccessLog(io.StringIO())
                 )
-            target = DeviceTarget("127.0.0.1", port, host, run_dir / "edge" / "ca.pem")
+            target = DeviceTarget(listen, port, host, run_dir / "edge" / "ca.pem")
         elif plan.target == "nginx":
             write_edge(scenario, run_dir, now)
             crls = start_crls(scenario, run_dir, fleet, now)
@@ -760,6 +764,11 @@ async def _supervise(
         else:
             url = urlsplit(plan.target)
             target = DeviceTarget(url.hostname or "", url.port or 443, host, plan.ca)
+        if cluster is not None:
+            try:
+                await trio.to_thread.run_sync(cluster.check_reachable, target.host, target.port)
+            except Exception as exc:
+                raise LoadError(str(exc)) from None
         try:
             done: list[_Repeat] = []
             for repeat in repeats:
@@ -778,7 +787,12 @@ async def _supervise(
                     if driver is not None:
                         during.start_soon(_drive_events, driver, repeat, nursery)
                     repeat.ended = await run_shards(
-                        jobs, console=console, progress=progress, title=title, watch=repeat.watch
+                        jobs,
+                        console=console,
+                        progress=progress,
+                        title=title,
+                        watch=repeat.watch,
+                        executor=cluster.shards(jobs) if cluster is not None else None,
                     )
                     during.cancel_scope.cancel()
                 stopped = time.time()
@@ -818,11 +832,14 @@ def run_load(
     progress: bool = True,
     render: Render | None = None,
     live: LiveOptions | None = None,
+    cluster: Any = None,
 ) -> tuple[RunOutcome, list[StepResult]]:
     """Run a load test; write its results and report; return the outcome and any steps.
 
     ``live``: the dashboard, metrics endpoint and progress line (outside a terminal the
-    progress line replaces the live table)."""
+    progress line replaces the live table). With ``cluster`` (a
+    :class:`testbed.cluster.Cluster`), the shards run on its workers.
+    """
     from testbed.nginx import NGINX
 
     check_plan(plan)
@@ -884,6 +901,7 @@ def run_load(
             run_dir,
             repeats,
             outputs,
+            cluster,
         )
     except BaseException:
         if outputs is not None:
@@ -919,6 +937,7 @@ def _run_load(
     run_dir: Path,
     repeats: list[_Repeat],
     outputs: LiveOutputs | None,
+    cluster: Any,
 ) -> tuple[RunOutcome, list[StepResult]]:
     run_dir.mkdir(parents=True)
     now = dt.datetime.now(dt.UTC)
@@ -947,7 +966,17 @@ def _run_load(
         writer.set_meta(events_not_applied=without)
     try:
         done = trio.run(
-            _supervise, plan, scenario, run_dir, fleet, now, console, progress, repeats, writer
+            _supervise,
+            plan,
+            scenario,
+            run_dir,
+            fleet,
+            now,
+            console,
+            progress,
+            repeats,
+            writer,
+            cluster,
         )
     except BaseExceptionGroup as group:
         # The target is started inside a nursery, which wraps what it raises: a target that
@@ -964,7 +993,16 @@ def _run_load(
         outputs.live.finish("reporting", None)  # the schedule is over; the report is rendered
     if last.failed:
         writer.set_meta(failed_shards=[k for k, _ in last.failed])
+        lost = last.cluster.get("lost_shards") if last.cluster else None
+        if lost:
+            writer.set_meta(lost_shards=lost)
         finish_run(scenario, run_dir, writer, began, True, render)
+        if lost:
+            raise LoadError(
+                "lost "
+                + ", ".join(f"shard {x['shard']} (worker {x['worker']})" for x in lost)
+                + f"; what the other shards wrote is in {run_dir}"
+            )
         raise LoadError(f"a load worker failed; what the others wrote is in {run_dir}")
     judged = load_thresholds(plan, scenario)
     outcome = finish_run(

@@ -92,7 +92,11 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--duration", type=_seconds, required=True, help="how long (per step with --step): 30s, 2m"
     )
-    p.add_argument("--workers", type=int, default=1, help="load generator processes (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="load generator processes (default 1; with --cluster, one per Dask worker)",
+    )
     p.add_argument(
         "--mode",
         default="new-handshake",
@@ -145,6 +149,9 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--no-progress", action="store_true", help="no live display")
     add_live_arguments(p)
+    from testbed.cluster import add_cluster_options
+
+    add_cluster_options(p)
     p.add_argument(
         "--json",
         action="store_true",
@@ -172,6 +179,26 @@ def run_load_cli(args: argparse.Namespace, render: Render | None) -> int:
 
 
 def _run(args: argparse.Namespace, render: Render | None, stdout: TextIO) -> int:
+    from testbed.cluster import ClusterError, open_cluster
+
+    try:
+        cluster, workers = open_cluster(args)
+    except ClusterError as exc:
+        return _fail(str(exc))
+    try:
+        return _run_plan(args, render, stdout, cluster, workers)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_plan(
+    args: argparse.Namespace,
+    render: Render | None,
+    stdout: TextIO,
+    cluster: Any,
+    workers: int,
+) -> int:
     from testbed.load import LoadError, LoadPlan, parse_rate_pair, parse_step, run_load
 
     try:
@@ -184,7 +211,7 @@ def _run(args: argparse.Namespace, render: Render | None, stdout: TextIO) -> int
             ramp=parse_rate_pair(args.ramp, "--ramp") if args.ramp else None,
             step=parse_step(args.step) if args.step else None,
             closed=args.closed,
-            workers=args.workers,
+            workers=workers,
             mode=args.mode,
             ca=args.ca,
             hostname=args.hostname,
@@ -204,6 +231,7 @@ def _run(args: argparse.Namespace, render: Render | None, stdout: TextIO) -> int
             progress=not args.no_progress,
             render=render,
             live=options_from(args),
+            cluster=cluster,
         )
     except LoadError as exc:
         if args.json:

@@ -1476,8 +1476,11 @@ def run_scenario(
     workers: int = 1,
     max_errors: float | None = None,
     live: LiveOptions | None = None,
+    cluster: Any = None,
 ) -> RunOutcome:
     """Run a checked scenario; write its results and report; return the exit code to use.
+
+    With ``cluster`` (a :class:`testbed.cluster.Cluster`), its ``workers`` shards run there.
 
     It is judged on its thresholds and the default gates; ``max_errors`` (a share) replaces
     the 1% error budget, which a scenario otherwise overrides by declaring an ``errors``
@@ -1491,6 +1494,11 @@ def run_scenario(
         # Checked before anything is written: a missing program is not worth a run folder.
         raise RunError(
             f"{scenario.path}: target.kind: nginx is not installed (apt-get install nginx)"
+        )
+    if cluster is not None and scenario.clock != "virtual":
+        raise RunError(
+            f"--cluster: `testbed run` runs on a cluster on the virtual clock only ({scenario.path}"
+            f" has clock = {scenario.clock!r}); use `testbed load --cluster` on the real clock"
         )
     if workers > 1 and scenario.clock != "virtual":
         # On the real clock, shards of one run would each start their own target: a different
@@ -1506,7 +1514,7 @@ def run_scenario(
     # Outside a terminal the live outputs' thread prints the progress lines.
     options = live_options(live, progress and not console.is_terminal)
     progress = progress and console.is_terminal
-    if workers > 1:
+    if workers > 1 or cluster is not None:
         feed = ResultsFeed([shard_results(run_dir, k) for k in range(workers)], shards=True)
     else:
         feed = ResultsFeed([run_dir / "results.sqlite"])
@@ -1520,7 +1528,7 @@ def run_scenario(
     try:
         render = finishing(outputs, render)
         outcome = _run_scenario(
-            scenario, run_dir, console, progress, render, workers, judged, outputs
+            scenario, run_dir, console, progress, render, workers, judged, outputs, cluster
         )
     except BaseException:
         if outputs is not None:
@@ -1541,6 +1549,7 @@ def _run_scenario(
     workers: int,
     judged: Sequence[Threshold],
     outputs: LiveOutputs | None,
+    cluster: Any,
 ) -> RunOutcome:
     run_dir.mkdir(parents=True)
     now = dt.datetime.now(dt.UTC)
@@ -1549,15 +1558,17 @@ def _run_scenario(
     # A virtual run's wall time is its CPU: its attempts are committed in batches.
     writer = ResultsWriter(run_dir / "results.sqlite", batched=scenario.clock == "virtual")
     writer.set_meta(**run_meta(scenario), workers=workers)
-    if workers > 1:
+    if workers > 1 or cluster is not None:
         from testbed.shards import jobs_for, run_shards
 
         write_edge(scenario, run_dir, now)
         writer.set_meta(started_at=dt.datetime.now(dt.UTC).isoformat())
+        jobs = jobs_for(scenario, run_dir, fleet, now, workers)
         ended = trio.run(
             functools.partial(
                 run_shards,
-                jobs_for(scenario, run_dir, fleet, now, workers),
+                jobs,
+                executor=cluster.shards(jobs) if cluster is not None else None,
                 console=console,
                 progress=progress,
                 title=lambda t: (
@@ -1571,6 +1582,8 @@ def _run_scenario(
         if ended.failed:
             # Not a verdict on the target: the run is incomplete, like an interrupted one.
             writer.set_meta(failed_shards=[k for k, _ in ended.failed])
+            if ended.cluster.get("lost_shards"):
+                writer.set_meta(lost_shards=ended.cluster["lost_shards"])
             finish_run(scenario, run_dir, writer, began, True, render)
             raise RunError(
                 "shard "

@@ -14,6 +14,12 @@ clock the parent starts the target once (``testbed load``) and the shards only c
 Stopping: Ctrl-C reaches the parent, which asks every shard to stop with SIGTERM; each shard
 ends like a single-process run on Ctrl-C. A shard whose parent dies (even by SIGKILL) is sent
 SIGTERM by the kernel (``PR_SET_PDEATHSIG``), so no shard outlives its run.
+
+Executors: :func:`run_shards` drives the same jobs through an executor; the default,
+:class:`ShardProcesses`, runs them as local processes; :class:`testbed.cluster.ClusterShards`
+(``--cluster``) runs them as tasks on a Dask cluster and streams their rows into the same
+``RUN_DIR/shards/<k>-results.sqlite`` files, so progress, ``--step`` judging and the merge are
+the same code for both.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class ShardsOutcome:
     interrupted: bool
     failed: list[tuple[int, int | None]]  # (shard, exit code) of shards that crashed
     cpu_seconds: float = 0.0  # what the shards spent from their start, all together
+    cluster: dict[str, Any] = dataclasses.field(default_factory=dict)  # a Dask run's figures
 
 
 def _die_with_parent() -> None:
@@ -84,7 +91,12 @@ def shard_main(job: ShardJob) -> None:
     # Until the run's own signal handling is in place, a Ctrl-C (which reaches the whole
     # process group) must not kill the shard with a traceback: the parent forwards SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    run = Run(
+    run_job(job)
+
+
+def run_job(job: ShardJob, run_class: type[Run] = Run) -> Run:
+    """Run one shard's schedule in this thread to its end, writing its own results file."""
+    run = run_class(
         job.scenario,
         job.run_dir,
         Console(stderr=True),
@@ -106,6 +118,7 @@ def shard_main(job: ShardJob) -> None:
         run.writer.set_meta(interrupted=run.interrupted)
     finally:
         run.writer.close()
+    return run
 
 
 class ShardProgress:
@@ -143,6 +156,71 @@ class ShardProgress:
         self.dropped = max(self.dropped, dropped)
 
 
+class ShardProcesses:
+    """The shards as local processes: the default executor of :func:`run_shards`.
+
+    An executor starts the shards, lets ``poll`` bring their rows into
+    ``RUN_DIR/shards/<k>-results.sqlite`` (local shards write there themselves), stops them and
+    says which failed; :class:`testbed.cluster.ClusterShards` runs the same jobs on Dask.
+    """
+
+    def __init__(self, jobs: list[ShardJob]) -> None:
+        self.jobs = jobs
+        self.procs = [
+            _CTX.Process(target=shard_main, args=(job,), name=f"shard-{job.shard}") for job in jobs
+        ]
+
+    def start(self) -> None:
+        """Start every shard."""
+        for p in self.procs:
+            p.start()
+
+    def poll(self) -> None:
+        """Nothing to bring in: the shards write their own databases here."""
+
+    def running(self) -> bool:
+        """Whether any shard is still running."""
+        return any(p.is_alive() for p in self.procs)
+
+    def crashed(self) -> bool:
+        """Whether a shard ended with an error."""
+        return any(p.exitcode for p in self.procs)
+
+    def abort_start(self) -> None:
+        """Release the shards waiting to start: the others stop waiting for a dead shard."""
+        for job in self.jobs:
+            if job.ready is not None:
+                job.ready.abort()
+
+    def stop(self) -> None:
+        """Ask every shard to stop (SIGTERM: the shard stops like a run on Ctrl-C)."""
+        for p in self.procs:
+            if p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()
+
+    async def join(self) -> None:
+        """Wait for every shard process to end."""
+        for p in self.procs:
+            await trio.to_thread.run_sync(p.join)
+
+    def failed(self) -> list[tuple[int, int | None]]:
+        """(shard, exit code) of the shards that crashed."""
+        return [
+            (job.shard, p.exitcode)
+            for job, p in zip(self.jobs, self.procs, strict=True)
+            if p.exitcode
+        ]
+
+    def report(self, run_dir: Path) -> dict[str, Any]:
+        """Nothing to add to the run's meta."""
+        return {}
+
+    def messages(self) -> list[str]:
+        """One line per shard that crashed."""
+        return [f"shard {shard} ended with exit code {code}" for shard, code in self.failed()]
+
+
 async def run_shards(
     jobs: list[ShardJob],
     *,
@@ -150,25 +228,18 @@ async def run_shards(
     progress: bool,
     title: Callable[[float], str],
     watch: Callable[[ShardProgress], bool] | None = None,
+    executor: Any = None,
 ) -> ShardsOutcome:
-    """Run the shards as processes, show their progress, and merge their results.
+    """Run the shards (as processes, or with ``executor``), show progress, merge the results.
 
     ``watch`` sees the progress every half second; when it returns True the shards are asked
     to stop (``testbed load --step`` stops at the first step that does not hold).
     """
-    procs = [
-        _CTX.Process(target=shard_main, args=(job,), name=f"shard-{job.shard}") for job in jobs
-    ]
+    shards = executor if executor is not None else ShardProcesses(jobs)
     run_dir = jobs[0].run_dir
     seen = ShardProgress(run_dir, len(jobs))
     stopped = False  # by a signal: the run is interrupted
     ended = False  # by ``watch``: the run is over
-
-    def stop() -> None:
-        for p in procs:
-            if p.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    p.terminate()  # SIGTERM: the shard stops like a run on Ctrl-C
 
     # A CI log cannot redraw a live table: plain lines every so often instead.
     lines = ProgressLines(console) if progress and not console.is_terminal else None
@@ -178,23 +249,21 @@ async def run_shards(
         else contextlib.nullcontext()
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, live as display:
-        for p in procs:
-            p.start()
         try:
-            while any(p.is_alive() for p in procs):
+            shards.start()
+            while shards.running():
                 with trio.move_on_after(0.5):
                     async for _ in signals:
                         stopped = True
-                        stop()
+                        shards.stop()
                         break
+                await trio.to_thread.run_sync(shards.poll)
                 seen.poll()
-                if any(p.exitcode for p in procs):
-                    for job in jobs:
-                        if job.ready is not None:
-                            job.ready.abort()  # the others stop waiting for a dead shard
+                if shards.crashed():
+                    shards.abort_start()
                 if watch is not None and not (stopped or ended) and watch(seen):
                     ended = True
-                    stop()
+                    shards.stop()
                 table = functools.partial(
                     progress_table, title(seen.elapsed), seen.counts, seen.dropped, seen.elapsed
                 )
@@ -203,18 +272,32 @@ async def run_shards(
                 elif lines is not None:
                     lines.maybe(table)
         finally:
-            stop()
-            for p in procs:
-                await trio.to_thread.run_sync(p.join)
-    failed = [(job.shard, p.exitcode) for job, p in zip(jobs, procs, strict=True) if p.exitcode]
+            with trio.CancelScope(shield=True):
+                shards.stop()
+                await shards.join()
+    failed = shards.failed()
     metas = [_meta(shard_results(run_dir, j.shard)) for j in jobs]
     # A shard with no verdict did not reach its end: it was stopped or it crashed.
     interrupted = stopped or (not ended and any(m.get("interrupted", True) for m in metas))
     merge_shards(run_dir)
-    for shard, code in failed:
-        print(f"testbed: shard {shard} ended with exit code {code}", file=sys.stderr)
+    report = shards.report(run_dir)
+    if report:
+        _set_meta(run_dir / "results.sqlite", cluster=report)
+    for line in shards.messages():
+        print(f"testbed: {line}", file=sys.stderr)
     cpu = sum(float(m.get("cpu_seconds", 0.0)) for m in metas)
-    return ShardsOutcome(interrupted, failed, cpu)
+    return ShardsOutcome(interrupted, failed, cpu, report)
+
+
+def _set_meta(path: Path, **values: Any) -> None:
+    db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+    try:
+        db.executemany(
+            "INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)",
+            [(k, json.dumps(v)) for k, v in values.items()],
+        )
+    finally:
+        db.close()
 
 
 def _meta(path: Path) -> dict[str, Any]:
