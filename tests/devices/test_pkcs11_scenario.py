@@ -13,9 +13,15 @@ import pytest
 
 from devices.pkcs11 import reinitialize
 from testbed.scenario import ScenarioError, load_scenario
-from tests.devices.test_pkcs11 import LABEL, SoftToken, token  # noqa: F401 (a fixture)
+from tests.devices.test_pkcs11 import (  # noqa: F401 (a fixture)
+    LABEL,
+    SoftToken,
+    need_nginx,
+    token,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
+CLI = (sys.executable, "-m", "testbed.cli")
 
 SCENARIO = """
 name = "tokens"
@@ -148,3 +154,56 @@ def test_bad_pkcs11_cohorts_name_the_field(tmp_path: Path, token: SoftToken) -> 
             load_scenario(path)
         message = str(info.value)
         assert message.startswith(f"{path}: {field}: ") and problem in message, message
+
+
+NGINX_SCENARIO = """
+name = "tokens-nginx"
+seed = 1
+clock = "real"
+thresholds = ["false_accepts == 0", "cohort.tokens.matched == 100%"]
+
+[target]
+kind = "nginx"
+
+[[cohorts]]
+name = "tokens"
+size = 2
+key_store = {{kind = "pkcs11", module = "{module}", token = "{label}", pin_env = "TEST_TOKEN_PIN"}}
+behaviour = {{ kind = "periodic", interval = 0.4 }}
+
+[[cohorts]]
+name = "expired"
+size = 1
+defect = "expired"
+
+[[phases]]
+name = "steady"
+duration = "2s"
+arrival = "constant"
+rate = 8
+"""
+
+
+def test_a_token_cohort_runs_against_nginx(tmp_path: Path, token: SoftToken) -> None:  # noqa: F811
+    need_nginx()
+    path = write(tmp_path, token, NGINX_SCENARIO)
+    reinitialize(token.module)  # the run's process owns the token
+    result = subprocess.run(
+        [*CLI, "run", str(path), "--reports", str(tmp_path / "r"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    db = next((tmp_path / "r").glob("tokens-nginx-*/results.sqlite"))
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "SELECT cohort, outcome, key_store_ms, handshake_ms, new_connection FROM attempts"
+    ).fetchall()
+    con.close()
+    tokens = [r for r in rows if r[0] == "tokens"]
+    assert tokens and {o for _, o, *_ in tokens} == {"allowed"}
+    # nginx checked the chain of a handshake the token signed: its signing time is recorded.
+    assert any(ks > 0 and hs >= ks for _, _, ks, hs, new in tokens if new)
+    assert {o for c, o, *_ in rows if c == "expired"} - {"allowed"}
