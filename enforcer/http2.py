@@ -450,6 +450,8 @@ class H2Session(RequestPath):
         nursery.start_soon(self._run, stream, last)
 
     async def _run(self, stream: _Stream, last: bool) -> None:
+        open_streams = self.e.metrics.streams_open
+        open_streams.inc()
         try:
             with stream.scope:
                 if stream.done:
@@ -470,6 +472,7 @@ class H2Session(RequestPath):
             log.exception("connection %d stream %d: unexpected error", self.conn_id, stream.id)
             stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
+            open_streams.dec()
             self._release(stream)
         # The RST_STREAM or WINDOW_UPDATE the release made; not when the session is ending
         # (the nursery's cancellation skips it), which closes the connection anyway.

@@ -138,6 +138,12 @@ class EnforcerMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.streams_open = Gauge(
+            "enforcer_http2_streams_open",
+            "HTTP/2 streams being answered now (gRPC and other streaming calls among them).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         # Copied from counts kept elsewhere (see sync).
         self._minted = Counter(
             "enforcer_tokens_minted",

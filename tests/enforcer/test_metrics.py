@@ -281,7 +281,7 @@ async def test_the_grafana_dashboard_queries_only_exposed_metrics(
     )
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 15
-    used = {n for e in exprs for n in re.findall(r"\benforcer_[a-z_]+", e)}
+    used = {n for e in exprs for n in re.findall(r"\benforcer_[a-z0-9_]+", e)}
     unknown = {n for n in used if re.sub(r"_(total|bucket|count|sum)$", "", n) not in families}
     assert not unknown, f"the dashboard queries metrics the enforcer does not expose: {unknown}"
     # Every metric the enforcer exposes is on the dashboard.
@@ -302,6 +302,28 @@ async def test_an_open_websocket_tunnel_is_counted(served: Served, nursery: trio
     with trio.fail_after(10):
         while value(parse((await scrape(port))[1]), "enforcer_tunnels_open") != 0:
             await trio.sleep(0.05)
+
+
+async def test_an_open_http2_stream_is_counted(served: Served, nursery: trio.Nursery) -> None:
+    from tests.enforcer.test_http2 import ctx_for
+    from tests.h2wire import H2Client
+
+    port = await operations_port(served, nursery)
+    client = await H2Client.open(served.port, AUTH_HOST, ctx_for(served, "valid"))
+    try:
+        # A streaming upload the client has not finished: its stream stays open at the edge.
+        sid = client.start("/upload", method="POST", end=False)
+        await client.send_body(sid, b"first chunk", end=False)
+        with trio.fail_after(10):
+            while value(parse((await scrape(port))[1]), "enforcer_http2_streams_open") != 1:
+                await trio.sleep(0.05)
+        await client.send_body(sid, b"", end=True)
+        assert (await client.response(sid)).status == 200
+        with trio.fail_after(10):
+            while value(parse((await scrape(port))[1]), "enforcer_http2_streams_open") != 0:
+                await trio.sleep(0.05)
+    finally:
+        await client.aclose()
 
 
 def test_accept_errors_are_counted() -> None:
