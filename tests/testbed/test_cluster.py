@@ -126,8 +126,7 @@ def _devices_and_counts(run_dir: Path) -> tuple[list[tuple], list[tuple]]:
     )
 
 
-# nginx's variant is slow on this shared machine (two more load runs): `-m slow` runs it.
-@pytest.mark.parametrize("target", ["embedded", pytest.param("nginx", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("target", ["embedded", "nginx"])
 def test_a_load_on_the_cluster_equals_two_local_workers(
     cluster: tuple[str, list[int], Path], fleet: Path, tmp_path: Path, target: str
 ) -> None:
